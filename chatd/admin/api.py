@@ -1,0 +1,186 @@
+"""Admin API routes, declared once for both Quart and the OpenAPI document.
+
+Each route is a :class:`Route`: method, path, summary, the msgspec types of
+its query, body and response, and whether it needs the admin token. The
+``@route`` decorator records it in :data:`ROUTES`; :mod:`chatd.admin.app`
+registers those with Quart and :func:`chatd.admin.openapi.openapi_document`
+turns the same list into OpenAPI 3.1. There is no hand-written spec to drift.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import msgspec
+
+from chatd import __version__
+from chatd.retention import Report, Retention
+from chatd.store import Store
+
+
+@dataclass
+class AdminContext:
+    """What handlers may use. Built by serve_admin."""
+
+    store: Store
+    retention: Retention
+    token_hash: bytes
+    started: float = field(default_factory=time.monotonic)
+
+
+Handler = Callable[[AdminContext, Any, Any], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str  # OpenAPI style: /v1/things/{id}
+    summary: str
+    handler: Handler
+    response: type
+    query: type | None = None
+    body: type | None = None
+    auth: bool = True
+    tag: str = "admin"
+    # Reads of personal data are audit-logged; so is every change.
+    audit: bool = True
+
+    @property
+    def endpoint(self) -> str:
+        return self.handler.__name__
+
+
+ROUTES: list[Route] = []
+
+
+def route(method: str, path: str, summary: str, *, response: type, **kw: Any) -> Callable[[Handler], Handler]:
+    def register(handler: Handler) -> Handler:
+        ROUTES.append(Route(method, path, summary, handler, response, **kw))
+        return handler
+
+    return register
+
+
+# -- shared schemas ------------------------------------------------------------
+
+
+class ErrorDetail(msgspec.Struct):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorBody(msgspec.Struct):
+    """Body of every non-2xx response."""
+
+    error: ErrorDetail
+
+
+Limit = Annotated[int, msgspec.Meta(ge=1, le=500, description="Rows per page.")]
+Cursor = Annotated[int, msgspec.Meta(ge=1, description="Return rows with an id below this one.")]
+
+
+# -- health -------------------------------------------------------------------------
+
+
+class Health(msgspec.Struct):
+    status: str  # "ok" or "degraded"
+    store_writable: bool
+    version: str
+    uptime_seconds: float
+
+
+@route("GET", "/v1/health", "Liveness and whether the store is writable", response=Health,
+       auth=False, audit=False, tag="health")
+async def health(ctx: AdminContext, query: None, body: None) -> Health:
+    writable = ctx.store.writer_alive and await ctx.store.check_writable()
+    return Health(
+        status="ok" if writable else "degraded",
+        store_writable=writable,
+        version=__version__,
+        uptime_seconds=round(time.monotonic() - ctx.started, 3),
+    )
+
+
+# -- retention --------------------------------------------------------------------
+
+
+class RunsQuery(msgspec.Struct, forbid_unknown_fields=True):
+    limit: Limit = 50
+    before_id: Cursor | None = None
+
+
+class RunsPage(msgspec.Struct):
+    runs: list[Report]
+    next_before_id: int | None
+
+
+@route("GET", "/v1/retention/runs", "Retention run reports, newest first", response=RunsPage,
+       query=RunsQuery, audit=False, tag="retention")
+async def list_retention_runs(ctx: AdminContext, query: RunsQuery, body: None) -> RunsPage:
+    runs = await ctx.retention.list_reports(limit=query.limit, before_id=query.before_id)
+    more = len(runs) == query.limit and runs[-1].id is not None
+    return RunsPage(runs=runs, next_before_id=runs[-1].id if more else None)
+
+
+class RunRequest(msgspec.Struct, forbid_unknown_fields=True):
+    jobs: list[str] | None = None  # job names; all jobs when omitted
+
+
+class RunResult(msgspec.Struct):
+    reports: list[Report]
+
+
+class UnknownJob(ValueError):
+    pass
+
+
+@route("POST", "/v1/retention/run", "Run retention jobs now and return their reports",
+       response=RunResult, body=RunRequest, tag="retention")
+async def run_retention(ctx: AdminContext, query: None, body: RunRequest) -> RunResult:
+    if body.jobs is not None:
+        unknown = sorted(set(body.jobs) - set(ctx.retention.job_names))
+        if unknown:
+            known = ", ".join(ctx.retention.job_names)
+            raise UnknownJob(f"unknown job(s) {', '.join(unknown)}; known: {known}")
+    return RunResult(reports=await ctx.retention.run_now(body.jobs))
+
+
+# -- admin audit ------------------------------------------------------------------------
+
+
+class AuditEntry(msgspec.Struct):
+    id: int
+    at: int  # unix milliseconds
+    method: str
+    path: str
+    status: int
+
+
+class AuditQuery(msgspec.Struct, forbid_unknown_fields=True):
+    limit: Limit = 50
+    before_id: Cursor | None = None
+
+
+class AuditPage(msgspec.Struct):
+    entries: list[AuditEntry]
+    next_before_id: int | None
+
+
+@route("GET", "/v1/admin-audit", "The admin API audit log, newest first", response=AuditPage,
+       query=AuditQuery, audit=False, tag="audit")
+async def list_admin_audit(ctx: AdminContext, query: AuditQuery, body: None) -> AuditPage:
+    def read(conn: Any) -> list[AuditEntry]:
+        rows = conn.execute(
+            "SELECT id, at, method, path, status FROM admin_audit WHERE id < ?"
+            " ORDER BY id DESC LIMIT ?",
+            (query.before_id if query.before_id is not None else 2**63 - 1, query.limit),
+        ).fetchall()
+        return [AuditEntry(*row) for row in rows]
+
+    entries = await ctx.store.read(read)
+    more = len(entries) == query.limit
+    return AuditPage(entries=entries, next_before_id=entries[-1].id if more else None)

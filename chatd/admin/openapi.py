@@ -1,0 +1,103 @@
+"""The OpenAPI 3.1 document, generated from :data:`chatd.admin.api.ROUTES`.
+
+``docs/openapi.json`` is this function's output (``chatd openapi`` prints
+it); a test fails when the two differ, so the committed document can't drift.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import msgspec
+
+from chatd import __version__
+from chatd.admin.api import ROUTES, ErrorBody
+
+_REF: Final = "#/components/schemas/{name}"
+
+# Errors any route may answer with, besides those specific to a body or auth.
+_COMMON_ERRORS: Final = {
+    "404": "No such route (code not_found).",
+    "405": "Method not allowed on this route (code method_not_allowed).",
+    "500": "Server bug (code internal_error); details are in the server log only.",
+}
+_AUTH_ERRORS: Final = {"401": "Missing or wrong admin token (code unauthorized)."}
+_BODY_ERRORS: Final = {
+    "400": "Body is not valid UTF-8 (invalid_utf8), not JSON (malformed_json), or does not "
+    "match the schema (invalid_request, with the JSON path in error.field).",
+    "413": "Body larger than admin.max_body_bytes (payload_too_large).",
+    "415": "A body that is not application/json (unsupported_media_type).",
+}
+_QUERY_ERRORS: Final = {"400": "A query parameter is invalid (invalid_request, error.field)."}
+
+
+def _query_parameters(query: type, schema: dict[str, Any]) -> list[dict[str, Any]]:
+    params = []
+    required = set(schema.get("required", ()))
+    for name, prop in schema.get("properties", {}).items():
+        params.append({"name": name, "in": "query", "required": name in required, "schema": prop})
+    return params
+
+
+def openapi_document() -> dict[str, Any]:
+    """Build the OpenAPI 3.1 document for the admin API."""
+    types: list[Any] = [ErrorBody]
+    for r in ROUTES:
+        types += [t for t in (r.response, r.body, r.query) if t is not None]
+    refs, components = msgspec.json.schema_components(types, ref_template=_REF)
+    ref_of = dict(zip(types, refs, strict=True))
+    error_ref = ref_of[ErrorBody]
+    paths: dict[str, dict[str, Any]] = {}
+    for r in ROUTES:
+        op: dict[str, Any] = {
+            "operationId": r.endpoint,
+            "summary": r.summary,
+            "tags": [r.tag],
+            "security": [{"bearer": []}] if r.auth else [],
+        }
+        if r.query is not None:
+            name = r.query.__name__
+            op["parameters"] = _query_parameters(r.query, components.pop(name))
+        if r.body is not None:
+            op["requestBody"] = {
+                "required": False,
+                "content": {"application/json": {"schema": ref_of[r.body]}},
+            }
+        responses: dict[str, Any] = {
+            "200": {"description": "Success.", "content": {"application/json": {"schema": ref_of[r.response]}}},
+        }
+        errors = dict(_COMMON_ERRORS)
+        if r.auth:
+            errors |= _AUTH_ERRORS
+        if r.query is not None:
+            errors |= _QUERY_ERRORS
+        if r.body is not None:
+            errors |= _BODY_ERRORS
+        if r.endpoint == "health":
+            errors["503"] = "The store is not writable (status degraded)."
+        for status, text in sorted(errors.items()):
+            responses[status] = {
+                "description": text,
+                "content": {"application/json": {"schema": error_ref}},
+            }
+        op["responses"] = responses
+        paths.setdefault(r.path, {})[r.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "chatd admin API",
+            "version": __version__,
+            "description": (
+                "Local administration API of chatd. It listens on a unix socket (mode 0600) "
+                "or a loopback address and is used by chatctl. Every route except health and "
+                "this document needs 'Authorization: Bearer <admin token>'. Every error has "
+                "the body {\"error\": {\"code\", \"message\"}}."
+            ),
+        },
+        "servers": [{"url": "http://localhost", "description": "over the admin unix socket"}],
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }

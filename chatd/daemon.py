@@ -1,0 +1,117 @@
+"""``chatd serve``: the one process and its one top-level nursery.
+
+Start order (each via ``await nursery.start``, so each is truly up before the
+next): store, retention, relay, admin. Only then does systemd hear
+``READY=1``. While serving, ``WATCHDOG=1`` goes out at half of
+``WatchdogSec`` as long as the store writer is alive.
+
+Stop: SIGTERM or SIGINT sets ``stopping``. systemd hears ``STOPPING=1``; the
+relay and admin stop accepting and finish what is in flight, for at most
+``server.shutdown_grace_seconds``; then everything left is cancelled, the
+store commits whatever is queued and closes, and :func:`run_daemon` returns
+(exit 0). A second signal during the drain skips the rest of the grace period.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from chatd import __version__
+from chatd.admin.api import AdminContext
+from chatd.admin.service import serve_admin
+from chatd.config import Config
+from chatd.keyfiles import check_data_dir, load_admin_token_hash, load_db_key
+from chatd.log import fields
+from chatd.relay import serve_relay
+from chatd.retention import serve_retention
+from chatd.sdnotify import Notifier, watchdog_interval
+from chatd.store import Store, serve_store
+
+log = logging.getLogger("chatd.daemon")
+
+
+async def _until_done(
+    done: trio.Event,
+    fn: Callable[..., Awaitable[None]],
+    *args: Any,
+    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    try:
+        await fn(*args, task_status=task_status)
+    finally:
+        done.set()
+
+
+async def _watch_signals(
+    stopping: trio.Event,
+    cancel: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
+        async for signum in signals:
+            if not stopping.is_set():
+                log.info("daemon.stopping", extra=fields(signal=signal.Signals(signum).name))
+                stopping.set()
+            else:
+                log.warning("daemon.stop_now", extra=fields(signal=signal.Signals(signum).name))
+                cancel.cancel()
+
+
+async def _watchdog(notifier: Notifier, store: Store, interval: float) -> None:
+    while True:
+        if store.writer_alive:
+            notifier.notify(WATCHDOG="1")
+        await trio.sleep(interval)
+
+
+async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> None:
+    """Run every service until SIGTERM/SIGINT; return after a clean drain.
+
+    Raises a :class:`chatd.errors.ChatdError` (inside an ExceptionGroup, from
+    the nursery) when a service cannot start: a wrong key, an address in use.
+    """
+    os.umask(0o077)  # everything chatd creates is private to its user
+    check_data_dir(config.data_dir)
+    key = load_db_key(config)
+    token_hash = load_admin_token_hash(config)
+    notifier = notifier or Notifier()
+    stopping = trio.Event()
+    relay_done, admin_done = trio.Event(), trio.Event()
+    grace = config.server.shutdown_grace_seconds
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(_watch_signals, stopping, nursery.cancel_scope)
+            notifier.notify(STATUS="opening the store")
+            store: Store = await nursery.start(serve_store, config.database_path, key, config.store)
+            del key
+            retention = await nursery.start(serve_retention, store, config.retention)
+            relay = await nursery.start(_until_done, relay_done, serve_relay, config, stopping)
+            ctx = AdminContext(store=store, retention=retention, token_hash=token_hash)
+            admin_bind = await nursery.start(_until_done, admin_done, serve_admin, config, ctx, stopping)
+            scheme = "wss" if config.relay_tls else "ws"
+            relay_url = f"{scheme}://{config.relay.host}:{relay.port}/v1/ws"
+            status = f"serving relay {relay_url}, admin {admin_bind}"
+            notifier.notify(READY="1", STATUS=status, MAINPID=str(os.getpid()))
+            log.info("daemon.ready", extra=fields(version=__version__, relay=relay_url, admin=admin_bind))
+            interval = watchdog_interval()
+            if interval is not None:
+                nursery.start_soon(_watchdog, notifier, store, interval)
+            await stopping.wait()
+            notifier.notify(STOPPING="1", STATUS="draining connections")
+            with trio.move_on_after(grace) as drain:
+                await relay_done.wait()
+                await admin_done.wait()
+            if drain.cancelled_caught:
+                log.warning("daemon.grace_expired", extra=fields(grace_seconds=grace))
+            nursery.cancel_scope.cancel()
+    finally:
+        notifier.close()
+    log.info("daemon.stopped")

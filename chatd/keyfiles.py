@@ -1,0 +1,160 @@
+"""Secret files: the database key and the admin token, and the data dir they live in.
+
+A secret comes from a systemd credential when ``$CREDENTIALS_DIRECTORY`` holds
+one by the documented name (``LoadCredential=``), otherwise from the file the
+config points at. A file that group or others can access is refused: a key
+that anyone else on the machine could have read is no longer a secret.
+
+Nothing here logs or returns a secret in an error message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import stat
+from pathlib import Path
+from typing import Final
+
+from chatd.config import Config
+from chatd.errors import DataDirError, SecretFileError
+
+#: systemd credential names (``LoadCredential=NAME:PATH``).
+DB_KEY_CREDENTIAL: Final = "chatd-db-key"
+ADMIN_TOKEN_CREDENTIAL: Final = "chatd-admin-token"
+
+DB_KEY_BYTES: Final = 32  # raw SQLCipher key: 256 bits
+ADMIN_TOKEN_BYTES: Final = 32  # 256 bits from the CSPRNG
+_MAX_SECRET_FILE: Final = 4_096  # bytes; a secret file is a single short line
+
+
+def _credential(name: str) -> Path | None:
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if directory:
+        candidate = Path(directory) / name
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _read_private(path: Path, what: str, *, from_credential: bool) -> str:
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise SecretFileError(
+            f"{what} file {path} does not exist (run 'chatd init' to create one)"
+        ) from None
+    except PermissionError:
+        raise SecretFileError(f"{what} file {path}: permission denied") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise SecretFileError(f"{what} file {path} is not a regular file")
+    # systemd credentials are placed by systemd with safe permissions already.
+    if not from_credential and info.st_mode & 0o077:
+        raise SecretFileError(
+            f"{what} file {path} is accessible by group or others "
+            f"(mode {stat.S_IMODE(info.st_mode):04o}); run: chmod 600 {path}"
+        )
+    if info.st_size > _MAX_SECRET_FILE:
+        raise SecretFileError(f"{what} file {path} is too large to be a {what}")
+    try:
+        return path.read_text(encoding="ascii").strip()
+    except PermissionError:
+        raise SecretFileError(f"{what} file {path}: permission denied") from None
+    except UnicodeDecodeError:
+        raise SecretFileError(f"{what} file {path} is not ASCII text") from None
+
+
+def db_key_path(config: Config) -> tuple[Path, bool]:
+    """Where the database key comes from, and whether it is a systemd credential."""
+    cred = _credential(DB_KEY_CREDENTIAL)
+    if cred is not None:
+        return cred, True
+    return config.in_data_dir(config.store.key_file), False
+
+
+def load_db_key(config: Config) -> bytes:
+    """Return the raw 32-byte database key.
+
+    Raises :class:`SecretFileError` when the file is missing, unsafe, or not
+    exactly 64 hex digits.
+    """
+    path, from_cred = db_key_path(config)
+    text = _read_private(path, "database key", from_credential=from_cred)
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != DB_KEY_BYTES:
+        raise SecretFileError(
+            f"database key file {path} must hold exactly {DB_KEY_BYTES * 2} hex digits "
+            "(generate one with: chatd init)"
+        )
+    return key
+
+
+def admin_token_path(config: Config) -> tuple[Path, bool]:
+    cred = _credential(ADMIN_TOKEN_CREDENTIAL)
+    if cred is not None:
+        return cred, True
+    return config.in_data_dir(config.admin.token_file), False
+
+
+def hash_admin_token(token: str) -> bytes:
+    """SHA-256 of a token. Tokens carry 256 random bits, so a fast hash suffices."""
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+def load_admin_token_hash(config: Config) -> bytes:
+    """Read the admin token and return only its SHA-256; the token itself is dropped."""
+    path, from_cred = admin_token_path(config)
+    token = _read_private(path, "admin token", from_credential=from_cred)
+    if len(token) < 32:
+        raise SecretFileError(f"admin token file {path} holds a token that is too short")
+    return hash_admin_token(token)
+
+
+def new_db_key() -> str:
+    return secrets.token_bytes(DB_KEY_BYTES).hex()
+
+
+def new_admin_token() -> str:
+    return secrets.token_urlsafe(ADMIN_TOKEN_BYTES)
+
+
+def write_private_file(path: Path, text: str) -> bool:
+    """Create ``path`` with mode 0600 holding ``text``. Never overwrites.
+
+    Returns False (and leaves the file alone) when it already exists.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w", encoding="ascii") as fh:
+        fh.write(text + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    return True
+
+
+def check_data_dir(path: Path) -> None:
+    """Refuse a data dir that is missing, not ours, or writable by group/others."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise DataDirError(
+            f"data dir {path} does not exist (create it with 'chatd init --data-dir {path}')"
+        ) from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise DataDirError(f"data dir {path} is not a directory")
+    if info.st_uid != os.geteuid():
+        raise DataDirError(
+            f"data dir {path} is owned by uid {info.st_uid}, but chatd runs as uid "
+            f"{os.geteuid()}; chown it to the chatd user"
+        )
+    if info.st_mode & 0o022:
+        raise DataDirError(
+            f"data dir {path} is writable by group or others "
+            f"(mode {stat.S_IMODE(info.st_mode):04o}); run: chmod 700 {path}"
+        )

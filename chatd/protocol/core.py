@@ -1,0 +1,194 @@
+"""The relay protocol core: bytes in, actions out. No sockets, no event loop.
+
+Theory of operation
+-------------------
+One :class:`ServerConnection` per WebSocket connection holds the protocol
+state of that connection. The I/O layer (``chatd.relay``) feeds it what
+arrives and carries out what it returns:
+
+* :meth:`ServerConnection.start` returns the ``hello`` frame to send first.
+* :meth:`ServerConnection.receive_text` / :meth:`receive_bytes` take one
+  complete WebSocket message and return a list of :data:`Action`\\ s: a
+  :class:`Send` (an encoded frame), a :class:`Close` (code and reason), or a
+  decoded client frame the core cannot answer itself (later capabilities:
+  auth, messages), for the service layer.
+* :meth:`ServerConnection.first_frame_timeout` and :meth:`idle_timeout` return
+  the :class:`Close` to send when the I/O layer's timers fire.
+
+The core never raises on peer input. A malformed frame becomes an ``error``
+frame naming the field (and the connection stays open), until
+``max_bad_frames`` of them close it with 1008. A binary message closes with
+1003. Once closed, everything further is ignored.
+
+Close codes (documented in docs/PROTOCOL.md) are the constants below.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from typing import Final
+
+import msgspec
+
+from chatd.protocol.frames import (
+    PROTOCOL_VERSION,
+    ClientFrame,
+    Error,
+    Hello,
+    Limits,
+    Ping,
+    Pong,
+    ServerFrame,
+)
+
+CLOSE_NORMAL: Final = 1000  # the client said goodbye
+CLOSE_GOING_AWAY: Final = 1001  # the server is shutting down
+CLOSE_PROTOCOL_ERROR: Final = 1002  # broken WebSocket framing
+CLOSE_UNSUPPORTED_DATA: Final = 1003  # a binary message
+CLOSE_INVALID_PAYLOAD: Final = 1007  # a text message that is not UTF-8
+CLOSE_POLICY: Final = 1008  # timeouts, too many bad frames, slow consumer
+CLOSE_TOO_BIG: Final = 1009  # a message over max_frame_bytes
+CLOSE_INTERNAL_ERROR: Final = 1011  # a server bug; the client may reconnect
+
+REASON_FIRST_FRAME_TIMEOUT: Final = "first frame timeout"
+REASON_IDLE_TIMEOUT: Final = "idle timeout"
+REASON_TOO_MANY_BAD_FRAMES: Final = "too many bad frames"
+REASON_SEND_QUEUE_FULL: Final = "send queue full"
+REASON_BINARY: Final = "binary frames are not supported"
+REASON_SHUTDOWN: Final = "server shutting down"
+REASON_INTERNAL: Final = "internal error"
+
+#: Error frame codes.
+ERR_BAD_FRAME: Final = "bad_frame"  # not JSON, or a field is missing/wrong
+ERR_UNKNOWN_TYPE: Final = "unknown_type"  # ``type`` names no frame
+
+_PATH_RE: Final = re.compile(r" - at `([^`]+)`$")
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send this encoded frame (one text message)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Send a Close frame with this code and reason, then hang up."""
+
+    code: int
+    reason: str
+
+
+Action = Send | Close | ClientFrame
+
+
+class State(enum.Enum):
+    NEW = "new"  # hello not sent yet
+    AWAITING_FIRST_FRAME = "awaiting_first_frame"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+_decoder: Final = msgspec.json.Decoder(ClientFrame)
+_encoder: Final = msgspec.json.Encoder()
+
+
+def encode(frame: ServerFrame) -> bytes:
+    return _encoder.encode(frame)
+
+
+class ServerConnection:
+    """Protocol state of one client connection (server side)."""
+
+    def __init__(self, limits: Limits, *, server_name: str) -> None:
+        self.limits = limits
+        self.server_name = server_name
+        self.state = State.NEW
+        self.bad_frames = 0
+
+    def start(self) -> list[Action]:
+        """The frames to send as soon as the WebSocket is open."""
+        assert self.state is State.NEW, "start() is called once"
+        self.state = State.AWAITING_FIRST_FRAME
+        hello = Hello(protocol=PROTOCOL_VERSION, server=self.server_name, limits=self.limits)
+        return [Send(encode(hello))]
+
+    def receive_text(self, data: str | bytes) -> list[Action]:
+        """Handle one complete text message (as str, or its UTF-8 bytes)."""
+        if self.state is State.CLOSED:
+            return []
+        if self.state is State.AWAITING_FIRST_FRAME:
+            self.state = State.OPEN
+        try:
+            frame = _decoder.decode(data)
+        except msgspec.ValidationError as exc:
+            return self._bad_frame(exc)
+        except msgspec.DecodeError as exc:
+            return self._bad_frame(exc, not_json=True)
+        except UnicodeDecodeError:
+            return self._close(CLOSE_INVALID_PAYLOAD, "text frame is not valid UTF-8")
+        return self._dispatch(frame)
+
+    def receive_bytes(self, data: bytes) -> list[Action]:
+        """Handle one binary message: the protocol is text only."""
+        if self.state is State.CLOSED:
+            return []
+        return self._close(CLOSE_UNSUPPORTED_DATA, REASON_BINARY)
+
+    def first_frame_timeout(self) -> list[Action]:
+        if self.state is not State.AWAITING_FIRST_FRAME:
+            return []
+        return self._close(CLOSE_POLICY, REASON_FIRST_FRAME_TIMEOUT)
+
+    def idle_timeout(self) -> list[Action]:
+        if self.state is State.CLOSED:
+            return []
+        return self._close(CLOSE_POLICY, REASON_IDLE_TIMEOUT)
+
+    def send_queue_full(self) -> list[Action]:
+        if self.state is State.CLOSED:
+            return []
+        return self._close(CLOSE_POLICY, REASON_SEND_QUEUE_FULL)
+
+    def shutdown(self) -> list[Action]:
+        if self.state is State.CLOSED:
+            return []
+        return self._close(CLOSE_GOING_AWAY, REASON_SHUTDOWN)
+
+    def internal_error(self) -> list[Action]:
+        if self.state is State.CLOSED:
+            return []
+        return self._close(CLOSE_INTERNAL_ERROR, REASON_INTERNAL)
+
+    # -- internals -----------------------------------------------------------
+
+    def _dispatch(self, frame: ClientFrame) -> list[Action]:
+        if isinstance(frame, Ping):
+            return [Send(encode(Pong(id=frame.id)))]
+        return [frame]  # pragma: no cover - every frame type is handled above for now
+
+    def _close(self, code: int, reason: str) -> list[Action]:
+        self.state = State.CLOSED
+        return [Close(code, reason)]
+
+    def _bad_frame(self, exc: Exception, *, not_json: bool = False) -> list[Action]:
+        self.bad_frames += 1
+        text = str(exc)
+        field: str | None = None
+        match = _PATH_RE.search(text)
+        if match:
+            field = match.group(1)
+            text = text[: match.start()]
+        code = ERR_BAD_FRAME
+        if field == "$.type" or "missing required field `type`" in text:
+            field = "$.type"
+            code = ERR_UNKNOWN_TYPE if "Invalid value" in text else ERR_BAD_FRAME
+        if not_json:
+            text = "frame is not a JSON object: " + text
+        actions: list[Action] = [Send(encode(Error(code=code, message=text, field=field)))]
+        if self.bad_frames >= self.limits.max_bad_frames:
+            actions += self._close(CLOSE_POLICY, REASON_TOO_MANY_BAD_FRAMES)
+        return actions

@@ -1,0 +1,328 @@
+"""The relay service: the public WebSocket server at ``/v1/ws`` (trio-websocket).
+
+This is the thin I/O layer around :mod:`chatd.protocol.core`. Per connection
+it runs one handler task (receive loop) and one sender task that drains a
+bounded send queue; trio-websocket adds its own reader task.
+
+Guarantees, each backed by a setting:
+
+* The handshake and then the first frame must each arrive within
+  ``relay.handshake_timeout_seconds``; after that, any gap of
+  ``relay.idle_timeout_seconds`` without a complete message closes the
+  connection. This also bounds a half-sent frame, which trio-websocket itself
+  would wait on forever.
+* A message over ``relay.max_frame_bytes`` closes with 1009.
+* The send queue holds ``relay.send_queue_frames`` frames; overflow closes the
+  connection with 1008 "send queue full", and one frame may take
+  ``relay.send_timeout_seconds`` to write.
+* Every close we initiate sends a real Close frame and then, bounded by a
+  timeout, hangs up the TCP stream itself, so a peer that never answers the
+  Close cannot pin the connection (trio-websocket would wait for it).
+
+Shutdown: when ``stopping`` is set, listeners close (no new connections),
+every connection finishes the frame it is handling and is closed with 1001,
+and :func:`serve_relay` returns once all are gone. The daemon bounds that
+with the grace period.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import ssl
+from typing import Any, Final
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketRequest, WebSocketServer
+
+from chatd.config import Config, RelaySettings
+from chatd.errors import ConfigError, ListenError
+from chatd.log import fields, mask_ip
+from chatd.protocol import core
+from chatd.protocol.frames import Limits
+
+log = logging.getLogger("chatd.relay")
+
+WS_PATH: Final = "/v1/ws"
+CLOSE_TIMEOUT: Final = 2.0  # seconds to wait for the peer's Close reply before hanging up
+RECEIVE_BUFFER: Final = 4_096  # bytes read from the socket at a time
+REASON_SEND_TIMEOUT: Final = "send timeout"
+_NO_FLUSH: Final = (core.REASON_SEND_QUEUE_FULL, REASON_SEND_TIMEOUT)
+
+
+class _Client:
+    """One live connection: protocol state, socket and send queue."""
+
+    __slots__ = ("ws", "proto", "peer", "send_in", "send_out", "receive_scope", "closing")
+
+    def __init__(self, ws: Any, proto: core.ServerConnection, peer: str, queue: int) -> None:
+        self.ws = ws
+        self.proto = proto
+        self.peer = peer
+        self.send_in, self.send_out = trio.open_memory_channel[bytes](queue)
+        self.receive_scope: trio.CancelScope | None = None
+        self.closing: core.Close | None = None
+
+
+class Relay:
+    """Connection registry and per-connection logic; one per relay service."""
+
+    def __init__(self, settings: RelaySettings) -> None:
+        self.settings = settings
+        self.limits = Limits(
+            max_frame_bytes=settings.max_frame_bytes,
+            idle_timeout_seconds=settings.idle_timeout_seconds,
+            send_queue_frames=settings.send_queue_frames,
+            max_bad_frames=settings.max_bad_frames,
+        )
+        self.clients: set[_Client] = set()
+        self.stopping = False
+        self.connections_served = 0
+        self.port = 0  # the bound port, set by serve_relay
+
+    # -- handshake --------------------------------------------------------------
+
+    async def handle(self, request: WebSocketRequest) -> None:
+        """trio-websocket handler: must never raise, or the whole server stops."""
+        try:
+            await self._handle(request)
+        except Exception:
+            log.exception("relay.handler_failed")
+
+    async def _handle(self, request: WebSocketRequest) -> None:
+        peer = _peer_host(request.remote)
+        path = request.path.partition("?")[0]
+        if path != WS_PATH:
+            await request.reject(404, body=b"not found: the relay lives at /v1/ws\n")
+            return
+        origin = _header(request.headers, b"origin")
+        if origin is not None and origin not in self.settings.allowed_origins:
+            log.info("relay.origin_refused", extra=fields(peer=mask_ip(peer), origin=origin))
+            await request.reject(403, body=b"origin not allowed\n")
+            return
+        if self.stopping:
+            await request.reject(503, body=b"server shutting down\n")
+            return
+        if len(self.clients) >= self.settings.max_connections:
+            log.warning("relay.full", extra=fields(limit=self.settings.max_connections))
+            await request.reject(503, body=b"too many connections\n")
+            return
+        ws = await request.accept()
+        proto = core.ServerConnection(self.limits, server_name="chatd")
+        client = _Client(ws, proto, peer, self.settings.send_queue_frames)
+        self.clients.add(client)
+        self.connections_served += 1
+        try:
+            await self._serve_client(client)
+        finally:
+            self.clients.discard(client)
+            await self._hang_up(client)
+
+    # -- per-connection loop ----------------------------------------------------
+
+    async def _serve_client(self, client: _Client) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._sender, client)
+            try:
+                await self._receive_loop(client)
+            finally:
+                # Flush what is queued (an error frame may explain the close),
+                # unless the queue itself is the problem.
+                client.send_in.close()
+                closing = client.closing
+                if closing is not None and closing.reason not in _NO_FLUSH:
+                    nursery.cancel_scope.deadline = trio.current_time() + CLOSE_TIMEOUT
+                else:
+                    nursery.cancel_scope.cancel()
+
+    async def _receive_loop(self, client: _Client) -> None:
+        s = self.settings
+        if not self._perform(client, client.proto.start()):
+            return
+        timeout = s.handshake_timeout_seconds
+        while client.closing is None:
+            with trio.CancelScope() as client.receive_scope:
+                if self.stopping:
+                    client.receive_scope.cancel()
+                with trio.move_on_after(timeout) as idle:
+                    try:
+                        message = await client.ws.get_message()
+                    except ConnectionClosed as exc:
+                        self._peer_closed(client, exc)
+                        return
+            if client.receive_scope.cancelled_caught and self.stopping:
+                self._perform(client, client.proto.shutdown())
+                return
+            if idle.cancelled_caught:
+                first = client.proto.state is core.State.AWAITING_FIRST_FRAME
+                actions = client.proto.first_frame_timeout() if first else client.proto.idle_timeout()
+                self._perform(client, actions)
+                return
+            timeout = s.idle_timeout_seconds
+            if isinstance(message, bytes):
+                actions = client.proto.receive_bytes(message)
+            elif len(message) * 4 > s.max_frame_bytes and len(message.encode()) > s.max_frame_bytes:
+                # trio-websocket counts characters; the documented limit is bytes.
+                actions = [core.Close(core.CLOSE_TOO_BIG, "message too big")]
+            else:
+                actions = client.proto.receive_text(message)
+            self._perform(client, actions)
+
+    def _perform(self, client: _Client, actions: list[core.Action]) -> bool:
+        """Carry out actions without blocking; False once the connection is closing."""
+        for action in actions:
+            if isinstance(action, core.Send):
+                try:
+                    client.send_in.send_nowait(action.data)
+                except trio.WouldBlock:
+                    self._perform(client, client.proto.send_queue_full())
+            elif isinstance(action, core.Close):
+                client.closing = action
+            if client.closing is not None:
+                return False
+        return True
+
+    async def _sender(self, client: _Client) -> None:
+        timeout = self.settings.send_timeout_seconds
+        async for data in client.send_out:
+            with trio.move_on_after(timeout) as stuck:
+                try:
+                    await client.ws.send_message(data.decode())
+                except ConnectionClosed:
+                    return
+            if stuck.cancelled_caught:
+                client.closing = core.Close(core.CLOSE_POLICY, REASON_SEND_TIMEOUT)
+                if client.receive_scope is not None:
+                    client.receive_scope.cancel()
+                return
+
+    def _peer_closed(self, client: _Client, exc: ConnectionClosed) -> None:
+        reason = exc.reason
+        code = getattr(reason, "code", None)
+        if code not in (core.CLOSE_NORMAL, core.CLOSE_GOING_AWAY):
+            log.info(
+                "relay.closed",
+                extra=fields(peer=mask_ip(client.peer), code=code, reason=getattr(reason, "reason", None)),
+            )
+
+    async def _hang_up(self, client: _Client) -> None:
+        """Send our Close (if any), wait briefly for the reply, then drop the TCP stream."""
+        close = client.closing
+        try:
+            with trio.move_on_after(CLOSE_TIMEOUT):
+                if close is not None:
+                    if close.code != core.CLOSE_GOING_AWAY:
+                        log.info(
+                            "relay.close",
+                            extra=fields(
+                                peer=mask_ip(client.peer), code=close.code, reason=close.reason
+                            ),
+                        )
+                    await client.ws.aclose(close.code, close.reason)
+                else:
+                    await client.ws.aclose()
+        finally:
+            # trio-websocket waits forever for a peer that never completes the
+            # close handshake or stalls mid-frame; closing the stream ends its
+            # reader task. The attribute is private but stable across 0.x.
+            await trio.aclose_forcefully(client.ws._stream)
+
+    def begin_shutdown(self) -> None:
+        """Ask every connection to close with 1001 after its current frame."""
+        self.stopping = True
+        for client in list(self.clients):
+            if client.receive_scope is not None:
+                client.receive_scope.cancel()
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    for key, value in headers:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _peer_host(remote: Any) -> str:
+    return str(getattr(remote, "address", "") or "")
+
+
+def tls_context(config: Config) -> ssl.SSLContext:
+    """TLS 1.3 only, X25519 key exchange, HTTP/1.1 ALPN."""
+    relay = config.relay
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.set_ecdh_curve("X25519")
+    ctx.set_alpn_protocols(["http/1.1"])
+    try:
+        ctx.load_cert_chain(config.in_data_dir(relay.tls_certificate), config.in_data_dir(relay.tls_private_key))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            config.path, f"cannot load the TLS certificate or key: {exc.strerror or exc}",
+            key="relay.tls_certificate",
+        ) from None
+    return ctx
+
+
+async def open_relay_listeners(config: Config) -> list[Any]:
+    """Bind the relay's TCP listeners (wrapped in TLS when configured)."""
+    relay = config.relay
+    try:
+        listeners: list[Any] = list(await trio.open_tcp_listeners(relay.port, host=relay.host))
+    except OSError as exc:
+        where = f"{relay.host}:{relay.port}"
+        if exc.errno == errno.EADDRINUSE:
+            raise ListenError(
+                f"relay: address {where} is already in use (change relay.port in {config.path})"
+            ) from None
+        raise ListenError(f"relay: cannot listen on {where}: {exc.strerror}") from None
+    if config.relay_tls:
+        ctx = tls_context(config)
+        listeners = [trio.SSLListener(lst, ctx, https_compatible=True) for lst in listeners]
+    return listeners
+
+
+def listener_port(listener: Any) -> int:
+    inner = getattr(listener, "transport_listener", listener)
+    return int(inner.socket.getsockname()[1])
+
+
+async def serve_relay(
+    config: Config,
+    stopping: trio.Event,
+    *,
+    task_status: trio.TaskStatus[Relay] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the relay until ``stopping`` is set, then drain and return.
+
+    Reports the :class:`Relay` once listening (``relay.port`` tells the bound
+    port when the setting is 0). Raises :class:`ListenError` if the address
+    cannot be bound. Cancellation drops every connection at once.
+    """
+    s = config.relay
+    listeners = await open_relay_listeners(config)
+    relay = Relay(s)
+    relay.port = listener_port(listeners[0])
+    async with trio.open_nursery() as handlers:
+        server = WebSocketServer(
+            relay.handle,
+            listeners,
+            handler_nursery=handlers,
+            message_queue_size=1,
+            max_message_size=s.max_frame_bytes,
+            receive_buffer_size=RECEIVE_BUFFER,
+            connect_timeout=s.handshake_timeout_seconds,
+            disconnect_timeout=CLOSE_TIMEOUT,
+        )
+        async with trio.open_nursery() as accepting:
+            await accepting.start(server.run)
+            log.info(
+                "relay.listening",
+                extra=fields(host=s.host, port=relay.port, tls=config.relay_tls),
+            )
+            task_status.started(relay)
+            await stopping.wait()
+            accepting.cancel_scope.cancel()
+        for listener in listeners:
+            await listener.aclose()
+        relay.begin_shutdown()
+    log.info("relay.stopped", extra=fields(served=relay.connections_served))

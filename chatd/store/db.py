@@ -1,0 +1,108 @@
+"""Opening SQLCipher connections: key check, pragmas and migrations.
+
+Everything here is synchronous and blocking; callers run it in a thread.
+
+The key check happens before anything can write: a connection is keyed, then
+one read of ``sqlite_master`` proves the key decrypts page 1. A wrong key (or
+a file that is not an SQLCipher database) fails there, and the file and its
+directory are left exactly as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Final
+
+import sqlcipher3
+
+from chatd.errors import KeyMismatchError, StoreError
+from chatd.store.migrations import migrate
+
+#: The first 16 bytes of every *unencrypted* SQLite file.
+PLAINTEXT_HEADER: Final = b"SQLite format 3\x00"
+
+Connection = Any  # sqlcipher3 ships no type stubs; this names what we pass around.
+DatabaseError = sqlcipher3.dbapi2.DatabaseError
+
+
+def _looks_plaintext(path: Path) -> bool:
+    try:
+        with path.open("rb") as fh:
+            return fh.read(16) == PLAINTEXT_HEADER
+    except OSError:
+        return False
+
+
+def connect(
+    path: Path, key: bytes, *, busy_timeout_ms: int, readonly: bool = False
+) -> Connection:
+    """Open and key one connection to ``path``, proving the key is right.
+
+    Raises :class:`KeyMismatchError` when the key does not decrypt the file and
+    :class:`StoreError` when the file is a plaintext SQLite database or cannot
+    be opened. Neither case writes to the file.
+    """
+    if readonly:
+        uri = f"file:{path}?mode=ro"
+    else:
+        uri = f"file:{path}"
+    try:
+        conn = sqlcipher3.connect(
+            uri, uri=True, isolation_level=None, check_same_thread=False
+        )
+    except sqlcipher3.dbapi2.OperationalError as exc:
+        raise StoreError(f"cannot open database {path}: {exc}") from None
+    try:
+        # SQLCipher logs decryption failures to stderr by default; the error we
+        # raise says it better, and journald should not see library noise.
+        conn.execute("PRAGMA cipher_log_level = NONE")
+        # The key is a hex blob literal: a raw key, no KDF. The statement is
+        # never logged.
+        conn.execute(f"PRAGMA key = \"x'{key.hex()}'\"")
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except DatabaseError as exc:
+        conn.close()
+        if _looks_plaintext(path):
+            raise StoreError(
+                f"{path} is an unencrypted SQLite database; chatd only opens "
+                "SQLCipher files (the file was left untouched)"
+            ) from None
+        if "not a database" in str(exc) or "encrypted" in str(exc):
+            raise KeyMismatchError(path) from None
+        raise StoreError(f"cannot read database {path}: {exc}") from None
+    return conn
+
+
+def open_writer(path: Path, key: bytes, *, busy_timeout_ms: int) -> Connection:
+    """Open the single write connection: pragmas, then migrations to the latest schema."""
+    new = not path.exists() or path.stat().st_size == 0
+    conn = connect(path, key, busy_timeout_ms=busy_timeout_ms)
+    try:
+        if new:
+            # Must precede the first table to take effect without a VACUUM.
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != "wal":
+            raise StoreError(f"cannot switch {path} to WAL mode (got {mode!r})")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA secure_delete = ON")
+        migrate(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def open_reader(path: Path, key: bytes, *, busy_timeout_ms: int) -> Connection:
+    conn = connect(path, key, busy_timeout_ms=busy_timeout_ms)
+    conn.execute("PRAGMA query_only = ON")
+    conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+def close_quietly(conn: Connection) -> None:
+    with contextlib.suppress(Exception):
+        conn.close()

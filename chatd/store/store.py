@@ -1,0 +1,256 @@
+"""The store service: one writer thread doing group commit, reads off the loop.
+
+Theory of operation
+-------------------
+One thread owns the only write connection. Callers on the event loop submit a
+*write job*, a plain function ``fn(conn) -> T``, and await its result. The
+writer takes every job waiting in its queue (up to ``store.max_batch_writes``),
+runs them in ONE transaction, each inside its own SAVEPOINT so that one job's
+exception rolls back only that job, then COMMITs once with
+``synchronous=FULL``. Only after that commit returns does it wake the callers,
+all at once, with one ``run_sync_soon`` back into Trio. So a caller's ``await
+store.write(fn)`` returning means its change is durable, and N concurrent
+writers cost one fsync instead of N.
+
+Bounds: at most ``store.max_pending_writes`` jobs wait at once; further
+callers wait on a semaphore (backpressure) instead of growing memory.
+
+Reads run in worker threads (``store.read_threads``), each with its own keyed
+read-only connection; WAL lets them proceed while the writer commits.
+
+Cancellation: cancelling a caller that awaits ``write`` stops the wait, not
+the job: the job may still commit. Callers that must know (e.g. before sending
+an acknowledgement) simply do not acknowledge when cancelled. Shutdown puts a
+stop marker behind the queued jobs, so every job submitted before it commits
+before the thread exits.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final, Generic, TypeVar
+
+import trio
+
+from chatd.config import StoreSettings
+from chatd.errors import StoreClosedError, StoreError
+from chatd.store.db import Connection, DatabaseError, close_quietly, open_reader, open_writer
+
+T = TypeVar("T")
+
+_STOP: Final = object()
+
+
+class _Job(Generic[T]):
+    __slots__ = ("fn", "result", "error", "done")
+
+    def __init__(self, fn: Callable[[Connection], T]) -> None:
+        self.fn = fn
+        self.result: T | None = None
+        self.error: BaseException | None = None
+        self.done = trio.Event()
+
+
+class StoreStats:
+    """Counters for benchmarks and health: commits and jobs seen by the writer."""
+
+    __slots__ = ("commits", "jobs", "largest_batch")
+
+    def __init__(self) -> None:
+        self.commits = 0
+        self.jobs = 0
+        self.largest_batch = 0
+
+
+class Store:
+    """Handle to an open database. Create with :func:`serve_store`."""
+
+    def __init__(self, path: Path, key: bytes, settings: StoreSettings) -> None:
+        self.path = path
+        self._key = key
+        self._settings = settings
+        self._writer_conn: Connection | None = None
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._pending = trio.Semaphore(settings.max_pending_writes)
+        self._read_limiter = trio.CapacityLimiter(settings.read_threads)
+        self._readers: queue.SimpleQueue[Connection] = queue.SimpleQueue()
+        self._all_readers: list[Connection] = []
+        self._readers_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._closed = False
+        self.stats = StoreStats()
+
+    # -- lifecycle (called by serve_store) ---------------------------------
+
+    def open_sync(self) -> None:
+        """Blocking: open the writer connection (key check, pragmas, migrations)."""
+        self._writer_conn = open_writer(
+            self.path, self._key, busy_timeout_ms=self._settings.busy_timeout_ms
+        )
+
+    def start(self) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        self._thread = threading.Thread(target=self._writer_main, name="chatd-writer", daemon=True)
+        self._thread.start()
+
+    async def aclose(self) -> None:
+        """Commit everything queued, stop the writer, close all connections."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            await trio.to_thread.run_sync(self._thread.join)
+        for conn in self._all_readers:
+            close_quietly(conn)
+
+    @property
+    def writer_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._closed
+
+    # -- the public API ---------------------------------------------------
+
+    async def write(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn(conn)`` in the writer's transaction; return once it is durable.
+
+        ``fn`` runs in the writer thread and must not block on anything but the
+        database. An exception from ``fn`` rolls back that job only and is
+        re-raised here. Raises :class:`StoreClosedError` after shutdown and
+        :class:`StoreError` if the commit itself fails.
+        """
+        if self._closed or self._thread is None:
+            raise StoreClosedError("the store is shut down; the write was not made")
+        async with self._pending:
+            job: _Job[T] = _Job(fn)
+            self._queue.put(job)
+            await job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result  # type: ignore[return-value]  # set when error is None
+
+    async def read(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn(conn)`` on a read-only connection in a worker thread."""
+        if self._closed:
+            raise StoreClosedError("the store is shut down")
+        return await trio.to_thread.run_sync(self._read_in_thread, fn, limiter=self._read_limiter)
+
+    async def check_writable(self) -> bool:
+        """True when the writer can take the write lock and commit."""
+        try:
+            await self.write(lambda conn: conn.execute("SELECT 1").fetchone())
+        except StoreError:
+            return False
+        return True
+
+    # -- threads ------------------------------------------------------------
+
+    def _read_in_thread(self, fn: Callable[[Connection], T]) -> T:
+        try:
+            conn = self._readers.get_nowait()
+        except queue.Empty:
+            conn = open_reader(self.path, self._key, busy_timeout_ms=self._settings.busy_timeout_ms)
+            with self._readers_lock:
+                self._all_readers.append(conn)
+        try:
+            return fn(conn)
+        finally:
+            self._readers.put(conn)
+
+    def _writer_main(self) -> None:
+        assert self._writer_conn is not None
+        conn = self._writer_conn
+        limit = self._settings.max_batch_writes if self._settings.group_commit else 1
+        stopping = False
+        try:
+            while not stopping:
+                batch: list[_Job[Any]] = []
+                item = self._queue.get()
+                while True:
+                    if item is _STOP:
+                        stopping = True
+                        break
+                    batch.append(item)
+                    if len(batch) >= limit:
+                        break
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                if batch:
+                    self._run_batch(conn, batch)
+        finally:
+            try:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except DatabaseError:
+                pass  # the WAL is still valid; the next open replays it
+            close_quietly(conn)
+
+    def _run_batch(self, conn: Connection, batch: list[_Job[Any]]) -> None:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job in batch:
+                conn.execute("SAVEPOINT job")
+                try:
+                    job.result = job.fn(conn)
+                except BaseException as exc:  # noqa: B036 - handed back to the caller
+                    job.error = exc
+                    conn.execute("ROLLBACK TO job")
+                conn.execute("RELEASE job")
+            conn.execute("COMMIT")
+        except DatabaseError as exc:
+            try:
+                conn.execute("ROLLBACK")
+            except DatabaseError:
+                pass  # no transaction was open
+            failure = StoreError(f"the database write failed and was rolled back: {exc}")
+            for job in batch:
+                if job.error is None:
+                    job.error = failure
+        self.stats.commits += 1
+        self.stats.jobs += len(batch)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        assert self._token is not None
+        try:
+            self._token.run_sync_soon(_wake, batch)
+        except trio.RunFinishedError:  # pragma: no cover - loop gone; nobody to wake
+            pass
+
+
+def _wake(batch: list[_Job[Any]]) -> None:
+    for job in batch:
+        job.done.set()
+
+
+def now_ms() -> int:
+    """Wall-clock unix milliseconds, the unit of every timestamp column."""
+    return time.time_ns() // 1_000_000
+
+
+async def serve_store(
+    path: Path,
+    key: bytes,
+    settings: StoreSettings,
+    *,
+    task_status: trio.TaskStatus[Store] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Open the database and run the writer until cancelled.
+
+    Reports the :class:`Store` through ``task_status`` once the key is proven,
+    migrations ran and the writer thread is up. Raises :class:`KeyMismatchError`
+    or :class:`StoreError` before that if the database cannot be used. On
+    cancellation it commits everything already queued (shielded), then closes.
+    """
+    store = Store(path, key, settings)
+    await trio.to_thread.run_sync(store.open_sync)
+    store.start()
+    try:
+        task_status.started(store)
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True):
+            await store.aclose()
