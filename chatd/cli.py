@@ -45,7 +45,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _config_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--config", "-c",
+        "--config",
+        "-c",
         default=os.environ.get("CHATD_CONFIG", DEFAULT_CONFIG),
         help=f"config file (default: $CHATD_CONFIG or {DEFAULT_CONFIG})",
     )

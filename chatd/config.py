@@ -113,7 +113,9 @@ class RelaySettings:
         "Address the relay listens on. Keep 127.0.0.1 behind a reverse proxy; use "
         "0.0.0.0 or :: with tls_certificate to face the internet directly.",
     )
-    port: int = setting(7878, "TCP port of the relay; 0 picks a free port.", minimum=0, maximum=65535)
+    port: int = setting(
+        7878, "TCP port of the relay; 0 picks a free port.", minimum=0, maximum=65535
+    )
     tls_certificate: str = setting(
         "",
         "PEM certificate chain. When set together with tls_private_key, the relay "
@@ -335,8 +337,14 @@ def _check_value(path: Path, key: str, f: dataclasses.Field[Any], value: Any, hi
 
 
 def _kind(value: Any) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-            list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
 
 
 def _section(path: Path, name: str, cls: type, raw: Any) -> Any:
@@ -359,9 +367,7 @@ def parse_config(path: Path, data: Mapping[str, Any]) -> Config:
     sections: dict[str, Any] = {}
     for name, raw in data.items():
         if name not in SECTIONS:
-            raise ConfigError(
-                path, f"unknown section (known: {', '.join(SECTIONS)})", key=name
-            )
+            raise ConfigError(path, f"unknown section (known: {', '.join(SECTIONS)})", key=name)
         sections[name] = _section(path, name, SECTIONS[name], raw)
     config = Config(path=path.absolute(), **sections)
     _check_cross(config)
@@ -373,13 +379,16 @@ def _check_cross(config: Config) -> None:
     relay = config.relay
     if bool(relay.tls_certificate) != bool(relay.tls_private_key):
         raise ConfigError(
-            path, "tls_certificate and tls_private_key must be set together", key="relay.tls_certificate"
+            path,
+            "tls_certificate and tls_private_key must be set together",
+            key="relay.tls_certificate",
         )
     for origin in relay.allowed_origins:
         scheme, sep, rest = origin.partition("://")
         if scheme not in ("http", "https") or not sep or not rest or "/" in rest:
             raise ConfigError(
-                path, f"{origin!r} is not an origin like https://chat.example.org",
+                path,
+                f"{origin!r} is not an origin like https://chat.example.org",
                 key="relay.allowed_origins",
             )
     listen = config.admin.listen
@@ -489,4 +498,3 @@ def render_template() -> str:
                 out.append("# (" + "; ".join(bounds) + ")")
             out.append(f"{f.name} = {_toml_value(f.default)}")
     return "\n".join(out) + "\n"
-

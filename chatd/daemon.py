@@ -95,12 +95,16 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
             retention = await nursery.start(serve_retention, store, config.retention)
             relay = await nursery.start(_until_done, relay_done, serve_relay, config, stopping)
             ctx = AdminContext(store=store, retention=retention, token_hash=token_hash)
-            admin_bind = await nursery.start(_until_done, admin_done, serve_admin, config, ctx, stopping)
+            admin_bind = await nursery.start(
+                _until_done, admin_done, serve_admin, config, ctx, stopping
+            )
             scheme = "wss" if config.relay_tls else "ws"
             relay_url = f"{scheme}://{config.relay.host}:{relay.port}/v1/ws"
             status = f"serving relay {relay_url}, admin {admin_bind}"
             notifier.notify(READY="1", STATUS=status, MAINPID=str(os.getpid()))
-            log.info("daemon.ready", extra=fields(version=__version__, relay=relay_url, admin=admin_bind))
+            log.info(
+                "daemon.ready", extra=fields(version=__version__, relay=relay_url, admin=admin_bind)
+            )
             interval = watchdog_interval()
             if interval is not None:
                 nursery.start_soon(_watchdog, notifier, store, interval)

@@ -22,7 +22,7 @@ from chatd.errors import DataDirError, SecretFileError
 
 #: systemd credential names (``LoadCredential=NAME:PATH``).
 DB_KEY_CREDENTIAL: Final = "chatd-db-key"
-ADMIN_TOKEN_CREDENTIAL: Final = "chatd-admin-token"
+ADMIN_TOKEN_CREDENTIAL: Final = "chatd-admin-token"  # noqa: S105 - a file name, not a secret
 
 DB_KEY_BYTES: Final = 32  # raw SQLCipher key: 256 bits
 ADMIN_TOKEN_BYTES: Final = 32  # 256 bits from the CSPRNG

@@ -155,7 +155,9 @@ class Relay:
                 return
             if idle.cancelled_caught:
                 first = client.proto.state is core.State.AWAITING_FIRST_FRAME
-                actions = client.proto.first_frame_timeout() if first else client.proto.idle_timeout()
+                actions = (
+                    client.proto.first_frame_timeout() if first else client.proto.idle_timeout()
+                )
                 self._perform(client, actions)
                 return
             timeout = s.idle_timeout_seconds
@@ -202,7 +204,9 @@ class Relay:
         if code not in (core.CLOSE_NORMAL, core.CLOSE_GOING_AWAY):
             log.info(
                 "relay.closed",
-                extra=fields(peer=mask_ip(client.peer), code=code, reason=getattr(reason, "reason", None)),
+                extra=fields(
+                    peer=mask_ip(client.peer), code=code, reason=getattr(reason, "reason", None)
+                ),
             )
 
     async def _hang_up(self, client: _Client) -> None:
@@ -254,10 +258,13 @@ def tls_context(config: Config) -> ssl.SSLContext:
     ctx.set_ecdh_curve("X25519")
     ctx.set_alpn_protocols(["http/1.1"])
     try:
-        ctx.load_cert_chain(config.in_data_dir(relay.tls_certificate), config.in_data_dir(relay.tls_private_key))
+        ctx.load_cert_chain(
+            config.in_data_dir(relay.tls_certificate), config.in_data_dir(relay.tls_private_key)
+        )
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(
-            config.path, f"cannot load the TLS certificate or key: {exc.strerror or exc}",
+            config.path,
+            f"cannot load the TLS certificate or key: {exc.strerror or exc}",
             key="relay.tls_certificate",
         ) from None
     return ctx

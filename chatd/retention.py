@@ -20,6 +20,7 @@ import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final
 
 import msgspec
@@ -42,7 +43,7 @@ class Job:
 
     name: str
     description: str
-    purge: Callable[[Any, int, int], int]
+    purge: Callable[..., int]  # (conn, *, now: int, limit: int) -> int
 
 
 class Report(msgspec.Struct, frozen=True):
@@ -57,13 +58,13 @@ class Report(msgspec.Struct, frozen=True):
     id: int | None = None
 
 
-def _purge_older_than(table: str, column: str, days: Callable[[], int]) -> Callable[[Any, int, int], int]:
+def _purge_older_than(table: str, column: str, days: Callable[[], int]) -> Callable[..., int]:
     sql = (
         f"DELETE FROM {table} WHERE rowid IN "  # noqa: S608 - identifiers are constants
         f"(SELECT rowid FROM {table} WHERE {column} < ? ORDER BY {column} LIMIT ?)"
     )
 
-    def purge(conn: Any, now: int, limit: int) -> int:
+    def purge(conn: Any, *, now: int, limit: int) -> int:
         cutoff = now - days() * DAY_MS
         return int(conn.execute(sql, (cutoff, limit)).rowcount)
 
@@ -100,10 +101,17 @@ def _vacuum(conn: Any) -> int:
 
 def _insert_report(conn: Any, report: Report) -> int:
     cur = conn.execute(
-        "INSERT INTO retention_runs (job, started_at, duration_ms, rows_purged, bytes_reclaimed, error)"
+        "INSERT INTO retention_runs"
+        " (job, started_at, duration_ms, rows_purged, bytes_reclaimed, error)"
         " VALUES (?, ?, ?, ?, ?, ?)",
-        (report.job, report.started_at, report.duration_ms, report.rows_purged,
-         report.bytes_reclaimed, report.error),
+        (
+            report.job,
+            report.started_at,
+            report.duration_ms,
+            report.rows_purged,
+            report.bytes_reclaimed,
+            report.error,
+        ),
     )
     return int(cur.lastrowid)
 
@@ -139,8 +147,7 @@ class Retention:
         limit = self.settings.batch_size
         try:
             for _ in range(self.settings.max_batches_per_run):
-                now = now_ms()
-                deleted = await self.store.write(lambda conn, now=now: job.purge(conn, now, limit))
+                deleted = await self.store.write(partial(job.purge, now=now_ms(), limit=limit))
                 rows += deleted
                 if deleted < limit:
                     break
@@ -162,8 +169,13 @@ class Retention:
         row_id = await self.store.write(lambda conn: _insert_report(conn, report))
         log.info(
             "retention.report",
-            extra=fields(job=job.name, rows_purged=rows, bytes_reclaimed=reclaimed,
-                         duration_ms=report.duration_ms, error=error),
+            extra=fields(
+                job=job.name,
+                rows_purged=rows,
+                bytes_reclaimed=reclaimed,
+                duration_ms=report.duration_ms,
+                error=error,
+            ),
         )
         return msgspec.structs.replace(report, id=row_id)
 
@@ -175,8 +187,15 @@ class Retention:
                 (before_id if before_id is not None else 2**63 - 1, limit),
             ).fetchall()
             return [
-                Report(id=r[0], job=r[1], started_at=r[2], duration_ms=r[3], rows_purged=r[4],
-                       bytes_reclaimed=r[5], error=r[6])
+                Report(
+                    id=r[0],
+                    job=r[1],
+                    started_at=r[2],
+                    duration_ms=r[3],
+                    rows_purged=r[4],
+                    bytes_reclaimed=r[5],
+                    error=r[6],
+                )
                 for r in rows
             ]
 

@@ -56,7 +56,9 @@ class Route:
 ROUTES: list[Route] = []
 
 
-def route(method: str, path: str, summary: str, *, response: type, **kw: Any) -> Callable[[Handler], Handler]:
+def route(
+    method: str, path: str, summary: str, *, response: type, **kw: Any
+) -> Callable[[Handler], Handler]:
     def register(handler: Handler) -> Handler:
         ROUTES.append(Route(method, path, summary, handler, response, **kw))
         return handler
@@ -93,8 +95,15 @@ class Health(msgspec.Struct):
     uptime_seconds: float
 
 
-@route("GET", "/v1/health", "Liveness and whether the store is writable", response=Health,
-       auth=False, audit=False, tag="health")
+@route(
+    "GET",
+    "/v1/health",
+    "Liveness and whether the store is writable",
+    response=Health,
+    auth=False,
+    audit=False,
+    tag="health",
+)
 async def health(ctx: AdminContext, query: None, body: None) -> Health:
     writable = ctx.store.writer_alive and await ctx.store.check_writable()
     return Health(
@@ -118,8 +127,15 @@ class RunsPage(msgspec.Struct):
     next_before_id: int | None
 
 
-@route("GET", "/v1/retention/runs", "Retention run reports, newest first", response=RunsPage,
-       query=RunsQuery, audit=False, tag="retention")
+@route(
+    "GET",
+    "/v1/retention/runs",
+    "Retention run reports, newest first",
+    response=RunsPage,
+    query=RunsQuery,
+    audit=False,
+    tag="retention",
+)
 async def list_retention_runs(ctx: AdminContext, query: RunsQuery, body: None) -> RunsPage:
     runs = await ctx.retention.list_reports(limit=query.limit, before_id=query.before_id)
     more = len(runs) == query.limit and runs[-1].id is not None
@@ -138,8 +154,14 @@ class UnknownJob(ValueError):
     pass
 
 
-@route("POST", "/v1/retention/run", "Run retention jobs now and return their reports",
-       response=RunResult, body=RunRequest, tag="retention")
+@route(
+    "POST",
+    "/v1/retention/run",
+    "Run retention jobs now and return their reports",
+    response=RunResult,
+    body=RunRequest,
+    tag="retention",
+)
 async def run_retention(ctx: AdminContext, query: None, body: RunRequest) -> RunResult:
     if body.jobs is not None:
         unknown = sorted(set(body.jobs) - set(ctx.retention.job_names))
@@ -170,8 +192,15 @@ class AuditPage(msgspec.Struct):
     next_before_id: int | None
 
 
-@route("GET", "/v1/admin-audit", "The admin API audit log, newest first", response=AuditPage,
-       query=AuditQuery, audit=False, tag="audit")
+@route(
+    "GET",
+    "/v1/admin-audit",
+    "The admin API audit log, newest first",
+    response=AuditPage,
+    query=AuditQuery,
+    audit=False,
+    tag="audit",
+)
 async def list_admin_audit(ctx: AdminContext, query: AuditQuery, body: None) -> AuditPage:
     def read(conn: Any) -> list[AuditEntry]:
         rows = conn.execute(

@@ -64,7 +64,10 @@ def openapi_document() -> dict[str, Any]:
                 "content": {"application/json": {"schema": ref_of[r.body]}},
             }
         responses: dict[str, Any] = {
-            "200": {"description": "Success.", "content": {"application/json": {"schema": ref_of[r.response]}}},
+            "200": {
+                "description": "Success.",
+                "content": {"application/json": {"schema": ref_of[r.response]}},
+            },
         }
         errors = dict(_COMMON_ERRORS)
         if r.auth:
@@ -91,7 +94,7 @@ def openapi_document() -> dict[str, Any]:
                 "Local administration API of chatd. It listens on a unix socket (mode 0600) "
                 "or a loopback address and is used by chatctl. Every route except health and "
                 "this document needs 'Authorization: Bearer <admin token>'. Every error has "
-                "the body {\"error\": {\"code\", \"message\"}}."
+                'the body {"error": {"code", "message"}}.'
             ),
         },
         "servers": [{"url": "http://localhost", "description": "over the admin unix socket"}],

@@ -7,11 +7,13 @@ import logging
 import os
 import socket
 import stat
+from functools import partial
 from pathlib import Path
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
+from quart_trio import QuartTrio
 
 from chatd.admin.api import AdminContext
 from chatd.admin.app import create_app
@@ -39,7 +41,9 @@ def _check_unix_socket_free(path: Path) -> None:
         return  # stale socket from an earlier run; hypercorn replaces it
     finally:
         probe.close()
-    raise ListenError(f"admin: socket {path} is in use by another process (is chatd already running?)")
+    raise ListenError(
+        f"admin: socket {path} is in use by another process (is chatd already running?)"
+    )
 
 
 async def serve_admin(
@@ -63,7 +67,8 @@ async def serve_admin(
         hc.umask = 0o177  # socket file mode 0600: only the chatd user (and root)
     else:
         tcp = config.admin_tcp
-        assert tcp is not None
+        if tcp is None:  # pragma: no cover - admin_unix_socket covers the other case
+            raise TypeError("admin.listen is neither unix: nor HOST:PORT")
         host = f"[{tcp[0]}]" if ":" in tcp[0] else tcp[0]
         hc.bind = [f"{host}:{tcp[1]}"]
     hc.accesslog = None
@@ -92,11 +97,11 @@ async def serve_admin(
 
 
 async def _start(
-    app: object, hc: HypercornConfig, stopping: trio.Event, task_status: trio.TaskStatus[str]
+    app: QuartTrio, hc: HypercornConfig, stopping: trio.Event, task_status: trio.TaskStatus[str]
 ) -> list[str]:
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(
-            lambda task_status: serve(app, hc, shutdown_trigger=stopping.wait, task_status=task_status)  # type: ignore[arg-type]
+            partial(serve, app, hc, shutdown_trigger=stopping.wait)
         )
         log.info("admin.listening", extra=fields(bind=binds[0]))
         task_status.started(binds[0])

@@ -111,7 +111,8 @@ class ServerConnection:
 
     def start(self) -> list[Action]:
         """The frames to send as soon as the WebSocket is open."""
-        assert self.state is State.NEW, "start() is called once"
+        if self.state is not State.NEW:
+            raise RuntimeError("start() is called once, before anything else")
         self.state = State.AWAITING_FIRST_FRAME
         hello = Hello(protocol=PROTOCOL_VERSION, server=self.server_name, limits=self.limits)
         return [Send(encode(hello))]

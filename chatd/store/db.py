@@ -34,9 +34,7 @@ def _looks_plaintext(path: Path) -> bool:
         return False
 
 
-def connect(
-    path: Path, key: bytes, *, busy_timeout_ms: int, readonly: bool = False
-) -> Connection:
+def connect(path: Path, key: bytes, *, busy_timeout_ms: int, readonly: bool = False) -> Connection:
     """Open and key one connection to ``path``, proving the key is right.
 
     Raises :class:`KeyMismatchError` when the key does not decrypt the file and
@@ -48,9 +46,7 @@ def connect(
     else:
         uri = f"file:{path}"
     try:
-        conn = sqlcipher3.connect(
-            uri, uri=True, isolation_level=None, check_same_thread=False
-        )
+        conn = sqlcipher3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
     except sqlcipher3.dbapi2.OperationalError as exc:
         raise StoreError(f"cannot open database {path}: {exc}") from None
     try:

@@ -162,8 +162,9 @@ class Store:
             self._readers.put(conn)
 
     def _writer_main(self) -> None:
-        assert self._writer_conn is not None
         conn = self._writer_conn
+        if conn is None:  # pragma: no cover - start() follows open_sync()
+            raise RuntimeError("open_sync() must run before the writer starts")
         limit = self._settings.max_batch_writes if self._settings.group_commit else 1
         stopping = False
         try:
@@ -214,9 +215,8 @@ class Store:
         self.stats.commits += 1
         self.stats.jobs += len(batch)
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
-        assert self._token is not None
         try:
-            self._token.run_sync_soon(_wake, batch)
+            self._token.run_sync_soon(_wake, batch)  # type: ignore[union-attr]  # set by start()
         except trio.RunFinishedError:  # pragma: no cover - loop gone; nobody to wake
             pass
 
