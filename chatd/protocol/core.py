@@ -34,6 +34,7 @@ import msgspec
 
 from chatd.protocol.frames import (
     PROTOCOL_VERSION,
+    Bye,
     ClientFrame,
     Error,
     Hello,
@@ -52,6 +53,7 @@ CLOSE_POLICY: Final = 1008  # timeouts, too many bad frames, slow consumer
 CLOSE_TOO_BIG: Final = 1009  # a message over max_frame_bytes
 CLOSE_INTERNAL_ERROR: Final = 1011  # a server bug; the client may reconnect
 
+REASON_BYE: Final = "bye"
 REASON_FIRST_FRAME_TIMEOUT: Final = "first frame timeout"
 REASON_IDLE_TIMEOUT: Final = "idle timeout"
 REASON_TOO_MANY_BAD_FRAMES: Final = "too many bad frames"
@@ -169,6 +171,8 @@ class ServerConnection:
     def _dispatch(self, frame: ClientFrame) -> list[Action]:
         if isinstance(frame, Ping):
             return [Send(encode(Pong(id=frame.id)))]
+        if isinstance(frame, Bye):
+            return self._close(CLOSE_NORMAL, REASON_BYE)
         return [frame]  # pragma: no cover - every frame type is handled above for now
 
     def _close(self, code: int, reason: str) -> list[Action]:

@@ -33,7 +33,12 @@ class Ping(Frame, tag="ping"):
     id: RequestId | None = None
 
 
-ClientFrame = Ping
+class Bye(Frame, tag="bye"):
+    """The client is leaving; the server closes with 1000."""
+
+
+#: Every frame a client may send. Decoding a union makes ``type`` mandatory.
+ClientFrame = Ping | Bye
 
 
 # -- server -> client ---------------------------------------------------------

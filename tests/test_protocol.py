@@ -1,0 +1,138 @@
+"""The sans-I/O protocol core: pure, synchronous tests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from chatd.protocol import core
+from chatd.protocol.frames import Limits
+
+LIMITS = Limits(max_frame_bytes=65_536, idle_timeout_seconds=60, send_queue_frames=8, max_bad_frames=3)
+
+
+def started() -> core.ServerConnection:
+    conn = core.ServerConnection(LIMITS, server_name="chatd")
+    conn.start()
+    return conn
+
+
+def frames(actions: list[core.Action]) -> list[dict[str, object]]:
+    return [json.loads(a.data) for a in actions if isinstance(a, core.Send)]
+
+
+def closes(actions: list[core.Action]) -> list[core.Close]:
+    return [a for a in actions if isinstance(a, core.Close)]
+
+
+def test_hello_comes_first_and_names_version_and_limits() -> None:
+    conn = core.ServerConnection(LIMITS, server_name="chatd")
+    [hello] = frames(conn.start())
+    assert hello == {
+        "type": "hello",
+        "protocol": 1,
+        "server": "chatd",
+        "limits": {
+            "max_frame_bytes": 65_536,
+            "idle_timeout_seconds": 60,
+            "send_queue_frames": 8,
+            "max_bad_frames": 3,
+        },
+    }
+    assert conn.state is core.State.AWAITING_FIRST_FRAME
+    with pytest.raises(RuntimeError):
+        conn.start()
+
+
+def test_ping_is_answered_with_pong_echoing_the_id() -> None:
+    conn = started()
+    assert frames(conn.receive_text('{"type":"ping","id":"abc"}')) == [{"type": "pong", "id": "abc"}]
+    assert frames(conn.receive_text(b'{"type":"ping"}')) == [{"type": "pong"}]
+    assert conn.state is core.State.OPEN
+
+
+@pytest.mark.parametrize(
+    ("text", "code", "field"),
+    [
+        ("not json", "bad_frame", None),
+        ("[1,2]", "bad_frame", None),
+        ('{"id":"x"}', "bad_frame", "$.type"),
+        ('{"type":"nope"}', "unknown_type", "$.type"),
+        ('{"type":"ping","id":7}', "bad_frame", "$.id"),
+        ('{"type":"ping","id":""}', "bad_frame", "$.id"),
+        ('{"type":"ping","id":"' + "x" * 65 + '"}', "bad_frame", "$.id"),
+        ('{"type":"ping","extra":1}', "bad_frame", None),
+    ],
+)
+def test_a_bad_frame_gets_an_error_naming_the_field_and_the_connection_stays(
+    text: str, code: str, field: str | None
+) -> None:
+    conn = started()
+    actions = conn.receive_text(text)
+    [error] = frames(actions)
+    assert error["type"] == "error"
+    assert error["code"] == code
+    assert error.get("field") == field
+    assert error["message"]
+    assert not closes(actions)
+    # The connection still works.
+    assert frames(conn.receive_text('{"type":"ping","id":"1"}')) == [{"type": "pong", "id": "1"}]
+
+
+def test_unknown_field_is_named_in_the_message() -> None:
+    [error] = frames(started().receive_text('{"type":"ping","extra":1}'))
+    assert "extra" in str(error["message"])
+
+
+def test_too_many_bad_frames_close_with_1008() -> None:
+    conn = started()
+    for _ in range(LIMITS.max_bad_frames - 1):
+        assert not closes(conn.receive_text("{"))
+    actions = conn.receive_text("{")
+    assert len(frames(actions)) == 1  # the last error is still sent, before the close
+    assert closes(actions) == [core.Close(1008, "too many bad frames")]
+    assert conn.receive_text('{"type":"ping"}') == []  # closed: input ignored
+
+
+def test_binary_message_closes_with_1003() -> None:
+    conn = started()
+    assert conn.receive_bytes(b"\x00\x01") == [core.Close(1003, "binary frames are not supported")]
+
+
+def test_invalid_utf8_closes_with_1007() -> None:
+    conn = started()
+    [close] = closes(conn.receive_text(b'{"type":"ping","id":"\xff"}'))
+    assert close.code == 1007
+
+
+def test_timeouts_and_shutdown_give_documented_closes() -> None:
+    conn = started()
+    assert conn.first_frame_timeout() == [core.Close(1008, "first frame timeout")]
+    conn = started()
+    conn.receive_text('{"type":"ping"}')
+    assert conn.first_frame_timeout() == []  # only before the first frame
+    assert conn.idle_timeout() == [core.Close(1008, "idle timeout")]
+    assert conn.idle_timeout() == []  # closed once
+    assert started().shutdown() == [core.Close(1001, "server shutting down")]
+    assert started().send_queue_full() == [core.Close(1008, "send queue full")]
+    assert started().internal_error() == [core.Close(1011, "internal error")]
+
+
+def test_core_imports_neither_trio_nor_sqlite() -> None:
+    code = (
+        "import sys, chatd.protocol.core, chatd.protocol.frames\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('trio', 'sqlite3', 'sqlcipher3', 'trio_websocket', 'chatd.store'))\n"
+        "bad += [m for m in sys.modules if m.startswith(('chatd.store', 'chatd.relay'))]\n"
+        "print(','.join(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_bye_closes_normally() -> None:
+    conn = started()
+    assert conn.receive_text('{"type":"bye"}') == [core.Close(1000, "bye")]

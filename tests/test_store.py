@@ -1,0 +1,278 @@
+"""The store: real SQLCipher files, group commit, key checks, migrations."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from chatd.config import StoreSettings
+from chatd.errors import KeyMismatchError, SchemaTooNewError, StoreClosedError, StoreError
+from chatd.store import Store, serve_store
+from chatd.store.db import PLAINTEXT_HEADER, connect, open_writer
+from chatd.store.migrations import MIGRATIONS, SCHEMA_VERSION, migrate, schema_version
+
+KEY = bytes(range(32))
+OTHER_KEY = bytes(range(1, 33))
+
+
+@asynccontextmanager
+async def open_store(path: Path, key: bytes = KEY, **settings: Any) -> AsyncIterator[Store]:
+    try:
+        async with trio.open_nursery() as nursery:
+            store = await nursery.start(serve_store, path, key, StoreSettings(**settings))
+            try:
+                yield store
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # Startup failures arrive wrapped by the nursery; tests check the error itself.
+        if len(group.exceptions) == 1 and isinstance(group.exceptions[0], StoreError):
+            raise group.exceptions[0] from None
+        raise
+
+
+def insert_audit(path: str, status: int = 200) -> Any:
+    def fn(conn: Any) -> int:
+        cur = conn.execute(
+            "INSERT INTO admin_audit (at, method, path, status) VALUES (1, 'GET', ?, ?)",
+            (path, status),
+        )
+        return int(cur.lastrowid)
+
+    return fn
+
+
+def count_audit(conn: Any) -> int:
+    return int(conn.execute("SELECT count(*) FROM admin_audit").fetchone()[0])
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+async def test_a_write_is_readable_after_it_returns(short_tmp: Path) -> None:
+    async with open_store(short_tmp / "c.db") as store:
+        row_id = await store.write(insert_audit("/x"))
+        assert row_id == 1
+        assert await store.read(count_audit) == 1
+
+
+async def test_concurrent_writes_share_commits(short_tmp: Path) -> None:
+    async with open_store(short_tmp / "c.db") as store:
+        async with trio.open_nursery() as nursery:
+            for i in range(200):
+                nursery.start_soon(store.write, insert_audit(f"/{i}"))
+        assert await store.read(count_audit) == 200
+        assert store.stats.jobs >= 200
+        assert store.stats.commits < store.stats.jobs  # grouped, not one commit each
+        assert store.stats.largest_batch > 1
+
+
+async def test_per_write_mode_commits_each_write_alone(short_tmp: Path) -> None:
+    async with open_store(short_tmp / "c.db", group_commit=False) as store:
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                nursery.start_soon(store.write, insert_audit(f"/{i}"))
+        assert store.stats.largest_batch == 1
+        assert await store.read(count_audit) == 20
+
+
+async def test_a_failing_write_rolls_back_alone(short_tmp: Path) -> None:
+    async with open_store(short_tmp / "c.db") as store:
+
+        def half_then_fail(conn: Any) -> None:
+            insert_audit("/doomed")(conn)
+            raise ValueError("boom")
+
+        results: list[Any] = []
+
+        async def attempt(fn: Any) -> None:
+            try:
+                results.append(await store.write(fn))
+            except ValueError as exc:
+                results.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(attempt, insert_audit("/a"))
+            nursery.start_soon(attempt, half_then_fail)
+            nursery.start_soon(attempt, insert_audit("/b"))
+        assert sum(isinstance(r, ValueError) for r in results) == 1
+        paths = await store.read(lambda c: sorted(r[0] for r in c.execute("SELECT path FROM admin_audit")))
+        assert paths == ["/a", "/b"]
+
+
+async def test_backpressure_bounds_pending_writes_without_losing_any(short_tmp: Path) -> None:
+    async with open_store(short_tmp / "c.db", max_pending_writes=2, max_batch_writes=3) as store:
+        async with trio.open_nursery() as nursery:
+            for i in range(50):
+                nursery.start_soon(store.write, insert_audit(f"/{i}"))
+        assert await store.read(count_audit) == 50
+        assert store.stats.largest_batch <= 2
+
+
+async def test_writes_after_shutdown_are_refused(short_tmp: Path) -> None:
+    async with open_store(short_tmp / "c.db") as store:
+        pass
+    with pytest.raises(StoreClosedError):
+        await store.write(insert_audit("/late"))
+
+
+async def test_shutdown_commits_what_was_queued(short_tmp: Path) -> None:
+    path = short_tmp / "c.db"
+    async with trio.open_nursery() as nursery:
+        store = await nursery.start(serve_store, path, KEY, StoreSettings())
+        done = 0
+
+        async def writer(i: int) -> None:
+            nonlocal done
+            await store.write(insert_audit(f"/{i}"))
+            done += 1
+
+        for i in range(100):
+            nursery.start_soon(writer, i)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    conn = connect(path, KEY, busy_timeout_ms=1000)
+    # Every write that was handed to the writer before shutdown is durable,
+    # including those whose callers were cancelled while waiting.
+    assert count_audit(conn) >= done
+    assert count_audit(conn) == 100
+    conn.close()
+
+
+async def test_pragmas_are_set(short_tmp: Path) -> None:
+    async with open_store(short_tmp / "c.db") as store:
+        pragmas = await store.write(
+            lambda c: {
+                name: c.execute(f"PRAGMA {name}").fetchone()[0]
+                for name in ("journal_mode", "synchronous", "foreign_keys", "secure_delete", "auto_vacuum")
+            }
+        )
+    assert pragmas == {
+        "journal_mode": "wal",
+        "synchronous": 2,  # FULL
+        "foreign_keys": 1,
+        "secure_delete": 1,
+        "auto_vacuum": 2,  # INCREMENTAL
+    }
+
+
+async def test_nothing_readable_in_the_database_files(short_tmp: Path) -> None:
+    marker = "MARKER-7f3a9c-plaintext-must-not-appear"
+    path = short_tmp / "c.db"
+    files = [path, Path(f"{path}-wal"), Path(f"{path}-shm")]
+
+    def check(existing_only: bool) -> int:
+        seen = 0
+        for f in files:
+            if existing_only and not f.exists():
+                continue
+            data = f.read_bytes()
+            seen += 1
+            assert marker.encode() not in data, f"{f.name} holds the marker in plaintext"
+            assert marker.encode("utf-16-le") not in data
+            assert PLAINTEXT_HEADER not in data, f"{f.name} has a plaintext SQLite header"
+        return seen
+
+    async with open_store(path) as store:
+        for _ in range(20):
+            await store.write(insert_audit(marker))
+        # While open: the database, its WAL and its shared-memory index.
+        assert check(existing_only=False) == 3
+    check(existing_only=True)
+    assert marker.encode() not in path.read_bytes()
+
+
+async def test_a_wrong_key_is_refused_and_the_file_left_untouched(short_tmp: Path) -> None:
+    path = short_tmp / "c.db"
+    async with open_store(path) as store:
+        await store.write(insert_audit("/x"))
+    before = digest(path)
+    mtime = path.stat().st_mtime_ns
+    listing = sorted(os.listdir(short_tmp))
+    with pytest.raises(KeyMismatchError) as info:
+        async with open_store(path, OTHER_KEY):
+            pass  # pragma: no cover - opening fails
+    assert str(info.value).startswith(f"the database key does not match {path}")
+    assert info.value.exit_code == 2
+    assert digest(path) == before
+    assert path.stat().st_mtime_ns == mtime
+    assert sorted(os.listdir(short_tmp)) == listing  # no -wal or -journal left behind
+    # The right key still opens it, with the data intact.
+    async with open_store(path) as store:
+        assert await store.read(count_audit) == 1
+
+
+async def test_a_plaintext_sqlite_file_is_refused(short_tmp: Path) -> None:
+    path = short_tmp / "plain.db"
+    plain = sqlite3.connect(path)
+    plain.execute("CREATE TABLE t (x)")
+    plain.commit()
+    plain.close()
+    before = digest(path)
+    with pytest.raises(StoreError, match="unencrypted SQLite"):
+        async with open_store(path):
+            pass  # pragma: no cover - opening fails
+    assert digest(path) == before
+
+
+def _sample_rows(conn: Any, version: int) -> dict[str, int]:
+    """Put one row in every table that exists at ``version``; return table -> count."""
+    rows = {}
+    if version >= 1:
+        conn.execute(
+            "INSERT INTO retention_runs (job, started_at, duration_ms, rows_purged, bytes_reclaimed)"
+            " VALUES ('j', 1, 2, 3, 4)"
+        )
+        rows["retention_runs"] = 1
+    if version >= 2:
+        conn.execute("INSERT INTO admin_audit (at, method, path, status) VALUES (1, 'GET', '/', 200)")
+        rows["admin_audit"] = 1
+    return rows
+
+
+@pytest.mark.parametrize("start", range(SCHEMA_VERSION))
+def test_upgrade_from_every_earlier_schema_version(short_tmp: Path, start: int) -> None:
+    path = short_tmp / "old.db"
+    conn = connect(path, KEY, busy_timeout_ms=1000)
+    conn.execute("PRAGMA journal_mode = WAL")
+    migrate(conn, target=start)
+    assert schema_version(conn) == start
+    rows = _sample_rows(conn, start)
+    conn.close()
+
+    conn = open_writer(path, KEY, busy_timeout_ms=1000)
+    assert schema_version(conn) == SCHEMA_VERSION
+    for table, count in rows.items():
+        assert conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == count  # noqa: S608
+    # The upgraded schema is the same as a fresh one.
+    fresh = open_writer(short_tmp / "fresh.db", KEY, busy_timeout_ms=1000)
+    schema = "SELECT type, name, sql FROM sqlite_master ORDER BY name"
+    assert conn.execute(schema).fetchall() == fresh.execute(schema).fetchall()
+    conn.close()
+    fresh.close()
+
+
+def test_every_migration_is_covered_by_the_sample_rows() -> None:
+    # A new migration must extend _sample_rows so upgrades are tested with data.
+    conn = sqlite3.connect(":memory:")
+    migrate(conn)
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert set(_sample_rows(conn, len(MIGRATIONS))) == tables
+
+
+def test_a_database_from_a_newer_chatd_is_refused(short_tmp: Path) -> None:
+    path = short_tmp / "new.db"
+    conn = open_writer(path, KEY, busy_timeout_ms=1000)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(SchemaTooNewError, match="upgrade chatd"):
+        open_writer(path, KEY, busy_timeout_ms=1000)
