@@ -124,6 +124,7 @@ class Retention:
         self.settings = settings
         self.jobs = list(jobs)
         self._lock = trio.Lock()
+        self._run_done = trio.Event()
         self.runs_completed = 0
 
     @property
@@ -136,7 +137,14 @@ class Retention:
         async with self._lock:
             reports = [await self._run_job(job) for job in selected]
         self.runs_completed += 1
+        self._run_done.set()
+        self._run_done = trio.Event()
         return reports
+
+    async def wait_runs_completed(self, count: int) -> None:
+        """Wait until at least ``count`` runs have completed since start."""
+        while self.runs_completed < count:
+            await self._run_done.wait()
 
     async def _run_job(self, job: Job) -> Report:
         started = now_ms()
