@@ -30,16 +30,18 @@ from __future__ import annotations
 import errno
 import logging
 import ssl
+from functools import partial
 from typing import Any, Final
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketRequest, WebSocketServer
+from trio_websocket import ConnectionClosed, WebSocketRequest
 
 from chatd.config import Config, RelaySettings
 from chatd.errors import ConfigError, ListenError
 from chatd.log import fields, mask_ip
 from chatd.protocol import core
 from chatd.protocol.frames import Limits
+from chatd.wsserver import StreamCounter, serve_websockets
 
 log = logging.getLogger("chatd.relay")
 
@@ -79,6 +81,7 @@ class Relay:
         self.stopping = False
         self.connections_served = 0
         self.port = 0  # the bound port, set by serve_relay
+        self.streams = StreamCounter()  # TCP streams, handshaking or open
 
     # -- handshake --------------------------------------------------------------
 
@@ -103,7 +106,7 @@ class Relay:
         if self.stopping:
             await request.reject(503, body=b"server shutting down\n")
             return
-        if len(self.clients) >= self.settings.max_connections:
+        if self.streams.open > self.settings.max_connections:
             log.warning("relay.full", extra=fields(limit=self.settings.max_connections))
             await request.reject(503, body=b"too many connections\n")
             return
@@ -210,26 +213,22 @@ class Relay:
             )
 
     async def _hang_up(self, client: _Client) -> None:
-        """Send our Close (if any), wait briefly for the reply, then drop the TCP stream."""
+        """Send our Close (if any) and wait briefly for the peer's reply.
+
+        The stream itself is closed by serve_websockets when the handler
+        returns, even if the peer never answers.
+        """
         close = client.closing
-        try:
-            with trio.move_on_after(CLOSE_TIMEOUT):
-                if close is not None:
-                    if close.code != core.CLOSE_GOING_AWAY:
-                        log.info(
-                            "relay.close",
-                            extra=fields(
-                                peer=mask_ip(client.peer), code=close.code, reason=close.reason
-                            ),
-                        )
-                    await client.ws.aclose(close.code, close.reason)
-                else:
-                    await client.ws.aclose()
-        finally:
-            # trio-websocket waits forever for a peer that never completes the
-            # close handshake or stalls mid-frame; closing the stream ends its
-            # reader task. The attribute is private but stable across 0.x.
-            await trio.aclose_forcefully(client.ws._stream)
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            if close is None:
+                await client.ws.aclose()
+                return
+            if close.code != core.CLOSE_GOING_AWAY:
+                log.info(
+                    "relay.close",
+                    extra=fields(peer=mask_ip(client.peer), code=close.code, reason=close.reason),
+                )
+            await client.ws.aclose(close.code, close.reason)
 
     def begin_shutdown(self) -> None:
         """Ask every connection to close with 1001 after its current frame."""
@@ -310,18 +309,19 @@ async def serve_relay(
     relay = Relay(s)
     relay.port = listener_port(listeners[0])
     async with trio.open_nursery() as handlers:
-        server = WebSocketServer(
-            relay.handle,
-            listeners,
-            handler_nursery=handlers,
-            message_queue_size=1,
-            max_message_size=s.max_frame_bytes,
-            receive_buffer_size=RECEIVE_BUFFER,
-            connect_timeout=s.handshake_timeout_seconds,
-            disconnect_timeout=CLOSE_TIMEOUT,
-        )
         async with trio.open_nursery() as accepting:
-            await accepting.start(server.run)
+            await accepting.start(
+                partial(
+                    serve_websockets,
+                    relay.handle,
+                    listeners,
+                    handler_nursery=handlers,
+                    counter=relay.streams,
+                    handshake_timeout=s.handshake_timeout_seconds,
+                    max_message_size=s.max_frame_bytes,
+                    receive_buffer_size=RECEIVE_BUFFER,
+                )
+            )
             log.info(
                 "relay.listening",
                 extra=fields(host=s.host, port=relay.port, tls=config.relay_tls),

@@ -1,0 +1,134 @@
+"""A WebSocket server loop on trio-websocket that always says goodbye properly.
+
+trio-websocket's own ``WebSocketServer`` has gaps a public server cannot
+have, each covered by a test in ``tests/test_relay.py``:
+
+* wsproto reports a framing error (unmasked frame, reserved opcode, bad
+  UTF-8, ...) as a ``CloseConnection`` *event* without changing state, and
+  trio-websocket then drops the TCP connection without a Close frame.
+  :class:`RelayWebSocket` sends the Close frame with wsproto's code.
+* Closing right after our Close frame while the peer is still sending makes
+  the kernel answer with RST, which can destroy the Close frame in flight.
+  :func:`linger_close` half-closes, drains (bounded in time and bytes), then
+  closes.
+* A rejected handshake (404/403/503) and a connection whose reader is stuck
+  mid-frame are never hung up by trio-websocket. :func:`serve_websockets`
+  owns every stream and always closes it when the handler returns.
+* Connections are counted from TCP accept, before the handshake, so a burst
+  of concurrent handshakes cannot exceed the connection limit.
+
+It relies on two private trio-websocket methods (``_reader_task``,
+``_get_request``) exactly as ``WebSocketServer`` itself uses them; the
+dependency is pinned below 0.13 in pyproject.toml for that reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final
+
+import trio
+from trio_websocket import WebSocketConnection, WebSocketRequest
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import CloseConnection
+
+LINGER_SECONDS: Final = 2.0  # how long a closing connection may drain the peer's data
+LINGER_MAX_BYTES: Final = 65_536  # how much of it we read and discard, at most
+MAX_CLOSE_REASON: Final = 120  # bytes; a Close frame's reason is limited to 123
+
+
+async def linger_close(stream: trio.abc.Stream) -> None:
+    """Half-close, discard what the peer still sends for a moment, then close."""
+    try:
+        if isinstance(stream, trio.abc.HalfCloseableStream):
+            with trio.move_on_after(LINGER_SECONDS):
+                await stream.send_eof()
+                drained = 0
+                while drained < LINGER_MAX_BYTES:
+                    data = await stream.receive_some(4_096)
+                    if not data:
+                        break
+                    drained += len(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+        pass  # already gone, or another task holds it: just close
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+class RelayWebSocket(WebSocketConnection):
+    """trio-websocket's connection, answering framing errors with a Close frame."""
+
+    async def _handle_close_connection_event(self, event: CloseConnection) -> None:
+        if self._wsproto.state == ConnectionState.OPEN:
+            # Not the peer's Close (that moves wsproto to REMOTE_CLOSING) but a
+            # parse failure: tell the peer why before hanging up.
+            reason = (event.reason or "").encode()[:MAX_CLOSE_REASON].decode(errors="ignore")
+            try:
+                await self._send(CloseConnection(code=event.code, reason=reason))
+            except Exception:  # noqa: S110 - the peer may be gone already; we hang up anyway
+                pass
+        await super()._handle_close_connection_event(event)
+
+    async def _close_stream(self) -> None:
+        self._reader_running = False
+        await linger_close(self._stream)
+
+
+class StreamCounter:
+    """Open TCP streams, counted from accept to close."""
+
+    def __init__(self) -> None:
+        self.open = 0
+
+
+async def serve_websockets(
+    handler: Callable[[WebSocketRequest], Awaitable[None]],
+    listeners: Sequence[trio.abc.Listener[Any]],
+    *,
+    handler_nursery: trio.Nursery,
+    counter: StreamCounter,
+    handshake_timeout: float,
+    max_message_size: int,
+    receive_buffer_size: int,
+    task_status: trio.TaskStatus[list[trio.abc.Listener[Any]]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept on ``listeners`` until cancelled; run ``handler`` per handshake.
+
+    Connections run in ``handler_nursery`` and outlive the cancellation of
+    this function, so a caller can stop accepting yet let connections drain.
+    The handler must not raise. Whatever it does, the stream is closed when it
+    returns, and a client that does not finish its handshake within
+    ``handshake_timeout`` is dropped.
+    """
+
+    async def handle_stream(stream: trio.abc.Stream) -> None:
+        counter.open += 1
+        request_ready = False
+        try:
+            ws = RelayWebSocket(
+                stream,
+                WSConnection(ConnectionType.SERVER),
+                message_queue_size=1,
+                max_message_size=max_message_size,
+                receive_buffer_size=receive_buffer_size,
+            )
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ws._reader_task)
+                try:
+                    with trio.move_on_after(handshake_timeout):
+                        request = await ws._get_request()
+                        # The handler runs its own timers from here on.
+                        request_ready = True
+                    if request_ready:
+                        await handler(request)
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            counter.open -= 1
+            # Under cancellation this degrades to an immediate close.
+            await linger_close(stream)
+
+    await trio.serve_listeners(
+        handle_stream, list(listeners), handler_nursery=handler_nursery, task_status=task_status
+    )

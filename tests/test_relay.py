@@ -1,0 +1,377 @@
+"""The relay over real loopback sockets: lifecycle, limits, close codes.
+
+Timeouts are set small here and every test waits on what the client sees (a
+frame, a Close, end-of-stream), never on a sleep.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import ssl
+import struct
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
+
+from chatd.config import Config, RelaySettings
+from chatd.errors import ListenError
+from chatd.protocol import core
+from chatd.relay import Relay, _Client, serve_relay
+
+FAST = {
+    "handshake_timeout_seconds": 0.5,
+    "idle_timeout_seconds": 0.5,
+    "max_frame_bytes": 2048,
+    "max_bad_frames": 3,
+}
+
+
+@asynccontextmanager
+async def relay_running(**settings: Any) -> AsyncIterator[tuple[Relay, trio.Event]]:
+    relay_settings = RelaySettings(**{"port": 0, **FAST, **settings})
+    config = Config(relay=relay_settings, path=Path(settings.pop("config_path", "/tmp/x.toml")))
+    stopping = trio.Event()
+    try:
+        async with trio.open_nursery() as nursery:
+            relay = await nursery.start(serve_relay, config, stopping)
+            yield relay, stopping
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1 and isinstance(group.exceptions[0], ListenError):
+            raise group.exceptions[0] from None
+        raise
+
+
+def url(relay: Relay, path: str = "/v1/ws") -> str:
+    return f"ws://127.0.0.1:{relay.port}{path}"
+
+
+async def hello_of(ws: Any) -> dict[str, Any]:
+    hello = json.loads(await ws.get_message())
+    assert hello["type"] == "hello"
+    return hello  # type: ignore[no-any-return]
+
+
+async def closed_with(ws: Any) -> tuple[int, str | None]:
+    """Read until the server closes; return its close code and reason."""
+    with trio.fail_after(10):
+        while True:
+            try:
+                await ws.get_message()
+            except ConnectionClosed as exc:
+                return exc.reason.code, exc.reason.reason
+
+
+# -- a raw client for what a well-behaved library would never send ------------
+
+
+def ws_frame(opcode: int, payload: bytes, *, fin: bool = True, mask: bool = True, rsv: int = 0,
+             declared: int | None = None) -> bytes:
+    first = (0x80 if fin else 0) | (rsv << 4) | opcode
+    length = len(payload) if declared is None else declared
+    mask_bit = 0x80 if mask else 0
+    if length < 126:
+        header = bytes([first, mask_bit | length])
+    elif length < 65_536:
+        header = bytes([first, mask_bit | 126]) + struct.pack("!H", length)
+    else:
+        header = bytes([first, mask_bit | 127]) + struct.pack("!Q", length)
+    if not mask:
+        return header + payload
+    key = os.urandom(4)
+    return header + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+class RawClient:
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.events: list[Any] = []
+
+    @classmethod
+    async def connect(cls, relay: Relay) -> RawClient:
+        client = cls(await trio.open_tcp_stream("127.0.0.1", relay.port))
+        await client.stream.send_all(client.ws.send(Request(host="127.0.0.1", target="/v1/ws")))
+        assert isinstance(await client.next_event(), AcceptConnection)
+        hello = await client.next_event()
+        assert isinstance(hello, TextMessage) and '"hello"' in hello.data
+        return client
+
+    async def next_event(self) -> Any:
+        """The next event from the server; None at end-of-stream."""
+        with trio.fail_after(10):
+            while not self.events:
+                data = await self.stream.receive_some(65_536)
+                if not data:
+                    return None
+                self.ws.receive_data(data)
+                self.events.extend(self.ws.events())
+            return self.events.pop(0)
+
+    async def close_event(self) -> CloseConnection | None:
+        """Read until a Close frame (returned) or a bare hang-up (None)."""
+        while True:
+            event = await self.next_event()
+            if event is None or isinstance(event, CloseConnection):
+                return event
+
+    async def wait_eof(self) -> None:
+        with trio.fail_after(10):
+            while await self.stream.receive_some(65_536):
+                pass
+
+
+# -- the tests -------------------------------------------------------------------------
+
+
+async def test_hello_then_ping_pong() -> None:
+    async with relay_running() as (relay, _), open_websocket_url(url(relay)) as ws:
+        hello = await hello_of(ws)
+        assert hello["protocol"] == 1
+        assert hello["limits"] == {
+            "max_frame_bytes": 2048,
+            "idle_timeout_seconds": 0.5,
+            "send_queue_frames": 256,
+            "max_bad_frames": 3,
+        }
+        await ws.send_message('{"type":"ping","id":"p1"}')
+        assert json.loads(await ws.get_message()) == {"type": "pong", "id": "p1"}
+        await ws.send_message('{"type":"bye"}')
+        assert await closed_with(ws) == (1000, "bye")
+
+
+async def test_other_paths_are_refused_with_404() -> None:
+    async with relay_running() as (relay, _):
+        with pytest.raises(ConnectionRejected) as info:
+            async with open_websocket_url(url(relay, "/ws")):
+                pass  # pragma: no cover - rejected
+        assert info.value.status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("origin", "accepted"),
+    [(None, True), ("https://chat.example.org", True), ("https://evil.example", False),
+     ("null", False)],
+)
+async def test_origin_is_checked_when_present(origin: str | None, accepted: bool) -> None:
+    headers = [(b"Origin", origin.encode())] if origin else []
+    async with relay_running(allowed_origins=("https://chat.example.org",)) as (relay, _):
+        if accepted:
+            async with open_websocket_url(url(relay), extra_headers=headers) as ws:
+                await hello_of(ws)
+        else:
+            with pytest.raises(ConnectionRejected) as info:
+                async with open_websocket_url(url(relay), extra_headers=headers):
+                    pass  # pragma: no cover - rejected
+            assert info.value.status_code == 403
+        assert not relay.clients or accepted
+
+
+async def test_an_oversize_message_closes_with_1009() -> None:
+    async with relay_running() as (relay, _), open_websocket_url(url(relay)) as ws:
+        await hello_of(ws)
+        await ws.send_message('{"type":"ping","id":"' + "x" * 3000 + '"}')
+        code, _ = await closed_with(ws)
+        assert code == 1009
+
+
+async def test_the_frame_limit_counts_utf8_bytes_not_characters() -> None:
+    async with relay_running() as (relay, _), open_websocket_url(url(relay)) as ws:
+        await hello_of(ws)
+        # 1,000 characters but 4,000 bytes: over the 2,048-byte limit.
+        await ws.send_message('{"type":"ping","id":"' + "\U0001f600" * 1000 + '"}')
+        assert await closed_with(ws) == (1009, "message too big")
+
+
+async def test_a_binary_message_closes_with_1003() -> None:
+    async with relay_running() as (relay, _), open_websocket_url(url(relay)) as ws:
+        await hello_of(ws)
+        await ws.send_message(b'{"type":"ping"}')
+        assert await closed_with(ws) == (1003, "binary frames are not supported")
+
+
+async def test_bad_frames_get_errors_then_1008() -> None:
+    async with relay_running() as (relay, _), open_websocket_url(url(relay)) as ws:
+        await hello_of(ws)
+        for _ in range(3):
+            await ws.send_message('{"type":"ping","id":5}')
+        errors = [json.loads(await ws.get_message()) for _ in range(3)]
+        assert all(e["type"] == "error" and e["field"] == "$.id" for e in errors)
+        assert await closed_with(ws) == (1008, "too many bad frames")
+
+
+async def test_a_silent_client_is_closed_after_the_first_frame_timeout() -> None:
+    async with relay_running() as (relay, _), open_websocket_url(url(relay)) as ws:
+        await hello_of(ws)
+        assert await closed_with(ws) == (1008, "first frame timeout")
+
+
+async def test_an_idle_client_is_closed_after_the_idle_timeout() -> None:
+    async with relay_running() as (relay, _), open_websocket_url(url(relay)) as ws:
+        await hello_of(ws)
+        await ws.send_message('{"type":"ping"}')
+        await ws.get_message()
+        assert await closed_with(ws) == (1008, "idle timeout")
+
+
+async def test_a_half_sent_frame_times_out_with_a_close_frame_and_a_hang_up() -> None:
+    async with relay_running() as (relay, _):
+        client = await RawClient.connect(relay)
+        await client.stream.send_all(ws_frame(0x1, b'{"type":"pi', declared=100))
+        close = await client.close_event()
+        assert close is not None and (close.code, close.reason) == (1008, "first frame timeout")
+        await client.wait_eof()  # the server hangs up even though we never answer the Close
+        with trio.fail_after(5):
+            while relay.clients:
+                await trio.sleep(0)  # yield until the handler's cleanup ran
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (ws_frame(0x1, b'{"type":"ping"}', mask=False), 1002),  # client frames must be masked
+        (ws_frame(0x3, b"x"), 1002),  # reserved opcode
+        (ws_frame(0x1, b'{"type":"ping"}', rsv=4), 1002),  # RSV1 without an extension
+        (ws_frame(0x9, b"x" * 126), 1002),  # control frame over 125 bytes
+        (ws_frame(0x0, b"orphan"), 1002),  # continuation with nothing to continue
+        (ws_frame(0x1, b'{"type":"ping","id":"\xff"}'), 1007),  # invalid UTF-8
+        (ws_frame(0x1, b"x" * 70_000), 1009),  # one frame over max_frame_bytes
+    ],
+    ids=["unmasked", "reserved-opcode", "rsv-bit", "long-control", "orphan-continuation",
+         "invalid-utf8", "huge-frame"],
+)
+async def test_protocol_errors_get_a_real_close_frame(frame: bytes, code: int) -> None:
+    async with relay_running() as (relay, _):
+        client = await RawClient.connect(relay)
+        await client.stream.send_all(frame)
+        close = await client.close_event()
+        assert close is not None, "the server hung up without a Close frame"
+        assert close.code == code
+        await client.wait_eof()
+
+
+async def test_a_peer_that_never_answers_our_close_is_hung_up_on() -> None:
+    async with relay_running() as (relay, _):
+        client = await RawClient.connect(relay)
+        await client.stream.send_all(ws_frame(0x1, b'{"type":"bye"}'))
+        close = await client.close_event()
+        assert close is not None and close.code == 1000
+        await client.wait_eof()
+
+
+async def test_shutdown_closes_connections_with_1001_and_refuses_new_ones() -> None:
+    async with relay_running() as (relay, stopping):
+        async with open_websocket_url(url(relay)) as ws:
+            await hello_of(ws)
+            await ws.send_message('{"type":"ping"}')
+            await ws.get_message()
+            stopping.set()
+            assert await closed_with(ws) == (1001, "server shutting down")
+        with pytest.raises(OSError):
+            await trio.open_tcp_stream("127.0.0.1", relay.port)
+
+
+async def test_connections_over_the_limit_are_refused_with_503() -> None:
+    async with relay_running(max_connections=1) as (relay, _), open_websocket_url(url(relay)) as ws:
+        await hello_of(ws)
+        with pytest.raises(ConnectionRejected) as info:
+            async with open_websocket_url(url(relay)):
+                pass  # pragma: no cover - rejected
+        assert info.value.status_code == 503
+
+
+def test_a_full_send_queue_closes_with_1008() -> None:
+    relay = Relay(RelaySettings(send_queue_frames=2))
+    proto = core.ServerConnection(relay.limits, server_name="chatd")
+    client = _Client(None, proto, "127.0.0.1", 2)
+    assert relay._perform(client, proto.start())
+    assert relay._perform(client, [core.Send(b"{}")])
+    assert not relay._perform(client, [core.Send(b"{}")])
+    assert client.closing == core.Close(1008, "send queue full")
+
+
+async def test_a_port_in_use_is_a_clear_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ListenError, match=f"127.0.0.1:{port} is already in use") as info:
+            async with relay_running(port=port):
+                pass  # pragma: no cover - cannot bind
+        assert info.value.exit_code == 5
+
+
+# -- TLS -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    try:
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+             "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1",
+             "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
+            check=True, capture_output=True,
+        )
+    except (FileNotFoundError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"openssl cannot make a test certificate: {exc}")
+    return cert, key
+
+
+def client_context(cert: Path, **options: Any) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(cert))
+    for name, value in options.items():
+        if name == "curve":
+            ctx.set_ecdh_curve(value)
+        else:
+            setattr(ctx, name, value)
+    return ctx
+
+
+async def test_tls_1_3_with_x25519_is_served(certificate: tuple[Path, Path]) -> None:
+    cert, key = certificate
+    async with relay_running(tls_certificate=str(cert), tls_private_key=str(key)) as (relay, _):
+        ctx = client_context(cert)
+        async with open_websocket_url(f"wss://127.0.0.1:{relay.port}/v1/ws", ssl_context=ctx) as ws:
+            await hello_of(ws)
+        ctx.set_alpn_protocols(["http/1.1"])
+        tcp = await trio.open_tcp_stream("127.0.0.1", relay.port)
+        tls = trio.SSLStream(tcp, ctx, server_hostname="127.0.0.1")
+        await tls.do_handshake()
+        assert tls.version() == "TLSv1.3"
+        assert tls.selected_alpn_protocol() == "http/1.1"
+        await trio.aclose_forcefully(tls)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"maximum_version": ssl.TLSVersion.TLSv1_2}, {"curve": "prime256v1"}],
+    ids=["tls1.2", "p256-only"],
+)
+async def test_tls_below_1_3_or_without_x25519_is_refused(
+    certificate: tuple[Path, Path], options: dict[str, Any]
+) -> None:
+    cert, key = certificate
+    async with relay_running(tls_certificate=str(cert), tls_private_key=str(key)) as (relay, _):
+        ctx = client_context(cert, **options)
+        tcp = await trio.open_tcp_stream("127.0.0.1", relay.port)
+        tls = trio.SSLStream(tcp, ctx, server_hostname="127.0.0.1")
+        with trio.fail_after(10), pytest.raises(trio.BrokenResourceError):
+            await tls.do_handshake()
+        await trio.aclose_forcefully(tls)
+
+
+def test_eaddrinuse_constant_is_what_linux_uses() -> None:
+    assert errno.EADDRINUSE == 98
