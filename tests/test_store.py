@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from chatd.config import StoreSettings
 from chatd.errors import KeyMismatchError, SchemaTooNewError, StoreClosedError, StoreError
@@ -276,3 +278,26 @@ def test_a_database_from_a_newer_chatd_is_refused(short_tmp: Path) -> None:
     conn.close()
     with pytest.raises(SchemaTooNewError, match="upgrade chatd"):
         open_writer(path, KEY, busy_timeout_ms=1000)
+
+
+async def test_cancelled_callers_do_not_free_queue_slots_early(short_tmp: Path) -> None:
+    release = threading.Event()
+
+    def blocker(conn: Any) -> None:
+        release.wait(10)  # holds the writer busy, so queued jobs pile up
+
+    async with open_store(short_tmp / "c.db", max_pending_writes=3) as store:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.write, blocker)
+            async with trio.open_nursery() as waiters:
+                for i in range(10):
+                    waiters.start_soon(store.write, insert_audit(f"/{i}"))
+                await trio.testing.wait_all_tasks_blocked()
+                waiters.cancel_scope.cancel()  # every waiter gives up
+            # Their slots stay taken until their jobs complete, so the bound
+            # holds: the blocker plus two queued jobs at most.
+            assert store._pending.value == 0
+            release.set()
+        await store.write(lambda conn: None)  # FIFO: everything queued before is done
+        assert await store.read(count_audit) == 2
+        assert store._pending.value == 3

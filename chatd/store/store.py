@@ -12,8 +12,10 @@ all at once, with one ``run_sync_soon`` back into Trio. So a caller's ``await
 store.write(fn)`` returning means its change is durable, and N concurrent
 writers cost one fsync instead of N.
 
-Bounds: at most ``store.max_pending_writes`` jobs wait at once; further
-callers wait on a semaphore (backpressure) instead of growing memory.
+Bounds: at most ``store.max_pending_writes`` jobs are queued or running at
+once; further callers wait on a semaphore (backpressure) instead of growing
+memory. A slot is freed when its job completes, even if its caller was
+cancelled meanwhile.
 
 Reads run in worker threads (``store.read_threads``), each with its own keyed
 read-only connection; WAL lets them proceed while the writer commits.
@@ -125,10 +127,12 @@ class Store:
         """
         if self._closed or self._thread is None:
             raise StoreClosedError("the store is shut down; the write was not made")
-        async with self._pending:
-            job: _Job[T] = _Job(fn)
-            self._queue.put(job)
-            await job.done.wait()
+        # The slot is given back when the job completes, not when this caller
+        # stops waiting, so cancelled callers cannot push the queue past its bound.
+        await self._pending.acquire()
+        job: _Job[T] = _Job(fn)
+        self._queue.put(job)
+        await job.done.wait()
         if job.error is not None:
             raise job.error
         return job.result  # type: ignore[return-value]  # set when error is None
@@ -148,6 +152,12 @@ class Store:
         return True
 
     # -- threads ------------------------------------------------------------
+
+    def _complete(self, batch: list[_Job[Any]]) -> None:
+        """In the Trio thread: wake the batch's callers and free their slots."""
+        for job in batch:
+            job.done.set()
+            self._pending.release()
 
     def _read_in_thread(self, fn: Callable[[Connection], T]) -> T:
         try:
@@ -216,14 +226,11 @@ class Store:
         self.stats.jobs += len(batch)
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
         try:
-            self._token.run_sync_soon(_wake, batch)  # type: ignore[union-attr]  # set by start()
+            self._token.run_sync_soon(self._complete, batch)  # type: ignore[union-attr]  # set by start()
         except trio.RunFinishedError:  # pragma: no cover - loop gone; nobody to wake
             pass
 
 
-def _wake(batch: list[_Job[Any]]) -> None:
-    for job in batch:
-        job.done.set()
 
 
 def now_ms() -> int:
