@@ -281,14 +281,16 @@ def test_a_database_from_a_newer_chatd_is_refused(short_tmp: Path) -> None:
 
 
 async def test_cancelled_callers_do_not_free_queue_slots_early(short_tmp: Path) -> None:
-    release = threading.Event()
+    running, release = threading.Event(), threading.Event()
 
     def blocker(conn: Any) -> None:
+        running.set()
         release.wait(10)  # holds the writer busy, so queued jobs pile up
 
     async with open_store(short_tmp / "c.db", max_pending_writes=3) as store:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(store.write, blocker)
+            await trio.to_thread.run_sync(running.wait)
             async with trio.open_nursery() as waiters:
                 for i in range(10):
                     waiters.start_soon(store.write, insert_audit(f"/{i}"))
