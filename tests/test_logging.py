@@ -49,8 +49,13 @@ def test_masking_can_be_turned_off() -> None:
 def test_logfmt_lines_carry_fields_and_redact_secret_names(captured: io.StringIO) -> None:
     logging.getLogger("chatd.test").info(
         "event.name",
-        extra=fields(peer=mask_ip("203.0.113.5"), admin_token="s3cr3t-value", db_key="k" * 64,
-                     password="hunter2hunter2", note="two words"),
+        extra=fields(
+            peer=mask_ip("203.0.113.5"),
+            admin_token="s3cr3t-value",
+            db_key="k" * 64,
+            password="hunter2hunter2",
+            note="two words",
+        ),
     )
     line = captured.getvalue().strip()
     assert "msg=event.name" in line

@@ -11,7 +11,9 @@ import pytest
 from chatd.protocol import core
 from chatd.protocol.frames import Limits
 
-LIMITS = Limits(max_frame_bytes=65_536, idle_timeout_seconds=60, send_queue_frames=8, max_bad_frames=3)
+LIMITS = Limits(
+    max_frame_bytes=65_536, idle_timeout_seconds=60, send_queue_frames=8, max_bad_frames=3
+)
 
 
 def started() -> core.ServerConnection:
@@ -49,7 +51,9 @@ def test_hello_comes_first_and_names_version_and_limits() -> None:
 
 def test_ping_is_answered_with_pong_echoing_the_id() -> None:
     conn = started()
-    assert frames(conn.receive_text('{"type":"ping","id":"abc"}')) == [{"type": "pong", "id": "abc"}]
+    assert frames(conn.receive_text('{"type":"ping","id":"abc"}')) == [
+        {"type": "pong", "id": "abc"}
+    ]
     assert frames(conn.receive_text(b'{"type":"ping"}')) == [{"type": "pong"}]
     assert conn.state is core.State.OPEN
 

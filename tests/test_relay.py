@@ -76,8 +76,15 @@ async def closed_with(ws: Any) -> tuple[int, str | None]:
 # -- a raw client for what a well-behaved library would never send ------------
 
 
-def ws_frame(opcode: int, payload: bytes, *, fin: bool = True, mask: bool = True, rsv: int = 0,
-             declared: int | None = None) -> bytes:
+def ws_frame(
+    opcode: int,
+    payload: bytes,
+    *,
+    fin: bool = True,
+    mask: bool = True,
+    rsv: int = 0,
+    declared: int | None = None,
+) -> bytes:
     first = (0x80 if fin else 0) | (rsv << 4) | opcode
     length = len(payload) if declared is None else declared
     mask_bit = 0x80 if mask else 0
@@ -161,8 +168,12 @@ async def test_other_paths_are_refused_with_404() -> None:
 
 @pytest.mark.parametrize(
     ("origin", "accepted"),
-    [(None, True), ("https://chat.example.org", True), ("https://evil.example", False),
-     ("null", False)],
+    [
+        (None, True),
+        ("https://chat.example.org", True),
+        ("https://evil.example", False),
+        ("null", False),
+    ],
 )
 async def test_origin_is_checked_when_present(origin: str | None, accepted: bool) -> None:
     headers = [(b"Origin", origin.encode())] if origin else []
@@ -248,8 +259,15 @@ async def test_a_half_sent_frame_times_out_with_a_close_frame_and_a_hang_up() ->
         (ws_frame(0x1, b'{"type":"ping","id":"\xff"}'), 1007),  # invalid UTF-8
         (ws_frame(0x1, b"x" * 70_000), 1009),  # one frame over max_frame_bytes
     ],
-    ids=["unmasked", "reserved-opcode", "rsv-bit", "long-control", "orphan-continuation",
-         "invalid-utf8", "huge-frame"],
+    ids=[
+        "unmasked",
+        "reserved-opcode",
+        "rsv-bit",
+        "long-control",
+        "orphan-continuation",
+        "invalid-utf8",
+        "huge-frame",
+    ],
 )
 async def test_protocol_errors_get_a_real_close_frame(frame: bytes, code: int) -> None:
     async with relay_running() as (relay, _):
@@ -320,10 +338,28 @@ def certificate(tmp_path: Path) -> tuple[Path, Path]:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     try:
         subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-             "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1",
-             "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
-            check=True, capture_output=True,
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                str(key),
+                "-out",
+                str(cert),
+                "-days",
+                "1",
+                "-subj",
+                "/CN=localhost",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ],
+            check=True,
+            capture_output=True,
         )
     except (FileNotFoundError, subprocess.CalledProcessError) as exc:
         pytest.skip(f"openssl cannot make a test certificate: {exc}")

@@ -54,7 +54,10 @@ async def test_expired_rows_are_purged_in_batches_and_reported(short_tmp: Path) 
 
 
 async def test_a_run_stops_after_max_batches_and_the_next_run_continues(short_tmp: Path) -> None:
-    async with running(short_tmp / "c.db", batch_size=10, max_batches_per_run=2) as (store, retention):
+    async with running(short_tmp / "c.db", batch_size=10, max_batches_per_run=2) as (
+        store,
+        retention,
+    ):
         await store.write(lambda c: add_audit_rows(c, count=35, age_days=400))
         [first] = await retention.run_now(["admin_audit"])
         assert first.rows_purged == 20
@@ -97,8 +100,13 @@ async def test_a_failing_job_is_reported_and_the_others_still_run(short_tmp: Pat
         nursery.cancel_scope.cancel()
 
 
-async def test_runs_repeat_on_the_interval(short_tmp: Path, autojump_clock: trio.testing.MockClock) -> None:
-    async with running(short_tmp / "c.db", interval_seconds=600, jitter_seconds=60) as (_, retention):
+async def test_runs_repeat_on_the_interval(
+    short_tmp: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running(short_tmp / "c.db", interval_seconds=600, jitter_seconds=60) as (
+        _,
+        retention,
+    ):
         assert retention.runs_completed == 0
         await retention.wait_runs_completed(3)
         # Three intervals of 600 s, each with up to 60 s of jitter.

@@ -107,7 +107,9 @@ async def test_a_failing_write_rolls_back_alone(short_tmp: Path) -> None:
             nursery.start_soon(attempt, half_then_fail)
             nursery.start_soon(attempt, insert_audit("/b"))
         assert sum(isinstance(r, ValueError) for r in results) == 1
-        paths = await store.read(lambda c: sorted(r[0] for r in c.execute("SELECT path FROM admin_audit")))
+        paths = await store.read(
+            lambda c: sorted(r[0] for r in c.execute("SELECT path FROM admin_audit"))
+        )
         assert paths == ["/a", "/b"]
 
 
@@ -155,7 +157,13 @@ async def test_pragmas_are_set(short_tmp: Path) -> None:
         pragmas = await store.write(
             lambda c: {
                 name: c.execute(f"PRAGMA {name}").fetchone()[0]
-                for name in ("journal_mode", "synchronous", "foreign_keys", "secure_delete", "auto_vacuum")
+                for name in (
+                    "journal_mode",
+                    "synchronous",
+                    "foreign_keys",
+                    "secure_delete",
+                    "auto_vacuum",
+                )
             }
         )
     assert pragmas == {
@@ -231,12 +239,15 @@ def _sample_rows(conn: Any, version: int) -> dict[str, int]:
     rows = {}
     if version >= 1:
         conn.execute(
-            "INSERT INTO retention_runs (job, started_at, duration_ms, rows_purged, bytes_reclaimed)"
+            "INSERT INTO retention_runs"
+            " (job, started_at, duration_ms, rows_purged, bytes_reclaimed)"
             " VALUES ('j', 1, 2, 3, 4)"
         )
         rows["retention_runs"] = 1
     if version >= 2:
-        conn.execute("INSERT INTO admin_audit (at, method, path, status) VALUES (1, 'GET', '/', 200)")
+        conn.execute(
+            "INSERT INTO admin_audit (at, method, path, status) VALUES (1, 'GET', '/', 200)"
+        )
         rows["admin_audit"] = 1
     return rows
 

@@ -114,6 +114,24 @@ async def health(ctx: AdminContext, query: None, body: None) -> Health:
     )
 
 
+# -- the OpenAPI document ---------------------------------------------------------
+
+
+@route(
+    "GET",
+    "/v1/openapi.json",
+    "This OpenAPI 3.1 document",
+    response=dict[str, Any],
+    auth=False,
+    audit=False,
+    tag="meta",
+)
+async def openapi(ctx: AdminContext, query: None, body: None) -> dict[str, Any]:
+    from chatd.admin.openapi import openapi_document  # built from this module's ROUTES
+
+    return openapi_document()
+
+
 # -- retention --------------------------------------------------------------------
 
 

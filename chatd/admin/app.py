@@ -19,8 +19,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from chatd.admin.api import ROUTES, AdminContext, ErrorBody, ErrorDetail, Route, UnknownJob, route
-from chatd.admin.openapi import openapi_document
+from chatd.admin.api import ROUTES, AdminContext, ErrorBody, ErrorDetail, Route, UnknownJob
 from chatd.keyfiles import hash_admin_token
 from chatd.log import fields
 from chatd.store import now_ms
@@ -193,21 +192,3 @@ def create_app(ctx: AdminContext, *, max_body_bytes: int) -> QuartTrio:
         return error_response(500, "internal_error", "internal error; see the server log")
 
     return app
-
-
-def _register_openapi_route() -> None:
-    async def openapi(ctx: AdminContext, query: None, body: None) -> dict[str, Any]:
-        return openapi_document()
-
-    route(
-        "GET",
-        "/v1/openapi.json",
-        "This OpenAPI 3.1 document",
-        response=dict[str, Any],
-        auth=False,
-        audit=False,
-        tag="meta",
-    )(openapi)
-
-
-_register_openapi_route()

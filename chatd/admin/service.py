@@ -80,7 +80,7 @@ async def serve_admin(
     try:
         binds = await _start(app, hc, stopping, task_status)
     except* OSError as group:
-        exc = group.exceptions[0]
+        exc = _first_leaf(group)
         where = hc.bind[0]
         if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
             raise ListenError(
@@ -94,6 +94,12 @@ async def serve_admin(
         except FileNotFoundError:
             pass
     log.info("admin.stopped")
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 async def _start(

@@ -231,8 +231,6 @@ class Store:
             pass
 
 
-
-
 def now_ms() -> int:
     """Wall-clock unix milliseconds, the unit of every timestamp column."""
     return time.time_ns() // 1_000_000

@@ -1,0 +1,218 @@
+"""Shared helpers for the benchmarks that run the real ``chatd serve`` process.
+
+Not a benchmark itself. It makes a fresh data dir with ``chatd init``, edits
+settings in its TOML config, and starts the daemon with ``NOTIFY_SOCKET``
+pointing at an AF_UNIX datagram socket this process owns. That way it can time
+the daemon to ``READY=1`` the way systemd would, then stop it with SIGTERM and
+check for exit code 0. Every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+READY_TIMEOUT = 60.0  # seconds a start may take before we give up
+STOP_TIMEOUT = 30.0  # seconds from SIGTERM to exit before we kill it
+_RELAY_URL = re.compile(r"(wss?://\S+?:(\d+)/v1/ws)")
+
+
+def chatd_executable() -> str:
+    """The ``chatd`` script next to this interpreter (the venv's), else on PATH."""
+    beside = Path(sys.executable).with_name("chatd")
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("chatd")
+    if found is None:
+        raise SystemExit("cannot find the chatd command; run with .venv/bin/python")
+    return found
+
+
+def init_data_dir(data_dir: Path) -> Path:
+    """Run ``chatd init --data-dir DIR`` and return the config path."""
+    subprocess.run(
+        [chatd_executable(), "init", "--data-dir", str(data_dir)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        timeout=60,
+    )
+    return data_dir / "chatd.toml"
+
+
+def set_settings(config: Path, section: str, values: dict[str, Any]) -> None:
+    """Replace ``key = ...`` lines inside ``[section]`` of the config file.
+
+    Every key must already be present in that section (``chatd init`` writes
+    each setting with its default), so a typo fails loudly here.
+    """
+    lines = config.read_text().splitlines()
+    current = None
+    missing = dict(values)
+    for i, line in enumerate(lines):
+        header = re.match(r"^\s*\[([^\]]+)\]\s*$", line)
+        if header:
+            current = header.group(1).strip()
+            continue
+        if current != section:
+            continue
+        setting = re.match(r"^\s*([A-Za-z0-9_]+)\s*=", line)
+        if setting and setting.group(1) in missing:
+            key = setting.group(1)
+            lines[i] = f"{key} = {_toml(missing.pop(key))}"
+    if missing:
+        raise SystemExit(f"{config}: no {', '.join(missing)} in [{section}]")
+    config.write_text("\n".join(lines) + "\n")
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def raise_nofile(want: int) -> int:
+    """Raise this process's RLIMIT_NOFILE soft limit (children inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return target
+
+
+def vm_rss_kib(pid: int) -> int:
+    """Resident set size of ``pid`` in KiB, from /proc/PID/status."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+class Daemon:
+    """One ``chatd serve`` child with its own notify socket and log file.
+
+    The child inherits this process's resource limits, so raise RLIMIT_NOFILE
+    here (:func:`raise_nofile`) before :meth:`start` when it needs many sockets.
+    """
+
+    def __init__(self, config: Path, work_dir: Path) -> None:
+        self.config = config
+        self.work_dir = work_dir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = work_dir / "chatd.log"
+        self._log: IO[bytes] | None = None
+        self._notify_path = work_dir / "notify.sock"
+        self._sock: socket.socket | None = None
+        self._spawned_at = 0.0
+        self.status = ""
+        self.main_pid: int | None = None
+
+    def start(self) -> None:
+        """Spawn the daemon (the clock for :meth:`wait_ready` starts here)."""
+        self._notify_path.unlink(missing_ok=True)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._sock.bind(str(self._notify_path))
+        env = dict(os.environ, NOTIFY_SOCKET=str(self._notify_path))
+        env.pop("WATCHDOG_USEC", None)
+        env.pop("WATCHDOG_PID", None)
+        self._log = self.log_path.open("ab")
+        self._spawned_at = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [chatd_executable(), "serve", "--config", str(self.config)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=self._log,
+        )
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> float:
+        """Block until READY=1 arrives; return seconds since spawn."""
+        assert self._sock is not None and self.proc is not None
+        deadline = self._spawned_at + timeout
+        while True:
+            now = time.perf_counter()
+            if now >= deadline:
+                self.kill()
+                raise SystemExit(f"chatd not READY within {timeout:.0f} s; log: {self.log_path}")
+            self._sock.settimeout(min(0.5, deadline - now))
+            try:
+                data = self._sock.recv(65_536)
+            except TimeoutError:
+                if self.proc.poll() is not None:
+                    raise SystemExit(
+                        f"chatd exited with {self.proc.returncode} before READY:\n{self.log_tail()}"
+                    ) from None
+                continue
+            elapsed = time.perf_counter() - self._spawned_at
+            fields = dict(
+                line.split("=", 1) for line in data.decode().splitlines() if "=" in line
+            )
+            if "STATUS" in fields:
+                self.status = fields["STATUS"]
+            if "MAINPID" in fields:
+                self.main_pid = int(fields["MAINPID"])
+            if fields.get("READY") == "1":
+                return elapsed
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def relay_url(self) -> tuple[str, int]:
+        """The relay's URL and port, from the READY STATUS line."""
+        match = _RELAY_URL.search(self.status)
+        if match is None:
+            raise SystemExit(f"no relay URL in the READY status: {self.status!r}")
+        return match.group(1), int(match.group(2))
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> tuple[int, float]:
+        """SIGTERM, wait for exit; return (exit code, seconds from signal to exit)."""
+        assert self.proc is not None
+        started = time.perf_counter()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise SystemExit(
+                f"chatd did not exit within {timeout:.0f} s of SIGTERM; log: {self.log_path}"
+            ) from None
+        elapsed = time.perf_counter() - started
+        self._close()
+        return code, elapsed
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=STOP_TIMEOUT)
+        self._close()
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            self._notify_path.unlink(missing_ok=True)
+        if self._log is not None:
+            self._log.close()
+            self._log = None

@@ -1,0 +1,265 @@
+"""The admin API over its real unix socket: auth, JSON errors, OpenAPI."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from openapi_spec_validator import validate
+
+from chatd.admin.api import ROUTES, AdminContext
+from chatd.admin.app import create_app
+from chatd.admin.openapi import openapi_document
+from chatd.admin.service import serve_admin
+from chatd.errors import ListenError
+from chatd.keyfiles import hash_admin_token
+from chatd.retention import serve_retention
+from chatd.store import serve_store
+
+from .conftest import REPO, DataDir
+
+
+class Admin:
+    def __init__(self, client: httpx.AsyncClient, token: str, ctx: AdminContext) -> None:
+        self.client = client
+        self.token = token
+        self.ctx = ctx
+
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    async def audit_rows(self) -> list[tuple[Any, ...]]:
+        return await self.ctx.store.read(
+            lambda c: c.execute(
+                "SELECT method, path, status FROM admin_audit ORDER BY id"
+            ).fetchall()
+        )
+
+
+@asynccontextmanager
+async def admin_running(data_dir: DataDir, **admin: Any) -> AsyncIterator[Admin]:
+    config = data_dir.configure(admin={"listen": "unix:a.sock", **admin})
+    stopping = trio.Event()
+    async with trio.open_nursery() as nursery:
+        store = await nursery.start(serve_store, config.database_path, data_dir.key, config.store)
+        retention = await nursery.start(serve_retention, store, config.retention)
+        ctx = AdminContext(
+            store=store, retention=retention, token_hash=hash_admin_token(data_dir.token)
+        )
+        await nursery.start(serve_admin, config, ctx, stopping)
+        transport = httpx.AsyncHTTPTransport(uds=str(config.admin_unix_socket))
+        async with httpx.AsyncClient(transport=transport, base_url="http://chatd") as client:
+            yield Admin(client, data_dir.token, ctx)
+        stopping.set()
+        nursery.cancel_scope.cancel()
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert set(body) == {"error"}
+    assert body["error"]["code"] == code
+    assert body["error"]["message"]
+    assert "Traceback" not in response.text
+    return body["error"]  # type: ignore[no-any-return]
+
+
+async def test_health_answers_without_a_token(data_dir: DataDir) -> None:
+    async with admin_running(data_dir) as admin:
+        response = await admin.client.get("/v1/health")
+        assert response.status_code == 200
+        body = response.json()
+        assert body["status"] == "ok"
+        assert body["store_writable"] is True
+        assert "server" not in response.headers  # no software banner
+
+
+async def test_the_socket_is_private(data_dir: DataDir) -> None:
+    async with admin_running(data_dir):
+        mode = os.stat(data_dir.path / "a.sock").st_mode
+        assert stat.S_ISSOCK(mode)
+        assert stat.S_IMODE(mode) == 0o600
+
+
+@pytest.mark.parametrize(
+    "header",
+    [None, "Bearer wrong-token-wrong-token-wrong-token", "Basic abc", "Bearer", "bearer  x"],
+)
+async def test_a_missing_or_wrong_token_gets_401_and_is_audited(
+    data_dir: DataDir, header: str | None
+) -> None:
+    async with admin_running(data_dir) as admin:
+        headers = {"Authorization": header} if header is not None else {}
+        response = await admin.client.post("/v1/retention/run", headers=headers)
+        assert_error(response, 401, "unauthorized")
+        assert response.headers["www-authenticate"].startswith("Bearer")
+        assert await admin.audit_rows() == [("POST", "/v1/retention/run", 401)]
+        assert await admin.ctx.retention.list_reports(limit=5, before_id=None) == []  # nothing ran
+
+
+async def test_the_right_token_runs_retention_and_the_reports_are_listed(data_dir: DataDir) -> None:
+    async with admin_running(data_dir) as admin:
+        response = await admin.client.post("/v1/retention/run", headers=admin.auth())
+        assert response.status_code == 200
+        reports = response.json()["reports"]
+        assert [r["job"] for r in reports] == ["retention_reports", "admin_audit"]
+        page = (await admin.client.get("/v1/retention/runs?limit=1", headers=admin.auth())).json()
+        assert len(page["runs"]) == 1
+        assert page["next_before_id"] == page["runs"][0]["id"]
+        rest = await admin.client.get(
+            f"/v1/retention/runs?before_id={page['next_before_id']}", headers=admin.auth()
+        )
+        assert [r["job"] for r in rest.json()["runs"]] == ["retention_reports"]
+        audit = (await admin.client.get("/v1/admin-audit", headers=admin.auth())).json()
+        assert [(e["method"], e["path"], e["status"]) for e in audit["entries"]] == [
+            ("POST", "/v1/retention/run", 200)
+        ]
+
+
+async def test_selected_jobs_only(data_dir: DataDir) -> None:
+    async with admin_running(data_dir) as admin:
+        response = await admin.client.post(
+            "/v1/retention/run", headers=admin.auth(), json={"jobs": ["admin_audit"]}
+        )
+        assert [r["job"] for r in response.json()["reports"]] == ["admin_audit"]
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type", "status", "code", "field"),
+    [
+        (b"{not json", "application/json", 400, "malformed_json", None),
+        (b'{"jobs": "\xff\xfe"}', "application/json", 400, "invalid_utf8", None),
+        (b'{"jobs": [1]}', "application/json", 400, "invalid_request", "$.jobs[0]"),
+        (b'{"jobz": []}', "application/json", 400, "invalid_request", None),
+        (b'{"jobs": ["nope"]}', "application/json", 400, "invalid_request", "$.jobs"),
+        (b"[]", "application/json", 400, "invalid_request", None),
+        (b"jobs=x", "application/x-www-form-urlencoded", 415, "unsupported_media_type", None),
+    ],
+)
+async def test_a_bad_body_gets_a_clear_json_error_and_nothing_runs(
+    data_dir: DataDir, content: bytes, content_type: str, status: int, code: str, field: str | None
+) -> None:
+    async with admin_running(data_dir) as admin:
+        response = await admin.client.post(
+            "/v1/retention/run",
+            headers={**admin.auth(), "Content-Type": content_type},
+            content=content,
+        )
+        error = assert_error(response, status, code)
+        assert error.get("field") == field
+        assert await admin.ctx.retention.list_reports(limit=5, before_id=None) == []
+
+
+async def test_an_oversize_body_gets_413(data_dir: DataDir) -> None:
+    async with admin_running(data_dir, max_body_bytes=2048) as admin:
+        response = await admin.client.post(
+            "/v1/retention/run",
+            headers={**admin.auth(), "Content-Type": "application/json"},
+            content=b'{"jobs": ["' + b"x" * 5000 + b'"]}',
+        )
+        error = assert_error(response, 413, "payload_too_large")
+        assert "2048" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ("limit=x", "limit"),
+        ("limit=0", "limit"),
+        ("limit=501", "limit"),
+        ("before_id=-1", "before_id"),
+        ("bogus=1", None),
+    ],
+)
+async def test_a_bad_query_gets_400_naming_the_parameter(
+    data_dir: DataDir, query: str, field: str | None
+) -> None:
+    async with admin_running(data_dir) as admin:
+        response = await admin.client.get(f"/v1/retention/runs?{query}", headers=admin.auth())
+        error = assert_error(response, 400, "invalid_request")
+        assert error.get("field") == field
+
+
+async def test_unknown_routes_and_methods_get_json_errors(data_dir: DataDir) -> None:
+    async with admin_running(data_dir) as admin:
+        assert_error(await admin.client.get("/v1/nope", headers=admin.auth()), 404, "not_found")
+        assert_error(await admin.client.get("/", headers=admin.auth()), 404, "not_found")
+        assert_error(
+            await admin.client.delete("/v1/health", headers=admin.auth()), 405, "method_not_allowed"
+        )
+        assert_error(
+            await admin.client.get("/v1/retention/run", headers=admin.auth()),
+            405,
+            "method_not_allowed",
+        )
+
+
+async def test_an_unexpected_failure_is_a_json_500_without_details(data_dir: DataDir) -> None:
+    async with admin_running(data_dir) as admin:
+
+        async def broken(*args: Any) -> None:
+            raise RuntimeError("secret internals")
+
+        admin.ctx.retention.run_now = broken  # type: ignore[method-assign]
+        response = await admin.client.post("/v1/retention/run", headers=admin.auth())
+        error = assert_error(response, 500, "internal_error")
+        assert "secret internals" not in json.dumps(error)
+
+
+async def test_a_second_server_cannot_steal_the_socket(data_dir: DataDir) -> None:
+    async with admin_running(data_dir) as admin:
+        with pytest.raises(ListenError, match="in use by another process"):
+            await serve_admin(data_dir.config, admin.ctx, trio.Event())
+        assert (await admin.client.get("/v1/health")).status_code == 200
+
+
+async def test_a_loopback_port_in_use_is_a_clear_error(data_dir: DataDir) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = data_dir.configure(admin={"listen": f"127.0.0.1:{port}"})
+        async with trio.open_nursery() as nursery:
+            store = await nursery.start(
+                serve_store, config.database_path, data_dir.key, config.store
+            )
+            ctx = AdminContext(store=store, retention=None, token_hash=b"")  # type: ignore[arg-type]
+            with pytest.raises(ListenError, match="already in use"):
+                await serve_admin(config, ctx, trio.Event())
+            nursery.cancel_scope.cancel()
+
+
+async def test_the_openapi_document_is_served_valid_and_committed(data_dir: DataDir) -> None:
+    async with admin_running(data_dir) as admin:
+        served = (await admin.client.get("/v1/openapi.json")).json()
+    document = openapi_document()
+    assert served == document
+    validate(document)
+    # docs/openapi.json is `chatd openapi` output; regenerate it after changing a route.
+    assert json.loads((REPO / "docs" / "openapi.json").read_text()) == document
+
+
+def test_every_route_is_in_the_document_and_in_the_app() -> None:
+    document = openapi_document()
+    app = create_app(None, max_body_bytes=1024)  # type: ignore[arg-type]
+    rules = {
+        (rule.rule, method) for rule in app.url_map.iter_rules() for method in rule.methods or ()
+    }
+    for r in ROUTES:
+        assert r.method.lower() in document["paths"][r.path]
+        assert (r.path.replace("{", "<").replace("}", ">"), r.method) in rules
+        responses = document["paths"][r.path][r.method.lower()]["responses"]
+        if r.auth:
+            assert "401" in responses
+        if r.body is not None:
+            assert {"400", "413", "415"} <= set(responses)
