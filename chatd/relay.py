@@ -81,7 +81,7 @@ class Relay:
         self.stopping = False
         self.connections_served = 0
         self.port = 0  # the bound port, set by serve_relay
-        self.streams = StreamCounter()  # TCP streams, handshaking or open
+        self.streams = StreamCounter(settings.max_connections)  # TCP streams and slots
 
     # -- handshake --------------------------------------------------------------
 
@@ -105,10 +105,6 @@ class Relay:
             return
         if self.stopping:
             await request.reject(503, body=b"server shutting down\n")
-            return
-        if self.streams.open > self.settings.max_connections:
-            log.warning("relay.full", extra=fields(limit=self.settings.max_connections))
-            await request.reject(503, body=b"too many connections\n")
             return
         ws = await request.accept()
         proto = core.ServerConnection(self.limits, server_name="chatd")

@@ -14,8 +14,9 @@ have, each covered by a test in ``tests/test_relay.py``:
 * A rejected handshake (404/403/503) and a connection whose reader is stuck
   mid-frame are never hung up by trio-websocket. :func:`serve_websockets`
   owns every stream and always closes it when the handler returns.
-* Connections are counted from TCP accept, before the handshake, so a burst
-  of concurrent handshakes cannot exceed the connection limit.
+* Connections take a slot at TCP accept, before the handshake, so a burst of
+  concurrent handshakes cannot exceed the connection limit (trio-websocket
+  users typically count after ``accept()``, which races).
 
 It relies on two private trio-websocket methods (``_reader_task``,
 ``_get_request``) exactly as ``WebSocketServer`` itself uses them; the
@@ -24,6 +25,7 @@ dependency is pinned below 0.13 in pyproject.toml for that reason.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
@@ -32,6 +34,10 @@ from trio_websocket import WebSocketConnection, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection
+
+from chatd.log import fields
+
+log = logging.getLogger("chatd.relay")
 
 LINGER_SECONDS: Final = 2.0  # how long a closing connection may drain the peer's data
 LINGER_MAX_BYTES: Final = 65_536  # how much of it we read and discard, at most
@@ -76,10 +82,23 @@ class RelayWebSocket(WebSocketConnection):
 
 
 class StreamCounter:
-    """Open TCP streams, counted from accept to close."""
+    """TCP streams, counted from accept to close, and the slots they hold.
 
-    def __init__(self) -> None:
-        self.open = 0
+    A stream takes a slot at accept if one is free and keeps it until it
+    closes; a stream accepted while all ``limit`` slots are taken is answered
+    503 after its handshake and closed.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0  # every stream, with or without a slot
+        self.slotted = 0
+
+    def take_slot(self) -> bool:
+        if self.slotted >= self.limit:
+            return False
+        self.slotted += 1
+        return True
 
 
 async def serve_websockets(
@@ -104,6 +123,7 @@ async def serve_websockets(
 
     async def handle_stream(stream: trio.abc.Stream) -> None:
         counter.open += 1
+        slot = counter.take_slot()
         request_ready = False
         try:
             ws = RelayWebSocket(
@@ -120,12 +140,16 @@ async def serve_websockets(
                         request = await ws._get_request()
                         # The handler runs its own timers from here on.
                         request_ready = True
-                    if request_ready:
+                    if request_ready and not slot:
+                        log.warning("relay.full", extra=fields(limit=counter.limit))
+                        await request.reject(503, body=b"too many connections\n")
+                    elif request_ready:
                         await handler(request)
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
             counter.open -= 1
+            counter.slotted -= slot
             # Under cancellation this degrades to an immediate close.
             await linger_close(stream)
 

@@ -411,3 +411,52 @@ async def test_tls_below_1_3_or_without_x25519_is_refused(
 
 def test_eaddrinuse_constant_is_what_linux_uses() -> None:
     assert errno.EADDRINUSE == 98
+
+
+def upgrade_request(path: str = "/v1/ws") -> bytes:
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+
+
+async def read_to_eof(stream: trio.SocketStream) -> bytes:
+    data = b""
+    with trio.fail_after(10):
+        while chunk := await stream.receive_some(65_536):
+            data += chunk
+    return data
+
+
+async def test_a_rejected_handshake_is_answered_and_hung_up() -> None:
+    async with relay_running() as (relay, _):
+        stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
+        await stream.send_all(upgrade_request("/nope"))
+        response = await read_to_eof(stream)  # the server closes; we never do
+        assert response.startswith(b"HTTP/1.1 404")
+        with trio.fail_after(5):
+            while relay.streams.open:
+                await trio.sleep(0)
+
+
+async def test_a_client_that_never_handshakes_is_dropped() -> None:
+    async with relay_running() as (relay, _):
+        stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
+        assert await read_to_eof(stream) == b""
+
+
+async def test_concurrent_handshakes_cannot_exceed_the_connection_limit() -> None:
+    async with relay_running(max_connections=3) as (relay, _):
+        streams = [await trio.open_tcp_stream("127.0.0.1", relay.port) for _ in range(8)]
+        for stream in streams:
+            await stream.send_all(upgrade_request())
+        statuses = []
+        for stream in streams:
+            with trio.fail_after(10):
+                head = await stream.receive_some(65_536)
+            statuses.append(head.split(b" ", 2)[1])
+        assert statuses.count(b"101") == 3
+        assert statuses.count(b"503") == 5
+        for stream in streams:
+            await trio.aclose_forcefully(stream)
