@@ -73,6 +73,7 @@ class Relay:
         self.settings = settings
         self.limits = Limits(
             max_frame_bytes=settings.max_frame_bytes,
+            handshake_timeout_seconds=settings.handshake_timeout_seconds,
             idle_timeout_seconds=settings.idle_timeout_seconds,
             send_queue_frames=settings.send_queue_frames,
             max_bad_frames=settings.max_bad_frames,
@@ -113,6 +114,9 @@ class Relay:
         self.connections_served += 1
         try:
             await self._serve_client(client)
+        except Exception:
+            log.exception("relay.connection_failed", extra=fields(peer=mask_ip(peer)))
+            client.closing = core.Close(core.CLOSE_INTERNAL_ERROR, core.REASON_INTERNAL)
         finally:
             self.clients.discard(client)
             await self._hang_up(client)
@@ -162,9 +166,6 @@ class Relay:
             timeout = s.idle_timeout_seconds
             if isinstance(message, bytes):
                 actions = client.proto.receive_bytes(message)
-            elif len(message) * 4 > s.max_frame_bytes and len(message.encode()) > s.max_frame_bytes:
-                # trio-websocket counts characters; the documented limit is bytes.
-                actions = [core.Close(core.CLOSE_TOO_BIG, "message too big")]
             else:
                 actions = client.proto.receive_text(message)
             self._perform(client, actions)
@@ -229,6 +230,7 @@ class Relay:
     def begin_shutdown(self) -> None:
         """Ask every connection to close with 1001 after its current frame."""
         self.stopping = True
+        self.streams.cancel_handshakes()
         for client in list(self.clients):
             if client.receive_scope is not None:
                 client.receive_scope.cancel()

@@ -30,12 +30,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 import trio
-from trio_websocket import WebSocketConnection, WebSocketRequest
+from trio_websocket import CloseReason, WebSocketConnection, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import CloseConnection
+from wsproto.events import BytesMessage, CloseConnection, TextMessage
 
 from chatd.log import fields
+from chatd.protocol.core import CLOSE_TOO_BIG, REASON_TOO_BIG
 
 log = logging.getLogger("chatd.relay")
 
@@ -63,7 +64,26 @@ async def linger_close(stream: trio.abc.Stream) -> None:
 
 
 class RelayWebSocket(WebSocketConnection):
-    """trio-websocket's connection, answering framing errors with a Close frame."""
+    """trio-websocket's connection, answering framing errors with a Close frame
+    and measuring messages in UTF-8 bytes (trio-websocket counts characters)."""
+
+    _utf8_size = 0  # bytes of the message being received so far
+
+    async def _handle_message_event(self, event: BytesMessage | TextMessage) -> None:
+        data = event.data
+        self._utf8_size += len(data) if isinstance(data, bytes | bytearray) else len(data.encode())
+        if self._utf8_size > self._max_message_size:
+            self._utf8_size = 0
+            self._message_size = 0
+            self._message_parts = []
+            self._close_reason = CloseReason(CLOSE_TOO_BIG, REASON_TOO_BIG)
+            await self._send(CloseConnection(code=CLOSE_TOO_BIG, reason=REASON_TOO_BIG))
+            await self._recv_channel.aclose()
+            self._reader_running = False
+            return
+        if event.message_finished:
+            self._utf8_size = 0
+        await super()._handle_message_event(event)
 
     async def _handle_close_connection_event(self, event: CloseConnection) -> None:
         if self._wsproto.state == ConnectionState.OPEN:
@@ -93,6 +113,24 @@ class StreamCounter:
         self.limit = limit
         self.open = 0  # every stream, with or without a slot
         self.slotted = 0
+        self.handshaking: set[trio.CancelScope] = set()
+        self._closed = trio.Event()
+
+    def stream_closed(self, slot: bool) -> None:
+        self.open -= 1
+        self.slotted -= slot
+        self._closed.set()
+        self._closed = trio.Event()
+
+    async def wait_all_closed(self) -> None:
+        """Wait until no stream is open."""
+        while self.open:
+            await self._closed.wait()
+
+    def cancel_handshakes(self) -> None:
+        """Drop every connection still in its handshake (used at shutdown)."""
+        for scope in self.handshaking:
+            scope.cancel()
 
     def take_slot(self) -> bool:
         if self.slotted >= self.limit:
@@ -121,37 +159,55 @@ async def serve_websockets(
     ``handshake_timeout`` is dropped.
     """
 
+    async def read_then_end_handshake(ws: RelayWebSocket, handshake: trio.CancelScope) -> None:
+        await ws._reader_task()
+        # The peer left (EOF, reset) before finishing its handshake: stop
+        # waiting for a request that cannot come.
+        handshake.cancel()
+
     async def handle_stream(stream: trio.abc.Stream) -> None:
         counter.open += 1
         slot = counter.take_slot()
-        request_ready = False
+        request: WebSocketRequest | None = None
         try:
-            ws = RelayWebSocket(
-                stream,
-                WSConnection(ConnectionType.SERVER),
-                message_queue_size=1,
-                max_message_size=max_message_size,
-                receive_buffer_size=receive_buffer_size,
-            )
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(ws._reader_task)
+                with trio.CancelScope(
+                    deadline=trio.current_time() + handshake_timeout
+                ) as handshake:
+                    counter.handshaking.add(handshake)
+                    if isinstance(stream, trio.SSLStream):
+                        # Handshake TLS up front, so a client that offers only
+                        # refused versions or groups fails now, not at timeout.
+                        try:
+                            await stream.do_handshake()
+                        except trio.BrokenResourceError:
+                            return
+                    ws = RelayWebSocket(
+                        stream,
+                        WSConnection(ConnectionType.SERVER),
+                        message_queue_size=1,
+                        max_message_size=max_message_size,
+                        receive_buffer_size=receive_buffer_size,
+                    )
+                    nursery.start_soon(read_then_end_handshake, ws, handshake)
+                    request = await ws._get_request()
+                counter.handshaking.discard(handshake)
                 try:
-                    with trio.move_on_after(handshake_timeout):
-                        request = await ws._get_request()
-                        # The handler runs its own timers from here on.
-                        request_ready = True
-                    if request_ready and not slot:
+                    # The handler runs its own timers from here on.
+                    if request is not None and not slot:
                         log.warning("relay.full", extra=fields(limit=counter.limit))
                         await request.reject(503, body=b"too many connections\n")
-                    elif request_ready:
+                    elif request is not None:
                         await handler(request)
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
-            counter.open -= 1
-            counter.slotted -= slot
-            # Under cancellation this degrades to an immediate close.
-            await linger_close(stream)
+            counter.handshaking.discard(handshake)
+            try:
+                # Under cancellation this degrades to an immediate close.
+                await linger_close(stream)
+            finally:
+                counter.stream_closed(slot)
 
     await trio.serve_listeners(
         handle_stream, list(listeners), handler_nursery=handler_nursery, task_status=task_status

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
@@ -148,6 +149,7 @@ async def test_hello_then_ping_pong() -> None:
         assert hello["protocol"] == 1
         assert hello["limits"] == {
             "max_frame_bytes": 2048,
+            "handshake_timeout_seconds": 0.5,
             "idle_timeout_seconds": 0.5,
             "send_queue_frames": 256,
             "max_bad_frames": 3,
@@ -243,9 +245,8 @@ async def test_a_half_sent_frame_times_out_with_a_close_frame_and_a_hang_up() ->
         close = await client.close_event()
         assert close is not None and (close.code, close.reason) == (1008, "first frame timeout")
         await client.wait_eof()  # the server hangs up even though we never answer the Close
-        with trio.fail_after(5):
-            while relay.clients:
-                await trio.sleep(0)  # yield until the handler's cleanup ran
+        await wait_streams_closed(relay)
+        assert not relay.clients
 
 
 @pytest.mark.parametrize(
@@ -435,9 +436,7 @@ async def test_a_rejected_handshake_is_answered_and_hung_up() -> None:
         await stream.send_all(upgrade_request("/nope"))
         response = await read_to_eof(stream)  # the server closes; we never do
         assert response.startswith(b"HTTP/1.1 404")
-        with trio.fail_after(5):
-            while relay.streams.open:
-                await trio.sleep(0)
+        await wait_streams_closed(relay)
 
 
 async def test_a_client_that_never_handshakes_is_dropped() -> None:
@@ -460,3 +459,52 @@ async def test_concurrent_handshakes_cannot_exceed_the_connection_limit() -> Non
         assert statuses.count(b"503") == 5
         for stream in streams:
             await trio.aclose_forcefully(stream)
+
+
+async def wait_streams_closed(relay: Relay) -> None:
+    with trio.fail_after(5):
+        await relay.streams.wait_all_closed()
+
+
+async def test_a_server_bug_closes_with_1011_without_details(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(self: core.ServerConnection, data: str | bytes) -> list[core.Action]:
+        raise RuntimeError("internal detail")
+
+    monkeypatch.setattr(core.ServerConnection, "receive_text", broken)
+    async with relay_running() as (relay, _), open_websocket_url(url(relay)) as ws:
+        await hello_of(ws)
+        await ws.send_message('{"type":"ping"}')
+        assert await closed_with(ws) == (1011, "internal error")
+
+
+async def test_a_flooding_client_that_does_not_read_is_closed_and_fully_released() -> None:
+    async with relay_running(send_queue_frames=2, idle_timeout_seconds=30) as (relay, _):
+        client = await RawClient.connect(relay)
+        burst = ws_frame(0x1, b'{"type":"ping","id":"' + b"x" * 60 + b'"}') * 3000
+        with trio.move_on_after(5):
+            await client.stream.send_all(burst)  # may block once the server stops reading
+        close = await client.close_event()
+        assert close is not None and (close.code, close.reason) == (1008, "send queue full")
+        await wait_streams_closed(relay)
+        assert not relay.clients
+
+
+async def test_peers_leaving_mid_handshake_are_released_at_once() -> None:
+    async with relay_running(handshake_timeout_seconds=60) as (relay, _):
+        stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
+        await stream.send_all(b"GET /v1/ws HTTP/1.1\r\n")  # and never the rest
+        await stream.aclose()
+        await wait_streams_closed(relay)
+
+
+async def test_shutdown_does_not_wait_for_stalled_handshakes() -> None:
+    async with relay_running(handshake_timeout_seconds=60) as (relay, stopping):
+        stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
+        await stream.send_all(b"GET /v1/ws HTTP/1.1\r\n")
+        await trio.testing.wait_all_tasks_blocked()  # the server is waiting for the rest
+        assert relay.streams.open == 1
+        stopping.set()
+        assert await read_to_eof(stream) == b""
+        await wait_streams_closed(relay)

@@ -54,6 +54,7 @@ CLOSE_TOO_BIG: Final = 1009  # a message over max_frame_bytes
 CLOSE_INTERNAL_ERROR: Final = 1011  # a server bug; the client may reconnect
 
 REASON_BYE: Final = "bye"
+REASON_TOO_BIG: Final = "message too big"
 REASON_FIRST_FRAME_TIMEOUT: Final = "first frame timeout"
 REASON_IDLE_TIMEOUT: Final = "idle timeout"
 REASON_TOO_MANY_BAD_FRAMES: Final = "too many bad frames"
@@ -67,6 +68,7 @@ ERR_BAD_FRAME: Final = "bad_frame"  # not JSON, or a field is missing/wrong
 ERR_UNKNOWN_TYPE: Final = "unknown_type"  # ``type`` names no frame
 
 _PATH_RE: Final = re.compile(r" - at `([^`]+)`$")
+_UNKNOWN_FIELD_RE: Final = re.compile(r"unknown field `([^`]+)`")
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +189,9 @@ class ServerConnection:
         if match:
             field = match.group(1)
             text = text[: match.start()]
+        unknown = _UNKNOWN_FIELD_RE.search(text)
+        if unknown:
+            field = f"{field or '$'}.{unknown.group(1)}"
         code = ERR_BAD_FRAME
         if field == "$.type" or "missing required field `type`" in text:
             field = "$.type"

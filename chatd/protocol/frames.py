@@ -48,6 +48,7 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True):
     """The limits a client must respect, announced in ``hello``."""
 
     max_frame_bytes: int
+    handshake_timeout_seconds: float  # also the deadline for the first frame after hello
     idle_timeout_seconds: float
     send_queue_frames: int
     max_bad_frames: int
