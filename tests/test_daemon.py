@@ -222,3 +222,48 @@ def test_version_names_the_protocol_and_sqlcipher() -> None:
     assert result.returncode == 0
     assert "client protocol 1" in result.stdout
     assert "SQLCipher 4." in result.stdout
+
+
+def chatctl(*args: str) -> subprocess.CompletedProcess[str]:
+    code = "import sys; from chatd.chatctl import main; sys.argv[0] = 'chatctl'; main()"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+async def test_chatctl_administers_the_running_daemon(data_dir: DataDir, short_tmp: Path) -> None:
+    config = str(data_dir.config_path)
+    down = await trio.to_thread.run_sync(chatctl, "--config", config, "health")
+    assert down.returncode == 5
+    assert "is chatd running?" in down.stderr
+    async with daemon(data_dir, short_tmp) as d:
+        await d.wait_notify("READY")
+        health = await trio.to_thread.run_sync(chatctl, "--config", config, "health")
+        assert health.returncode == 0, health.stderr
+        assert "status ok, store writable: True" in health.stdout
+        ran = await trio.to_thread.run_sync(
+            chatctl, "--config", config, "retention-run", "admin_audit"
+        )
+        assert ran.returncode == 0, ran.stderr
+        assert "admin_audit" in ran.stdout and "bytes freed" in ran.stdout
+        runs = await trio.to_thread.run_sync(
+            chatctl, "--config", config, "--json", "retention-runs"
+        )
+        assert [r["job"] for r in json.loads(runs.stdout)["runs"]] == ["admin_audit"]
+        audit = await trio.to_thread.run_sync(chatctl, "--config", config, "audit")
+        assert "/v1/retention/run" in audit.stdout
+        bad_job = await trio.to_thread.run_sync(
+            chatctl, "--config", config, "retention-run", "nope"
+        )
+        assert bad_job.returncode == 1
+        assert "invalid_request: unknown job(s) nope" in bad_job.stderr
+        wrong = short_tmp / "wrong-token"
+        wrong.write_text("x" * 43)
+        denied = await trio.to_thread.run_sync(
+            chatctl, "--config", config, "--token-file", str(wrong), "audit"
+        )
+        assert denied.returncode == 1
+        assert "unauthorized" in denied.stderr
+        d.proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            assert await d.proc.wait() == 0
