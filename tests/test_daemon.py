@@ -50,11 +50,11 @@ class Daemon:
 
 
 @asynccontextmanager
-async def daemon(data_dir: DataDir, short_tmp: Path) -> AsyncIterator[Daemon]:
+async def daemon(data_dir: DataDir, short_tmp: Path, **extra_env: str) -> AsyncIterator[Daemon]:
     notify_path = short_tmp / "notify.sock"
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     await sock.bind(str(notify_path))
-    env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
+    env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), **extra_env}
     proc = await trio.lowlevel.open_process(
         [*CHATD, "serve", "--config", str(data_dir.config_path)],
         env=env,
@@ -107,6 +107,17 @@ async def test_the_daemon_starts_serves_and_stops_cleanly(
     # The database was written and checkpointed: no WAL left after a clean stop.
     assert data_dir.db.exists()
     assert not Path(f"{data_dir.db}-wal").exists() or Path(f"{data_dir.db}-wal").stat().st_size == 0
+
+
+async def test_the_watchdog_is_fed_at_half_the_interval(data_dir: DataDir, short_tmp: Path) -> None:
+    # systemd sets WATCHDOG_USEC (and WATCHDOG_PID, which we leave unset here).
+    async with daemon(data_dir, short_tmp, WATCHDOG_USEC="400000") as d:
+        await d.wait_notify("READY")
+        for _ in range(3):
+            assert (await d.wait_notify("WATCHDOG")).strip() == "WATCHDOG=1"
+        d.proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            assert await d.proc.wait() == 0
 
 
 async def test_client_addresses_are_masked_in_the_log(data_dir: DataDir, short_tmp: Path) -> None:
