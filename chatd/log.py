@@ -82,7 +82,8 @@ class StructuredFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         for name, value in getattr(record, _FIELDS, {}).items():
-            event[name] = REDACTED if _is_secret_name(name) else value
+            if value is not None:
+                event[name] = REDACTED if _is_secret_name(name) else value
         if record.exc_info and record.exc_info[0] is not None:
             # The exception type and location only: messages of third-party
             # exceptions could carry data we do not control.

@@ -174,7 +174,13 @@ class Retention:
             bytes_reclaimed=reclaimed,
             error=error,
         )
-        row_id = await self.store.write(lambda conn: _insert_report(conn, report))
+        row_id: int | None = None
+        try:
+            row_id = await self.store.write(lambda conn: _insert_report(conn, report))
+        except Exception:
+            # The store is failing (that is likely why the job failed too); the
+            # report is still logged and returned.
+            log.exception("retention.report_not_stored", extra=fields(job=job.name))
         log.info(
             "retention.report",
             extra=fields(

@@ -314,3 +314,35 @@ async def test_cancelled_callers_do_not_free_queue_slots_early(short_tmp: Path) 
         await store.write(lambda conn: None)  # FIFO: everything queued before is done
         assert await store.read(count_audit) == 2
         assert store._pending.value == 3
+
+
+def test_an_unwritable_database_is_refused_at_open(short_tmp: Path) -> None:
+    from chatd.store.db import prove_writable
+
+    path = short_tmp / "c.db"
+    open_writer(path, KEY, busy_timeout_ms=1000).close()
+    # SQLite silently opens a file it may not write read-only; the writer
+    # proves it can commit before chatd reports ready.
+    conn = connect(path, KEY, busy_timeout_ms=1000, readonly=True)
+    with pytest.raises(Exception, match="readonly"):
+        prove_writable(conn)
+    conn.close()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write to a 0400 file")
+def test_a_read_only_database_file_fails_to_open_for_writing(short_tmp: Path) -> None:
+    path = short_tmp / "c.db"
+    open_writer(path, KEY, busy_timeout_ms=1000).close()
+    os.chmod(path, 0o400)
+    with pytest.raises(StoreError, match="cannot use database"):
+        open_writer(path, KEY, busy_timeout_ms=1000)
+
+
+def test_checking_the_key_leaves_no_files_behind(short_tmp: Path) -> None:
+    path = short_tmp / "c.db"
+    open_writer(path, KEY, busy_timeout_ms=1000).close()
+    listing = sorted(os.listdir(short_tmp))
+    connect(path, KEY, busy_timeout_ms=1000, readonly=True).close()
+    with pytest.raises(KeyMismatchError):
+        connect(path, OTHER_KEY, busy_timeout_ms=1000, readonly=True)
+    assert sorted(os.listdir(short_tmp)) == listing

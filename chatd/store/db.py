@@ -42,7 +42,8 @@ def connect(path: Path, key: bytes, *, busy_timeout_ms: int, readonly: bool = Fa
     be opened. Neither case writes to the file.
     """
     if readonly:
-        uri = f"file:{path}?mode=ro"
+        # immutable: no locks, no -wal/-shm files created; enough to prove the key.
+        uri = f"file:{path}?mode=ro&immutable=1"
     else:
         uri = f"file:{path}"
     try:
@@ -86,10 +87,27 @@ def open_writer(path: Path, key: bytes, *, busy_timeout_ms: int) -> Connection:
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute("PRAGMA secure_delete = ON")
         migrate(conn)
+        prove_writable(conn)
+    except DatabaseError as exc:
+        conn.close()
+        raise StoreError(f"cannot use database {path} for writing: {exc}") from None
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+def prove_writable(conn: Connection) -> None:
+    """Commit a real (idempotent) write: SQLite opens an unwritable file read-only
+    without complaint, and we want to know at start, not at the first write."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        conn.execute(f"PRAGMA user_version = {version}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 def open_reader(path: Path, key: bytes, *, busy_timeout_ms: int) -> Connection:

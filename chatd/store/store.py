@@ -40,7 +40,13 @@ import trio
 
 from chatd.config import StoreSettings
 from chatd.errors import StoreClosedError, StoreError
-from chatd.store.db import Connection, DatabaseError, close_quietly, open_reader, open_writer
+from chatd.store.db import (
+    Connection,
+    DatabaseError,
+    close_quietly,
+    open_reader,
+    open_writer,
+)
 
 T = TypeVar("T")
 
@@ -144,10 +150,10 @@ class Store:
         return await trio.to_thread.run_sync(self._read_in_thread, fn, limiter=self._read_limiter)
 
     async def check_writable(self) -> bool:
-        """True when the writer can take the write lock and commit."""
+        """True when the writer can commit a real write (one fsync)."""
         try:
-            await self.write(lambda conn: conn.execute("SELECT 1").fetchone())
-        except StoreError:
+            await self.write(_rewrite_version)
+        except (StoreError, DatabaseError):
             return False
         return True
 
@@ -229,6 +235,12 @@ class Store:
             self._token.run_sync_soon(self._complete, batch)  # type: ignore[union-attr]  # set by start()
         except trio.RunFinishedError:  # pragma: no cover - loop gone; nobody to wake
             pass
+
+
+def _rewrite_version(conn: Connection) -> None:
+    # Inside the writer's transaction: rewrite page 1 with the same value.
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    conn.execute(f"PRAGMA user_version = {version}")
 
 
 def now_ms() -> int:
