@@ -111,7 +111,8 @@ class RelaySettings:
     host: str = setting(
         "127.0.0.1",
         "Address the relay listens on. Keep 127.0.0.1 behind a reverse proxy; use "
-        "0.0.0.0 or :: with tls_certificate to face the internet directly.",
+        "0.0.0.0 (all IPv4) or :: (all IPv6 only) with tls_certificate to face the "
+        "internet directly. One address: for both families, use a reverse proxy.",
     )
     port: int = setting(
         7878, "TCP port of the relay; 0 picks a free port.", minimum=0, maximum=65535
@@ -120,9 +121,14 @@ class RelaySettings:
         "",
         "PEM certificate chain. When set together with tls_private_key, the relay "
         "terminates TLS itself: TLS 1.3 only, key exchange X25519. Empty: plain "
-        "WebSocket (put a TLS reverse proxy in front).",
+        "WebSocket (put a TLS reverse proxy in front). A relative path resolves "
+        "against server.data_dir.",
     )
-    tls_private_key: str = setting("", "PEM private key for tls_certificate.")
+    tls_private_key: str = setting(
+        "",
+        "PEM private key for tls_certificate (relative to server.data_dir). Under "
+        "systemd, pass it with LoadCredential= and give the absolute credential path.",
+    )
     allowed_origins: tuple[str, ...] = setting(
         (),
         "Browser origins (scheme://host[:port]) allowed to connect. A handshake that "
