@@ -241,6 +241,95 @@ class RetentionSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthSettings:
+    """[auth]: accounts, passwords, MFA, sessions and rate limits (ASVS 5.0 level 2)."""
+
+    access_token_minutes: float = setting(
+        15.0,
+        "Lifetime of an access token. A connection whose access token expires without "
+        "a refresh is closed with 4001 'session expired'.",
+        minimum=1,
+        maximum=1_440,
+    )
+    refresh_token_days: float = setting(
+        30.0,
+        "Absolute lifetime of a session (its refresh token chain); the refresh token "
+        "rotates on every use but the session ends this long after login regardless.",
+        minimum=0.01,
+        maximum=365,
+    )
+    session_check_seconds: float = setting(
+        5.0,
+        "How often live connections are re-validated against their session (revoked, "
+        "expired, account disabled); a revoked session's connections close within this.",
+        minimum=0.5,
+        maximum=60,
+    )
+    require_mfa: str = setting(
+        "admins",
+        "Who must have a second factor (TOTP): none, admins (moderators too), or "
+        "everyone. A user who must but has none can log in only to enrol.",
+        choices=("none", "admins", "everyone"),
+    )
+    invite_days: float = setting(
+        7.0, "Default lifetime of an invite code.", minimum=0.01, maximum=90
+    )
+    argon2_memory_kib: int = setting(
+        19_456,
+        "Argon2id memory cost per password hash, in KiB (OWASP/ASVS minimum 19456 = 19 MiB).",
+        minimum=19_456,
+        maximum=4_194_304,
+    )
+    argon2_time_cost: int = setting(
+        2, "Argon2id iterations (OWASP/ASVS minimum 2).", minimum=2, maximum=100
+    )
+    argon2_parallelism: int = setting(1, "Argon2id lanes (threads per hash); 1 is the OWASP/ASVS baseline.", minimum=1, maximum=16)
+    max_concurrent_hashes: int = setting(
+        4,
+        "Password hashes computed at once (each in a worker thread, each using "
+        "argon2_memory_kib); further logins wait. Size it to memory and cores.",
+        minimum=1,
+        maximum=256,
+    )
+    login_rate_per_ip: float = setting(
+        20.0, "Login attempts per minute from one IP address (/24 or /48 network).",
+        minimum=0.1, maximum=100_000,
+    )
+    login_rate_per_account: float = setting(
+        10.0, "Login attempts per minute for one username.", minimum=0.1, maximum=100_000
+    )
+    refresh_rate_per_ip: float = setting(
+        60.0, "Token refreshes per minute from one IP network.", minimum=0.1, maximum=100_000
+    )
+    invite_rate_per_ip: float = setting(
+        10.0, "Invite redemptions per minute from one IP network.", minimum=0.1, maximum=100_000
+    )
+    totp_rate_per_account: float = setting(
+        10.0, "Second-factor attempts per minute for one account.", minimum=0.1, maximum=100_000
+    )
+    rate_burst: int = setting(
+        10, "Requests a client may make at once before the per-minute rates apply.",
+        minimum=1, maximum=10_000,
+    )
+    backoff_base_seconds: float = setting(
+        1.0,
+        "After repeated failed logins for an account or from a network, the wait "
+        "doubles from this value with each failure...",
+        minimum=0.1,
+        maximum=60,
+    )
+    backoff_max_seconds: float = setting(
+        900.0,
+        "...up to this cap. Nothing ever locks an account for good.",
+        minimum=1,
+        maximum=86_400,
+    )
+    audit_days: int = setting(
+        365, "Days the authentication audit log is kept.", minimum=1, maximum=36_500
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class LogSettings:
     """[log]: structured logs on stderr (journald picks them up)."""
 
@@ -265,6 +354,7 @@ class Config:
     relay: RelaySettings = field(default_factory=RelaySettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
     log: LogSettings = field(default_factory=LogSettings)
     path: Path = field(default=Path("chatd.toml"), metadata={"internal": True})
 
@@ -306,6 +396,7 @@ SECTIONS: Final[dict[str, type]] = {
     "relay": RelaySettings,
     "admin": AdminSettings,
     "retention": RetentionSettings,
+    "auth": AuthSettings,
     "log": LogSettings,
 }
 

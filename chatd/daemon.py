@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from functools import partial
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -24,12 +25,13 @@ import trio
 
 from chatd import __version__
 from chatd.admin.api import AdminContext
+from chatd.auth.service import AuthService
 from chatd.admin.service import serve_admin
 from chatd.config import Config
 from chatd.keyfiles import check_data_dir, load_admin_token_hash, load_db_key
 from chatd.log import fields
 from chatd.relay import serve_relay
-from chatd.retention import serve_retention
+from chatd.retention import auth_jobs, default_jobs, serve_retention
 from chatd.sdnotify import Notifier, watchdog_interval
 from chatd.store import Store, serve_store
 
@@ -92,8 +94,15 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
             notifier.notify(STATUS="opening the store")
             store: Store = await nursery.start(serve_store, config.database_path, key, config.store)
             del key
-            retention = await nursery.start(serve_retention, store, config.retention)
-            relay = await nursery.start(_until_done, relay_done, serve_relay, config, stopping)
+            auth = AuthService(store, config.auth)
+            jobs = default_jobs(config.retention) + auth_jobs(config.auth)
+            retention = await nursery.start(
+                partial(serve_retention, store, config.retention, jobs=jobs)
+            )
+            await auth.warm_up()
+            relay = await nursery.start(
+                _until_done, relay_done, partial(serve_relay, auth=auth), config, stopping
+            )
             ctx = AdminContext(store=store, retention=retention, token_hash=token_hash)
             admin_bind = await nursery.start(
                 _until_done, admin_done, serve_admin, config, ctx, stopping

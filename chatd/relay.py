@@ -36,11 +36,14 @@ from typing import Any, Final
 import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest
 
+from chatd.auth.models import SessionGrant
+from chatd.auth.service import AuthService
 from chatd.config import Config, RelaySettings
 from chatd.errors import ConfigError, ListenError
 from chatd.log import fields, mask_ip
 from chatd.protocol import core
 from chatd.protocol.frames import Limits
+from chatd.relay_sessions import SessionFrames
 from chatd.wsserver import StreamCounter, serve_websockets
 
 log = logging.getLogger("chatd.relay")
@@ -55,7 +58,16 @@ _NO_FLUSH: Final = (core.REASON_SEND_QUEUE_FULL, REASON_SEND_TIMEOUT)
 class _Client:
     """One live connection: protocol state, socket and send queue."""
 
-    __slots__ = ("ws", "proto", "peer", "send_in", "send_out", "receive_scope", "closing")
+    __slots__ = (
+        "ws",
+        "proto",
+        "peer",
+        "send_in",
+        "send_out",
+        "receive_scope",
+        "closing",
+        "grant",
+    )
 
     def __init__(self, ws: Any, proto: core.ServerConnection, peer: str, queue: int) -> None:
         self.ws = ws
@@ -64,13 +76,15 @@ class _Client:
         self.send_in, self.send_out = trio.open_memory_channel[bytes](queue)
         self.receive_scope: trio.CancelScope | None = None
         self.closing: core.Close | None = None
+        self.grant: SessionGrant | None = None  # the session, once authenticated
 
 
 class Relay:
     """Connection registry and per-connection logic; one per relay service."""
 
-    def __init__(self, settings: RelaySettings) -> None:
+    def __init__(self, settings: RelaySettings, auth: AuthService | None = None) -> None:
         self.settings = settings
+        self.session_frames = SessionFrames(self, auth)
         self.limits = Limits(
             max_frame_bytes=settings.max_frame_bytes,
             handshake_timeout_seconds=settings.handshake_timeout_seconds,
@@ -119,6 +133,7 @@ class Relay:
             client.closing = core.Close(core.CLOSE_INTERNAL_ERROR, core.REASON_INTERNAL)
         finally:
             self.clients.discard(client)
+            self.session_frames.detach(client)
             await self._hang_up(client)
 
     # -- per-connection loop ----------------------------------------------------
@@ -140,35 +155,56 @@ class Relay:
 
     async def _receive_loop(self, client: _Client) -> None:
         s = self.settings
-        if not self._perform(client, client.proto.start()):
+        proto = client.proto
+        if not self._perform(client, proto.start()):
             return
         timeout = s.handshake_timeout_seconds
+        # An unauthenticated connection may live for one idle period at most,
+        # however many pings it sends.
+        auth_deadline = trio.current_time() + s.idle_timeout_seconds
         while client.closing is None:
+            wait = timeout
+            if not proto.authenticated:
+                wait = max(0.0, min(wait, auth_deadline - trio.current_time()))
             with trio.CancelScope() as client.receive_scope:
                 if self.stopping:
                     client.receive_scope.cancel()
-                with trio.move_on_after(timeout) as idle:
+                with trio.move_on_after(wait) as idle:
                     try:
                         message = await client.ws.get_message()
                     except ConnectionClosed as exc:
                         self._peer_closed(client, exc)
                         return
+            if client.closing is not None:
+                return  # closed from outside: revoked, expired, send timeout
             if client.receive_scope.cancelled_caught and self.stopping:
-                self._perform(client, client.proto.shutdown())
+                self._perform(client, proto.shutdown())
                 return
             if idle.cancelled_caught:
-                first = client.proto.state is core.State.AWAITING_FIRST_FRAME
-                actions = (
-                    client.proto.first_frame_timeout() if first else client.proto.idle_timeout()
-                )
+                if proto.state is core.State.AWAITING_FIRST_FRAME:
+                    actions = proto.first_frame_timeout()
+                elif not proto.authenticated and trio.current_time() >= auth_deadline:
+                    actions = proto.auth_timeout()
+                else:
+                    actions = proto.idle_timeout()
                 self._perform(client, actions)
                 return
             timeout = s.idle_timeout_seconds
             if isinstance(message, bytes):
-                actions = client.proto.receive_bytes(message)
+                actions = proto.receive_bytes(message)
             else:
-                actions = client.proto.receive_text(message)
-            self._perform(client, actions)
+                actions = proto.receive_text(message)
+            await self._carry_out(client, actions)
+
+    async def _carry_out(self, client: _Client, actions: list[core.Action]) -> None:
+        """Perform actions; hand decoded requests to the session layer, in order."""
+        for action in actions:
+            if isinstance(action, core.Send | core.Close):
+                more: list[core.Action] = [action]
+            else:
+                more = await self.session_frames.handle(client, action)
+            if not self._perform(client, more):
+                return
 
     def _perform(self, client: _Client, actions: list[core.Action]) -> bool:
         """Carry out actions without blocking; False once the connection is closing."""
@@ -226,6 +262,12 @@ class Relay:
                     extra=fields(peer=mask_ip(client.peer), code=close.code, reason=close.reason),
                 )
             await client.ws.aclose(close.code, close.reason)
+
+    def close_client(self, client: _Client, actions: list[core.Action]) -> None:
+        """Close a connection from outside its receive loop (revocation, expiry)."""
+        self._perform(client, actions)
+        if client.receive_scope is not None:
+            client.receive_scope.cancel()
 
     def begin_shutdown(self) -> None:
         """Ask every connection to close with 1001 after its current frame."""
@@ -294,19 +336,26 @@ async def serve_relay(
     config: Config,
     stopping: trio.Event,
     *,
+    auth: AuthService | None = None,
     task_status: trio.TaskStatus[Relay] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the relay until ``stopping`` is set, then drain and return.
 
     Reports the :class:`Relay` once listening (``relay.port`` tells the bound
     port when the setting is 0). Raises :class:`ListenError` if the address
-    cannot be bound. Cancellation drops every connection at once.
+    cannot be bound. Cancellation drops every connection at once. Without
+    ``auth`` (lifecycle tests), every session request is refused.
     """
     s = config.relay
     listeners = await open_relay_listeners(config)
-    relay = Relay(s)
+    relay = Relay(s, auth)
     relay.port = listener_port(listeners[0])
     async with trio.open_nursery() as handlers:
+        if auth is not None:
+            auth.on_revoked = relay.session_frames.close_sessions
+            handlers.start_soon(
+                relay.session_frames.revalidate_forever, config.auth.session_check_seconds
+            )
         async with trio.open_nursery() as accepting:
             await accepting.start(
                 partial(
@@ -330,4 +379,5 @@ async def serve_relay(
         for listener in listeners:
             await listener.aclose()
         relay.begin_shutdown()
+        relay.session_frames.stop()
     log.info("relay.stopped", extra=fields(served=relay.connections_served))

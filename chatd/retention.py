@@ -26,7 +26,7 @@ from typing import Any, Final
 import msgspec
 import trio
 
-from chatd.config import RetentionSettings
+from chatd.config import AuthSettings, RetentionSettings
 from chatd.log import fields
 from chatd.store import Store, now_ms
 
@@ -83,6 +83,47 @@ def default_jobs(settings: RetentionSettings) -> list[Job]:
             "admin_audit",
             f"admin audit rows older than retention.admin_audit_days ({settings.admin_audit_days})",
             _purge_older_than("admin_audit", "at", lambda: settings.admin_audit_days),
+        ),
+    ]
+
+
+def _purge_sessions(conn: Any, *, now: int, limit: int) -> int:
+    # A session is gone for good once it expired or was revoked; keep it a
+    # day longer so a client still holding its token gets a clear answer.
+    cutoff = now - DAY_MS
+    return int(
+        conn.execute(
+            "DELETE FROM sessions WHERE id IN (SELECT id FROM sessions WHERE expires_at < ?"
+            " OR revoked_at < ? LIMIT ?)",
+            (cutoff, cutoff, limit),
+        ).rowcount
+    )
+
+
+def _purge_invites(conn: Any, *, now: int, limit: int) -> int:
+    cutoff = now - 30 * DAY_MS
+    return int(
+        conn.execute(
+            "DELETE FROM invites WHERE id IN (SELECT id FROM invites WHERE expires_at < ?"
+            " OR used_at < ? OR revoked_at < ? LIMIT ?)",
+            (cutoff, cutoff, cutoff, limit),
+        ).rowcount
+    )
+
+
+def auth_jobs(settings: AuthSettings) -> list[Job]:
+    """Purge jobs for accounts data: sessions, invites, the auth audit log."""
+    return [
+        Job(
+            "sessions",
+            "sessions expired or revoked more than a day ago (with their spent refresh tokens)",
+            _purge_sessions,
+        ),
+        Job("invites", "invites expired, used or revoked more than 30 days ago", _purge_invites),
+        Job(
+            "auth_audit",
+            f"auth audit rows older than auth.audit_days ({settings.audit_days})",
+            _purge_older_than("auth_audit", "at", lambda: settings.audit_days),
         ),
     ]
 

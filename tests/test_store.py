@@ -249,6 +249,30 @@ def _sample_rows(conn: Any, version: int) -> dict[str, int]:
             "INSERT INTO admin_audit (at, method, path, status) VALUES (1, 'GET', '/', 200)"
         )
         rows["admin_audit"] = 1
+    if version >= 3:
+        conn.execute(
+            "INSERT INTO users (username, username_key, role, password_hash,"
+            " password_changed_at, created_at) VALUES ('Al', 'al', 'user', 'h', 1, 1)"
+        )
+        conn.execute("INSERT INTO recovery_codes (user_id, code_hash) VALUES (1, x'00')")
+        conn.execute(
+            "INSERT INTO invites (code_hash, role, note, created_at, expires_at)"
+            " VALUES (x'01', 'user', '', 1, 2)"
+        )
+        conn.execute(
+            "INSERT INTO sessions (user_id, device_name, created_at, last_seen_at, last_ip,"
+            " expires_at, access_hash, access_expires_at, refresh_hash)"
+            " VALUES (1, 'd', 1, 1, '-', 2, x'02', 2, x'03')"
+        )
+        conn.execute(
+            "INSERT INTO spent_refresh_tokens (token_hash, session_id, spent_at) VALUES (x'04', 1, 1)"
+        )
+        conn.execute(
+            "INSERT INTO auth_audit (at, event, outcome, ip) VALUES (1, 'login', 'ok', '-')"
+        )
+        for table in ("users", "recovery_codes", "invites", "sessions", "spent_refresh_tokens",
+                      "auth_audit"):
+            rows[table] = 1
     return rows
 
 

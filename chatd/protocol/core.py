@@ -33,14 +33,19 @@ from typing import Final
 import msgspec
 
 from chatd.protocol.frames import (
+    AUTH_FRAMES,
+    ENROLMENT_FRAMES,
     PROTOCOL_VERSION,
     Bye,
     ClientFrame,
     Error,
     Hello,
     Limits,
+    Login,
     Ping,
     Pong,
+    Register,
+    Resume,
     ServerFrame,
 )
 
@@ -52,8 +57,14 @@ CLOSE_INVALID_PAYLOAD: Final = 1007  # a text message that is not UTF-8
 CLOSE_POLICY: Final = 1008  # timeouts, too many bad frames, slow consumer
 CLOSE_TOO_BIG: Final = 1009  # a message over max_frame_bytes
 CLOSE_INTERNAL_ERROR: Final = 1011  # a server bug; the client may reconnect
+CLOSE_SESSION_EXPIRED: Final = 4001  # access token expired without a refresh
+CLOSE_SESSION_REVOKED: Final = 4003  # logged out elsewhere, revoked, or account disabled
 
 REASON_BYE: Final = "bye"
+REASON_LOGGED_OUT: Final = "logged out"
+REASON_SESSION_EXPIRED: Final = "session expired"
+REASON_SESSION_REVOKED: Final = "session revoked"
+REASON_AUTH_TIMEOUT: Final = "authentication timeout"
 REASON_TOO_BIG: Final = "message too big"
 REASON_FIRST_FRAME_TIMEOUT: Final = "first frame timeout"
 REASON_IDLE_TIMEOUT: Final = "idle timeout"
@@ -66,6 +77,9 @@ REASON_INTERNAL: Final = "internal error"
 #: Error frame codes.
 ERR_BAD_FRAME: Final = "bad_frame"  # not JSON, or a field is missing/wrong
 ERR_UNKNOWN_TYPE: Final = "unknown_type"  # ``type`` names no frame
+ERR_AUTH_REQUIRED: Final = "auth_required"  # log in (or resume) first
+ERR_ALREADY_AUTHENTICATED: Final = "already_authenticated"  # one session per connection
+ERR_MFA_ENROLLMENT_REQUIRED: Final = "mfa_enrollment_required"  # enrol TOTP first
 
 _PATH_RE: Final = re.compile(r" - at `([^`]+)`$")
 _UNKNOWN_FIELD_RE: Final = re.compile(r"unknown field `([^`]+)`")
@@ -92,7 +106,9 @@ Action = Send | Close | ClientFrame
 class State(enum.Enum):
     NEW = "new"  # hello not sent yet
     AWAITING_FIRST_FRAME = "awaiting_first_frame"
-    OPEN = "open"
+    OPEN = "open"  # not authenticated yet: auth frames, ping and bye only
+    AUTHENTICATED = "authenticated"
+    RESTRICTED = "restricted"  # authenticated, but must enrol a second factor first
     CLOSED = "closed"
 
 
@@ -175,7 +191,80 @@ class ServerConnection:
             return [Send(encode(Pong(id=frame.id)))]
         if isinstance(frame, Bye):
             return self._close(CLOSE_NORMAL, REASON_BYE)
-        return [frame]  # pragma: no cover - every frame type is handled above for now
+        request_id = getattr(frame, "id", None)
+        if self.state is State.OPEN and not isinstance(frame, AUTH_FRAMES):
+            return self._refuse(ERR_AUTH_REQUIRED, "log in, register or resume first", request_id)
+        if self.state in (State.AUTHENTICATED, State.RESTRICTED) and isinstance(
+            frame, Login | Register | Resume
+        ):
+            return self._refuse(
+                ERR_ALREADY_AUTHENTICATED, "this connection already has a session", request_id
+            )
+        if self.state is State.RESTRICTED and not isinstance(frame, ENROLMENT_FRAMES):
+            return self._refuse(
+                ERR_MFA_ENROLLMENT_REQUIRED,
+                "your role requires a second factor: enrol with mfa_enroll and mfa_confirm",
+                request_id,
+            )
+        return [frame]  # for the service layer
+
+    def _refuse(self, code: str, message: str, request_id: str | None) -> list[Action]:
+        self.bad_frames += 1
+        actions: list[Action] = [Send(encode(Error(code=code, message=message, id=request_id)))]
+        if self.bad_frames >= self.limits.max_bad_frames:
+            actions += self._close(CLOSE_POLICY, REASON_TOO_MANY_BAD_FRAMES)
+        return actions
+
+    # -- called by the service layer --------------------------------------------------
+
+    @property
+    def authenticated(self) -> bool:
+        return self.state in (State.AUTHENTICATED, State.RESTRICTED)
+
+    def session_started(self, *, restricted: bool) -> None:
+        """A login, registration or resume succeeded on this connection."""
+        if self.state is not State.CLOSED:
+            self.state = State.RESTRICTED if restricted else State.AUTHENTICATED
+
+    def reply(self, frame: ServerFrame) -> list[Action]:
+        if self.state is State.CLOSED:
+            return []
+        return [Send(encode(frame))]
+
+    def error(
+        self,
+        code: str,
+        message: str,
+        *,
+        request_id: str | None,
+        field: str | None = None,
+        retry_after: float | None = None,
+    ) -> list[Action]:
+        """A refused request: the connection stays open (not a bad frame)."""
+        frame = Error(
+            code=code, message=message, field=field, id=request_id, retry_after=retry_after
+        )
+        return self.reply(frame)
+
+    def logged_out(self) -> list[Action]:
+        if self.state is State.CLOSED:
+            return []
+        return self._close(CLOSE_NORMAL, REASON_LOGGED_OUT)
+
+    def session_expired(self) -> list[Action]:
+        if self.state is State.CLOSED:
+            return []
+        return self._close(CLOSE_SESSION_EXPIRED, REASON_SESSION_EXPIRED)
+
+    def session_revoked(self) -> list[Action]:
+        if self.state is State.CLOSED:
+            return []
+        return self._close(CLOSE_SESSION_REVOKED, REASON_SESSION_REVOKED)
+
+    def auth_timeout(self) -> list[Action]:
+        if self.authenticated or self.state is State.CLOSED:
+            return []
+        return self._close(CLOSE_POLICY, REASON_AUTH_TIMEOUT)
 
     def _close(self, code: int, reason: str) -> list[Action]:
         self.state = State.CLOSED

@@ -37,8 +37,119 @@ class Bye(Frame, tag="bye"):
     """The client is leaving; the server closes with 1000."""
 
 
+# Field limits (characters). Long enough for every legitimate value, short
+# enough that nothing unbounded reaches Argon2 or the database.
+Username = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Password = Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
+Token = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Code = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+DeviceName = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+SessionIds = Annotated[list[int], msgspec.Meta(max_length=100)]
+
+
+class Login(Frame, tag="login"):
+    """Password login; ``totp`` or ``recovery_code`` when the account has MFA."""
+
+    id: RequestId
+    username: Username
+    password: Password
+    device_name: DeviceName
+    totp: Code | None = None
+    recovery_code: Code | None = None
+
+
+class Register(Frame, tag="register"):
+    """Redeem an invite code: create the account and log in."""
+
+    id: RequestId
+    invite_code: Token
+    username: Username
+    password: Password
+    device_name: DeviceName
+
+
+class Resume(Frame, tag="resume"):
+    """Continue a session on a new connection with its access token."""
+
+    id: RequestId
+    access_token: Token
+
+
+class Refresh(Frame, tag="refresh"):
+    """Rotate tokens; allowed before and after authentication."""
+
+    id: RequestId
+    refresh_token: Token
+
+
+class Logout(Frame, tag="logout"):
+    id: RequestId
+
+
+class ListSessions(Frame, tag="list_sessions"):
+    id: RequestId
+
+
+class RevokeSessions(Frame, tag="revoke_sessions"):
+    """Revoke some of your sessions by id, or all but this one."""
+
+    id: RequestId
+    session_ids: SessionIds = []
+    all_others: bool = False
+
+
+class ChangePassword(Frame, tag="change_password"):
+    id: RequestId
+    current_password: Password
+    new_password: Password
+    totp: Code | None = None
+
+
+class MfaEnroll(Frame, tag="mfa_enroll"):
+    id: RequestId
+    password: Password
+    totp: Code | None = None
+
+
+class MfaConfirm(Frame, tag="mfa_confirm"):
+    id: RequestId
+    code: Code
+
+
+class MfaDisable(Frame, tag="mfa_disable"):
+    id: RequestId
+    password: Password
+    code: Code
+
+
+class NewRecoveryCodes(Frame, tag="new_recovery_codes"):
+    id: RequestId
+    password: Password
+    code: Code
+
+
 #: Every frame a client may send. Decoding a union makes ``type`` mandatory.
-ClientFrame = Ping | Bye
+ClientFrame = (
+    Ping
+    | Bye
+    | Login
+    | Register
+    | Resume
+    | Refresh
+    | Logout
+    | ListSessions
+    | RevokeSessions
+    | ChangePassword
+    | MfaEnroll
+    | MfaConfirm
+    | MfaDisable
+    | NewRecoveryCodes
+)
+
+#: Frames that start a session: only these (and ping, bye, refresh) before one.
+AUTH_FRAMES = (Login, Register, Resume, Refresh)
+#: Frames a session that must still enrol a second factor may send.
+ENROLMENT_FRAMES = (Refresh, Logout, MfaEnroll, MfaConfirm, ListSessions)
 
 
 # -- server -> client ---------------------------------------------------------
@@ -71,6 +182,90 @@ class Error(Frame, tag="error"):
     message: str
     field: str | None = None
     id: str | None = None
+    retry_after: float | None = None  # seconds, with code rate_limited
 
 
-ServerFrame = Hello | Pong | Error
+class User(msgspec.Struct):
+    id: int
+    username: str
+    role: str
+
+
+class Session(Frame, tag="session"):
+    """Answer to login, register and resume: the connection is now authenticated.
+
+    Tokens are present only when new ones were issued (login, register).
+    """
+
+    id: str
+    session_id: int
+    user: User
+    access_expires_at: int  # unix ms
+    expires_at: int  # unix ms: absolute end of the session
+    mfa_enrollment_required: bool
+    access_token: str | None = None
+    refresh_token: str | None = None
+
+
+class Tokens(Frame, tag="tokens"):
+    """Answer to refresh: the new token pair (the old refresh token is spent)."""
+
+    id: str
+    session_id: int
+    access_token: str
+    access_expires_at: int
+    refresh_token: str
+    expires_at: int
+
+
+class Ok(Frame, tag="ok"):
+    id: str
+
+
+class SessionEntry(msgspec.Struct):
+    session_id: int
+    device_name: str
+    created_at: int
+    last_seen_at: int
+    ip: str  # masked
+    expires_at: int
+    current: bool
+
+
+class Sessions(Frame, tag="sessions"):
+    id: str
+    sessions: list[SessionEntry]
+
+
+class Revoked(Frame, tag="revoked"):
+    id: str
+    session_ids: list[int]
+
+
+class MfaEnrollment(Frame, tag="mfa_enrollment"):
+    """The TOTP secret to put in an authenticator app; active after mfa_confirm."""
+
+    id: str
+    secret: str
+    provisioning_uri: str
+
+
+class RecoveryCodes(Frame, tag="recovery_codes"):
+    """Ten single-use recovery codes, shown once."""
+
+    id: str
+    codes: list[str]
+
+
+ServerFrame = (
+    Hello
+    | Pong
+    | Error
+    | Session
+    | Tokens
+    | Ok
+    | Sessions
+    | Revoked
+    | MfaEnrollment
+    | RecoveryCodes
+)

@@ -40,6 +40,74 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     );
     CREATE INDEX admin_audit_at ON admin_audit (at);
     """,
+    # 3: accounts, second factors, invites, sessions and the auth audit log.
+    """
+    CREATE TABLE users (
+        id                  INTEGER PRIMARY KEY,
+        username            TEXT    NOT NULL,         -- as first entered, for display
+        username_key        TEXT    NOT NULL UNIQUE,  -- NFKC + casefold: lookups, uniqueness
+        role                TEXT    NOT NULL CHECK (role IN ('user', 'moderator', 'admin')),
+        password_hash       TEXT    NOT NULL,         -- Argon2id PHC string
+        password_changed_at INTEGER NOT NULL,
+        totp_secret         TEXT,                     -- base32; set at enrolment
+        totp_confirmed_at   INTEGER,                  -- MFA is active when set
+        totp_last_step      INTEGER,                  -- last accepted TOTP step (no replay)
+        disabled_at         INTEGER,
+        created_at          INTEGER NOT NULL
+    );
+    CREATE TABLE recovery_codes (
+        id        INTEGER PRIMARY KEY,
+        user_id   INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+        code_hash BLOB    NOT NULL,                   -- SHA-256 of the normalized code
+        used_at   INTEGER
+    );
+    CREATE INDEX recovery_codes_user ON recovery_codes (user_id);
+    CREATE TABLE invites (
+        id         INTEGER PRIMARY KEY,
+        code_hash  BLOB    NOT NULL UNIQUE,           -- SHA-256 of the code
+        role       TEXT    NOT NULL CHECK (role IN ('user', 'moderator', 'admin')),
+        note       TEXT    NOT NULL,                  -- admin's note, e.g. who it is for
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        used_at    INTEGER,
+        used_by    INTEGER REFERENCES users (id) ON DELETE SET NULL,
+        revoked_at INTEGER
+    );
+    CREATE TABLE sessions (
+        id                INTEGER PRIMARY KEY,
+        user_id           INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+        device_name       TEXT    NOT NULL,
+        created_at        INTEGER NOT NULL,
+        last_seen_at      INTEGER NOT NULL,
+        last_ip           TEXT    NOT NULL,           -- masked (/24, /48)
+        expires_at        INTEGER NOT NULL,           -- absolute end of the session
+        access_hash       BLOB    NOT NULL UNIQUE,
+        access_expires_at INTEGER NOT NULL,
+        refresh_hash      BLOB    NOT NULL UNIQUE,
+        revoked_at        INTEGER,
+        revoked_reason    TEXT
+    );
+    CREATE INDEX sessions_user ON sessions (user_id);
+    CREATE INDEX sessions_expires_at ON sessions (expires_at);
+    CREATE TABLE spent_refresh_tokens (
+        token_hash BLOB    PRIMARY KEY,
+        session_id INTEGER NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+        spent_at   INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX spent_refresh_tokens_session ON spent_refresh_tokens (session_id);
+    CREATE TABLE auth_audit (
+        id          INTEGER PRIMARY KEY,
+        at          INTEGER NOT NULL,
+        event       TEXT    NOT NULL,
+        outcome     TEXT    NOT NULL,                 -- ok, or the reason it failed
+        user_id     INTEGER REFERENCES users (id) ON DELETE SET NULL,
+        ip          TEXT    NOT NULL,                 -- masked
+        device_name TEXT,
+        session_id  INTEGER
+    );
+    CREATE INDEX auth_audit_at ON auth_audit (at);
+    CREATE INDEX auth_audit_user ON auth_audit (user_id, at);
+    """,
 )
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)

@@ -1,0 +1,225 @@
+"""Session requests on relay connections: login, tokens, MFA, session management.
+
+The protocol core decides *whether* a request is allowed in the connection's
+state (see :mod:`chatd.protocol.core`); this module carries it out with the
+:class:`~chatd.auth.service.AuthService` and turns the outcome into frames.
+
+It also keeps live connections honest about their session: each connection
+is registered under its session id, so a revocation closes it at once with
+4003, and a sweep every ``auth.session_check_seconds`` closes connections
+whose access token expired without a refresh (4001) or whose session ended
+in a way that was not announced (4003).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from chatd.auth.models import AuthError, Peer, SessionGrant
+from chatd.log import fields, mask_ip
+from chatd.protocol import core
+from chatd.protocol import frames as f
+from chatd.store import now_ms
+
+if TYPE_CHECKING:  # pragma: no cover - import cycle for annotations only
+    from chatd.auth.service import AuthService
+    from chatd.relay import Relay, _Client
+
+log = logging.getLogger("chatd.relay")
+
+
+def _session_frame(request_id: str, grant: SessionGrant) -> f.Session:
+    return f.Session(
+        id=request_id,
+        session_id=grant.session_id,
+        user=f.User(id=grant.user_id, username=grant.username, role=grant.role),
+        access_expires_at=grant.access_expires_at,
+        expires_at=grant.expires_at,
+        mfa_enrollment_required=grant.mfa_enrollment_required,
+        access_token=grant.access_token,
+        refresh_token=grant.refresh_token,
+    )
+
+
+class SessionFrames:
+    """Carries out session requests for one relay; owns the session registry."""
+
+    def __init__(self, relay: Relay, auth: AuthService | None) -> None:
+        self.relay = relay
+        self.auth = auth
+        self.by_session: dict[int, set[_Client]] = {}
+        self._sweep = trio.CancelScope()
+
+    # -- registry ------------------------------------------------------------------
+
+    def attach(self, client: _Client, grant: SessionGrant) -> None:
+        self.detach(client)
+        client.grant = grant
+        self.by_session.setdefault(grant.session_id, set()).add(client)
+        client.proto.session_started(restricted=grant.mfa_enrollment_required)
+
+    def detach(self, client: _Client) -> None:
+        grant = client.grant
+        if grant is None:
+            return
+        clients = self.by_session.get(grant.session_id)
+        if clients is not None:
+            clients.discard(client)
+            if not clients:
+                del self.by_session[grant.session_id]
+
+    def close_sessions(self, session_ids: Iterable[int]) -> None:
+        """Close every connection of these sessions with 4003 (AuthService.on_revoked)."""
+        for sid in list(session_ids):
+            for client in list(self.by_session.pop(sid, ())):
+                self.relay.close_client(client, client.proto.session_revoked())
+
+    async def revalidate_forever(self, interval: float) -> None:
+        """Every ``interval`` seconds: close expired and no-longer-valid sessions."""
+        with self._sweep:
+            while True:
+                await trio.sleep(interval)
+                await self.revalidate()
+
+    def stop(self) -> None:
+        self._sweep.cancel()
+
+    async def revalidate(self) -> None:
+        now = now_ms()
+        for clients in list(self.by_session.values()):
+            for client in list(clients):
+                if client.grant is not None and client.grant.access_expires_at <= now:
+                    self.detach(client)
+                    self.relay.close_client(client, client.proto.session_expired())
+        if self.auth is not None and self.by_session:
+            self.close_sessions(await self.auth.invalid_sessions(list(self.by_session)))
+
+    # -- requests ----------------------------------------------------------------------
+
+    async def handle(self, client: _Client, frame: Any) -> list[core.Action]:
+        """Serve one session request; the reply (or error) as actions."""
+        proto = client.proto
+        request_id: str = frame.id
+        if self.auth is None:
+            return proto.error(
+                "unavailable", "sessions are not available on this server", request_id=request_id
+            )
+        # Device names come with login/register; later requests are tied to the session.
+        peer = Peer(ip=mask_ip(client.peer), device_name="")
+        try:
+            return await self._dispatch(client, frame, peer)
+        except AuthError as exc:
+            return proto.error(
+                exc.code,
+                exc.message,
+                request_id=request_id,
+                field=exc.field,
+                retry_after=exc.retry_after,
+            )
+
+    async def _dispatch(self, client: _Client, frame: Any, peer: Peer) -> list[core.Action]:
+        auth = self.auth
+        assert auth is not None  # noqa: S101 - checked by handle()
+        proto = client.proto
+        grant = client.grant
+        match frame:
+            case f.Login():
+                login_peer = Peer(ip=peer.ip, device_name=frame.device_name)
+                grant = await auth.login(
+                    frame.username,
+                    frame.password,
+                    login_peer,
+                    totp=frame.totp,
+                    recovery_code=frame.recovery_code,
+                )
+                self.attach(client, grant)
+                return proto.reply(_session_frame(frame.id, grant))
+            case f.Register():
+                reg_peer = Peer(ip=peer.ip, device_name=frame.device_name)
+                grant = await auth.register(
+                    frame.invite_code, frame.username, frame.password, reg_peer
+                )
+                self.attach(client, grant)
+                return proto.reply(_session_frame(frame.id, grant))
+            case f.Resume():
+                grant = await auth.resume(frame.access_token, peer)
+                self.attach(client, grant)
+                return proto.reply(_session_frame(frame.id, grant))
+            case f.Refresh():
+                fresh = await auth.refresh(frame.refresh_token, peer)
+                if grant is None or grant.session_id == fresh.session_id:
+                    # Refreshing authenticates a new connection, and extends a live one.
+                    self.attach(client, fresh)
+                assert fresh.access_token and fresh.refresh_token  # noqa: S101 - refresh issues both
+                return proto.reply(
+                    f.Tokens(
+                        id=frame.id,
+                        session_id=fresh.session_id,
+                        access_token=fresh.access_token,
+                        access_expires_at=fresh.access_expires_at,
+                        refresh_token=fresh.refresh_token,
+                        expires_at=fresh.expires_at,
+                    )
+                )
+        assert grant is not None  # noqa: S101 - the core admits the rest only with a session
+        match frame:
+            case f.Logout():
+                self.detach(client)  # so the revocation does not close us with 4003
+                await auth.logout(grant, peer)
+                return proto.reply(f.Ok(id=frame.id)) + proto.logged_out()
+            case f.ListSessions():
+                sessions = await auth.list_sessions(grant.user_id)
+                entries = [
+                    f.SessionEntry(
+                        session_id=s.session_id,
+                        device_name=s.device_name,
+                        created_at=s.created_at,
+                        last_seen_at=s.last_seen_at,
+                        ip=s.ip,
+                        expires_at=s.expires_at,
+                        current=s.session_id == grant.session_id,
+                    )
+                    for s in sessions
+                    if not s.revoked and s.expires_at > now_ms()
+                ]
+                return proto.reply(f.Sessions(id=frame.id, sessions=entries))
+            case f.RevokeSessions():
+                if grant.session_id in frame.session_ids:
+                    raise AuthError(
+                        "use_logout", "to end this session, send logout", field="$.session_ids"
+                    )
+                revoked = await auth.revoke_own_sessions(
+                    grant, peer, session_ids=frame.session_ids, all_others=frame.all_others
+                )
+                return proto.reply(f.Revoked(id=frame.id, session_ids=revoked))
+            case f.ChangePassword():
+                await auth.change_password(
+                    grant, frame.current_password, frame.new_password, frame.totp, peer
+                )
+                return proto.reply(f.Ok(id=frame.id))
+            case f.MfaEnroll():
+                secret, uri = await auth.mfa_enroll(grant, frame.password, frame.totp, peer)
+                return proto.reply(
+                    f.MfaEnrollment(id=frame.id, secret=secret, provisioning_uri=uri)
+                )
+            case f.MfaConfirm():
+                codes = await auth.mfa_confirm(grant, frame.code, peer)
+                if grant.mfa_enrollment_required:
+                    from dataclasses import replace
+
+                    self.attach(client, replace(grant, mfa_enrollment_required=False))
+                return proto.reply(f.RecoveryCodes(id=frame.id, codes=codes))
+            case f.MfaDisable():
+                await auth.mfa_disable(grant, frame.password, frame.code, peer)
+                return proto.reply(f.Ok(id=frame.id))
+            case f.NewRecoveryCodes():
+                codes = await auth.regenerate_recovery_codes(
+                    grant, frame.password, frame.code, peer
+                )
+                return proto.reply(f.RecoveryCodes(id=frame.id, codes=codes))
+        log.error("relay.unhandled_frame", extra=fields(type=type(frame).__name__))
+        return proto.internal_error()
