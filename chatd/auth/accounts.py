@@ -242,8 +242,8 @@ class AccountAdmin:
                 clauses.append(clause)
                 args.append(value)
         sql = (
-            "SELECT id, at, event, outcome, user_id, ip, device_name, session_id FROM auth_audit"
-            f" WHERE {' AND '.join(clauses)} ORDER BY id DESC LIMIT ?"  # noqa: S608
+            "SELECT id, at, event, outcome, user_id, ip, device_name, session_id FROM auth_audit"  # noqa: S608 - constant clauses, values bound
+            f" WHERE {' AND '.join(clauses)} ORDER BY id DESC LIMIT ?"
         )
         rows = await self.store.read(lambda conn: conn.execute(sql, (*args, limit)).fetchall())
         return [AuditEvent(*r) for r in rows]

@@ -739,9 +739,10 @@ def _select_user(where: str, value: object, conn: Any) -> dict[str, Any] | None:
 
 def _select_session(conn: Any, where: str, value: object, now: int) -> dict[str, Any] | None:
     row = conn.execute(
-        "SELECT s.id, s.user_id, s.access_expires_at, s.expires_at, u.username, u.role,"
+        # ``where`` is always one of this module's constant fragments.
+        "SELECT s.id, s.user_id, s.access_expires_at, s.expires_at, u.username, u.role,"  # noqa: S608
         " u.totp_confirmed_at IS NOT NULL FROM sessions s JOIN users u ON u.id = s.user_id"
-        f" WHERE {where} AND s.revoked_at IS NULL AND s.expires_at > ?"  # noqa: S608
+        f" WHERE {where} AND s.revoked_at IS NULL AND s.expires_at > ?"
         " AND u.disabled_at IS NULL",
         (value, now),
     ).fetchone()
@@ -755,8 +756,8 @@ def _select_session(conn: Any, where: str, value: object, now: int) -> dict[str,
 
 def _list_sessions(where: str, args: tuple[object, ...], conn: Any) -> list[SessionInfo]:
     rows = conn.execute(
-        "SELECT id, user_id, device_name, created_at, last_seen_at, last_ip, expires_at,"
-        f" revoked_at IS NOT NULL FROM sessions WHERE {where} ORDER BY id DESC LIMIT 1000",  # noqa: S608
+        "SELECT id, user_id, device_name, created_at, last_seen_at, last_ip, expires_at,"  # noqa: S608
+        f" revoked_at IS NOT NULL FROM sessions WHERE {where} ORDER BY id DESC LIMIT 1000",
         args,
     ).fetchall()
     return [

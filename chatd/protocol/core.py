@@ -35,6 +35,7 @@ import msgspec
 from chatd.protocol.frames import (
     AUTH_FRAMES,
     ENROLMENT_FRAMES,
+    MAX_ID_CHARS,
     PROTOCOL_VERSION,
     Bye,
     ClientFrame,
@@ -116,6 +117,19 @@ _decoder: Final = msgspec.json.Decoder(ClientFrame)
 _encoder: Final = msgspec.json.Encoder()
 
 
+def _request_id(data: str | bytes) -> str | None:
+    """The ``id`` of a frame that failed validation, if it has a usable one,
+    so the client can match the error to its request."""
+    try:
+        raw = msgspec.json.decode(data)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return None
+    value = raw.get("id") if isinstance(raw, dict) else None
+    if isinstance(value, str) and 0 < len(value) <= MAX_ID_CHARS:
+        return value
+    return None
+
+
 def encode(frame: ServerFrame) -> bytes:
     return _encoder.encode(frame)
 
@@ -146,7 +160,7 @@ class ServerConnection:
         try:
             frame = _decoder.decode(data)
         except msgspec.ValidationError as exc:
-            return self._bad_frame(exc)
+            return self._bad_frame(exc, request_id=_request_id(data))
         except msgspec.DecodeError as exc:
             return self._bad_frame(exc, not_json=True)
         except UnicodeDecodeError:
@@ -270,7 +284,9 @@ class ServerConnection:
         self.state = State.CLOSED
         return [Close(code, reason)]
 
-    def _bad_frame(self, exc: Exception, *, not_json: bool = False) -> list[Action]:
+    def _bad_frame(
+        self, exc: Exception, *, not_json: bool = False, request_id: str | None = None
+    ) -> list[Action]:
         self.bad_frames += 1
         text = str(exc)
         field: str | None = None
@@ -287,7 +303,8 @@ class ServerConnection:
             code = ERR_UNKNOWN_TYPE if "Invalid value" in text else ERR_BAD_FRAME
         if not_json:
             text = "frame is not a JSON object: " + text
-        actions: list[Action] = [Send(encode(Error(code=code, message=text, field=field)))]
+        error = Error(code=code, message=text, field=field, id=request_id)
+        actions: list[Action] = [Send(encode(error))]
         if self.bad_frames >= self.limits.max_bad_frames:
             actions += self._close(CLOSE_POLICY, REASON_TOO_MANY_BAD_FRAMES)
         return actions

@@ -1,0 +1,400 @@
+"""Accounts, sessions and MFA over the real relay: what a client sees, and the audit log."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pyotp
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, open_websocket_url
+
+from chatd.auth.accounts import AccountAdmin
+from chatd.auth.service import AuthService
+from chatd.config import AuthSettings, Config, RelaySettings, StoreSettings
+from chatd.relay import Relay, serve_relay
+from chatd.store import Store, serve_store
+
+KEY = bytes(range(32))
+PASSWORD = "correct horse battery staple"
+_ids = itertools.count(1)
+
+
+@dataclasses.dataclass
+class Server:
+    relay: Relay
+    auth: AuthService
+    admin: AccountAdmin
+    store: Store
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.relay.port}/v1/ws"
+
+    async def audit(self) -> list[tuple[str, str]]:
+        rows = await self.store.read(
+            lambda c: c.execute("SELECT event, outcome FROM auth_audit ORDER BY id").fetchall()
+        )
+        return [tuple(r) for r in rows]  # type: ignore[misc]
+
+
+@asynccontextmanager
+async def server(tmp: Path, **auth_settings: Any) -> AsyncIterator[Server]:
+    defaults = {"session_check_seconds": 0.2, "require_mfa": "none", "backoff_base_seconds": 0.001}
+    settings = AuthSettings(**{**defaults, **auth_settings})
+    relay_settings = RelaySettings(port=0, idle_timeout_seconds=30, handshake_timeout_seconds=10)
+    config = Config(relay=relay_settings, auth=settings, path=tmp / "chatd.toml")
+    async with trio.open_nursery() as nursery:
+        store = await nursery.start(serve_store, tmp / "c.db", KEY, StoreSettings())
+        auth = AuthService(store, settings)
+        relay = await nursery.start(partial(serve_relay, auth=auth), config, trio.Event())
+        admin = AccountAdmin(auth)
+        await admin.create_user("alice", PASSWORD, "user")
+        yield Server(relay, auth, admin, store)
+        nursery.cancel_scope.cancel()
+
+
+class Client:
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+
+    async def request(self, frame_type: str, **fields: Any) -> dict[str, Any]:
+        request_id = f"r{next(_ids)}"
+        await self.ws.send_message(json.dumps({"type": frame_type, "id": request_id, **fields}))
+        with trio.fail_after(10):
+            while True:
+                reply = json.loads(await self.ws.get_message())
+                if reply.get("id") == request_id:
+                    return reply  # type: ignore[no-any-return]
+
+    async def login(
+        self, username: str = "alice", password: str = PASSWORD, **kw: Any
+    ) -> dict[str, Any]:
+        return await self.request(
+            "login", username=username, password=password, device_name="laptop", **kw
+        )
+
+    async def closed(self) -> tuple[int, str | None]:
+        with trio.fail_after(10):
+            while True:
+                try:
+                    await self.ws.get_message()
+                except ConnectionClosed as exc:
+                    return exc.reason.code, exc.reason.reason
+
+
+@asynccontextmanager
+async def connect(srv: Server) -> AsyncIterator[Client]:
+    async with open_websocket_url(srv.url) as ws:
+        hello = json.loads(await ws.get_message())
+        assert hello["type"] == "hello"
+        yield Client(ws)
+
+
+async def test_login_returns_a_session_with_tokens(short_tmp: Path) -> None:
+    async with server(short_tmp) as srv, connect(srv) as c:
+        session = await c.login()
+        assert session["type"] == "session"
+        assert session["user"] == {"id": 1, "username": "alice", "role": "user"}
+        assert len(session["access_token"]) >= 43 and len(session["refresh_token"]) >= 43
+        assert session["mfa_enrollment_required"] is False
+        minutes = (session["access_expires_at"] - time.time() * 1000) / 60_000
+        assert 14 < minutes <= 15
+        sessions = await c.request("list_sessions")
+        [entry] = sessions["sessions"]
+        assert entry["device_name"] == "laptop" and entry["current"] is True
+        assert entry["ip"] == "127.0.0.0/24"
+        assert await srv.audit() == [("admin_create_user", "ok"), ("login", "ok")]
+        stored = await srv.store.read(lambda c: c.execute("SELECT * FROM sessions").fetchall())
+        assert session["access_token"] not in repr(stored)  # only hashes are stored
+
+
+@pytest.mark.parametrize(
+    ("username", "password", "outcome"),
+    [
+        ("alice", PASSWORD + "!", "bad_password"),
+        ("nobody", PASSWORD, "unknown_user"),
+        ("ALICE", "x" * 200, "bad_password"),
+        ("alice", PASSWORD.upper(), "bad_password"),
+        ("alice", PASSWORD[:-1], "bad_password"),
+    ],
+)
+async def test_a_failed_login_says_the_same_for_every_cause_and_is_audited(
+    short_tmp: Path, username: str, password: str, outcome: str
+) -> None:
+    async with server(short_tmp) as srv, connect(srv) as c:
+        reply = await c.login(username, password)
+        assert reply == {
+            "type": "error",
+            "code": "login_failed",
+            "id": reply["id"],
+            "message": "wrong username or password",
+        }
+        assert (await srv.audit())[-1] == ("login", outcome)
+        # The connection stays usable: the right password still works.
+        assert (await c.login("Alice"))["type"] == "session"
+
+
+async def test_unknown_usernames_cost_one_password_verification_too(short_tmp: Path) -> None:
+    async with server(short_tmp) as srv, connect(srv) as c:
+        calls = []
+        real = srv.auth._verify
+
+        async def counting(stored: str, password: str) -> bool:
+            calls.append(stored == srv.auth.hasher.dummy_hash)
+            return await real(stored, password)
+
+        srv.auth._verify = counting  # type: ignore[method-assign]
+        await c.login("nobody", PASSWORD)
+        await c.login("alice", "wrong password!!")
+        assert calls == [True, False]  # one Argon2 verification each way
+
+
+async def test_an_oversize_password_is_refused_by_the_frame_and_not_hashed(short_tmp: Path) -> None:
+    async with server(short_tmp) as srv, connect(srv) as c:
+        reply = await c.login(password="x" * 1025)
+        assert reply["code"] == "bad_frame" and reply["field"] == "$.password"
+        assert await srv.audit() == [("admin_create_user", "ok")]
+
+
+async def test_requests_before_login_are_refused(short_tmp: Path) -> None:
+    async with server(short_tmp) as srv, connect(srv) as c:
+        reply = await c.request("list_sessions")
+        assert reply["code"] == "auth_required"
+
+
+async def test_resume_and_refresh_on_a_new_connection(short_tmp: Path) -> None:
+    async with server(short_tmp) as srv:
+        async with connect(srv) as first:
+            session = await first.login()
+        async with connect(srv) as second:
+            resumed = await second.request("resume", access_token=session["access_token"])
+            assert resumed["type"] == "session" and resumed["session_id"] == session["session_id"]
+            assert "access_token" not in resumed
+            assert (await second.request("list_sessions"))["type"] == "sessions"
+            tokens = await second.request("refresh", refresh_token=session["refresh_token"])
+            assert tokens["type"] == "tokens"
+            assert tokens["refresh_token"] != session["refresh_token"]
+        async with connect(srv) as third:
+            # A refresh as the first frame authenticates the connection too.
+            again = await third.request("refresh", refresh_token=tokens["refresh_token"])
+            assert again["type"] == "tokens"
+            assert (await third.request("list_sessions"))["type"] == "sessions"
+
+
+async def test_a_reused_refresh_token_revokes_the_session_and_closes_its_connections(
+    short_tmp: Path,
+) -> None:
+    async with server(short_tmp) as srv, connect(srv) as victim, connect(srv) as thief:
+        session = await victim.login()
+        stolen = session["refresh_token"]
+        assert (await victim.request("refresh", refresh_token=stolen))["type"] == "tokens"
+        reply = await thief.request("refresh", refresh_token=stolen)
+        assert reply["code"] == "invalid_token"
+        assert await victim.closed() == (4003, "session revoked")
+        assert ("refresh", "token_reused") in await srv.audit()
+        async with connect(srv) as later:
+            expired = await later.request("resume", access_token=session["access_token"])
+            assert expired["code"] == "invalid_token"
+
+
+async def test_an_expired_access_token_closes_the_connection_with_4001(short_tmp: Path) -> None:
+    async with server(short_tmp, access_token_minutes=0.005) as srv, connect(srv) as c:
+        session = await c.login()
+        assert await c.closed() == (4001, "session expired")
+        async with connect(srv) as again:
+            reply = await again.request("resume", access_token=session["access_token"])
+            assert reply["code"] == "token_expired"
+            tokens = await again.request("refresh", refresh_token=session["refresh_token"])
+            assert tokens["type"] == "tokens"
+
+
+async def test_refreshing_in_time_keeps_the_connection(short_tmp: Path) -> None:
+    async with server(short_tmp, access_token_minutes=0.01) as srv, connect(srv) as c:
+        session = await c.login()
+        refresh = session["refresh_token"]
+        for _ in range(3):  # well past the first access token's 0.6 s
+            tokens = await c.request("refresh", refresh_token=refresh)
+            refresh = tokens["refresh_token"]
+            # Let real time pass, as a client would between refreshes: the
+            # server's clock decides expiry, so there is no event to wait on.
+            await trio.sleep(0.3)
+        assert (await c.request("list_sessions"))["type"] == "sessions"
+
+
+async def test_revoking_another_session_closes_it_within_seconds(short_tmp: Path) -> None:
+    async with server(short_tmp) as srv, connect(srv) as phone, connect(srv) as laptop:
+        other = await phone.login()
+        await laptop.login()
+        reply = await laptop.request("revoke_sessions", session_ids=[other["session_id"]])
+        assert reply == {"type": "revoked", "id": reply["id"], "session_ids": [other["session_id"]]}
+        assert await phone.closed() == (4003, "session revoked")
+        own = await laptop.request("revoke_sessions", session_ids=[999])
+        assert own["code"] == "unknown_session"
+
+
+async def test_logout_ends_the_session_on_the_server(short_tmp: Path) -> None:
+    async with server(short_tmp) as srv:
+        async with connect(srv) as c:
+            session = await c.login()
+            assert (await c.request("logout"))["type"] == "ok"
+            assert await c.closed() == (1000, "logged out")
+        async with connect(srv) as again:
+            reply = await again.request("resume", access_token=session["access_token"])
+            assert reply["code"] == "invalid_token"
+            reply = await again.request("refresh", refresh_token=session["refresh_token"])
+            assert reply["code"] == "invalid_token"
+        assert ("logout", "ok") in await srv.audit()
+
+
+async def enrol(c: Client) -> tuple[str, list[str]]:
+    enrolment = await c.request("mfa_enroll", password=PASSWORD)
+    assert enrolment["provisioning_uri"].startswith("otpauth://totp/")
+    secret = enrolment["secret"]
+    confirmed = await c.request("mfa_confirm", code=pyotp.TOTP(secret).now())
+    assert len(confirmed["codes"]) == 10
+    return secret, confirmed["codes"]
+
+
+async def test_totp_enrolment_then_login_needs_a_fresh_code(short_tmp: Path) -> None:
+    async with server(short_tmp) as srv, connect(srv) as c:
+        await c.login()
+        secret, codes = await enrol(c)
+        async with connect(srv) as d:
+            assert (await d.login())["code"] == "mfa_required"
+            code = pyotp.TOTP(secret).at(time.time() + 30)  # next step: not used yet
+            assert (await d.login(totp=code))["type"] == "session"
+        async with connect(srv) as e:
+            replay = await e.login(totp=code)
+            assert replay["code"] == "mfa_failed"
+            assert (await e.login(totp="12345"))["code"] == "mfa_failed"  # five digits
+            recovered = await e.login(recovery_code=codes[0].upper().replace("-", " "))
+            assert recovered["type"] == "session"
+        async with connect(srv) as f:
+            assert (await f.login(recovery_code=codes[0]))["code"] == "mfa_failed"
+        audit = await srv.audit()
+        assert ("mfa_enroll", "ok") in audit and ("mfa_confirm", "ok") in audit
+        assert ("login", "bad_second_factor") in audit
+
+
+async def test_a_wrong_confirmation_code_does_not_activate_mfa(short_tmp: Path) -> None:
+    async with server(short_tmp) as srv, connect(srv) as c:
+        await c.login()
+        await c.request("mfa_enroll", password=PASSWORD)
+        assert (await c.request("mfa_confirm", code="000000"))["code"] == "mfa_failed"
+        async with connect(srv) as d:
+            assert (await d.login())["type"] == "session"  # no second factor yet
+
+
+async def test_mfa_policy_restricts_admins_until_they_enrol(short_tmp: Path) -> None:
+    async with server(short_tmp, require_mfa="admins") as srv, connect(srv) as c:
+        await srv.admin.create_user("root-admin", PASSWORD, "admin")
+        session = await c.login("root-admin")
+        assert session["mfa_enrollment_required"] is True
+        blocked = await c.request(
+            "change_password", current_password=PASSWORD, new_password="another long password"
+        )
+        assert blocked["code"] == "mfa_enrollment_required"
+        await enrol(c)
+        # Enrolled: the same connection is now fully authenticated.
+        assert (await c.request("revoke_sessions", all_others=True))["type"] == "revoked"
+
+
+async def test_changing_the_password_needs_the_current_one_and_ends_other_sessions(
+    short_tmp: Path,
+) -> None:
+    async with server(short_tmp) as srv, connect(srv) as c, connect(srv) as other:
+        await c.login()
+        await other.login()
+        wrong = await c.request(
+            "change_password",
+            current_password="not the password",
+            new_password="a brand new passphrase",
+        )
+        assert wrong["code"] == "reauth_failed"
+        weak = await c.request(
+            "change_password", current_password=PASSWORD, new_password="1q2w3e4r5t6y"
+        )  # a top-10,000 password
+        assert weak["code"] == "weak_password" and weak["field"] == "$.new_password"
+        ok = await c.request(
+            "change_password", current_password=PASSWORD, new_password="a brand new passphrase"
+        )
+        assert ok["type"] == "ok"
+        assert await other.closed() == (4003, "session revoked")
+        async with connect(srv) as again:
+            assert (await again.login())["code"] == "login_failed"
+            assert (await again.login(password="a brand new passphrase"))["type"] == "session"
+        audit = await srv.audit()
+        assert ("password_change", "bad_password") in audit and ("password_change", "ok") in audit
+
+
+async def test_a_disabled_account_is_disconnected_and_cannot_log_in(short_tmp: Path) -> None:
+    async with server(short_tmp) as srv, connect(srv) as c:
+        session = await c.login()
+        await srv.admin.set_disabled(session["user"]["id"], True)
+        assert await c.closed() == (4003, "session revoked")
+        async with connect(srv) as again:
+            assert (await again.login())["code"] == "account_disabled"
+
+
+async def test_invites_work_once(short_tmp: Path) -> None:
+    async with server(short_tmp) as srv, connect(srv) as c, connect(srv) as d:
+        code, _ = await srv.admin.create_invite("user", 1, "for bob")
+        joined = await c.request(
+            "register",
+            invite_code=code,
+            username="Bob",
+            password="bobs own long password",
+            device_name="phone",
+        )
+        assert joined["type"] == "session" and joined["user"]["username"] == "Bob"
+        again = await d.request(
+            "register",
+            invite_code=code,
+            username="carol",
+            password="carols long password",
+            device_name="phone",
+        )
+        assert again["code"] == "invalid_invite"
+        code2, _ = await srv.admin.create_invite("user", 1, "")
+        lookalike = await d.request(
+            "register",
+            invite_code=code2,
+            username="ＢＯＢ",
+            password="another long password",
+            device_name="x",
+        )
+        assert lookalike["code"] == "username_taken"
+        short = await d.request(
+            "register", invite_code=code2, username="carol", password="too short", device_name="x"
+        )
+        assert short["code"] == "weak_password"
+
+
+async def test_floods_are_rate_limited_with_retry_after(short_tmp: Path) -> None:
+    async with server(short_tmp, rate_burst=3, login_rate_per_ip=1.0) as srv, connect(srv) as c:
+        replies = [await c.login(password="wrong password!") for _ in range(5)]
+        codes = [r["code"] for r in replies]
+        assert codes[:1] == ["login_failed"]
+        assert "rate_limited" in codes
+        limited = next(r for r in replies if r["code"] == "rate_limited")
+        assert limited["retry_after"] > 0
+        assert ("login", "rate_limited") in await srv.audit()
+
+
+async def test_repeated_failures_back_off_exponentially_but_not_forever(short_tmp: Path) -> None:
+    async with server(short_tmp, backoff_base_seconds=10, rate_burst=100) as srv, connect(srv) as c:
+        assert (await c.login(password="wrong password!"))["code"] == "login_failed"
+        first = await c.login(password="wrong password!")
+        assert first["code"] == "rate_limited" and 0 < first["retry_after"] <= 10
+        # The right password waits too: backoff does not reveal which guess was right.
+        assert (await c.login())["code"] == "rate_limited"
+        assert srv.auth.backoff.max_seconds == 900.0
