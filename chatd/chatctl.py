@@ -5,23 +5,33 @@ It finds the socket and the admin token through the same config file as
 ``--token-file``, ``--url``). Output is a readable table, or the API's JSON
 with ``--json``.
 
+Passwords are never command-line arguments, which any local user can read
+(``ps``, ``/proc``): ``users create`` and ``users reset-password`` ask for
+them on the terminal without echo, twice, or read one line from standard
+input with ``--password-stdin``.
+
 Exit codes: 0 ok, 1 the API answered with an error, 3 bad config, 4 token
-file missing or unsafe, 5 cannot reach the admin API, 64 bad command line.
+file missing or unsafe, 5 cannot reach the admin API, 64 bad command line
+(including an unconfirmed ``sessions revoke-all``, mismatched passwords, or no
+terminal to ask for one), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import httpx
 
+from chatd.auth.models import ROLES
 from chatd.config import load_config
 from chatd.errors import ChatdError, ListenError, SecretFileError, UsageError
 from chatd.keyfiles import admin_token_path
@@ -62,7 +72,75 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("jobs", nargs="*", help="job names (default: all)")
     audit = sub.add_parser("audit", help="the admin API audit log")
     audit.add_argument("--limit", type=int, default=20)
+    _add_account_commands(sub)
     return p
+
+
+def _id(text: str) -> int:
+    """An argparse type: a positive integer id."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def _add_account_commands(sub: Any) -> None:
+    users = sub.add_parser("users", help="accounts: list, create, show, disable, enable, ...")
+    u = users.add_subparsers(dest="action", metavar="ACTION", required=True)
+    ls = u.add_parser("list", help="accounts in id order")
+    ls.add_argument("--limit", type=_id, default=100, help="rows (default 100, at most 500)")
+    ls.add_argument("--after", type=_id, metavar="ID", help="start after this user id")
+    create = u.add_parser("create", help="create an account; asks for its password")
+    create.add_argument("username")
+    create.add_argument("--role", choices=ROLES, default="user")
+    create.add_argument("--password-stdin", action="store_true", help=_STDIN_HELP)
+    for action, text in (
+        ("show", "one account"),
+        ("disable", "disable an account and end its sessions"),
+        ("enable", "enable a disabled account"),
+    ):
+        u.add_parser(action, help=text).add_argument("user_id", type=_id)
+    role = u.add_parser("set-role", help="change an account's role")
+    role.add_argument("user_id", type=_id)
+    role.add_argument("role", choices=ROLES)
+    reset = u.add_parser(
+        "reset-password", help="set a new password and end its sessions (MFA stays)"
+    )
+    reset.add_argument("user_id", type=_id)
+    reset.add_argument("--password-stdin", action="store_true", help=_STDIN_HELP)
+
+    invites = sub.add_parser("invites", help="invite codes: list, create, revoke")
+    i = invites.add_subparsers(dest="action", metavar="ACTION", required=True)
+    i.add_parser("list", help="invites, newest first (codes are never shown again)")
+    new = i.add_parser("create", help="make a single-use invite code (shown once)")
+    new.add_argument("--role", choices=ROLES, default="user")
+    new.add_argument("--days", type=float, help="lifetime in days (default: auth.invite_days)")
+    new.add_argument("--note", default="", help="for admins, e.g. who it is for")
+    i.add_parser("revoke", help="revoke an unused invite").add_argument("invite_id", type=_id)
+
+    sessions = sub.add_parser("sessions", help="sessions: list, revoke, revoke-user, revoke-all")
+    s = sessions.add_subparsers(dest="action", metavar="ACTION", required=True)
+    sl = s.add_parser("list", help="live sessions, or all of one user's")
+    sl.add_argument("--user", type=_id, metavar="ID", help="only this user's (revoked too)")
+    s.add_parser("revoke", help="revoke one session").add_argument("session_id", type=_id)
+    s.add_parser("revoke-user", help="revoke all of a user's sessions").add_argument(
+        "user_id", type=_id
+    )
+    s.add_parser("revoke-all", help="log every user out (needs --yes)").add_argument(
+        "--yes", action="store_true", help="yes, revoke every session of every user"
+    )
+
+    log = sub.add_parser("auth-audit", help="the authentication audit log, newest first")
+    log.add_argument("--user", type=_id, metavar="ID", help="only this user's events")
+    log.add_argument("--event", help="only this event, e.g. login")
+    log.add_argument("--limit", type=_id, default=50, help="rows (default 50, at most 500)")
+    log.add_argument("--before", type=_id, metavar="ID", help="only events older than this id")
+
+
+_STDIN_HELP = "read the password from the first line of standard input instead of asking"
 
 
 def _connection(args: argparse.Namespace) -> tuple[httpx.Client, str | None]:
@@ -139,8 +217,199 @@ def _runs_table(runs: list[dict[str, Any]]) -> str:
     return table(rows, ["id", "started", "job", "rows", "bytes freed", "ms", "error"])
 
 
+def _read_password(args: argparse.Namespace, prompt: str) -> str:
+    """The new password: one line of stdin with --password-stdin, else asked twice."""
+    if args.password_stdin:
+        line = sys.stdin.readline()
+        password = line.removesuffix("\n").removesuffix("\r")
+        if not password:
+            raise UsageError("--password-stdin: standard input holds no password")
+        return password
+    try:
+        with warnings.catch_warnings():
+            # getpass falls back to echoing stdin when there is no terminal; refuse instead.
+            warnings.simplefilter("error", getpass.GetPassWarning)
+            password = getpass.getpass(prompt)
+            again = getpass.getpass("Repeat it: ")
+    except (getpass.GetPassWarning, EOFError):
+        raise UsageError(
+            "no terminal to ask for the password on; pipe it in with --password-stdin"
+        ) from None
+    if password != again:
+        raise UsageError("the two passwords differ; nothing was changed")
+    return password
+
+
+def _yes_no(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def _users_table(users: list[dict[str, Any]]) -> str:
+    rows = [
+        (
+            u["id"],
+            u["username"],
+            u["role"],
+            _yes_no(u["mfa_enabled"]),
+            "disabled" if u["disabled"] else "active",
+            _when(u["created_at"]),
+            _when(u["password_changed_at"]),
+        )
+        for u in users
+    ]
+    return table(rows, ["id", "username", "role", "mfa", "status", "created", "password set"])
+
+
+def _invite_state(invite: dict[str, Any]) -> str:
+    if invite["used_at"] is not None:
+        return f"used by user {invite['used_by']}" if invite["used_by"] else "used"
+    if invite["revoked_at"] is not None:
+        return "revoked"
+    return "expired" if invite["expires_at"] <= time.time() * 1000 else "open"
+
+
+def _invites_table(invites: list[dict[str, Any]]) -> str:
+    rows = [
+        (
+            i["id"],
+            i["role"],
+            _invite_state(i),
+            _when(i["created_at"]),
+            _when(i["expires_at"]),
+            i["note"],
+        )
+        for i in invites
+    ]
+    return table(rows, ["id", "role", "state", "created", "expires", "note"])
+
+
+def _sessions_table(sessions: list[dict[str, Any]]) -> str:
+    now = time.time() * 1000
+    rows = [
+        (
+            s["session_id"],
+            s["user_id"],
+            s["device_name"],
+            s["ip"],
+            _when(s["created_at"]),
+            _when(s["last_seen_at"]),
+            _when(s["expires_at"]),
+            "revoked" if s["revoked"] else "expired" if s["expires_at"] <= now else "live",
+        )
+        for s in sessions
+    ]
+    headers = ["id", "user", "device", "ip", "created", "last seen", "expires", "state"]
+    return table(rows, headers)
+
+
+def _revoked_text(body: dict[str, Any]) -> str:
+    ids = body["revoked"]
+    if not ids:
+        return "no session revoked (none live)"
+    return f"revoked {len(ids)} session(s): {', '.join(map(str, ids))}"
+
+
+def _audit_table(events: list[dict[str, Any]]) -> str:
+    rows = [
+        (
+            e["id"],
+            _when(e["at"]),
+            e["event"],
+            e["outcome"],
+            "" if e["user_id"] is None else e["user_id"],
+            e["ip"],
+            e["device_name"] or "",
+            "" if e["session_id"] is None else e["session_id"],
+        )
+        for e in events
+    ]
+    return table(rows, ["id", "at", "event", "outcome", "user", "ip", "device", "session"])
+
+
+def _more(text: str, hint: str | None) -> str:
+    return f"{text}\n(more: {hint})" if hint else text
+
+
+Call = Callable[..., Any]
+
+
+def _users(args: argparse.Namespace, call: Call) -> tuple[Any, str]:
+    if args.action == "list":
+        params = {"limit": args.limit} | ({"after_id": args.after} if args.after else {})
+        body = call("GET", "/v1/users", params=params)
+        after = body["next_after_id"]
+        return body, _more(_users_table(body["users"]), after and f"--after {after}")
+    if args.action == "create":
+        password = _read_password(args, f"Password for {args.username}: ")
+        payload = {"username": args.username, "password": password, "role": args.role}
+        body = call("POST", "/v1/users", json=payload)
+    elif args.action == "show":
+        body = call("GET", f"/v1/users/{args.user_id}")
+    elif args.action in ("disable", "enable"):
+        body = call("POST", f"/v1/users/{args.user_id}/{args.action}")
+    elif args.action == "set-role":
+        body = call("PUT", f"/v1/users/{args.user_id}/role", json={"role": args.role})
+    else:  # reset-password
+        password = _read_password(args, f"New password for user {args.user_id}: ")
+        body = call("POST", f"/v1/users/{args.user_id}/password", json={"password": password})
+    return body, _users_table([body])
+
+
+def _invites(args: argparse.Namespace, call: Call) -> tuple[Any, str]:
+    if args.action == "list":
+        body = call("GET", "/v1/invites")
+        return body, _invites_table(body["invites"])
+    if args.action == "revoke":
+        body = call("DELETE", f"/v1/invites/{args.invite_id}")
+        return body, _invites_table([body])
+    payload: dict[str, Any] = {"role": args.role, "note": args.note}
+    if args.days is not None:
+        payload["days"] = args.days
+    body = call("POST", "/v1/invites", json=payload)
+    text = _invites_table([body["invite"]])
+    return body, f"{text}\n\ninvite code (shown only now): {body['code']}"
+
+
+def _sessions(args: argparse.Namespace, call: Call) -> tuple[Any, str]:
+    if args.action == "list":
+        params = {"user_id": args.user} if args.user else {}
+        body = call("GET", "/v1/sessions", params=params)
+        return body, _sessions_table(body["sessions"])
+    if args.action == "revoke":
+        body = call("DELETE", f"/v1/sessions/{args.session_id}")
+    elif args.action == "revoke-user":
+        body = call("POST", f"/v1/users/{args.user_id}/sessions/revoke")
+    else:  # revoke-all; --yes was checked before connecting
+        body = call("POST", "/v1/sessions/revoke-all", json={"confirm": True})
+    return body, _revoked_text(body)
+
+
+def _auth_audit(args: argparse.Namespace, call: Call) -> tuple[Any, str]:
+    params: dict[str, Any] = {"limit": args.limit}
+    for name, value in (("user_id", args.user), ("event", args.event), ("before_id", args.before)):
+        if value is not None:
+            params[name] = value
+    body = call("GET", "/v1/auth-audit", params=params)
+    before = body["next_before_id"]
+    return body, _more(_audit_table(body["events"]), before and f"--before {before}")
+
+
+_ACCOUNT_COMMANDS = {
+    "users": _users,
+    "invites": _invites,
+    "sessions": _sessions,
+    "auth-audit": _auth_audit,
+}
+
+
 def _command(args: argparse.Namespace, client: httpx.Client, token: str | None) -> tuple[Any, str]:
     """Run one command; return the API's JSON and its table form."""
+    if args.command in _ACCOUNT_COMMANDS:
+
+        def call(method: str, path: str, **kw: Any) -> Any:
+            return _request(client, token, method, path, **kw)
+
+        return _ACCOUNT_COMMANDS[args.command](args, call)
     if args.command == "health":
         body = _request(client, None, "GET", "/v1/health")
         return body, (
@@ -163,6 +432,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (errors printed to stderr)."""
     try:
         args = build_parser().parse_args(argv)
+        if args.command == "sessions" and args.action == "revoke-all" and not args.yes:
+            raise UsageError("sessions revoke-all logs every user out; add --yes to do it")
         client, token = _connection(args)
         with client:
             body, text = _command(args, client, token)
@@ -171,6 +442,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     except ChatdError as exc:
         print(f"chatctl: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
 
 
 def main() -> NoReturn:

@@ -283,7 +283,9 @@ class AuthSettings:
     argon2_time_cost: int = setting(
         2, "Argon2id iterations (OWASP/ASVS minimum 2).", minimum=2, maximum=100
     )
-    argon2_parallelism: int = setting(1, "Argon2id lanes (threads per hash); 1 is the OWASP/ASVS baseline.", minimum=1, maximum=16)
+    argon2_parallelism: int = setting(
+        1, "Argon2id lanes (threads per hash); 1 is the OWASP/ASVS baseline.", minimum=1, maximum=16
+    )
     max_concurrent_hashes: int = setting(
         4,
         "Password hashes computed at once (each in a worker thread, each using "
@@ -292,8 +294,10 @@ class AuthSettings:
         maximum=256,
     )
     login_rate_per_ip: float = setting(
-        20.0, "Login attempts per minute from one IP address (/24 or /48 network).",
-        minimum=0.1, maximum=100_000,
+        20.0,
+        "Login attempts per minute from one IP address (/24 or /48 network).",
+        minimum=0.1,
+        maximum=100_000,
     )
     login_rate_per_account: float = setting(
         10.0, "Login attempts per minute for one username.", minimum=0.1, maximum=100_000
@@ -308,8 +312,10 @@ class AuthSettings:
         10.0, "Second-factor attempts per minute for one account.", minimum=0.1, maximum=100_000
     )
     rate_burst: int = setting(
-        10, "Requests a client may make at once before the per-minute rates apply.",
-        minimum=1, maximum=10_000,
+        10,
+        "Requests a client may make at once before the per-minute rates apply.",
+        minimum=1,
+        maximum=10_000,
     )
     backoff_base_seconds: float = setting(
         1.0,

@@ -17,16 +17,17 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from functools import partial
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import trio
 
 from chatd import __version__
 from chatd.admin.api import AdminContext
-from chatd.auth.service import AuthService
 from chatd.admin.service import serve_admin
+from chatd.auth.accounts import AccountAdmin
+from chatd.auth.service import AuthService
 from chatd.config import Config
 from chatd.keyfiles import check_data_dir, load_admin_token_hash, load_db_key
 from chatd.log import fields
@@ -103,7 +104,12 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
             relay = await nursery.start(
                 _until_done, relay_done, partial(serve_relay, auth=auth), config, stopping
             )
-            ctx = AdminContext(store=store, retention=retention, token_hash=token_hash)
+            ctx = AdminContext(
+                store=store,
+                retention=retention,
+                token_hash=token_hash,
+                accounts=AccountAdmin(auth),
+            )
             admin_bind = await nursery.start(
                 _until_done, admin_done, serve_admin, config, ctx, stopping
             )

@@ -64,7 +64,7 @@ def test_whitespace_counts_and_is_kept() -> None:
 @pytest.mark.parametrize(
     "password",
     [
-        "\u043f\u0430\u0440\u043e\u043b\u044c \u043a\u043e\u0442\u0430",  # Cyrillic words
+        "\u043f\u0430\u0440\u043e\u043b\u044c \u043a\u043e\u0448\u043a\u0438",  # Cyrillic words
         "\u6c34\u6ce2\u7b11\u3044\u98a8\u3068\u5149\u306e\u6b4c\u304c\u8074\u3053",  # 12 CJK
         "cafe\u0301 cre\u0300me bru\u0302le\u0301e",  # combining accents
         "tab\tand\nnewline ok",

@@ -81,7 +81,12 @@ def test_older_code_refused_after_newer_used() -> None:
 
 def test_spaces_ignored() -> None:
     code = code_at(NOW)
-    for typed in (f"{code[:3]} {code[3:]}", f" {code} ", f"{code}\n", f"{code[:3]}\u00a0{code[3:]}"):
+    for typed in (
+        f"{code[:3]} {code[3:]}",
+        f" {code} ",
+        f"{code}\n",
+        f"{code[:3]}\u00a0{code[3:]}",
+    ):
         assert verify_totp(SECRET, typed, last_step=None, now=NOW) == STEP
 
 

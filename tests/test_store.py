@@ -265,13 +265,20 @@ def _sample_rows(conn: Any, version: int) -> dict[str, int]:
             " VALUES (1, 'd', 1, 1, '-', 2, x'02', 2, x'03')"
         )
         conn.execute(
-            "INSERT INTO spent_refresh_tokens (token_hash, session_id, spent_at) VALUES (x'04', 1, 1)"
+            "INSERT INTO spent_refresh_tokens (token_hash, session_id, spent_at)"
+            " VALUES (x'04', 1, 1)"
         )
         conn.execute(
             "INSERT INTO auth_audit (at, event, outcome, ip) VALUES (1, 'login', 'ok', '-')"
         )
-        for table in ("users", "recovery_codes", "invites", "sessions", "spent_refresh_tokens",
-                      "auth_audit"):
+        for table in (
+            "users",
+            "recovery_codes",
+            "invites",
+            "sessions",
+            "spent_refresh_tokens",
+            "auth_audit",
+        ):
             rows[table] = 1
     return rows
 

@@ -1,24 +1,39 @@
 """Admin API routes, declared once for both Quart and the OpenAPI document.
 
 Each route is a :class:`Route`: method, path, summary, the msgspec types of
-its query, body and response, and whether it needs the admin token. The
-``@route`` decorator records it in :data:`ROUTES`; :mod:`chatd.admin.app`
-registers those with Quart and :func:`chatd.admin.openapi.openapi_document`
-turns the same list into OpenAPI 3.1. There is no hand-written spec to drift.
+its query, body and response, the errors it can answer with beyond the common
+ones, and whether it needs the admin token. The ``@route`` decorator records
+it in :data:`ROUTES`; :mod:`chatd.admin.app` registers those with Quart and
+:func:`chatd.admin.openapi.openapi_document` turns the same list into OpenAPI
+3.1. There is no hand-written spec to drift.
+
+Path parameters are ids: each ``{name}`` in a route's path is a positive
+integer, passed to the handler as the keyword-only argument ``name``
+(``async def show_user(ctx, query, body, *, user_id: int)``). ``@route``
+checks that the handler's keyword-only arguments are exactly the path's
+parameters, so the two cannot drift either.
+
+Account administration lives in :mod:`chatd.admin.accounts_api`, imported at
+the bottom of this module so that :data:`ROUTES` always holds its routes.
 """
 
 from __future__ import annotations
 
+import inspect
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Final
 
 import msgspec
 
 from chatd import __version__
 from chatd.retention import Report, Retention
 from chatd.store import Store
+
+if TYPE_CHECKING:  # only a type here; the daemon builds it
+    from chatd.auth.accounts import AccountAdmin
 
 
 @dataclass
@@ -29,9 +44,26 @@ class AdminContext:
     retention: Retention
     token_hash: bytes
     started: float = field(default_factory=time.monotonic)
+    # Account administration; routes under /v1/users, /v1/invites, /v1/sessions
+    # and /v1/auth-audit answer 503 service_unavailable while it is None.
+    accounts: AccountAdmin | None = None
 
 
-Handler = Callable[[AdminContext, Any, Any], Awaitable[Any]]
+# (ctx, query, body, **path_ids) -> response; see the module docstring.
+Handler = Callable[..., Awaitable[Any]]
+
+_PATH_PARAM: Final = re.compile(r"\{([a-z_]+)\}")
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status, machine code, human message, optional field."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -47,10 +79,17 @@ class Route:
     tag: str = "admin"
     # Reads of personal data are audit-logged; so is every change.
     audit: bool = True
+    # Route-specific error answers, (status, description), for the OpenAPI document.
+    errors: tuple[tuple[int, str], ...] = ()
 
     @property
     def endpoint(self) -> str:
         return self.handler.__name__
+
+    @property
+    def path_params(self) -> list[str]:
+        """Names of the path's ``{id}`` parameters, in order."""
+        return _PATH_PARAM.findall(self.path)
 
 
 ROUTES: list[Route] = []
@@ -60,7 +99,18 @@ def route(
     method: str, path: str, summary: str, *, response: type, **kw: Any
 ) -> Callable[[Handler], Handler]:
     def register(handler: Handler) -> Handler:
-        ROUTES.append(Route(method, path, summary, handler, response, **kw))
+        r = Route(method, path, summary, handler, response, **kw)
+        keyword_only = [
+            p.name
+            for p in inspect.signature(handler).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        ]
+        if sorted(keyword_only) != sorted(r.path_params):
+            raise TypeError(
+                f"{r.endpoint}: keyword-only arguments {keyword_only} must be the path "
+                f"parameters {r.path_params} of {path}"
+            )
+        ROUTES.append(r)
         return handler
 
     return register
@@ -231,3 +281,8 @@ async def list_admin_audit(ctx: AdminContext, query: AuditQuery, body: None) -> 
     entries = await ctx.store.read(read)
     more = len(entries) == query.limit
     return AuditPage(entries=entries, next_before_id=entries[-1].id if more else None)
+
+
+# -- account administration (registers its routes in ROUTES) ------------------------------
+
+import chatd.admin.accounts_api  # noqa: E402, F401 - it imports the names above

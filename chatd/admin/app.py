@@ -1,25 +1,36 @@
 """The Quart application for the admin API.
 
 Request handling, in order: route match (404/405), admin token check (401),
-body size (413), content type (415), UTF-8 (400 invalid_utf8), JSON
-(400 malformed_json), schema (400 invalid_request with the field), then the
-handler. Every failure, including Quart's own and unexpected exceptions,
-answers with ``{"error": {"code", "message"}}``; exception details go to the
-log, never to the client.
+path ids (400 invalid_request naming the parameter), query, body size (413),
+content type (415), UTF-8 (400 invalid_utf8), JSON (400 malformed_json),
+schema (400 invalid_request with the field), then the handler. Every failure,
+including Quart's own and unexpected exceptions, answers with
+``{"error": {"code", "message"}}``; exception details go to the log, never to
+the client. An :class:`~chatd.auth.models.AuthError` from a handler keeps its
+code and field, with the status from :func:`auth_error_status`.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from chatd.admin.api import ROUTES, AdminContext, ErrorBody, ErrorDetail, Route, UnknownJob
+from chatd.admin.api import (
+    ROUTES,
+    AdminContext,
+    ApiError,
+    ErrorBody,
+    ErrorDetail,
+    Route,
+    UnknownJob,
+)
+from chatd.auth.models import AuthError
 from chatd.keyfiles import hash_admin_token
 from chatd.log import fields
 from chatd.store import now_ms
@@ -42,16 +53,17 @@ _HTTP_CODES = {
     503: "service_unavailable",
 }
 
+# ApiError moved to chatd.admin.api (route modules raise it); still importable here.
+__all__ = ["ApiError", "auth_error_status", "create_app", "error_response"]
 
-class ApiError(Exception):
-    """An error answer: HTTP status, machine code, human message, optional field."""
+MAX_ID: Final = 2**63 - 1  # path ids are SQLite integer primary keys
 
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.field = field
+#: HTTP status of an AuthError code; every other code is 400.
+AUTH_ERROR_STATUS: Final = {"not_found": 404, "username_taken": 409, "invite_closed": 409}
+
+
+def auth_error_status(code: str) -> int:
+    return AUTH_ERROR_STATUS.get(code, 400)
 
 
 def error_response(status: int, code: str, message: str, field: str | None = None) -> Response:
@@ -110,6 +122,19 @@ async def _decode_body(r: Route) -> Any:
         raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
 
 
+def _decode_path(r: Route, raw: dict[str, Any]) -> dict[str, int]:
+    ids: dict[str, int] = {}
+    for name in r.path_params:
+        value = str(raw.get(name, ""))
+        number = int(value) if value.isascii() and value.isdigit() and len(value) <= 19 else 0
+        if not 1 <= number <= MAX_ID:
+            raise ApiError(
+                400, "invalid_request", f"invalid path: {name} must be a positive integer", name
+            )
+        ids[name] = number
+    return ids
+
+
 def _decode_query(r: Route) -> Any:
     if r.query is None:
         return None
@@ -131,15 +156,19 @@ def create_app(ctx: AdminContext, *, max_body_bytes: int) -> QuartTrio:
     by_endpoint: dict[str, Route] = {}
 
     def make_view(r: Route) -> Any:
-        async def view(**_path: Any) -> Response:
+        async def view(**raw_path: Any) -> Response:
             try:
                 if r.auth:
                     _check_token(ctx)
+                path = _decode_path(r, raw_path)
                 query = _decode_query(r)
                 body = await _decode_body(r) if r.body is not None else None
-                result = await r.handler(ctx, query, body)
+                result = await r.handler(ctx, query, body, **path)
             except ApiError as exc:
                 return error_response(exc.status, exc.code, exc.message, exc.field)
+            except AuthError as exc:
+                status = auth_error_status(exc.code)
+                return error_response(status, exc.code, exc.message, exc.field)
             except UnknownJob as exc:
                 return error_response(400, "invalid_request", str(exc), "$.jobs")
             status = 200

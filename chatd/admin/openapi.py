@@ -29,6 +29,11 @@ _BODY_ERRORS: Final = {
     "415": "A body that is not application/json (unsupported_media_type).",
 }
 _QUERY_ERRORS: Final = {"400": "A query parameter is invalid (invalid_request, error.field)."}
+_PATH_ERRORS: Final = {
+    "400": "A path id is not a positive integer (invalid_request, error.field names it)."
+}
+#: Every ``{name}`` in a path is a positive integer id (see chatd.admin.api).
+_ID_SCHEMA: Final = {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}
 
 
 def _query_parameters(query: type, schema: dict[str, Any]) -> list[dict[str, Any]]:
@@ -37,6 +42,15 @@ def _query_parameters(query: type, schema: dict[str, Any]) -> list[dict[str, Any
     for name, prop in schema.get("properties", {}).items():
         params.append({"name": name, "in": "query", "required": name in required, "schema": prop})
     return params
+
+
+def _path_parameters(names: list[str]) -> list[dict[str, Any]]:
+    return [{"name": n, "in": "path", "required": True, "schema": dict(_ID_SCHEMA)} for n in names]
+
+
+def _add_error(errors: dict[str, str], status: int, text: str) -> None:
+    key = str(status)
+    errors[key] = f"{errors[key]} {text}" if key in errors else text
 
 
 def openapi_document() -> dict[str, Any]:
@@ -55,9 +69,12 @@ def openapi_document() -> dict[str, Any]:
             "tags": [r.tag],
             "security": [{"bearer": []}] if r.auth else [],
         }
+        parameters = _path_parameters(r.path_params)
         if r.query is not None:
             name = r.query.__name__
-            op["parameters"] = _query_parameters(r.query, components.pop(name))
+            parameters += _query_parameters(r.query, components.pop(name))
+        if parameters:
+            op["parameters"] = parameters
         if r.body is not None:
             op["requestBody"] = {
                 "required": False,
@@ -72,12 +89,17 @@ def openapi_document() -> dict[str, Any]:
         errors = dict(_COMMON_ERRORS)
         if r.auth:
             errors |= _AUTH_ERRORS
-        if r.query is not None:
-            errors |= _QUERY_ERRORS
-        if r.body is not None:
-            errors |= _BODY_ERRORS
+        for extra in (
+            _PATH_ERRORS if r.path_params else {},
+            _QUERY_ERRORS if r.query is not None else {},
+            _BODY_ERRORS if r.body is not None else {},
+        ):
+            for code, text in extra.items():
+                _add_error(errors, int(code), text)
         if r.endpoint == "health":
             errors["503"] = "The store is not writable (status degraded)."
+        for status_code, text in r.errors:
+            _add_error(errors, status_code, text)
         for status, text in sorted(errors.items()):
             responses[status] = {
                 "description": text,

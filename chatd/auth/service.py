@@ -42,6 +42,7 @@ from chatd.auth.passwords import (
     PasswordHasher,
     PasswordPolicyError,
     check_password_policy,
+    load_common_passwords,
 )
 from chatd.auth.ratelimit import FailureBackoff, RateLimiter
 from chatd.auth.tokens import (
@@ -106,8 +107,14 @@ class AuthService:
         )
 
     async def warm_up(self) -> None:
-        """Make the dummy hash now (in a thread), not during the first login."""
-        await trio.to_thread.run_sync(lambda: self.hasher.dummy_hash)
+        """Make the dummy hash and load the common-password list now (in a thread),
+        not during the first login or registration."""
+
+        def prepare() -> None:
+            _ = self.hasher.dummy_hash
+            load_common_passwords()
+
+        await trio.to_thread.run_sync(prepare)
 
     # -- audit ------------------------------------------------------------------------
 

@@ -62,12 +62,15 @@ def new_invite_code() -> str:
 def token_hash(token: str) -> bytes:
     """The SHA-256 digest (32 bytes) of a token or invite code, as stored.
 
-    Raises :class:`MalformedTokenError` for input longer than
-    :data:`TOKEN_MAX_CHARS` or not ASCII, which no issued token is.
+    Any string of up to :data:`TOKEN_MAX_CHARS` characters hashes, even one
+    that no issued token could be (non-ASCII, a lone surrogate from a JSON
+    escape): its digest simply matches nothing, so callers need only check the
+    length. Raises :class:`MalformedTokenError` for longer input.
     """
-    if len(token) > TOKEN_MAX_CHARS or not token.isascii():
-        raise MalformedTokenError(f"a token is at most {TOKEN_MAX_CHARS} ASCII characters")
-    return hashlib.sha256(token.encode("ascii")).digest()
+    if len(token) > TOKEN_MAX_CHARS:
+        raise MalformedTokenError(f"a token is at most {TOKEN_MAX_CHARS} characters")
+    # surrogatepass: a lone surrogate is bad input, not a reason to raise.
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
 
 def new_recovery_codes(n: int = RECOVERY_CODES_PER_SET) -> list[str]:
