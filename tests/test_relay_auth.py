@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import json
 import time
 from collections.abc import AsyncIterator
@@ -398,3 +399,35 @@ async def test_repeated_failures_back_off_exponentially_but_not_forever(short_tm
         # The right password waits too: backoff does not reveal which guess was right.
         assert (await c.login())["code"] == "rate_limited"
         assert srv.auth.backoff.max_seconds == 900.0
+
+
+async def test_a_hash_with_old_parameters_is_upgraded_at_login(short_tmp: Path) -> None:
+    from chatd.auth.passwords import Argon2Params, PasswordHasher
+
+    weak = PasswordHasher(Argon2Params(memory_kib=8, time_cost=1)).hash(PASSWORD)
+    async with server(short_tmp) as srv, connect(srv) as c:
+        await srv.store.write(
+            lambda conn: conn.execute("UPDATE users SET password_hash = ? WHERE id = 1", (weak,))
+        )
+        assert (await c.login())["type"] == "session"
+        stored = await srv.store.read(
+            lambda conn: conn.execute("SELECT password_hash FROM users WHERE id = 1").fetchone()[0]
+        )
+        assert stored != weak
+        assert "m=19456,t=2,p=1" in stored
+        assert not srv.auth.hasher.needs_rehash(stored)
+
+
+async def test_login_frames_never_put_secrets_in_the_log(
+    short_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with server(short_tmp) as srv, connect(srv) as c, connect(srv) as other:
+        session = await c.login()
+        assert (await other.login(password="wrong password here"))["code"] == "login_failed"
+        await c.request("refresh", refresh_token=session["refresh_token"])
+    assert "auth.login" in caplog.text  # the events are logged...
+    text = caplog.text + repr([r.__dict__ for r in caplog.records])
+    for secret in (PASSWORD, "wrong password here", session["access_token"],
+                   session["refresh_token"]):
+        assert secret not in text
