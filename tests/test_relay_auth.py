@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import logging
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -428,6 +428,10 @@ async def test_login_frames_never_put_secrets_in_the_log(
         await c.request("refresh", refresh_token=session["refresh_token"])
     assert "auth.login" in caplog.text  # the events are logged...
     text = caplog.text + repr([r.__dict__ for r in caplog.records])
-    for secret in (PASSWORD, "wrong password here", session["access_token"],
-                   session["refresh_token"]):
+    for secret in (
+        PASSWORD,
+        "wrong password here",
+        session["access_token"],
+        session["refresh_token"],
+    ):
         assert secret not in text
