@@ -10,9 +10,11 @@ from __future__ import annotations
 from functools import partial
 from typing import Any, Final
 
+from chatd.auth.base import DAY_MS
 from chatd.auth.models import ROLES, AuditEvent, AuthError, InviteInfo, Peer, SessionInfo, UserInfo
 from chatd.auth.passwords import PasswordPolicyError, check_password_policy
-from chatd.auth.service import DAY_MS, AuthService, _list_sessions
+from chatd.auth.queries import list_sessions_where
+from chatd.auth.service import AuthService
 from chatd.auth.tokens import new_invite_code, token_hash
 from chatd.auth.usernames import UsernameError, normalize_username
 from chatd.store import now_ms
@@ -201,9 +203,11 @@ class AccountAdmin:
 
     async def list_sessions(self, user_id: int | None) -> list[SessionInfo]:
         if user_id is None:
-            query = partial(_list_sessions, "revoked_at IS NULL AND expires_at > ?", (now_ms(),))
+            query = partial(
+                list_sessions_where, "revoked_at IS NULL AND expires_at > ?", (now_ms(),)
+            )
         else:
-            query = partial(_list_sessions, "user_id = ?", (user_id,))
+            query = partial(list_sessions_where, "user_id = ?", (user_id,))
         return await self.store.read(query)
 
     async def revoke_sessions(self, *, user_id: int | None, session_id: int | None) -> list[int]:

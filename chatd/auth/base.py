@@ -1,0 +1,226 @@
+"""Shared parts of the auth service: hashing off the loop, limits, audit, revocation."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import Any, Final
+
+import trio
+
+from chatd.auth.models import AuthError, Peer
+from chatd.auth.passwords import Argon2Params, PasswordHasher, load_common_passwords
+from chatd.auth.queries import select_user
+from chatd.auth.ratelimit import FailureBackoff, RateLimiter
+from chatd.auth.tokens import normalize_recovery_code, recovery_code_hash
+from chatd.auth.totp import verify_totp
+from chatd.config import AuthSettings
+from chatd.log import fields
+from chatd.store import Store, now_ms
+
+log = logging.getLogger("chatd.auth")
+
+MINUTE_MS: Final = 60_000
+DAY_MS: Final = 86_400_000
+
+
+def fail(code: str, message: str, **kw: Any) -> AuthError:
+    return AuthError(code, message, **kw)
+
+
+class AuthBase:
+    """State and helpers every auth flow uses. See :class:`chatd.auth.service.AuthService`."""
+
+    def __init__(self, store: Store, settings: AuthSettings) -> None:
+        self.store = store
+        self.settings = settings
+        self.hasher = PasswordHasher(
+            Argon2Params(
+                memory_kib=settings.argon2_memory_kib,
+                time_cost=settings.argon2_time_cost,
+                parallelism=settings.argon2_parallelism,
+            )
+        )
+        self.hash_limiter = trio.CapacityLimiter(settings.max_concurrent_hashes)
+        burst = settings.rate_burst
+        self.login_ip = RateLimiter(settings.login_rate_per_ip, burst)
+        self.login_account = RateLimiter(settings.login_rate_per_account, burst)
+        self.refresh_ip = RateLimiter(settings.refresh_rate_per_ip, burst)
+        self.invite_ip = RateLimiter(settings.invite_rate_per_ip, burst)
+        self.totp_account = RateLimiter(settings.totp_rate_per_account, burst)
+        self.backoff = FailureBackoff(settings.backoff_base_seconds, settings.backoff_max_seconds)
+        #: Called with revoked session ids; the relay closes their connections.
+        self.on_revoked: Callable[[Iterable[int]], None] = lambda ids: None
+
+    # -- blocking work, off the loop -------------------------------------------
+
+    async def _hash(self, password: str) -> str:
+        return await trio.to_thread.run_sync(self.hasher.hash, password, limiter=self.hash_limiter)
+
+    async def _verify(self, stored: str, password: str) -> bool:
+        return await trio.to_thread.run_sync(
+            self.hasher.verify, stored, password, limiter=self.hash_limiter
+        )
+
+    async def warm_up(self) -> None:
+        """Make the dummy hash and load the common-password list now (in a thread),
+        not during the first login or registration."""
+
+        def prepare() -> None:
+            _ = self.hasher.dummy_hash
+            load_common_passwords()
+
+        await trio.to_thread.run_sync(prepare)
+
+    # -- audit ------------------------------------------------------------------------
+
+    async def audit(
+        self,
+        event: str,
+        outcome: str,
+        peer: Peer,
+        *,
+        user_id: int | None = None,
+        session_id: int | None = None,
+    ) -> None:
+        row = (now_ms(), event, outcome, user_id, peer.ip, peer.device_name or None, session_id)
+        await self.store.write(
+            lambda conn: conn.execute(
+                "INSERT INTO auth_audit (at, event, outcome, user_id, ip, device_name, session_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                row,
+            )
+        )
+        level = logging.INFO if outcome == "ok" else logging.WARNING
+        log.log(
+            level,
+            "auth." + event,
+            extra=fields(outcome=outcome, user_id=user_id, session_id=session_id, peer=peer.ip),
+        )
+
+    # -- limits -----------------------------------------------------------------------
+
+    def _limit(self, *checks: tuple[RateLimiter | FailureBackoff, str]) -> float:
+        now = trio.current_time()
+        wait = 0.0
+        for limiter, key in checks:
+            if isinstance(limiter, FailureBackoff):
+                wait = max(wait, limiter.retry_after(key, now))
+            else:
+                wait = max(wait, limiter.check(key, now))
+        return wait
+
+    async def _rate_limited(
+        self, event: str, peer: Peer, wait: float, user_id: int | None
+    ) -> AuthError:
+        await self.audit(event, "rate_limited", peer, user_id=user_id)
+        return fail(
+            "rate_limited",
+            f"too many attempts; retry after {wait:.0f} s",
+            retry_after=round(wait, 3),
+        )
+
+    def _failed(self, *keys: str) -> None:
+        now = trio.current_time()
+        for key in keys:
+            self.backoff.failure(key, now)
+
+    def _mfa_required(self, role: str) -> bool:
+        policy = self.settings.require_mfa
+        return policy == "everyone" or (policy == "admins" and role in ("admin", "moderator"))
+
+    async def revoke_sessions(self, session_ids: list[int], reason: str) -> list[int]:
+        """Revoke the given sessions (already revoked ones are skipped); notify the relay."""
+        if not session_ids:
+            return []
+        now = now_ms()
+
+        def revoke(conn: Any) -> list[int]:
+            done = []
+            for sid in session_ids:
+                cur = conn.execute(
+                    "UPDATE sessions SET revoked_at = ?, revoked_reason = ?"
+                    " WHERE id = ? AND revoked_at IS NULL",
+                    (now, reason, sid),
+                )
+                if cur.rowcount:
+                    done.append(sid)
+            return done
+
+        revoked = await self.store.write(revoke)
+        if revoked:
+            self.on_revoked(revoked)
+        return revoked
+
+    async def user_session_ids(self, user_id: int, *, except_id: int | None = None) -> list[int]:
+        rows = await self.store.read(
+            lambda conn: conn.execute(
+                "SELECT id FROM sessions WHERE user_id = ? AND revoked_at IS NULL AND id IS NOT ?",
+                (user_id, except_id),
+            ).fetchall()
+        )
+        return [r[0] for r in rows]
+
+    # -- users -------------------------------------------------------------------------
+
+    async def _user_by_key(self, key: str) -> dict[str, Any] | None:
+        return await self.store.read(partial(select_user, "username_key = ?", key))
+
+    async def user_by_id(self, user_id: int) -> dict[str, Any] | None:
+        return await self.store.read(partial(select_user, "id = ?", user_id))
+
+    async def _second_factor(
+        self,
+        user: dict[str, Any],
+        totp: str | None,
+        recovery_code: str | None,
+        peer: Peer,
+        event: str,
+    ) -> None:
+        """Check the TOTP code or a recovery code of a user with MFA; raise if wrong."""
+        if totp is None and recovery_code is None:
+            raise fail(
+                "mfa_required",
+                "this account needs a TOTP code (or a recovery code)",
+                field="$.totp",
+            )
+        wait = self._limit(
+            (self.totp_account, f"u{user['id']}"), (self.backoff, f"mfa:u{user['id']}")
+        )
+        if wait:
+            raise await self._rate_limited(event, peer, wait, user["id"])
+        if totp is not None:
+            step = verify_totp(
+                user["totp_secret"], totp, last_step=user["totp_last_step"], now=time.time()
+            )
+            ok = step is not None and await self.store.write(
+                lambda conn: (
+                    conn.execute(
+                        "UPDATE users SET totp_last_step = ? WHERE id = ?"
+                        " AND (totp_last_step IS NULL OR totp_last_step < ?)",
+                        (step, user["id"], step),
+                    ).rowcount
+                    == 1
+                )
+            )
+        else:
+            code = normalize_recovery_code(recovery_code or "")
+            digest = recovery_code_hash(code) if code else b""
+            now = now_ms()
+            ok = bool(code) and await self.store.write(
+                lambda conn: (
+                    conn.execute(
+                        "UPDATE recovery_codes SET used_at = ?"
+                        " WHERE user_id = ? AND code_hash = ? AND used_at IS NULL",
+                        (now, user["id"], digest),
+                    ).rowcount
+                    == 1
+                )
+            )
+        if not ok:
+            self._failed(f"mfa:u{user['id']}")
+            await self.audit(event, "bad_second_factor", peer, user_id=user["id"])
+            raise fail("mfa_failed", "wrong or already used code", field="$.totp")
+        self.backoff.success(f"mfa:u{user['id']}")

@@ -1,0 +1,138 @@
+"""Credential changes: password, TOTP enrolment and removal, recovery codes.
+
+Each change asks for full re-authentication first (the current password, and
+the TOTP code when MFA is on), is audited, and never bypasses the second
+factor.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from chatd.auth.base import AuthBase, fail
+from chatd.auth.models import Peer, SessionGrant
+from chatd.auth.passwords import PasswordPolicyError, check_password_policy
+from chatd.auth.queries import replace_recovery_codes
+from chatd.auth.tokens import new_recovery_codes
+from chatd.auth.totp import new_totp_secret, provisioning_uri, verify_totp
+from chatd.store import now_ms
+
+
+class CredentialFlows(AuthBase):
+    async def _reauthenticate(
+        self, grant: SessionGrant, password: str, totp: str | None, peer: Peer, event: str
+    ) -> dict[str, Any]:
+        """Full re-authentication for sensitive changes: password, and TOTP if enabled."""
+        user = await self.user_by_id(grant.user_id)
+        if user is None:
+            raise fail("invalid_token", "the account no longer exists")
+        wait = self._limit((self.backoff, f"a:{user['username_key']}"))
+        if wait:
+            raise await self._rate_limited(event, peer, wait, user["id"])
+        if not await self._verify(user["password_hash"], password):
+            self._failed(f"a:{user['username_key']}")
+            await self.audit(event, "bad_password", peer, user_id=user["id"])
+            raise fail("reauth_failed", "the current password is wrong", field="$.password")
+        if user["mfa"]:
+            await self._second_factor(user, totp, None, peer, event)
+        return user
+
+    async def change_password(
+        self, grant: SessionGrant, current: str, new: str, totp: str | None, peer: Peer
+    ) -> list[int]:
+        """Change the password after full re-authentication; other sessions are revoked."""
+        user = await self._reauthenticate(grant, current, totp, peer, "password_change")
+        try:
+            check_password_policy(new, username_key=user["username_key"])
+        except PasswordPolicyError as exc:
+            raise fail("weak_password", str(exc), field="$.new_password") from None
+        new_hash = await self._hash(new)
+        now = now_ms()
+        await self.store.write(
+            lambda conn: conn.execute(
+                "UPDATE users SET password_hash = ?, password_changed_at = ? WHERE id = ?",
+                (new_hash, now, user["id"]),
+            )
+        )
+        others = await self.user_session_ids(user["id"], except_id=grant.session_id)
+        revoked = await self.revoke_sessions(others, "password changed")
+        await self.audit(
+            "password_change", "ok", peer, user_id=user["id"], session_id=grant.session_id
+        )
+        return revoked
+
+    async def mfa_enroll(
+        self, grant: SessionGrant, password: str, totp: str | None, peer: Peer
+    ) -> tuple[str, str]:
+        """Start (or restart) TOTP enrolment; active only after :meth:`mfa_confirm`."""
+        user = await self._reauthenticate(grant, password, totp, peer, "mfa_enroll")
+        if user["mfa"]:
+            raise fail("mfa_already_enabled", "disable the current second factor first")
+        secret = new_totp_secret()
+        await self.store.write(
+            lambda conn: conn.execute(
+                "UPDATE users SET totp_secret = ?, totp_confirmed_at = NULL, totp_last_step = NULL"
+                " WHERE id = ?",
+                (secret, user["id"]),
+            )
+        )
+        await self.audit("mfa_enroll", "ok", peer, user_id=user["id"], session_id=grant.session_id)
+        return secret, provisioning_uri(secret, user["username"])
+
+    async def mfa_confirm(self, grant: SessionGrant, code: str, peer: Peer) -> list[str]:
+        """Activate TOTP with a first valid code; returns 10 new recovery codes."""
+        user = await self.user_by_id(grant.user_id)
+        if user is None or not user["totp_secret"] or user["mfa"]:
+            raise fail("mfa_not_enrolling", "start with mfa_enroll")
+        wait = self._limit((self.totp_account, f"u{user['id']}"))
+        if wait:
+            raise await self._rate_limited("mfa_confirm", peer, wait, user["id"])
+        step = verify_totp(user["totp_secret"], code, last_step=None, now=time.time())
+        if step is None:
+            await self.audit("mfa_confirm", "bad_second_factor", peer, user_id=user["id"])
+            raise fail("mfa_failed", "wrong code; check the device clock", field="$.code")
+        codes = new_recovery_codes(10)
+        now = now_ms()
+
+        def activate(conn: Any) -> None:
+            conn.execute(
+                "UPDATE users SET totp_confirmed_at = ?, totp_last_step = ? WHERE id = ?",
+                (now, step, user["id"]),
+            )
+            replace_recovery_codes(conn, user["id"], codes)
+
+        await self.store.write(activate)
+        await self.audit("mfa_confirm", "ok", peer, user_id=user["id"], session_id=grant.session_id)
+        return codes
+
+    async def mfa_disable(self, grant: SessionGrant, password: str, code: str, peer: Peer) -> None:
+        user = await self._reauthenticate(grant, password, code, peer, "mfa_disable")
+        if not user["mfa"]:
+            raise fail("mfa_not_enabled", "this account has no second factor")
+        if self._mfa_required(user["role"]):
+            raise fail("mfa_required_by_policy", "your role must keep a second factor")
+
+        def disable(conn: Any) -> None:
+            conn.execute(
+                "UPDATE users SET totp_secret = NULL, totp_confirmed_at = NULL,"
+                " totp_last_step = NULL WHERE id = ?",
+                (user["id"],),
+            )
+            conn.execute("DELETE FROM recovery_codes WHERE user_id = ?", (user["id"],))
+
+        await self.store.write(disable)
+        await self.audit("mfa_disable", "ok", peer, user_id=user["id"], session_id=grant.session_id)
+
+    async def regenerate_recovery_codes(
+        self, grant: SessionGrant, password: str, code: str, peer: Peer
+    ) -> list[str]:
+        user = await self._reauthenticate(grant, password, code, peer, "recovery_codes")
+        if not user["mfa"]:
+            raise fail("mfa_not_enabled", "this account has no second factor")
+        codes = new_recovery_codes(10)
+        await self.store.write(lambda conn: replace_recovery_codes(conn, user["id"], codes))
+        await self.audit(
+            "recovery_codes", "ok", peer, user_id=user["id"], session_id=grant.session_id
+        )
+        return codes
