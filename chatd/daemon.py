@@ -100,7 +100,7 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
             retention = await nursery.start(
                 partial(serve_retention, store, config.retention, jobs=jobs)
             )
-            await auth.warm_up()
+            nursery.start_soon(auth.warm_up)  # dummy hash, password list: off the start path
             relay = await nursery.start(
                 _until_done, relay_done, partial(serve_relay, auth=auth), config, stopping
             )
