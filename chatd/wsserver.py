@@ -33,7 +33,7 @@ import trio
 from trio_websocket import CloseReason, WebSocketConnection, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import BytesMessage, CloseConnection, TextMessage
+from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
 from chatd.log import fields
 from chatd.protocol.core import CLOSE_TOO_BIG, REASON_TOO_BIG
@@ -100,6 +100,12 @@ class RelayWebSocket(WebSocketConnection):
         self._reader_running = False
         await linger_close(self._stream)
 
+    async def _handle_ping_event(self, event: Ping) -> None:
+        # After our Close, wsproto refuses to send a Pong and raises, which
+        # would escape the reader task. A closing connection ignores Pings.
+        if self._wsproto.state == ConnectionState.OPEN:
+            await super()._handle_ping_event(event)
+
 
 class StreamCounter:
     """TCP streams, counted from accept to close, and the slots they hold.
@@ -160,7 +166,13 @@ async def serve_websockets(
     """
 
     async def read_then_end_handshake(ws: RelayWebSocket, handshake: trio.CancelScope) -> None:
-        await ws._reader_task()
+        try:
+            await ws._reader_task()
+        except Exception:
+            # A peer must never be able to take the server down through a
+            # library bug: drop this connection, keep serving the others.
+            log.exception("relay.reader_failed")
+            await trio.aclose_forcefully(ws._stream)
         # The peer left (EOF, reset) before finishing its handshake: stop
         # waiting for a request that cannot come.
         handshake.cancel()

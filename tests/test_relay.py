@@ -509,3 +509,23 @@ async def test_shutdown_does_not_wait_for_stalled_handshakes() -> None:
         stopping.set()
         assert await read_to_eof(stream) == b""
         await wait_streams_closed(relay)
+
+
+async def test_a_websocket_ping_after_our_close_is_ignored_and_the_server_survives() -> None:
+    async with relay_running() as (relay, _):
+        client = await RawClient.connect(relay)
+        await client.stream.send_all(ws_frame(0x1, b'{"type":"bye"}') + ws_frame(0x9, b"late"))
+        close = await client.close_event()
+        assert close is not None and close.code == 1000
+        await client.wait_eof()
+        # Everyone else is still served.
+        async with open_websocket_url(url(relay)) as ws:
+            await hello_of(ws)
+
+
+async def test_websocket_pings_are_answered_while_open() -> None:
+    async with relay_running() as (relay, _):
+        client = await RawClient.connect(relay)
+        await client.stream.send_all(ws_frame(0x9, b"are you there"))
+        pong = await client.next_event()
+        assert type(pong).__name__ == "Pong" and pong.payload == b"are you there"
