@@ -135,6 +135,13 @@ class RelaySettings:
         "carries an Origin header not in this list is refused with 403; clients that "
         "send no Origin (non-browser) are not affected.",
     )
+    trusted_proxies: tuple[str, ...] = setting(
+        ("127.0.0.1/32", "::1/128"),
+        "Networks (CIDR) of reverse proxies whose X-Forwarded-For header is believed. "
+        "For a connection from one of them, the client address is the right-most "
+        "X-Forwarded-For entry outside these networks; rate limits and the audit log "
+        "use it. Without this, every client behind a proxy shares one address.",
+    )
     max_frame_bytes: int = setting(
         65_536,
         "Largest WebSocket message accepted; a larger one closes the connection with 1009.",
@@ -494,6 +501,15 @@ def _check_cross(config: Config) -> None:
                 f"{origin!r} is not an origin like https://chat.example.org",
                 key="relay.allowed_origins",
             )
+    for network in relay.trusted_proxies:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(
+                path,
+                f"{network!r} is not a network like 10.0.0.0/8 or ::1/128",
+                key="relay.trusted_proxies",
+            ) from None
     listen = config.admin.listen
     if not listen.startswith("unix:"):
         host, sep, port = listen.rpartition(":")

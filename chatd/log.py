@@ -54,6 +54,23 @@ def mask_ip(address: str | None) -> str:
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
 
+def client_network(address: str | None) -> str:
+    """The key rate limits use for a client: its IPv4 address, or its IPv6 /64.
+
+    Independent of ``log.mask_client_ips``: an IPv6 client must not escape a
+    limit by rotating addresses inside its own /64.
+    """
+    try:
+        ip = ipaddress.ip_address(address or "")
+    except ValueError:
+        return "-"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.version == 4:
+        return str(ip)
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+
+
 def _is_secret_name(name: str) -> bool:
     lowered = name.lower()
     return any(word in lowered for word in _SECRET_WORDS) and not lowered.endswith("_count")

@@ -28,6 +28,7 @@ with the grace period.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import ssl
 from functools import partial
@@ -97,8 +98,35 @@ class Relay:
         self.connections_served = 0
         self.port = 0  # the bound port, set by serve_relay
         self.streams = StreamCounter(settings.max_connections)  # TCP streams and slots
+        self.trusted_proxies = [
+            ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies
+        ]
 
     # -- handshake --------------------------------------------------------------
+
+    def _trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.trusted_proxies)
+
+    def client_address(self, peer: str, headers: list[tuple[bytes, bytes]]) -> str:
+        """The client's address: the TCP peer, or, behind a trusted reverse proxy,
+        the right-most X-Forwarded-For entry that is not itself a trusted proxy."""
+        if not self._trusted(peer):
+            return peer
+        forwarded = ",".join(
+            value.decode("latin-1") for key, value in headers if key.lower() == b"x-forwarded-for"
+        )
+        for candidate in reversed([part.strip() for part in forwarded.split(",")][-32:]):
+            try:
+                ipaddress.ip_address(candidate)
+            except ValueError:
+                return peer  # a malformed chain: trust nothing in it
+            if not self._trusted(candidate):
+                return candidate
+        return peer
 
     async def handle(self, request: WebSocketRequest) -> None:
         """trio-websocket handler: must never raise, or the whole server stops."""
@@ -108,7 +136,7 @@ class Relay:
             log.exception("relay.handler_failed")
 
     async def _handle(self, request: WebSocketRequest) -> None:
-        peer = _peer_host(request.remote)
+        peer = self.client_address(_peer_host(request.remote), request.headers)
         path = request.path.partition("?")[0]
         if path != WS_PATH:
             await request.reject(404, body=b"not found: the relay lives at /v1/ws\n")

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from chatd.auth.models import AuthError, Peer, SessionGrant
-from chatd.log import fields, mask_ip
+from chatd.log import client_network, fields, mask_ip
 from chatd.protocol import core
 from chatd.protocol import frames as f
 from chatd.store import now_ms
@@ -109,7 +110,7 @@ class SessionFrames:
                 "unavailable", "sessions are not available on this server", request_id=request_id
             )
         # Device names come with login/register; later requests are tied to the session.
-        peer = Peer(ip=mask_ip(client.peer), device_name="")
+        peer = Peer(ip=mask_ip(client.peer), device_name="", network=client_network(client.peer))
         try:
             return await self._dispatch(client, frame, peer)
         except AuthError as exc:
@@ -128,7 +129,7 @@ class SessionFrames:
         grant = client.grant
         match frame:
             case f.Login():
-                login_peer = Peer(ip=peer.ip, device_name=frame.device_name)
+                login_peer = replace(peer, device_name=frame.device_name)
                 grant = await auth.login(
                     frame.username,
                     frame.password,
@@ -139,7 +140,7 @@ class SessionFrames:
                 self.attach(client, grant)
                 return proto.reply(_session_frame(frame.id, grant))
             case f.Register():
-                reg_peer = Peer(ip=peer.ip, device_name=frame.device_name)
+                reg_peer = replace(peer, device_name=frame.device_name)
                 grant = await auth.register(
                     frame.invite_code, frame.username, frame.password, reg_peer
                 )
@@ -209,8 +210,6 @@ class SessionFrames:
             case f.MfaConfirm():
                 codes = await auth.mfa_confirm(grant, frame.code, peer)
                 if grant.mfa_enrollment_required:
-                    from dataclasses import replace
-
                     self.attach(client, replace(grant, mfa_enrollment_required=False))
                 return proto.reply(f.RecoveryCodes(id=frame.id, codes=codes))
             case f.MfaDisable():

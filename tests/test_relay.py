@@ -529,3 +529,23 @@ async def test_websocket_pings_are_answered_while_open() -> None:
         await client.stream.send_all(ws_frame(0x9, b"are you there"))
         pong = await client.next_event()
         assert type(pong).__name__ == "Pong" and pong.payload == b"are you there"
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "client"),
+    [
+        ("203.0.113.5", "198.51.100.1", "203.0.113.5"),  # not a proxy: header ignored
+        ("127.0.0.1", None, "127.0.0.1"),
+        ("127.0.0.1", "198.51.100.1", "198.51.100.1"),
+        ("127.0.0.1", "6.6.6.6, 198.51.100.1", "198.51.100.1"),  # the client may forge the left
+        ("127.0.0.1", "198.51.100.1, 10.1.2.3", "198.51.100.1"),  # skip inner trusted proxies
+        ("127.0.0.1", "not-an-ip", "127.0.0.1"),
+        ("::1", "2001:db8::7", "2001:db8::7"),
+    ],
+)
+def test_the_client_address_behind_trusted_proxies(
+    peer: str, forwarded: str | None, client: str
+) -> None:
+    relay = Relay(RelaySettings(trusted_proxies=("127.0.0.1/32", "::1/128", "10.0.0.0/8")))
+    headers = [(b"X-Forwarded-For", forwarded.encode())] if forwarded else []
+    assert relay.client_address(peer, headers) == client

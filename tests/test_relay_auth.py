@@ -435,3 +435,69 @@ async def test_login_frames_never_put_secrets_in_the_log(
         session["refresh_token"],
     ):
         assert secret not in text
+
+
+async def test_behind_a_proxy_each_client_has_its_own_limits(short_tmp: Path) -> None:
+    async with server(short_tmp, backoff_base_seconds=60) as srv:
+        headers = [(b"X-Forwarded-For", b"198.51.100.7")]
+        async with open_websocket_url(srv.url, extra_headers=headers) as ws:
+            await ws.get_message()
+            attacker = Client(ws)
+            assert (await attacker.login("nobody"))["code"] == "login_failed"
+            assert (await attacker.login("nobody"))["code"] == "rate_limited"
+        headers = [(b"X-Forwarded-For", b"203.0.113.9")]
+        async with open_websocket_url(srv.url, extra_headers=headers) as ws:
+            await ws.get_message()
+            assert (await Client(ws).login())["type"] == "session"
+        ips = await srv.store.read(
+            lambda c: [r[0] for r in c.execute("SELECT ip FROM auth_audit WHERE event = 'login'")]
+        )
+        assert ips == ["198.51.100.0/24", "198.51.100.0/24", "203.0.113.0/24"]
+
+
+async def test_a_recovery_code_replaces_a_lost_authenticator(short_tmp: Path) -> None:
+    async with server(short_tmp) as srv, connect(srv) as c:
+        await c.login()
+        _, codes = await enrol(c)
+        off = await c.request("mfa_disable", password=PASSWORD, code=codes[1])
+        assert off["type"] == "ok"
+        async with connect(srv) as d:
+            assert (await d.login())["type"] == "session"  # no second factor any more
+        assert ("mfa_disable", "ok") in await srv.audit()
+
+
+async def test_a_role_change_ends_live_sessions(short_tmp: Path) -> None:
+    async with server(short_tmp) as srv, connect(srv) as c:
+        session = await c.login()
+        await srv.admin.set_role(session["user"]["id"], "moderator")
+        assert await c.closed() == (4003, "session revoked")
+
+
+async def test_resumes_are_audited_and_floods_write_few_rows(short_tmp: Path) -> None:
+    async with server(short_tmp, rate_burst=5, refresh_rate_per_ip=1.0) as srv:
+        async with connect(srv) as c:
+            session = await c.login()
+        async with connect(srv) as c:
+            assert (await c.request("resume", access_token=session["access_token"]))["type"] == (
+                "session"
+            )
+        async with connect(srv) as c:
+            codes = [(await c.request("resume", access_token="x" * 43))["code"] for _ in range(40)]
+        assert codes[0] == "invalid_token" and codes[-1] == "rate_limited"
+        audit = await srv.audit()
+        assert ("resume", "ok") in audit
+        assert audit.count(("resume", "rate_limited")) == 1
+
+
+async def test_spent_refresh_tokens_are_bounded_per_session(short_tmp: Path) -> None:
+    from chatd.auth.service import SPENT_TOKENS_KEPT
+
+    async with server(short_tmp, refresh_rate_per_ip=100_000.0, rate_burst=1000) as srv:
+        async with connect(srv) as c:
+            refresh = (await c.login())["refresh_token"]
+            for _ in range(SPENT_TOKENS_KEPT + 10):
+                refresh = (await c.request("refresh", refresh_token=refresh))["refresh_token"]
+        kept = await srv.store.read(
+            lambda conn: conn.execute("SELECT count(*) FROM spent_refresh_tokens").fetchone()[0]
+        )
+        assert kept == SPENT_TOKENS_KEPT

@@ -128,6 +128,9 @@ class AccountAdmin:
 
     async def set_role(self, user_id: int, role: str) -> UserInfo:
         await self._update_user(user_id, "UPDATE users SET role = ? WHERE id = ?", (_role(role),))
+        # Live connections carry the role they logged in with: end them, so the
+        # new role (and its MFA policy) applies from the next login.
+        await self.auth.revoke_sessions(await self.auth.user_session_ids(user_id), "role changed")
         await self.auth.audit(f"admin_set_role_{role}", "ok", ADMIN_PEER, user_id=user_id)
         return await self.get_user(user_id)
 

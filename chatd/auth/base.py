@@ -50,6 +50,7 @@ class AuthBase:
         self.refresh_ip = RateLimiter(settings.refresh_rate_per_ip, burst)
         self.invite_ip = RateLimiter(settings.invite_rate_per_ip, burst)
         self.totp_account = RateLimiter(settings.totp_rate_per_account, burst)
+        self._audit_throttle = RateLimiter(1.0, 1)
         self.backoff = FailureBackoff(settings.backoff_base_seconds, settings.backoff_max_seconds)
         #: Called with revoked session ids; the relay closes their connections.
         self.on_revoked: Callable[[Iterable[int]], None] = lambda ids: None
@@ -115,7 +116,10 @@ class AuthBase:
     async def _rate_limited(
         self, event: str, peer: Peer, wait: float, user_id: int | None
     ) -> AuthError:
-        await self.audit(event, "rate_limited", peer, user_id=user_id)
+        # One audit row per client network and event per minute is evidence
+        # enough; a flood must not become a flood of rows.
+        if not self._audit_throttle.check(f"{event}:{peer.network}", trio.current_time()):
+            await self.audit(event, "rate_limited", peer, user_id=user_id)
         return fail(
             "rate_limited",
             f"too many attempts; retry after {wait:.0f} s",

@@ -14,7 +14,7 @@ from chatd.auth.base import AuthBase, fail
 from chatd.auth.models import Peer, SessionGrant
 from chatd.auth.passwords import PasswordPolicyError, check_password_policy
 from chatd.auth.queries import replace_recovery_codes
-from chatd.auth.tokens import new_recovery_codes
+from chatd.auth.tokens import new_recovery_codes, normalize_recovery_code
 from chatd.auth.totp import new_totp_secret, provisioning_uri, verify_totp
 from chatd.store import now_ms
 
@@ -23,7 +23,8 @@ class CredentialFlows(AuthBase):
     async def _reauthenticate(
         self, grant: SessionGrant, password: str, totp: str | None, peer: Peer, event: str
     ) -> dict[str, Any]:
-        """Full re-authentication for sensitive changes: password, and TOTP if enabled."""
+        """Full re-authentication for sensitive changes: the password, and the second
+        factor if enabled (a TOTP code, or a recovery code for a lost authenticator)."""
         user = await self.user_by_id(grant.user_id)
         if user is None:
             raise fail("invalid_token", "the account no longer exists")
@@ -35,7 +36,8 @@ class CredentialFlows(AuthBase):
             await self.audit(event, "bad_password", peer, user_id=user["id"])
             raise fail("reauth_failed", "the current password is wrong", field="$.password")
         if user["mfa"]:
-            await self._second_factor(user, totp, None, peer, event)
+            recovery = totp if totp and normalize_recovery_code(totp) else None
+            await self._second_factor(user, None if recovery else totp, recovery, peer, event)
         return user
 
     async def change_password(

@@ -33,10 +33,12 @@ class AuthError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Peer:
-    """Who is asking: a masked address (stored, logged) and a device name."""
+    """Who is asking: a masked address (stored, logged), the network rate limits
+    key on, and a device name."""
 
-    ip: str  # masked to /24 or /48: the rate-limit key and what the audit log keeps
+    ip: str  # masked to /24 or /48 (log.mask_client_ips): what the audit log keeps
     device_name: str
+    network: str = "-"  # IPv4 address or IPv6 /64: the rate-limit key
 
 
 @dataclass(frozen=True, slots=True)

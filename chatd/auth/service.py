@@ -43,6 +43,7 @@ from chatd.auth.usernames import UsernameError, normalize_username
 from chatd.store import now_ms
 
 LOGIN_FAILED: Final = "wrong username or password"
+SPENT_TOKENS_KEPT: Final = 50  # rotated refresh tokens remembered per session, for reuse detection
 
 __all__ = ["DAY_MS", "AuthService"]
 
@@ -108,9 +109,9 @@ class AuthService(CredentialFlows):
             key = None
         account = f"a:{key or username[:64].casefold()}"
         wait = self._limit(
-            (self.login_ip, peer.ip),
+            (self.login_ip, peer.network),
             (self.login_account, account),
-            (self.backoff, f"ip:{peer.ip}"),
+            (self.backoff, f"ip:{peer.network}"),
             (self.backoff, account),
         )
         user = await self._user_by_key(key) if key else None
@@ -118,7 +119,7 @@ class AuthService(CredentialFlows):
             raise await self._rate_limited("login", peer, wait, user["id"] if user else None)
         if user is None or len(password) > 1024:
             await self._verify(self.hasher.dummy_hash, password[:1024])  # same cost as a real one
-            self._failed(f"ip:{peer.ip}", account)
+            self._failed(f"ip:{peer.network}", account)
             await self.audit(
                 "login",
                 "unknown_user" if user is None else "bad_password",
@@ -127,7 +128,7 @@ class AuthService(CredentialFlows):
             )
             raise fail("login_failed", LOGIN_FAILED)
         if not await self._verify(user["password_hash"], password):
-            self._failed(f"ip:{peer.ip}", account)
+            self._failed(f"ip:{peer.network}", account)
             await self.audit("login", "bad_password", peer, user_id=user["id"])
             raise fail("login_failed", LOGIN_FAILED)
         if user["disabled"]:
@@ -136,7 +137,7 @@ class AuthService(CredentialFlows):
         if user["mfa"]:
             await self._second_factor(user, totp, recovery_code, peer, "login")
         self.backoff.success(account)
-        self.backoff.success(f"ip:{peer.ip}")
+        self.backoff.success(f"ip:{peer.network}")
         if self.hasher.needs_rehash(user["password_hash"]):
             new_hash = await self._hash(password)
             await self.store.write(
@@ -152,7 +153,7 @@ class AuthService(CredentialFlows):
         self, invite_code: str, username: str, password: str, peer: Peer
     ) -> SessionGrant:
         """Redeem an invite: create the account and log it in."""
-        wait = self._limit((self.invite_ip, peer.ip), (self.backoff, f"invite:{peer.ip}"))
+        wait = self._limit((self.invite_ip, peer.network), (self.backoff, f"invite:{peer.network}"))
         if wait:
             raise await self._rate_limited("register", peer, wait, None)
         try:
@@ -191,7 +192,7 @@ class AuthService(CredentialFlows):
 
         result = await self.store.write(redeem)
         if result == "invalid_invite":
-            self._failed(f"invite:{peer.ip}")
+            self._failed(f"invite:{peer.network}")
             await self.audit("register", "invalid_invite", peer)
             raise fail(
                 "invalid_invite",
@@ -215,10 +216,17 @@ class AuthService(CredentialFlows):
 
     async def resume(self, access_token: str, peer: Peer) -> SessionGrant:
         """An access token back to its session (for a reconnecting client)."""
+        wait = self._limit(
+            (self.refresh_ip, peer.network), (self.backoff, f"resume:{peer.network}")
+        )
+        if wait:
+            raise await self._rate_limited("resume", peer, wait, None)
         session = await self._session_by("access_hash", access_token)
         now = now_ms()
         if session is None or session["access_expires_at"] <= now:
             code = "token_expired" if session is not None else "invalid_token"
+            if session is None:
+                self._failed(f"resume:{peer.network}")
             await self.audit("resume", code, peer, user_id=session["user_id"] if session else None)
             raise fail(
                 code,
@@ -228,6 +236,7 @@ class AuthService(CredentialFlows):
                 field="$.access_token",
             )
         await self._touch(session["id"], peer)
+        await self.audit("resume", "ok", peer, user_id=session["user_id"], session_id=session["id"])
         return self._grant(session)
 
     async def refresh(self, refresh_token: str, peer: Peer) -> SessionGrant:
@@ -235,7 +244,7 @@ class AuthService(CredentialFlows):
 
         A refresh token that was already rotated revokes its whole session.
         """
-        wait = self._limit((self.refresh_ip, peer.ip))
+        wait = self._limit((self.refresh_ip, peer.network))
         if wait:
             raise await self._rate_limited("refresh", peer, wait, None)
         digest = token_hash(refresh_token) if 0 < len(refresh_token) <= TOKEN_MAX_CHARS else b""
@@ -262,6 +271,14 @@ class AuthService(CredentialFlows):
                 "INSERT INTO spent_refresh_tokens (token_hash, session_id, spent_at)"
                 " VALUES (?, ?, ?)",
                 (digest, session["id"], now),
+            )
+            # Remember the latest spent tokens only: reuse of an older one is
+            # still refused (unknown token), just not detected as theft.
+            conn.execute(
+                "DELETE FROM spent_refresh_tokens WHERE session_id = ? AND token_hash NOT IN"
+                " (SELECT token_hash FROM spent_refresh_tokens WHERE session_id = ?"
+                " ORDER BY spent_at DESC LIMIT ?)",
+                (session["id"], session["id"], SPENT_TOKENS_KEPT),
             )
             conn.execute(
                 "UPDATE sessions SET access_hash = ?, access_expires_at = ?, refresh_hash = ?,"
