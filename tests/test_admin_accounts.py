@@ -36,8 +36,8 @@ from .test_admin import assert_error
 
 PASSWORD = "plum orbit kettle sunrise"
 OTHER_PASSWORD = "seven quiet lanterns drift"
-PEER = Peer(ip="192.0.2.0", device_name="laptop")
-OTHER_PEER = Peer(ip="198.51.100.0", device_name="phone")
+PEER = Peer(ip="192.0.2.0/24", device_name="laptop", network="192.0.2.1")
+OTHER_PEER = Peer(ip="198.51.100.0/24", device_name="phone", network="198.51.100.1")
 
 ACCOUNT_ROUTES = [r for r in ROUTES if r.handler.__module__ == "chatd.admin.accounts_api"]
 
