@@ -105,11 +105,16 @@ class Daemon:
 
     The child inherits this process's resource limits, so raise RLIMIT_NOFILE
     here (:func:`raise_nofile`) before :meth:`start` when it needs many sockets.
+    With ``lag_log``, the same ``chatd serve`` runs under ``bench/_lagmon.py``
+    (this interpreter), which samples the event loop's lag into that file.
     """
 
-    def __init__(self, config: Path, work_dir: Path) -> None:
+    def __init__(self, config: Path, work_dir: Path, *, lag_log: Path | None = None) -> None:
         self.config = config
         self.work_dir = work_dir
+        #: With a path, the daemon runs under bench/_lagmon.py, which adds an
+        #: event-loop lag monitor and writes its samples there (chatd unchanged).
+        self.lag_log = lag_log
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = work_dir / "chatd.log"
         self._log: IO[bytes] | None = None
@@ -129,8 +134,12 @@ class Daemon:
         env.pop("WATCHDOG_PID", None)
         self._log = self.log_path.open("ab")
         self._spawned_at = time.perf_counter()
+        command = [chatd_executable()]
+        if self.lag_log is not None:
+            monitor = Path(__file__).with_name("_lagmon.py")
+            command = [sys.executable, str(monitor), str(self.lag_log)]
         self.proc = subprocess.Popen(
-            [chatd_executable(), "serve", "--config", str(self.config)],
+            [*command, "serve", "--config", str(self.config)],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=self._log,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -122,7 +123,7 @@ class AuthBase:
             await self.audit(event, "rate_limited", peer, user_id=user_id)
         return fail(
             "rate_limited",
-            f"too many attempts; retry after {wait:.0f} s",
+            f"too many attempts; retry after {math.ceil(wait)} s",
             retry_after=round(wait, 3),
         )
 
