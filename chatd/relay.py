@@ -280,6 +280,11 @@ class Relay:
         returns, even if the peer never answers.
         """
         close = client.closing
+        if close is not None and close.reason == REASON_SEND_TIMEOUT:
+            # A frame was cut off mid-write: nothing valid can follow it on
+            # this stream, not even a Close frame. Just hang up.
+            log.info("relay.close", extra=fields(peer=mask_ip(client.peer), reason=close.reason))
+            return
         with trio.move_on_after(CLOSE_TIMEOUT):
             if close is None:
                 await client.ws.aclose()

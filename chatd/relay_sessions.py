@@ -155,6 +155,15 @@ class SessionFrames:
                 if grant is None or grant.session_id == fresh.session_id:
                     # Refreshing authenticates a new connection, and extends a live one.
                     self.attach(client, fresh)
+                # Every connection of the session now lives on the new access token.
+                for other in self.by_session.get(fresh.session_id, ()):
+                    if other.grant is not None:
+                        other.grant = replace(
+                            other.grant,
+                            access_expires_at=fresh.access_expires_at,
+                            access_token=None,
+                            refresh_token=None,
+                        )
                 assert fresh.access_token and fresh.refresh_token  # noqa: S101 - refresh issues both
                 return proto.reply(
                     f.Tokens(

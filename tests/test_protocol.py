@@ -145,3 +145,11 @@ def test_core_imports_neither_trio_nor_sqlite() -> None:
 def test_bye_closes_normally() -> None:
     conn = started()
     assert conn.receive_text('{"type":"bye"}') == [core.Close(1000, "bye")]
+
+
+def test_a_missing_field_is_named() -> None:
+    [error] = frames(
+        started().receive_text('{"type":"login","id":"r7","username":"a","password":"x"}')
+    )
+    assert error["field"] == "$.device_name"
+    assert error["id"] == "r7"

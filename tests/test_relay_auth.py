@@ -501,3 +501,28 @@ async def test_spent_refresh_tokens_are_bounded_per_session(short_tmp: Path) -> 
             lambda conn: conn.execute("SELECT count(*) FROM spent_refresh_tokens").fetchone()[0]
         )
         assert kept == SPENT_TOKENS_KEPT
+
+
+async def test_a_refresh_extends_every_connection_of_the_session(short_tmp: Path) -> None:
+    async with server(short_tmp, access_token_minutes=0.01) as srv:
+        async with connect(srv) as a, connect(srv) as b:
+            session = await a.login()
+            assert (await b.request("resume", access_token=session["access_token"]))["type"] == (
+                "session"
+            )
+            refresh = session["refresh_token"]
+            for _ in range(3):  # past the first access token's 0.6 s, refreshed on `a` only
+                refresh = (await a.request("refresh", refresh_token=refresh))["refresh_token"]
+                await trio.sleep(0.3)  # real time must pass; no server event marks it
+            assert (await b.request("list_sessions"))["type"] == "sessions"
+
+
+async def test_wrong_reauthentication_names_the_field(short_tmp: Path) -> None:
+    async with server(short_tmp) as srv, connect(srv) as c:
+        await c.login()
+        wrong = await c.request(
+            "change_password",
+            current_password="not the password",
+            new_password="a brand new passphrase",
+        )
+        assert wrong["field"] == "$.current_password"

@@ -183,6 +183,8 @@ class AuthBase:
         recovery_code: str | None,
         peer: Peer,
         event: str,
+        *,
+        field: str | None = None,
     ) -> None:
         """Check the TOTP code or a recovery code of a user with MFA; raise if wrong."""
         if totp is None and recovery_code is None:
@@ -227,5 +229,6 @@ class AuthBase:
         if not ok:
             self._failed(f"mfa:u{user['id']}")
             await self.audit(event, "bad_second_factor", peer, user_id=user["id"])
-            raise fail("mfa_failed", "wrong or already used code", field="$.totp")
+            where = field or ("$.totp" if totp is not None else "$.recovery_code")
+            raise fail("mfa_failed", "wrong or already used code", field=where)
         self.backoff.success(f"mfa:u{user['id']}")

@@ -21,7 +21,15 @@ from chatd.store import now_ms
 
 class CredentialFlows(AuthBase):
     async def _reauthenticate(
-        self, grant: SessionGrant, password: str, totp: str | None, peer: Peer, event: str
+        self,
+        grant: SessionGrant,
+        password: str,
+        totp: str | None,
+        peer: Peer,
+        event: str,
+        *,
+        first_factor_field: str = "$.password",
+        code_field: str = "$.totp",
     ) -> dict[str, Any]:
         """Full re-authentication for sensitive changes: the password, and the second
         factor if enabled (a TOTP code, or a recovery code for a lost authenticator)."""
@@ -34,17 +42,21 @@ class CredentialFlows(AuthBase):
         if not await self._verify(user["password_hash"], password):
             self._failed(f"a:{user['username_key']}")
             await self.audit(event, "bad_password", peer, user_id=user["id"])
-            raise fail("reauth_failed", "the current password is wrong", field="$.password")
+            raise fail("reauth_failed", "the current password is wrong", field=first_factor_field)
         if user["mfa"]:
             recovery = totp if totp and normalize_recovery_code(totp) else None
-            await self._second_factor(user, None if recovery else totp, recovery, peer, event)
+            await self._second_factor(
+                user, None if recovery else totp, recovery, peer, event, field=code_field
+            )
         return user
 
     async def change_password(
         self, grant: SessionGrant, current: str, new: str, totp: str | None, peer: Peer
     ) -> list[int]:
         """Change the password after full re-authentication; other sessions are revoked."""
-        user = await self._reauthenticate(grant, current, totp, peer, "password_change")
+        user = await self._reauthenticate(
+            grant, current, totp, peer, "password_change", first_factor_field="$.current_password"
+        )
         try:
             check_password_policy(new, username_key=user["username_key"])
         except PasswordPolicyError as exc:
@@ -109,7 +121,9 @@ class CredentialFlows(AuthBase):
         return codes
 
     async def mfa_disable(self, grant: SessionGrant, password: str, code: str, peer: Peer) -> None:
-        user = await self._reauthenticate(grant, password, code, peer, "mfa_disable")
+        user = await self._reauthenticate(
+            grant, password, code, peer, "mfa_disable", code_field="$.code"
+        )
         if not user["mfa"]:
             raise fail("mfa_not_enabled", "this account has no second factor")
         if self._mfa_required(user["role"]):
@@ -129,7 +143,9 @@ class CredentialFlows(AuthBase):
     async def regenerate_recovery_codes(
         self, grant: SessionGrant, password: str, code: str, peer: Peer
     ) -> list[str]:
-        user = await self._reauthenticate(grant, password, code, peer, "recovery_codes")
+        user = await self._reauthenticate(
+            grant, password, code, peer, "recovery_codes", code_field="$.code"
+        )
         if not user["mfa"]:
             raise fail("mfa_not_enabled", "this account has no second factor")
         codes = new_recovery_codes(10)

@@ -83,7 +83,7 @@ ERR_ALREADY_AUTHENTICATED: Final = "already_authenticated"  # one session per co
 ERR_MFA_ENROLLMENT_REQUIRED: Final = "mfa_enrollment_required"  # enrol TOTP first
 
 _PATH_RE: Final = re.compile(r" - at `([^`]+)`$")
-_UNKNOWN_FIELD_RE: Final = re.compile(r"unknown field `([^`]+)`")
+_UNKNOWN_FIELD_RE: Final = re.compile(r"(?:unknown|missing required) field `([^`]+)`")
 
 
 @dataclass(frozen=True, slots=True)
