@@ -49,7 +49,7 @@ class Server:
 
 @asynccontextmanager
 async def server(tmp: Path, **auth_settings: Any) -> AsyncIterator[Server]:
-    defaults = {"session_check_seconds": 0.2, "require_mfa": "none", "backoff_base_seconds": 0.001}
+    defaults = {"session_check_seconds": 0.2, "require_mfa": "none", "backoff_base_seconds": 1e-6}
     settings = AuthSettings(**{**defaults, **auth_settings})
     relay_settings = RelaySettings(port=0, idle_timeout_seconds=30, handshake_timeout_seconds=10)
     config = Config(relay=relay_settings, auth=settings, path=tmp / "chatd.toml")
@@ -526,3 +526,26 @@ async def test_wrong_reauthentication_names_the_field(short_tmp: Path) -> None:
             new_password="a brand new passphrase",
         )
         assert wrong["field"] == "$.current_password"
+
+
+async def test_a_lost_authenticator_is_replaced_with_a_recovery_code(short_tmp: Path) -> None:
+    async with server(short_tmp, require_mfa="everyone") as srv, connect(srv) as c:
+        first = await c.login()
+        assert first["mfa_enrollment_required"] is True
+        old_secret, codes = await enrol(c)
+        async with connect(srv) as d:
+            # The phone is gone: log in and re-enrol with recovery codes.
+            assert (await d.login(recovery_code=codes[0]))["type"] == "session"
+            pending = await d.request("mfa_enroll", password=PASSWORD, totp=codes[1])
+            new_secret = pending["secret"]
+            async with connect(srv) as meanwhile:
+                # Until confirmed, the old factor is still the one that counts.
+                code = pyotp.TOTP(old_secret).at(time.time() + 30)
+                assert (await meanwhile.login(totp=code))["type"] == "session"
+            confirmed = await d.request("mfa_confirm", code=pyotp.TOTP(new_secret).now())
+            assert len(confirmed["codes"]) == 10
+        async with connect(srv) as e:
+            stale = pyotp.TOTP(old_secret).at(time.time() - 30)
+            assert (await e.login(totp=stale))["code"] == "mfa_failed"
+            fresh = pyotp.TOTP(new_secret).at(time.time() + 30)
+            assert (await e.login(totp=fresh))["type"] == "session"

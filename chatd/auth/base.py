@@ -52,6 +52,8 @@ class AuthBase:
         self.invite_ip = RateLimiter(settings.invite_rate_per_ip, burst)
         self.totp_account = RateLimiter(settings.totp_rate_per_account, burst)
         self._audit_throttle = RateLimiter(1.0, 1)
+        #: user id -> (TOTP secret waiting for its confirming code, deadline)
+        self._pending_totp: dict[int, tuple[str, float]] = {}
         self.backoff = FailureBackoff(settings.backoff_base_seconds, settings.backoff_max_seconds)
         #: Called with revoked session ids; the relay closes their connections.
         self.on_revoked: Callable[[Iterable[int]], None] = lambda ids: None

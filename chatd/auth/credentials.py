@@ -8,7 +8,9 @@ factor.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Final
+
+import trio
 
 from chatd.auth.base import AuthBase, fail
 from chatd.auth.models import Peer, SessionGrant
@@ -17,6 +19,9 @@ from chatd.auth.queries import replace_recovery_codes
 from chatd.auth.tokens import new_recovery_codes, normalize_recovery_code
 from chatd.auth.totp import new_totp_secret, provisioning_uri, verify_totp
 from chatd.store import now_ms
+
+#: How long an enrolment may wait for its confirming code.
+PENDING_ENROLMENT_SECONDS: Final = 600.0
 
 
 class CredentialFlows(AuthBase):
@@ -79,40 +84,44 @@ class CredentialFlows(AuthBase):
     async def mfa_enroll(
         self, grant: SessionGrant, password: str, totp: str | None, peer: Peer
     ) -> tuple[str, str]:
-        """Start (or restart) TOTP enrolment; active only after :meth:`mfa_confirm`."""
+        """Start TOTP enrolment, or the replacement of the current authenticator.
+
+        The new secret is pending (in memory, for ``PENDING_ENROLMENT_SECONDS``)
+        until :meth:`mfa_confirm` proves the device has it; until then the
+        current second factor, if any, stays in force. A user who lost the
+        authenticator re-authenticates here with a recovery code.
+        """
         user = await self._reauthenticate(grant, password, totp, peer, "mfa_enroll")
-        if user["mfa"]:
-            raise fail("mfa_already_enabled", "disable the current second factor first")
         secret = new_totp_secret()
-        await self.store.write(
-            lambda conn: conn.execute(
-                "UPDATE users SET totp_secret = ?, totp_confirmed_at = NULL, totp_last_step = NULL"
-                " WHERE id = ?",
-                (secret, user["id"]),
-            )
-        )
+        deadline = trio.current_time() + PENDING_ENROLMENT_SECONDS
+        self._pending_totp[user["id"]] = (secret, deadline)
         await self.audit("mfa_enroll", "ok", peer, user_id=user["id"], session_id=grant.session_id)
         return secret, provisioning_uri(secret, user["username"])
 
     async def mfa_confirm(self, grant: SessionGrant, code: str, peer: Peer) -> list[str]:
-        """Activate TOTP with a first valid code; returns 10 new recovery codes."""
+        """Activate the pending TOTP secret with a valid code; returns 10 new recovery codes."""
         user = await self.user_by_id(grant.user_id)
-        if user is None or not user["totp_secret"] or user["mfa"]:
-            raise fail("mfa_not_enrolling", "start with mfa_enroll")
+        pending = self._pending_totp.get(grant.user_id)
+        if user is None or pending is None or pending[1] < trio.current_time():
+            self._pending_totp.pop(grant.user_id, None)
+            raise fail("mfa_not_enrolling", "start (again) with mfa_enroll")
+        secret = pending[0]
         wait = self._limit((self.totp_account, f"u{user['id']}"))
         if wait:
             raise await self._rate_limited("mfa_confirm", peer, wait, user["id"])
-        step = verify_totp(user["totp_secret"], code, last_step=None, now=time.time())
+        step = verify_totp(secret, code, last_step=None, now=time.time())
         if step is None:
             await self.audit("mfa_confirm", "bad_second_factor", peer, user_id=user["id"])
             raise fail("mfa_failed", "wrong code; check the device clock", field="$.code")
+        del self._pending_totp[grant.user_id]
         codes = new_recovery_codes(10)
         now = now_ms()
 
         def activate(conn: Any) -> None:
             conn.execute(
-                "UPDATE users SET totp_confirmed_at = ?, totp_last_step = ? WHERE id = ?",
-                (now, step, user["id"]),
+                "UPDATE users SET totp_secret = ?, totp_confirmed_at = ?, totp_last_step = ?"
+                " WHERE id = ?",
+                (secret, now, step, user["id"]),
             )
             replace_recovery_codes(conn, user["id"], codes)
 
