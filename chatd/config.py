@@ -343,6 +343,32 @@ class AuthSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceSettings:
+    """[devices]: devices and their end-to-end-encryption keys."""
+
+    max_devices_per_user: int = setting(
+        20,
+        "Devices one account may have. A login that would add one more is refused "
+        "until the user removes a device.",
+        minimum=1,
+        maximum=1_000,
+    )
+    max_one_time_keys: int = setting(
+        100,
+        "Unclaimed one-time keys a device may hold; uploads beyond it are refused.",
+        minimum=1,
+        maximum=10_000,
+    )
+    one_time_key_threshold: int = setting(
+        20,
+        "Below this many unclaimed one-time keys, the server asks the device to upload "
+        "more (key_count frame with upload_wanted).",
+        minimum=0,
+        maximum=10_000,
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class LogSettings:
     """[log]: structured logs on stderr (journald picks them up)."""
 
@@ -368,6 +394,7 @@ class Config:
     admin: AdminSettings = field(default_factory=AdminSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    devices: DeviceSettings = field(default_factory=DeviceSettings)
     log: LogSettings = field(default_factory=LogSettings)
     path: Path = field(default=Path("chatd.toml"), metadata={"internal": True})
 
@@ -410,6 +437,7 @@ SECTIONS: Final[dict[str, type]] = {
     "admin": AdminSettings,
     "retention": RetentionSettings,
     "auth": AuthSettings,
+    "devices": DeviceSettings,
     "log": LogSettings,
 }
 

@@ -29,6 +29,7 @@ from chatd.admin.service import serve_admin
 from chatd.auth.accounts import AccountAdmin
 from chatd.auth.service import AuthService
 from chatd.config import Config
+from chatd.e2ee.keys import KeyService
 from chatd.keyfiles import check_data_dir, load_admin_token_hash, load_db_key
 from chatd.log import fields
 from chatd.relay import serve_relay
@@ -95,14 +96,19 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
             notifier.notify(STATUS="opening the store")
             store: Store = await nursery.start(serve_store, config.database_path, key, config.store)
             del key
-            auth = AuthService(store, config.auth)
+            auth = AuthService(store, config.auth, config.devices)
+            keys = KeyService(store, config.devices)
             jobs = default_jobs(config.retention) + auth_jobs(config.auth)
             retention = await nursery.start(
                 partial(serve_retention, store, config.retention, jobs=jobs)
             )
             nursery.start_soon(auth.warm_up)  # dummy hash, password list: off the start path
             relay = await nursery.start(
-                _until_done, relay_done, partial(serve_relay, auth=auth), config, stopping
+                _until_done,
+                relay_done,
+                partial(serve_relay, auth=auth, keys=keys),
+                config,
+                stopping,
             )
             ctx = AdminContext(
                 store=store,

@@ -40,6 +40,7 @@ from trio_websocket import ConnectionClosed, WebSocketRequest
 from chatd.auth.models import SessionGrant
 from chatd.auth.service import AuthService
 from chatd.config import Config, RelaySettings
+from chatd.e2ee.keys import KeyService
 from chatd.errors import ConfigError, ListenError
 from chatd.log import fields, mask_ip
 from chatd.protocol import core
@@ -83,9 +84,15 @@ class _Client:
 class Relay:
     """Connection registry and per-connection logic; one per relay service."""
 
-    def __init__(self, settings: RelaySettings, auth: AuthService | None = None) -> None:
+    def __init__(
+        self,
+        settings: RelaySettings,
+        auth: AuthService | None = None,
+        keys: KeyService | None = None,
+    ) -> None:
         self.settings = settings
-        self.session_frames = SessionFrames(self, auth)
+        self.session_frames = SessionFrames(self, auth, keys)
+        self.nursery: trio.Nursery | None = None  # for short pushes; set by serve_relay
         self.limits = Limits(
             max_frame_bytes=settings.max_frame_bytes,
             handshake_timeout_seconds=settings.handshake_timeout_seconds,
@@ -296,6 +303,12 @@ class Relay:
                 )
             await client.ws.aclose(close.code, close.reason)
 
+    def push(self, client: _Client, actions: list[core.Action]) -> None:
+        """Queue frames for a connection from outside its receive loop."""
+        if client.closing is None and self._perform(client, actions) is False:
+            if client.receive_scope is not None:
+                client.receive_scope.cancel()
+
     def close_client(self, client: _Client, actions: list[core.Action]) -> None:
         """Close a connection from outside its receive loop (revocation, expiry)."""
         self._perform(client, actions)
@@ -370,6 +383,7 @@ async def serve_relay(
     stopping: trio.Event,
     *,
     auth: AuthService | None = None,
+    keys: KeyService | None = None,
     task_status: trio.TaskStatus[Relay] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the relay until ``stopping`` is set, then drain and return.
@@ -381,9 +395,12 @@ async def serve_relay(
     """
     s = config.relay
     listeners = await open_relay_listeners(config)
-    relay = Relay(s, auth)
+    relay = Relay(s, auth, keys)
     relay.port = listener_port(listeners[0])
     async with trio.open_nursery() as handlers:
+        relay.nursery = handlers
+        if keys is not None:
+            keys.on_keys_low = relay.session_frames.push_key_counts
         if auth is not None:
             auth.on_revoked = relay.session_frames.close_sessions
             handlers.start_soon(

@@ -28,6 +28,7 @@ from chatd.store import now_ms
 
 if TYPE_CHECKING:  # pragma: no cover - import cycle for annotations only
     from chatd.auth.service import AuthService
+    from chatd.e2ee.keys import KeyService
     from chatd.relay import Relay, _Client
 
 log = logging.getLogger("chatd.relay")
@@ -41,6 +42,7 @@ def _session_frame(request_id: str, grant: SessionGrant) -> f.Session:
         access_expires_at=grant.access_expires_at,
         expires_at=grant.expires_at,
         mfa_enrollment_required=grant.mfa_enrollment_required,
+        device_id=grant.device_id,
         access_token=grant.access_token,
         refresh_token=grant.refresh_token,
     )
@@ -49,9 +51,12 @@ def _session_frame(request_id: str, grant: SessionGrant) -> f.Session:
 class SessionFrames:
     """Carries out session requests for one relay; owns the session registry."""
 
-    def __init__(self, relay: Relay, auth: AuthService | None) -> None:
+    def __init__(
+        self, relay: Relay, auth: AuthService | None, keys: KeyService | None = None
+    ) -> None:
         self.relay = relay
         self.auth = auth
+        self.keys = keys
         self.by_session: dict[int, set[_Client]] = {}
         self._sweep = trio.CancelScope()
 
@@ -72,6 +77,23 @@ class SessionFrames:
             clients.discard(client)
             if not clients:
                 del self.by_session[grant.session_id]
+
+    def push_key_counts(self, device_ids: Iterable[str]) -> None:
+        """Tell these devices' live connections their key count (KeyService.on_keys_low)."""
+        wanted = set(device_ids)
+        if not wanted or self.keys is None:
+            return
+        for clients in list(self.by_session.values()):
+            for client in list(clients):
+                if client.grant is not None and client.grant.device_id in wanted:
+                    if self.relay.nursery is not None:
+                        self.relay.nursery.start_soon(self._push_key_count, client)
+
+    async def _push_key_count(self, client: _Client) -> None:
+        if self.keys is None or client.grant is None or client.closing is not None:
+            return
+        count = await self.keys.key_count(client.grant.device_id)
+        self.relay.push(client, client.proto.reply(count))
 
     def close_sessions(self, session_ids: Iterable[int]) -> None:
         """Close every connection of these sessions with 4003 (AuthService.on_revoked)."""
@@ -122,6 +144,17 @@ class SessionFrames:
                 retry_after=exc.retry_after,
             )
 
+    async def _key_count(self, client: _Client) -> list[core.Action]:
+        """After a session starts: the device's one-time key count (and whether to upload)."""
+        if self.keys is None or client.grant is None or not client.grant.device_id:
+            return []
+        return client.proto.reply(await self.keys.key_count(client.grant.device_id))
+
+    def _key_service(self) -> KeyService:
+        if self.keys is None:
+            raise AuthError("unavailable", "keys are not available on this server")
+        return self.keys
+
     async def _dispatch(self, client: _Client, frame: Any, peer: Peer) -> list[core.Action]:
         auth = self.auth
         assert auth is not None  # noqa: S101 - checked by handle()
@@ -136,20 +169,21 @@ class SessionFrames:
                     login_peer,
                     totp=frame.totp,
                     recovery_code=frame.recovery_code,
+                    device_id=frame.device_id,
                 )
                 self.attach(client, grant)
-                return proto.reply(_session_frame(frame.id, grant))
+                return proto.reply(_session_frame(frame.id, grant)) + await self._key_count(client)
             case f.Register():
                 reg_peer = replace(peer, device_name=frame.device_name)
                 grant = await auth.register(
                     frame.invite_code, frame.username, frame.password, reg_peer
                 )
                 self.attach(client, grant)
-                return proto.reply(_session_frame(frame.id, grant))
+                return proto.reply(_session_frame(frame.id, grant)) + await self._key_count(client)
             case f.Resume():
                 grant = await auth.resume(frame.access_token, peer)
                 self.attach(client, grant)
-                return proto.reply(_session_frame(frame.id, grant))
+                return proto.reply(_session_frame(frame.id, grant)) + await self._key_count(client)
             case f.Refresh():
                 fresh = await auth.refresh(frame.refresh_token, peer)
                 if grant is None or grant.session_id == fresh.session_id:
@@ -224,6 +258,15 @@ class SessionFrames:
             case f.MfaDisable():
                 await auth.mfa_disable(grant, frame.password, frame.code, peer)
                 return proto.reply(f.Ok(id=frame.id))
+            case f.KeysUpload():
+                keys = self._key_service()
+                return proto.reply(await keys.upload(grant.user_id, grant.device_id, frame))
+            case f.KeysClaim():
+                claimed, missing = await self._key_service().claim(frame.devices)
+                return proto.reply(f.KeysClaimed(id=frame.id, keys=claimed, missing=missing))
+            case f.Directory():
+                members = await self._key_service().directory()
+                return proto.reply(f.Members(id=frame.id, members=members))
             case f.NewRecoveryCodes():
                 codes = await auth.regenerate_recovery_codes(
                     grant, frame.password, frame.code, peer

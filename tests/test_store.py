@@ -271,6 +271,21 @@ def _sample_rows(conn: Any, version: int) -> dict[str, int]:
         conn.execute(
             "INSERT INTO auth_audit (at, event, outcome, ip) VALUES (1, 'login', 'ok', '-')"
         )
+        if version >= 4:
+            conn.execute(
+                "INSERT INTO devices (id, user_id, name, created_at, last_seen_at)"
+                " VALUES ('DEV', 1, 'phone', 1, 1)"
+            )
+            conn.execute(
+                "INSERT INTO one_time_keys (device_id, key_id, curve25519_key, signature,"
+                " uploaded_at) VALUES ('DEV', 'k', 'c', 's', 1)"
+            )
+            conn.execute(
+                "INSERT INTO fallback_keys (device_id, key_id, curve25519_key, signature,"
+                " uploaded_at) VALUES ('DEV', 'f', 'c', 's', 1)"
+            )
+            for table in ("devices", "one_time_keys", "fallback_keys"):
+                rows[table] = 1
         for table in (
             "users",
             "recovery_codes",

@@ -17,7 +17,7 @@ from chatd.auth.queries import select_user
 from chatd.auth.ratelimit import FailureBackoff, RateLimiter
 from chatd.auth.tokens import normalize_recovery_code, recovery_code_hash
 from chatd.auth.totp import verify_totp
-from chatd.config import AuthSettings
+from chatd.config import AuthSettings, DeviceSettings
 from chatd.log import fields
 from chatd.store import Store, now_ms
 
@@ -34,9 +34,12 @@ def fail(code: str, message: str, **kw: Any) -> AuthError:
 class AuthBase:
     """State and helpers every auth flow uses. See :class:`chatd.auth.service.AuthService`."""
 
-    def __init__(self, store: Store, settings: AuthSettings) -> None:
+    def __init__(
+        self, store: Store, settings: AuthSettings, devices: DeviceSettings | None = None
+    ) -> None:
         self.store = store
         self.settings = settings
+        self.devices = devices or DeviceSettings()
         self.hasher = PasswordHasher(
             Argon2Params(
                 memory_kib=settings.argon2_memory_kib,

@@ -52,6 +52,7 @@ class SessionGrant:
     access_expires_at: int  # unix ms
     expires_at: int  # unix ms: the absolute end of the session
     mfa_enrollment_required: bool
+    device_id: str = ""
     access_token: str | None = None
     refresh_token: str | None = None
 

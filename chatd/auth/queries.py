@@ -28,14 +28,24 @@ def select_session(conn: Any, where: str, value: object, now: int) -> dict[str, 
     row = conn.execute(
         # ``where`` is always one of this module's constant fragments.
         "SELECT s.id, s.user_id, s.access_expires_at, s.expires_at, u.username, u.role,"  # noqa: S608
-        " u.totp_confirmed_at IS NOT NULL FROM sessions s JOIN users u ON u.id = s.user_id"
+        " u.totp_confirmed_at IS NOT NULL, s.device_id"
+        " FROM sessions s JOIN users u ON u.id = s.user_id"
         f" WHERE {where} AND s.revoked_at IS NULL AND s.expires_at > ?"
         " AND u.disabled_at IS NULL",
         (value, now),
     ).fetchone()
     if row is None:
         return None
-    keys = ("id", "user_id", "access_expires_at", "expires_at", "username", "role", "mfa")
+    keys = (
+        "id",
+        "user_id",
+        "access_expires_at",
+        "expires_at",
+        "username",
+        "role",
+        "mfa",
+        "device_id",
+    )
     session = dict(zip(keys, row, strict=True))
     session["mfa"] = bool(session["mfa"])
     return session

@@ -40,6 +40,7 @@ from chatd.auth.passwords import PasswordPolicyError, check_password_policy
 from chatd.auth.queries import list_sessions_where, select_session
 from chatd.auth.tokens import TOKEN_MAX_CHARS, new_token, token_hash
 from chatd.auth.usernames import UsernameError, normalize_username
+from chatd.e2ee.keys import bind_device
 from chatd.store import now_ms
 
 LOGIN_FAILED: Final = "wrong username or password"
@@ -51,7 +52,9 @@ __all__ = ["DAY_MS", "AuthService"]
 class AuthService(CredentialFlows):
     """Accounts and sessions. One instance per daemon, shared by relay and admin."""
 
-    async def _open_session(self, user: dict[str, Any], peer: Peer) -> SessionGrant:
+    async def _open_session(
+        self, user: dict[str, Any], peer: Peer, device_id: str | None = None
+    ) -> SessionGrant:
         access, refresh = new_token(), new_token()
         now = now_ms()
         access_expires = now + int(self.settings.access_token_minutes * MINUTE_MS)
@@ -69,16 +72,19 @@ class AuthService(CredentialFlows):
             token_hash(refresh),
         )
 
-        def insert(conn: Any) -> int:
+        max_devices = self.devices.max_devices_per_user
+
+        def insert(conn: Any) -> tuple[int, str]:
+            bound = bind_device(conn, user["id"], device_id, peer.device_name, now, max_devices)
             cur = conn.execute(
                 "INSERT INTO sessions (user_id, device_name, created_at, last_seen_at, last_ip,"
-                " expires_at, access_hash, access_expires_at, refresh_hash)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                row,
+                " expires_at, access_hash, access_expires_at, refresh_hash, device_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (*row, bound),
             )
-            return int(cur.lastrowid)
+            return int(cur.lastrowid), bound
 
-        session_id = await self.store.write(insert)
+        session_id, bound = await self.store.write(insert)
         return SessionGrant(
             session_id=session_id,
             user_id=user["id"],
@@ -87,6 +93,7 @@ class AuthService(CredentialFlows):
             access_expires_at=access_expires,
             expires_at=expires,
             mfa_enrollment_required=self._mfa_required(user["role"]) and not user["mfa"],
+            device_id=bound,
             access_token=access,
             refresh_token=refresh,
         )
@@ -101,8 +108,10 @@ class AuthService(CredentialFlows):
         *,
         totp: str | None = None,
         recovery_code: str | None = None,
+        device_id: str | None = None,
     ) -> SessionGrant:
-        """Password (and second factor) to a new session. Raises :class:`AuthError`."""
+        """Password (and second factor) to a new session on a new device, or on
+        ``device_id`` (an existing device of this user). Raises :class:`AuthError`."""
         try:
             key: str | None = normalize_username(username)
         except UsernameError:
@@ -145,7 +154,7 @@ class AuthService(CredentialFlows):
                     "UPDATE users SET password_hash = ? WHERE id = ?", (new_hash, user["id"])
                 )
             )
-        grant = await self._open_session(user, peer)
+        grant = await self._open_session(user, peer, device_id)
         await self.audit("login", "ok", peer, user_id=user["id"], session_id=grant.session_id)
         return grant
 
@@ -399,6 +408,7 @@ class AuthService(CredentialFlows):
             access_expires_at=session["access_expires_at"],
             expires_at=session["expires_at"],
             mfa_enrollment_required=self._mfa_required(session["role"]) and not session["mfa"],
+            device_id=session["device_id"] or "",
         )
 
 

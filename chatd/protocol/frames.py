@@ -45,6 +45,17 @@ Token = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Code = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 DeviceName = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 SessionIds = Annotated[list[int], msgspec.Meta(max_length=100)]
+DeviceId = Annotated[str, msgspec.Meta(min_length=1, max_length=32, pattern=r"^[A-Z2-7]+$")]
+#: Unpadded standard base64 of a 32-byte public key, and of a 64-byte signature.
+PublicKey = Annotated[
+    str, msgspec.Meta(min_length=43, max_length=44, pattern=r"^[A-Za-z0-9+/]{43}=?$")
+]
+Signature = Annotated[
+    str, msgspec.Meta(min_length=86, max_length=88, pattern=r"^[A-Za-z0-9+/]{86}(==)?$")
+]
+KeyId = Annotated[str, msgspec.Meta(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9+/=_-]+$")]
+MAX_KEYS_PER_UPLOAD: Final = 100
+MAX_CLAIMS: Final = 100
 
 
 class Login(Frame, tag="login"):
@@ -56,6 +67,7 @@ class Login(Frame, tag="login"):
     device_name: DeviceName
     totp: Code | None = None
     recovery_code: Code | None = None
+    device_id: DeviceId | None = None  # log in again as this existing device of yours
 
 
 class Register(Frame, tag="register"):
@@ -128,6 +140,49 @@ class NewRecoveryCodes(Frame, tag="new_recovery_codes"):
     code: Code
 
 
+class DeviceKeys(msgspec.Struct, forbid_unknown_fields=True):
+    """A device's identity keys, self-signed (see ``chatd.e2ee.signing``)."""
+
+    ed25519: PublicKey
+    curve25519: PublicKey
+    signature: Signature
+
+
+class SignedKey(msgspec.Struct, forbid_unknown_fields=True):
+    """A one-time or fallback Curve25519 key, signed by the device's Ed25519 key."""
+
+    key_id: KeyId
+    curve25519: PublicKey
+    signature: Signature
+
+
+class KeysUpload(Frame, tag="keys_upload"):
+    """Publish this device's identity keys (once), one-time keys and fallback key."""
+
+    id: RequestId
+    device_keys: DeviceKeys | None = None
+    one_time_keys: Annotated[list[SignedKey], msgspec.Meta(max_length=MAX_KEYS_PER_UPLOAD)] = []
+    fallback_key: SignedKey | None = None
+
+
+class DeviceRef(msgspec.Struct, forbid_unknown_fields=True):
+    user_id: int
+    device_id: DeviceId
+
+
+class KeysClaim(Frame, tag="keys_claim"):
+    """Take one one-time key (or the fallback key) of each listed device."""
+
+    id: RequestId
+    devices: Annotated[list[DeviceRef], msgspec.Meta(min_length=1, max_length=MAX_CLAIMS)]
+
+
+class Directory(Frame, tag="directory"):
+    """List the team: members, their devices and the devices' identity keys."""
+
+    id: RequestId
+
+
 #: Every frame a client may send. Decoding a union makes ``type`` mandatory.
 ClientFrame = (
     Ping
@@ -144,6 +199,9 @@ ClientFrame = (
     | MfaConfirm
     | MfaDisable
     | NewRecoveryCodes
+    | KeysUpload
+    | KeysClaim
+    | Directory
 )
 
 #: Frames that start a session: only these (and ping, bye, refresh) before one.
@@ -203,6 +261,7 @@ class Session(Frame, tag="session"):
     access_expires_at: int  # unix ms
     expires_at: int  # unix ms: absolute end of the session
     mfa_enrollment_required: bool
+    device_id: str = ""
     access_token: str | None = None
     refresh_token: str | None = None
 
@@ -257,6 +316,51 @@ class RecoveryCodes(Frame, tag="recovery_codes"):
     codes: list[str]
 
 
+class KeyCount(Frame, tag="key_count"):
+    """This device's unclaimed one-time keys; answer to keys_upload, and pushed when
+    claims take the count below the threshold (then without ``id``)."""
+
+    one_time_key_count: int
+    fallback_key: bool
+    upload_wanted: bool
+    id: str | None = None
+
+
+class ClaimedKey(msgspec.Struct):
+    user_id: int
+    device_id: str
+    key_id: str
+    curve25519: str
+    signature: str
+    fallback: bool  # the device had no one-time key left: this is its fallback key
+
+
+class KeysClaimed(Frame, tag="keys_claimed"):
+    id: str
+    keys: list[ClaimedKey]
+    missing: list[DeviceRef]  # unknown devices, devices without keys
+
+
+class DirectoryDevice(msgspec.Struct):
+    device_id: str
+    name: str
+    ed25519: str | None
+    curve25519: str | None
+    signature: str | None
+
+
+class Member(msgspec.Struct):
+    user_id: int
+    username: str
+    device_list_version: int  # changes whenever a device is added, removed or keyed
+    devices: list[DirectoryDevice]
+
+
+class Members(Frame, tag="members"):
+    id: str
+    members: list[Member]
+
+
 ServerFrame = (
     Hello
     | Pong
@@ -268,4 +372,7 @@ ServerFrame = (
     | Revoked
     | MfaEnrollment
     | RecoveryCodes
+    | KeyCount
+    | KeysClaimed
+    | Members
 )

@@ -108,6 +108,38 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     CREATE INDEX auth_audit_at ON auth_audit (at);
     CREATE INDEX auth_audit_user ON auth_audit (user_id, at);
     """,
+    # 4: devices, their identity keys, one-time keys and fallback keys.
+    """
+    CREATE TABLE devices (
+        id             TEXT    PRIMARY KEY,           -- server-assigned, 12 base32 chars
+        user_id        INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+        name           TEXT    NOT NULL,
+        ed25519_key    TEXT,                          -- identity signing key, set once
+        curve25519_key TEXT,                          -- identity key, set once
+        keys_signature TEXT,                          -- self-signature over both
+        created_at     INTEGER NOT NULL,
+        last_seen_at   INTEGER NOT NULL
+    );
+    CREATE INDEX devices_user ON devices (user_id);
+    ALTER TABLE users ADD COLUMN device_list_version INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE sessions ADD COLUMN device_id TEXT REFERENCES devices (id) ON DELETE CASCADE;
+    CREATE TABLE one_time_keys (
+        device_id      TEXT    NOT NULL REFERENCES devices (id) ON DELETE CASCADE,
+        key_id         TEXT    NOT NULL,
+        curve25519_key TEXT    NOT NULL,
+        signature      TEXT    NOT NULL,
+        uploaded_at    INTEGER NOT NULL,
+        PRIMARY KEY (device_id, key_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE fallback_keys (
+        device_id      TEXT    PRIMARY KEY REFERENCES devices (id) ON DELETE CASCADE,
+        key_id         TEXT    NOT NULL,
+        curve25519_key TEXT    NOT NULL,
+        signature      TEXT    NOT NULL,
+        uploaded_at    INTEGER NOT NULL,
+        used_at        INTEGER                        -- first handed out as a fallback
+    );
+    """,
 )
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)
