@@ -249,6 +249,8 @@ class Relay:
                     client.send_in.send_nowait(action.data)
                 except trio.WouldBlock:
                     self._perform(client, client.proto.send_queue_full())
+                except trio.ClosedResourceError:
+                    return False  # the connection is already finishing
             elif isinstance(action, core.Close):
                 client.closing = action
             if client.closing is not None:

@@ -90,9 +90,14 @@ class SessionFrames:
                         self.relay.nursery.start_soon(self._push_key_count, client)
 
     async def _push_key_count(self, client: _Client) -> None:
+        """A fire-and-forget push: it must never raise into the relay's nursery."""
         if self.keys is None or client.grant is None or client.closing is not None:
             return
-        count = await self.keys.key_count(client.grant.device_id)
+        try:
+            count = await self.keys.key_count(client.grant.device_id)
+        except Exception:
+            log.exception("relay.key_count_failed")
+            return
         self.relay.push(client, client.proto.reply(count))
 
     def close_sessions(self, session_ids: Iterable[int]) -> None:

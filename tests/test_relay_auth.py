@@ -20,7 +20,8 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 
 from chatd.auth.accounts import AccountAdmin
 from chatd.auth.service import AuthService
-from chatd.config import AuthSettings, Config, RelaySettings, StoreSettings
+from chatd.config import AuthSettings, Config, DeviceSettings, RelaySettings, StoreSettings
+from chatd.e2ee.keys import KeyService
 from chatd.relay import Relay, serve_relay
 from chatd.store import Store, serve_store
 
@@ -56,7 +57,10 @@ async def server(tmp: Path, **auth_settings: Any) -> AsyncIterator[Server]:
     async with trio.open_nursery() as nursery:
         store = await nursery.start(serve_store, tmp / "c.db", KEY, StoreSettings())
         auth = AuthService(store, settings)
-        relay = await nursery.start(partial(serve_relay, auth=auth), config, trio.Event())
+        keys = KeyService(store, DeviceSettings())
+        relay = await nursery.start(
+            partial(serve_relay, auth=auth, keys=keys), config, trio.Event()
+        )
         admin = AccountAdmin(auth)
         await admin.create_user("alice", PASSWORD, "user")
         yield Server(relay, auth, admin, store)
