@@ -16,7 +16,7 @@ from chatd.auth.passwords import PasswordPolicyError, check_password_policy
 from chatd.auth.queries import list_sessions_where
 from chatd.auth.service import AuthService
 from chatd.auth.tokens import new_invite_code, token_hash
-from chatd.auth.usernames import UsernameError, normalize_username
+from chatd.auth.usernames import normalize_username
 from chatd.store import now_ms
 
 ADMIN_PEER: Final = Peer(ip="admin-api", device_name="")
@@ -62,15 +62,7 @@ class AccountAdmin:
 
     async def create_user(self, username: str, password: str, role: str) -> UserInfo:
         _role(role)
-        try:
-            key = normalize_username(username)
-        except UsernameError as exc:
-            raise AuthError("invalid_username", str(exc), field="$.username") from None
-        try:
-            check_password_policy(password, username_key=key)
-        except PasswordPolicyError as exc:
-            raise AuthError("weak_password", str(exc), field="$.password") from None
-        password_hash = await self.auth._hash(password)
+        key, password_hash = await self.auth.check_new_account(username, password)
         now = now_ms()
 
         def insert(conn: Any) -> int | None:

@@ -12,11 +12,18 @@ from typing import Any, Final
 import trio
 
 from chatd.auth.models import AuthError, Peer
-from chatd.auth.passwords import Argon2Params, PasswordHasher, load_common_passwords
+from chatd.auth.passwords import (
+    Argon2Params,
+    PasswordHasher,
+    PasswordPolicyError,
+    check_password_policy,
+    load_common_passwords,
+)
 from chatd.auth.queries import select_user
 from chatd.auth.ratelimit import FailureBackoff, RateLimiter
 from chatd.auth.tokens import normalize_recovery_code, recovery_code_hash
 from chatd.auth.totp import verify_totp
+from chatd.auth.usernames import UsernameError, normalize_username
 from chatd.config import AuthSettings, DeviceSettings
 from chatd.log import fields
 from chatd.store import Store, now_ms
@@ -136,6 +143,21 @@ class AuthBase:
         now = trio.current_time()
         for key in keys:
             self.backoff.failure(key, now)
+
+    async def check_new_account(self, username: str, password: str) -> tuple[str, str]:
+        """Validate a new account's name and password; return (username key, hash).
+
+        Raises :class:`AuthError` naming the field. Hashing runs in a thread.
+        """
+        try:
+            key = normalize_username(username)
+        except UsernameError as exc:
+            raise fail("invalid_username", str(exc), field="$.username") from None
+        try:
+            check_password_policy(password, username_key=key)
+        except PasswordPolicyError as exc:
+            raise fail("weak_password", str(exc), field="$.password") from None
+        return key, await self._hash(password)
 
     def _mfa_required(self, role: str) -> bool:
         policy = self.settings.require_mfa

@@ -36,7 +36,6 @@ from typing import Any, Final
 from chatd.auth.base import DAY_MS, MINUTE_MS, fail
 from chatd.auth.credentials import CredentialFlows
 from chatd.auth.models import Peer, SessionGrant, SessionInfo
-from chatd.auth.passwords import PasswordPolicyError, check_password_policy
 from chatd.auth.queries import list_sessions_where, select_session
 from chatd.auth.tokens import TOKEN_MAX_CHARS, new_token, token_hash
 from chatd.auth.usernames import UsernameError, normalize_username
@@ -165,16 +164,8 @@ class AuthService(CredentialFlows):
         wait = self._limit((self.invite_ip, peer.network), (self.backoff, f"invite:{peer.network}"))
         if wait:
             raise await self._rate_limited("register", peer, wait, None)
-        try:
-            key = normalize_username(username)
-        except UsernameError as exc:
-            raise fail("invalid_username", str(exc), field="$.username") from None
-        try:
-            check_password_policy(password, username_key=key)
-        except PasswordPolicyError as exc:
-            raise fail("weak_password", str(exc), field="$.password") from None
+        key, password_hash = await self.check_new_account(username, password)
         digest = token_hash(invite_code) if 0 < len(invite_code) <= TOKEN_MAX_CHARS else b""
-        password_hash = await self._hash(password)
         now = now_ms()
 
         def redeem(conn: Any) -> int | str:
