@@ -111,6 +111,13 @@ def _add_account_commands(sub: Any) -> None:
     )
     reset.add_argument("user_id", type=_id)
     reset.add_argument("--password-stdin", action="store_true", help=_STDIN_HELP)
+    mfa = u.add_parser(
+        "reset-mfa",
+        help="remove a lost second factor after checking the person's identity; ends its "
+        "sessions (needs --yes)",
+    )
+    mfa.add_argument("user_id", type=_id)
+    mfa.add_argument("--yes", action="store_true", help="you checked the person's identity")
 
     invites = sub.add_parser("invites", help="invite codes: list, create, revoke")
     i = invites.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -349,6 +356,8 @@ def _users(args: argparse.Namespace, call: Call) -> tuple[Any, str]:
         body = call("POST", f"/v1/users/{args.user_id}/{args.action}")
     elif args.action == "set-role":
         body = call("PUT", f"/v1/users/{args.user_id}/role", json={"role": args.role})
+    elif args.action == "reset-mfa":  # --yes was checked before connecting
+        body = call("POST", f"/v1/users/{args.user_id}/mfa/reset", json={"confirm": True})
     else:  # reset-password
         password = _read_password(args, f"New password for user {args.user_id}: ")
         body = call("POST", f"/v1/users/{args.user_id}/password", json={"password": password})
@@ -434,6 +443,11 @@ def run(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "sessions" and args.action == "revoke-all" and not args.yes:
             raise UsageError("sessions revoke-all logs every user out; add --yes to do it")
+        if args.command == "users" and args.action == "reset-mfa" and not args.yes:
+            raise UsageError(
+                "users reset-mfa removes a second factor; check the person's identity out of "
+                "band, then add --yes"
+            )
         client, token = _connection(args)
         with client:
             body, text = _command(args, client, token)

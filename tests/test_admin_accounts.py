@@ -119,7 +119,7 @@ async def login(admin: Accounts, username: str, password: str = PASSWORD) -> Ses
 
 
 def test_every_account_route_needs_the_token_and_is_audited() -> None:
-    assert len(ACCOUNT_ROUTES) == 15
+    assert len(ACCOUNT_ROUTES) == 16
     for r in ACCOUNT_ROUTES:
         assert r.auth and r.audit, r.endpoint
 
@@ -279,6 +279,32 @@ async def test_a_password_reset_revokes_sessions_and_keeps_mfa(data_dir: DataDir
         assert old.value.code == "login_failed"
         assert_error(
             await admin.call("POST", "/v1/users/999/password", json={"password": OTHER_PASSWORD}),
+            404,
+            "not_found",
+        )
+
+
+async def test_an_mfa_reset_needs_confirmation_clears_the_factor_and_ends_sessions(
+    data_dir: DataDir,
+) -> None:
+    async with accounts_running(data_dir) as admin:
+        alice = await admin.create("alice")
+        grant = await login(admin, "alice")
+        await admin.sql(
+            "UPDATE users SET totp_secret = ?, totp_confirmed_at = ? WHERE id = ?",
+            ("JBSWY3DPEHPK3PXP", now_ms(), alice),
+        )
+        unconfirmed = await admin.call(
+            "POST", f"/v1/users/{alice}/mfa/reset", json={"confirm": False}
+        )
+        assert assert_error(unconfirmed, 400, "invalid_request")["field"] == "$.confirm"
+        assert admin.revoked == []
+        user = await admin.ok("POST", f"/v1/users/{alice}/mfa/reset", json={"confirm": True})
+        assert user["mfa_enabled"] is False
+        assert admin.revoked == [grant.session_id]
+        assert (await login(admin, "alice")).session_id != grant.session_id  # no factor asked
+        assert_error(
+            await admin.call("POST", "/v1/users/999/mfa/reset", json={"confirm": True}),
             404,
             "not_found",
         )
@@ -452,6 +478,7 @@ async def test_without_account_admin_the_routes_answer_503(data_dir: DataDir) ->
             "reset_user_password": {"password": PASSWORD},
             "set_user_role": {"role": "user"},
             "revoke_all_sessions": {"confirm": True},
+            "reset_user_mfa": {"confirm": True},
         }
         for r in ACCOUNT_ROUTES:
             body = valid_bodies.get(r.endpoint)

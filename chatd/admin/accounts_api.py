@@ -184,6 +184,30 @@ async def reset_user_password(
     return await _accounts(ctx).reset_password(user_id, body.password)
 
 
+class MfaReset(msgspec.Struct, forbid_unknown_fields=True):
+    confirm: Annotated[
+        bool, msgspec.Meta(description="Must be true: you checked the person's identity.")
+    ]
+
+
+@route(
+    "POST",
+    "/v1/users/{user_id}/mfa/reset",
+    "Remove a second factor after checking the person's identity out of band: clears "
+    "TOTP and recovery codes and revokes every session; the user enrols again",
+    response=UserInfo,
+    body=MfaReset,
+    tag="accounts",
+    errors=(_UNAVAILABLE, _NO_USER),
+)
+async def reset_user_mfa(
+    ctx: AdminContext, query: None, body: MfaReset, *, user_id: int
+) -> UserInfo:
+    if not body.confirm:
+        raise ApiError(400, "invalid_request", "set confirm to true", "$.confirm")
+    return await _accounts(ctx).reset_mfa(user_id)
+
+
 # -- invites -----------------------------------------------------------------------------------
 
 

@@ -143,6 +143,28 @@ class AccountAdmin:
         await self.auth.audit("admin_reset_password", "ok", ADMIN_PEER, user_id=user_id)
         return await self.get_user(user_id)
 
+    async def reset_mfa(self, user_id: int) -> UserInfo:
+        """Clear the second factor (a person who lost the phone *and* every recovery
+        code, identity checked out of band) and end every session. Under an MFA
+        policy the next login can only enrol a new authenticator."""
+
+        def clear(conn: Any) -> int:
+            conn.execute("DELETE FROM recovery_codes WHERE user_id = ?", (user_id,))
+            return int(
+                conn.execute(
+                    "UPDATE users SET totp_secret = NULL, totp_confirmed_at = NULL,"
+                    " totp_last_step = NULL WHERE id = ?",
+                    (user_id,),
+                ).rowcount
+            )
+
+        if not await self.store.write(clear):
+            raise NotFound("user")
+        self.auth._pending_totp.pop(user_id, None)
+        await self.auth.revoke_sessions(await self.auth.user_session_ids(user_id), "mfa reset")
+        await self.auth.audit("admin_reset_mfa", "ok", ADMIN_PEER, user_id=user_id)
+        return await self.get_user(user_id)
+
     # -- invites -----------------------------------------------------------------------------
 
     async def create_invite(
