@@ -359,6 +359,26 @@ class DeviceSettings:
         minimum=1,
         maximum=10_000,
     )
+    max_queued_envelopes: int = setting(
+        10_000,
+        "Undelivered envelopes one device's queue may hold; a send to a full queue is "
+        "refused (queue_full) and nothing of it is queued.",
+        minimum=1,
+        maximum=10_000_000,
+    )
+    max_queued_bytes: int = setting(
+        64 * 1_048_576,
+        "Bytes of ciphertext one device's queue may hold.",
+        minimum=1_024,
+        maximum=1 << 40,
+    )
+    envelope_days: float = setting(
+        30.0,
+        "Undelivered ciphertext expires after this long; the retention job deletes it "
+        "and tells the sender's device (an expired receipt).",
+        minimum=0.001,
+        maximum=3_650,
+    )
     one_time_key_threshold: int = setting(
         20,
         "Below this many unclaimed one-time keys, the server asks the device to upload "

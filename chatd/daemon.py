@@ -30,10 +30,11 @@ from chatd.auth.accounts import AccountAdmin
 from chatd.auth.service import AuthService
 from chatd.config import Config
 from chatd.e2ee.keys import KeyService
+from chatd.e2ee.queues import QueueService
 from chatd.keyfiles import check_data_dir, load_admin_token_hash, load_db_key
 from chatd.log import fields
 from chatd.relay import serve_relay
-from chatd.retention import auth_jobs, default_jobs, serve_retention
+from chatd.retention import auth_jobs, default_jobs, queue_jobs, serve_retention
 from chatd.sdnotify import Notifier, watchdog_interval
 from chatd.store import Store, serve_store
 
@@ -98,7 +99,10 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
             del key
             auth = AuthService(store, config.auth, config.devices)
             keys = KeyService(store, config.devices)
-            jobs = default_jobs(config.retention) + auth_jobs(config.auth)
+            queues = QueueService(store, config.devices)
+            jobs = (
+                default_jobs(config.retention) + auth_jobs(config.auth) + queue_jobs(config.devices)
+            )
             retention = await nursery.start(
                 partial(serve_retention, store, config.retention, jobs=jobs)
             )
@@ -106,7 +110,7 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
             relay = await nursery.start(
                 _until_done,
                 relay_done,
-                partial(serve_relay, auth=auth, keys=keys),
+                partial(serve_relay, auth=auth, keys=keys, queues=queues),
                 config,
                 stopping,
             )

@@ -41,6 +41,7 @@ from chatd.auth.models import SessionGrant
 from chatd.auth.service import AuthService
 from chatd.config import Config, RelaySettings
 from chatd.e2ee.keys import KeyService
+from chatd.e2ee.queues import QueueService
 from chatd.errors import ConfigError, ListenError
 from chatd.log import fields, mask_ip
 from chatd.protocol import core
@@ -69,6 +70,9 @@ class _Client:
         "receive_scope",
         "closing",
         "grant",
+        "wake",
+        "delivered",
+        "acked",
     )
 
     def __init__(self, ws: Any, proto: core.ServerConnection, peer: str, queue: int) -> None:
@@ -79,6 +83,9 @@ class _Client:
         self.receive_scope: trio.CancelScope | None = None
         self.closing: core.Close | None = None
         self.grant: SessionGrant | None = None  # the session, once authenticated
+        self.wake = trio.Event()  # set when the device's queue may have news
+        self.delivered = 0  # highest envelope id sent on this connection
+        self.acked = 0  # highest envelope id this connection acknowledged
 
 
 class Relay:
@@ -89,9 +96,10 @@ class Relay:
         settings: RelaySettings,
         auth: AuthService | None = None,
         keys: KeyService | None = None,
+        queues: QueueService | None = None,
     ) -> None:
         self.settings = settings
-        self.session_frames = SessionFrames(self, auth, keys)
+        self.session_frames = SessionFrames(self, auth, keys, queues)
         self.nursery: trio.Nursery | None = None  # for short pushes; set by serve_relay
         self.limits = Limits(
             max_frame_bytes=settings.max_frame_bytes,
@@ -386,6 +394,7 @@ async def serve_relay(
     *,
     auth: AuthService | None = None,
     keys: KeyService | None = None,
+    queues: QueueService | None = None,
     task_status: trio.TaskStatus[Relay] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the relay until ``stopping`` is set, then drain and return.
@@ -397,12 +406,14 @@ async def serve_relay(
     """
     s = config.relay
     listeners = await open_relay_listeners(config)
-    relay = Relay(s, auth, keys)
+    relay = Relay(s, auth, keys, queues)
     relay.port = listener_port(listeners[0])
     async with trio.open_nursery() as handlers:
         relay.nursery = handlers
         if keys is not None:
             keys.on_keys_low = relay.session_frames.push_key_counts
+        if queues is not None:
+            queues.on_queued = relay.session_frames.wake_devices
         if auth is not None:
             auth.on_revoked = relay.session_frames.close_sessions
             handlers.start_soon(

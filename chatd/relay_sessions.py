@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
@@ -29,9 +29,12 @@ from chatd.store import now_ms
 if TYPE_CHECKING:  # pragma: no cover - import cycle for annotations only
     from chatd.auth.service import AuthService
     from chatd.e2ee.keys import KeyService
+    from chatd.e2ee.queues import QueueService
     from chatd.relay import Relay, _Client
 
 log = logging.getLogger("chatd.relay")
+
+PUMP_WINDOW: Final = 1_000  # envelopes delivered but not yet acknowledged, per connection
 
 
 def _session_frame(request_id: str, grant: SessionGrant) -> f.Session:
@@ -52,23 +55,64 @@ class SessionFrames:
     """Carries out session requests for one relay; owns the session registry."""
 
     def __init__(
-        self, relay: Relay, auth: AuthService | None, keys: KeyService | None = None
+        self,
+        relay: Relay,
+        auth: AuthService | None,
+        keys: KeyService | None = None,
+        queues: QueueService | None = None,
     ) -> None:
         self.relay = relay
         self.auth = auth
         self.keys = keys
+        self.queues = queues
+        self._new_pumps: set[_Client] = set()
         self.by_session: dict[int, set[_Client]] = {}
         self._sweep = trio.CancelScope()
 
     # -- registry ------------------------------------------------------------------
 
     def attach(self, client: _Client, grant: SessionGrant) -> None:
+        first = client.grant is None
         self.detach(client)
         client.grant = grant
         self.by_session.setdefault(grant.session_id, set()).add(client)
         client.proto.session_started(restricted=grant.mfa_enrollment_required)
+        if first and self.queues is not None:
+            # Started by handle() once the session reply is queued, so that
+            # reply always comes before the first deliver.
+            self._new_pumps.add(client)
+
+    def wake_devices(self, device_ids: Iterable[str]) -> None:
+        """New envelopes for these devices: wake their connections' pumps."""
+        wanted = set(device_ids)
+        for clients in list(self.by_session.values()):
+            for client in clients:
+                if client.grant is not None and client.grant.device_id in wanted:
+                    client.wake.set()
+
+    async def _pump(self, client: _Client) -> None:
+        """Send this connection its device's queue, in order and in batches, as
+        envelopes arrive; at most PUMP_WINDOW unacknowledged at a time."""
+        try:
+            while self.queues is not None and client.closing is None:
+                grant = client.grant
+                if grant is None or client not in self.relay.clients:
+                    return
+                if client.delivered - client.acked < PUMP_WINDOW:
+                    batch = await self.queues.pending(grant.device_id, client.delivered)
+                    if batch and client.closing is None:
+                        client.delivered = batch[-1].envelope_id
+                        self.relay.push(client, client.proto.reply(f.Deliver(envelopes=batch)))
+                        continue
+                await client.wake.wait()
+                client.wake = trio.Event()
+        except Exception:
+            # A pump must never take the relay down; the device gets its queue
+            # on its next connection.
+            log.exception("relay.pump_failed")
 
     def detach(self, client: _Client) -> None:
+        client.wake.set()  # let its pump notice
         grant = client.grant
         if grant is None:
             return
@@ -139,21 +183,33 @@ class SessionFrames:
         # Device names come with login/register; later requests are tied to the session.
         peer = Peer(ip=mask_ip(client.peer), device_name="", network=client_network(client.peer))
         try:
-            return await self._dispatch(client, frame, peer)
+            actions = await self._dispatch(client, frame, peer)
         except AuthError as exc:
-            return proto.error(
+            actions = proto.error(
                 exc.code,
                 exc.message,
                 request_id=request_id,
                 field=exc.field,
                 retry_after=exc.retry_after,
             )
+        if client in self._new_pumps:
+            self._new_pumps.discard(client)
+            if self.relay.nursery is not None and client.grant is not None:
+                # No checkpoint between here and the caller queuing ``actions``:
+                # the pump's first deliver comes after the session reply.
+                self.relay.nursery.start_soon(self._pump, client)
+        return actions
 
     async def _key_count(self, client: _Client) -> list[core.Action]:
         """After a session starts: the device's one-time key count (and whether to upload)."""
         if self.keys is None or client.grant is None or not client.grant.device_id:
             return []
         return client.proto.reply(await self.keys.key_count(client.grant.device_id))
+
+    def _queue_service(self) -> QueueService:
+        if self.queues is None:
+            raise AuthError("unavailable", "messaging is not available on this server")
+        return self.queues
 
     def _key_service(self) -> KeyService:
         if self.keys is None:
@@ -272,6 +328,15 @@ class SessionFrames:
             case f.Directory():
                 members = await self._key_service().directory()
                 return proto.reply(f.Members(id=frame.id, members=members))
+            case f.Send():
+                return proto.reply(
+                    await self._queue_service().send(grant.user_id, grant.device_id, frame)
+                )
+            case f.Ack():
+                await self._queue_service().ack(grant.device_id, frame.up_to)
+                client.acked = max(client.acked, frame.up_to)
+                client.wake.set()
+                return proto.reply(f.Ok(id=frame.id)) if frame.id else []
             case f.NewRecoveryCodes():
                 codes = await auth.regenerate_recovery_codes(
                     grant, frame.password, frame.code, peer

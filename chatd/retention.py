@@ -26,7 +26,7 @@ from typing import Any, Final
 import msgspec
 import trio
 
-from chatd.config import AuthSettings, RetentionSettings
+from chatd.config import AuthSettings, DeviceSettings, RetentionSettings
 from chatd.log import fields
 from chatd.store import Store, now_ms
 
@@ -124,6 +124,25 @@ def auth_jobs(settings: AuthSettings) -> list[Job]:
             "auth_audit",
             f"auth audit rows older than auth.audit_days ({settings.audit_days})",
             _purge_older_than("auth_audit", "at", lambda: settings.audit_days),
+        ),
+    ]
+
+
+def queue_jobs(settings: DeviceSettings) -> list[Job]:
+    """Purge jobs for message queues: expired envelopes (with receipts), old send ids."""
+    from chatd.e2ee.queues import expire_envelopes, purge_sends
+
+    return [
+        Job(
+            "envelopes",
+            f"undelivered envelopes older than devices.envelope_days "
+            f"({settings.envelope_days}); the sender gets an expired receipt",
+            expire_envelopes,
+        ),
+        Job(
+            "sends",
+            "message ids remembered for de-duplication, after devices.envelope_days",
+            partial(purge_sends, days=settings.envelope_days),
         ),
     ]
 

@@ -16,7 +16,7 @@ from nacl.signing import VerifyKey
 
 from chatd.config import DeviceSettings
 
-from .test_relay_auth import PASSWORD, Client, Server, connect, server
+from .test_relay_auth import PASSWORD, Client, Server, connect, create_once, server
 
 BOB_PASSWORD = "bob has a long password"
 
@@ -94,7 +94,7 @@ async def login_device(c: Client, username: str = "alice", password: str = PASSW
 @asynccontextmanager
 async def team(short_tmp: Path, **settings: Any) -> AsyncIterator[Server]:
     async with server(short_tmp, **settings) as srv:
-        await srv.admin.create_user("bob", BOB_PASSWORD, "user")
+        await create_once(srv.admin, "bob", BOB_PASSWORD)
         yield srv
 
 

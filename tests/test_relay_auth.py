@@ -19,9 +19,11 @@ import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from chatd.auth.accounts import AccountAdmin
+from chatd.auth.models import AuthError
 from chatd.auth.service import AuthService
 from chatd.config import AuthSettings, Config, DeviceSettings, RelaySettings, StoreSettings
 from chatd.e2ee.keys import KeyService
+from chatd.e2ee.queues import QueueService
 from chatd.relay import Relay, serve_relay
 from chatd.store import Store, serve_store
 
@@ -49,7 +51,9 @@ class Server:
 
 
 @asynccontextmanager
-async def server(tmp: Path, **auth_settings: Any) -> AsyncIterator[Server]:
+async def server(
+    tmp: Path, devices: DeviceSettings | None = None, **auth_settings: Any
+) -> AsyncIterator[Server]:
     defaults = {"session_check_seconds": 0.2, "require_mfa": "none", "backoff_base_seconds": 1e-6}
     settings = AuthSettings(**{**defaults, **auth_settings})
     relay_settings = RelaySettings(port=0, idle_timeout_seconds=30, handshake_timeout_seconds=10)
@@ -57,14 +61,24 @@ async def server(tmp: Path, **auth_settings: Any) -> AsyncIterator[Server]:
     async with trio.open_nursery() as nursery:
         store = await nursery.start(serve_store, tmp / "c.db", KEY, StoreSettings())
         auth = AuthService(store, settings)
-        keys = KeyService(store, DeviceSettings())
+        keys = KeyService(store, devices or DeviceSettings())
+        queues = QueueService(store, devices or DeviceSettings())
         relay = await nursery.start(
-            partial(serve_relay, auth=auth, keys=keys), config, trio.Event()
+            partial(serve_relay, auth=auth, keys=keys, queues=queues), config, trio.Event()
         )
         admin = AccountAdmin(auth)
-        await admin.create_user("alice", PASSWORD, "user")
+        await create_once(admin, "alice", PASSWORD)
         yield Server(relay, auth, admin, store)
         nursery.cancel_scope.cancel()
+
+
+async def create_once(admin: AccountAdmin, username: str, password: str) -> None:
+    """Create a user unless the database (reopened by a test) already has them."""
+    try:
+        await admin.create_user(username, password, "user")
+    except AuthError as exc:
+        if exc.code != "username_taken":
+            raise
 
 
 class Client:

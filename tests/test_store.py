@@ -286,6 +286,17 @@ def _sample_rows(conn: Any, version: int) -> dict[str, int]:
             )
             for table in ("devices", "one_time_keys", "fallback_keys"):
                 rows[table] = 1
+        if version >= 5:
+            conn.execute(
+                "INSERT INTO envelopes (recipient_device, kind, message_id, sender_user,"
+                " sender_device, ciphertext, created_at, expires_at)"
+                " VALUES ('DEV', 'message', 'm', 1, 'DEV', x'00', 1, 2)"
+            )
+            conn.execute(
+                "INSERT INTO sends (sender_device, message_id, envelopes, created_at)"
+                " VALUES ('DEV', 'm', 1, 1)"
+            )
+            rows["envelopes"] = rows["sends"] = 1
         for table in (
             "users",
             "recovery_codes",

@@ -183,6 +183,44 @@ class Directory(Frame, tag="directory"):
     id: RequestId
 
 
+MessageId = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
+        description="A UUID in lowercase canonical form, chosen by the sender.",
+    ),
+]
+MAX_ENVELOPES_PER_SEND: Final = 200
+#: Characters of one ciphertext (opaque to the server; the whole frame is also
+#: bounded by relay.max_frame_bytes).
+MAX_CIPHERTEXT_CHARS: Final = 65_536
+
+
+class OutgoingEnvelope(msgspec.Struct, forbid_unknown_fields=True):
+    user_id: int
+    device_id: DeviceId
+    ciphertext: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_CIPHERTEXT_CHARS)]
+
+
+class Send(Frame, tag="send"):
+    """One message: a ciphertext for every current device of every recipient
+    (and for the sender's own other devices)."""
+
+    id: RequestId
+    message_id: MessageId
+    envelopes: Annotated[
+        list[OutgoingEnvelope], msgspec.Meta(min_length=1, max_length=MAX_ENVELOPES_PER_SEND)
+    ]
+
+
+class Ack(Frame, tag="ack"):
+    """Everything delivered to this device up to and including ``up_to`` is safe;
+    the server deletes it. Answered with ``ok`` only when ``id`` is given."""
+
+    up_to: Annotated[int, msgspec.Meta(ge=1)]
+    id: RequestId | None = None
+
+
 #: Every frame a client may send. Decoding a union makes ``type`` mandatory.
 ClientFrame = (
     Ping
@@ -202,6 +240,8 @@ ClientFrame = (
     | KeysUpload
     | KeysClaim
     | Directory
+    | Send
+    | Ack
 )
 
 #: Frames that start a session: only these (and ping, bye, refresh) before one.
@@ -361,6 +401,40 @@ class Members(Frame, tag="members"):
     members: list[Member]
 
 
+class Sent(Frame, tag="sent"):
+    """The message is durably queued for (or already acknowledged by) every device."""
+
+    id: str
+    message_id: str
+    envelopes: int
+
+
+class DeviceMismatch(Frame, tag="device_mismatch"):
+    """The send did not name exactly the current devices: fix the list and resend."""
+
+    id: str
+    message_id: str
+    missing: list[DeviceRef]  # current devices the send left out
+    stale: list[DeviceRef]  # devices the send named that are not current
+
+
+class Envelope(msgspec.Struct, omit_defaults=True):
+    envelope_id: int  # queue position: acknowledge with ack up_to
+    kind: str  # message | delivered | expired
+    message_id: str
+    sent_at: int  # unix ms
+    sender_user_id: int | None = None  # message
+    sender_device_id: str | None = None  # message
+    ciphertext: str | None = None  # message
+    device_id: str | None = None  # receipt: the recipient device it is about
+
+
+class Deliver(Frame, tag="deliver"):
+    """Queued envelopes for this device, in queue order."""
+
+    envelopes: list[Envelope]
+
+
 ServerFrame = (
     Hello
     | Pong
@@ -375,4 +449,7 @@ ServerFrame = (
     | KeyCount
     | KeysClaimed
     | Members
+    | Sent
+    | DeviceMismatch
+    | Deliver
 )

@@ -140,6 +140,31 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         used_at        INTEGER                        -- first handed out as a fallback
     );
     """,
+    # 5: store-and-forward: per-device queues of ciphertext and receipts.
+    """
+    CREATE TABLE envelopes (
+        id               INTEGER PRIMARY KEY,         -- queue order; the ack cursor
+        recipient_device TEXT    NOT NULL REFERENCES devices (id) ON DELETE CASCADE,
+        kind             TEXT    NOT NULL CHECK (kind IN ('message', 'delivered', 'expired')),
+        message_id       TEXT    NOT NULL,
+        sender_user      INTEGER,                     -- message: who sent it
+        sender_device    TEXT,                        -- message: from which device
+        about_device     TEXT,                        -- receipt: the recipient device
+        ciphertext       BLOB,                        -- message only; opaque to the server
+        created_at       INTEGER NOT NULL,
+        expires_at       INTEGER NOT NULL
+    );
+    CREATE INDEX envelopes_recipient ON envelopes (recipient_device, id);
+    CREATE INDEX envelopes_expires_at ON envelopes (expires_at);
+    CREATE TABLE sends (
+        sender_device TEXT    NOT NULL,
+        message_id    TEXT    NOT NULL,
+        envelopes     INTEGER NOT NULL,
+        created_at    INTEGER NOT NULL,
+        PRIMARY KEY (sender_device, message_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX sends_created_at ON sends (created_at);
+    """,
 )
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)

@@ -1,0 +1,217 @@
+"""Store-and-forward: per-device queues of ciphertext, acknowledgements, receipts.
+
+Theory of operation
+-------------------
+A ``send`` carries one ciphertext per recipient device. The server checks
+that the devices are exactly the current devices of the users involved (plus
+the sender's own other devices), refuses the whole send if a recipient's
+queue is full, and otherwise queues one *envelope* per device, all in one
+durable write. Only after that commit does the sender get ``sent``: every
+envelope is then durably queued. A repeated ``message_id`` from the same
+device is answered with the same result and queues nothing twice.
+
+Each device's queue is ordered by envelope id. Connections of a device have
+a *pump* (see :mod:`chatd.relay_sessions`) that sends what is queued beyond
+what this connection already got, in batches; a new envelope wakes it. The
+device acknowledges cumulatively (``ack up_to``); the server then deletes
+those envelopes and queues a ``delivered`` receipt for each message's sender
+device. Delivery is at least once: a device may see an envelope again after a
+reconnect and removes duplicates by message id.
+
+Envelopes that stay unacknowledged expire (``devices.envelope_days``): the
+retention job deletes them in batches and queues an ``expired`` receipt for
+the sender. Receipts themselves expire quietly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Final
+
+from chatd.auth.models import AuthError
+from chatd.config import DeviceSettings
+from chatd.protocol import frames as f
+from chatd.store import Store, now_ms
+
+DAY_MS: Final = 86_400_000
+DELIVER_BATCH: Final = 100  # envelopes per deliver frame, at most...
+DELIVER_BYTES: Final = 256 * 1024  # ...and about this many bytes of ciphertext
+
+
+class QueueService:
+    """Sends, deliveries and acks. One per daemon."""
+
+    def __init__(self, store: Store, settings: DeviceSettings) -> None:
+        self.store = store
+        self.settings = settings
+        #: Called with device ids that have new envelopes; the relay wakes their pumps.
+        self.on_queued: Callable[[Iterable[str]], None] = lambda ids: None
+
+    async def send(self, user_id: int, device_id: str, frame: f.Send) -> f.Sent | f.DeviceMismatch:
+        """Queue a message durably, or explain what is wrong. Raises AuthError."""
+        now = now_ms()
+        expires = now + int(self.settings.envelope_days * DAY_MS)
+        max_count = self.settings.max_queued_envelopes
+        max_bytes = self.settings.max_queued_bytes
+        targets = {(e.user_id, e.device_id): e.ciphertext.encode() for e in frame.envelopes}
+
+        def queue(conn: Any) -> f.Sent | f.DeviceMismatch | list[str]:
+            done = conn.execute(
+                "SELECT envelopes FROM sends WHERE sender_device = ? AND message_id = ?",
+                (device_id, frame.message_id),
+            ).fetchone()
+            if done is not None:
+                return f.Sent(id=frame.id, message_id=frame.message_id, envelopes=done[0])
+            users = {uid for uid, _ in targets} | {user_id}
+            marks = ",".join("?" * len(users))
+            current = {
+                (row[0], row[1])
+                for row in conn.execute(
+                    f"SELECT d.user_id, d.id FROM devices d JOIN users u ON u.id = d.user_id"  # noqa: S608
+                    f" WHERE d.user_id IN ({marks}) AND d.ed25519_key IS NOT NULL"
+                    " AND u.disabled_at IS NULL",
+                    tuple(users),
+                )
+            }
+            current.discard((user_id, device_id))
+            missing = sorted(current - set(targets))
+            stale = sorted(set(targets) - current)
+            if missing or stale:
+                return f.DeviceMismatch(
+                    id=frame.id,
+                    message_id=frame.message_id,
+                    missing=[f.DeviceRef(user_id=u, device_id=d) for u, d in missing],
+                    stale=[f.DeviceRef(user_id=u, device_id=d) for u, d in stale],
+                )
+            full = []
+            for (_, target), data in targets.items():
+                count, size = conn.execute(
+                    "SELECT count(*), coalesce(sum(length(ciphertext)), 0) FROM envelopes"
+                    " WHERE recipient_device = ?",
+                    (target,),
+                ).fetchone()
+                if count + 1 > max_count or size + len(data) > max_bytes:
+                    full.append(target)
+            if full:
+                return full
+            conn.executemany(
+                "INSERT INTO envelopes (recipient_device, kind, message_id, sender_user,"
+                " sender_device, ciphertext, created_at, expires_at)"
+                " VALUES (?, 'message', ?, ?, ?, ?, ?, ?)",
+                [
+                    (target, frame.message_id, user_id, device_id, data, now, expires)
+                    for (_, target), data in targets.items()
+                ],
+            )
+            conn.execute(
+                "INSERT INTO sends (sender_device, message_id, envelopes, created_at)"
+                " VALUES (?, ?, ?, ?)",
+                (device_id, frame.message_id, len(targets), now),
+            )
+            return f.Sent(id=frame.id, message_id=frame.message_id, envelopes=len(targets))
+
+        result = await self.store.write(queue)
+        if isinstance(result, list):
+            raise AuthError(
+                "queue_full",
+                f"the queue of device {', '.join(sorted(result))} is full; nothing was sent "
+                "(try again later)",
+                field="$.envelopes",
+            )
+        if isinstance(result, f.Sent):
+            self.on_queued([target for _, target in targets])
+        return result
+
+    async def pending(self, device_id: str, after: int) -> list[f.Envelope]:
+        """The next batch of this device's queue after envelope id ``after``."""
+
+        def read(conn: Any) -> list[f.Envelope]:
+            rows: list[Any] = []
+            size = 0
+            for row in conn.execute(
+                "SELECT id, kind, message_id, created_at, sender_user, sender_device,"
+                " ciphertext, about_device FROM envelopes"
+                " WHERE recipient_device = ? AND id > ? ORDER BY id LIMIT ?",
+                (device_id, after, DELIVER_BATCH),
+            ):
+                size += len(row[6] or b"")
+                if rows and size > DELIVER_BYTES:
+                    break
+                rows.append(row)
+            return [
+                f.Envelope(
+                    envelope_id=r[0],
+                    kind=r[1],
+                    message_id=r[2],
+                    sent_at=r[3],
+                    sender_user_id=r[4],
+                    sender_device_id=r[5],
+                    ciphertext=r[6].decode() if r[6] is not None else None,
+                    device_id=r[7],
+                )
+                for r in rows
+            ]
+
+        return await self.store.read(read)
+
+    async def ack(self, device_id: str, up_to: int) -> int:
+        """Delete this device's envelopes up to ``up_to``; receipts go to the senders."""
+        now = now_ms()
+        expires = now + int(self.settings.envelope_days * DAY_MS)
+
+        def delete(conn: Any) -> tuple[int, list[str]]:
+            messages = conn.execute(
+                "SELECT message_id, sender_device FROM envelopes WHERE recipient_device = ?"
+                " AND id <= ? AND kind = 'message' AND sender_device IS NOT NULL",
+                (device_id, up_to),
+            ).fetchall()
+            deleted = conn.execute(
+                "DELETE FROM envelopes WHERE recipient_device = ? AND id <= ?",
+                (device_id, up_to),
+            ).rowcount
+            senders = []
+            for message_id, sender in messages:
+                if conn.execute("SELECT 1 FROM devices WHERE id = ?", (sender,)).fetchone():
+                    conn.execute(
+                        "INSERT INTO envelopes (recipient_device, kind, message_id, about_device,"
+                        " created_at, expires_at) VALUES (?, 'delivered', ?, ?, ?, ?)",
+                        (sender, message_id, device_id, now, expires),
+                    )
+                    senders.append(sender)
+            return int(deleted), senders
+
+        deleted, senders = await self.store.write(delete)
+        if senders:
+            self.on_queued(senders)
+        return deleted
+
+
+def expire_envelopes(conn: Any, *, now: int, limit: int) -> int:
+    """Retention job: delete expired envelopes; tell senders their messages expired."""
+    rows = conn.execute(
+        "SELECT id, kind, message_id, sender_device, recipient_device FROM envelopes"
+        " WHERE expires_at < ? ORDER BY expires_at LIMIT ?",
+        (now, limit),
+    ).fetchall()
+    for envelope_id, kind, message_id, sender, recipient in rows:
+        conn.execute("DELETE FROM envelopes WHERE id = ?", (envelope_id,))
+        alive = sender and conn.execute("SELECT 1 FROM devices WHERE id = ?", (sender,)).fetchone()
+        if kind == "message" and alive:
+            conn.execute(
+                "INSERT INTO envelopes (recipient_device, kind, message_id, about_device,"
+                " created_at, expires_at) VALUES (?, 'expired', ?, ?, ?, ?)",
+                (sender, message_id, recipient, now, now + 30 * DAY_MS),
+            )
+    return len(rows)
+
+
+def purge_sends(conn: Any, *, now: int, limit: int, days: float) -> int:
+    """Retention job: forget message ids older than the envelope lifetime."""
+    cutoff = now - int(days * DAY_MS)
+    return int(
+        conn.execute(
+            "DELETE FROM sends WHERE (sender_device, message_id) IN"
+            " (SELECT sender_device, message_id FROM sends WHERE created_at < ? LIMIT ?)",
+            (cutoff, limit),
+        ).rowcount
+    )

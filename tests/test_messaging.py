@@ -1,0 +1,217 @@
+"""Store-and-forward over the real relay: Alice with two devices, Bob with one.
+
+The ciphertexts here are opaque strings: the server must neither read nor
+care what they hold (the client library's Olm encryption is tested apart).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from chatd.config import DeviceSettings, RetentionSettings
+from chatd.retention import Retention, queue_jobs
+from chatd.store import now_ms
+
+from .test_keys import BOB_PASSWORD, Device, login_device, team
+from .test_relay_auth import PASSWORD, Client, Server, connect
+
+
+class Cast:
+    """Alice on two devices, Bob on one, all with published keys."""
+
+    def __init__(self, srv: Server, alice1: Device, alice2: Device, bob: Device) -> None:
+        self.srv = srv
+        self.alice1, self.alice2, self.bob = alice1, alice2, bob
+
+    def to_everyone(self, sender: Device, text: str) -> list[dict[str, Any]]:
+        return [
+            {
+                "user_id": d.user_id,
+                "device_id": d.device_id,
+                "ciphertext": f"{text} for {d.device_id}",
+            }
+            for d in (self.alice1, self.alice2, self.bob)
+            if d is not sender
+        ]
+
+
+@asynccontextmanager
+async def cast(short_tmp: Path, devices: DeviceSettings | None = None) -> AsyncIterator[Cast]:
+    async with team(short_tmp, devices=devices) as srv, AsyncExitStack() as stack:
+        people = []
+        for username, password in (("alice", PASSWORD), ("alice", PASSWORD), ("bob", BOB_PASSWORD)):
+            client = await stack.enter_async_context(connect(srv))
+            device = await login_device(client, username, password)
+            await device.publish(5)
+            people.append(device)
+        yield Cast(srv, *people)
+
+
+async def next_frame(c: Client, frame_type: str) -> dict[str, Any]:
+    with trio.fail_after(10):
+        while True:
+            frame = json.loads(await c.ws.get_message())
+            if frame["type"] == frame_type:
+                return frame  # type: ignore[no-any-return]
+
+
+async def send(
+    sender: Device, envelopes: list[dict[str, Any]], message_id: str | None = None
+) -> dict[str, Any]:
+    return await sender.client.request(
+        "send", message_id=message_id or str(uuid.uuid4()), envelopes=envelopes
+    )
+
+
+async def test_a_message_reaches_online_devices_and_the_sender_learns_it_was_delivered(
+    short_tmp: Path,
+) -> None:
+    async with cast(short_tmp) as c:
+        message_id = str(uuid.uuid4())
+        sent = await send(c.alice1, c.to_everyone(c.alice1, "hi"), message_id)
+        assert sent == {"type": "sent", "id": sent["id"], "message_id": message_id, "envelopes": 2}
+        delivered = await next_frame(c.bob.client, "deliver")
+        [envelope] = delivered["envelopes"]
+        assert envelope["kind"] == "message" and envelope["message_id"] == message_id
+        assert envelope["ciphertext"] == f"hi for {c.bob.device_id}"
+        assert envelope["sender_user_id"] == c.alice1.user_id
+        assert envelope["sender_device_id"] == c.alice1.device_id
+        # Alice's other device gets her own message too.
+        mine = await next_frame(c.alice2.client, "deliver")
+        assert mine["envelopes"][0]["message_id"] == message_id
+        await c.bob.client.request("ack", up_to=envelope["envelope_id"])
+        receipt = await next_frame(c.alice1.client, "deliver")
+        assert receipt["envelopes"][0] | {"envelope_id": 0, "sent_at": 0} == {
+            "envelope_id": 0,
+            "sent_at": 0,
+            "kind": "delivered",
+            "message_id": message_id,
+            "device_id": c.bob.device_id,
+        }
+
+
+async def test_an_offline_device_gets_its_queue_in_order_when_it_comes_back(
+    short_tmp: Path,
+) -> None:
+    async with cast(short_tmp) as c:
+        bob_device = c.bob.device_id
+        await c.bob.client.ws.aclose()  # Bob goes offline
+        ids = []
+        for n in range(5):
+            sent = await send(c.alice1, c.to_everyone(c.alice1, f"msg{n}"))
+            ids.append(sent["message_id"])
+        async with connect(c.srv) as again:
+            session = await again.login("bob", BOB_PASSWORD, device_id=bob_device)
+            assert session["device_id"] == bob_device
+            delivered = await next_frame(again, "deliver")
+            got = [e["message_id"] for e in delivered["envelopes"]]
+            assert got == ids
+            await again.request("ack", up_to=delivered["envelopes"][-1]["envelope_id"])
+        async with connect(c.srv) as later:
+            await later.login("bob", BOB_PASSWORD, device_id=bob_device)
+            await later.request("list_sessions")  # a round trip: no deliver came first
+        rows = await c.srv.store.read(
+            lambda conn: conn.execute(
+                "SELECT count(*) FROM envelopes WHERE recipient_device = ?", (bob_device,)
+            ).fetchone()[0]
+        )
+        assert rows == 0  # acknowledged means deleted
+
+
+async def test_a_send_must_name_exactly_the_current_devices(short_tmp: Path) -> None:
+    async with cast(short_tmp) as c:
+        only_bob = [e for e in c.to_everyone(c.alice1, "x") if e["user_id"] == c.bob.user_id]
+        mismatch = await send(c.alice1, only_bob)
+        assert mismatch["type"] == "device_mismatch"
+        assert mismatch["missing"] == [
+            {"user_id": c.alice2.user_id, "device_id": c.alice2.device_id}
+        ]
+        assert mismatch["stale"] == []
+        stale = c.to_everyone(c.alice1, "x") + [
+            {"user_id": c.bob.user_id, "device_id": "ZZZZZZZZ", "ciphertext": "x"}
+        ]
+        mismatch = await send(c.alice1, stale)
+        assert mismatch["stale"] == [{"user_id": c.bob.user_id, "device_id": "ZZZZZZZZ"}]
+        count = await c.srv.store.read(
+            lambda conn: conn.execute("SELECT count(*) FROM envelopes").fetchone()[0]
+        )
+        assert count == 0  # nothing was queued
+
+
+async def test_resending_a_message_id_queues_nothing_twice(short_tmp: Path) -> None:
+    async with cast(short_tmp) as c:
+        message_id = str(uuid.uuid4())
+        first = await send(c.alice1, c.to_everyone(c.alice1, "once"), message_id)
+        again = await send(c.alice1, c.to_everyone(c.alice1, "once"), message_id)
+        assert {k: v for k, v in first.items() if k != "id"} == {
+            k: v for k, v in again.items() if k != "id"
+        }
+        count = await c.srv.store.read(
+            lambda conn: conn.execute(
+                "SELECT count(*) FROM envelopes WHERE message_id = ?", (message_id,)
+            ).fetchone()[0]
+        )
+        assert count == 2
+
+
+async def test_a_full_queue_refuses_the_whole_send(short_tmp: Path) -> None:
+    async with cast(short_tmp, DeviceSettings(max_queued_envelopes=2)) as c:
+        await c.bob.client.ws.aclose()
+        for _ in range(2):
+            assert (await send(c.alice1, c.to_everyone(c.alice1, "fill")))["type"] == "sent"
+        refused = await send(c.alice1, c.to_everyone(c.alice1, "one too many"))
+        assert refused["code"] == "queue_full" and c.bob.device_id in refused["message"]
+        count = await c.srv.store.read(
+            lambda conn: conn.execute(
+                "SELECT count(*) FROM envelopes WHERE recipient_device = ?", (c.alice2.device_id,)
+            ).fetchone()[0]
+        )
+        assert count <= 2  # alice2 got nothing from the refused send
+
+
+async def test_undelivered_messages_expire_and_the_sender_is_told(short_tmp: Path) -> None:
+    async with cast(short_tmp) as c:
+        await c.bob.client.ws.aclose()
+        sent = await send(c.alice1, c.to_everyone(c.alice1, "too late"))
+        await c.srv.store.write(
+            lambda conn: conn.execute("UPDATE envelopes SET expires_at = ?", (now_ms() - 1,))
+        )
+        retention = Retention(c.srv.store, RetentionSettings(), queue_jobs(DeviceSettings()))
+        reports = await retention.run_now(["envelopes"])
+        assert reports[0].rows_purged == 2
+        async with connect(c.srv) as again:
+            await again.login(device_id=c.alice1.device_id)
+            notice = await next_frame(again, "deliver")
+            kinds = {(e["kind"], e.get("device_id")) for e in notice["envelopes"]}
+            assert ("expired", c.bob.device_id) in kinds
+            assert {e["message_id"] for e in notice["envelopes"]} == {sent["message_id"]}
+
+
+async def test_nothing_acknowledged_is_lost_when_the_server_stops(short_tmp: Path) -> None:
+    async with cast(short_tmp) as c:
+        await c.bob.client.ws.aclose()
+        sent = await send(c.alice1, c.to_everyone(c.alice1, "durable"))
+        bob = c.bob.device_id
+    # The whole server (store included) is gone; start it again on the same files.
+    async with team(short_tmp) as srv, connect(srv) as again:
+        await again.login("bob", BOB_PASSWORD, device_id=bob)
+        delivered = await next_frame(again, "deliver")
+        assert [e["message_id"] for e in delivered["envelopes"]] == [sent["message_id"]]
+
+
+async def test_the_database_files_hold_no_message_text(short_tmp: Path) -> None:
+    marker = "PLAINTEXT-MARKER-4f1c"
+    async with cast(short_tmp) as c:
+        await c.bob.client.ws.aclose()
+        await send(c.alice1, c.to_everyone(c.alice1, marker))
+        files = [p for p in short_tmp.iterdir() if p.name.startswith("c.db")]
+        assert files
+        for path in files:
+            assert marker.encode() not in path.read_bytes(), path.name
