@@ -73,14 +73,41 @@ class SessionFrames:
 
     def attach(self, client: _Client, grant: SessionGrant) -> None:
         first = client.grant is None
-        self.detach(client)
+        came_online = first and grant.user_id not in self._online_users()
+        self._unregister(client)
         client.grant = grant
         self.by_session.setdefault(grant.session_id, set()).add(client)
         client.proto.session_started(restricted=grant.mfa_enrollment_required)
+        if came_online:
+            self._announce(grant.user_id, online=True)
         if first and self.queues is not None:
             # Started by handle() once the session reply is queued, so that
             # reply always comes before the first deliver.
             self._new_pumps.add(client)
+
+    def _user_clients(self, user_id: int) -> list[_Client]:
+        return [
+            c
+            for clients in self.by_session.values()
+            for c in clients
+            if c.grant is not None and c.grant.user_id == user_id and c.closing is None
+        ]
+
+    def _online_users(self) -> set[int]:
+        return {
+            c.grant.user_id
+            for clients in self.by_session.values()
+            for c in clients
+            if c.grant is not None and c.closing is None
+        }
+
+    def _announce(self, user_id: int, *, online: bool) -> None:
+        """Push a presence change to every authenticated connection (ephemeral)."""
+        change = f.Presence(online=[user_id] if online else [], offline=[] if online else [user_id])
+        for clients in list(self.by_session.values()):
+            for client in list(clients):
+                if client.grant is not None and client.grant.user_id != user_id:
+                    self.relay.push(client, client.proto.reply(change))
 
     def wake_devices(self, device_ids: Iterable[str]) -> None:
         """New envelopes for these devices: wake their connections' pumps."""
@@ -111,8 +138,7 @@ class SessionFrames:
             # on its next connection.
             log.exception("relay.pump_failed")
 
-    def detach(self, client: _Client) -> None:
-        client.wake.set()  # let its pump notice
+    def _unregister(self, client: _Client) -> None:
         grant = client.grant
         if grant is None:
             return
@@ -121,6 +147,17 @@ class SessionFrames:
             clients.discard(client)
             if not clients:
                 del self.by_session[grant.session_id]
+
+    def detach(self, client: _Client) -> None:
+        """The connection leaves its session (closing, logging out, revoked)."""
+        client.wake.set()  # let its pump notice
+        grant = client.grant
+        if grant is None:
+            return
+        self._unregister(client)
+        client.grant = None
+        if grant.user_id not in self._online_users():
+            self._announce(grant.user_id, online=False)
 
     def push_key_counts(self, device_ids: Iterable[str]) -> None:
         """Tell these devices' live connections their key count (KeyService.on_keys_low)."""
@@ -175,7 +212,7 @@ class SessionFrames:
     async def handle(self, client: _Client, frame: Any) -> list[core.Action]:
         """Serve one session request; the reply (or error) as actions."""
         proto = client.proto
-        request_id: str = frame.id
+        request_id: str | None = getattr(frame, "id", None)  # typing and ack may have none
         if self.auth is None:
             return proto.error(
                 "unavailable", "sessions are not available on this server", request_id=request_id
@@ -328,6 +365,13 @@ class SessionFrames:
             case f.Directory():
                 members = await self._key_service().directory()
                 return proto.reply(f.Members(id=frame.id, members=members))
+            case f.Typing():
+                notice = f.TypingNotice(user_id=grant.user_id, active=frame.active)
+                for other in self._user_clients(frame.to_user_id):
+                    self.relay.push(other, other.proto.reply(notice))
+                return []
+            case f.WhoIsOnline():
+                return proto.reply(f.Presence(id=frame.id, online=sorted(self._online_users())))
             case f.Send():
                 return proto.reply(
                     await self._queue_service().send(grant.user_id, grant.device_id, frame)

@@ -215,3 +215,22 @@ async def test_the_database_files_hold_no_message_text(short_tmp: Path) -> None:
         assert files
         for path in files:
             assert marker.encode() not in path.read_bytes(), path.name
+
+
+async def test_typing_and_presence_are_relayed_and_never_stored(short_tmp: Path) -> None:
+    async with cast(short_tmp) as c:
+        online = await c.alice1.client.request("who_is_online")
+        assert online["online"] == sorted({c.alice1.user_id, c.bob.user_id})
+        await c.bob.client.ws.send_message(
+            json.dumps({"type": "typing", "to_user_id": c.alice1.user_id, "active": True})
+        )
+        for device in (c.alice1, c.alice2):  # every online device of Alice
+            notice = await next_frame(device.client, "typing_notice")
+            assert notice == {"type": "typing_notice", "user_id": c.bob.user_id, "active": True}
+        await c.bob.client.ws.aclose()
+        change = await next_frame(c.alice1.client, "presence")
+        assert change == {"type": "presence", "online": [], "offline": [c.bob.user_id]}
+        tables = await c.srv.store.read(
+            lambda conn: [r[0] for r in conn.execute("SELECT name FROM sqlite_master")]
+        )
+        assert not any("typing" in t or "presence" in t for t in tables)

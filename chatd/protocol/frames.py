@@ -221,6 +221,17 @@ class Ack(Frame, tag="ack"):
     id: RequestId | None = None
 
 
+class Typing(Frame, tag="typing"):
+    """Tell one user's online devices that you are (or stopped) typing. Never stored."""
+
+    to_user_id: int
+    active: bool
+
+
+class WhoIsOnline(Frame, tag="who_is_online"):
+    id: RequestId
+
+
 #: Every frame a client may send. Decoding a union makes ``type`` mandatory.
 ClientFrame = (
     Ping
@@ -242,6 +253,8 @@ ClientFrame = (
     | Directory
     | Send
     | Ack
+    | Typing
+    | WhoIsOnline
 )
 
 #: Frames that start a session: only these (and ping, bye, refresh) before one.
@@ -435,6 +448,21 @@ class Deliver(Frame, tag="deliver"):
     envelopes: list[Envelope]
 
 
+class TypingNotice(Frame, tag="typing_notice"):
+    user_id: int
+    active: bool
+
+
+class Presence(Frame, tag="presence"):
+    """Who is online: the answer to who_is_online (with ``id``), and pushed to every
+    authenticated connection when a user comes online or goes offline (then
+    ``online`` or ``offline`` lists the one user). Ephemeral: never stored."""
+
+    online: list[int]
+    offline: list[int] = []
+    id: str | None = None
+
+
 ServerFrame = (
     Hello
     | Pong
@@ -452,4 +480,6 @@ ServerFrame = (
     | Sent
     | DeviceMismatch
     | Deliver
+    | TypingNotice
+    | Presence
 )

@@ -1,0 +1,273 @@
+"""The client's cryptography, without I/O: an Olm account, its sessions, and the
+wire encodings of what the server relays but cannot read.
+
+Theory of operation
+-------------------
+A device owns one vodozemac ``Account`` (its Ed25519 and Curve25519 identity
+keys, plus one-time and fallback keys) and one or more Olm ``Session`` objects
+per peer device, keyed by the peer's Curve25519 identity key.
+
+* **Publishing keys.** Every key object is signed with the account's Ed25519 key
+  over its canonical JSON (``chatd.e2ee.signing.canonical_json``: the object
+  without ``signature``, keys sorted, no whitespace, UTF-8). The identity object
+  is ``{curve25519, device_id, ed25519, user_id}``; a one-time key object is
+  ``{curve25519, device_id, key_id}``; the fallback key adds ``"fallback": true``.
+* **Sending.** For a peer device without a session the sender claims one of its
+  one-time keys, checks the claim's signature against the peer's Ed25519 key
+  from the directory, and creates an outbound session. Each message is then
+  encrypted once per device.
+* **Receiving.** A pre-key message (type 0) either matches an existing session
+  or creates an inbound session (which uses up one of our one-time keys); a
+  normal message (type 1) is tried against the sender device's sessions, most
+  recently used first.
+
+The *ciphertext* string inside an envelope is the JSON object
+``{"v":1,"type":0|1,"body":"<standard base64, unpadded>"}`` of the Olm message.
+The *plaintext* inside Olm is the JSON object
+``{"v":1,"kind":"text","message_id":...,"to_user_id":...,"text":...}``; the
+``message_id`` must equal the envelope's, so the server cannot relabel a message.
+
+Nothing here imports trio or sqlite. Callers persist :meth:`OlmMachine.pickles`
+after every operation that changed state (see :mod:`chatd.client.client`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Final
+
+import vodozemac
+
+from chatd.e2ee.signing import canonical_json, verify
+
+from .errors import DecryptionError, KeyClaimError
+
+PAYLOAD_VERSION: Final = 1
+#: One-time keys a device tries to keep on the server (vodozemac's recommended maximum).
+ONE_TIME_KEY_TARGET: Final = 50
+#: Upload more keys when fewer than this many are left unclaimed.
+ONE_TIME_KEY_LOW: Final = 25
+
+
+def fingerprint(ed25519_key: str) -> str:
+    """A device's fingerprint for people to compare: its Ed25519 key (unpadded
+    base64, as on the wire) as upper-case hex in groups of four, 16 groups."""
+    raw = base64.b64decode(ed25519_key + "=" * (-len(ed25519_key) % 4))
+    text = raw.hex().upper()
+    return " ".join(text[i : i + 4] for i in range(0, len(text), 4))
+
+
+def pickle_key(store_key: bytes) -> bytes:
+    """The 32-byte key vodozemac pickles are sealed with, derived from the store key."""
+    return hashlib.blake2b(store_key, digest_size=32, person=b"chatd-olm-pickle").digest()
+
+
+def encode_ciphertext(message: vodozemac.AnyOlmMessage) -> str:
+    message_type, body = message.to_parts()
+    encoded = base64.b64encode(body).decode().rstrip("=")
+    return json.dumps({"v": PAYLOAD_VERSION, "type": message_type, "body": encoded})
+
+
+def decode_ciphertext(ciphertext: str) -> tuple[int, bytes]:
+    """``(type, body)`` of an envelope's ciphertext. Raises DecryptionError."""
+    try:
+        obj = json.loads(ciphertext)
+        message_type, body = obj["type"], obj["body"]
+        if obj.get("v") != PAYLOAD_VERSION or message_type not in (0, 1):
+            raise ValueError("unsupported ciphertext version or type")
+        return message_type, base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
+    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        raise DecryptionError(f"malformed ciphertext: {exc}") from None
+
+
+def encode_payload(message_id: str, to_user_id: int, text: str) -> bytes:
+    payload = {
+        "v": PAYLOAD_VERSION,
+        "kind": "text",
+        "message_id": message_id,
+        "to_user_id": to_user_id,
+        "text": text,
+    }
+    return json.dumps(payload, ensure_ascii=False).encode()
+
+
+@dataclass(frozen=True)
+class Payload:
+    message_id: str
+    to_user_id: int
+    text: str
+
+
+def decode_payload(plaintext: bytes, message_id: str) -> Payload:
+    """Parse a decrypted payload and check it belongs to envelope ``message_id``."""
+    try:
+        obj = json.loads(plaintext)
+        payload = Payload(str(obj["message_id"]), int(obj["to_user_id"]), str(obj["text"]))
+        if obj.get("v") != PAYLOAD_VERSION or obj.get("kind") != "text":
+            raise ValueError("unsupported payload version or kind")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DecryptionError(f"malformed payload: {exc}") from None
+    if payload.message_id != message_id:
+        raise DecryptionError("the payload's message id differs from the envelope's")
+    return payload
+
+
+def device_keys_object(user_id: int, device_id: str, ed25519: str, curve25519: str) -> dict[str, Any]:
+    return {"curve25519": curve25519, "device_id": device_id, "ed25519": ed25519, "user_id": user_id}
+
+
+def verify_device_keys(user_id: int, device: dict[str, Any]) -> bool:
+    """True when a directory device's identity keys carry its own valid signature."""
+    ed, curve, sig = device.get("ed25519"), device.get("curve25519"), device.get("signature")
+    if not (isinstance(ed, str) and isinstance(curve, str) and isinstance(sig, str)):
+        return False
+    return verify(ed, device_keys_object(user_id, device["device_id"], ed, curve), sig)
+
+
+class OlmMachine:
+    """One device's account and Olm sessions. Not thread-safe; no I/O."""
+
+    def __init__(self, account: vodozemac.Account, key: bytes) -> None:
+        self.account = account
+        self._key = key
+        #: peer device Curve25519 key -> sessions, most recently used first
+        self.sessions: dict[str, list[vodozemac.Session]] = {}
+        #: sessions changed since the last :meth:`take_dirty`
+        self._dirty: dict[str, tuple[str, vodozemac.Session]] = {}
+
+    @classmethod
+    def restore(
+        cls, account_pickle: str | None, session_rows: list[tuple[str, str]], key: bytes
+    ) -> OlmMachine:
+        """From pickles (``session_rows``: (peer curve25519, pickle), most recent first)."""
+        account = (
+            vodozemac.Account.from_pickle(account_pickle, key)
+            if account_pickle
+            else vodozemac.Account()
+        )
+        machine = cls(account, key)
+        for curve, pickled in session_rows:
+            session = vodozemac.Session.from_pickle(pickled, key)
+            machine.sessions.setdefault(curve, []).append(session)
+        return machine
+
+    @property
+    def ed25519(self) -> str:
+        return self.account.ed25519_key.to_base64()
+
+    @property
+    def curve25519(self) -> str:
+        return self.account.curve25519_key.to_base64()
+
+    def account_pickle(self) -> str:
+        return self.account.pickle(self._key)
+
+    def take_dirty(self) -> list[tuple[str, str, str]]:
+        """Changed sessions as (session id, peer curve25519, pickle), to persist."""
+        rows = [(sid, curve, s.pickle(self._key)) for sid, (curve, s) in self._dirty.items()]
+        self._dirty.clear()
+        return rows
+
+    def _touch(self, curve: str, session: vodozemac.Session) -> None:
+        sessions = self.sessions.setdefault(curve, [])
+        if session in sessions:
+            sessions.remove(session)
+        sessions.insert(0, session)
+        self._dirty[session.session_id] = (curve, session)
+
+    # -- keys -----------------------------------------------------------------
+
+    def _sign(self, obj: dict[str, Any]) -> str:
+        return self.account.sign(canonical_json(obj)).to_base64()
+
+    def device_keys(self, user_id: int, device_id: str) -> dict[str, Any]:
+        obj = device_keys_object(user_id, device_id, self.ed25519, self.curve25519)
+        return {"ed25519": self.ed25519, "curve25519": self.curve25519, "signature": self._sign(obj)}
+
+    def new_one_time_keys(self, device_id: str, count: int) -> list[dict[str, Any]]:
+        """Generate ``count`` one-time keys, signed, and mark them published."""
+        self.account.generate_one_time_keys(count)
+        keys = []
+        for key_id, key in self.account.one_time_keys.items():
+            curve = key.to_base64()
+            obj = {"curve25519": curve, "device_id": device_id, "key_id": key_id}
+            keys.append({"key_id": key_id, "curve25519": curve, "signature": self._sign(obj)})
+        self.account.mark_keys_as_published()
+        return keys
+
+    def new_fallback_key(self, device_id: str) -> dict[str, Any]:
+        # The stubs of vodozemac 0.10 lack the fallback-key methods the binding has.
+        self.account.generate_fallback_key()  # type: ignore[attr-defined]
+        fallback: dict[str, vodozemac.Curve25519PublicKey] = self.account.fallback_key  # type: ignore[attr-defined]
+        [(key_id, key)] = fallback.items()
+        curve = key.to_base64()
+        obj = {"curve25519": curve, "device_id": device_id, "fallback": True, "key_id": key_id}
+        self.account.mark_keys_as_published()
+        return {"key_id": key_id, "curve25519": curve, "signature": self._sign(obj)}
+
+    # -- sessions -------------------------------------------------------------
+
+    def has_session(self, curve25519: str) -> bool:
+        return bool(self.sessions.get(curve25519))
+
+    def start_session(self, peer_ed25519: str, peer_curve25519: str, claimed: dict[str, Any]) -> None:
+        """Create an outbound session from a claimed one-time (or fallback) key,
+        after checking the claim is signed by the peer device. Raises KeyClaimError."""
+        obj = {
+            "curve25519": claimed["curve25519"],
+            "device_id": claimed["device_id"],
+            "key_id": claimed["key_id"],
+        }
+        if claimed.get("fallback"):
+            obj["fallback"] = True
+        if not verify(peer_ed25519, obj, claimed["signature"]):
+            raise KeyClaimError(
+                f"the claimed key of device {claimed['device_id']} is not signed by that device"
+            )
+        session = self.account.create_outbound_session(
+            vodozemac.Curve25519PublicKey.from_base64(peer_curve25519),
+            vodozemac.Curve25519PublicKey.from_base64(claimed["curve25519"]),
+        )
+        self._touch(peer_curve25519, session)
+
+    def encrypt(self, peer_curve25519: str, plaintext: bytes) -> str:
+        """Encrypt with the peer's most recently used session (one must exist)."""
+        session = self.sessions[peer_curve25519][0]
+        message = session.encrypt(plaintext)
+        self._touch(peer_curve25519, session)
+        return encode_ciphertext(message)
+
+    def decrypt(self, peer_curve25519: str, ciphertext: str) -> bytes:
+        """Decrypt a message from the device with this Curve25519 key. A pre-key
+        message may create a session (and use up a one-time key: persist the
+        account too). Raises DecryptionError."""
+        message_type, body = decode_ciphertext(ciphertext)
+        try:
+            message = vodozemac.AnyOlmMessage.from_parts(message_type, body)
+        except ValueError as exc:
+            raise DecryptionError(f"malformed Olm message: {exc}") from None
+        sessions = self.sessions.get(peer_curve25519, [])
+        pre_key = message.to_pre_key() if message_type == 0 else None
+        for session in list(sessions):
+            if pre_key is not None and not session.session_matches(pre_key):
+                continue
+            try:
+                plaintext = session.decrypt(message)
+            except ValueError:
+                continue
+            self._touch(peer_curve25519, session)
+            return plaintext
+        if pre_key is None:
+            raise DecryptionError("no Olm session with this device can decrypt the message")
+        try:
+            session, plaintext = self.account.create_inbound_session(
+                vodozemac.Curve25519PublicKey.from_base64(peer_curve25519), pre_key
+            )
+        except ValueError as exc:
+            raise DecryptionError(f"cannot start an Olm session from this message: {exc}") from None
+        self._touch(peer_curve25519, session)
+        return plaintext

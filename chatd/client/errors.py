@@ -1,0 +1,58 @@
+"""Errors of the client library::
+
+    ChatdError
+    └── ClientError                 anything the client library raises on purpose
+        ├── ClientStoreError        the local store cannot be opened (wrong key?) or used
+        ├── ServerRefusedError      the server answered a request with an error frame
+        │   └── LoginError          login/resume/refresh refused: log in again
+        ├── ConnectionLostError     the connection dropped before the reply came
+        ├── DecryptionError         a ciphertext could not be decrypted or parsed
+        ├── KeyClaimError           a peer device's keys could not be claimed or checked
+        ├── IdentityChangedError    a known device now shows different identity keys
+        └── SendError               a message could not be sent to every device
+"""
+
+from __future__ import annotations
+
+from chatd.errors import ChatdError
+
+
+class ClientError(ChatdError):
+    """Root of the client library's errors. ``str(err)`` never holds a secret."""
+
+
+class ClientStoreError(ClientError):
+    pass
+
+
+class ServerRefusedError(ClientError):
+    """An ``error`` frame; ``code`` is the protocol error code."""
+
+    def __init__(self, code: str, message: str, field: str | None = None) -> None:
+        self.code = code
+        self.field = field
+        super().__init__(f"{code}: {message}" + (f" ({field})" if field else ""))
+
+
+class LoginError(ServerRefusedError):
+    pass
+
+
+class ConnectionLostError(ClientError):
+    pass
+
+
+class DecryptionError(ClientError):
+    pass
+
+
+class KeyClaimError(ClientError):
+    pass
+
+
+class IdentityChangedError(ClientError):
+    pass
+
+
+class SendError(ClientError):
+    pass

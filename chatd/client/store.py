@@ -1,0 +1,293 @@
+"""The client's local store: one SQLCipher file per device.
+
+It holds the pickled Olm account and sessions (sealed again with a key derived
+from the store key), the device id, the devices seen in the directory with
+their ``verified`` flag, and the message history. Every call runs in a worker
+thread (``trio.to_thread.run_sync``); a lock serialises them on the one
+connection, and each write is one transaction committed with
+``synchronous=FULL`` before the call returns.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import sqlcipher3
+import trio
+
+from .errors import ClientStoreError
+
+T = TypeVar("T")
+STORE_KEY_BYTES: Final = 32
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS olm_sessions (
+    session_id TEXT PRIMARY KEY,
+    peer_curve25519 TEXT NOT NULL,
+    pickle TEXT NOT NULL,
+    used_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS devices (
+    user_id INTEGER NOT NULL,
+    device_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    ed25519 TEXT NOT NULL,
+    curve25519 TEXT NOT NULL,
+    verified INTEGER NOT NULL DEFAULT 0,
+    first_seen_at INTEGER NOT NULL,
+    current INTEGER NOT NULL DEFAULT 1,
+    PRIMARY KEY (user_id, device_id)
+);
+CREATE TABLE IF NOT EXISTS messages (
+    message_id TEXT PRIMARY KEY,
+    peer_user_id INTEGER NOT NULL,
+    direction TEXT NOT NULL CHECK (direction IN ('in', 'out')),
+    sender_user_id INTEGER NOT NULL,
+    sender_device_id TEXT NOT NULL,
+    plaintext TEXT,
+    sent_at INTEGER NOT NULL,
+    state TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS receipts (
+    message_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (message_id, device_id)
+);
+"""
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    user_id: int
+    device_id: str
+    name: str
+    ed25519: str
+    curve25519: str
+    verified: bool
+    current: bool
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    message_id: str
+    peer_user_id: int
+    direction: str  # in | out
+    sender_user_id: int
+    sender_device_id: str
+    text: str | None  # None when it could not be decrypted
+    sent_at: int  # unix ms
+    state: str  # out: sending | sent | delivered | expired; in: received | undecryptable
+
+
+class LocalStore:
+    """The device's encrypted store. Open with :meth:`open`, close with :meth:`aclose`."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+
+    @classmethod
+    async def open(cls, path: Path, key: bytes) -> LocalStore:
+        """Open (or create) the store. Raises ClientStoreError if the key is wrong."""
+        if len(key) != STORE_KEY_BYTES:
+            raise ClientStoreError(f"the store key must be {STORE_KEY_BYTES} bytes")
+
+        def connect() -> Any:
+            conn = sqlcipher3.connect(str(path), check_same_thread=False, isolation_level=None)
+            try:
+                conn.execute(f"PRAGMA key = \"x'{key.hex()}'\"")
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            except sqlcipher3.DatabaseError:
+                conn.close()
+                raise ClientStoreError(
+                    f"{path}: the store key does not open this file (wrong key or not a store)"
+                ) from None
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.executescript(_SCHEMA)
+            return conn
+
+        return cls(await trio.to_thread.run_sync(connect))
+
+    async def aclose(self) -> None:
+        await self._run(lambda c: c.close())
+
+    async def _run(self, fn: Callable[[Any], T]) -> T:
+        def locked() -> T:
+            with self._lock:
+                return fn(self._conn)
+
+        return await trio.to_thread.run_sync(locked)
+
+    async def _write(self, fn: Callable[[Any], T]) -> T:
+        """Run ``fn`` in one transaction; returns after the commit."""
+
+        def tx(conn: Any) -> T:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+        return await self._run(tx)
+
+    # -- meta and Olm state ---------------------------------------------------
+
+    async def meta(self) -> dict[str, str]:
+        return dict(await self._run(lambda c: c.execute("SELECT name, value FROM meta").fetchall()))
+
+    async def set_meta(self, **values: str) -> None:
+        await self._write(
+            lambda c: c.executemany(
+                "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", list(values.items())
+            )
+        )
+
+    async def olm_sessions(self) -> list[tuple[str, str]]:
+        """(peer curve25519, pickle), most recently used first."""
+        rows = await self._run(
+            lambda c: c.execute(
+                "SELECT peer_curve25519, pickle FROM olm_sessions ORDER BY used_at DESC"
+            ).fetchall()
+        )
+        return [(r[0], r[1]) for r in rows]
+
+    @staticmethod
+    def _save_olm(conn: Any, account: str | None, sessions: list[tuple[str, str, str]]) -> None:
+        if account is not None:
+            conn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('account', ?)", (account,))
+        now = time.time_ns()
+        conn.executemany(
+            "INSERT OR REPLACE INTO olm_sessions (session_id, peer_curve25519, pickle, used_at)"
+            " VALUES (?, ?, ?, ?)",
+            [(sid, curve, pickle, now + i) for i, (sid, curve, pickle) in enumerate(sessions)],
+        )
+
+    async def save_olm(self, account: str | None, sessions: list[tuple[str, str, str]]) -> None:
+        await self._write(lambda c: self._save_olm(c, account, sessions))
+
+    # -- devices --------------------------------------------------------------
+
+    async def devices(self) -> list[DeviceRecord]:
+        rows = await self._run(
+            lambda c: c.execute(
+                "SELECT user_id, device_id, name, ed25519, curve25519, verified, current"
+                " FROM devices ORDER BY user_id, device_id"
+            ).fetchall()
+        )
+        return [DeviceRecord(r[0], r[1], r[2], r[3], r[4], bool(r[5]), bool(r[6])) for r in rows]
+
+    async def replace_devices(self, seen: list[DeviceRecord]) -> None:
+        """Record the directory: new devices start unverified (unless ``verified`` is
+        given, for our own device); devices gone from it are marked not current."""
+
+        def write(conn: Any) -> None:
+            conn.execute("UPDATE devices SET current = 0")
+            for d in seen:
+                conn.execute(
+                    "INSERT INTO devices (user_id, device_id, name, ed25519, curve25519,"
+                    " verified, first_seen_at, current) VALUES (?, ?, ?, ?, ?, ?, ?, 1)"
+                    " ON CONFLICT (user_id, device_id) DO UPDATE SET name = excluded.name,"
+                    " current = 1",
+                    (d.user_id, d.device_id, d.name, d.ed25519, d.curve25519, int(d.verified),
+                     now_ms()),
+                )
+
+        await self._write(write)
+
+    async def set_verified(self, user_id: int, device_id: str, verified: bool) -> bool:
+        changed = await self._write(
+            lambda c: c.execute(
+                "UPDATE devices SET verified = ? WHERE user_id = ? AND device_id = ?",
+                (int(verified), user_id, device_id),
+            ).rowcount
+        )
+        return bool(changed)
+
+    # -- history --------------------------------------------------------------
+
+    async def has_message(self, message_id: str) -> bool:
+        row = await self._run(
+            lambda c: c.execute(
+                "SELECT 1 FROM messages WHERE message_id = ?", (message_id,)
+            ).fetchone()
+        )
+        return row is not None
+
+    @staticmethod
+    def _insert(conn: Any, e: HistoryEntry) -> bool:
+        return bool(
+            conn.execute(
+                "INSERT OR IGNORE INTO messages (message_id, peer_user_id, direction,"
+                " sender_user_id, sender_device_id, plaintext, sent_at, state)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (e.message_id, e.peer_user_id, e.direction, e.sender_user_id,
+                 e.sender_device_id, e.text, e.sent_at, e.state),
+            ).rowcount
+        )
+
+    async def add_message(
+        self,
+        entry: HistoryEntry,
+        account: str | None = None,
+        sessions: list[tuple[str, str, str]] | None = None,
+    ) -> bool:
+        """Store a message (and the Olm state its decryption changed) in one
+        transaction. False when the message id was already in the history."""
+
+        def write(conn: Any) -> bool:
+            self._save_olm(conn, account, sessions or [])
+            return self._insert(conn, entry)
+
+        return await self._write(write)
+
+    async def set_state(self, message_id: str, state: str) -> None:
+        await self._write(
+            lambda c: c.execute(
+                "UPDATE messages SET state = ? WHERE message_id = ?", (state, message_id)
+            )
+        )
+
+    async def add_receipt(self, message_id: str, device_id: str, kind: str, counts: bool) -> None:
+        """Record a receipt; when it ``counts`` (the device is the recipient's, not
+        our own), move the message to ``delivered`` (never back) or ``expired``."""
+
+        def write(conn: Any) -> None:
+            conn.execute(
+                "INSERT OR REPLACE INTO receipts (message_id, device_id, kind, at)"
+                " VALUES (?, ?, ?, ?)",
+                (message_id, device_id, kind, now_ms()),
+            )
+            if counts:
+                conn.execute(
+                    "UPDATE messages SET state = ? WHERE message_id = ? AND direction = 'out'"
+                    " AND state != 'delivered'",
+                    (kind, message_id),
+                )
+
+        await self._write(write)
+
+    async def history(self, peer_user_id: int | None = None) -> list[HistoryEntry]:
+        where, args = ("WHERE peer_user_id = ?", (peer_user_id,)) if peer_user_id else ("", ())
+        rows = await self._run(
+            lambda c: c.execute(
+                "SELECT message_id, peer_user_id, direction, sender_user_id, sender_device_id,"
+                f" plaintext, sent_at, state FROM messages {where} ORDER BY sent_at, rowid",  # noqa: S608
+                args,
+            ).fetchall()
+        )
+        return [HistoryEntry(*r) for r in rows]
