@@ -365,6 +365,19 @@ class SessionFrames:
             case f.Directory():
                 members = await self._key_service().directory()
                 return proto.reply(f.Members(id=frame.id, members=members))
+            case f.RemoveDevice():
+                if frame.device_id == grant.device_id:
+                    raise AuthError(
+                        "use_logout",
+                        "a device cannot remove itself; log out, or remove it from another device",
+                        field="$.device_id",
+                    )
+                ended = await self._key_service().remove_device(grant.user_id, frame.device_id)
+                self.close_sessions(ended)
+                await auth.audit(
+                    "remove_device", "ok", peer, user_id=grant.user_id, session_id=grant.session_id
+                )
+                return proto.reply(f.Ok(id=frame.id))
             case f.Typing():
                 notice = f.TypingNotice(user_id=grant.user_id, active=frame.active)
                 for other in self._user_clients(frame.to_user_id):

@@ -234,3 +234,33 @@ async def test_typing_and_presence_are_relayed_and_never_stored(short_tmp: Path)
             lambda conn: [r[0] for r in conn.execute("SELECT name FROM sqlite_master")]
         )
         assert not any("typing" in t or "presence" in t for t in tables)
+
+
+async def test_removing_a_device_ends_it_and_peers_see_the_change(short_tmp: Path) -> None:
+    async with cast(short_tmp) as c:
+        before = await c.bob.client.request("directory")
+        own = await c.alice2.client.request("remove_device", device_id=c.alice2.device_id)
+        assert own["code"] == "use_logout"
+        ok = await c.alice2.client.request("remove_device", device_id=c.alice1.device_id)
+        assert ok["type"] == "ok"
+        with trio.fail_after(10):
+            while True:
+                try:
+                    await c.alice1.client.ws.get_message()
+                except Exception as exc:  # ConnectionClosed
+                    assert exc.reason.code == 4003  # type: ignore[attr-defined]
+                    break
+        after = await c.bob.client.request("directory")
+        alice_before = next(m for m in before["members"] if m["user_id"] == c.alice1.user_id)
+        alice_after = next(m for m in after["members"] if m["user_id"] == c.alice1.user_id)
+        assert [d["device_id"] for d in alice_after["devices"]] == [c.alice2.device_id]
+        assert alice_after["device_list_version"] > alice_before["device_list_version"]
+        old_list = await send(c.bob, c.to_everyone(c.bob, "hi"))
+        assert old_list["type"] == "device_mismatch"
+        assert old_list["stale"] == [{"user_id": c.alice1.user_id, "device_id": c.alice1.device_id}]
+        assert (
+            await c.bob.client.request(
+                "keys_claim",
+                devices=[{"user_id": c.alice1.user_id, "device_id": c.alice1.device_id}],
+            )
+        )["keys"] == []

@@ -276,6 +276,38 @@ class KeyService:
             self.on_keys_low(low)
         return keys, missing
 
+    async def remove_device(self, user_id: int, device_id: str) -> list[int]:
+        """Delete a device of ``user_id`` with its keys, queue and sessions.
+
+        Returns the ids of the sessions that ended (the caller closes their
+        connections). Raises AuthError for a device that is not the user's.
+        """
+
+        def remove(conn: Any) -> list[int] | None:
+            owned = conn.execute(
+                "SELECT 1 FROM devices WHERE id = ? AND user_id = ?", (device_id, user_id)
+            ).fetchone()
+            if owned is None:
+                return None
+            sessions = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT id FROM sessions WHERE device_id = ? AND revoked_at IS NULL",
+                    (device_id,),
+                )
+            ]
+            conn.execute("DELETE FROM devices WHERE id = ?", (device_id,))
+            conn.execute(
+                "UPDATE users SET device_list_version = device_list_version + 1 WHERE id = ?",
+                (user_id,),
+            )
+            return sessions
+
+        ended = await self.store.write(remove)
+        if ended is None:
+            raise AuthError("unknown_device", "no device of yours has this id", field="$.device_id")
+        return ended
+
     async def directory(self) -> list[f.Member]:
         """Every enabled member with their devices and identity keys."""
 

@@ -221,6 +221,14 @@ class Ack(Frame, tag="ack"):
     id: RequestId | None = None
 
 
+class RemoveDevice(Frame, tag="remove_device"):
+    """Remove one of your devices (not the one sending this): its sessions end, its
+    keys and queue are deleted, and peers see a new device_list_version."""
+
+    id: RequestId
+    device_id: DeviceId
+
+
 class Typing(Frame, tag="typing"):
     """Tell one user's online devices that you are (or stopped) typing. Never stored."""
 
@@ -255,6 +263,7 @@ ClientFrame = (
     | Ack
     | Typing
     | WhoIsOnline
+    | RemoveDevice
 )
 
 #: Frames that start a session: only these (and ping, bye, refresh) before one.
