@@ -130,6 +130,7 @@ def auth_jobs(settings: AuthSettings) -> list[Job]:
 
 def queue_jobs(settings: DeviceSettings) -> list[Job]:
     """Purge jobs for message queues: expired envelopes (with receipts), old send ids."""
+    from chatd.e2ee.keys import purge_claimed_keys
     from chatd.e2ee.queues import expire_envelopes, purge_sends
 
     return [
@@ -143,6 +144,12 @@ def queue_jobs(settings: DeviceSettings) -> list[Job]:
             "sends",
             "message ids remembered for de-duplication, after devices.envelope_days",
             partial(purge_sends, days=settings.envelope_days),
+        ),
+        Job(
+            "claimed_keys",
+            "one-time keys handed out more than 30 days ago (kept until then "
+            "so a replayed upload cannot offer them again)",
+            purge_claimed_keys,
         ),
     ]
 

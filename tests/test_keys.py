@@ -274,3 +274,37 @@ async def test_logging_in_again_as_the_same_device_and_the_device_limit(short_tm
         async with connect(srv) as a:
             assert (await a.login())["code"] == "too_many_devices"
             assert (await a.login(device_id="AAAAAAAA"))["code"] == "unknown_device"
+
+
+async def test_a_replayed_upload_cannot_offer_a_claimed_key_again(short_tmp: Path) -> None:
+    async with team(short_tmp) as srv, connect(srv) as a, connect(srv) as b:
+        alice = await login_device(a)
+        keys = alice.one_time_keys(1)
+        await a.request("keys_upload", device_keys=alice.device_keys(), one_time_keys=keys)
+        await login_device(b, "bob", BOB_PASSWORD)
+        ref = {"user_id": alice.user_id, "device_id": alice.device_id}
+        first = await b.request("keys_claim", devices=[ref])
+        assert first["keys"][0]["fallback"] is False
+        replay = await a.request("keys_upload", one_time_keys=keys)
+        assert replay["one_time_key_count"] == 0
+        again = await b.request("keys_claim", devices=[ref])
+        assert again["keys"] == [] and again["missing"] == [ref]
+
+
+async def test_a_huge_user_id_is_a_bad_frame_not_a_crash(short_tmp: Path) -> None:
+    async with team(short_tmp) as srv, connect(srv) as a:
+        await login_device(a)
+        reply = await a.request("keys_claim", devices=[{"user_id": 2**64, "device_id": "AAAA"}])
+        assert reply["code"] == "bad_frame" and reply["field"] == "$.devices[0].user_id"
+        assert (await a.request("directory"))["type"] == "members"
+
+
+async def test_a_disabled_users_keys_cannot_be_claimed(short_tmp: Path) -> None:
+    async with team(short_tmp) as srv, connect(srv) as a, connect(srv) as b:
+        alice = await login_device(a)
+        await alice.publish(2)
+        await login_device(b, "bob", BOB_PASSWORD)
+        await srv.admin.set_disabled(alice.user_id, True)
+        ref = {"user_id": alice.user_id, "device_id": alice.device_id}
+        claimed = await b.request("keys_claim", devices=[ref])
+        assert claimed["keys"] == [] and claimed["missing"] == [ref]

@@ -106,7 +106,8 @@ class KeyService:
     async def key_count(self, device_id: str, request_id: str | None = None) -> f.KeyCount:
         def count(conn: Any) -> tuple[int, bool]:
             otks = conn.execute(
-                "SELECT count(*) FROM one_time_keys WHERE device_id = ?", (device_id,)
+                "SELECT count(*) FROM one_time_keys WHERE device_id = ? AND claimed_at IS NULL",
+                (device_id,),
             ).fetchone()[0]
             fallback = conn.execute(
                 "SELECT 1 FROM fallback_keys WHERE device_id = ?", (device_id,)
@@ -162,7 +163,20 @@ class KeyService:
         now = now_ms()
 
         def store_keys(conn: Any) -> tuple[int, bool]:
-            if new_identity is not None and current[0] is None:
+            # Re-read inside the write: a concurrent upload may have set the
+            # identity since the signatures were checked against ``ed25519``.
+            now_keys = conn.execute(
+                "SELECT ed25519_key FROM devices WHERE id = ?", (device_id,)
+            ).fetchone()
+            if now_keys is None:
+                raise AuthError("unknown_device", "this session's device no longer exists")
+            if now_keys[0] is not None and now_keys[0] != ed25519:
+                raise AuthError(
+                    "device_keys_immutable",
+                    "this device already has other identity keys; log in as a new device instead",
+                    field="$.device_keys",
+                )
+            if new_identity is not None and now_keys[0] is None:
                 conn.execute(
                     "UPDATE devices SET ed25519_key = ?, curve25519_key = ?, keys_signature = ?"
                     " WHERE id = ?",
@@ -184,7 +198,8 @@ class KeyService:
                     (device_id, key.key_id, key.curve25519, key.signature, now),
                 )
             otks = conn.execute(
-                "SELECT count(*) FROM one_time_keys WHERE device_id = ?", (device_id,)
+                "SELECT count(*) FROM one_time_keys WHERE device_id = ? AND claimed_at IS NULL",
+                (device_id,),
             ).fetchone()[0]
             if otks > limit:
                 raise _TooMany(otks)
@@ -223,18 +238,19 @@ class KeyService:
             for ref in dict.fromkeys((r.user_id, r.device_id) for r in refs):
                 user_id, device_id = ref
                 owner = conn.execute(
-                    "SELECT 1 FROM devices WHERE id = ? AND user_id = ?"
-                    " AND ed25519_key IS NOT NULL",
+                    "SELECT 1 FROM devices d JOIN users u ON u.id = d.user_id"
+                    " WHERE d.id = ? AND d.user_id = ? AND d.ed25519_key IS NOT NULL"
+                    " AND u.disabled_at IS NULL",
                     (device_id, user_id),
                 ).fetchone()
                 row = (
                     owner
                     and conn.execute(
-                        "DELETE FROM one_time_keys WHERE device_id = ? AND key_id = ("
+                        "UPDATE one_time_keys SET claimed_at = ? WHERE device_id = ? AND key_id = ("
                         " SELECT key_id FROM one_time_keys WHERE device_id = ?"
-                        " ORDER BY uploaded_at, key_id LIMIT 1)"
+                        " AND claimed_at IS NULL ORDER BY uploaded_at, key_id LIMIT 1)"
                         " RETURNING key_id, curve25519_key, signature",
-                        (device_id, device_id),
+                        (now, device_id, device_id),
                     ).fetchone()
                 )
                 fallback = False
@@ -265,7 +281,8 @@ class KeyService:
                     )
                 )
                 left = conn.execute(
-                    "SELECT count(*) FROM one_time_keys WHERE device_id = ?", (device_id,)
+                    "SELECT count(*) FROM one_time_keys WHERE device_id = ? AND claimed_at IS NULL",
+                    (device_id,),
                 ).fetchone()[0]
                 if left < threshold:
                     low.append(device_id)
@@ -330,6 +347,21 @@ class KeyService:
             return list(members.values())
 
         return await self.store.read(read)
+
+
+CLAIMED_KEYS_KEPT_DAYS: Final = 30
+
+
+def purge_claimed_keys(conn: Any, *, now: int, limit: int) -> int:
+    """Retention job: forget one-time keys handed out more than 30 days ago."""
+    cutoff = now - CLAIMED_KEYS_KEPT_DAYS * 86_400_000
+    return int(
+        conn.execute(
+            "DELETE FROM one_time_keys WHERE (device_id, key_id) IN (SELECT device_id, key_id"
+            " FROM one_time_keys WHERE claimed_at < ? LIMIT ?)",
+            (cutoff, limit),
+        ).rowcount
+    )
 
 
 class _TooMany(Exception):

@@ -54,6 +54,7 @@ Signature = Annotated[
     str, msgspec.Meta(min_length=86, max_length=88, pattern=r"^[A-Za-z0-9+/]{86}(==)?$")
 ]
 KeyId = Annotated[str, msgspec.Meta(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9+/=_-]+$")]
+UserId = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
 MAX_KEYS_PER_UPLOAD: Final = 100
 MAX_CLAIMS: Final = 100
 
@@ -166,7 +167,7 @@ class KeysUpload(Frame, tag="keys_upload"):
 
 
 class DeviceRef(msgspec.Struct, forbid_unknown_fields=True):
-    user_id: int
+    user_id: UserId
     device_id: DeviceId
 
 
@@ -197,7 +198,7 @@ MAX_CIPHERTEXT_CHARS: Final = 65_536
 
 
 class OutgoingEnvelope(msgspec.Struct, forbid_unknown_fields=True):
-    user_id: int
+    user_id: UserId
     device_id: DeviceId
     ciphertext: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_CIPHERTEXT_CHARS)]
 
@@ -232,7 +233,7 @@ class RemoveDevice(Frame, tag="remove_device"):
 class Typing(Frame, tag="typing"):
     """Tell one user's online devices that you are (or stopped) typing. Never stored."""
 
-    to_user_id: int
+    to_user_id: UserId
     active: bool
 
 

@@ -111,7 +111,7 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     # 4: devices, their identity keys, one-time keys and fallback keys.
     """
     CREATE TABLE devices (
-        id             TEXT    PRIMARY KEY,           -- server-assigned, 12 base32 chars
+        id             TEXT    PRIMARY KEY,           -- server-assigned, 13 base32 chars
         user_id        INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
         name           TEXT    NOT NULL,
         ed25519_key    TEXT,                          -- identity signing key, set once
@@ -129,6 +129,8 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         curve25519_key TEXT    NOT NULL,
         signature      TEXT    NOT NULL,
         uploaded_at    INTEGER NOT NULL,
+        claimed_at     INTEGER,                       -- handed out; kept so a re-upload
+                                                      -- cannot make it claimable again
         PRIMARY KEY (device_id, key_id)
     ) WITHOUT ROWID;
     CREATE TABLE fallback_keys (
