@@ -101,7 +101,9 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
             keys = KeyService(store, config.devices)
             queues = QueueService(store, config.devices)
             jobs = (
-                default_jobs(config.retention) + auth_jobs(config.auth) + queue_jobs(config.devices)
+                default_jobs(config.retention)
+                + auth_jobs(config.auth)
+                + queue_jobs(config.devices, queues)
             )
             retention = await nursery.start(
                 partial(serve_retention, store, config.retention, jobs=jobs)

@@ -27,6 +27,7 @@ with the grace period.
 
 from __future__ import annotations
 
+import collections
 import errno
 import ipaddress
 import logging
@@ -72,7 +73,8 @@ class _Client:
         "grant",
         "wake",
         "delivered",
-        "acked",
+        "unacked",
+        "pumping",
     )
 
     def __init__(self, ws: Any, proto: core.ServerConnection, peer: str, queue: int) -> None:
@@ -85,7 +87,8 @@ class _Client:
         self.grant: SessionGrant | None = None  # the session, once authenticated
         self.wake = trio.Event()  # set when the device's queue may have news
         self.delivered = 0  # highest envelope id sent on this connection
-        self.acked = 0  # highest envelope id this connection acknowledged
+        self.unacked: collections.deque[int] = collections.deque()  # ids sent, not yet acked
+        self.pumping = False  # a delivery pump runs for this connection
 
 
 class Relay:

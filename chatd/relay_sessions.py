@@ -80,9 +80,11 @@ class SessionFrames:
         client.proto.session_started(restricted=grant.mfa_enrollment_required)
         if came_online:
             self._announce(grant.user_id, online=True)
-        if first and self.queues is not None:
+        if self.queues is not None and not client.pumping and not grant.mfa_enrollment_required:
             # Started by handle() once the session reply is queued, so that
-            # reply always comes before the first deliver.
+            # reply always comes before the first deliver. A connection that
+            # must still enrol a second factor gets no messages until it has.
+            client.pumping = True
             self._new_pumps.add(client)
 
     def _user_clients(self, user_id: int) -> list[_Client]:
@@ -125,10 +127,11 @@ class SessionFrames:
                 grant = client.grant
                 if grant is None or client not in self.relay.clients:
                     return
-                if client.delivered - client.acked < PUMP_WINDOW:
+                if len(client.unacked) < PUMP_WINDOW:
                     batch = await self.queues.pending(grant.device_id, client.delivered)
                     if batch and client.closing is None:
                         client.delivered = batch[-1].envelope_id
+                        client.unacked.extend(e.envelope_id for e in batch)
                         self.relay.push(client, client.proto.reply(f.Deliver(envelopes=batch)))
                         continue
                 await client.wake.wait()
@@ -390,8 +393,13 @@ class SessionFrames:
                     await self._queue_service().send(grant.user_id, grant.device_id, frame)
                 )
             case f.Ack():
-                await self._queue_service().ack(grant.device_id, frame.up_to)
-                client.acked = max(client.acked, frame.up_to)
+                # Only what this connection was sent can be acknowledged on it: an
+                # oversized up_to must not delete envelopes nobody has seen.
+                up_to = min(frame.up_to, client.delivered)
+                if up_to:
+                    await self._queue_service().ack(grant.device_id, up_to)
+                while client.unacked and client.unacked[0] <= up_to:
+                    client.unacked.popleft()
                 client.wake.set()
                 return proto.reply(f.Ok(id=frame.id)) if frame.id else []
             case f.NewRecoveryCodes():

@@ -21,12 +21,15 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 import trio
 
 from chatd.config import AuthSettings, DeviceSettings, RetentionSettings
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only (import cycle)
+    from chatd.e2ee.queues import QueueService
 from chatd.log import fields
 from chatd.store import Store, now_ms
 
@@ -43,7 +46,9 @@ class Job:
 
     name: str
     description: str
-    purge: Callable[..., int]  # (conn, *, now: int, limit: int) -> int
+    purge: Callable[..., int]
+    #: Called (on the event loop) after the job's batches ran, e.g. to notify.
+    after: Callable[[], None] | None = None  # (conn, *, now: int, limit: int) -> int
 
 
 class Report(msgspec.Struct, frozen=True):
@@ -128,17 +133,30 @@ def auth_jobs(settings: AuthSettings) -> list[Job]:
     ]
 
 
-def queue_jobs(settings: DeviceSettings) -> list[Job]:
-    """Purge jobs for message queues: expired envelopes (with receipts), old send ids."""
+def queue_jobs(settings: DeviceSettings, queues: QueueService | None = None) -> list[Job]:
+    """Purge jobs for message queues: expired envelopes (with receipts), old send ids.
+
+    With ``queues``, the senders of expired messages are told at once (their
+    live connections get the expired receipt), not only when they reconnect.
+    """
     from chatd.e2ee.keys import purge_claimed_keys
     from chatd.e2ee.queues import expire_envelopes, purge_sends
+
+    notified: list[str] = []  # sender devices with new expired receipts (filled in the writer)
+
+    def flush() -> None:
+        if queues is not None and notified:
+            devices = list(dict.fromkeys(notified))
+            notified.clear()
+            queues.on_queued(devices)
 
     return [
         Job(
             "envelopes",
             f"undelivered envelopes older than devices.envelope_days "
             f"({settings.envelope_days}); the sender gets an expired receipt",
-            expire_envelopes,
+            partial(expire_envelopes, notify=notified),
+            after=flush,
         ),
         Job(
             "sends",
@@ -226,6 +244,8 @@ class Retention:
                 rows += deleted
                 if deleted < limit:
                     break
+            if job.after is not None:
+                job.after()
             if rows:
                 reclaimed = await self.store.write(_vacuum)
         except trio.Cancelled:

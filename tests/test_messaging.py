@@ -264,3 +264,38 @@ async def test_removing_a_device_ends_it_and_peers_see_the_change(short_tmp: Pat
                 devices=[{"user_id": c.alice1.user_id, "device_id": c.alice1.device_id}],
             )
         )["keys"] == []
+
+
+async def test_an_expired_receipt_reaches_the_senders_live_connection(short_tmp: Path) -> None:
+    async with cast(short_tmp) as c:
+        await c.bob.client.ws.aclose()
+        sent = await send(c.alice1, c.to_everyone(c.alice1, "late"))
+        mine = await next_frame(c.alice2.client, "deliver")  # alice2 got her copy...
+        await c.alice2.client.request("ack", up_to=mine["envelopes"][-1]["envelope_id"])
+        await next_frame(c.alice1.client, "deliver")  # ...and alice1 the delivered receipt
+        await c.srv.store.write(
+            lambda conn: conn.execute("UPDATE envelopes SET expires_at = ?", (now_ms() - 1,))
+        )
+        queues = c.srv.relay.session_frames.queues
+        retention = Retention(
+            c.srv.store, RetentionSettings(), queue_jobs(DeviceSettings(), queues)
+        )
+        await retention.run_now(["envelopes"])
+        receipt = await next_frame(c.alice1.client, "deliver")
+        kinds = [(e["kind"], e["message_id"], e.get("device_id")) for e in receipt["envelopes"]]
+        assert ("expired", sent["message_id"], c.bob.device_id) in kinds
+
+
+async def test_an_ack_beyond_what_was_delivered_deletes_nothing_unseen(short_tmp: Path) -> None:
+    async with cast(short_tmp) as c:
+        await c.alice2.client.ws.aclose()  # offline: its queue grows unseen
+        await send(c.alice1, c.to_everyone(c.alice1, "unseen"))
+        await next_frame(c.bob.client, "deliver")
+        # Bob's connection acknowledges far beyond anything it was sent.
+        assert (await c.bob.client.request("ack", up_to=10**12))["type"] == "ok"
+        left = await c.srv.store.read(
+            lambda conn: conn.execute(
+                "SELECT count(*) FROM envelopes WHERE recipient_device = ?", (c.alice2.device_id,)
+            ).fetchone()[0]
+        )
+        assert left == 1

@@ -116,8 +116,15 @@ def decode_payload(plaintext: bytes, message_id: str) -> Payload:
     return payload
 
 
-def device_keys_object(user_id: int, device_id: str, ed25519: str, curve25519: str) -> dict[str, Any]:
-    return {"curve25519": curve25519, "device_id": device_id, "ed25519": ed25519, "user_id": user_id}
+def device_keys_object(
+    user_id: int, device_id: str, ed25519: str, curve25519: str
+) -> dict[str, Any]:
+    return {
+        "curve25519": curve25519,
+        "device_id": device_id,
+        "ed25519": ed25519,
+        "user_id": user_id,
+    }
 
 
 def verify_device_keys(user_id: int, device: dict[str, Any]) -> bool:
@@ -186,7 +193,11 @@ class OlmMachine:
 
     def device_keys(self, user_id: int, device_id: str) -> dict[str, Any]:
         obj = device_keys_object(user_id, device_id, self.ed25519, self.curve25519)
-        return {"ed25519": self.ed25519, "curve25519": self.curve25519, "signature": self._sign(obj)}
+        return {
+            "ed25519": self.ed25519,
+            "curve25519": self.curve25519,
+            "signature": self._sign(obj),
+        }
 
     def new_one_time_keys(self, device_id: str, count: int) -> list[dict[str, Any]]:
         """Generate ``count`` one-time keys, signed, and mark them published."""
@@ -214,7 +225,9 @@ class OlmMachine:
     def has_session(self, curve25519: str) -> bool:
         return bool(self.sessions.get(curve25519))
 
-    def start_session(self, peer_ed25519: str, peer_curve25519: str, claimed: dict[str, Any]) -> None:
+    def start_session(
+        self, peer_ed25519: str, peer_curve25519: str, claimed: dict[str, Any]
+    ) -> None:
         """Create an outbound session from a claimed one-time (or fallback) key,
         after checking the claim is signed by the peer device. Raises KeyClaimError."""
         obj = {

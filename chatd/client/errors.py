@@ -1,15 +1,15 @@
 """Errors of the client library::
 
-    ChatdError
-    └── ClientError                 anything the client library raises on purpose
-        ├── ClientStoreError        the local store cannot be opened (wrong key?) or used
-        ├── ServerRefusedError      the server answered a request with an error frame
-        │   └── LoginError          login/resume/refresh refused: log in again
-        ├── ConnectionLostError     the connection dropped before the reply came
-        ├── DecryptionError         a ciphertext could not be decrypted or parsed
-        ├── KeyClaimError           a peer device's keys could not be claimed or checked
-        ├── IdentityChangedError    a known device now shows different identity keys
-        └── SendError               a message could not be sent to every device
+ChatdError
+└── ClientError                 anything the client library raises on purpose
+    ├── ClientStoreError        the local store cannot be opened (wrong key?) or used
+    ├── ServerRefusedError      the server answered a request with an error frame
+    │   └── LoginError          login/resume/refresh refused: log in again
+    ├── ConnectionLostError     the connection dropped before the reply came
+    ├── DecryptionError         a ciphertext could not be decrypted or parsed
+    ├── KeyClaimError           a peer device's keys could not be claimed or checked
+    ├── IdentityChangedError    a known device now shows different identity keys
+    └── SendError               a message could not be sent to every device
 """
 
 from __future__ import annotations

@@ -169,7 +169,9 @@ class LocalStore:
     @staticmethod
     def _save_olm(conn: Any, account: str | None, sessions: list[tuple[str, str, str]]) -> None:
         if account is not None:
-            conn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('account', ?)", (account,))
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (name, value) VALUES ('account', ?)", (account,)
+            )
         now = time.time_ns()
         conn.executemany(
             "INSERT OR REPLACE INTO olm_sessions (session_id, peer_curve25519, pickle, used_at)"
@@ -203,18 +205,27 @@ class LocalStore:
                     " verified, first_seen_at, current) VALUES (?, ?, ?, ?, ?, ?, ?, 1)"
                     " ON CONFLICT (user_id, device_id) DO UPDATE SET name = excluded.name,"
                     " current = 1",
-                    (d.user_id, d.device_id, d.name, d.ed25519, d.curve25519, int(d.verified),
-                     now_ms()),
+                    (
+                        d.user_id,
+                        d.device_id,
+                        d.name,
+                        d.ed25519,
+                        d.curve25519,
+                        int(d.verified),
+                        now_ms(),
+                    ),
                 )
 
         await self._write(write)
 
     async def set_verified(self, user_id: int, device_id: str, verified: bool) -> bool:
         changed = await self._write(
-            lambda c: c.execute(
-                "UPDATE devices SET verified = ? WHERE user_id = ? AND device_id = ?",
-                (int(verified), user_id, device_id),
-            ).rowcount
+            lambda c: (
+                c.execute(
+                    "UPDATE devices SET verified = ? WHERE user_id = ? AND device_id = ?",
+                    (int(verified), user_id, device_id),
+                ).rowcount
+            )
         )
         return bool(changed)
 
@@ -235,8 +246,16 @@ class LocalStore:
                 "INSERT OR IGNORE INTO messages (message_id, peer_user_id, direction,"
                 " sender_user_id, sender_device_id, plaintext, sent_at, state)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (e.message_id, e.peer_user_id, e.direction, e.sender_user_id,
-                 e.sender_device_id, e.text, e.sent_at, e.state),
+                (
+                    e.message_id,
+                    e.peer_user_id,
+                    e.direction,
+                    e.sender_user_id,
+                    e.sender_device_id,
+                    e.text,
+                    e.sent_at,
+                    e.state,
+                ),
             ).rowcount
         )
 
@@ -282,12 +301,10 @@ class LocalStore:
         await self._write(write)
 
     async def history(self, peer_user_id: int | None = None) -> list[HistoryEntry]:
-        where, args = ("WHERE peer_user_id = ?", (peer_user_id,)) if peer_user_id else ("", ())
-        rows = await self._run(
-            lambda c: c.execute(
-                "SELECT message_id, peer_user_id, direction, sender_user_id, sender_device_id,"
-                f" plaintext, sent_at, state FROM messages {where} ORDER BY sent_at, rowid",  # noqa: S608
-                args,
-            ).fetchall()
+        query = (
+            "SELECT message_id, peer_user_id, direction, sender_user_id, sender_device_id,"
+            " plaintext, sent_at, state FROM messages"
+            " WHERE ? IS NULL OR peer_user_id = ? ORDER BY sent_at, rowid"
         )
+        rows = await self._run(lambda c: c.execute(query, (peer_user_id, peer_user_id)).fetchall())
         return [HistoryEntry(*r) for r in rows]

@@ -186,7 +186,7 @@ class QueueService:
         return deleted
 
 
-def expire_envelopes(conn: Any, *, now: int, limit: int) -> int:
+def expire_envelopes(conn: Any, *, now: int, limit: int, notify: list[str] | None = None) -> int:
     """Retention job: delete expired envelopes; tell senders their messages expired."""
     rows = conn.execute(
         "SELECT id, kind, message_id, sender_device, recipient_device FROM envelopes"
@@ -202,6 +202,8 @@ def expire_envelopes(conn: Any, *, now: int, limit: int) -> int:
                 " created_at, expires_at) VALUES (?, 'expired', ?, ?, ?, ?)",
                 (sender, message_id, recipient, now, now + 30 * DAY_MS),
             )
+            if notify is not None:
+                notify.append(sender)
     return len(rows)
 
 

@@ -145,7 +145,8 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     # 5: store-and-forward: per-device queues of ciphertext and receipts.
     """
     CREATE TABLE envelopes (
-        id               INTEGER PRIMARY KEY,         -- queue order; the ack cursor
+        id               INTEGER PRIMARY KEY AUTOINCREMENT,  -- queue order, ack cursor;
+                                                      -- never reused after a delete
         recipient_device TEXT    NOT NULL REFERENCES devices (id) ON DELETE CASCADE,
         kind             TEXT    NOT NULL CHECK (kind IN ('message', 'delivered', 'expired')),
         message_id       TEXT    NOT NULL,

@@ -1,0 +1,42 @@
+"""chatd's client library: an end-to-end encrypted Trio client (see docs/CLIENT.md).
+
+``open_client`` connects a device and yields a :class:`Client`; the Olm
+cryptography lives in :mod:`chatd.client.crypto`, the encrypted local store in
+:mod:`chatd.client.store`, and the connection (login, keepalive, token refresh,
+reconnects) in :mod:`chatd.client.connection`.
+"""
+
+from .client import Client, Member, ReceivedMessage, key_from_passphrase, open_client
+from .crypto import fingerprint
+from .errors import (
+    ClientError,
+    ClientStoreError,
+    ConnectionLostError,
+    DecryptionError,
+    IdentityChangedError,
+    KeyClaimError,
+    LoginError,
+    SendError,
+    ServerRefusedError,
+)
+from .store import DeviceRecord, HistoryEntry
+
+__all__ = [
+    "Client",
+    "ClientError",
+    "ClientStoreError",
+    "ConnectionLostError",
+    "DecryptionError",
+    "DeviceRecord",
+    "HistoryEntry",
+    "IdentityChangedError",
+    "KeyClaimError",
+    "LoginError",
+    "Member",
+    "ReceivedMessage",
+    "SendError",
+    "ServerRefusedError",
+    "fingerprint",
+    "key_from_passphrase",
+    "open_client",
+]

@@ -1,0 +1,464 @@
+"""The chatd client: end-to-end encrypted one-to-one messages over the relay.
+
+``open_client`` opens the local store, connects and logs in, publishes keys,
+and runs two background tasks in a nursery it owns: the connection
+(:mod:`chatd.client.connection`) and the inbound worker, which handles
+``deliver`` and pushed ``key_count`` frames one at a time.
+
+Ordering guarantees
+-------------------
+* Olm state is written to the store *before* the ciphertext it produced
+  leaves the device, so a crash can never reuse a message key.
+* A received message, and the Olm state its decryption changed, are written
+  in one transaction; only after that commit does the client send
+  ``ack up_to``. Delivery is at least once, so the client skips envelopes
+  whose message id is already in the history *before* decrypting (a repeated
+  Olm message could not be decrypted twice anyway).
+* One lock (``_olm_lock``) serialises every use of the Olm account and
+  sessions, so sending and receiving never interleave inside the ratchet.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import trio
+from argon2.low_level import Type, hash_secret_raw
+
+from .connection import Connection, Credentials
+from .crypto import (
+    ONE_TIME_KEY_LOW,
+    ONE_TIME_KEY_TARGET,
+    OlmMachine,
+    decode_payload,
+    encode_payload,
+    fingerprint,
+    pickle_key,
+    verify_device_keys,
+)
+from .errors import (
+    ClientError,
+    DecryptionError,
+    IdentityChangedError,
+    KeyClaimError,
+    SendError,
+)
+from .store import DeviceRecord, HistoryEntry, LocalStore, now_ms
+
+log = logging.getLogger(__name__)
+
+INBOX_MESSAGES: Final = 1000  # received messages buffered for messages()
+KEYS_READY_TIMEOUT: Final = 30.0  # seconds open_client waits for the first key upload
+MAX_CLAIMS: Final = 100  # devices per keys_claim (the server's limit)
+
+
+def key_from_passphrase(passphrase: str, salt: bytes) -> bytes:
+    """A 32-byte store key from a passphrase: Argon2id (t=3, m=64 MiB, p=4).
+
+    ``salt`` should be at least 16 random bytes kept next to the store. Slow on
+    purpose (tenths of a second): call it through ``trio.to_thread.run_sync``
+    inside async code.
+    """
+    if len(salt) < 16:
+        raise ClientError("the salt must be at least 16 bytes")
+    return hash_secret_raw(
+        passphrase.encode(),
+        salt,
+        time_cost=3,
+        memory_cost=64 * 1024,
+        parallelism=4,
+        hash_len=32,
+        type=Type.ID,
+    )
+
+
+@dataclass(frozen=True)
+class ReceivedMessage:
+    message_id: str
+    sender_user_id: int
+    sender_device_id: str
+    peer_user_id: int  # the conversation: the sender, or for our own copies the recipient
+    text: str
+    sent_at: int  # unix ms, as the server recorded it
+    outgoing: bool  # a copy of a message we sent from another of our devices
+
+
+@dataclass(frozen=True)
+class Member:
+    user_id: int
+    username: str
+    devices: list[DeviceRecord]  # devices with published keys
+
+
+class Client:
+    """A logged-in device. Get one from :func:`open_client`."""
+
+    def __init__(self, store: LocalStore, olm: OlmMachine, conn: Connection) -> None:
+        self._store = store
+        self._olm = olm
+        self._conn = conn
+        self._olm_lock = trio.Lock()
+        self._keys_lock = trio.Lock()
+        self._keys_ready = trio.Event()
+        self._members: dict[int, Member] = {}
+        self._changed = trio.Event()
+        self._inbox_send, self._inbox = trio.open_memory_channel[ReceivedMessage](INBOX_MESSAGES)
+
+    @property
+    def user_id(self) -> int:
+        return self._conn.user_id
+
+    @property
+    def device_id(self) -> str:
+        return self._conn.credentials.device_id or ""
+
+    @property
+    def connection(self) -> Connection:
+        return self._conn
+
+    # -- directory and verification -------------------------------------------
+
+    async def directory(self) -> list[Member]:
+        """Fetch the team's members and their devices. Checks every device's
+        self-signature (devices that fail are left out) and records devices
+        not seen before as unverified. Raises IdentityChangedError if a known
+        device now shows different identity keys."""
+        reply = await self._conn.request("directory")
+        known = {(d.user_id, d.device_id): d for d in await self._store.devices()}
+        members, seen = [], []
+        for m in reply["members"]:
+            devices = []
+            for d in m["devices"]:
+                if d.get("ed25519") is None or not verify_device_keys(m["user_id"], d):
+                    continue
+                old = known.get((m["user_id"], d["device_id"]))
+                if old is not None and (old.ed25519, old.curve25519) != (
+                    d["ed25519"],
+                    d["curve25519"],
+                ):
+                    raise IdentityChangedError(
+                        f"device {d['device_id']} of user {m['user_id']} shows new identity keys;"
+                        " refusing to use it (verify the device again)"
+                    )
+                mine = (m["user_id"], d["device_id"]) == (self.user_id, self.device_id)
+                record = DeviceRecord(
+                    m["user_id"],
+                    d["device_id"],
+                    d["name"],
+                    d["ed25519"],
+                    d["curve25519"],
+                    verified=old.verified if old else mine,
+                    current=True,
+                )
+                devices.append(record)
+                seen.append(record)
+            members.append(Member(m["user_id"], m["username"], devices))
+        await self._store.replace_devices(seen)
+        self._members = {m.user_id: m for m in members}
+        return members
+
+    async def devices(self) -> list[DeviceRecord]:
+        """Every device seen in the directory so far, with its ``verified`` flag."""
+        return await self._store.devices()
+
+    async def verify_device(self, user_id: int, device_id: str, expected_fingerprint: str) -> None:
+        """Mark a device verified after its owner read you its fingerprint
+        (compare out of band). Raises ClientError if it does not match."""
+        for d in await self._store.devices():
+            if (d.user_id, d.device_id) == (user_id, device_id):
+                if fingerprint(d.ed25519) != " ".join(expected_fingerprint.upper().split()):
+                    raise ClientError(f"the fingerprint of device {device_id} does not match")
+                await self._store.set_verified(user_id, device_id, True)
+                return
+        raise ClientError(f"unknown device {device_id}; refresh the directory first")
+
+    @property
+    def fingerprint(self) -> str:
+        """This device's fingerprint, to read out to people verifying it."""
+        return fingerprint(self._olm.ed25519)
+
+    # -- sending --------------------------------------------------------------
+
+    def _targets(self, user_id: int) -> list[DeviceRecord]:
+        users = {user_id, self.user_id}
+        return [
+            d
+            for u in users
+            if u in self._members
+            for d in self._members[u].devices
+            if (d.user_id, d.device_id) != (self.user_id, self.device_id)
+        ]
+
+    async def send_text(self, user_id: int, text: str) -> str:
+        """Send ``text`` to every device of ``user_id`` and to our own other
+        devices, each encrypted with Olm. Returns the message id once the
+        server has queued it durably. A ``device_mismatch`` refreshes the
+        directory and retries once. Raises SendError, ServerRefusedError,
+        KeyClaimError or ConnectionLostError; the message then stays in the
+        history with state ``sending``."""
+        message_id = str(uuid.uuid4())
+        peer = user_id
+        await self._store.add_message(
+            HistoryEntry(
+                message_id, peer, "out", self.user_id, self.device_id, text, now_ms(), "sending"
+            )
+        )
+        if user_id not in self._members or self.user_id not in self._members:
+            await self.directory()
+        payload = encode_payload(message_id, user_id, text)
+        for attempt in range(2):
+            targets = self._targets(user_id)
+            if not any(d.user_id == user_id for d in targets) and user_id != self.user_id:
+                raise SendError(f"user {user_id} has no device with published keys")
+            async with self._olm_lock:
+                await self._start_sessions(targets)
+                envelopes = [
+                    {
+                        "user_id": d.user_id,
+                        "device_id": d.device_id,
+                        "ciphertext": self._olm.encrypt(d.curve25519, payload),
+                    }
+                    for d in targets
+                ]
+                await self._store.save_olm(None, self._olm.take_dirty())
+            if not envelopes:
+                break  # a note to self on our only device: nothing to relay
+            reply = await self._conn.request("send", message_id=message_id, envelopes=envelopes)
+            if reply["type"] == "sent":
+                break
+            if reply["type"] == "device_mismatch" and attempt == 0:
+                await self.directory()
+                continue
+            raise SendError(f"the server refused the device list of message {message_id}")
+        await self._store.set_state(message_id, "sent")
+        return message_id
+
+    async def _start_sessions(self, targets: list[DeviceRecord]) -> None:
+        """Claim keys and create outbound sessions for devices we have none with.
+        Call with ``_olm_lock`` held."""
+        need = [d for d in targets if not self._olm.has_session(d.curve25519)]
+        for i in range(0, len(need), MAX_CLAIMS):
+            batch = {(d.user_id, d.device_id): d for d in need[i : i + MAX_CLAIMS]}
+            reply = await self._conn.request(
+                "keys_claim",
+                devices=[{"user_id": u, "device_id": d} for u, d in batch],
+            )
+            for key in reply["keys"]:
+                device = batch.get((key["user_id"], key["device_id"]))
+                if device is not None:
+                    self._olm.start_session(device.ed25519, device.curve25519, key)
+            if reply["missing"]:
+                names = ", ".join(m["device_id"] for m in reply["missing"])
+                raise KeyClaimError(f"no one-time or fallback key left for device(s) {names}")
+        if need:
+            await self._store.save_olm(self._olm.account_pickle(), self._olm.take_dirty())
+
+    # -- receiving ------------------------------------------------------------
+
+    def messages(self) -> trio.MemoryReceiveChannel[ReceivedMessage]:
+        """Received messages, in delivery order (already decrypted and stored).
+        One consumer; buffered up to INBOX_MESSAGES, then delivery waits."""
+        return self._inbox
+
+    async def history(self, peer_user_id: int | None = None) -> list[HistoryEntry]:
+        """The conversation with one user (or everything), oldest first."""
+        return await self._store.history(peer_user_id)
+
+    async def wait_state(self, message_id: str, state: str) -> None:
+        """Wait until a message in the history reaches ``state`` (for example
+        ``delivered`` once a recipient device acknowledged it)."""
+        while True:
+            changed = self._changed
+            if any(e.message_id == message_id and e.state == state for e in await self.history()):
+                return
+            await changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _serve_inbound(self) -> None:
+        """Handle deliver and key_count frames, one at a time, until cancelled."""
+        async for frame in self._conn.unsolicited:
+            try:
+                if frame.get("type") == "deliver":
+                    await self._deliver(frame["envelopes"])
+                elif frame.get("type") == "key_count":
+                    await self._top_up(frame)
+            except (ClientError, trio.TooSlowError) as exc:
+                # The server re-delivers what we did not acknowledge.
+                log.warning("client.inbound_failed", extra={"error": str(exc)})
+
+    async def _deliver(self, envelopes: list[dict[str, Any]]) -> None:
+        received = []
+        for env in envelopes:
+            if env["kind"] == "message":
+                message = await self._receive(env)
+                if message is not None:
+                    received.append(message)
+            elif env["kind"] in ("delivered", "expired"):
+                ours = {
+                    d.device_id for d in await self._store.devices() if d.user_id == self.user_id
+                }
+                counts = env.get("device_id") not in ours
+                await self._store.add_receipt(
+                    env["message_id"], env.get("device_id") or "", env["kind"], counts
+                )
+        if envelopes:
+            await self._conn.send_frame("ack", up_to=envelopes[-1]["envelope_id"])
+        self._notify()
+        for message in received:
+            await self._inbox_send.send(message)
+
+    async def _sender_device(self, user_id: int, device_id: str) -> DeviceRecord | None:
+        for refresh in (False, True):
+            if refresh:
+                await self.directory()
+            for d in await self._store.devices():
+                if (d.user_id, d.device_id) == (user_id, device_id):
+                    return d
+        return None
+
+    async def _receive(self, env: dict[str, Any]) -> ReceivedMessage | None:
+        """Decrypt and store one message envelope; None for a duplicate or a
+        message that cannot be decrypted (stored as ``undecryptable``)."""
+        message_id = env["message_id"]
+        if await self._store.has_message(message_id):
+            return None
+        sender_user, sender_device = env["sender_user_id"], env["sender_device_id"]
+        device = await self._sender_device(sender_user, sender_device)
+        async with self._olm_lock:
+            try:
+                if device is None:
+                    raise DecryptionError(f"unknown sender device {sender_device}")
+                plaintext = self._olm.decrypt(device.curve25519, env["ciphertext"])
+                payload = decode_payload(plaintext, message_id)
+            except DecryptionError as exc:
+                log.warning("client.undecryptable", extra={"error": str(exc)})
+                entry = HistoryEntry(
+                    message_id,
+                    sender_user,
+                    "in",
+                    sender_user,
+                    sender_device,
+                    None,
+                    env["sent_at"],
+                    "undecryptable",
+                )
+                await self._store.add_message(entry, None, self._olm.take_dirty())
+                return None
+            outgoing = sender_user == self.user_id
+            peer = payload.to_user_id if outgoing else sender_user
+            entry = HistoryEntry(
+                message_id,
+                peer,
+                "out" if outgoing else "in",
+                sender_user,
+                sender_device,
+                payload.text,
+                env["sent_at"],
+                "sent" if outgoing else "received",
+            )
+            new = await self._store.add_message(
+                entry, self._olm.account_pickle(), self._olm.take_dirty()
+            )
+        if not new:
+            return None
+        return ReceivedMessage(
+            message_id, sender_user, sender_device, peer, payload.text, env["sent_at"], outgoing
+        )
+
+    # -- keys -----------------------------------------------------------------
+
+    async def _top_up(self, count: dict[str, Any]) -> None:
+        """Answer a key_count: publish identity keys once, one-time keys up to
+        ONE_TIME_KEY_TARGET, and a fallback key when the server has none."""
+        async with self._keys_lock:
+            meta = await self._store.meta()
+            upload: dict[str, Any] = {}
+            if meta.get("published") != self.device_id:
+                upload["device_keys"] = self._olm.device_keys(self.user_id, self.device_id)
+            have = int(count["one_time_key_count"])
+            async with self._olm_lock:
+                if have < ONE_TIME_KEY_LOW or count.get("upload_wanted"):
+                    wanted = max(0, ONE_TIME_KEY_TARGET - have)
+                    if wanted:
+                        upload["one_time_keys"] = self._olm.new_one_time_keys(
+                            self.device_id, wanted
+                        )
+                if not count.get("fallback_key"):
+                    upload["fallback_key"] = self._olm.new_fallback_key(self.device_id)
+                if upload:
+                    # Private keys are stored before their public halves leave.
+                    await self._store.save_olm(self._olm.account_pickle(), [])
+            if upload:
+                await self._conn.request("keys_upload", **upload)
+                if "device_keys" in upload:
+                    await self._store.set_meta(published=self.device_id)
+            self._keys_ready.set()
+
+
+@asynccontextmanager
+async def open_client(
+    url: str,
+    username: str,
+    password: str,
+    *,
+    device_name: str,
+    store_path: Path | str,
+    store_key: bytes,
+    totp: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    backoff_base: float = 1.0,
+) -> AsyncIterator[Client]:
+    """Open the store, connect, log in and publish keys; yield a :class:`Client`.
+
+    Logs in as the device saved in the store, or as a new device the first
+    time. Raises ClientStoreError (wrong key), LoginError (refused),
+    ConnectionLostError (cannot connect). On exit it says ``bye``, cancels its
+    background tasks and closes the store.
+    """
+    store = await LocalStore.open(Path(store_path), store_key)
+    try:
+        meta = await store.meta()
+        key = pickle_key(store_key)
+        olm = OlmMachine.restore(meta.get("account"), await store.olm_sessions(), key)
+        if "account" not in meta:
+            await store.save_olm(olm.account_pickle(), [])
+        credentials = Credentials(username, password, device_name, totp, meta.get("device_id"))
+
+        async def on_session(reply: dict[str, Any]) -> None:
+            if reply.get("device_id") and reply["device_id"] != meta.get("device_id"):
+                meta["device_id"] = reply["device_id"]
+                await store.set_meta(device_id=reply["device_id"], user_id=str(reply["user"]["id"]))
+
+        conn = Connection(
+            url,
+            credentials,
+            ssl_context=ssl_context,
+            backoff_base=backoff_base,
+            on_session=on_session,
+        )
+        client = Client(store, olm, conn)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(conn.serve)
+            nursery.start_soon(client._serve_inbound)
+            with trio.fail_after(KEYS_READY_TIMEOUT):
+                await client._keys_ready.wait()
+            try:
+                yield client
+            finally:
+                with trio.move_on_after(2) as cleanup:
+                    cleanup.shield = True
+                    await conn.aclose()
+                nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await store.aclose()
