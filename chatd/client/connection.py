@@ -3,10 +3,10 @@
 :class:`Connection` owns the WebSocket. ``serve`` connects, reads ``hello``,
 authenticates (``login`` the first time; ``resume``, then ``refresh``, then
 ``login`` again after a drop), and then runs three tasks per WebSocket: the
-reader (which never stops reading, docs/PROTOCOL.md section 10), a keepalive
+reader (which never stops reading, docs/PROTOCOL.md section 11), a keepalive
 ``ping`` every third of the idle timeout, and a token refresher that sends
 ``refresh`` at 80 % of the access token's lifetime. When the WebSocket drops
-it reconnects with exponential backoff and full jitter (section 13).
+it reconnects with exponential backoff and full jitter (section 14).
 
 Replies are matched to requests by ``id``. Frames that are not replies
 (``deliver``, pushed ``key_count``, anything else) go to ``unsolicited``, a
