@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
@@ -100,6 +101,48 @@ def vm_rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """utime + stime of a process (or of one of its threads) in seconds, from /proc."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    with open(path) as fh:
+        after_comm = fh.read().rpartition(")")[2].split()
+    # fields 14 and 15 of proc(5); after_comm[0] is field 3 (state)
+    return (int(after_comm[11]) + int(after_comm[12])) / CLK_TCK
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores have spent not idle since boot, from /proc/stat."""
+    with open("/proc/stat") as fh:
+        ticks = [int(v) for v in fh.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal (guest time is inside user)
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / CLK_TCK
+
+
+def create_users(data_dir: Path, usernames: list[str], password: str, *, workers: int = 4) -> float:
+    """POST /v1/users for each name over the admin unix socket, ``workers`` at a
+    time (the daemon hashes each password); returns the seconds taken."""
+    import httpx  # only the scripts that make accounts need it
+
+    token = (data_dir / "admin-token").read_text().strip()
+    transport = httpx.HTTPTransport(uds=str(data_dir / "admin.sock"))
+    headers = {"Authorization": f"Bearer {token}"}
+    started = time.monotonic()
+    with httpx.Client(transport=transport, base_url="http://chatd", timeout=60.0) as client:
+
+        def create(name: str) -> None:
+            body = {"username": name, "password": password, "role": "user"}
+            response = client.post("/v1/users", json=body, headers=headers)
+            if response.status_code != 200:
+                raise SystemExit(f"creating {name}: HTTP {response.status_code} {response.text}")
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            list(pool.map(create, usernames))
+    return time.monotonic() - started
+
+
 class Daemon:
     """One ``chatd serve`` child with its own notify socket and log file.
 
@@ -109,8 +152,21 @@ class Daemon:
     (this interpreter), which samples the event loop's lag into that file.
     """
 
-    def __init__(self, config: Path, work_dir: Path, *, lag_log: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        work_dir: Path,
+        *,
+        lag_log: Path | None = None,
+        env: dict[str, str] | None = None,
+        command: list[str] | None = None,
+    ) -> None:
         self.config = config
+        #: Runs instead of the ``chatd`` script (with ``serve --config ...`` appended),
+        #: e.g. a wrapper that calls ``chatd.cli.run`` with instrumentation.
+        self.command = command
+        #: Extra environment variables for the child (e.g. glibc malloc tunables).
+        self.extra_env = dict(env or {})
         self.work_dir = work_dir
         #: With a path, the daemon runs under bench/_lagmon.py, which adds an
         #: event-loop lag monitor and writes its samples there (chatd unchanged).
@@ -129,7 +185,7 @@ class Daemon:
         self._notify_path.unlink(missing_ok=True)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self._sock.bind(str(self._notify_path))
-        env = dict(os.environ, NOTIFY_SOCKET=str(self._notify_path))
+        env = {**os.environ, **self.extra_env, "NOTIFY_SOCKET": str(self._notify_path)}
         env.pop("WATCHDOG_USEC", None)
         env.pop("WATCHDOG_PID", None)
         self._log = self.log_path.open("ab")
@@ -138,6 +194,8 @@ class Daemon:
         if self.lag_log is not None:
             monitor = Path(__file__).with_name("_lagmon.py")
             command = [sys.executable, str(monitor), str(self.lag_log)]
+        if self.command is not None:
+            command = list(self.command)
         self.proc = subprocess.Popen(
             [*command, "serve", "--config", str(self.config)],
             env=env,

@@ -1,0 +1,1118 @@
+"""Message relay throughput and latency on chatd's durable path, against a bare relay.
+
+Starts the real daemon (``chatd init`` into a temp dir, then ``chatd serve``
+with NOTIFY_SOCKET, as systemd would) with ``relay.port = 0``,
+``auth.require_mfa = "none"``, the login rate limits raised out of the way
+(``login_rate_per_ip`` and ``login_rate_per_account`` 100000/min,
+``rate_burst`` 10000) and a 10-minute ``relay.idle_timeout_seconds`` (so
+clients waiting for the others' setup are not closed). Accounts are made
+through the admin API (``POST /v1/users`` over the admin unix socket); the
+data dir is in the system temp dir, which must not be tmpfs for the durable
+figures to mean anything (the filesystem type is printed).
+
+**Relay.** For each pair count (default 5 and 100 pairs, i.e. 10 and 200
+clients) a fresh daemon gets two accounts per pair. Each client connects,
+logs in (one new device per account), and publishes signed device keys, five
+one-time keys and a fallback key made with vodozemac. Then every client sends
+to its partner's one device: ``send`` frames with a 64-character opaque
+ciphertext (random base64; nothing is encrypted), keeping a window of 16
+messages that have no ``sent`` reply yet. A receiver answers every
+``deliver`` frame with ``ack up_to`` its last envelope id (no ``id``, so no
+reply), which also covers the ``delivered`` receipts the server queues for the
+senders. After --warmup seconds (default 2) the --duration window (default
+10 s) is measured, then senders stop and the script waits (at most 30 s) for
+every accepted message to be delivered; a message that never arrives is
+reported as lost.
+
+Figures per run: messages/s counted when the sender gets ``sent`` (durably
+queued) and, separately, end to end when the partner gets it in a
+``deliver``; p50/p99/max latency from writing the ``send`` frame to reading
+the ``deliver`` (and to reading ``sent``); receipts/s; CPU of the server,
+the clients (this process), other processes and the whole machine over the
+window (a warning when other processes competed: on 2 cores, rerun then).
+By default the daemon runs under this script's ``--writer-stats-child`` mode,
+which calls ``chatd.cli.run`` exactly as the ``chatd`` script does but times
+the store's writer thread (each write job, each batch with its COMMIT), so
+the run also prints how busy that thread was, commits/s, jobs per commit and
+the mean time of each kind of job (``--no-writer-stats`` runs plain chatd).
+
+**Baseline.** The same client code, window and frames against a bare
+trio-websocket relay written below (``--bare-server``, run as its own
+process like the daemon): no auth (``login`` just names the connection), no
+keys, no persistence, no receipts. It answers a ``send`` by queuing a
+``deliver`` for the partner connection and a ``sent`` for the sender, each
+connection with its own sender task and a bounded queue, like chatd. The
+script prints the ratios chatd/bare.
+
+**Idle authenticated connections.** A fresh daemon with ``relay``'s idle
+and handshake timeouts at one hour, ``devices.max_devices_per_user`` 1000
+and RLIMIT_NOFILE raised (the daemon inherits it). --idle-users accounts
+(default 10) are made; 20 warm-up connections log in (8 at a time) and close;
+then --idle-connections (default 1000) connections log in, 8 at a time,
+round robin over the accounts, each a new device, and sit idle reading
+whatever is pushed (key_count, presence). VmRSS of the daemon is read after
+the warm-up and once all are logged in (after a settle pause), as in
+idle_connections.py, and (growth / N) is printed.
+
+This is done twice, in two fresh daemons: with the default allocator, and
+with ``MALLOC_MMAP_THRESHOLD_=1048576`` in the daemon's environment. Each
+login runs Argon2id with a 19 MiB buffer in a worker thread. glibc's dynamic
+mmap threshold rises to that size after the first free, so later buffers come
+from the threads' malloc arenas and, once freed, are mostly kept: the
+daemon's RSS grew by about 100 KiB per login (not per connection) over the
+first 1000-2000 logins on the development machine, which swamps the
+per-connection cost. A fixed threshold makes every buffer an mmap that is
+returned on free, so the second figure is the connection itself (socket
+buffers, trio-websocket, protocol state, session grant, the delivery pump).
+
+Each loop is bounded in count and time; everything is on loopback. Finally
+each daemon gets SIGTERM and must exit 0; error lines in its log are shown.
+
+    .venv/bin/python bench/relay.py [--duration 10] [--pairs 5 100] [--quick]
+        [--no-idle | --no-relay] [--no-writer-stats]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import math
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+import trio
+import vodozemac
+from _daemon import (
+    Daemon,
+    cpu_seconds,
+    create_users,
+    init_data_dir,
+    machine_busy_seconds,
+    raise_nofile,
+    set_settings,
+    vm_rss_kib,
+)
+from trio_websocket import (
+    ConnectionClosed,
+    WebSocketConnection,
+    WebSocketRequest,
+    open_websocket_url,
+    serve_websocket,
+)
+
+PASSWORD: Final = "plum orbit kettle sunrise"  # noqa: S105 - bench accounts
+WINDOW: Final = 16  # messages per client without a `sent` reply yet
+BODY_CHARS: Final = 64  # characters of each opaque ciphertext
+SETUP_CONCURRENCY: Final = 8  # clients connecting and logging in at once
+CONNECT_TIMEOUT: Final = 60.0  # seconds for one client's connect + login + keys
+SETUP_ALL_TIMEOUT: Final = 300.0  # seconds for every client to be set up
+DRAIN_TIMEOUT: Final = 30.0  # seconds after the window for accepted messages to arrive
+CLOSE_TIMEOUT: Final = 5.0  # seconds for a closing handshake
+SETTLE_SECONDS: Final = 1.0  # pause before reading RSS
+IDLE_WARMUP: Final = 20  # warm-up logins before the RSS baseline
+BARE_QUEUE: Final = 256  # frames queued per bare-relay connection (chatd's default)
+BARE_LIFETIME: Final = 3_600.0  # the bare relay exits by itself after this long
+OUTSIDE_LOAD_WARNING: Final = 0.2  # cores used by other processes that taint a run
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
+
+
+# -- small helpers ----------------------------------------------------------------------------
+
+
+def _pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.3f}x" if b > 0 else "n/a"
+
+
+def _fs_type(path: Path) -> str:
+    """The filesystem type holding ``path`` (longest mount point in /proc/mounts)."""
+    best, kind = "", "?"
+    target = str(path.resolve())
+    with open("/proc/mounts") as fh:
+        for line in fh:
+            parts = line.split()
+            mount = parts[1]
+            inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+            if inside and len(mount) > len(best):
+                best, kind = mount, parts[2]
+    return kind
+
+
+def _canonical(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _sign(account: vodozemac.Account, obj: dict[str, Any]) -> str:
+    return str(account.sign(_canonical(obj)).to_base64())
+
+
+def keys_upload(user_id: int, device_id: str) -> dict[str, Any]:
+    """A ``keys_upload`` frame for a new vodozemac account: identity, 5 one-time, fallback."""
+    account = vodozemac.Account()
+    ed = account.ed25519_key.to_base64()
+    curve = account.curve25519_key.to_base64()
+    identity = {"curve25519": curve, "device_id": device_id, "ed25519": ed, "user_id": user_id}
+    account.generate_one_time_keys(5)
+    one_time = []
+    for key_id, key in account.one_time_keys.items():
+        obj = {"curve25519": key.to_base64(), "device_id": device_id, "key_id": key_id}
+        one_time.append(
+            {"key_id": key_id, "curve25519": key.to_base64(), "signature": _sign(account, obj)}
+        )
+    account.mark_keys_as_published()
+    account.generate_fallback_key()
+    [(fb_id, fb_key)] = account.fallback_key.items()
+    fb = {
+        "curve25519": fb_key.to_base64(),
+        "device_id": device_id,
+        "fallback": True,
+        "key_id": fb_id,
+    }
+    return {
+        "type": "keys_upload",
+        "id": "keys",
+        "device_keys": {"ed25519": ed, "curve25519": curve, "signature": _sign(account, identity)},
+        "one_time_keys": one_time,
+        "fallback_key": {
+            "key_id": fb_id,
+            "curve25519": fb_key.to_base64(),
+            "signature": _sign(account, fb),
+        },
+    }
+
+
+async def reply_to(ws: WebSocketConnection, request_id: str) -> dict[str, Any]:
+    """Read frames until the one answering ``request_id`` (pushes in between are skipped)."""
+    for _ in range(100_000):
+        frame: dict[str, Any] = _decode(await ws.get_message())
+        if frame.get("id") == request_id:
+            return frame
+    raise RuntimeError(f"no reply to {request_id} in 100000 frames")
+
+
+async def login(ws: WebSocketConnection, username: str, device_name: str) -> dict[str, Any]:
+    """hello, then login; the session frame."""
+    hello = _decode(await ws.get_message())
+    if hello.get("type") != "hello":
+        raise RuntimeError(f"first frame is not hello: {hello!r}")
+    frame = {
+        "type": "login",
+        "id": "login",
+        "username": username,
+        "password": PASSWORD,
+        "device_name": device_name,
+    }
+    await ws.send_message(_encode(frame).decode())
+    session = await reply_to(ws, "login")
+    if session.get("type") != "session":
+        raise RuntimeError(f"login as {username} refused: {session!r}")
+    return session
+
+
+# -- the relay clients (same code for chatd and the bare relay) -------------------------------
+
+
+@dataclass(eq=False)
+class Endpoint:
+    index: int
+    ws: WebSocketConnection
+    user_id: int
+    device_id: str
+    window: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(WINDOW))
+    partner: Endpoint | None = None
+    outstanding: int = 0  # sends without a reply
+
+
+@dataclass
+class Run:
+    """One relay run: N clients in pairs, all in this process."""
+
+    kind: str  # "chatd" or "bare"
+    url: str
+    clients: int
+    endpoints: dict[int, Endpoint] = field(default_factory=dict)
+    slots: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(SETUP_CONCURRENCY))
+    ready: int = 0
+    all_ready: trio.Event = field(default_factory=trio.Event)
+    start: trio.Event = field(default_factory=trio.Event)
+    finished: trio.Event = field(default_factory=trio.Event)
+    stop_at: float = math.inf  # trio time at which senders stop
+    send_at: dict[str, float] = field(default_factory=dict)  # message id -> send written
+    sent_at: dict[str, float] = field(default_factory=dict)  # -> `sent` read
+    deliver_at: dict[str, float] = field(default_factory=dict)  # -> `deliver` read
+    receipts: list[float] = field(default_factory=list)
+    duplicates: int = 0
+    unknown: int = 0
+    refused: list[str] = field(default_factory=list)  # error / device_mismatch replies
+    failures: list[str] = field(default_factory=list)  # setup failures, disconnects
+    other_frames: dict[str, int] = field(default_factory=dict)
+    setup_seconds: float = 0.0
+
+    def body(self) -> str:
+        return base64.b64encode(os.urandom(BODY_CHARS * 3 // 4)).decode()
+
+
+async def setup_client(run: Run, ws: WebSocketConnection, index: int) -> Endpoint:
+    name = f"u{index:04d}"
+    session = await login(ws, name, f"bench {index}")
+    user_id = int(session["user"]["id"])
+    device_id = str(session["device_id"])
+    if run.kind == "chatd":
+        await ws.send_message(_encode(keys_upload(user_id, device_id)).decode())
+        count = await reply_to(ws, "keys")
+        if count.get("type") != "key_count":
+            raise RuntimeError(f"keys_upload refused: {count!r}")
+    return Endpoint(index, ws, user_id, device_id)
+
+
+async def sender(run: Run, ep: Endpoint) -> None:
+    partner = ep.partner
+    assert partner is not None
+    for _ in range(10_000_000):
+        acquired = False
+        with trio.move_on_at(run.stop_at):
+            await ep.window.acquire()
+            acquired = True
+        if trio.current_time() >= run.stop_at:
+            if acquired:
+                ep.window.release()
+            return
+        message_id = str(uuid.uuid4())
+        frame = {
+            "type": "send",
+            "id": message_id,
+            "message_id": message_id,
+            "envelopes": [
+                {
+                    "user_id": partner.user_id,
+                    "device_id": partner.device_id,
+                    "ciphertext": run.body(),
+                }
+            ],
+        }
+        data = _encode(frame).decode()
+        ep.outstanding += 1
+        run.send_at[message_id] = trio.current_time()
+        await ep.ws.send_message(data)
+
+
+async def reader(run: Run, ep: Endpoint) -> None:
+    for _ in range(100_000_000):
+        try:
+            raw = await ep.ws.get_message()
+        except ConnectionClosed as exc:
+            if not run.finished.is_set():
+                reason = exc.reason
+                run.failures.append(
+                    f"client {ep.index} disconnected at {trio.current_time():.3f}: "
+                    f"{getattr(reason, 'code', None)} {getattr(reason, 'reason', None)}"
+                )
+            return
+        now = trio.current_time()
+        frame = _decode(raw)
+        kind = frame.get("type")
+        if kind == "sent":
+            run.sent_at[frame["message_id"]] = now
+            ep.outstanding -= 1
+            ep.window.release()
+        elif kind == "deliver":
+            envelopes = frame["envelopes"]
+            for env in envelopes:
+                if env["kind"] == "message":
+                    message_id = env["message_id"]
+                    if message_id in run.deliver_at:
+                        run.duplicates += 1
+                    elif message_id not in run.send_at:
+                        run.unknown += 1
+                    else:
+                        run.deliver_at[message_id] = now
+                elif env["kind"] == "delivered":
+                    run.receipts.append(now)
+                else:
+                    run.other_frames[f"envelope {env['kind']}"] = (
+                        run.other_frames.get(f"envelope {env['kind']}", 0) + 1
+                    )
+            ack = {"type": "ack", "up_to": envelopes[-1]["envelope_id"]}
+            try:
+                await ep.ws.send_message(_encode(ack).decode())
+            except ConnectionClosed:
+                continue  # the next get_message reports it
+        elif kind in ("error", "device_mismatch"):
+            text = raw if isinstance(raw, str) else raw.decode(errors="replace")
+            run.refused.append(f"client {ep.index}: {text[:300]}")
+            if str(frame.get("id", "")) in run.send_at:
+                ep.outstanding -= 1
+                ep.window.release()
+        else:
+            run.other_frames[str(kind)] = run.other_frames.get(str(kind), 0) + 1
+
+
+async def client_task(run: Run, index: int) -> None:
+    released = False
+    await run.slots.acquire()
+    try:
+        async with open_websocket_url(
+            run.url, connect_timeout=CONNECT_TIMEOUT, disconnect_timeout=CLOSE_TIMEOUT
+        ) as ws:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                ep = await setup_client(run, ws, index)
+            run.slots.release()
+            released = True
+            run.endpoints[index] = ep
+            run.ready += 1
+            if run.ready == run.clients:
+                run.all_ready.set()
+            await run.start.wait()
+            if ep.partner is None:
+                return  # the run was called off
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reader, run, ep)
+                await sender(run, ep)
+                await run.finished.wait()
+                nursery.cancel_scope.cancel()
+    except Exception as exc:
+        run.failures.append(f"client {index}: {type(exc).__name__}: {exc}")
+        run.all_ready.set()
+    finally:
+        if not released:
+            run.slots.release()
+
+
+@dataclass
+class Window:
+    start: float = 0.0
+    end: float = 0.0
+    server_cpu: float = 0.0
+    server_loop_cpu: float = 0.0
+    client_cpu: float = 0.0
+    machine: float = 0.0
+    others: float = 0.0  # user-space processes other than the server and this one
+    busiest_other: str = ""  # the one of them that used the most CPU
+    mono_start: float = 0.0  # the window in time.monotonic(), comparable across processes
+    mono_end: float = 0.0
+
+
+def _other_processes_cpu(exclude: set[int]) -> dict[int, float]:
+    """CPU seconds of every user-space process (one with a command line) not excluded."""
+    found: dict[int, float] = {}
+    for entry in os.listdir("/proc")[:100_000]:
+        if not entry.isdigit() or int(entry) in exclude:
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                if not fh.read(1):
+                    continue  # a kernel thread (journal, softirq, workers serve us too)
+            found[int(entry)] = cpu_seconds(int(entry))
+        except OSError:
+            continue  # gone meanwhile
+    return found
+
+
+def _describe(pid: int, used: dict[int, float]) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            command = fh.read(200).replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        command = "?"
+    return f"pid {pid} ({command}) {used[pid]:.2f} s"
+
+
+def _snapshot(server_pid: int) -> tuple[float, float, float, float, float, dict[int, float]]:
+    return (
+        trio.current_time(),
+        cpu_seconds(server_pid),
+        cpu_seconds(server_pid, server_pid),
+        time.process_time(),
+        machine_busy_seconds(),
+        _other_processes_cpu({server_pid, os.getpid()}),
+    )
+
+
+async def drive(run: Run, server_pid: int, warmup: float, duration: float) -> Window:
+    """Set up every client, run the window, drain; CPU figures of the window."""
+    window = Window()
+    async with trio.open_nursery() as nursery:
+        started = time.monotonic()
+        for i in range(run.clients):
+            nursery.start_soon(client_task, run, i)
+        with trio.move_on_after(SETUP_ALL_TIMEOUT):
+            await run.all_ready.wait()
+        run.setup_seconds = time.monotonic() - started
+        if run.failures or run.ready < run.clients:
+            run.finished.set()
+            run.start.set()
+            nursery.cancel_scope.cancel()
+            return window
+        for i, ep in run.endpoints.items():
+            ep.partner = run.endpoints[i ^ 1]
+        begin = trio.current_time()
+        run.stop_at = begin + warmup + duration
+        run.start.set()
+        await trio.sleep_until(begin + warmup)
+        a = _snapshot(server_pid)
+        mono_start = time.monotonic()
+        await trio.sleep_until(run.stop_at)
+        b = _snapshot(server_pid)
+        mono_end = time.monotonic()
+        used = {pid: cpu - a[5].get(pid, 0.0) for pid, cpu in b[5].items()}  # new: all of it
+        window = Window(
+            start=a[0],
+            end=b[0],
+            server_cpu=b[1] - a[1],
+            server_loop_cpu=b[2] - a[2],
+            client_cpu=b[3] - a[3],
+            machine=b[4] - a[4],
+            others=sum(used.values()),
+            busiest_other=_describe(max(used, key=used.__getitem__), used) if used else "",
+            mono_start=mono_start,
+            mono_end=mono_end,
+        )
+        # Drain: every send answered, every accepted message delivered.
+        with trio.move_on_after(DRAIN_TIMEOUT):
+            while True:
+                waiting = sum(ep.outstanding for ep in run.endpoints.values())
+                if not waiting and len(run.deliver_at) >= len(run.sent_at):
+                    break
+                await trio.sleep(0.05)
+        run.finished.set()
+    return window
+
+
+def check_setup(run: Run) -> None:
+    if run.failures or run.ready < run.clients:
+        raise SystemExit(
+            f"{run.kind}: only {run.ready} of {run.clients} clients set up: "
+            + "; ".join(run.failures[:5])
+        )
+
+
+# -- the bare relay (child process) -----------------------------------------------------------
+
+
+class BarePeer:
+    def __init__(self) -> None:
+        self.send_in, self.send_out = trio.open_memory_channel[str](BARE_QUEUE)
+        self.next_envelope = 0
+        self.overflows = 0
+
+    def queue(self, frame: dict[str, Any]) -> None:
+        try:
+            self.send_in.send_nowait(_encode(frame).decode())
+        except trio.WouldBlock:
+            self.overflows += 1
+        except trio.ClosedResourceError:
+            pass
+
+
+async def bare_server() -> None:
+    """No auth, no keys, no store: forward each ``send`` to the partner connection."""
+    peers: dict[str, BarePeer] = {}
+    user_ids: dict[str, int] = {}
+
+    async def handler(request: WebSocketRequest) -> None:
+        ws = await request.accept()
+        me = BarePeer()
+        name = ""
+
+        async def send_loop() -> None:
+            async for data in me.send_out:
+                try:
+                    await ws.send_message(data)
+                except ConnectionClosed:
+                    return
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_loop)
+            me.queue({"type": "hello", "protocol": 1, "server": "bare"})
+            try:
+                for _ in range(100_000_000):
+                    frame = _decode(await ws.get_message())
+                    kind = frame.get("type")
+                    if kind == "send":
+                        sent_at = time.time_ns() // 1_000_000
+                        for env in frame["envelopes"]:
+                            target = peers.get(env["device_id"])
+                            if target is None:
+                                continue
+                            target.next_envelope += 1
+                            envelope = {
+                                "envelope_id": target.next_envelope,
+                                "kind": "message",
+                                "message_id": frame["message_id"],
+                                "sent_at": sent_at,
+                                "sender_user_id": user_ids[name],
+                                "sender_device_id": name,
+                                "ciphertext": env["ciphertext"],
+                            }
+                            target.queue({"type": "deliver", "envelopes": [envelope]})
+                        me.queue(
+                            {
+                                "type": "sent",
+                                "id": frame["id"],
+                                "message_id": frame["message_id"],
+                                "envelopes": len(frame["envelopes"]),
+                            }
+                        )
+                    elif kind == "ack":
+                        pass
+                    elif kind == "login":
+                        name = str(frame["username"])
+                        user_ids.setdefault(name, len(user_ids) + 1)
+                        peers[name] = me
+                        me.queue(
+                            {
+                                "type": "session",
+                                "id": frame["id"],
+                                "user": {"id": user_ids[name], "username": name},
+                                "device_id": name,
+                            }
+                        )
+                    elif kind == "ping":
+                        me.queue({"type": "pong", "id": frame.get("id")})
+            except ConnectionClosed:
+                pass
+            finally:
+                if peers.get(name) is me:
+                    del peers[name]
+                if me.overflows:
+                    print(f"bare relay: {me.overflows} frames dropped for {name}", file=sys.stderr)
+                nursery.cancel_scope.cancel()
+
+    with trio.move_on_after(BARE_LIFETIME):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
+            print(f"PORT {server.port}", flush=True)
+
+
+class BareProcess:
+    """The bare relay as a child process of this script."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--bare-server"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = ""
+        readable, _, _ = select.select([self.proc.stdout], [], [], 30.0)
+        if readable:
+            line = self.proc.stdout.readline()  # the child prints one whole line, flushed
+        if not line.startswith("PORT "):
+            self.stop()
+            raise SystemExit(f"the bare relay did not start: {line!r}")
+        self.port = int(line.split()[1])
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+# -- the daemon, optionally with store-writer timings -------------------------------------------
+
+
+def writer_stats_child(out: str, argv: list[str]) -> int:
+    """``relay.py --writer-stats-child OUT serve --config ...``: run ``chatd.cli.run`` as
+    the ``chatd`` script would, timing the store's writer thread (chatd unchanged).
+
+    Every write job's function is timed (by its qualified name), and every batch
+    (BEGIN, the jobs in savepoints, COMMIT with its fsync). At exit the samples go
+    to OUT as JSON, with time.monotonic() end times for windowing.
+    """
+    import atexit
+
+    from chatd import cli
+    from chatd.store.store import Store
+
+    jobs: list[tuple[float, str, float]] = []  # appended by the writer thread only
+    batches: list[tuple[float, int, float]] = []
+    write, run_batch = Store.write, Store._run_batch
+
+    async def timed_write(self: Store, fn: Any) -> Any:
+        name = str(getattr(fn, "__qualname__", "?")).replace(".<locals>", "")
+
+        def timed(conn: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return fn(conn)
+            finally:
+                jobs.append((time.monotonic(), name, time.perf_counter() - started))
+
+        return await write(self, timed)
+
+    def timed_batch(self: Store, conn: Any, batch: list[Any]) -> None:
+        started = time.perf_counter()
+        run_batch(self, conn, batch)
+        batches.append((time.monotonic(), len(batch), time.perf_counter() - started))
+
+    def dump() -> None:
+        with open(out, "w") as fh:
+            json.dump({"jobs": jobs, "batches": batches}, fh)
+
+    Store.write = timed_write  # type: ignore[method-assign]
+    Store._run_batch = timed_batch  # type: ignore[method-assign]
+    atexit.register(dump)
+    return int(cli.run(argv) or 0)
+
+
+def writer_summary(path: Path, window: Window) -> list[str]:
+    """What the store's writer thread did inside the window, from the child's samples."""
+    try:
+        samples = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return [f"store writer: no timings ({exc})"]
+    span = window.mono_end - window.mono_start
+    inside = [b for b in samples["batches"] if window.mono_start <= b[0] < window.mono_end]
+    if not inside or span <= 0:
+        return ["store writer: no batches in the window"]
+    busy = sum(b[2] for b in inside)
+    jobs = sum(b[1] for b in inside)
+    per: dict[str, list[float]] = {}
+    for end, name, seconds in samples["jobs"]:
+        if window.mono_start <= end < window.mono_end:
+            per.setdefault(name, []).append(seconds)
+    job_time = sum(sum(v) for v in per.values())
+    lines = [
+        f"store writer thread busy {busy / span * 100:.0f}% of the window: "
+        f"{len(inside) / span:,.0f} commits/s, {jobs / span:,.0f} write jobs/s, "
+        f"{jobs / len(inside):.1f} jobs per commit"
+    ]
+    for name, times in sorted(per.items(), key=lambda kv: -sum(kv[1])):
+        lines.append(
+            f"  write job {name}: {len(times) / span:,.0f}/s, mean {_ms(sum(times) / len(times))}"
+        )
+    lines.append(
+        "  BEGIN, savepoints and COMMIT (fsync): mean "
+        f"{_ms((busy - job_time) / len(inside))} per commit"
+    )
+    return lines
+
+
+# -- the daemon -------------------------------------------------------------------------------
+
+
+def configure(config: Path, *, idle: bool, clients: int) -> None:
+    set_settings(
+        config,
+        "relay",
+        {
+            "port": 0,
+            "idle_timeout_seconds": 3_600.0 if idle else 600.0,
+            "handshake_timeout_seconds": 300.0 if idle else 30.0,
+            "max_connections": max(10_000, 2 * clients),
+        },
+    )
+    set_settings(
+        config,
+        "auth",
+        {
+            "require_mfa": "none",
+            "login_rate_per_ip": 100_000.0,
+            "login_rate_per_account": 100_000.0,
+            "rate_burst": 10_000,
+            "backoff_base_seconds": 0.1,
+            "backoff_max_seconds": 1.0,
+        },
+    )
+    if idle:
+        set_settings(config, "devices", {"max_devices_per_user": 1_000})
+
+
+def log_findings(log: str) -> list[str]:
+    """Lines of the daemon log that look wrong: errors, warnings, tracebacks."""
+    bad = []
+    for line in log.splitlines():
+        low = line.lower()
+        if any(w in low for w in ("level=error", "level=warn", "level=critical", "traceback")):
+            bad.append(line)
+    return bad
+
+
+@dataclass
+class Result:
+    kind: str
+    pairs: int
+    run: Run
+    window: Window
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def span(self) -> float:
+        return self.window.end - self.window.start
+
+    def in_window(self, times: Any) -> int:
+        return sum(1 for t in times if self.window.start <= t < self.window.end)
+
+    @property
+    def sent_rate(self) -> float:
+        return self.in_window(self.run.sent_at.values()) / self.span
+
+    @property
+    def delivered_rate(self) -> float:
+        return self.in_window(self.run.deliver_at.values()) / self.span
+
+    def latencies(self, reply: dict[str, float]) -> list[float]:
+        w = self.window
+        return [
+            reply[m] - t for m, t in self.run.send_at.items() if w.start <= t < w.end and m in reply
+        ]
+
+
+def run_chatd(pairs: int, warmup: float, duration: float, writer_stats: bool) -> Result:
+    clients = 2 * pairs
+    with tempfile.TemporaryDirectory(prefix="chatd-bench-") as tmp:
+        work = Path(tmp)
+        data = work / "data"
+        config = init_data_dir(data)
+        configure(config, idle=False, clients=clients)
+        stats = work / "writer.json"
+        wrapper = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--writer-stats-child",
+            str(stats),
+        ]
+        daemon = Daemon(config, work, command=wrapper if writer_stats else None)
+        daemon.start()
+        try:
+            daemon.wait_ready()
+            url, _port = daemon.relay_url()
+            made = create_users(data, [f"u{i:04d}" for i in range(clients)], PASSWORD)
+            run = Run("chatd", url, clients)
+            window = trio.run(drive, run, daemon.pid, warmup, duration)
+            check_setup(run)
+            rss = vm_rss_kib(daemon.pid)
+        except BaseException:
+            daemon.kill()
+            print(f"daemon log tail:\n{daemon.log_tail()}", file=sys.stderr)
+            raise
+        code, _stop = daemon.stop()
+        log = daemon.log_path.read_text(errors="replace")
+        notes = [
+            f"data dir on {_fs_type(data)}; {clients} accounts made in {made:.1f} s; "
+            f"daemon RSS at the end {rss:,} KiB"
+        ]
+        findings = log_findings(log)
+        notes.append(f"daemon log: {len(log.splitlines())} lines, {len(findings)} warning/error")
+        notes += [f"  {line[:300]}" for line in findings[:5]]
+        if writer_stats:
+            notes += writer_summary(stats, window)
+        notes.append(f"SIGTERM to exit {code}")
+        if code != 0:
+            notes.append(f"ERROR: chatd exited with {code} after SIGTERM, expected 0")
+    return Result("chatd", pairs, run, window, notes)
+
+
+def run_bare(pairs: int, warmup: float, duration: float) -> Result:
+    bare = BareProcess()
+    try:
+        run = Run("bare", f"ws://127.0.0.1:{bare.port}/", 2 * pairs)
+        window = trio.run(drive, run, bare.pid, warmup, duration)
+        check_setup(run)
+    finally:
+        bare.stop()
+    return Result("bare", pairs, run, window)
+
+
+def report_run(res: Result) -> None:
+    run, w = res.run, res.window
+    label = f"{res.kind} {res.pairs} pairs ({run.clients} clients)"
+    span = res.span
+    print(f"{label}: setup {run.setup_seconds:.1f} s, window {span:.1f} s")
+    print(f"{label}: sent (durably queued) {res.sent_rate:,.0f} msg/s")
+    print(f"{label}: delivered end to end {res.delivered_rate:,.0f} msg/s")
+    if res.kind == "chatd":
+        print(f"{label}: delivered receipts {res.in_window(run.receipts) / span:,.0f}/s")
+    e2e = res.latencies(run.deliver_at)
+    if e2e:
+        print(
+            f"{label}: send->deliver latency p50 {_ms(_pct(e2e, 50))}, p99 {_ms(_pct(e2e, 99))}, "
+            f"max {_ms(max(e2e))} (n={len(e2e)})"
+        )
+    acked = res.latencies(run.sent_at)
+    if acked:
+        print(
+            f"{label}: send->sent latency p50 {_ms(_pct(acked, 50))}, "
+            f"p99 {_ms(_pct(acked, 99))}, max {_ms(max(acked))}"
+        )
+    lost = [m for m in run.sent_at if m not in run.deliver_at]
+    unanswered = len(run.send_at) - len(run.sent_at) - len(run.refused)
+    print(
+        f"{label}: {len(run.send_at)} sends in all, {len(run.sent_at)} sent, "
+        f"{len(run.deliver_at)} delivered, {len(lost)} sent but not delivered after "
+        f"{DRAIN_TIMEOUT:.0f} s, {unanswered} unanswered, {len(run.refused)} refused, "
+        f"{run.duplicates} duplicates, {run.unknown} unknown"
+    )
+    others = ", ".join(f"{k} {v}" for k, v in sorted(run.other_frames.items())) or "none"
+    print(f"{label}: other frames received: {others}")
+    loop = f" (event-loop thread {w.server_loop_cpu / span * 100:.0f}%)"
+    print(
+        f"{label}: CPU server {w.server_cpu / span * 100:.0f}% of a core{loop}, "
+        f"clients {w.client_cpu / span * 100:.0f}%, machine {w.machine / span:.2f} of "
+        f"{os.cpu_count()} cores"
+    )
+    kernel = max(0.0, w.machine - w.server_cpu - w.client_cpu - w.others) / span
+    print(
+        f"{label}: CPU elsewhere: other processes {w.others / span:.2f} cores, "
+        f"kernel threads, interrupts (loopback, journal) and processes that exited "
+        f"meanwhile {kernel:.2f} cores"
+    )
+    if w.others / span > OUTSIDE_LOAD_WARNING:
+        print(
+            f"{label}: WARNING: other processes competed for the CPU; rerun "
+            f"(busiest: {w.busiest_other})"
+        )
+    for line in (run.failures + run.refused)[:5]:
+        print(f"{label}: problem: {line}")
+    for note in res.notes:
+        print(f"{label}: {note}")
+
+
+def report_ratio(chatd: Result, bare: Result) -> None:
+    pairs = chatd.pairs
+    a_e2e, b_e2e = chatd.latencies(chatd.run.deliver_at), bare.latencies(bare.run.deliver_at)
+    line = (
+        f"ratio chatd/bare at {pairs} pairs: sent msg/s {_ratio(chatd.sent_rate, bare.sent_rate)}, "
+        f"delivered msg/s {_ratio(chatd.delivered_rate, bare.delivered_rate)}"
+    )
+    if a_e2e and b_e2e:
+        line += (
+            f", latency p50 {_ratio(_pct(a_e2e, 50), _pct(b_e2e, 50))}, "
+            f"p99 {_ratio(_pct(a_e2e, 99), _pct(b_e2e, 99))}"
+        )
+    print(line)
+
+
+# -- idle authenticated connections -----------------------------------------------------------
+
+
+@dataclass
+class Idle:
+    url: str
+    users: int
+    n: int
+    slots: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(SETUP_CONCURRENCY))
+    opened: int = 0
+    all_open: trio.Event = field(default_factory=trio.Event)
+    release: trio.Event = field(default_factory=trio.Event)
+    failures: list[str] = field(default_factory=list)
+    closed_early: list[str] = field(default_factory=list)
+
+    async def one(self, index: int) -> None:
+        await self.slots.acquire()
+        logging_in = True
+        try:
+            async with open_websocket_url(
+                self.url, connect_timeout=CONNECT_TIMEOUT, disconnect_timeout=CLOSE_TIMEOUT
+            ) as ws:
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    await login(ws, f"idle{index % self.users:03d}", f"idle {index}")
+                self.slots.release()
+                logging_in = False
+                self.opened += 1
+                if self.opened == self.n:
+                    self.all_open.set()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._discard, ws, index)
+                    await self.release.wait()
+                    nursery.cancel_scope.cancel()
+        except Exception as exc:
+            self.failures.append(f"connection {index}: {type(exc).__name__}: {exc}")
+            self.all_open.set()
+        finally:
+            if logging_in:
+                self.slots.release()
+
+    async def _discard(self, ws: WebSocketConnection, index: int) -> None:
+        """Read and drop pushes (key_count, presence), as a real client would."""
+        for _ in range(10_000_000):
+            try:
+                await ws.get_message()
+            except ConnectionClosed as exc:
+                if not self.release.is_set():
+                    self.closed_early.append(f"connection {index}: {exc.reason}")
+                return
+
+
+async def _open_idle(idle: Idle) -> dict[str, float]:
+    figures: dict[str, float] = {}
+    async with trio.open_nursery() as nursery:
+        started = time.monotonic()
+        for i in range(idle.n):
+            nursery.start_soon(idle.one, i)
+        with trio.move_on_after(SETUP_ALL_TIMEOUT):
+            await idle.all_open.wait()
+        figures["open_seconds"] = time.monotonic() - started
+        if not idle.failures and idle.opened == idle.n:
+            await trio.sleep(SETTLE_SECONDS)
+        idle.release.set()
+    return figures
+
+
+async def measure_idle(daemon: Daemon, url: str, users: int, n: int) -> dict[str, float]:
+    warm = Idle(url, users, IDLE_WARMUP)
+    await _open_idle(warm)
+    if warm.failures or warm.opened < IDLE_WARMUP:
+        raise SystemExit(f"idle warm-up failed: {warm.failures[:5]}")
+    await trio.sleep(SETTLE_SECONDS)
+    before = vm_rss_kib(daemon.pid)
+    idle = Idle(url, users, n)
+    figures: dict[str, float] = {"before": before}
+    async with trio.open_nursery() as nursery:
+        started = time.monotonic()
+        for i in range(n):
+            nursery.start_soon(idle.one, i)
+        with trio.move_on_after(SETUP_ALL_TIMEOUT):
+            await idle.all_open.wait()
+        ok = not idle.failures and idle.opened == n
+        if ok:
+            figures["open_seconds"] = time.monotonic() - started
+            await trio.sleep(SETTLE_SECONDS)
+            figures["after"] = vm_rss_kib(daemon.pid)
+            await trio.sleep(SETTLE_SECONDS)
+            figures["after_settled"] = vm_rss_kib(daemon.pid)
+        idle.release.set()
+    if not ok or idle.closed_early:
+        raise SystemExit(
+            f"only {idle.opened} of {n} idle connections logged in; "
+            + "; ".join((idle.failures + idle.closed_early)[:5])
+            + f"\ndaemon log:\n{daemon.log_tail()}"
+        )
+    await trio.sleep(SETTLE_SECONDS)
+    figures["closed"] = vm_rss_kib(daemon.pid)
+    return figures
+
+
+#: Run the daemon with glibc's mmap threshold fixed at 1 MiB: each Argon2 buffer
+#: (argon2_memory_kib, 19 MiB by default) is then mmapped and unmapped on free.
+#: With the default dynamic threshold, freed buffers stay in the worker threads'
+#: malloc arenas, and RSS grows with the number of logins, not connections.
+FIXED_MMAP_ENV: Final = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
+
+
+def run_idle(n: int, users: int, env: dict[str, str], allocator: str) -> None:
+    limit = raise_nofile(2 * n + 1_024)
+    if limit < n + 256:
+        raise SystemExit(f"RLIMIT_NOFILE is {limit}; need at least {n + 256}")
+    with tempfile.TemporaryDirectory(prefix="chatd-bench-") as tmp:
+        work = Path(tmp)
+        data = work / "data"
+        config = init_data_dir(data)
+        configure(config, idle=True, clients=n)
+        daemon = Daemon(config, work, env=env)
+        daemon.start()
+        try:
+            daemon.wait_ready()
+            url, _port = daemon.relay_url()
+            create_users(data, [f"idle{i:03d}" for i in range(users)], PASSWORD)
+            start_rss = vm_rss_kib(daemon.pid)
+            figures = trio.run(measure_idle, daemon, url, users, n)
+        except BaseException:
+            daemon.kill()
+            print(f"daemon log tail:\n{daemon.log_tail()}", file=sys.stderr)
+            raise
+        code, _stop = daemon.stop()
+        log = daemon.log_path.read_text(errors="replace")
+    before, after = figures["before"], figures["after"]
+    label = f"idle {n} ({allocator})"
+    print(
+        f"{label}: {n} connections logged in over {users} accounts (a new device each) "
+        f"in {figures['open_seconds']:.1f} s; RLIMIT_NOFILE {limit}"
+    )
+    print(f"{label}: daemon RSS once ready and {users} accounts made: {start_rss:,} KiB")
+    print(f"{label}: daemon RSS after {IDLE_WARMUP} warm-up logins (baseline): {before:,.0f} KiB")
+    print(f"{label}: daemon RSS with {n} logged in: {after:,.0f} KiB")
+    print(f"{label}: daemon RSS 1 s later: {figures['after_settled']:,.0f} KiB")
+    print(f"{label}: RSS per idle authenticated connection: {(after - before) / n:.1f} KiB")
+    print(f"{label}: daemon RSS after all closed: {figures['closed']:,.0f} KiB")
+    findings = log_findings(log)
+    print(f"{label}: daemon log {len(log.splitlines())} lines, {len(findings)} warning/error")
+    for line in findings[:5]:
+        print(f"{label}:   {line[:300]}")
+    print(f"{label}: SIGTERM to exit {code}")
+    if code != 0:
+        raise SystemExit(f"chatd exited with {code} after SIGTERM, expected 0")
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--writer-stats-child":
+        sys.exit(writer_stats_child(sys.argv[2], sys.argv[3:]))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per run")
+    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first")
+    parser.add_argument("--pairs", type=int, nargs="+", default=[5, 100], help="pair counts")
+    parser.add_argument("--idle-connections", type=int, default=1_000)
+    parser.add_argument("--idle-users", type=int, default=10)
+    parser.add_argument("--no-idle", action="store_true", help="skip the idle RSS figure")
+    parser.add_argument("--no-relay", action="store_true", help="only the idle RSS figure")
+    parser.add_argument(
+        "--no-writer-stats",
+        action="store_true",
+        help="run plain chatd in the relay runs (no store-writer timings)",
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run: short, small")
+    parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.bare_server:
+        trio.run(bare_server)
+        return
+    if args.quick:
+        args.duration, args.warmup, args.pairs = 2.0, 0.5, [5, 20]
+        args.idle_connections = min(args.idle_connections, 100)
+    duration = max(0.5, min(args.duration, 600.0))
+    warmup = max(0.0, min(args.warmup, 60.0))
+    pair_counts = [max(1, min(p, 500)) for p in args.pairs]
+    n_idle = max(1, min(args.idle_connections, 20_000))
+    idle_users = max(1, min(args.idle_users, 1_000))
+    raise_nofile(4 * max(pair_counts) + 2 * n_idle + 1_024)
+
+    print(
+        f"relay: window {WINDOW} unanswered sends per client, {BODY_CHARS}-char ciphertexts, "
+        f"warm-up {warmup:g} s, measured {duration:g} s per run"
+    )
+    for pairs in [] if args.no_relay else pair_counts:
+        chatd = run_chatd(pairs, warmup, duration, not args.no_writer_stats)
+        report_run(chatd)
+        bare = run_bare(pairs, warmup, duration)
+        report_run(bare)
+        report_ratio(chatd, bare)
+    if not args.no_idle:
+        run_idle(n_idle, idle_users, {}, "default malloc")
+        run_idle(n_idle, idle_users, FIXED_MMAP_ENV, "MALLOC_MMAP_THRESHOLD_=1048576")
+
+
+if __name__ == "__main__":
+    main()
