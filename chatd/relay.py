@@ -422,6 +422,7 @@ async def serve_relay(
             handlers.start_soon(
                 relay.session_frames.revalidate_forever, config.auth.session_check_seconds
             )
+            handlers.start_soon(relay.session_frames.flush_presence_forever)
         async with trio.open_nursery() as accepting:
             await accepting.start(
                 partial(

@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover - import cycle for annotations only
 log = logging.getLogger("chatd.relay")
 
 PUMP_WINDOW: Final = 1_000  # envelopes delivered but not yet acknowledged, per connection
+PRESENCE_INTERVAL: Final = 1.0  # seconds between two coalesced presence pushes
 
 
 def _session_frame(request_id: str, grant: SessionGrant) -> f.Session:
@@ -66,6 +67,9 @@ class SessionFrames:
         self.keys = keys
         self.queues = queues
         self._new_pumps: set[_Client] = set()
+        self._presence: dict[int, bool] = {}  # user id -> online, since the last flush
+        self._presence_due = trio.Event()
+        self._presence_scope = trio.CancelScope()
         self.by_session: dict[int, set[_Client]] = {}
         self._sweep = trio.CancelScope()
 
@@ -104,12 +108,33 @@ class SessionFrames:
         }
 
     def _announce(self, user_id: int, *, online: bool) -> None:
-        """Push a presence change to every authenticated connection (ephemeral)."""
-        change = f.Presence(online=[user_id] if online else [], offline=[] if online else [user_id])
-        for clients in list(self.by_session.values()):
-            for client in list(clients):
-                if client.grant is not None and client.grant.user_id != user_id:
-                    self.relay.push(client, client.proto.reply(change))
+        """Note a presence change; :meth:`flush_presence_forever` sends the changes
+        of each interval as one frame per connection, so a reconnect storm of n
+        users costs n frames per connection per interval, not n per change."""
+        self._presence[user_id] = online
+        self._presence_due.set()
+
+    async def flush_presence_forever(self, interval: float = PRESENCE_INTERVAL) -> None:
+        """Send coalesced presence changes, at most once per ``interval`` seconds."""
+        with self._presence_scope:
+            while True:
+                await self._presence_due.wait()
+                self._presence_due = trio.Event()
+                changes, self._presence = self._presence, {}
+                online = sorted(u for u, up in changes.items() if up)
+                offline = sorted(u for u, up in changes.items() if not up)
+                for clients in list(self.by_session.values()):
+                    for client in list(clients):
+                        if client.grant is None:
+                            continue
+                        mine = client.grant.user_id
+                        frame = f.Presence(
+                            online=[u for u in online if u != mine],
+                            offline=[u for u in offline if u != mine],
+                        )
+                        if frame.online or frame.offline:
+                            self.relay.push(client, client.proto.reply(frame))
+                await trio.sleep(interval)
 
     def wake_devices(self, device_ids: Iterable[str]) -> None:
         """New envelopes for these devices: wake their connections' pumps."""
@@ -199,6 +224,7 @@ class SessionFrames:
 
     def stop(self) -> None:
         self._sweep.cancel()
+        self._presence_scope.cancel()
 
     async def revalidate(self) -> None:
         now = now_ms()
