@@ -9,6 +9,7 @@ check for exit code 0. Every wait has a timeout.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import resource
@@ -223,9 +224,7 @@ class Daemon:
                     ) from None
                 continue
             elapsed = time.perf_counter() - self._spawned_at
-            fields = dict(
-                line.split("=", 1) for line in data.decode().splitlines() if "=" in line
-            )
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
             if "STATUS" in fields:
                 self.status = fields["STATUS"]
             if "MAINPID" in fields:
@@ -283,3 +282,14 @@ class Daemon:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"

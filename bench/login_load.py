@@ -71,7 +71,7 @@ from typing import Any, Final
 
 import httpx
 import trio
-from _daemon import Daemon, init_data_dir, set_settings
+from _daemon import Daemon, init_data_dir, ms, percentile, set_settings
 from trio_websocket import WebSocketConnection, open_websocket_url, wrap_client_stream
 
 PASSWORD: Final = "plum orbit kettle sunrise"  # noqa: S105 - bench accounts
@@ -88,20 +88,10 @@ CLIENT_LAG_INTERVAL: Final = 0.010  # the probe process's own lag sampler
 LOAD_ACCOUNTS: Final = 40  # accounts the load logs in to, round robin
 OUTSIDE_LOAD_WARNING: Final = 0.2  # cores used by other processes that taint a phase
 CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
+PUSHED_FRAMES: Final = ("key_count", "presence", "deliver", "typing_notice")
 
 
 # -- small helpers ----------------------------------------------------------------------------
-
-
-def _pct(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[rank - 1]
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1000:.1f} ms"
 
 
 def _ratio(b: float, a: float) -> str:
@@ -215,6 +205,9 @@ class Probes:
             await ws.send_message(json.dumps({"type": "ping", "id": ping_id}))
             with trio.fail_after(PING_TIMEOUT):
                 reply = json.loads(await ws.get_message())
+                # Pushed frames (key_count, presence, deliver) may come between.
+                while reply.get("type") in PUSHED_FRAMES:
+                    reply = json.loads(await ws.get_message())
             rtt = time.monotonic() - sent
             if reply != {"type": "pong", "id": ping_id}:
                 raise RuntimeError(f"expected pong {ping_id}, got {reply!r}")
@@ -471,8 +464,8 @@ def read_lag(path: Path, start: float, end: float) -> dict[str, Any]:
         raise SystemExit(f"no lag samples in {path} between {start} and {end}")
     return {
         "n": len(lags),
-        "p50": _pct(lags, 50),
-        "p99": _pct(lags, 99),
+        "p50": percentile(lags, 50),
+        "p99": percentile(lags, 99),
         "max": max(lags),
         "longest_step": longest,
         "longest_step_cpu": longest_cpu,
@@ -512,23 +505,27 @@ def report(out: dict[str, Any], lag_log: Path, args: argparse.Namespace) -> None
         values = rtt[name]
         if not values:
             raise SystemExit(f"no pings in phase {name}")
-        figures[name] = {"p50": _pct(values, 50), "p99": _pct(values, 99), "max": max(values)}
+        figures[name] = {
+            "p50": percentile(values, 50),
+            "p99": percentile(values, 99),
+            "max": max(values),
+        }
         label = "phase A (pings only)" if name == "A" else "phase B (pings + logins)"
         f = figures[name]
         print(
-            f"{label}: {len(values)} pings, RTT p50 {_ms(f['p50'])}, p99 {_ms(f['p99'])}, "
-            f"max {_ms(f['max'])}"
+            f"{label}: {len(values)} pings, RTT p50 {ms(f['p50'])}, p99 {ms(f['p99'])}, "
+            f"max {ms(f['max'])}"
         )
         d = lag[name]
         if d:
             print(
-                f"  daemon event-loop lag (10 ms sleeper, {d['n']} samples): p50 {_ms(d['p50'])}, "
-                f"p99 {_ms(d['p99'])}, max {_ms(d['max'])}"
+                f"  daemon event-loop lag (10 ms sleeper, {d['n']} samples): p50 {ms(d['p50'])}, "
+                f"p99 {ms(d['p99'])}, max {ms(d['max'])}"
             )
             print(
-                f"  daemon longest task step {_ms(d['longest_step'])} wall, "
-                f"{_ms(d['longest_step_cpu'])} CPU ({d['longest_task']}); longest GC pause "
-                f"{_ms(d['gc_pause'])}; task steps {d['busy'] * 100:.0f}% of wall time"
+                f"  daemon longest task step {ms(d['longest_step'])} wall, "
+                f"{ms(d['longest_step_cpu'])} CPU ({d['longest_task']}); longest GC pause "
+                f"{ms(d['gc_pause'])}; task steps {d['busy'] * 100:.0f}% of wall time"
             )
         else:
             print("  daemon event-loop lag: not measured (--no-lag-monitor)")
@@ -540,8 +537,7 @@ def report(out: dict[str, Any], lag_log: Path, args: argparse.Namespace) -> None
             f"{phase.cpu_loop:.2f} s, other threads {others:.2f} s"
         )
         print(
-            f"  probe client: CPU {phase.client_cpu:.2f} s, own loop lag max "
-            f"{_ms(client_lag[name])}"
+            f"  probe client: CPU {phase.client_cpu:.2f} s, own loop lag max {ms(client_lag[name])}"
         )
         ours = phase.cpu_total + phase.client_cpu
         if name == "B":
@@ -582,14 +578,14 @@ def report(out: dict[str, Any], lag_log: Path, args: argparse.Namespace) -> None
         print(f"achieved login rate: {len(answered) / (last - first):.1f}/s")
         times = [r["login_seconds"] for r in answered]
         print(
-            f"login latency (login frame to reply): p50 {_ms(_pct(times, 50))}, "
-            f"p99 {_ms(_pct(times, 99))}, max {_ms(max(times))}"
+            f"login latency (login frame to reply): p50 {ms(percentile(times, 50))}, "
+            f"p99 {ms(percentile(times, 99))}, max {ms(max(times))}"
         )
         for kind in ("right", "wrong", "unknown"):
             some = [r["login_seconds"] for r in answered if r["kind"] == kind]
             if some:
                 label = {"right": "right password", "wrong": "wrong password"}.get(kind, kind)
-                print(f"  {label}: n={len(some)}, p50 {_ms(_pct(some, 50))}")
+                print(f"  {label}: n={len(some)}, p50 {ms(percentile(some, 50))}")
     outcomes: dict[str, int] = {}
     for r in results:
         key = f"{r['kind']}->{r.get('outcome', '?')}"
@@ -601,7 +597,7 @@ def report(out: dict[str, Any], lag_log: Path, args: argparse.Namespace) -> None
         print(f"  unexpected: {r}")
     print(
         f"load generator: CPU {load['cpu_seconds']:.2f} s, own loop lag max "
-        f"{_ms(load['client_lag_max'])}"
+        f"{ms(load['client_lag_max'])}"
     )
 
 

@@ -99,6 +99,8 @@ from _daemon import (
     create_users,
     init_data_dir,
     machine_busy_seconds,
+    ms,
+    percentile,
     raise_nofile,
     set_settings,
     vm_rss_kib,
@@ -130,17 +132,6 @@ _decode = msgspec.json.Decoder().decode
 
 
 # -- small helpers ----------------------------------------------------------------------------
-
-
-def _pct(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[rank - 1]
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1000:.1f} ms"
 
 
 def _ratio(a: float, b: float) -> str:
@@ -712,11 +703,11 @@ def writer_summary(path: Path, window: Window) -> list[str]:
     ]
     for name, times in sorted(per.items(), key=lambda kv: -sum(kv[1])):
         lines.append(
-            f"  write job {name}: {len(times) / span:,.0f}/s, mean {_ms(sum(times) / len(times))}"
+            f"  write job {name}: {len(times) / span:,.0f}/s, mean {ms(sum(times) / len(times))}"
         )
     lines.append(
         "  BEGIN, savepoints and COMMIT (fsync): mean "
-        f"{_ms((busy - job_time) / len(inside))} per commit"
+        f"{ms((busy - job_time) / len(inside))} per commit"
     )
     return lines
 
@@ -859,14 +850,15 @@ def report_run(res: Result) -> None:
     e2e = res.latencies(run.deliver_at)
     if e2e:
         print(
-            f"{label}: send->deliver latency p50 {_ms(_pct(e2e, 50))}, p99 {_ms(_pct(e2e, 99))}, "
-            f"max {_ms(max(e2e))} (n={len(e2e)})"
+            f"{label}: send->deliver latency p50 {ms(percentile(e2e, 50))}, "
+            f"p99 {ms(percentile(e2e, 99))}, "
+            f"max {ms(max(e2e))} (n={len(e2e)})"
         )
     acked = res.latencies(run.sent_at)
     if acked:
         print(
-            f"{label}: send->sent latency p50 {_ms(_pct(acked, 50))}, "
-            f"p99 {_ms(_pct(acked, 99))}, max {_ms(max(acked))}"
+            f"{label}: send->sent latency p50 {ms(percentile(acked, 50))}, "
+            f"p99 {ms(percentile(acked, 99))}, max {ms(max(acked))}"
         )
     lost = [m for m in run.sent_at if m not in run.deliver_at]
     unanswered = len(run.send_at) - len(run.sent_at) - len(run.refused)
@@ -910,8 +902,8 @@ def report_ratio(chatd: Result, bare: Result) -> None:
     )
     if a_e2e and b_e2e:
         line += (
-            f", latency p50 {_ratio(_pct(a_e2e, 50), _pct(b_e2e, 50))}, "
-            f"p99 {_ratio(_pct(a_e2e, 99), _pct(b_e2e, 99))}"
+            f", latency p50 {_ratio(percentile(a_e2e, 50), percentile(b_e2e, 50))}, "
+            f"p99 {_ratio(percentile(a_e2e, 99), percentile(b_e2e, 99))}"
         )
     print(line)
 
