@@ -1013,6 +1013,7 @@ async def measure_idle(daemon: Daemon, url: str, users: int, n: int) -> dict[str
 #: With the default dynamic threshold, freed buffers stay in the worker threads'
 #: malloc arenas, and RSS grows with the number of logins, not connections.
 FIXED_MMAP_ENV: Final = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
+ARENA_MAX_ENV: Final = {"MALLOC_ARENA_MAX": "2"}
 
 
 def run_idle(n: int, users: int, env: dict[str, str], allocator: str) -> None:
@@ -1104,6 +1105,7 @@ def main() -> None:
     if not args.no_idle:
         run_idle(n_idle, idle_users, {}, "default malloc")
         run_idle(n_idle, idle_users, FIXED_MMAP_ENV, "MALLOC_MMAP_THRESHOLD_=1048576")
+        run_idle(n_idle, idle_users, ARENA_MAX_ENV, "MALLOC_ARENA_MAX=2")
 
 
 if __name__ == "__main__":
