@@ -58,7 +58,7 @@ async def daemon(data_dir: DataDir, short_tmp: Path, **extra_env: str) -> AsyncI
     proc = await trio.lowlevel.open_process(
         [*CHATD, "serve", "--config", str(data_dir.config_path)],
         env=env,
-        stderr=open(short_tmp / "stderr.log", "wb"),  # noqa: SIM115 - the child owns it
+        stderr=open(short_tmp / "stderr.log", "ab"),  # noqa: SIM115 - the child owns it
     )
     try:
         yield Daemon(proc, sock)
@@ -67,6 +67,7 @@ async def daemon(data_dir: DataDir, short_tmp: Path, **extra_env: str) -> AsyncI
             proc.kill()
             await proc.wait()
         sock.close()
+        notify_path.unlink(missing_ok=True)  # a test may start the daemon again
 
 
 async def test_the_daemon_starts_serves_and_stops_cleanly(
