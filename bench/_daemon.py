@@ -50,6 +50,17 @@ def init_data_dir(data_dir: Path) -> Path:
     return data_dir / "chatd.toml"
 
 
+#: [auth] settings for load generators: no MFA, and limits that never throttle them.
+RELAXED_AUTH: dict[str, Any] = {
+    "require_mfa": "none",
+    "login_rate_per_ip": 100_000.0,
+    "login_rate_per_account": 100_000.0,
+    "rate_burst": 10_000,
+    "backoff_base_seconds": 0.1,
+    "backoff_max_seconds": 1.0,
+}
+
+
 def set_settings(config: Path, section: str, values: dict[str, Any]) -> None:
     """Replace ``key = ...`` lines inside ``[section]`` of the config file.
 

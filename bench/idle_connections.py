@@ -117,7 +117,8 @@ async def _measure(daemon: Daemon, url: str, n: int, concurrency: int) -> dict[s
     if not ok:
         raise SystemExit(
             f"only {clients.opened} of {n} connections opened; "
-            f"{len(clients.failures)} failed: " + "; ".join(clients.failures[:5])
+            f"{len(clients.failures)} failed: "
+            + "; ".join(clients.failures[:5])
             + f"\ndaemon log:\n{daemon.log_tail()}"
         )
     await trio.sleep(SETTLE_SECONDS)

@@ -71,7 +71,7 @@ from typing import Any, Final
 
 import httpx
 import trio
-from _daemon import Daemon, init_data_dir, ms, percentile, set_settings
+from _daemon import RELAXED_AUTH, Daemon, init_data_dir, ms, percentile, set_settings
 from trio_websocket import WebSocketConnection, open_websocket_url, wrap_client_stream
 
 PASSWORD: Final = "plum orbit kettle sunrise"  # noqa: S105 - bench accounts
@@ -638,18 +638,7 @@ def main() -> None:
         data = work / "data"
         config = init_data_dir(data)
         set_settings(config, "relay", {"port": 0})
-        set_settings(
-            config,
-            "auth",
-            {
-                "require_mfa": "none",
-                "login_rate_per_ip": 100_000.0,
-                "login_rate_per_account": 100_000.0,
-                "rate_burst": 10_000,
-                "backoff_base_seconds": 0.1,
-                "backoff_max_seconds": 1.0,
-            },
-        )
+        set_settings(config, "auth", RELAXED_AUTH)
         lag_log = work / "lag.txt"
         daemon = Daemon(config, work, lag_log=None if args.no_lag_monitor else lag_log)
         daemon.start()

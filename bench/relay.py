@@ -94,6 +94,7 @@ import msgspec
 import trio
 import vodozemac
 from _daemon import (
+    RELAXED_AUTH,
     Daemon,
     cpu_seconds,
     create_users,
@@ -726,18 +727,7 @@ def configure(config: Path, *, idle: bool, clients: int) -> None:
             "max_connections": max(10_000, 2 * clients),
         },
     )
-    set_settings(
-        config,
-        "auth",
-        {
-            "require_mfa": "none",
-            "login_rate_per_ip": 100_000.0,
-            "login_rate_per_account": 100_000.0,
-            "rate_burst": 10_000,
-            "backoff_base_seconds": 0.1,
-            "backoff_max_seconds": 1.0,
-        },
-    )
+    set_settings(config, "auth", RELAXED_AUTH)
     if idle:
         set_settings(config, "devices", {"max_devices_per_user": 1_000})
 

@@ -6,7 +6,6 @@ frame, a Close, end-of-stream), never on a sleep.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import socket
@@ -409,10 +408,6 @@ async def test_tls_below_1_3_or_without_x25519_is_refused(
         with trio.fail_after(10), pytest.raises(trio.BrokenResourceError):
             await tls.do_handshake()
         await trio.aclose_forcefully(tls)
-
-
-def test_eaddrinuse_constant_is_what_linux_uses() -> None:
-    assert errno.EADDRINUSE == 98
 
 
 def upgrade_request(path: str = "/v1/ws") -> bytes:

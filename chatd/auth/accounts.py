@@ -160,7 +160,7 @@ class AccountAdmin:
 
         if not await self.store.write(clear):
             raise NotFound("user")
-        self.auth._pending_totp.pop(user_id, None)
+        self.auth.forget_pending_enrolment(user_id)
         await self.auth.revoke_sessions(await self.auth.user_session_ids(user_id), "mfa reset")
         await self.auth.audit("admin_reset_mfa", "ok", ADMIN_PEER, user_id=user_id)
         return await self.get_user(user_id)

@@ -159,6 +159,10 @@ class AuthBase:
             raise fail("weak_password", str(exc), field="$.password") from None
         return key, await self._hash(password)
 
+    def forget_pending_enrolment(self, user_id: int) -> None:
+        """Drop a TOTP secret still waiting for its confirming code."""
+        self._pending_totp.pop(user_id, None)
+
     def _mfa_required(self, role: str) -> bool:
         policy = self.settings.require_mfa
         return policy == "everyone" or (policy == "admins" and role in ("admin", "moderator"))
