@@ -651,9 +651,9 @@ def writer_stats_child(out: str, argv: list[str]) -> int:
 
     jobs: list[tuple[float, str, float]] = []  # appended by the writer thread only
     batches: list[tuple[float, int, float]] = []
-    write, run_batch = Store.write, Store._run_batch
+    submit, run_batch = Store.submit, Store._run_batch
 
-    async def timed_write(self: Store, fn: Any) -> Any:
+    async def timed_submit(self: Store, fn: Any) -> Any:
         name = str(getattr(fn, "__qualname__", "?")).replace(".<locals>", "")
 
         def timed(conn: Any) -> Any:
@@ -663,7 +663,7 @@ def writer_stats_child(out: str, argv: list[str]) -> int:
             finally:
                 jobs.append((time.monotonic(), name, time.perf_counter() - started))
 
-        return await write(self, timed)
+        return await submit(self, timed)
 
     def timed_batch(self: Store, conn: Any, batch: list[Any]) -> None:
         started = time.perf_counter()
@@ -674,7 +674,7 @@ def writer_stats_child(out: str, argv: list[str]) -> int:
         with open(out, "w") as fh:
             json.dump({"jobs": jobs, "batches": batches}, fh)
 
-    Store.write = timed_write  # type: ignore[method-assign]
+    Store.submit = timed_submit  # type: ignore[method-assign]
     Store._run_batch = timed_batch  # type: ignore[method-assign]
     atexit.register(dump)
     return int(cli.run(argv) or 0)

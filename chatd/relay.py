@@ -2,7 +2,9 @@
 
 This is the thin I/O layer around :mod:`chatd.protocol.core`. Per connection
 it runs one handler task (receive loop) and one sender task that drains a
-bounded send queue; trio-websocket adds its own reader task.
+bounded send queue; trio-websocket adds its own reader task. A connection
+that pipelines ``send``/``ack`` requests also gets a responder task, which
+sends their replies in order as their writes commit (see ``_carry_out``).
 
 Guarantees, each backed by a setting:
 
@@ -32,6 +34,7 @@ import errno
 import ipaddress
 import logging
 import ssl
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, Final
 
@@ -57,6 +60,9 @@ CLOSE_TIMEOUT: Final = 2.0  # seconds to wait for the peer's Close reply before 
 RECEIVE_BUFFER: Final = 4_096  # bytes read from the socket at a time
 REASON_SEND_TIMEOUT: Final = "send timeout"
 _NO_FLUSH: Final = (core.REASON_SEND_QUEUE_FULL, REASON_SEND_TIMEOUT)
+PIPELINE_DEPTH: Final = 64  # pipelined requests per connection awaiting their commit
+
+Finish = Callable[[], Awaitable[list[core.Action]]]
 
 
 class _Client:
@@ -75,6 +81,10 @@ class _Client:
         "delivered",
         "unacked",
         "pumping",
+        "nursery",
+        "pipeline",
+        "in_flight",
+        "drained",
     )
 
     def __init__(self, ws: Any, proto: core.ServerConnection, peer: str, queue: int) -> None:
@@ -89,6 +99,12 @@ class _Client:
         self.delivered = 0  # highest envelope id sent on this connection
         self.unacked: collections.deque[int] = collections.deque()  # ids sent, not yet acked
         self.pumping = False  # a delivery pump runs for this connection
+        self.nursery: trio.Nursery | None = None  # the connection's own tasks
+        # Pipelined requests (sends, acks) whose replies are not out yet, in
+        # order; made on the first one, so idle connections do not pay for it.
+        self.pipeline: trio.MemorySendChannel[Finish] | None = None
+        self.in_flight = 0
+        self.drained: trio.Event | None = None
 
 
 class Relay:
@@ -186,12 +202,15 @@ class Relay:
 
     async def _serve_client(self, client: _Client) -> None:
         async with trio.open_nursery() as nursery:
+            client.nursery = nursery
             nursery.start_soon(self._sender, client)
             try:
                 await self._receive_loop(client)
             finally:
                 # Flush what is queued (an error frame may explain the close),
                 # unless the queue itself is the problem.
+                if client.pipeline is not None:
+                    client.pipeline.close()
                 client.send_in.close()
                 closing = client.closing
                 if closing is not None and closing.reason not in _NO_FLUSH:
@@ -224,6 +243,7 @@ class Relay:
             if client.closing is not None:
                 return  # closed from outside: revoked, expired, send timeout
             if client.receive_scope.cancelled_caught and self.stopping:
+                await self._drain(client)  # replies to sends already committed go first
                 self._perform(client, proto.shutdown())
                 return
             if idle.cancelled_caught:
@@ -243,14 +263,55 @@ class Relay:
             await self._carry_out(client, actions)
 
     async def _carry_out(self, client: _Client, actions: list[core.Action]) -> None:
-        """Perform actions; hand decoded requests to the session layer, in order."""
+        """Perform actions; hand decoded requests to the session layer, in order.
+
+        Sends and acks are pipelined: their writes are submitted at once and
+        the connection reads on, so a client with many in flight gets them
+        committed together; their replies go out in order from
+        :meth:`_respond`. Anything else first waits for those replies, so
+        replies never overtake each other and a request that changes the
+        session sees every earlier write done.
+        """
+        frames = self.session_frames
         for action in actions:
+            if client.closing is not None:
+                return
+            if frames.pipelined(action):
+                await self._pipeline(client, await frames.begin(client, action))
+                continue
+            await self._drain(client)
             if isinstance(action, core.Send | core.Close):
                 more: list[core.Action] = [action]
             else:
-                more = await self.session_frames.handle(client, action)
+                more = await frames.handle(client, action)
             if not self._perform(client, more):
                 return
+
+    async def _pipeline(self, client: _Client, finish: Finish) -> None:
+        if client.pipeline is None:
+            assert client.nursery is not None  # noqa: S101 - set before the receive loop
+            client.pipeline, replies = trio.open_memory_channel[Finish](PIPELINE_DEPTH)
+            client.drained = trio.Event()
+            client.nursery.start_soon(self._respond, client, replies)
+        client.in_flight += 1
+        await client.pipeline.send(finish)  # waits when PIPELINE_DEPTH are in flight
+
+    async def _respond(self, client: _Client, replies: trio.MemoryReceiveChannel[Finish]) -> None:
+        """Send the replies of pipelined requests in the order they came."""
+        async for finish in replies:
+            actions = await finish()
+            client.in_flight -= 1
+            if client.in_flight == 0 and client.drained is not None:
+                client.drained.set()
+                client.drained = trio.Event()
+            if client.closing is None and not self._perform(client, actions):
+                if client.receive_scope is not None:
+                    client.receive_scope.cancel()
+
+    async def _drain(self, client: _Client) -> None:
+        """Wait until every pipelined request of this connection has its reply out."""
+        while client.in_flight and client.drained is not None:
+            await client.drained.wait()
 
     def _perform(self, client: _Client, actions: list[core.Action]) -> bool:
         """Carry out actions without blocking; False once the connection is closing."""

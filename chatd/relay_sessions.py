@@ -14,7 +14,7 @@ in a way that was not announced (4003).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Final
 
@@ -33,6 +33,8 @@ if TYPE_CHECKING:  # pragma: no cover - import cycle for annotations only
     from chatd.relay import Relay, _Client
 
 log = logging.getLogger("chatd.relay")
+
+_PIPELINED: Final = (f.Send, f.Ack)
 
 PUMP_WINDOW: Final = 1_000  # envelopes delivered but not yet acknowledged, per connection
 PRESENCE_INTERVAL: Final = 1.0  # seconds between two coalesced presence pushes
@@ -238,6 +240,47 @@ class SessionFrames:
 
     # -- requests ----------------------------------------------------------------------
 
+    def pipelined(self, frame: Any) -> bool:
+        """Requests a connection may have several of in flight: sends and acks.
+        Their writes are submitted in order and commit in one batch; see begin()."""
+        return self.auth is not None and self.queues is not None and isinstance(frame, _PIPELINED)
+
+    async def begin(
+        self, client: _Client, frame: Any
+    ) -> Callable[[], Awaitable[list[core.Action]]]:
+        """Start a pipelined request: its write is queued for the writer before
+        this returns, so one connection's requests commit in the order they
+        came. The returned function waits for the commit and gives the reply."""
+        proto = client.proto
+        grant = client.grant
+        queues = self.queues
+        assert grant is not None and queues is not None  # noqa: S101 - see pipelined() and core
+        if isinstance(frame, f.Send):
+            send = await queues.begin_send(grant.user_id, grant.device_id, frame)
+
+            async def sent() -> list[core.Action]:
+                try:
+                    return proto.reply(await send())
+                except AuthError as exc:
+                    return proto.error(exc.code, exc.message, request_id=frame.id, field=exc.field)
+
+            return sent
+        assert isinstance(frame, f.Ack)  # noqa: S101 - see pipelined()
+        # Only what this connection was sent can be acknowledged on it: an
+        # oversized up_to must not delete envelopes nobody has seen.
+        up_to = min(frame.up_to, client.delivered)
+        ack = await queues.begin_ack(grant.device_id, up_to) if up_to else None
+
+        async def acked() -> list[core.Action]:
+            if ack is not None:
+                await ack()
+            while client.unacked and client.unacked[0] <= up_to:
+                client.unacked.popleft()
+            client.wake.set()
+            return proto.reply(f.Ok(id=frame.id)) if frame.id else []
+
+        return acked
+
     async def handle(self, client: _Client, frame: Any) -> list[core.Action]:
         """Serve one session request; the reply (or error) as actions."""
         proto = client.proto
@@ -414,20 +457,8 @@ class SessionFrames:
                 return []
             case f.WhoIsOnline():
                 return proto.reply(f.Presence(id=frame.id, online=sorted(self._online_users())))
-            case f.Send():
-                return proto.reply(
-                    await self._queue_service().send(grant.user_id, grant.device_id, frame)
-                )
-            case f.Ack():
-                # Only what this connection was sent can be acknowledged on it: an
-                # oversized up_to must not delete envelopes nobody has seen.
-                up_to = min(frame.up_to, client.delivered)
-                if up_to:
-                    await self._queue_service().ack(grant.device_id, up_to)
-                while client.unacked and client.unacked[0] <= up_to:
-                    client.unacked.popleft()
-                client.wake.set()
-                return proto.reply(f.Ok(id=frame.id)) if frame.id else []
+            case f.Send() | f.Ack():
+                self._queue_service()  # raises: with a queue service they are pipelined
             case f.NewRecoveryCodes():
                 codes = await auth.regenerate_recovery_codes(
                     grant, frame.password, frame.code, peer

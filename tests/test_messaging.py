@@ -299,3 +299,43 @@ async def test_an_ack_beyond_what_was_delivered_deletes_nothing_unseen(short_tmp
             ).fetchone()[0]
         )
         assert left == 1
+
+
+async def test_pipelined_sends_commit_together_and_are_answered_in_order(
+    short_tmp: Path,
+) -> None:
+    """A client may write many sends without waiting: the connection reads on,
+    their writes share commits, and the replies (refusals included) come back
+    in the order the requests came, before the reply to a later request."""
+    async with cast(short_tmp, DeviceSettings(max_queued_envelopes=30)) as c:
+        await c.bob.client.ws.aclose()  # Bob's queue fills up at 30
+        stats = c.srv.store.stats
+        commits_before = stats.commits
+        message_ids = [str(uuid.uuid4()) for _ in range(40)]
+        ws = c.alice1.client.ws
+        for n, message_id in enumerate(message_ids):
+            envelopes = c.to_everyone(c.alice1, f"p{n}")
+            frame = {"type": "send", "id": f"s{n}", "message_id": message_id}
+            await ws.send_message(json.dumps(frame | {"envelopes": envelopes}))
+        await ws.send_message(json.dumps({"type": "directory", "id": "after"}))
+        replies = []
+        with trio.fail_after(10):
+            while len(replies) < 41:
+                frame = json.loads(await ws.get_message())
+                if frame.get("id") is not None:
+                    replies.append(frame)
+        assert [r["id"] for r in replies] == [f"s{n}" for n in range(40)] + ["after"]
+        assert [r["type"] for r in replies[:30]] == ["sent"] * 30
+        assert {r["code"] for r in replies[30:40]} == {"queue_full"}
+        assert replies[40]["type"] == "members"
+        assert stats.commits - commits_before < 40  # sends shared commits
+        queued = await c.srv.store.read(
+            lambda conn: [
+                row[0]
+                for row in conn.execute(
+                    "SELECT message_id FROM envelopes WHERE recipient_device = ? ORDER BY id",
+                    (c.bob.device_id,),
+                )
+            ]
+        )
+        assert queued == message_ids[:30]  # in the order they were sent, nothing twice

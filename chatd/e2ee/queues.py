@@ -25,7 +25,7 @@ the sender. Receipts themselves expire quietly.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final
 
 from chatd.auth.models import AuthError
@@ -49,6 +49,14 @@ class QueueService:
 
     async def send(self, user_id: int, device_id: str, frame: f.Send) -> f.Sent | f.DeviceMismatch:
         """Queue a message durably, or explain what is wrong. Raises AuthError."""
+        return await (await self.begin_send(user_id, device_id, frame))()
+
+    async def begin_send(
+        self, user_id: int, device_id: str, frame: f.Send
+    ) -> Callable[[], Awaitable[f.Sent | f.DeviceMismatch]]:
+        """Submit a send to the writer and return a function that waits for its
+        commit and gives the outcome (raising AuthError for a full queue).
+        Sends begun in order commit in order, so a connection may pipeline them."""
         now = now_ms()
         expires = now + int(self.settings.envelope_days * DAY_MS)
         max_count = self.settings.max_queued_envelopes
@@ -110,17 +118,22 @@ class QueueService:
             )
             return f.Sent(id=frame.id, message_id=frame.message_id, envelopes=len(targets))
 
-        result = await self.store.write(queue)
-        if isinstance(result, list):
-            raise AuthError(
-                "queue_full",
-                f"the queue of device {', '.join(sorted(result))} is full; nothing was sent "
-                "(try again later)",
-                field="$.envelopes",
-            )
-        if isinstance(result, f.Sent):
-            self.on_queued([target for _, target in targets])
-        return result
+        pending = await self.store.submit(queue)
+
+        async def finish() -> f.Sent | f.DeviceMismatch:
+            result = await pending.wait()
+            if isinstance(result, list):
+                raise AuthError(
+                    "queue_full",
+                    f"the queue of device {', '.join(sorted(result))} is full; nothing was sent "
+                    "(try again later)",
+                    field="$.envelopes",
+                )
+            if isinstance(result, f.Sent):
+                self.on_queued([target for _, target in targets])
+            return result
+
+        return finish
 
     async def pending(self, device_id: str, after: int) -> list[f.Envelope]:
         """The next batch of this device's queue after envelope id ``after``."""
@@ -156,6 +169,10 @@ class QueueService:
 
     async def ack(self, device_id: str, up_to: int) -> int:
         """Delete this device's envelopes up to ``up_to``; receipts go to the senders."""
+        return await (await self.begin_ack(device_id, up_to))()
+
+    async def begin_ack(self, device_id: str, up_to: int) -> Callable[[], Awaitable[int]]:
+        """Submit an ack to the writer; the returned function waits for its commit."""
         now = now_ms()
         expires = now + int(self.settings.envelope_days * DAY_MS)
 
@@ -180,10 +197,15 @@ class QueueService:
                     senders.append(sender)
             return int(deleted), senders
 
-        deleted, senders = await self.store.write(delete)
-        if senders:
-            self.on_queued(senders)
-        return deleted
+        pending = await self.store.submit(delete)
+
+        async def finish() -> int:
+            deleted, senders = await pending.wait()
+            if senders:
+                self.on_queued(senders)
+            return deleted
+
+        return finish
 
 
 def expire_envelopes(conn: Any, *, now: int, limit: int, notify: list[str] | None = None) -> int:

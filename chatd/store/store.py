@@ -63,6 +63,26 @@ class _Job(Generic[T]):
         self.done = trio.Event()
 
 
+class PendingWrite(Generic[T]):
+    """A submitted write job (see :meth:`Store.submit`)."""
+
+    __slots__ = ("_job",)
+
+    def __init__(self, job: _Job[T]) -> None:
+        self._job = job
+
+    @property
+    def done(self) -> bool:
+        return self._job.done.is_set()
+
+    async def wait(self) -> T:
+        """The job's result once committed; re-raises the job's exception."""
+        await self._job.done.wait()
+        if self._job.error is not None:
+            raise self._job.error
+        return self._job.result  # type: ignore[return-value]  # set when error is None
+
+
 class StoreStats:
     """Counters for benchmarks and health: commits and jobs seen by the writer."""
 
@@ -131,17 +151,24 @@ class Store:
         re-raised here. Raises :class:`StoreClosedError` after shutdown and
         :class:`StoreError` if the commit itself fails.
         """
+        return await (await self.submit(fn)).wait()
+
+    async def submit(self, fn: Callable[[Connection], T]) -> PendingWrite[T]:
+        """Queue ``fn`` for the writer and return without waiting for it.
+
+        Jobs run in the order they were submitted, so a connection can keep
+        several writes in flight and still have them commit in order. Waits
+        only for a queue slot (backpressure). ``await pending.wait()`` gives
+        the result once durable, exactly like :meth:`write`.
+        """
         if self._closed or self._thread is None:
             raise StoreClosedError("the store is shut down; the write was not made")
-        # The slot is given back when the job completes, not when this caller
+        # The slot is given back when the job completes, not when the caller
         # stops waiting, so cancelled callers cannot push the queue past its bound.
         await self._pending.acquire()
         job: _Job[T] = _Job(fn)
         self._queue.put(job)
-        await job.done.wait()
-        if job.error is not None:
-            raise job.error
-        return job.result  # type: ignore[return-value]  # set when error is None
+        return PendingWrite(job)
 
     async def read(self, fn: Callable[[Connection], T]) -> T:
         """Run ``fn(conn)`` on a read-only connection in a worker thread."""
