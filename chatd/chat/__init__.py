@@ -1,0 +1,12 @@
+"""``chat``: the line-mode terminal client of chatd (see docs/CHAT.md).
+
+:mod:`chatd.chat.cli` parses the command line, asks for the secrets and maps
+failures to exit codes; :mod:`chatd.chat.session` is the Trio session (the
+commands, live messages, delivery marks); :mod:`chatd.chat.display` formats
+what is printed; :mod:`chatd.chat.terminal` reads typed lines without
+blocking the event loop.
+"""
+
+from .cli import main
+
+__all__ = ["main"]

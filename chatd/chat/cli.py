@@ -1,0 +1,407 @@
+"""The ``chat`` command: options, secrets, and exit codes.
+
+Secrets never come from the command line or the environment: the password
+(and a TOTP code, when asked for) are read with :func:`getpass.getpass` from
+the terminal, and the store key comes from ``--key-file`` or from a store
+passphrase typed at the terminal (Argon2id with a random salt kept in
+``<store>.salt``). All prompts happen before Trio starts; when the server
+says the account needs a TOTP code, ``main`` asks for it and runs the
+session again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import io
+import logging
+import os
+import secrets
+import socket
+import stat
+import sys
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import trio
+
+from chatd.auth.usernames import UsernameError, normalize_username
+from chatd.client import (
+    ClientError,
+    ClientStoreError,
+    ConnectionLostError,
+    LoginError,
+    key_from_passphrase,
+    open_client,
+)
+
+from .display import clean
+from .session import ChatSession
+from .terminal import open_terminal_lines
+
+DEFAULT_SERVER: Final = "ws://127.0.0.1:7878/v1/ws"
+SALT_BYTES: Final = 16  # random salt for the store passphrase
+MAX_SALT_BYTES: Final = 1024  # a larger .salt file is not ours
+KEY_BYTES: Final = 32  # the raw store key
+MAX_KEY_FILE: Final = 4096  # bytes; a key file is one short line
+PASSPHRASE_TRIES: Final = 3  # attempts to type a new passphrase twice the same
+
+EXIT_OK: Final = 0  # /quit or Ctrl-D
+EXIT_ERROR: Final = 1  # anything else that went wrong
+EXIT_USAGE: Final = 2  # bad options, key file or input; not a terminal
+EXIT_LOGIN: Final = 3  # login refused (also when the server ends the session later)
+EXIT_STORE: Final = 4  # the local store does not open: wrong passphrase or key file
+EXIT_UNREACHABLE: Final = 5  # the server cannot be reached
+EXIT_INTERRUPTED: Final = 130  # Ctrl-C
+
+EXIT_CODES: Final = f"""\
+exit codes:
+  {EXIT_OK}    you left with /quit or Ctrl-D
+  {EXIT_ERROR}    an unexpected error
+  {EXIT_USAGE}    bad options or key file, no terminal, or a prompt was left empty
+  {EXIT_LOGIN}    the server refused the login (or ended the session later)
+  {EXIT_STORE}    the local store did not open: wrong store passphrase or key file
+  {EXIT_UNREACHABLE}    the server cannot be reached
+  {EXIT_INTERRUPTED}  interrupted with Ctrl-C
+"""
+
+LOGIN_REFUSED: Final = {
+    "login_failed": "wrong username or password",
+    "mfa_required": "this account needs a TOTP code",
+    "mfa_failed": "the TOTP code is wrong or was already used; wait for the next one",
+    "account_disabled": "this account is disabled; ask an admin",
+    "rate_limited": "too many attempts; wait a minute and try again",
+    "too_many_devices": "you have the most devices allowed; remove one first",
+    "unknown_device": (
+        "the server no longer knows this store's device (was it removed?);"
+        " start again with a new --store"
+    ),
+}
+
+
+class SetupError(Exception):
+    """Something to fix before chat can start; ``exit_code`` says which kind."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class Options:
+    server: str
+    user: str
+    device: str
+    store: Path
+    key_file: Path | None
+    totp: bool
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chat",
+        description="Chat end-to-end encrypted on a chatd server, in this terminal.",
+        epilog=EXIT_CODES + "\nSee docs/CHAT.md for every command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--server",
+        metavar="URL",
+        default=DEFAULT_SERVER,
+        help=f"relay WebSocket URL (default {DEFAULT_SERVER})",
+    )
+    parser.add_argument("--user", metavar="NAME", required=True, help="your username")
+    parser.add_argument(
+        "--device",
+        metavar="NAME",
+        default=None,
+        help="a name for this device (default: the host name)",
+    )
+    parser.add_argument(
+        "--store",
+        metavar="PATH",
+        type=Path,
+        default=None,
+        help="the encrypted local store (default: $XDG_DATA_HOME/chatd-chat/<user>.db)",
+    )
+    parser.add_argument(
+        "--key-file",
+        metavar="PATH",
+        type=Path,
+        default=None,
+        help="file with the store key (32 raw bytes or 64 hex digits, mode 0600);"
+        " without it you are asked for a store passphrase",
+    )
+    parser.add_argument("--totp", action="store_true", help="ask for a TOTP code before logging in")
+    return parser
+
+
+def parse_options(argv: list[str] | None) -> Options:
+    args = build_parser().parse_args(argv)
+    try:
+        user = normalize_username(args.user)
+    except UsernameError as exc:
+        raise SetupError(str(exc)) from None
+    store = args.store if args.store is not None else default_store(user)
+    return Options(
+        server=args.server,
+        user=user,
+        device=args.device or socket.gethostname() or "chat",
+        store=store,
+        key_file=args.key_file,
+        totp=args.totp,
+    )
+
+
+def default_store(user: str) -> Path:
+    """``$XDG_DATA_HOME/chatd-chat/<user>.db`` (``~/.local/share`` by default)."""
+    base = os.environ.get("XDG_DATA_HOME", "")
+    root = Path(base) if os.path.isabs(base) else Path.home() / ".local" / "share"
+    return root / "chatd-chat" / f"{user}.db"
+
+
+def prepare_store(store: Path) -> bool:
+    """Create the store's directory (0700) and an empty store file (0600) if
+    missing, so nothing is ever created readable by others. Returns True
+    when the store is new (empty)."""
+    try:
+        if not store.parent.exists():
+            store.parent.mkdir(mode=0o700, parents=True)
+            os.chmod(store.parent, 0o700)
+        fd = os.open(store, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+    except FileExistsError:
+        return store.stat().st_size == 0
+    except OSError as exc:
+        raise SetupError(f"cannot create the store {store}: {exc.strerror}") from None
+    return True
+
+
+def read_key_file(path: Path) -> bytes:
+    """The 32-byte store key from a file of 32 raw bytes or 64 hex digits.
+    Refuses a file that group or others can access."""
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise SetupError(f"key file {path} is not a regular file")
+        if info.st_mode & 0o077:
+            raise SetupError(
+                f"key file {path} is accessible by group or others"
+                f" (mode {stat.S_IMODE(info.st_mode):04o}); run: chmod 600 {path}"
+            )
+        if info.st_size > MAX_KEY_FILE:
+            raise SetupError(f"key file {path} is too large to be a key")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SetupError(f"cannot read key file {path}: {exc.strerror}") from None
+    if len(data) == KEY_BYTES:
+        return data
+    text = data.strip()
+    if len(text) == 2 * KEY_BYTES and all(c in b"0123456789abcdefABCDEF" for c in text):
+        return bytes.fromhex(text.decode("ascii"))
+    raise SetupError(
+        f"key file {path} must hold {KEY_BYTES} raw bytes or {2 * KEY_BYTES} hex digits"
+    )
+
+
+def read_salt(store: Path, *, new: bool) -> bytes:
+    """The passphrase salt in ``<store>.salt``, created (0600) with a new store."""
+    path = store.with_name(store.name + ".salt")
+    try:
+        if new and not path.exists():
+            salt = secrets.token_bytes(SALT_BYTES)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(salt)
+                f.flush()
+                os.fsync(f.fileno())
+            return salt
+        salt = path.read_bytes()
+    except FileNotFoundError:
+        raise SetupError(
+            f"{path} is missing: the store passphrase cannot be turned into the key"
+            " without it (restore it from your backup, or use --key-file)",
+            EXIT_STORE,
+        ) from None
+    except OSError as exc:
+        raise SetupError(f"cannot use the salt file {path}: {exc.strerror}", EXIT_STORE) from None
+    if not SALT_BYTES <= len(salt) <= MAX_SALT_BYTES:
+        raise SetupError(f"{path} is not a salt file ({len(salt)} bytes)", EXIT_STORE)
+    return salt
+
+
+def ask(prompt: str) -> str:
+    """A secret typed at the terminal, not echoed. Raises SetupError when
+    input ends (Ctrl-D)."""
+    try:
+        return getpass.getpass(prompt)
+    except EOFError:
+        print(file=sys.stderr)
+        raise SetupError("no input: cancelled") from None
+
+
+def ask_passphrase(store: Path, *, new: bool) -> str:
+    if not new:
+        return ask("Store passphrase: ")
+    for _ in range(PASSPHRASE_TRIES):
+        first = ask(f"New store passphrase (it encrypts {store}): ")
+        if not first:
+            print("The passphrase must not be empty.", file=sys.stderr)
+        elif ask("Repeat the store passphrase: ") == first:
+            return first
+        else:
+            print("The two passphrases differ; again.", file=sys.stderr)
+    raise SetupError("no store passphrase was set")
+
+
+def ask_totp() -> str:
+    code = ask("TOTP code: ").strip()
+    if not code:
+        raise SetupError("no TOTP code given", EXIT_LOGIN)
+    return code
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+#: What the client library's warnings mean to the person at the terminal.
+LIBRARY_WARNINGS: Final = {
+    "client.undecryptable": "a message could not be decrypted (it is in /history, marked)",
+    "client.inbound_failed": "a delivery could not be handled; the server will send it again",
+    "client.refresh_refused": "the server refused to refresh the session",
+}
+
+
+class WarningLines(logging.Handler):
+    """Shows library warnings as ``!`` lines in the chat instead of log records.
+    The library logs an event name, with details in the ``error`` extra."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        event = record.getMessage()
+        detail = getattr(record, "error", None)
+        text = LIBRARY_WARNINGS.get(event, event)
+        say(f"! {clean(text)}" + (f" ({clean(str(detail))})" if detail else ""))
+
+
+@dataclass
+class Progress:
+    logged_in: bool = False
+
+
+async def run_session(
+    opts: Options, password: str, key: bytes, totp: str | None, progress: Progress
+) -> None:
+    """Open the client, then run the interactive session until /quit."""
+    say(f"Connecting to {opts.server} as {opts.user}…")
+    async with (
+        open_client(
+            opts.server,
+            opts.user,
+            password,
+            device_name=opts.device,
+            store_path=opts.store,
+            store_key=key,
+            totp=totp,
+        ) as client,
+        open_terminal_lines() as lines,
+    ):
+        progress.logged_in = True
+        await ChatSession(client, say, username=opts.user, device_name=opts.device).run(lines)
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+def _failure(exc: BaseException, opts: Options, logged_in: bool) -> tuple[str, int]:
+    """The message and exit code for what ended the session."""
+    leaves = list(_leaves(exc))
+    for kind in (KeyboardInterrupt, ClientStoreError, LoginError, ConnectionLostError):
+        leaf = next((e for e in leaves if isinstance(e, kind)), None)
+        if leaf is None:
+            continue
+        if isinstance(leaf, KeyboardInterrupt):
+            return "interrupted", EXIT_INTERRUPTED
+        if isinstance(leaf, ClientStoreError):
+            return (
+                f"the local store did not open: {leaf}. Check the store passphrase"
+                " (or --key-file); the store was left unchanged",
+                EXIT_STORE,
+            )
+        if isinstance(leaf, LoginError):
+            reason = LOGIN_REFUSED.get(leaf.code, str(leaf))
+            if logged_in:
+                return f"the server ended the session: {reason}", EXIT_LOGIN
+            return f"login refused: {reason}", EXIT_LOGIN
+        return (
+            f"cannot reach the server at {opts.server} (is it running, and is the URL right?)",
+            EXIT_UNREACHABLE,
+        )
+    if not logged_in and any(isinstance(e, trio.TooSlowError) for e in leaves):
+        return f"the server at {opts.server} did not answer in time", EXIT_UNREACHABLE
+    client_error = next((e for e in leaves if isinstance(e, ClientError)), None)
+    if client_error is not None:
+        return str(client_error), EXIT_ERROR
+    traceback.print_exception(exc)
+    return f"unexpected error: {type(leaves[0]).__name__}: {leaves[0]}", EXIT_ERROR
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``chat``; returns the exit code (see EXIT_CODES)."""
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="replace")
+    logging.basicConfig(level=logging.WARNING, handlers=[WarningLines()], force=True)
+    try:
+        opts = parse_options(argv)
+    except SystemExit as exc:  # argparse: --help, or bad options
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    except SetupError as exc:
+        print(f"chat: {exc}", file=sys.stderr)
+        return exc.exit_code
+    try:
+        return _main(opts)
+    except SetupError as exc:
+        print(f"chat: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("\nchat: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(opts: Options) -> int:
+    key = read_key_file(opts.key_file) if opts.key_file is not None else None
+    if not os.isatty(0):
+        raise SetupError("chat is interactive: run it in a terminal")
+    password = ask(f"Password for {opts.user}: ")
+    if not password:
+        raise SetupError("no password given")
+    totp = ask_totp() if opts.totp else None
+    new = prepare_store(opts.store)
+    if key is None:
+        passphrase = ask_passphrase(opts.store, new=new)
+        salt = read_salt(opts.store, new=new)
+        say("Unlocking the store…")
+        key = key_from_passphrase(passphrase, salt)
+    progress = Progress()
+    while True:
+        try:
+            trio.run(run_session, opts, password, key, totp, progress)
+            return EXIT_OK
+        except BaseException as exc:
+            leaves = list(_leaves(exc))
+            refused = next((e for e in leaves if isinstance(e, LoginError)), None)
+            if refused is not None and refused.code == "mfa_required" and totp is None:
+                say("This account has a second factor.")
+                totp = ask_totp()
+                continue
+            message, code = _failure(exc, opts, progress.logged_in)
+            print(f"chat: {message}", file=sys.stderr)
+            return code

@@ -1,0 +1,514 @@
+"""The terminal client's session: commands, live messages and delivery marks.
+
+:class:`ChatSession` runs on a logged-in :class:`chatd.client.Client`. Its
+:meth:`~ChatSession.run` owns one nursery with four kinds of tasks:
+
+* the **input loop** (in ``run`` itself): reads typed lines, runs commands,
+  and puts plain text on the outbox;
+* the **sender**: sends the outbox one message at a time, so messages leave in
+  the order they were typed, and prints ``✓ sent``;
+* one **delivery watcher** per sent message (at most ``MAX_WATCHED``): prints
+  ``✓✓ delivered`` or ``✗ expired`` when the message reaches that state;
+* the **incoming printer**: prints received messages as they arrive, marking
+  those from unverified devices;
+* the **connection watcher**: says when the connection drops and comes back.
+
+Everything prints through one ``say`` callable, whole lines at a time; all
+tasks share the one Trio thread, so lines never interleave.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final
+
+import trio
+
+from chatd.auth.usernames import UsernameError, normalize_username
+from chatd.client import (
+    Client,
+    ClientError,
+    DeviceRecord,
+    IdentityChangedError,
+    Member,
+    ReceivedMessage,
+    ServerRefusedError,
+)
+
+from .display import (
+    clean,
+    clock,
+    device_line,
+    excerpt,
+    history_lines,
+    message_lines,
+    normalize_fingerprint,
+)
+from .terminal import LineReader
+
+PAGE: Final = 20  # messages per history page
+MAX_PAGE: Final = 1000  # the largest /history N
+OUTBOX: Final = 100  # typed messages waiting to be sent
+MAX_WATCHED: Final = 100  # sent messages whose delivery is followed live
+QUIT_GRACE: Final = 10.0  # seconds /quit waits for the outbox to be sent
+CONNECTION_POLL: Final = 1.0  # seconds between connection state checks
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Command:
+    """One command: its usage line and one sentence of help (shown by /help
+    and checked against docs/CHAT.md by the tests)."""
+
+    name: str
+    usage: str
+    help: str
+
+
+COMMANDS: Final = (
+    Command("help", "/help", "list the commands"),
+    Command("who", "/who", "the people on the server, online or not, and their devices"),
+    Command("open", "/open <username>", "chat with someone: shows your last messages with them"),
+    Command("history", "/history [N]", f"the last N messages of this conversation ({PAGE})"),
+    Command("more", "/more", "the page of older messages before the one shown last"),
+    Command("devices", "/devices", "every device seen so far and whether you verified it"),
+    Command("fingerprint", "/fingerprint", "this device's fingerprint, to read out to others"),
+    Command(
+        "verify",
+        "/verify <username> <device> <fingerprint>",
+        "mark a device verified: type the fingerprint its owner reads to you",
+    ),
+    Command("sas", "/sas <username> <device>", "emoji verification (not available yet)"),
+    Command("quit", "/quit", "leave (Ctrl-D does the same)"),
+)
+
+
+class UsageError(Exception):
+    """A command was typed wrongly; the message says how to type it."""
+
+
+class ChatSession:
+    """The interactive session of one logged-in device."""
+
+    def __init__(self, client: Client, say: Say, *, username: str, device_name: str = "") -> None:
+        self.client = client
+        self.say = say
+        self.username = username
+        self.device_name = device_name
+        self.peer: Member | None = None  # the open conversation
+        self._by_id: dict[int, Member] = {}
+        self._by_name: dict[str, Member] = {}
+        self._cursor = 0  # index in the conversation of the oldest message shown
+        self._page = PAGE
+        self._watched = 0
+        self._outbox_send, self._outbox = trio.open_memory_channel[tuple[Member, str]](OUTBOX)
+        self._sender_done = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._lines: LineReader | None = None  # for commands that ask a question (SAS)
+
+    # -- the session ----------------------------------------------------------
+
+    async def run(self, lines: LineReader) -> None:
+        """Run until /quit or end of input. Returns after the outbox is sent
+        (or QUIT_GRACE passed). Errors of the client library that end the
+        connection for good (a refused login after a reconnect) propagate."""
+        self._lines = lines
+        device = self.client.device_id
+        if self.device_name:
+            device += f' ("{clean(self.device_name)}")'
+        self.say(f"Logged in as {clean(self.username)} on device {device}.")
+        self.say("Type /help for the commands, /open <username> to start chatting.")
+        try:
+            await self.refresh_directory()
+        except (ClientError, trio.TooSlowError) as exc:
+            self.say(f"! the directory could not be fetched: {_reason(exc)}; try /who")
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._show_incoming)
+            nursery.start_soon(self._send_outbox)
+            nursery.start_soon(self._watch_connection)
+            while True:
+                line = await lines.readline()
+                if line is None or not await self.handle(line):
+                    break
+            await self._finish_outbox()
+            nursery.cancel_scope.cancel()
+        self.say("Bye.")
+
+    async def handle(self, line: str) -> bool:
+        """Run one typed line; False when the session should end."""
+        if not line.strip():
+            return True
+        if line.startswith("/") and not line.startswith("//"):
+            name, *args = line[1:].split() or [""]
+            name = name.lower()
+            if name == "quit":
+                return False
+            command = next((c for c in COMMANDS if c.name == name), None)
+            if command is None:
+                self.say(f"! unknown command /{clean(name)}; type /help for the list")
+                return True
+            handler: Callable[[list[str]], Awaitable[None]] = getattr(self, f"_cmd_{command.name}")
+            try:
+                await handler(args)
+            except UsageError as exc:
+                self.say(f"! {exc}")
+            except IdentityChangedError as exc:
+                self.say(f"!! WARNING: {clean(str(exc))}")
+            except (ClientError, trio.TooSlowError) as exc:
+                self.say(f"! /{command.name} failed: {_reason(exc)}")
+            return True
+        text = line[1:] if line.startswith("//") else line
+        if self.peer is None:
+            self.say("! no conversation open: /open <username> first (see /who)")
+            return True
+        try:
+            self._outbox_send.send_nowait((self.peer, text))
+        except trio.WouldBlock:
+            self.say(f"! not sent {excerpt(text)}: {OUTBOX} messages are already waiting")
+        return True
+
+    # -- the directory --------------------------------------------------------
+
+    async def refresh_directory(self) -> None:
+        """Fetch the directory; announce devices not seen before (unverified)."""
+        before = {(d.user_id, d.device_id) for d in await self.client.devices()}
+        try:
+            members = await self.client.directory()
+        except IdentityChangedError as exc:
+            self.say(f"!! WARNING: {clean(str(exc))}")
+            return
+        self._by_id = {m.user_id: m for m in members}
+        self._by_name = {}
+        for m in members:
+            try:
+                self._by_name[normalize_username(m.username)] = m
+            except UsernameError:
+                self._by_name[m.username] = m
+        new = [
+            d
+            for m in members
+            for d in m.devices
+            if (d.user_id, d.device_id) not in before
+            and (d.user_id, d.device_id) != (self.client.user_id, self.client.device_id)
+        ]
+        if not before:  # the first run of this store: everything is new
+            if new:
+                self.say(
+                    f"! {len(new)} device(s) of other people are not verified yet:"
+                    " see /who, and /verify them"
+                )
+            return
+        for d in new:
+            self.say(
+                f"! new device for {self.name_of(d.user_id)}: {clean(d.device_id)}"
+                f' "{clean(d.name)}", UNVERIFIED (/verify {self.name_of(d.user_id)}'
+                f" {clean(d.device_id)} <fingerprint>)"
+            )
+
+    def name_of(self, user_id: int) -> str:
+        member = self._by_id.get(user_id)
+        return clean(member.username) if member else f"user#{user_id}"
+
+    async def find_member(self, typed: str) -> Member:
+        """The member called ``typed`` (any case); refreshes the directory once
+        if it is not known yet. Raises UsageError."""
+        try:
+            key = normalize_username(typed)
+        except UsernameError:
+            raise UsageError(f"{clean(typed[:40])!r} is not a valid username") from None
+        if key not in self._by_name:
+            await self.refresh_directory()
+        member = self._by_name.get(key)
+        if member is None:
+            raise UsageError(f"no user named {key!r} on this server (see /who)")
+        return member
+
+    async def _device(self, member: Member, typed: str) -> DeviceRecord | None:
+        for refresh in (False, True):
+            if refresh:
+                await self.refresh_directory()
+            for d in await self.client.devices():
+                if d.user_id == member.user_id and d.device_id.upper() == typed.upper():
+                    return d
+        return None
+
+    # -- commands -------------------------------------------------------------
+
+    async def _cmd_help(self, args: list[str]) -> None:
+        self.say("Commands:")
+        width = max(len(c.usage) for c in COMMANDS)
+        for c in COMMANDS:
+            self.say(f"  {c.usage.ljust(width)}  {c.help}")
+        self.say("Anything else you type is sent to the open conversation (// sends a /).")
+        self.say("Marks: ✓ sent to the server, ✓✓ delivered to a device of theirs, ✗ expired.")
+
+    async def _cmd_who(self, args: list[str]) -> None:
+        await self.refresh_directory()
+        online: set[int] | None
+        try:
+            reply = await self.client.connection.request("who_is_online")
+            online = set(reply.get("online", []))
+        except (ClientError, trio.TooSlowError):
+            online = None
+        devices = {(d.user_id, d.device_id): d for d in await self.client.devices()}
+        members = sorted(self._by_id.values(), key=lambda m: m.username)
+        self.say(f"{len(members)} people:")
+        for m in members:
+            notes = ["you"] if m.user_id == self.client.user_id else []
+            if online is not None:
+                notes.append("online" if m.user_id in online else "offline")
+            self.say(f"{clean(m.username)} ({', '.join(notes)})" if notes else clean(m.username))
+            if not m.devices:
+                self.say("    (no device yet)")
+            for d in m.devices:
+                known = devices.get((d.user_id, d.device_id), d)
+                self.say(device_line(known, self.client.device_id))
+
+    async def _cmd_open(self, args: list[str]) -> None:
+        if len(args) != 1:
+            raise UsageError("usage: /open <username>")
+        self.peer = await self.find_member(args[0])
+        self._page = PAGE
+        entries = await self.client.history(self.peer.user_id)
+        self._cursor = len(entries)
+        self.say(f"-- conversation with {clean(self.peer.username)} --")
+        if not entries:
+            self.say("-- no messages yet: type a line to send it --")
+        else:
+            await self._show_page(self.peer, self._cursor - PAGE, self._cursor)
+        unverified = [
+            d
+            for d in await self.client.devices()
+            if d.user_id == self.peer.user_id
+            and d.current
+            and not d.verified
+            and d.device_id != self.client.device_id
+        ]
+        if unverified:
+            ids = ", ".join(clean(d.device_id) for d in unverified)
+            self.say(
+                f"! {clean(self.peer.username)} has {len(unverified)} unverified device(s): {ids}."
+                " Compare fingerprints, then /verify"
+            )
+
+    async def _cmd_history(self, args: list[str]) -> None:
+        peer = self._need_peer()
+        count = PAGE
+        if args:
+            if len(args) != 1 or not args[0].isdigit() or not 1 <= int(args[0]) <= MAX_PAGE:
+                raise UsageError(f"usage: /history [N], N from 1 to {MAX_PAGE}")
+            count = int(args[0])
+        self._page = count
+        entries = await self.client.history(peer.user_id)
+        self._cursor = len(entries)
+        if not entries:
+            self.say(f"-- no messages with {clean(peer.username)} yet --")
+            return
+        await self._show_page(peer, self._cursor - count, self._cursor)
+
+    async def _cmd_more(self, args: list[str]) -> None:
+        peer = self._need_peer()
+        if self._cursor <= 0:
+            self.say("-- no older messages --")
+            return
+        await self._show_page(peer, self._cursor - self._page, self._cursor)
+
+    async def _show_page(self, peer: Member, start: int, end: int) -> None:
+        """Print messages ``start`` to ``end`` (0-based, end excluded) of the
+        conversation with ``peer`` and move the /more cursor to ``start``."""
+        entries = await self.client.history(peer.user_id)
+        start, end = max(0, start), min(end, len(entries))
+        more = " (/more for older)" if start > 0 else ""
+        self.say(
+            f"-- {clean(peer.username)}: messages {start + 1}–{end} of {len(entries)}{more} --"
+        )
+        for entry in entries[start:end]:
+            for line in history_lines(entry, self.name_of(entry.sender_user_id)):
+                self.say(line)
+        self._cursor = start
+
+    async def _cmd_devices(self, args: list[str]) -> None:
+        devices = await self.client.devices()
+        if not devices:
+            self.say("-- no devices seen yet: try /who --")
+        for user_id in sorted({d.user_id for d in devices}, key=self.name_of):
+            self.say(self.name_of(user_id))
+            for d in devices:
+                if d.user_id == user_id:
+                    self.say(device_line(d, self.client.device_id))
+
+    async def _cmd_fingerprint(self, args: list[str]) -> None:
+        me = self.name_of(self.client.user_id)
+        self.say(f"This device: {me} {self.client.device_id}")
+        self.say(f"Fingerprint: {self.client.fingerprint}")
+        self.say(
+            f"Read it to the people who want to verify you; they type"
+            f" /verify {me} {self.client.device_id} <fingerprint>"
+        )
+
+    async def _cmd_verify(self, args: list[str]) -> None:
+        if len(args) < 3:
+            raise UsageError("usage: /verify <username> <device> <fingerprint>")
+        member = await self.find_member(args[0])
+        typed = normalize_fingerprint(" ".join(args[2:]))
+        if typed is None:
+            raise UsageError(
+                "a fingerprint is 64 hex digits (16 groups of 4), as /fingerprint shows it"
+            )
+        device = await self._device(member, args[1])
+        if device is None:
+            raise UsageError(f"{clean(member.username)} has no device {clean(args[1])} (see /who)")
+        who = f"{clean(member.username)}'s device {clean(device.device_id)}"
+        try:
+            await self.client.verify_device(member.user_id, device.device_id, typed)
+        except ClientError:
+            self.say(
+                f"! the fingerprint does not match {who}: it is NOT verified."
+                " Check that you both look at the same device, and that nobody"
+                " else's key is in the middle."
+            )
+            return
+        self.say(f'✓ {who} ("{clean(device.name)}") is now verified.')
+
+    async def _cmd_sas(self, args: list[str]) -> None:
+        # -- SAS verification plugs in here ------------------------------------
+        # When chatd.client offers SAS (emoji or decimal) verification: resolve
+        # the member and device as _cmd_verify does, start the exchange, print
+        # the emoji or decimals with self.say, ask "Do they match? [y/n]" (the
+        # input loop is waiting on this handler, so read the answer with
+        # ``await self._lines.readline()``), then confirm or cancel.
+        raise UsageError(
+            "/sas is not available yet; compare fingerprints instead:"
+            " /fingerprint on their device, then /verify"
+        )
+
+    def _need_peer(self) -> Member:
+        if self.peer is None:
+            raise UsageError("no conversation open: /open <username> first")
+        return self.peer
+
+    # -- background tasks -----------------------------------------------------
+
+    async def _send_outbox(self) -> None:
+        """Send typed messages in order; start a delivery watcher for each."""
+        try:
+            async for peer, text in self._outbox:
+                try:
+                    if not await self._has_devices(peer):
+                        self.say(
+                            f"! not sent {excerpt(text)}: {clean(peer.username)} has no device"
+                            " yet (they must log in once before you can write to them)"
+                        )
+                        continue
+                    message_id = await self.client.send_text(peer.user_id, text)
+                except (ClientError, trio.TooSlowError) as exc:
+                    self.say(f"! not sent {excerpt(text)}: {_reason(exc)}")
+                    continue
+                self.say(f"✓ sent {excerpt(text)}")
+                if (
+                    peer.user_id != self.client.user_id
+                    and self._watched < MAX_WATCHED
+                    and self._nursery is not None
+                ):
+                    self._nursery.start_soon(self._watch_delivery, message_id, text)
+        finally:
+            self._sender_done.set()
+
+    async def _has_devices(self, peer: Member) -> bool:
+        if peer.user_id == self.client.user_id:
+            return True  # a note to self is kept even without other devices
+        member = self._by_id.get(peer.user_id, peer)
+        if not member.devices:
+            await self.refresh_directory()
+            member = self._by_id.get(peer.user_id, peer)
+        return bool(member.devices)
+
+    async def _finish_outbox(self) -> None:
+        """Let the sender finish what was typed before /quit."""
+        waiting = self._outbox.statistics().current_buffer_used
+        self._outbox_send.close()
+        if waiting:
+            self.say(f"-- sending {waiting} message(s) before leaving --")
+        with trio.move_on_after(QUIT_GRACE):
+            await self._sender_done.wait()
+
+    async def _watch_delivery(self, message_id: str, text: str) -> None:
+        self._watched += 1
+        reached: list[str] = []
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def wait(state: str) -> None:
+                    try:
+                        await self.client.wait_state(message_id, state)
+                        reached.append(state)
+                    except ClientError:
+                        pass  # the store failed; /history shows the state once it works
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(wait, "delivered")
+                nursery.start_soon(wait, "expired")
+        finally:
+            self._watched -= 1
+        if reached == ["delivered"]:
+            self.say(f"✓✓ delivered {excerpt(text)}")
+        elif reached:
+            self.say(f"✗ expired, not delivered {excerpt(text)}: the server dropped it unread")
+
+    async def _show_incoming(self) -> None:
+        async for message in self.client.messages():
+            await self._show_message(message)
+
+    async def _show_message(self, message: ReceivedMessage) -> None:
+        """Print a received message. Never raises ClientError: a message is
+        shown even if the directory or the store cannot be read just now."""
+        if message.sender_user_id not in self._by_id or message.peer_user_id not in self._by_id:
+            with contextlib.suppress(ClientError, trio.TooSlowError):
+                await self.refresh_directory()
+        sender = self.name_of(message.sender_user_id)
+        if message.outgoing:
+            prefix = f"{clock(message.sent_at)} {sender} → {self.name_of(message.peer_user_id)}: "
+        else:
+            prefix = f"{clock(message.sent_at)} {sender}: "
+        try:
+            devices = await self.client.devices()
+        except ClientError:
+            devices = []
+        verified = any(
+            d.verified
+            for d in devices
+            if (d.user_id, d.device_id) == (message.sender_user_id, message.sender_device_id)
+        )
+        suffix = "" if verified else " (unverified device)"
+        for line in message_lines(prefix, message.text, suffix):
+            self.say(line)
+        if self.peer is None and message.peer_user_id in self._by_id:
+            self.peer = self._by_id[message.peer_user_id]
+            name = self.name_of(self.peer.user_id)
+            self.say(f"-- conversation with {name} (what you type goes there) --")
+
+    async def _watch_connection(self) -> None:
+        """Say when the connection drops and when it is back. The library
+        reconnects by itself; it has no drop event, so this polls."""
+        connection = self.client.connection
+        online = True
+        while True:
+            await trio.sleep(CONNECTION_POLL)
+            if connection.connected != online:
+                online = connection.connected
+                if online:
+                    self.say("✓ connected again")
+                else:
+                    self.say("! connection lost; reconnecting (what you type is sent once back)")
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return "the server did not answer in time (is the connection down?)"
+    if isinstance(exc, ServerRefusedError) and exc.code == "rate_limited":
+        return "the server says slow down; try again in a moment"
+    return clean(str(exc))
