@@ -1,4 +1,4 @@
-"""The ``chatd`` command: init, serve, check-config, version, openapi, config-template.
+"""The ``chatd`` command: init, serve, check-config, version, openapi, config-template, demo.
 
 Exit codes (docs/OPERATIONS.md): 0 ok, 1 unexpected error, 2 database key
 does not match, 3 bad config, 4 unsafe or missing secret file, 5 cannot
@@ -64,7 +64,36 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("version", help="print versions")
     sub.add_parser("openapi", help="print the admin API's OpenAPI document")
     sub.add_parser("config-template", help="print the annotated example config")
+    p = sub.add_parser(
+        "demo",
+        help="run a throwaway server and two scripted clients; show what each side sees",
+        description=DEMO_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the temporary directory (data dir, database, client stores) and print where",
+    )
     return parser
+
+
+DEMO_DESCRIPTION = """\
+Start a throwaway chatd (a temporary data dir made like 'chatd init', the real
+daemon on a free loopback port) and two scripted clients, alice and bob, with
+random passwords. Alice writes to Bob while he is offline, Bob comes online,
+reads and replies, and Alice reads the reply. Side by side it prints what the
+clients see (plaintext) and what the server stored (read from its SQLCipher
+file with its key: ciphertext, public keys, password hashes).
+
+At the end it searches every server file (database, -wal, -shm, key files,
+log) byte for byte, and every value of the decrypted database, for the message
+texts, and prints "plaintext found in server files: none". It then stops the
+daemon with SIGTERM. Uses only loopback and changes nothing outside the
+temporary directory, which is removed unless --keep is given.
+
+Exit codes: 0 ok; 1 a step failed, the daemon misbehaved (its log's tail is
+shown), or plaintext was found; 64 bad command line."""
 
 
 def cmd_init(data_dir: Path) -> int:
@@ -162,6 +191,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         if args.command == "config-template":
             sys.stdout.write(render_template())
             return 0
+        if args.command == "demo":
+            from chatd.demo import run_demo
+
+            return trio.run(run_demo, args.keep)
         config = load_config(args.config)
         if args.command == "check-config":
             return cmd_check_config(config)
