@@ -157,14 +157,19 @@ class ServerConnection:
             return []
         if self.state is State.AWAITING_FIRST_FRAME:
             self.state = State.OPEN
+        if isinstance(data, bytes):
+            # Checked here: newer msgspec (0.23) reports bad UTF-8 as a JSON
+            # DecodeError, which would make it a tolerated bad frame.
+            try:
+                data = data.decode("utf-8")
+            except UnicodeDecodeError:
+                return self._close(CLOSE_INVALID_PAYLOAD, "text frame is not valid UTF-8")
         try:
             frame = _decoder.decode(data)
         except msgspec.ValidationError as exc:
             return self._bad_frame(exc, request_id=_request_id(data))
         except msgspec.DecodeError as exc:
             return self._bad_frame(exc, not_json=True)
-        except UnicodeDecodeError:
-            return self._close(CLOSE_INVALID_PAYLOAD, "text frame is not valid UTF-8")
         return self._dispatch(frame)
 
     def receive_bytes(self, data: bytes) -> list[Action]:
