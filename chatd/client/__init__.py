@@ -3,7 +3,9 @@
 ``open_client`` connects a device and yields a :class:`Client`; the Olm
 cryptography lives in :mod:`chatd.client.crypto`, the encrypted local store in
 :mod:`chatd.client.store`, and the connection (login, keepalive, token refresh,
-reconnects) in :mod:`chatd.client.connection`.
+reconnects) in :mod:`chatd.client.connection`, and interactive device
+verification (SAS emoji) in :mod:`chatd.client.sas` and
+:mod:`chatd.client.verification`.
 """
 
 from .client import Client, Member, ReceivedMessage, key_from_passphrase, open_client
@@ -18,8 +20,11 @@ from .errors import (
     LoginError,
     SendError,
     ServerRefusedError,
+    VerificationError,
 )
+from .sas import SAS_EMOJI, ShortAuthString
 from .store import DeviceRecord, HistoryEntry
+from .verification import Verification
 
 __all__ = [
     "Client",
@@ -34,8 +39,12 @@ __all__ = [
     "LoginError",
     "Member",
     "ReceivedMessage",
+    "SAS_EMOJI",
     "SendError",
     "ServerRefusedError",
+    "ShortAuthString",
+    "Verification",
+    "VerificationError",
     "fingerprint",
     "key_from_passphrase",
     "open_client",

@@ -16,6 +16,12 @@ Ordering guarantees
   Olm message could not be decrypted twice anyway).
 * One lock (``_olm_lock``) serialises every use of the Olm account and
   sessions, so sending and receiving never interleave inside the ratchet.
+* Payloads that are not chat messages (device verification) are recorded by
+  message id in their own table, with the Olm state, before the ack; they
+  never enter the history. Their replies are sent after the ack.
+* Keys are published by :mod:`chatd.client.keys`. When a pre-key message used
+  our published fallback key, that is recorded with the message, and a new
+  fallback key is uploaded after the ack.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from __future__ import annotations
 import logging
 import ssl
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +40,11 @@ from argon2.low_level import Type, hash_secret_raw
 
 from .connection import Connection, Credentials
 from .crypto import (
-    ONE_TIME_KEY_LOW,
     ONE_TIME_KEY_TARGET,
     OlmMachine,
+    Payload,
     decode_payload,
+    encode_control,
     encode_payload,
     fingerprint,
     pickle_key,
@@ -49,8 +56,13 @@ from .errors import (
     IdentityChangedError,
     KeyClaimError,
     SendError,
+    VerificationError,
 )
+from .keys import MAX_ONE_TIME_KEYS, KeySupply
+from .sas import KINDS as VERIFY_KINDS
+from .sas import Party
 from .store import DeviceRecord, HistoryEntry, LocalStore, now_ms
+from .verification import Verification, Verifications
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +100,7 @@ class ReceivedMessage:
     text: str
     sent_at: int  # unix ms, as the server recorded it
     outgoing: bool  # a copy of a message we sent from another of our devices
+    sender_verified: bool = False  # the sending device was verified when it arrived
 
 
 @dataclass(frozen=True)
@@ -97,19 +110,42 @@ class Member:
     devices: list[DeviceRecord]  # devices with published keys
 
 
+@dataclass(frozen=True)
+class _Control:
+    """A received payload that is not a chat message, handled after the ack."""
+
+    sender: DeviceRecord
+    payload: Payload
+
+
 class Client:
     """A logged-in device. Get one from :func:`open_client`."""
 
-    def __init__(self, store: LocalStore, olm: OlmMachine, conn: Connection) -> None:
+    def __init__(
+        self,
+        store: LocalStore,
+        olm: OlmMachine,
+        conn: Connection,
+        *,
+        one_time_keys: int = ONE_TIME_KEY_TARGET,
+        fallback_key: str | None = None,
+    ) -> None:
         self._store = store
         self._olm = olm
         self._conn = conn
         self._olm_lock = trio.Lock()
-        self._keys_lock = trio.Lock()
-        self._keys_ready = trio.Event()
+        self._keys = KeySupply(
+            store,
+            olm,
+            conn,
+            self._olm_lock,
+            one_time_keys=one_time_keys,
+            fallback_key=fallback_key,
+        )
         self._members: dict[int, Member] = {}
         self._changed = trio.Event()
         self._inbox_send, self._inbox = trio.open_memory_channel[ReceivedMessage](INBOX_MESSAGES)
+        self._verifications = Verifications(self._party, self._send_control, self._mark_verified)
 
     @property
     def user_id(self) -> int:
@@ -184,6 +220,43 @@ class Client:
         """This device's fingerprint, to read out to people verifying it."""
         return fingerprint(self._olm.ed25519)
 
+    async def start_verification(self, user_id: int, device_id: str) -> Verification:
+        """Start an interactive SAS verification (emoji or numbers) with another
+        device, of another user or our own. Returns once ``verify_start`` is
+        queued by the server; then ``await v.sas()``, compare, ``await
+        v.confirm()`` and ``await v.done()``. Raises ClientError for an unknown
+        device or this device, and the errors of :meth:`send_text`."""
+        if (user_id, device_id) == (self.user_id, self.device_id):
+            raise ClientError("a device cannot verify itself")
+        device = await self._sender_device(user_id, device_id)
+        if device is None or not device.current:
+            raise ClientError(f"unknown device {device_id} of user {user_id}")
+        return await self._verifications.start(
+            Party(device.user_id, device.device_id, device.ed25519)
+        )
+
+    def verification_requests(self) -> trio.MemoryReceiveChannel[Verification]:
+        """Verifications other devices start with this one, as they arrive. One
+        consumer; ``await v.sas()`` accepts one, ``await v.cancel()`` declines it.
+        Requests beyond MAX_VERIFICATIONS are declined (``busy``)."""
+        return self._verifications.requests
+
+    def _party(self) -> Party:
+        return Party(self.user_id, self.device_id, self._olm.ed25519)
+
+    async def _mark_verified(self, device: Party) -> None:
+        for d in await self._store.devices():
+            if (d.user_id, d.device_id, d.ed25519) == (
+                device.user_id,
+                device.device_id,
+                device.ed25519,
+            ):
+                await self._store.set_verified(d.user_id, d.device_id, True)
+                return
+        raise VerificationError(
+            "mac_mismatch", f"device {device.device_id} has other keys than the ones verified"
+        )
+
     # -- sending --------------------------------------------------------------
 
     def _targets(self, user_id: int) -> list[DeviceRecord]:
@@ -210,9 +283,20 @@ class Client:
                 message_id, peer, "out", self.user_id, self.device_id, text, now_ms(), "sending"
             )
         )
+        await self._send_payload(message_id, user_id, encode_payload(message_id, user_id, text))
+        await self._store.set_state(message_id, "sent", only_from="sending")
+        return message_id
+
+    async def _send_control(self, user_id: int, fields: dict[str, Any]) -> None:
+        """Send a payload that is not a chat message (kept out of the history)."""
+        message_id = str(uuid.uuid4())
+        await self._send_payload(message_id, user_id, encode_control(message_id, user_id, fields))
+
+    async def _send_payload(self, message_id: str, user_id: int, payload: bytes) -> None:
+        """Encrypt ``payload`` for every device of ``user_id`` and our own other
+        devices, and send it as message ``message_id``."""
         if user_id not in self._members or self.user_id not in self._members:
             await self.directory()
-        payload = encode_payload(message_id, user_id, text)
         for attempt in range(2):
             targets = self._targets(user_id)
             if not any(d.user_id == user_id for d in targets) and user_id != self.user_id:
@@ -229,16 +313,14 @@ class Client:
                 ]
                 await self._store.save_olm(None, self._olm.take_dirty())
             if not envelopes:
-                break  # a note to self on our only device: nothing to relay
+                return  # a note to self on our only device: nothing to relay
             reply = await self._conn.request("send", message_id=message_id, envelopes=envelopes)
             if reply["type"] == "sent":
-                break
+                return
             if reply["type"] == "device_mismatch" and attempt == 0:
                 await self.directory()
                 continue
             raise SendError(f"the server refused the device list of message {message_id}")
-        await self._store.set_state(message_id, "sent")
-        return message_id
 
     async def _start_sessions(self, targets: list[DeviceRecord]) -> None:
         """Claim keys and create outbound sessions for devices we have none with.
@@ -291,18 +373,21 @@ class Client:
                 if frame.get("type") == "deliver":
                     await self._deliver(frame["envelopes"])
                 elif frame.get("type") == "key_count":
-                    await self._top_up(frame)
+                    await self._keys.top_up(frame)
             except (ClientError, trio.TooSlowError) as exc:
                 # The server re-delivers what we did not acknowledge.
                 log.warning("client.inbound_failed", extra={"error": str(exc)})
 
     async def _deliver(self, envelopes: list[dict[str, Any]]) -> None:
-        received = []
+        received: list[ReceivedMessage] = []
+        controls: list[_Control] = []
         for env in envelopes:
             if env["kind"] == "message":
-                message = await self._receive(env)
-                if message is not None:
-                    received.append(message)
+                result = await self._receive(env)
+                if isinstance(result, ReceivedMessage):
+                    received.append(result)
+                elif result is not None:
+                    controls.append(result)
             elif env["kind"] in ("delivered", "expired"):
                 ours = {
                     d.device_id for d in await self._store.devices() if d.user_id == self.user_id
@@ -314,8 +399,26 @@ class Client:
         if envelopes:
             await self._conn.send_frame("ack", up_to=envelopes[-1]["envelope_id"])
         self._notify()
+        # Everything below is stored and acknowledged already: a failure here
+        # loses nothing (a fallback rotation is retried on the next key_count).
+        if self._keys.rotation_due:
+            await self._guarded(self._keys.rotate_fallback())
+        for control in controls:
+            await self._guarded(self._handle_control(control))
         for message in received:
             await self._inbox_send.send(message)
+
+    async def _guarded(self, work: Awaitable[None]) -> None:
+        try:
+            await work
+        except (ClientError, trio.TooSlowError) as exc:
+            log.warning("client.after_ack_failed", extra={"error": str(exc)})
+
+    async def _handle_control(self, control: _Control) -> None:
+        payload, sender = control.payload, control.sender
+        if payload.kind in VERIFY_KINDS:
+            them = Party(sender.user_id, sender.device_id, sender.ed25519)
+            await self._verifications.handle(them, payload.to_user_id, payload.fields)
 
     async def _sender_device(self, user_id: int, device_id: str) -> DeviceRecord | None:
         for refresh in (False, True):
@@ -326,9 +429,11 @@ class Client:
                     return d
         return None
 
-    async def _receive(self, env: dict[str, Any]) -> ReceivedMessage | None:
-        """Decrypt and store one message envelope; None for a duplicate or a
-        message that cannot be decrypted (stored as ``undecryptable``)."""
+    async def _receive(self, env: dict[str, Any]) -> ReceivedMessage | _Control | None:
+        """Decrypt and store one message envelope. Returns a chat message, or a
+        payload of another kind (recorded, not in the history); None for a
+        duplicate or a message that cannot be decrypted (stored as
+        ``undecryptable``)."""
         message_id = env["message_id"]
         if await self._store.has_message(message_id):
             return None
@@ -338,8 +443,8 @@ class Client:
             try:
                 if device is None:
                     raise DecryptionError(f"unknown sender device {sender_device}")
-                plaintext = self._olm.decrypt(device.curve25519, env["ciphertext"])
-                payload = decode_payload(plaintext, message_id)
+                decrypted = self._olm.decrypt(device.curve25519, env["ciphertext"])
+                payload = decode_payload(decrypted.plaintext, message_id)
             except DecryptionError as exc:
                 log.warning("client.undecryptable", extra={"error": str(exc)})
                 entry = HistoryEntry(
@@ -352,8 +457,22 @@ class Client:
                     env["sent_at"],
                     "undecryptable",
                 )
-                await self._store.add_message(entry, None, self._olm.take_dirty())
+                dirty = self._olm.take_dirty()
+                account = self._olm.account_pickle() if dirty else None
+                await self._store.add_message(entry, account, dirty)
                 return None
+            meta = self._keys.noticed(decrypted.one_time_key)
+            account = self._olm.account_pickle()
+            if payload.kind != "text":
+                new = await self._store.add_control(
+                    message_id,
+                    payload.kind,
+                    (sender_user, sender_device),
+                    account,
+                    self._olm.take_dirty(),
+                    meta,
+                )
+                return _Control(device, payload) if new else None
             outgoing = sender_user == self.user_id
             peer = payload.to_user_id if outgoing else sender_user
             entry = HistoryEntry(
@@ -366,43 +485,19 @@ class Client:
                 env["sent_at"],
                 "sent" if outgoing else "received",
             )
-            new = await self._store.add_message(
-                entry, self._olm.account_pickle(), self._olm.take_dirty()
-            )
+            new = await self._store.add_message(entry, account, self._olm.take_dirty(), meta)
         if not new:
             return None
         return ReceivedMessage(
-            message_id, sender_user, sender_device, peer, payload.text, env["sent_at"], outgoing
+            message_id,
+            sender_user,
+            sender_device,
+            peer,
+            payload.text,
+            env["sent_at"],
+            outgoing,
+            device.verified,
         )
-
-    # -- keys -----------------------------------------------------------------
-
-    async def _top_up(self, count: dict[str, Any]) -> None:
-        """Answer a key_count: publish identity keys once, one-time keys up to
-        ONE_TIME_KEY_TARGET, and a fallback key when the server has none."""
-        async with self._keys_lock:
-            meta = await self._store.meta()
-            upload: dict[str, Any] = {}
-            if meta.get("published") != self.device_id:
-                upload["device_keys"] = self._olm.device_keys(self.user_id, self.device_id)
-            have = int(count["one_time_key_count"])
-            async with self._olm_lock:
-                if have < ONE_TIME_KEY_LOW or count.get("upload_wanted"):
-                    wanted = max(0, ONE_TIME_KEY_TARGET - have)
-                    if wanted:
-                        upload["one_time_keys"] = self._olm.new_one_time_keys(
-                            self.device_id, wanted
-                        )
-                if not count.get("fallback_key"):
-                    upload["fallback_key"] = self._olm.new_fallback_key(self.device_id)
-                if upload:
-                    # Private keys are stored before their public halves leave.
-                    await self._store.save_olm(self._olm.account_pickle(), [])
-            if upload:
-                await self._conn.request("keys_upload", **upload)
-                if "device_keys" in upload:
-                    await self._store.set_meta(published=self.device_id)
-            self._keys_ready.set()
 
 
 @asynccontextmanager
@@ -417,14 +512,19 @@ async def open_client(
     totp: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
     backoff_base: float = 1.0,
+    one_time_keys: int = ONE_TIME_KEY_TARGET,
 ) -> AsyncIterator[Client]:
     """Open the store, connect, log in and publish keys; yield a :class:`Client`.
 
     Logs in as the device saved in the store, or as a new device the first
-    time. Raises ClientStoreError (wrong key), LoginError (refused),
-    ConnectionLostError (cannot connect). On exit it says ``bye``, cancels its
-    background tasks and closes the store.
+    time. ``one_time_keys`` is how many one-time keys the device keeps on the
+    server (1 to MAX_ONE_TIME_KEYS; it tops up when fewer than half are left,
+    or when the server asks). Raises ClientStoreError (wrong key), LoginError
+    (refused), ConnectionLostError (cannot connect). On exit it says ``bye``,
+    cancels its background tasks and closes the store.
     """
+    if not 1 <= one_time_keys <= MAX_ONE_TIME_KEYS:
+        raise ClientError(f"one_time_keys must be 1 to {MAX_ONE_TIME_KEYS}")
     store = await LocalStore.open(Path(store_path), store_key)
     try:
         meta = await store.meta()
@@ -446,12 +546,14 @@ async def open_client(
             backoff_base=backoff_base,
             on_session=on_session,
         )
-        client = Client(store, olm, conn)
+        client = Client(
+            store, olm, conn, one_time_keys=one_time_keys, fallback_key=meta.get("fallback_key")
+        )
         async with trio.open_nursery() as nursery:
             await nursery.start(conn.serve)
             nursery.start_soon(client._serve_inbound)
             with trio.fail_after(KEYS_READY_TIMEOUT):
-                await client._keys_ready.wait()
+                await client._keys.ready.wait()
             try:
                 yield client
             finally:

@@ -21,11 +21,18 @@ per peer device, keyed by the peer's Curve25519 identity key.
   normal message (type 1) is tried against the sender device's sessions, most
   recently used first.
 
+* **Fallback key.** When a pre-key message opens a new inbound session,
+  :meth:`OlmMachine.decrypt` reports which of our one-time keys it used (read
+  from the message and checked against the new session's id), so the client
+  can tell when its published fallback key was used and replace it.
+
 The *ciphertext* string inside an envelope is the JSON object
 ``{"v":1,"type":0|1,"body":"<standard base64, unpadded>"}`` of the Olm message.
 The *plaintext* inside Olm is the JSON object
-``{"v":1,"kind":"text","message_id":...,"to_user_id":...,"text":...}``; the
-``message_id`` must equal the envelope's, so the server cannot relabel a message.
+``{"v":1,"kind":"text","message_id":...,"to_user_id":...,"text":...}``, or a
+device verification payload (``"kind":"verify_..."``, see
+:mod:`chatd.client.sas`); the ``message_id`` must equal the envelope's, so the
+server cannot relabel a message.
 
 Nothing here imports trio or sqlite. Callers persist :meth:`OlmMachine.pickles`
 after every operation that changed state (see :mod:`chatd.client.client`).
@@ -37,8 +44,8 @@ import base64
 import binascii
 import hashlib
 import json
-from dataclasses import dataclass
-from typing import Any, Final
+from dataclasses import dataclass, field
+from typing import Any, Final, NamedTuple
 
 import vodozemac
 
@@ -47,10 +54,10 @@ from chatd.e2ee.signing import canonical_json, verify
 from .errors import DecryptionError, KeyClaimError
 
 PAYLOAD_VERSION: Final = 1
-#: One-time keys a device tries to keep on the server (vodozemac's recommended maximum).
+#: One-time keys a device tries to keep on the server (vodozemac's recommended
+#: maximum); ``open_client(one_time_keys=...)`` changes it. It uploads more when
+#: fewer than half are left unclaimed, or when the server asks.
 ONE_TIME_KEY_TARGET: Final = 50
-#: Upload more keys when fewer than this many are left unclaimed.
-ONE_TIME_KEY_LOW: Final = 25
 
 
 def fingerprint(ed25519_key: str) -> str:
@@ -95,25 +102,83 @@ def encode_payload(message_id: str, to_user_id: int, text: str) -> bytes:
     return json.dumps(payload, ensure_ascii=False).encode()
 
 
+def encode_control(message_id: str, to_user_id: int, fields: dict[str, Any]) -> bytes:
+    """A payload that is not a chat message (``fields["kind"]``, e.g. ``verify_start``)."""
+    payload = {**fields, "v": PAYLOAD_VERSION, "message_id": message_id, "to_user_id": to_user_id}
+    return json.dumps(payload, ensure_ascii=False).encode()
+
+
 @dataclass(frozen=True)
 class Payload:
     message_id: str
     to_user_id: int
-    text: str
+    text: str  # "" unless kind is "text"
+    kind: str = "text"
+    fields: dict[str, Any] = field(default_factory=dict)  # the whole object
 
 
 def decode_payload(plaintext: bytes, message_id: str) -> Payload:
-    """Parse a decrypted payload and check it belongs to envelope ``message_id``."""
+    """Parse a decrypted payload and check it belongs to envelope ``message_id``.
+    Kinds other than ``text`` come back with their JSON object in ``fields``."""
     try:
         obj = json.loads(plaintext)
-        payload = Payload(str(obj["message_id"]), int(obj["to_user_id"]), str(obj["text"]))
-        if obj.get("v") != PAYLOAD_VERSION or obj.get("kind") != "text":
-            raise ValueError("unsupported payload version or kind")
+        if not isinstance(obj, dict) or obj.get("v") != PAYLOAD_VERSION:
+            raise ValueError("unsupported payload version")
+        kind = obj.get("kind")
+        if not isinstance(kind, str):
+            raise ValueError("no payload kind")
+        text = str(obj["text"]) if kind == "text" else ""
+        payload = Payload(str(obj["message_id"]), int(obj["to_user_id"]), text, kind, obj)
     except (ValueError, KeyError, TypeError) as exc:
         raise DecryptionError(f"malformed payload: {exc}") from None
     if payload.message_id != message_id:
         raise DecryptionError("the payload's message id differs from the envelope's")
     return payload
+
+
+class Decrypted(NamedTuple):
+    plaintext: bytes
+    #: Our one-time (or fallback) key that a pre-key message used to open a new
+    #: inbound session; None when an existing session decrypted it.
+    one_time_key: str | None
+
+
+def pre_key_one_time_key(body: bytes, session_id: str) -> str | None:
+    """The one-time key an Olm pre-key message names, or None if it cannot be read.
+
+    The message is a version byte (3) and then protobuf fields, each
+    length-delimited: 0x0A one-time key, 0x12 base key, 0x1A identity key,
+    0x22 the inner message (vodozemac's ``PreKeyMessage`` doc). vodozemac's
+    Python binding does not expose the one-time key, so it is read here and
+    trusted only if the three keys give ``session_id``, which is
+    SHA-256(identity key || base key || one-time key) as vodozemac computes it.
+    """
+    if not body or body[0] != 3:
+        return None
+    fields: dict[int, bytes] = {}
+    i = 1
+    while i < len(body):
+        tag, i = body[i], i + 1
+        length = shift = 0
+        while True:
+            if i >= len(body) or shift > 28:
+                return None
+            byte, i = body[i], i + 1
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        if tag & 0x07 != 2 or i + length > len(body):
+            return None  # only length-delimited fields belong here
+        fields[tag] = body[i : i + length]
+        i += length
+    keys = [fields.get(tag) for tag in (0x1A, 0x12, 0x0A)]
+    if any(key is None or len(key) != 32 for key in keys):
+        return None
+    digest = hashlib.sha256(b"".join(k for k in keys if k is not None)).digest()
+    if base64.b64encode(digest).decode().rstrip("=") != session_id.rstrip("="):
+        return None
+    return base64.b64encode(fields[0x0A]).decode().rstrip("=")
 
 
 def device_keys_object(
@@ -200,25 +265,39 @@ class OlmMachine:
         }
 
     def new_one_time_keys(self, device_id: str, count: int) -> list[dict[str, Any]]:
-        """Generate ``count`` one-time keys, signed, and mark them published."""
-        self.account.generate_one_time_keys(count)
+        """``count`` signed one-time keys to upload: first any that were made
+        earlier but never published (an upload that failed), then new ones.
+        Call :meth:`mark_published` once the server has accepted them."""
+        have = len(self.account.one_time_keys)
+        if count > have:
+            self.account.generate_one_time_keys(count - have)
         keys = []
-        for key_id, key in self.account.one_time_keys.items():
+        for key_id, key in list(self.account.one_time_keys.items())[:count]:
             curve = key.to_base64()
             obj = {"curve25519": curve, "device_id": device_id, "key_id": key_id}
             keys.append({"key_id": key_id, "curve25519": curve, "signature": self._sign(obj)})
-        self.account.mark_keys_as_published()
         return keys
 
     def new_fallback_key(self, device_id: str) -> dict[str, Any]:
+        """A signed fallback key to upload. A key made earlier but never published
+        is reused rather than replaced: vodozemac keeps only the current and the
+        previous fallback key, and the previous one must stay the key the server
+        handed out, so that sessions peers opened with it still work. Call
+        :meth:`mark_published` once the server has accepted it."""
         # The stubs of vodozemac 0.10 lack the fallback-key methods the binding has.
-        self.account.generate_fallback_key()  # type: ignore[attr-defined]
         fallback: dict[str, vodozemac.Curve25519PublicKey] = self.account.fallback_key  # type: ignore[attr-defined]
+        if not fallback:
+            self.account.generate_fallback_key()  # type: ignore[attr-defined]
+            fallback = self.account.fallback_key  # type: ignore[attr-defined]
         [(key_id, key)] = fallback.items()
         curve = key.to_base64()
         obj = {"curve25519": curve, "device_id": device_id, "fallback": True, "key_id": key_id}
-        self.account.mark_keys_as_published()
         return {"key_id": key_id, "curve25519": curve, "signature": self._sign(obj)}
+
+    def mark_published(self) -> None:
+        """The server accepted the keys from :meth:`new_one_time_keys` and
+        :meth:`new_fallback_key`: vodozemac stops offering them as new."""
+        self.account.mark_keys_as_published()
 
     # -- sessions -------------------------------------------------------------
 
@@ -254,10 +333,10 @@ class OlmMachine:
         self._touch(peer_curve25519, session)
         return encode_ciphertext(message)
 
-    def decrypt(self, peer_curve25519: str, ciphertext: str) -> bytes:
+    def decrypt(self, peer_curve25519: str, ciphertext: str) -> Decrypted:
         """Decrypt a message from the device with this Curve25519 key. A pre-key
         message may create a session (and use up a one-time key: persist the
-        account too). Raises DecryptionError."""
+        account too; ``one_time_key`` then names the key). Raises DecryptionError."""
         message_type, body = decode_ciphertext(ciphertext)
         try:
             message = vodozemac.AnyOlmMessage.from_parts(message_type, body)
@@ -273,7 +352,7 @@ class OlmMachine:
             except ValueError:
                 continue
             self._touch(peer_curve25519, session)
-            return plaintext
+            return Decrypted(plaintext, None)
         if pre_key is None:
             raise DecryptionError("no Olm session with this device can decrypt the message")
         try:
@@ -283,4 +362,4 @@ class OlmMachine:
         except ValueError as exc:
             raise DecryptionError(f"cannot start an Olm session from this message: {exc}") from None
         self._touch(peer_curve25519, session)
-        return plaintext
+        return Decrypted(plaintext, pre_key_one_time_key(body, session.session_id))

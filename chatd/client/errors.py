@@ -9,7 +9,8 @@ ChatdError
     ├── DecryptionError         a ciphertext could not be decrypted or parsed
     ├── KeyClaimError           a peer device's keys could not be claimed or checked
     ├── IdentityChangedError    a known device now shows different identity keys
-    └── SendError               a message could not be sent to every device
+    ├── SendError               a message could not be sent to every device
+    └── VerificationError       a device verification failed or was cancelled (``code``)
 """
 
 from __future__ import annotations
@@ -56,3 +57,19 @@ class IdentityChangedError(ClientError):
 
 class SendError(ClientError):
     pass
+
+
+class VerificationError(ClientError):
+    """A SAS verification ended without marking the device verified.
+
+    ``code`` says why (``mac_mismatch``, ``mismatched_sas``, ``timeout``,
+    ``user``, ... see docs/CLIENT.md); ``remote`` is True when the other
+    device cancelled. ``reason`` is text for people, from us or from the peer.
+    """
+
+    def __init__(self, code: str, reason: str, *, remote: bool = False) -> None:
+        self.code = code
+        self.reason = reason
+        self.remote = remote
+        who = "the other device cancelled the verification" if remote else "verification failed"
+        super().__init__(f"{who} ({code})" + (f": {reason}" if reason else ""))

@@ -2,7 +2,9 @@
 
 It holds the pickled Olm account and sessions (sealed again with a key derived
 from the store key), the device id, the devices seen in the directory with
-their ``verified`` flag, and the message history. Every call runs in a worker
+their ``verified`` flag, the message history, and the ids of received
+payloads that are not chat messages (device verification), so that a
+re-delivered one is recognised as a duplicate too. Every call runs in a worker
 thread (``trio.to_thread.run_sync``); a lock serialises them on the one
 connection, and each write is one transaction committed with
 ``synchronous=FULL`` before the call returns.
@@ -53,6 +55,13 @@ CREATE TABLE IF NOT EXISTS messages (
     plaintext TEXT,
     sent_at INTEGER NOT NULL,
     state TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS control_messages (
+    message_id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    sender_user_id INTEGER NOT NULL,
+    sender_device_id TEXT NOT NULL,
+    received_at INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS receipts (
     message_id TEXT NOT NULL,
@@ -167,10 +176,19 @@ class LocalStore:
         return [(r[0], r[1]) for r in rows]
 
     @staticmethod
-    def _save_olm(conn: Any, account: str | None, sessions: list[tuple[str, str, str]]) -> None:
+    def _save_olm(
+        conn: Any,
+        account: str | None,
+        sessions: list[tuple[str, str, str]],
+        meta: dict[str, str] | None = None,
+    ) -> None:
         if account is not None:
             conn.execute(
                 "INSERT OR REPLACE INTO meta (name, value) VALUES ('account', ?)", (account,)
+            )
+        if meta:
+            conn.executemany(
+                "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", list(meta.items())
             )
         now = time.time_ns()
         conn.executemany(
@@ -179,8 +197,14 @@ class LocalStore:
             [(sid, curve, pickle, now + i) for i, (sid, curve, pickle) in enumerate(sessions)],
         )
 
-    async def save_olm(self, account: str | None, sessions: list[tuple[str, str, str]]) -> None:
-        await self._write(lambda c: self._save_olm(c, account, sessions))
+    async def save_olm(
+        self,
+        account: str | None,
+        sessions: list[tuple[str, str, str]],
+        meta: dict[str, str] | None = None,
+    ) -> None:
+        """Olm state (and ``meta`` values that go with it) in one transaction."""
+        await self._write(lambda c: self._save_olm(c, account, sessions, meta))
 
     # -- devices --------------------------------------------------------------
 
@@ -234,7 +258,9 @@ class LocalStore:
     async def has_message(self, message_id: str) -> bool:
         row = await self._run(
             lambda c: c.execute(
-                "SELECT 1 FROM messages WHERE message_id = ?", (message_id,)
+                "SELECT 1 FROM messages WHERE message_id = ?"
+                " UNION ALL SELECT 1 FROM control_messages WHERE message_id = ?",
+                (message_id, message_id),
             ).fetchone()
         )
         return row is not None
@@ -264,20 +290,49 @@ class LocalStore:
         entry: HistoryEntry,
         account: str | None = None,
         sessions: list[tuple[str, str, str]] | None = None,
+        meta: dict[str, str] | None = None,
     ) -> bool:
         """Store a message (and the Olm state its decryption changed) in one
         transaction. False when the message id was already in the history."""
 
         def write(conn: Any) -> bool:
-            self._save_olm(conn, account, sessions or [])
+            self._save_olm(conn, account, sessions or [], meta)
             return self._insert(conn, entry)
 
         return await self._write(write)
 
-    async def set_state(self, message_id: str, state: str) -> None:
+    async def add_control(
+        self,
+        message_id: str,
+        kind: str,
+        sender: tuple[int, str],
+        account: str | None = None,
+        sessions: list[tuple[str, str, str]] | None = None,
+        meta: dict[str, str] | None = None,
+    ) -> bool:
+        """Record a received payload that is not a chat message (kept out of the
+        history), with the Olm state its decryption changed, in one transaction.
+        False when the message id was seen before."""
+
+        def write(conn: Any) -> bool:
+            self._save_olm(conn, account, sessions or [], meta)
+            return bool(
+                conn.execute(
+                    "INSERT OR IGNORE INTO control_messages (message_id, kind, sender_user_id,"
+                    " sender_device_id, received_at) VALUES (?, ?, ?, ?, ?)",
+                    (message_id, kind, sender[0], sender[1], now_ms()),
+                ).rowcount
+            )
+
+        return await self._write(write)
+
+    async def set_state(self, message_id: str, state: str, *, only_from: str | None = None) -> None:
+        """Set a message's state; with ``only_from``, only if it is still in that state
+        (a receipt may already have moved it on: ``sent`` must not undo ``delivered``)."""
         await self._write(
             lambda c: c.execute(
-                "UPDATE messages SET state = ? WHERE message_id = ?", (state, message_id)
+                "UPDATE messages SET state = ? WHERE message_id = ? AND coalesce(? = state, 1)",
+                (state, message_id, only_from),
             )
         )
 
