@@ -33,6 +33,7 @@ from chatd.keyfiles import (
     write_private_file,
 )
 from chatd.log import configure
+from chatd.memory import limit_malloc_arenas
 
 DEFAULT_DATA_DIR = "chatd-data"
 DEFAULT_CONFIG = os.path.join(DEFAULT_DATA_DIR, CONFIG_FILE_NAME)
@@ -201,6 +202,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         configure(config.log)
         from chatd.daemon import run_daemon
 
+        limit_malloc_arenas()  # before any thread starts; see chatd.memory
         trio.run(run_daemon, config)
         return 0
     except BaseException as exc:  # noqa: B036 - every failure becomes a clear message and code

@@ -27,6 +27,8 @@ from typing import Final
 import argon2
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from chatd.memory import release_freed_memory
+
 PASSWORD_MIN: Final = 12  # characters (Unicode code points)
 PASSWORD_MAX: Final = 128  # characters (Unicode code points)
 #: How many of the most common passwords (zxcvbn's frequency list) are refused.
@@ -152,7 +154,10 @@ class PasswordHasher:
         The string carries the algorithm, the parameters and the salt, so a
         later change of parameters still verifies old hashes.
         """
-        return self._hasher.hash(password)
+        try:
+            return self._hasher.hash(password)
+        finally:
+            release_freed_memory()  # the hash's buffer; see chatd.memory
 
     def verify(self, stored_hash: str, password: str) -> bool:
         """Whether ``password`` matches ``stored_hash``. Never raises for a bad guess.
@@ -167,6 +172,8 @@ class PasswordHasher:
             return self._hasher.verify(stored_hash.encode("ascii"), encoded)
         except (VerificationError, InvalidHashError, UnicodeEncodeError):
             return False
+        finally:
+            release_freed_memory()  # the hash's buffer; see chatd.memory
 
     def needs_rehash(self, stored_hash: str) -> bool:
         """Whether ``stored_hash`` was made with other parameters than these.
