@@ -177,24 +177,24 @@ class QueueService:
         expires = now + int(self.settings.envelope_days * DAY_MS)
 
         def delete(conn: Any) -> tuple[int, list[str]]:
-            messages = conn.execute(
-                "SELECT message_id, sender_device FROM envelopes WHERE recipient_device = ?"
-                " AND id <= ? AND kind = 'message' AND sender_device IS NOT NULL",
-                (device_id, up_to),
-            ).fetchall()
+            # Two statements however many envelopes: a delivered receipt for
+            # each message whose sender device still exists, then the delete.
+            senders = [
+                row[0]
+                for row in conn.execute(
+                    "INSERT INTO envelopes (recipient_device, kind, message_id, about_device,"
+                    " created_at, expires_at)"
+                    " SELECT e.sender_device, 'delivered', e.message_id, ?, ?, ?"
+                    " FROM envelopes e JOIN devices d ON d.id = e.sender_device"
+                    " WHERE e.recipient_device = ? AND e.id <= ? AND e.kind = 'message'"
+                    " ORDER BY e.id RETURNING recipient_device",
+                    (device_id, now, expires, device_id, up_to),
+                ).fetchall()
+            ]
             deleted = conn.execute(
                 "DELETE FROM envelopes WHERE recipient_device = ? AND id <= ?",
                 (device_id, up_to),
             ).rowcount
-            senders = []
-            for message_id, sender in messages:
-                if conn.execute("SELECT 1 FROM devices WHERE id = ?", (sender,)).fetchone():
-                    conn.execute(
-                        "INSERT INTO envelopes (recipient_device, kind, message_id, about_device,"
-                        " created_at, expires_at) VALUES (?, 'delivered', ?, ?, ?, ?)",
-                        (sender, message_id, device_id, now, expires),
-                    )
-                    senders.append(sender)
             return int(deleted), senders
 
         pending = await self.store.submit(delete)
