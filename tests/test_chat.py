@@ -24,8 +24,9 @@ import pytest
 import trio
 
 from chatd.chat.cli import EXIT_CODES, read_key_file
-from chatd.chat.display import clean, message_lines, normalize_fingerprint
+from chatd.chat.display import clean, message_lines, normalize_fingerprint, verification_ended
 from chatd.chat.session import COMMANDS
+from chatd.client import VerificationError
 
 from .conftest import REPO
 from .test_client import BOB_KEY, device, next_message, relay
@@ -225,6 +226,99 @@ async def test_two_people_chat_live_see_delivery_and_verify_each_other(short_tmp
         assert PASSWORD not in alice.output and BOB_PASSWORD not in bob.output
 
 
+async def test_two_people_compare_emoji_and_verify_each_others_devices(
+    short_tmp: Path,
+) -> None:
+    async with relay(short_tmp) as srv:
+        alice_args = user_args(srv.url, short_tmp, "alice", key=bytes([1]) * 32)
+        bob_args = user_args(srv.url, short_tmp, "bob", key=bytes([2]) * 32)
+        async with chat(short_tmp, *alice_args) as alice, chat(short_tmp, *bob_args) as bob:
+            alice_device = await log_in(alice, "alice", PASSWORD)
+            bob_device = await log_in(bob, "bob", BOB_PASSWORD)
+            alices = f'alice\'s device {alice_device} ("alice-laptop")'
+            bobs = f'bob\'s device {bob_device} ("bob-laptop")'
+
+            # Bob sees other emoji than alice (say) and answers /no: nothing is verified.
+            await alice.type(f"/sas bob {bob_device.lower()}")
+            await alice.expect(f"-- asked {bobs} to verify: they type /accept there")
+            await bob.expect(f"{alices} wants to verify with you: /accept to compare emoji")
+            await bob.type("/yes")
+            await bob.expect("! not now: /accept to compare emoji, /no to decline")
+            await bob.type("/accept")
+            assert await alice.expect_line("Emoji: ") == await bob.expect_line("Emoji: ")
+            await bob.expect("Do they match? Type /yes if they are the same on both screens")
+            await bob.type("/no")
+            await bob.expect(f"! verification with {alices} cancelled: the emoji differ. It is NOT")
+            await alice.expect(
+                f"! {bobs} cancelled the verification: the emoji differ. It is NOT verified."
+            )
+            await alice.type("/who")
+            await alice.expect(f'{bob_device}  "bob-laptop"  UNVERIFIED')
+
+            # Again. While alice waits for bob, her lines still go out as messages,
+            # and a request from another device of bob's is declined (busy).
+            await alice.type("/open bob")
+            await alice.expect("-- no messages yet")
+            await alice.type(f"/sas bob {bob_device}")
+            await bob.expect(f"{alices} wants to verify with you")
+            await alice.type("do you see the emoji?")
+            assert await bob.expect_line("alice: do you see the emoji?") == " (unverified device)"
+            async with device(srv, short_tmp, "bob", "bob-phone", BOB_KEY) as phone:
+                alice_id = next(m.user_id for m in await phone.directory() if m.username == "alice")
+                busy = await phone.start_verification(alice_id, alice_device)
+                with trio.fail_after(TIMEOUT), pytest.raises(VerificationError) as refused:
+                    await busy.sas()
+                assert (refused.value.code, refused.value.remote) == ("busy", True)
+                await alice.expect(
+                    f"asked to verify with you; declined, as you are verifying {bobs}"
+                )
+
+                await bob.type("/accept")
+                emoji = await alice.expect_line("Emoji: ")
+                assert emoji == await bob.expect_line("Emoji: ")
+                assert len(emoji.split("   ")) == 7  # seven emoji, each with its name
+                numbers = await alice.expect_line("Numbers: ")
+                assert numbers == await bob.expect_line("Numbers: ")
+                assert re.fullmatch(r"\d{4} \d{4} \d{4}", numbers)
+                await alice.expect("Do they match?")
+                await alice.type("/yes")
+                await alice.expect(f"-- you said they match; waiting for {bobs} to confirm too --")
+                await bob.type("/yes")
+                await bob.expect(f"✓ {alices} is now verified (the emoji matched).")
+                await alice.expect(f"✓ {bobs} is now verified (the emoji matched).")
+                await alice.type("/who")
+                await alice.expect(f'{bob_device}  "bob-laptop"  verified')
+
+                # Messages between the verified devices no longer carry the mark.
+                await bob.type("now I trust you")
+                assert await alice.expect_line("bob: now I trust you") == ""
+                await alice.type("same here")
+                assert await bob.expect_line("alice: same here") == ""
+
+                # Another device's reason for cancelling is cleaned before it is shown.
+                request = await phone.start_verification(alice_id, alice_device)
+                await alice.expect("wants to verify with you: /accept")
+                await request.cancel("no \x1b[2J way")
+                phones = f'bob\'s device {phone.device_id} ("bob-phone")'
+                await alice.expect(
+                    f"! {phones} cancelled the verification"
+                    ' (they wrote: "no \\x1b[2J way"). It is NOT verified.'
+                )
+                assert "\x1b" not in alice.output
+
+                # Leaving chat in the middle of a verification cancels it.
+                await alice.type(f"/sas bob {phone.device_id}")
+                with trio.fail_after(TIMEOUT):
+                    left = await phone.verification_requests().receive()
+                await alice.type("/quit")
+                with trio.fail_after(TIMEOUT), pytest.raises(VerificationError) as cancelled:
+                    await left.done()
+                assert (cancelled.value.code, cancelled.value.reason) == ("user", "they left chat")
+                assert await alice.exit_code() == 0
+            await bob.type("/quit")
+            assert await bob.exit_code() == 0
+
+
 async def test_history_scrolls_page_by_page_and_bad_commands_are_explained(
     short_tmp: Path,
 ) -> None:
@@ -272,7 +366,9 @@ async def test_history_scrolls_page_by_page_and_bad_commands_are_explained(
                     ("/history lots", "! usage: /history [N], N from 1 to 1000"),
                     ("/verify bob", "! usage: /verify <username> <device> <fingerprint>"),
                     ("/verify bob NOSUCHDEVICE " + "0000 " * 16, "bob has no device NOSUCHDEVICE"),
-                    ("/sas bob X", "! /sas is not available yet"),
+                    ("/sas bob", "! usage: /sas <username> <device>"),
+                    ("/sas bob X", "! bob has no device X (see /who)"),
+                    ("/yes", "! no verification is in progress"),
                     ("/open carol", "-- no messages yet"),
                     ("hi carol", '! not sent "hi carol": carol has no device yet'),
                     ("/open bob", "-- conversation with bob --"),
@@ -457,6 +553,22 @@ def test_fingerprints_are_read_in_any_spacing_and_case() -> None:
     assert normalize_fingerprint(fp.lower().replace(" ", "")) == fp
     assert normalize_fingerprint(fp + " 0") is None
     assert normalize_fingerprint("XYZ" * 20) is None
+
+
+def test_why_a_verification_ended_is_said_plainly() -> None:
+    who = "bob's device ABC"
+    assert verification_ended(who, VerificationError("timeout", "too long")) == (
+        f"! verification with {who} failed: it was not finished within 10 minutes."
+        " It is NOT verified."
+    )
+    assert "someone may be in the middle" in verification_ended(
+        who, VerificationError("mac_mismatch", "")
+    )
+    remote = VerificationError("odd\u202ecode", "why\nnot", remote=True)
+    assert verification_ended(who, remote) == (
+        f'! {who} cancelled the verification: code odd\\u202ecode (they wrote: "why\\x0anot").'
+        " It is NOT verified."
+    )
 
 
 def test_every_command_and_exit_code_is_documented() -> None:

@@ -2,8 +2,9 @@
 
 :mod:`chatd.chat.cli` parses the command line, asks for the secrets and maps
 failures to exit codes; :mod:`chatd.chat.session` is the Trio session (the
-commands, live messages, delivery marks); :mod:`chatd.chat.display` formats
-what is printed; :mod:`chatd.chat.terminal` reads typed lines without
+commands, live messages, delivery marks); :mod:`chatd.chat.verifying` runs
+emoji (SAS) verification with another device; :mod:`chatd.chat.display`
+formats what is printed; :mod:`chatd.chat.terminal` reads typed lines without
 blocking the event loop.
 """
 

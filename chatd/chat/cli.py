@@ -273,6 +273,8 @@ LIBRARY_WARNINGS: Final = {
     "client.undecryptable": "a message could not be decrypted (it is in /history, marked)",
     "client.inbound_failed": "a delivery could not be handled; the server will send it again",
     "client.refresh_refused": "the server refused to refresh the session",
+    "client.after_ack_failed": "a received message could not be handled (a verification step?)",
+    "client.verification_cancel_unsent": "the other device could not be told of the cancel",
 }
 
 

@@ -12,7 +12,8 @@ import time
 import unicodedata
 from typing import Final
 
-from chatd.client import DeviceRecord, HistoryEntry
+from chatd.client import DeviceRecord, HistoryEntry, ShortAuthString, VerificationError
+from chatd.client.verification import VERIFICATION_TIMEOUT
 
 EXCERPT_CHARS: Final = 40  # characters of a message quoted in delivery notices
 FINGERPRINT_HEX: Final = 64  # hex digits in a fingerprint (16 groups of 4)
@@ -104,3 +105,47 @@ def normalize_fingerprint(typed: str) -> str | None:
     if len(digits) != FINGERPRINT_HEX or any(c not in "0123456789ABCDEF" for c in digits):
         return None
     return " ".join(digits[i : i + 4] for i in range(0, FINGERPRINT_HEX, 4))
+
+
+#: Why an emoji (SAS) verification ended, by its cancel code (docs/CLIENT.md);
+#: other codes, from other clients, are shown as they came.
+SAS_ENDED: Final = {
+    "mismatched_sas": "the emoji differ",
+    "mac_mismatch": (
+        "the device's key is not the one the server gave you: someone may be in the"
+        " middle (compare fingerprints in person: /fingerprint, /verify)"
+    ),
+    "commitment_mismatch": (
+        "the other device's key is not the one it committed to: someone may be in the middle"
+    ),
+    "bad_key": "the other device sent an unusable key",
+    "unexpected_message": "the two devices got out of step; start again with /sas",
+    "timeout": f"it was not finished within {VERIFICATION_TIMEOUT / 60:.0f} minutes",
+    "busy": "busy with another verification; try again in a moment",
+    "send_failed": "the other device could not be reached",
+}
+
+
+def sas_lines(sas: ShortAuthString) -> list[str]:
+    """The seven emoji with their names on one line, then the three numbers."""
+    return [
+        "Emoji:   " + "   ".join(f"{emoji} {name}" for emoji, name in sas.emoji),
+        "Numbers: " + " ".join(str(n) for n in sas.decimals),
+    ]
+
+
+def verification_ended(who: str, error: VerificationError) -> str:
+    """The line saying that the verification with ``who`` (already cleaned)
+    ended without verifying anything. The other side's reason is cleaned."""
+    why = SAS_ENDED.get(error.code, f"code {clean(error.code)}")
+    if error.remote:
+        shown = clean(error.reason)
+        said = f' (they wrote: "{shown}")' if shown and shown != why else ""
+        if error.code == "user":
+            return f"! {who} cancelled the verification{said}. It is NOT verified."
+        return f"! {who} cancelled the verification: {why}{said}. It is NOT verified."
+    if error.code == "user":
+        return f"! verification with {who} cancelled. It is NOT verified."
+    if error.code == "mismatched_sas":
+        return f"! verification with {who} cancelled: {why}. It is NOT verified."
+    return f"! verification with {who} failed: {why}. It is NOT verified."

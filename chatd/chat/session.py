@@ -1,7 +1,7 @@
 """The terminal client's session: commands, live messages and delivery marks.
 
 :class:`ChatSession` runs on a logged-in :class:`chatd.client.Client`. Its
-:meth:`~ChatSession.run` owns one nursery with four kinds of tasks:
+:meth:`~ChatSession.run` owns one nursery with these tasks:
 
 * the **input loop** (in ``run`` itself): reads typed lines, runs commands,
   and puts plain text on the outbox;
@@ -11,7 +11,9 @@
   ``✓✓ delivered`` or ``✗ expired`` when the message reaches that state;
 * the **incoming printer**: prints received messages as they arrive, marking
   those from unverified devices;
-* the **connection watcher**: says when the connection drops and comes back.
+* the **connection watcher**: says when the connection drops and comes back;
+* the **verification requests** taker, and one follower for the emoji (SAS)
+  verification in progress, if any (see :mod:`chatd.chat.verifying`).
 
 Everything prints through one ``say`` callable, whole lines at a time; all
 tasks share the one Trio thread, so lines never interleave.
@@ -47,6 +49,7 @@ from .display import (
     normalize_fingerprint,
 )
 from .terminal import LineReader
+from .verifying import SasVerifier
 
 PAGE: Final = 20  # messages per history page
 MAX_PAGE: Final = 1000  # the largest /history N
@@ -81,7 +84,14 @@ COMMANDS: Final = (
         "/verify <username> <device> <fingerprint>",
         "mark a device verified: type the fingerprint its owner reads to you",
     ),
-    Command("sas", "/sas <username> <device>", "emoji verification (not available yet)"),
+    Command(
+        "sas",
+        "/sas <username> <device>",
+        "verify a device by comparing emoji with its screen (they /accept there)",
+    ),
+    Command("accept", "/accept", "go ahead with a verification another device asked for"),
+    Command("yes", "/yes", "the emoji match the other screen: verify the device"),
+    Command("no", "/no", "the emoji differ, or decline or cancel the verification"),
     Command("quit", "/quit", "leave (Ctrl-D does the same)"),
 )
 
@@ -107,7 +117,7 @@ class ChatSession:
         self._outbox_send, self._outbox = trio.open_memory_channel[tuple[Member, str]](OUTBOX)
         self._sender_done = trio.Event()
         self._nursery: trio.Nursery | None = None
-        self._lines: LineReader | None = None  # for commands that ask a question (SAS)
+        self._sas = SasVerifier(client, say, self.describe_device)
 
     # -- the session ----------------------------------------------------------
 
@@ -115,7 +125,6 @@ class ChatSession:
         """Run until /quit or end of input. Returns after the outbox is sent
         (or QUIT_GRACE passed). Errors of the client library that end the
         connection for good (a refused login after a reconnect) propagate."""
-        self._lines = lines
         device = self.client.device_id
         if self.device_name:
             device += f' ("{clean(self.device_name)}")'
@@ -130,10 +139,12 @@ class ChatSession:
             nursery.start_soon(self._show_incoming)
             nursery.start_soon(self._send_outbox)
             nursery.start_soon(self._watch_connection)
+            nursery.start_soon(self._sas.serve_requests, nursery)
             while True:
                 line = await lines.readline()
                 if line is None or not await self.handle(line):
                     break
+            await self._sas.close()
             await self._finish_outbox()
             nursery.cancel_scope.cancel()
         self.say("Bye.")
@@ -199,19 +210,31 @@ class ChatSession:
             if new:
                 self.say(
                     f"! {len(new)} device(s) of other people are not verified yet:"
-                    " see /who, and /verify them"
+                    " see /who, and verify them with /sas"
                 )
             return
         for d in new:
             self.say(
                 f"! new device for {self.name_of(d.user_id)}: {clean(d.device_id)}"
-                f' "{clean(d.name)}", UNVERIFIED (/verify {self.name_of(d.user_id)}'
-                f" {clean(d.device_id)} <fingerprint>)"
+                f' "{clean(d.name)}", UNVERIFIED (to verify it: /sas {self.name_of(d.user_id)}'
+                f" {clean(d.device_id)})"
             )
 
     def name_of(self, user_id: int) -> str:
         member = self._by_id.get(user_id)
         return clean(member.username) if member else f"user#{user_id}"
+
+    async def describe_device(self, user_id: int, device_id: str) -> str:
+        """``bob's device ABC ("phone")``, cleaned; refreshes the directory if
+        the user is not known yet. Never raises ClientError."""
+        name = ""
+        with contextlib.suppress(ClientError, trio.TooSlowError):
+            if user_id not in self._by_id:
+                await self.refresh_directory()
+            for d in await self.client.devices():
+                if (d.user_id, d.device_id) == (user_id, device_id) and d.name:
+                    name = f' ("{clean(d.name)}")'
+        return f"{self.name_of(user_id)}'s device {clean(device_id)}{name}"
 
     async def find_member(self, typed: str) -> Member:
         """The member called ``typed`` (any case); refreshes the directory once
@@ -292,7 +315,7 @@ class ChatSession:
             ids = ", ".join(clean(d.device_id) for d in unverified)
             self.say(
                 f"! {clean(self.peer.username)} has {len(unverified)} unverified device(s): {ids}."
-                " Compare fingerprints, then /verify"
+                " Verify them with /sas (emoji) or /verify (fingerprint)"
             )
 
     async def _cmd_history(self, args: list[str]) -> None:
@@ -375,16 +398,28 @@ class ChatSession:
         self.say(f'✓ {who} ("{clean(device.name)}") is now verified.')
 
     async def _cmd_sas(self, args: list[str]) -> None:
-        # -- SAS verification plugs in here ------------------------------------
-        # When chatd.client offers SAS (emoji or decimal) verification: resolve
-        # the member and device as _cmd_verify does, start the exchange, print
-        # the emoji or decimals with self.say, ask "Do they match? [y/n]" (the
-        # input loop is waiting on this handler, so read the answer with
-        # ``await self._lines.readline()``), then confirm or cancel.
-        raise UsageError(
-            "/sas is not available yet; compare fingerprints instead:"
-            " /fingerprint on their device, then /verify"
-        )
+        if len(args) != 2:
+            raise UsageError("usage: /sas <username> <device> (the device id is in /who)")
+        if self._nursery is None:
+            raise UsageError("/sas needs a running session")
+        member = await self.find_member(args[0])
+        device = await self._device(member, args[1])
+        if device is None:
+            raise UsageError(f"{clean(member.username)} has no device {clean(args[1])} (see /who)")
+        if (device.user_id, device.device_id) == (self.client.user_id, self.client.device_id):
+            raise UsageError("that is this device: run /sas on another device to verify it")
+        if not device.current:
+            raise UsageError(f"device {clean(device.device_id)} was removed from the directory")
+        await self._sas.start(self._nursery, device.user_id, device.device_id)
+
+    async def _cmd_accept(self, args: list[str]) -> None:
+        await self._sas.accept()
+
+    async def _cmd_yes(self, args: list[str]) -> None:
+        await self._sas.confirm()
+
+    async def _cmd_no(self, args: list[str]) -> None:
+        await self._sas.refuse()
 
     def _need_peer(self) -> Member:
         if self.peer is None:
@@ -474,16 +509,7 @@ class ChatSession:
             prefix = f"{clock(message.sent_at)} {sender} → {self.name_of(message.peer_user_id)}: "
         else:
             prefix = f"{clock(message.sent_at)} {sender}: "
-        try:
-            devices = await self.client.devices()
-        except ClientError:
-            devices = []
-        verified = any(
-            d.verified
-            for d in devices
-            if (d.user_id, d.device_id) == (message.sender_user_id, message.sender_device_id)
-        )
-        suffix = "" if verified else " (unverified device)"
+        suffix = "" if message.sender_verified else " (unverified device)"
         for line in message_lines(prefix, message.text, suffix):
             self.say(line)
         if self.peer is None and message.peer_user_id in self._by_id:
