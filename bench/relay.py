@@ -653,7 +653,7 @@ def writer_stats_child(out: str, argv: list[str]) -> int:
     batches: list[tuple[float, int, float]] = []
     submit, run_batch = Store.submit, Store._run_batch
 
-    async def timed_submit(self: Store, fn: Any) -> Any:
+    async def timed_submit(self: Store, fn: Any, *args: Any) -> Any:
         name = str(getattr(fn, "__qualname__", "?")).replace(".<locals>", "")
 
         def timed(conn: Any) -> Any:
@@ -663,7 +663,7 @@ def writer_stats_child(out: str, argv: list[str]) -> int:
             finally:
                 jobs.append((time.monotonic(), name, time.perf_counter() - started))
 
-        return await submit(self, timed)
+        return await submit(self, timed, *args)
 
     def timed_batch(self: Store, conn: Any, batch: list[Any]) -> None:
         started = time.perf_counter()

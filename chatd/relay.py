@@ -81,6 +81,8 @@ class _Client:
         "delivered",
         "unacked",
         "pumping",
+        "synced",
+        "pump_idle",
         "nursery",
         "pipeline",
         "in_flight",
@@ -99,6 +101,10 @@ class _Client:
         self.delivered = 0  # highest envelope id sent on this connection
         self.unacked: collections.deque[int] = collections.deque()  # ids sent, not yet acked
         self.pumping = False  # a delivery pump runs for this connection
+        # Caught up: it was sent every committed envelope of its device that
+        # the relay has heard of, so new ones may be pushed without a read.
+        self.synced = False
+        self.pump_idle = False  # the pump waits for ``wake``
         self.nursery: trio.Nursery | None = None  # the connection's own tasks
         # Pipelined requests (sends, acks) whose replies are not out yet, in
         # order; made on the first one, so idle connections do not pay for it.
@@ -478,6 +484,7 @@ async def serve_relay(
             keys.on_keys_low = relay.session_frames.push_key_counts
         if queues is not None:
             queues.on_queued = relay.session_frames.wake_devices
+            queues.on_committed = relay.session_frames.deliver_committed
         if auth is not None:
             auth.on_revoked = relay.session_frames.close_sessions
             handlers.start_soon(

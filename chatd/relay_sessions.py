@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 
 from chatd.auth.models import AuthError, Peer, SessionGrant
+from chatd.e2ee.queues import deliver_batches
 from chatd.log import client_network, fields, mask_ip
 from chatd.protocol import core
 from chatd.protocol import frames as f
@@ -73,6 +74,7 @@ class SessionFrames:
         self._presence_due = trio.Event()
         self._presence_scope = trio.CancelScope()
         self.by_session: dict[int, set[_Client]] = {}
+        self.by_device: dict[str, set[_Client]] = {}
         self._sweep = trio.CancelScope()
 
     # -- registry ------------------------------------------------------------------
@@ -83,6 +85,8 @@ class SessionFrames:
         self._unregister(client)
         client.grant = grant
         self.by_session.setdefault(grant.session_id, set()).add(client)
+        if grant.device_id:
+            self.by_device.setdefault(grant.device_id, set()).add(client)
         client.proto.session_started(restricted=grant.mfa_enrollment_required)
         if came_online:
             self._announce(grant.user_id, online=True)
@@ -140,15 +144,46 @@ class SessionFrames:
 
     def wake_devices(self, device_ids: Iterable[str]) -> None:
         """New envelopes for these devices: wake their connections' pumps."""
-        wanted = set(device_ids)
-        for clients in list(self.by_session.values()):
-            for client in clients:
-                if client.grant is not None and client.grant.device_id in wanted:
+        for device_id in set(device_ids):
+            for client in self.by_device.get(device_id, ()):
+                client.synced = False
+                client.wake.set()
+
+    def deliver_committed(self, pairs: list[tuple[str, f.Envelope]]) -> None:
+        """Envelopes just committed (QueueService.on_committed), in queue order:
+        push them in one ``deliver`` per connection that is caught up and idle,
+        without reading them back; wake the pumps of the others."""
+        by_device: dict[str, list[f.Envelope]] = {}
+        for device_id, envelope in pairs:
+            by_device.setdefault(device_id, []).append(envelope)
+        for device_id, envelopes in by_device.items():
+            for client in list(self.by_device.get(device_id, ())):
+                if client.closing is not None or not client.pumping:
+                    continue
+                fresh = [e for e in envelopes if e.envelope_id > client.delivered]
+                if not fresh:
+                    continue
+                if (
+                    client.synced
+                    and client.pump_idle
+                    and len(client.unacked) + len(fresh) <= PUMP_WINDOW
+                ):
+                    client.delivered = fresh[-1].envelope_id
+                    client.unacked.extend(e.envelope_id for e in fresh)
+                    for batch in deliver_batches(fresh):
+                        self.relay.push(client, client.proto.reply(f.Deliver(envelopes=batch)))
+                else:
+                    client.synced = False  # the pump reads them from the table
                     client.wake.set()
 
     async def _pump(self, client: _Client) -> None:
         """Send this connection its device's queue, in order and in batches, as
-        envelopes arrive; at most PUMP_WINDOW unacknowledged at a time."""
+        envelopes arrive; at most PUMP_WINDOW unacknowledged at a time.
+
+        It reads the table until it is caught up; from then on the connection
+        is *synced* and :meth:`deliver_committed` pushes new envelopes straight
+        from their commit, until something (a full window, a wake-up without
+        the envelopes) sends the pump back to the table."""
         try:
             while self.queues is not None and client.closing is None:
                 grant = client.grant
@@ -161,7 +196,14 @@ class SessionFrames:
                         client.unacked.extend(e.envelope_id for e in batch)
                         self.relay.push(client, client.proto.reply(f.Deliver(envelopes=batch)))
                         continue
-                await client.wake.wait()
+                    # Nothing newer in the table; anything committed during the
+                    # read has set ``wake``, and then we read again.
+                    client.synced = not client.wake.is_set()
+                client.pump_idle = True
+                try:
+                    await client.wake.wait()
+                finally:
+                    client.pump_idle = False
                 client.wake = trio.Event()
         except Exception:
             # A pump must never take the relay down; the device gets its queue
@@ -177,6 +219,11 @@ class SessionFrames:
             clients.discard(client)
             if not clients:
                 del self.by_session[grant.session_id]
+        same_device = self.by_device.get(grant.device_id)
+        if same_device is not None:
+            same_device.discard(client)
+            if not same_device:
+                del self.by_device[grant.device_id]
 
     def detach(self, client: _Client) -> None:
         """The connection leaves its session (closing, logging out, revoked)."""
@@ -276,7 +323,8 @@ class SessionFrames:
                 await ack()
             while client.unacked and client.unacked[0] <= up_to:
                 client.unacked.popleft()
-            client.wake.set()
+            if not client.synced:  # a synced pump has nothing to read
+                client.wake.set()
             return proto.reply(f.Ok(id=frame.id)) if frame.id else []
 
         return acked

@@ -339,3 +339,81 @@ async def test_pipelined_sends_commit_together_and_are_answered_in_order(
             ]
         )
         assert queued == message_ids[:30]  # in the order they were sent, nothing twice
+
+
+async def test_a_caught_up_device_gets_new_envelopes_straight_from_their_commit(
+    short_tmp: Path,
+) -> None:
+    """Once a connection has read its queue to the end, envelopes committed
+    later are pushed from the commit itself: no read of the table, in order."""
+    async with cast(short_tmp) as c:
+        queues = c.srv.relay.session_frames.queues
+        assert queues is not None
+        reads = 0
+        pending = queues.pending
+
+        async def counted(device_id: str, after: int) -> list[Any]:
+            nonlocal reads
+            reads += 1
+            return await pending(device_id, after)
+
+        queues.pending = counted  # type: ignore[method-assign]
+        ids = []
+        for n in range(20):
+            ids.append((await send(c.alice1, c.to_everyone(c.alice1, f"m{n}")))["message_id"])
+        got: list[str] = []
+        envelope_ids: list[int] = []
+        while len(got) < 20:
+            frame = await next_frame(c.bob.client, "deliver")
+            got += [e["message_id"] for e in frame["envelopes"]]
+            envelope_ids += [e["envelope_id"] for e in frame["envelopes"]]
+        assert got == ids and envelope_ids == sorted(envelope_ids)
+        assert reads == 0  # bob and alice2 were caught up: nothing was read back
+        await c.bob.client.request("ack", up_to=envelope_ids[-1])
+        receipts = 0
+        while receipts < 20:  # alice1's delivered receipts come the same way
+            frame = await next_frame(c.alice1.client, "deliver")
+            receipts += sum(e["kind"] == "delivered" for e in frame["envelopes"])
+        assert reads == 0
+
+
+async def test_a_full_delivery_window_falls_back_to_reading_the_queue_in_order(
+    short_tmp: Path, monkeypatch: Any
+) -> None:
+    """Past the window of unacknowledged envelopes nothing more is pushed; after
+    the ack the rest comes from the table, in order, none twice, none skipped."""
+    from chatd import relay_sessions
+
+    monkeypatch.setattr(relay_sessions, "PUMP_WINDOW", 4)
+    async with cast(short_tmp) as c:
+        ids = [
+            (await send(c.alice1, c.to_everyone(c.alice1, f"w{n}")))["message_id"]
+            for n in range(10)
+        ]
+        got: list[dict[str, Any]] = []
+        while len(got) < 4:
+            got += (await next_frame(c.bob.client, "deliver"))["envelopes"]
+        assert len(got) == 4  # the window is full
+        while len(got) < 10:
+            await c.bob.client.request("ack", up_to=got[-1]["envelope_id"])
+            got += (await next_frame(c.bob.client, "deliver"))["envelopes"]
+        assert [e["message_id"] for e in got] == ids
+
+
+def test_deliver_frames_hold_at_most_100_envelopes_and_about_256_kib() -> None:
+    from chatd.e2ee.queues import DELIVER_BYTES, deliver_batches
+    from chatd.protocol import frames as f
+
+    def env(n: int, size: int) -> f.Envelope:
+        return f.Envelope(
+            envelope_id=n, kind="message", message_id="m", sent_at=0, ciphertext="x" * size
+        )
+
+    small = [env(n, 10) for n in range(1, 251)]
+    assert [len(b) for b in deliver_batches(small)] == [100, 100, 50]
+    assert [e for b in deliver_batches(small) for e in b] == small
+    big = [env(n, DELIVER_BYTES // 2 + 1) for n in range(1, 4)]
+    assert [len(b) for b in deliver_batches(big)] == [1, 1, 1]  # never empty, never over
+    huge = [env(1, DELIVER_BYTES * 2), env(2, 10)]
+    assert [len(b) for b in deliver_batches(huge)] == [1, 1]
+    assert deliver_batches([]) == []

@@ -32,8 +32,10 @@ from chatd.auth.models import AuthError
 from chatd.config import DeviceSettings
 from chatd.protocol import frames as f
 from chatd.store import Store, now_ms
+from chatd.store.store import PendingWrite
 
 DAY_MS: Final = 86_400_000
+_Queued = tuple[f.Sent, list[tuple[str, f.Envelope]]]  # a send's outcome and its envelopes
 DELIVER_BATCH: Final = 100  # envelopes per deliver frame, at most...
 DELIVER_BYTES: Final = 256 * 1024  # ...and about this many bytes of ciphertext
 
@@ -46,6 +48,22 @@ class QueueService:
         self.settings = settings
         #: Called with device ids that have new envelopes; the relay wakes their pumps.
         self.on_queued: Callable[[Iterable[str]], None] = lambda ids: None
+        #: Called on the loop right after each commit with the envelopes it queued,
+        #: as (recipient device, envelope) in queue order; the relay hands them
+        #: to live connections that are caught up, without reading them back.
+        self.on_committed: Callable[[list[tuple[str, f.Envelope]]], None] = lambda pairs: None
+        self._committed: list[tuple[str, f.Envelope]] = []
+        store.after_complete.append(self._flush_committed)
+
+    def _collect(self, result: Any) -> None:
+        """on_commit of sends and acks: gather the batch's new envelopes."""
+        if isinstance(result, tuple):
+            self._committed.extend(result[1])
+
+    def _flush_committed(self) -> None:
+        if self._committed:
+            pairs, self._committed = self._committed, []
+            self.on_committed(pairs)
 
     async def send(self, user_id: int, device_id: str, frame: f.Send) -> f.Sent | f.DeviceMismatch:
         """Queue a message durably, or explain what is wrong. Raises AuthError."""
@@ -62,8 +80,9 @@ class QueueService:
         max_count = self.settings.max_queued_envelopes
         max_bytes = self.settings.max_queued_bytes
         targets = {(e.user_id, e.device_id): e.ciphertext.encode() for e in frame.envelopes}
+        ciphertexts = {e.device_id: e.ciphertext for e in frame.envelopes}
 
-        def queue(conn: Any) -> f.Sent | f.DeviceMismatch | list[str]:
+        def queue(conn: Any) -> _Queued | f.Sent | f.DeviceMismatch | list[str]:
             done = conn.execute(
                 "SELECT envelopes FROM sends WHERE sender_device = ? AND message_id = ?",
                 (device_id, frame.message_id),
@@ -102,23 +121,34 @@ class QueueService:
                     full.append(target)
             if full:
                 return full
-            conn.executemany(
-                "INSERT INTO envelopes (recipient_device, kind, message_id, sender_user,"
-                " sender_device, ciphertext, created_at, expires_at)"
-                " VALUES (?, 'message', ?, ?, ?, ?, ?, ?)",
-                [
-                    (target, frame.message_id, user_id, device_id, data, now, expires)
-                    for (_, target), data in targets.items()
-                ],
-            )
+            queued = []
+            for (_, target), data in targets.items():
+                cursor = conn.execute(
+                    "INSERT INTO envelopes (recipient_device, kind, message_id, sender_user,"
+                    " sender_device, ciphertext, created_at, expires_at)"
+                    " VALUES (?, 'message', ?, ?, ?, ?, ?, ?)",
+                    (target, frame.message_id, user_id, device_id, data, now, expires),
+                )
+                envelope = f.Envelope(
+                    envelope_id=int(cursor.lastrowid),
+                    kind="message",
+                    message_id=frame.message_id,
+                    sent_at=now,
+                    sender_user_id=user_id,
+                    sender_device_id=device_id,
+                    ciphertext=ciphertexts[target],
+                )
+                queued.append((target, envelope))
             conn.execute(
                 "INSERT INTO sends (sender_device, message_id, envelopes, created_at)"
                 " VALUES (?, ?, ?, ?)",
                 (device_id, frame.message_id, len(targets), now),
             )
-            return f.Sent(id=frame.id, message_id=frame.message_id, envelopes=len(targets))
+            sent = f.Sent(id=frame.id, message_id=frame.message_id, envelopes=len(targets))
+            return sent, queued
 
-        pending = await self.store.submit(queue)
+        pending: PendingWrite[_Queued | f.Sent | f.DeviceMismatch | list[str]]
+        pending = await self.store.submit(queue, self._collect)
 
         async def finish() -> f.Sent | f.DeviceMismatch:
             result = await pending.wait()
@@ -129,8 +159,8 @@ class QueueService:
                     "(try again later)",
                     field="$.envelopes",
                 )
-            if isinstance(result, f.Sent):
-                self.on_queued([target for _, target in targets])
+            if isinstance(result, tuple):
+                return result[0]
             return result
 
         return finish
@@ -176,18 +206,27 @@ class QueueService:
         now = now_ms()
         expires = now + int(self.settings.envelope_days * DAY_MS)
 
-        def delete(conn: Any) -> tuple[int, list[str]]:
+        def delete(conn: Any) -> tuple[int, list[tuple[str, f.Envelope]]]:
             # Two statements however many envelopes: a delivered receipt for
             # each message whose sender device still exists, then the delete.
-            senders = [
-                row[0]
-                for row in conn.execute(
+            receipts = [
+                (
+                    sender,
+                    f.Envelope(
+                        envelope_id=envelope_id,
+                        kind="delivered",
+                        message_id=message_id,
+                        sent_at=now,
+                        device_id=device_id,
+                    ),
+                )
+                for envelope_id, sender, message_id in conn.execute(
                     "INSERT INTO envelopes (recipient_device, kind, message_id, about_device,"
                     " created_at, expires_at)"
                     " SELECT e.sender_device, 'delivered', e.message_id, ?, ?, ?"
                     " FROM envelopes e JOIN devices d ON d.id = e.sender_device"
                     " WHERE e.recipient_device = ? AND e.id <= ? AND e.kind = 'message'"
-                    " ORDER BY e.id RETURNING recipient_device",
+                    " ORDER BY e.id RETURNING id, recipient_device, message_id",
                     (device_id, now, expires, device_id, up_to),
                 ).fetchall()
             ]
@@ -195,17 +234,35 @@ class QueueService:
                 "DELETE FROM envelopes WHERE recipient_device = ? AND id <= ?",
                 (device_id, up_to),
             ).rowcount
-            return int(deleted), senders
+            return int(deleted), sorted(receipts, key=lambda r: r[1].envelope_id)
 
-        pending = await self.store.submit(delete)
+        pending: PendingWrite[tuple[int, list[tuple[str, f.Envelope]]]]
+        pending = await self.store.submit(delete, self._collect)
 
         async def finish() -> int:
-            deleted, senders = await pending.wait()
-            if senders:
-                self.on_queued(senders)
+            deleted, _ = await pending.wait()
             return deleted
 
         return finish
+
+
+def deliver_batches(envelopes: list[f.Envelope]) -> list[list[f.Envelope]]:
+    """Split envelopes (in queue order) into ``deliver`` frames: at most
+    DELIVER_BATCH each, ending before the one that would take a frame's
+    ciphertext over DELIVER_BYTES (but never empty)."""
+    batches: list[list[f.Envelope]] = []
+    batch: list[f.Envelope] = []
+    size = 0
+    for envelope in envelopes:
+        grows = len(envelope.ciphertext or "")
+        if batch and (len(batch) == DELIVER_BATCH or size + grows > DELIVER_BYTES):
+            batches.append(batch)
+            batch, size = [], 0
+        batch.append(envelope)
+        size += grows
+    if batch:
+        batches.append(batch)
+    return batches
 
 
 def expire_envelopes(conn: Any, *, now: int, limit: int, notify: list[str] | None = None) -> int:

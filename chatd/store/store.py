@@ -29,6 +29,7 @@ before the thread exits.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -50,17 +51,22 @@ from chatd.store.db import (
 
 T = TypeVar("T")
 
+log = logging.getLogger("chatd.store")
+
 _STOP: Final = object()
 
 
 class _Job(Generic[T]):
-    __slots__ = ("fn", "result", "error", "done")
+    __slots__ = ("fn", "result", "error", "done", "on_commit")
 
-    def __init__(self, fn: Callable[[Connection], T]) -> None:
+    def __init__(
+        self, fn: Callable[[Connection], T], on_commit: Callable[[T], None] | None = None
+    ) -> None:
         self.fn = fn
         self.result: T | None = None
         self.error: BaseException | None = None
         self.done = trio.Event()
+        self.on_commit = on_commit
 
 
 class PendingWrite(Generic[T]):
@@ -112,6 +118,8 @@ class Store:
         self._token: trio.lowlevel.TrioToken | None = None
         self._closed = False
         self.stats = StoreStats()
+        #: Called on the event loop after each batch's on_commit callbacks.
+        self.after_complete: list[Callable[[], None]] = []
 
     # -- lifecycle (called by serve_store) ---------------------------------
 
@@ -153,20 +161,27 @@ class Store:
         """
         return await (await self.submit(fn)).wait()
 
-    async def submit(self, fn: Callable[[Connection], T]) -> PendingWrite[T]:
+    async def submit(
+        self, fn: Callable[[Connection], T], on_commit: Callable[[T], None] | None = None
+    ) -> PendingWrite[T]:
         """Queue ``fn`` for the writer and return without waiting for it.
 
         Jobs run in the order they were submitted, so a connection can keep
         several writes in flight and still have them commit in order. Waits
         only for a queue slot (backpressure). ``await pending.wait()`` gives
         the result once durable, exactly like :meth:`write`.
+
+        ``on_commit(result)``, if given, runs on the event loop right after the
+        commit, before any waiter wakes, in commit order with the other jobs'
+        (then the ``after_complete`` hooks run once per batch). It must not
+        block or raise.
         """
         if self._closed or self._thread is None:
             raise StoreClosedError("the store is shut down; the write was not made")
         # The slot is given back when the job completes, not when the caller
         # stops waiting, so cancelled callers cannot push the queue past its bound.
         await self._pending.acquire()
-        job: _Job[T] = _Job(fn)
+        job: _Job[T] = _Job(fn, on_commit)
         self._queue.put(job)
         return PendingWrite(job)
 
@@ -187,7 +202,19 @@ class Store:
     # -- threads ------------------------------------------------------------
 
     def _complete(self, batch: list[_Job[Any]]) -> None:
-        """In the Trio thread: wake the batch's callers and free their slots."""
+        """In the Trio thread: run the commit callbacks in order, then wake the
+        batch's callers and free their slots."""
+        for job in batch:
+            if job.on_commit is not None and job.error is None:
+                try:
+                    job.on_commit(job.result)
+                except Exception:
+                    log.exception("store.on_commit_failed")
+        for hook in self.after_complete:
+            try:
+                hook()
+            except Exception:
+                log.exception("store.after_complete_failed")
         for job in batch:
             job.done.set()
             self._pending.release()
