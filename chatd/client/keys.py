@@ -52,7 +52,8 @@ class KeySupply:
         self._olm_lock = olm_lock
         self._lock = trio.Lock()
         self._target = one_time_keys
-        self._low = one_time_keys // 2  # top up below this many (or when the server asks)
+        # Top up below half (at least below one), or when the server asks.
+        self._low = max(1, (one_time_keys + 1) // 2)
         self._fallback_key = fallback_key  # the published one, to notice when it is used
         #: Set once the first key_count was answered (the keys are on the server).
         self.ready = trio.Event()
