@@ -21,7 +21,7 @@ import trio
 
 from chatd import __version__
 from chatd.config import CONFIG_FILE_NAME, Config, load_config, render_template
-from chatd.errors import ChatdError, UsageError
+from chatd.errors import ChatdError, UsageError, exception_leaves
 from chatd.keyfiles import (
     admin_token_path,
     check_data_dir,
@@ -163,14 +163,7 @@ def cmd_version() -> int:
 
 
 def _first_chatd_error(exc: BaseException) -> ChatdError | None:
-    if isinstance(exc, ChatdError):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _first_chatd_error(inner)
-            if found is not None:
-                return found
-    return None
+    return next((e for e in exception_leaves(exc) if isinstance(e, ChatdError)), None)
 
 
 def run(argv: Sequence[str] | None = None) -> int:

@@ -55,7 +55,7 @@ import trio
 
 from chatd.client import Client, open_client
 from chatd.config import CONFIG_FILE_NAME, Config, load_config
-from chatd.errors import ChatdError
+from chatd.errors import ChatdError, exception_leaves
 from chatd.keyfiles import write_private_file
 
 READY_TIMEOUT: Final = 30.0  # seconds the daemon may take to report READY=1
@@ -419,14 +419,6 @@ async def open_daemon(config_path: Path, workdir: Path) -> AsyncIterator[Daemon]
 # -- the script -------------------------------------------------------------------------------
 
 
-def _leaves(exc: BaseException) -> Iterator[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            yield from _leaves(inner)
-    else:
-        yield exc
-
-
 @contextmanager
 def _step_deadline(what: str) -> Iterator[None]:
     """Bound one step; its timeouts and chatd errors (also from inside the client
@@ -436,7 +428,7 @@ def _step_deadline(what: str) -> Iterator[None]:
         with trio.fail_after(STEP_TIMEOUT):
             yield
     except Exception as exc:
-        leaves = list(_leaves(exc))
+        leaves = list(exception_leaves(exc))
         if not all(isinstance(e, trio.TooSlowError | ChatdError) for e in leaves):
             raise
         if len(leaves) == 1 and isinstance(leaves[0], DemoError):

@@ -21,7 +21,18 @@ Protocol errors a client causes are not exceptions here: the sans-I/O core in
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import ClassVar
+
+
+def exception_leaves(exc: BaseException) -> Iterator[BaseException]:
+    """The exceptions inside ``exc``, through any nesting of exception groups
+    (Trio nurseries raise groups), in order; ``exc`` itself if not a group."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from exception_leaves(inner)
+    else:
+        yield exc
 
 
 class ChatdError(Exception):

@@ -18,7 +18,7 @@ from quart_trio import QuartTrio
 from chatd.admin.api import AdminContext
 from chatd.admin.app import create_app
 from chatd.config import Config
-from chatd.errors import ListenError
+from chatd.errors import ListenError, exception_leaves
 from chatd.log import fields
 
 log = logging.getLogger("chatd.admin")
@@ -97,9 +97,7 @@ async def serve_admin(
 
 
 def _first_leaf(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
+    return next(exception_leaves(exc))
 
 
 async def _start(

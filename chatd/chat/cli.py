@@ -21,7 +21,6 @@ import socket
 import stat
 import sys
 import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -37,6 +36,7 @@ from chatd.client import (
     key_from_passphrase,
     open_client,
 )
+from chatd.errors import exception_leaves
 
 from .display import clean
 from .session import ChatSession
@@ -315,17 +315,9 @@ async def run_session(
         await ChatSession(client, say, username=opts.user, device_name=opts.device).run(lines)
 
 
-def _leaves(exc: BaseException) -> Iterator[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            yield from _leaves(inner)
-    else:
-        yield exc
-
-
 def _failure(exc: BaseException, opts: Options, logged_in: bool) -> tuple[str, int]:
     """The message and exit code for what ended the session."""
-    leaves = list(_leaves(exc))
+    leaves = list(exception_leaves(exc))
     for kind in (KeyboardInterrupt, ClientStoreError, LoginError, ConnectionLostError):
         leaf = next((e for e in leaves if isinstance(e, kind)), None)
         if leaf is None:
@@ -398,7 +390,7 @@ def _main(opts: Options) -> int:
             trio.run(run_session, opts, password, key, totp, progress)
             return EXIT_OK
         except BaseException as exc:
-            leaves = list(_leaves(exc))
+            leaves = list(exception_leaves(exc))
             refused = next((e for e in leaves if isinstance(e, LoginError)), None)
             if refused is not None and refused.code == "mfa_required" and totp is None:
                 say("This account has a second factor.")
