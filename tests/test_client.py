@@ -247,3 +247,22 @@ async def test_envelope_ids_are_never_reused_so_no_delivery_is_skipped(short_tmp
         await alice.connection.request("ping")  # the ack of the receipt is processed
         await bob.send_text(alice.user_id, "two")
         assert (await next_message(alice)).text == "two"
+
+
+async def test_the_client_store_is_private_to_its_user(short_tmp: Path) -> None:
+    import os
+    import stat
+
+    from chatd.client.store import LocalStore
+
+    old = os.umask(0o022)  # a typical umask: files would otherwise be world-readable
+    try:
+        store = await LocalStore.open(short_tmp / "mine.db", ALICE_KEY)
+        await store.set_meta(device_id="ABC")
+        await store.aclose()
+    finally:
+        os.umask(old)
+    for name in os.listdir(short_tmp):
+        if name.startswith("mine.db"):
+            mode = stat.S_IMODE(os.stat(short_tmp / name).st_mode)
+            assert mode == 0o600, (name, oct(mode))

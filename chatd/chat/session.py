@@ -111,6 +111,10 @@ class ChatSession:
         self.peer: Member | None = None  # the open conversation
         self._by_id: dict[int, Member] = {}
         self._by_name: dict[str, Member] = {}
+        # Devices this session has shown (or found in the store at start): the
+        # library adds devices to the store on its own, so the store cannot
+        # tell which ones the person has not been told about yet.
+        self._shown: set[tuple[int, str]] | None = None
         self._cursor = 0  # index in the conversation of the oldest message shown
         self._page = PAGE
         self._watched = 0
@@ -186,7 +190,9 @@ class ChatSession:
 
     async def refresh_directory(self) -> None:
         """Fetch the directory; announce devices not seen before (unverified)."""
-        before = {(d.user_id, d.device_id) for d in await self.client.devices()}
+        if self._shown is None:
+            self._shown = {(d.user_id, d.device_id) for d in await self.client.devices()}
+        before = set(self._shown)
         try:
             members = await self.client.directory()
         except IdentityChangedError as exc:
@@ -206,6 +212,7 @@ class ChatSession:
             if (d.user_id, d.device_id) not in before
             and (d.user_id, d.device_id) != (self.client.user_id, self.client.device_id)
         ]
+        self._shown |= {(d.user_id, d.device_id) for m in members for d in m.devices}
         if not before:  # the first run of this store: everything is new
             if new:
                 self.say(

@@ -12,6 +12,7 @@ connection, and each write is one transaction committed with
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -114,6 +115,10 @@ class LocalStore:
             raise ClientStoreError(f"the store key must be {STORE_KEY_BYTES} bytes")
 
         def connect() -> Any:
+            if not path.exists():
+                # Private from the start (SQLite gives its -wal and -shm files the
+                # same mode); an empty file is an empty database.
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
             conn = sqlcipher3.connect(str(path), check_same_thread=False, isolation_level=None)
             try:
                 conn.execute(f"PRAGMA key = \"x'{key.hex()}'\"")
