@@ -77,12 +77,12 @@ class _Client:
         "receive_scope",
         "closing",
         "grant",
-        "wake",
         "delivered",
         "unacked",
         "pumping",
         "synced",
-        "pump_idle",
+        "pump_running",
+        "again",
         "nursery",
         "pipeline",
         "in_flight",
@@ -97,14 +97,14 @@ class _Client:
         self.receive_scope: trio.CancelScope | None = None
         self.closing: core.Close | None = None
         self.grant: SessionGrant | None = None  # the session, once authenticated
-        self.wake = trio.Event()  # set when the device's queue may have news
         self.delivered = 0  # highest envelope id sent on this connection
         self.unacked: collections.deque[int] = collections.deque()  # ids sent, not yet acked
         self.pumping = False  # a delivery pump runs for this connection
         # Caught up: it was sent every committed envelope of its device that
         # the relay has heard of, so new ones may be pushed without a read.
         self.synced = False
-        self.pump_idle = False  # the pump waits for ``wake``
+        self.pump_running = False  # a pump task is reading the queue for it
+        self.again = False  # news came while it read: read once more
         self.nursery: trio.Nursery | None = None  # the connection's own tasks
         # Pipelined requests (sends, acks) whose replies are not out yet, in
         # order; made on the first one, so idle connections do not pay for it.

@@ -143,16 +143,16 @@ class SessionFrames:
                 await trio.sleep(interval)
 
     def wake_devices(self, device_ids: Iterable[str]) -> None:
-        """New envelopes for these devices: wake their connections' pumps."""
+        """These devices' queues changed in the table: their connections read again."""
         for device_id in set(device_ids):
             for client in self.by_device.get(device_id, ()):
                 client.synced = False
-                client.wake.set()
+                self._kick(client)
 
     def deliver_committed(self, pairs: list[tuple[str, f.Envelope]]) -> None:
         """Envelopes just committed (QueueService.on_committed), in queue order:
-        push them in one ``deliver`` per connection that is caught up and idle,
-        without reading them back; wake the pumps of the others."""
+        push them to every connection of their device that is caught up and has
+        no pump running, without reading them back; the others read again."""
         by_device: dict[str, list[f.Envelope]] = {}
         for device_id, envelope in pairs:
             by_device.setdefault(device_id, []).append(envelope)
@@ -165,7 +165,7 @@ class SessionFrames:
                     continue
                 if (
                     client.synced
-                    and client.pump_idle
+                    and not client.pump_running
                     and len(client.unacked) + len(fresh) <= PUMP_WINDOW
                 ):
                     client.delivered = fresh[-1].envelope_id
@@ -174,41 +174,54 @@ class SessionFrames:
                         self.relay.push(client, client.proto.reply(f.Deliver(envelopes=batch)))
                 else:
                     client.synced = False  # the pump reads them from the table
-                    client.wake.set()
+                    self._kick(client)
+
+    def _kick(self, client: _Client) -> None:
+        """Make sure the connection's queue is read: start its pump, or tell the
+        running one to read once more."""
+        if not client.pumping or client.closing is not None or client.grant is None:
+            return
+        if client.pump_running:
+            client.again = True
+        elif self.relay.nursery is not None:
+            client.pump_running = True
+            self.relay.nursery.start_soon(self._pump, client)
 
     async def _pump(self, client: _Client) -> None:
-        """Send this connection its device's queue, in order and in batches, as
-        envelopes arrive; at most PUMP_WINDOW unacknowledged at a time.
+        """Read this connection's queue from the table and send it, in order and
+        in batches, at most PUMP_WINDOW unacknowledged at a time.
 
-        It reads the table until it is caught up; from then on the connection
-        is *synced* and :meth:`deliver_committed` pushes new envelopes straight
-        from their commit, until something (a full window, a wake-up without
-        the envelopes) sends the pump back to the table."""
+        A pump runs only while there is reading to do. Once it reads nothing
+        new it marks the connection *synced* and ends; from then on
+        :meth:`deliver_committed` pushes new envelopes straight from their
+        commit, until something (a full window, a wake-up without the
+        envelopes) kicks off a pump again. Idle connections have no pump."""
         try:
             while self.queues is not None and client.closing is None:
                 grant = client.grant
                 if grant is None or client not in self.relay.clients:
                     return
-                if len(client.unacked) < PUMP_WINDOW:
-                    batch = await self.queues.pending(grant.device_id, client.delivered)
-                    if batch and client.closing is None:
-                        client.delivered = batch[-1].envelope_id
-                        client.unacked.extend(e.envelope_id for e in batch)
-                        self.relay.push(client, client.proto.reply(f.Deliver(envelopes=batch)))
-                        continue
-                    # Nothing newer in the table; anything committed during the
-                    # read has set ``wake``, and then we read again.
-                    client.synced = not client.wake.is_set()
-                client.pump_idle = True
-                try:
-                    await client.wake.wait()
-                finally:
-                    client.pump_idle = False
-                client.wake = trio.Event()
+                if len(client.unacked) >= PUMP_WINDOW:
+                    return  # not synced: the next ack kicks a pump off again
+                client.again = False
+                batch = await self.queues.pending(grant.device_id, client.delivered)
+                if client.closing is not None:
+                    return
+                if batch:
+                    client.delivered = batch[-1].envelope_id
+                    client.unacked.extend(e.envelope_id for e in batch)
+                    self.relay.push(client, client.proto.reply(f.Deliver(envelopes=batch)))
+                    continue
+                if client.again:
+                    continue  # something was committed during the read
+                client.synced = True
+                return
         except Exception:
             # A pump must never take the relay down; the device gets its queue
             # on its next connection.
             log.exception("relay.pump_failed")
+        finally:
+            client.pump_running = False
 
     def _unregister(self, client: _Client) -> None:
         grant = client.grant
@@ -227,7 +240,6 @@ class SessionFrames:
 
     def detach(self, client: _Client) -> None:
         """The connection leaves its session (closing, logging out, revoked)."""
-        client.wake.set()  # let its pump notice
         grant = client.grant
         if grant is None:
             return
@@ -323,8 +335,8 @@ class SessionFrames:
                 await ack()
             while client.unacked and client.unacked[0] <= up_to:
                 client.unacked.popleft()
-            if not client.synced:  # a synced pump has nothing to read
-                client.wake.set()
+            if not client.synced:  # a synced connection has nothing to read
+                self._kick(client)
             return proto.reply(f.Ok(id=frame.id)) if frame.id else []
 
         return acked
@@ -351,10 +363,9 @@ class SessionFrames:
             )
         if client in self._new_pumps:
             self._new_pumps.discard(client)
-            if self.relay.nursery is not None and client.grant is not None:
-                # No checkpoint between here and the caller queuing ``actions``:
-                # the pump's first deliver comes after the session reply.
-                self.relay.nursery.start_soon(self._pump, client)
+            # No checkpoint between here and the caller queuing ``actions``:
+            # the pump's first deliver comes after the session reply.
+            self._kick(client)
         return actions
 
     async def _key_count(self, client: _Client) -> list[core.Action]:
