@@ -72,8 +72,10 @@ class _Client:
         "ws",
         "proto",
         "peer",
-        "send_in",
-        "send_out",
+        "outbox",
+        "sending",
+        "out_closed",
+        "peer_gone",
         "receive_scope",
         "closing",
         "grant",
@@ -89,11 +91,16 @@ class _Client:
         "drained",
     )
 
-    def __init__(self, ws: Any, proto: core.ServerConnection, peer: str, queue: int) -> None:
+    def __init__(self, ws: Any, proto: core.ServerConnection, peer: str) -> None:
         self.ws = ws
         self.proto = proto
         self.peer = peer
-        self.send_in, self.send_out = trio.open_memory_channel[bytes](queue)
+        # The send queue: frames waiting for the sender task, which runs only
+        # while there are some (idle connections do not pay for a task).
+        self.outbox: list[bytes] = []
+        self.sending = False  # a sender task is draining the outbox
+        self.out_closed = False  # the connection is finishing: no new frames
+        self.peer_gone = False  # the peer hung up: frames are dropped
         self.receive_scope: trio.CancelScope | None = None
         self.closing: core.Close | None = None
         self.grant: SessionGrant | None = None  # the session, once authenticated
@@ -191,7 +198,7 @@ class Relay:
             return
         ws = await request.accept()
         proto = core.ServerConnection(self.limits, server_name="chatd")
-        client = _Client(ws, proto, peer, self.settings.send_queue_frames)
+        client = _Client(ws, proto, peer)
         self.clients.add(client)
         self.connections_served += 1
         try:
@@ -209,7 +216,6 @@ class Relay:
     async def _serve_client(self, client: _Client) -> None:
         async with trio.open_nursery() as nursery:
             client.nursery = nursery
-            nursery.start_soon(self._sender, client)
             try:
                 await self._receive_loop(client)
             finally:
@@ -217,7 +223,7 @@ class Relay:
                 # unless the queue itself is the problem.
                 if client.pipeline is not None:
                     client.pipeline.close()
-                client.send_in.close()
+                client.out_closed = True
                 closing = client.closing
                 if closing is not None and closing.reason not in _NO_FLUSH:
                     nursery.cancel_scope.deadline = trio.current_time() + CLOSE_TIMEOUT
@@ -323,12 +329,17 @@ class Relay:
         """Carry out actions without blocking; False once the connection is closing."""
         for action in actions:
             if isinstance(action, core.Send):
-                try:
-                    client.send_in.send_nowait(action.data)
-                except trio.WouldBlock:
-                    self._perform(client, client.proto.send_queue_full())
-                except trio.ClosedResourceError:
+                if client.out_closed:
                     return False  # the connection is already finishing
+                if client.peer_gone:
+                    continue  # nobody to send to; the receive loop sees the close
+                if len(client.outbox) >= self.settings.send_queue_frames:
+                    self._perform(client, client.proto.send_queue_full())
+                else:
+                    client.outbox.append(action.data)
+                    if not client.sending and client.nursery is not None:
+                        client.sending = True
+                        client.nursery.start_soon(self._sender, client)
             elif isinstance(action, core.Close):
                 client.closing = action
             if client.closing is not None:
@@ -336,18 +347,26 @@ class Relay:
         return True
 
     async def _sender(self, client: _Client) -> None:
+        """Write the outbox to the socket in order, then end (see _perform)."""
         timeout = self.settings.send_timeout_seconds
-        async for data in client.send_out:
-            with trio.move_on_after(timeout) as stuck:
-                try:
-                    await client.ws.send_message(data.decode())
-                except ConnectionClosed:
+        try:
+            while client.outbox:
+                data = client.outbox.pop(0)
+                with trio.move_on_after(timeout) as stuck:
+                    try:
+                        await client.ws.send_message(data.decode())
+                    except ConnectionClosed:
+                        client.peer_gone = True
+                        client.outbox.clear()
+                        return
+                if stuck.cancelled_caught:
+                    client.closing = core.Close(core.CLOSE_POLICY, REASON_SEND_TIMEOUT)
+                    client.outbox.clear()
+                    if client.receive_scope is not None:
+                        client.receive_scope.cancel()
                     return
-            if stuck.cancelled_caught:
-                client.closing = core.Close(core.CLOSE_POLICY, REASON_SEND_TIMEOUT)
-                if client.receive_scope is not None:
-                    client.receive_scope.cancel()
-                return
+        finally:
+            client.sending = False
 
     def _peer_closed(self, client: _Client, exc: ConnectionClosed) -> None:
         reason = exc.reason

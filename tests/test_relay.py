@@ -313,7 +313,7 @@ async def test_connections_over_the_limit_are_refused_with_503() -> None:
 def test_a_full_send_queue_closes_with_1008() -> None:
     relay = Relay(RelaySettings(send_queue_frames=2))
     proto = core.ServerConnection(relay.limits, server_name="chatd")
-    client = _Client(None, proto, "127.0.0.1", 2)
+    client = _Client(None, proto, "127.0.0.1")
     assert relay._perform(client, proto.start())
     assert relay._perform(client, [core.Send(b"{}")])
     assert not relay._perform(client, [core.Send(b"{}")])
