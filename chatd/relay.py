@@ -243,22 +243,26 @@ class Relay:
             wait = timeout
             if not proto.authenticated:
                 wait = max(0.0, min(wait, auth_deadline - trio.current_time()))
-            with trio.CancelScope() as client.receive_scope:
+            # One scope for both ways the wait ends early: its deadline (a
+            # timeout), or a cancel from outside, which always comes with
+            # ``closing`` set or the relay stopping (see push, close_client,
+            # begin_shutdown). One scope per connection, not two, is memory.
+            with trio.CancelScope(deadline=trio.current_time() + wait) as scope:
+                client.receive_scope = scope
                 if self.stopping:
-                    client.receive_scope.cancel()
-                with trio.move_on_after(wait) as idle:
-                    try:
-                        message = await client.ws.get_message()
-                    except ConnectionClosed as exc:
-                        self._peer_closed(client, exc)
-                        return
+                    scope.cancel()
+                try:
+                    message = await client.ws.get_message()
+                except ConnectionClosed as exc:
+                    self._peer_closed(client, exc)
+                    return
             if client.closing is not None:
                 return  # closed from outside: revoked, expired, send timeout
-            if client.receive_scope.cancelled_caught and self.stopping:
+            if scope.cancelled_caught and self.stopping:
                 await self._drain(client)  # replies to sends already committed go first
                 self._perform(client, proto.shutdown())
                 return
-            if idle.cancelled_caught:
+            if scope.cancelled_caught:
                 if proto.state is core.State.AWAITING_FIRST_FRAME:
                     actions = proto.first_frame_timeout()
                 elif not proto.authenticated and trio.current_time() >= auth_deadline:
