@@ -1,10 +1,13 @@
 """The relay service: the public WebSocket server at ``/v1/ws`` (trio-websocket).
 
 This is the thin I/O layer around :mod:`chatd.protocol.core`. Per connection
-it runs one handler task (receive loop) and one sender task that drains a
-bounded send queue; trio-websocket adds its own reader task. A connection
-that pipelines ``send``/``ack`` requests also gets a responder task, which
-sends their replies in order as their writes commit (see ``_carry_out``).
+it runs one handler task (receive loop); trio-websocket adds its own reader
+task. Other tasks exist only while they have work, so an idle connection
+costs little: a sender drains the bounded send queue while it holds frames,
+a delivery pump (:mod:`chatd.relay_sessions`) reads the device's queue until
+the connection is caught up, and a connection that pipelines ``send``/``ack``
+requests gets a responder, which sends their replies in order as their
+writes commit (see ``_carry_out``).
 
 Guarantees, each backed by a setting:
 
@@ -313,16 +316,21 @@ class Relay:
         await client.pipeline.send(finish)  # waits when PIPELINE_DEPTH are in flight
 
     async def _respond(self, client: _Client, replies: trio.MemoryReceiveChannel[Finish]) -> None:
-        """Send the replies of pipelined requests in the order they came."""
+        """Send the replies of pipelined requests in the order they came; end
+        (dropping the pipeline) once none is left, so idle connections keep no
+        responder. ``in_flight`` counts requests before they enter the channel,
+        so at zero nothing is on its way in."""
         async for finish in replies:
             actions = await finish()
             client.in_flight -= 1
-            if client.in_flight == 0 and client.drained is not None:
-                client.drained.set()
-                client.drained = trio.Event()
             if client.closing is None and not self._perform(client, actions):
                 if client.receive_scope is not None:
                     client.receive_scope.cancel()
+            if client.in_flight == 0:
+                drained, client.drained, client.pipeline = client.drained, None, None
+                if drained is not None:
+                    drained.set()
+                return
 
     async def _drain(self, client: _Client) -> None:
         """Wait until every pipelined request of this connection has its reply out."""

@@ -329,6 +329,11 @@ async def test_pipelined_sends_commit_together_and_are_answered_in_order(
         assert {r["code"] for r in replies[30:40]} == {"queue_full"}
         assert replies[40]["type"] == "members"
         assert stats.commits - commits_before < 40  # sends shared commits
+        # Answered, the responder is gone (idle connections keep no task); a
+        # later send starts another.
+        assert all(client.pipeline is None for client in c.srv.relay.clients)
+        more = await send(c.alice1, c.to_everyone(c.alice1, "later"))
+        assert more["code"] == "queue_full"  # Bob's queue is still full, and it says so
         queued = await c.srv.store.read(
             lambda conn: [
                 row[0]
