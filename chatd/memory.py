@@ -13,7 +13,7 @@ mmap as a fixed ``M_MMAP_THRESHOLD`` would (which slowed logins by a third).
 The daemon also caps malloc at two arenas (:func:`limit_malloc_arenas`, as
 ``MALLOC_ARENA_MAX=2`` would): each worker thread that hashes would
 otherwise get an arena of its own, each keeping its own high-water mark.
-Together they took the daemon from about 149 KiB to about 34 KiB of RSS per
+Together they took the daemon from about 149 KiB to about 36 KiB of RSS per
 idle authenticated connection at 1,000 connections, with logins no slower
 (bench/relay.py --no-relay).
 """
