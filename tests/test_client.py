@@ -266,3 +266,39 @@ async def test_the_client_store_is_private_to_its_user(short_tmp: Path) -> None:
         if name.startswith("mine.db"):
             mode = stat.S_IMODE(os.stat(short_tmp / name).st_mode)
             assert mode == 0o600, (name, oct(mode))
+
+
+async def test_the_example_in_client_md_runs(short_tmp: Path, monkeypatch: Any) -> None:
+    """The ~15-line example of docs/CLIENT.md, run as written against the real
+    relay: only the address, the password and the store path are swapped in,
+    and it stops after the first message instead of listening forever."""
+    import re
+
+    text = (Path(__file__).parent.parent / "docs" / "CLIENT.md").read_text()
+    code = re.search(r"## Example\n\n```python\n(.*?)```", text, re.S)
+    assert code is not None
+    source = code.group(1)
+    assert len(source.splitlines()) <= 25
+    swaps = {
+        '"correct horse battery staple"': repr(PASSWORD),
+        'store_path="alice.db"': f"store_path={str(short_tmp / 'alice.db')!r}",
+        "print(message.sender_user_id, message.text)": (
+            "print(message.sender_user_id, message.text); return"
+        ),
+        "trio.run(main)": "",
+    }
+    for old, new in swaps.items():
+        assert old in source, old
+        source = source.replace(old, new)
+    async with relay(short_tmp) as srv:
+        source = source.replace('"ws://127.0.0.1:7878/v1/ws"', repr(srv.url))
+        namespace: dict[str, Any] = {}
+        exec(compile(source, "CLIENT.md", "exec"), namespace)  # noqa: S102 - our own docs
+        printed: list[str] = []
+        monkeypatch.setattr("builtins.print", lambda *a: printed.append(" ".join(map(str, a))))
+        async with device(srv, short_tmp, "bob", "bob", BOB_KEY) as bob, trio.open_nursery() as n:
+            n.start_soon(namespace["main"])
+            got = await next_message(bob)
+            assert got.text == "hello bob"
+            await bob.send_text(got.sender_user_id, "hi alice")
+        assert printed[0].startswith("sent ") and printed[-1].endswith("hi alice")
