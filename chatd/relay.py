@@ -54,7 +54,7 @@ from chatd.log import fields, mask_ip
 from chatd.protocol import core
 from chatd.protocol.frames import Limits
 from chatd.relay_sessions import SessionFrames
-from chatd.wsserver import StreamCounter, serve_websockets
+from chatd.wsserver import StreamCounter, release_handshake, serve_websockets
 
 log = logging.getLogger("chatd.relay")
 
@@ -200,6 +200,7 @@ class Relay:
             await request.reject(503, body=b"server shutting down\n")
             return
         ws = await request.accept()
+        release_handshake(ws)
         proto = core.ServerConnection(self.limits, server_name="chatd")
         client = _Client(ws, proto, peer)
         self.clients.add(client)

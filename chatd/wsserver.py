@@ -18,15 +18,21 @@ have, each covered by a test in ``tests/test_relay.py``:
   concurrent handshakes cannot exceed the connection limit (trio-websocket
   users typically count after ``accept()``, which races).
 
+* wsproto keeps its handshake machinery (an h11 connection with its
+  buffers, an event deque) for the life of the connection, although it is
+  never used again after the upgrade: :func:`release_handshake` drops it,
+  about 2 KiB per idle connection.
+
 It relies on two private trio-websocket methods (``_reader_task``,
-``_get_request``) exactly as ``WebSocketServer`` itself uses them; the
-dependency is pinned below 0.13 in pyproject.toml for that reason.
+``_get_request``) exactly as ``WebSocketServer`` itself uses them, and on its
+``_wsproto`` attribute; the dependency is pinned below 0.13 in pyproject.toml
+for that reason.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, Final
 
 import trio
@@ -224,3 +230,28 @@ async def serve_websockets(
     await trio.serve_listeners(
         handle_stream, list(listeners), handler_nursery=handler_nursery, task_status=task_status
     )
+
+
+class _SpentHandshake:
+    """Stands in for wsproto's ``WSConnection.handshake`` after the upgrade.
+
+    Once ``WSConnection.connection`` is set, wsproto only asks the handshake
+    for its (by then empty) event queue, in ``WSConnection.events``.
+    """
+
+    __slots__ = ()
+
+    def events(self) -> Iterator[Any]:
+        return iter(())
+
+
+SPENT_HANDSHAKE: Final = _SpentHandshake()
+
+
+def release_handshake(ws: WebSocketConnection) -> None:
+    """Drop wsproto's handshake state of an accepted connection (see above)."""
+    conn = getattr(ws, "_wsproto", None)
+    if isinstance(conn, WSConnection) and conn.connection is not None:
+        pending = getattr(conn.handshake, "_events", None)
+        if pending is not None and not pending:  # nothing left to hand over
+            conn.handshake = SPENT_HANDSHAKE  # type: ignore[assignment]

@@ -547,3 +547,14 @@ def test_the_client_address_behind_trusted_proxies(
     relay = Relay(RelaySettings(trusted_proxies=("127.0.0.1/32", "::1/128", "10.0.0.0/8")))
     headers = [(b"X-Forwarded-For", forwarded.encode())] if forwarded else []
     assert relay.client_address(peer, headers) == client
+
+
+async def test_accepted_connections_drop_the_handshake_machinery() -> None:
+    from chatd.wsserver import SPENT_HANDSHAKE
+
+    async with relay_running() as (relay, _), open_websocket_url(url(relay)) as ws:
+        await hello_of(ws)
+        [client] = relay.clients
+        assert client.ws._wsproto.handshake is SPENT_HANDSHAKE
+        await ws.send_message('{"type":"ping","id":"p1"}')
+        assert json.loads(await ws.get_message())["type"] == "pong"  # still speaks
