@@ -12,15 +12,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from chatd.demo import (
-    ALICE_MESSAGES,
-    BOB_REPLY,
-    DemoError,
-    ScanReport,
-    open_daemon,
-    scan_database,
-    scan_files,
-)
+from chatd.demo import ALICE_MESSAGES, BOB_REPLY, DemoError, open_daemon
+from chatd.inspection import ScanReport, scan_database, scan_files
 from chatd.store.db import PLAINTEXT_HEADER, connect
 
 from .conftest import DataDir

@@ -29,7 +29,7 @@ import pytest
 import trio
 
 from chatd.client import Client, ReceivedMessage, ServerRefusedError, open_client
-from chatd.demo import ScanReport, open_server_db, scan_database, scan_files
+from chatd.inspection import ScanReport, open_server_db, scan_database, scan_files
 
 from .conftest import DataDir
 from .test_daemon import daemon
