@@ -80,8 +80,10 @@ class StoreSettings:
         maximum=1_000_000,
     )
     max_batch_writes: int = setting(
-        1_000,
-        "Most writes the writer groups into one transaction (group commit).",
+        4_000,
+        "Most writes the writer groups into one transaction (group commit). "
+        "Bigger batches write each changed page once per commit: at 200 busy "
+        "clients, 4000 relayed about 25% more than 1000 (bench/relay.py).",
         minimum=1,
         maximum=100_000,
     )
