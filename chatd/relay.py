@@ -32,7 +32,6 @@ with the grace period.
 
 from __future__ import annotations
 
-import collections
 import errno
 import ipaddress
 import logging
@@ -108,7 +107,8 @@ class _Client:
         self.closing: core.Close | None = None
         self.grant: SessionGrant | None = None  # the session, once authenticated
         self.delivered = 0  # highest envelope id sent on this connection
-        self.unacked: collections.deque[int] = collections.deque()  # ids sent, not yet acked
+        # Ids sent and not yet acked, ascending (a list: an empty deque costs 600 bytes).
+        self.unacked: list[int] = []
         self.pumping = False  # a delivery pump runs for this connection
         # Caught up: it was sent every committed envelope of its device that
         # the relay has heard of, so new ones may be pushed without a read.

@@ -13,6 +13,7 @@ in a way that was not announced (4003).
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
@@ -333,8 +334,7 @@ class SessionFrames:
         async def acked() -> list[core.Action]:
             if ack is not None:
                 await ack()
-            while client.unacked and client.unacked[0] <= up_to:
-                client.unacked.popleft()
+            del client.unacked[: bisect.bisect_right(client.unacked, up_to)]
             if not client.synced:  # a synced connection has nothing to read
                 self._kick(client)
             return proto.reply(f.Ok(id=frame.id)) if frame.id else []
