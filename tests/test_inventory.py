@@ -1,18 +1,26 @@
-"""etc/data-inventory.toml lists every column the schema holds, and no other."""
+"""The data inventories list every column their schema holds, and no other:
+etc/data-inventory.toml for the server, etc/client-data-inventory.toml for the
+client library's local store."""
 
 from __future__ import annotations
 
 import sqlite3
 import tomllib
 
+import pytest
+
+from chatd.client.store import _SCHEMA as CLIENT_SCHEMA
 from chatd.store.migrations import migrate
 
 from .conftest import REPO
 
 
-def schema_columns() -> dict[str, set[str]]:
+def schema_columns(client: bool = False) -> dict[str, set[str]]:
     conn = sqlite3.connect(":memory:")
-    migrate(conn)
+    if client:
+        conn.executescript(CLIENT_SCHEMA)
+    else:
+        migrate(conn)
     tables = [
         r[0]
         for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
@@ -21,18 +29,21 @@ def schema_columns() -> dict[str, set[str]]:
     return {t: {c[1] for c in conn.execute(f"PRAGMA table_info({t})")} for t in tables}
 
 
-def inventory() -> dict[str, dict[str, object]]:
-    with (REPO / "etc" / "data-inventory.toml").open("rb") as fh:
+def inventory(client: bool = False) -> dict[str, dict[str, object]]:
+    name = "client-data-inventory.toml" if client else "data-inventory.toml"
+    with (REPO / "etc" / name).open("rb") as fh:
         return tomllib.load(fh)["tables"]  # type: ignore[no-any-return]
 
 
-def test_every_column_is_in_the_inventory_and_nothing_stale() -> None:
-    listed = {table: set(entry["columns"]) for table, entry in inventory().items()}  # type: ignore[call-overload]
-    assert listed == schema_columns()
+@pytest.mark.parametrize("client", [False, True], ids=["server", "client"])
+def test_every_column_is_in_the_inventory_and_nothing_stale(client: bool) -> None:
+    listed = {table: set(entry["columns"]) for table, entry in inventory(client).items()}  # type: ignore[call-overload]
+    assert listed == schema_columns(client)
 
 
-def test_every_entry_says_purpose_retention_and_personal_data() -> None:
-    for table, entry in inventory().items():
+@pytest.mark.parametrize("client", [False, True], ids=["server", "client"])
+def test_every_entry_says_purpose_retention_and_personal_data(client: bool) -> None:
+    for table, entry in inventory(client).items():
         assert len(str(entry["purpose"])) > 10, table
         assert "retention" in entry and str(entry["retention"]), table
         for column, info in entry["columns"].items():  # type: ignore[attr-defined]
