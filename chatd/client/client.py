@@ -381,6 +381,7 @@ class Client:
     async def _deliver(self, envelopes: list[dict[str, Any]]) -> None:
         received: list[ReceivedMessage] = []
         controls: list[_Control] = []
+        ours: set[str] | None = None  # our own devices, read once per frame if needed
         for env in envelopes:
             if env["kind"] == "message":
                 result = await self._receive(env)
@@ -389,9 +390,12 @@ class Client:
                 elif result is not None:
                     controls.append(result)
             elif env["kind"] in ("delivered", "expired"):
-                ours = {
-                    d.device_id for d in await self._store.devices() if d.user_id == self.user_id
-                }
+                if ours is None:
+                    ours = {
+                        d.device_id
+                        for d in await self._store.devices()
+                        if d.user_id == self.user_id
+                    }
                 counts = env.get("device_id") not in ours
                 await self._store.add_receipt(
                     env["message_id"], env.get("device_id") or "", env["kind"], counts

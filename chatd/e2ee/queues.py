@@ -46,7 +46,8 @@ class QueueService:
     def __init__(self, store: Store, settings: DeviceSettings) -> None:
         self.store = store
         self.settings = settings
-        #: Called with device ids that have new envelopes; the relay wakes their pumps.
+        #: Called with device ids whose queues changed without passing through
+        #: on_committed (the expiry job's receipts); the relay has them read again.
         self.on_queued: Callable[[Iterable[str]], None] = lambda ids: None
         #: Called on the loop right after each commit with the envelopes it queued,
         #: as (recipient device, envelope) in queue order; the relay hands them
@@ -79,8 +80,11 @@ class QueueService:
         expires = now + int(self.settings.envelope_days * DAY_MS)
         max_count = self.settings.max_queued_envelopes
         max_bytes = self.settings.max_queued_bytes
-        targets = {(e.user_id, e.device_id): e.ciphertext.encode() for e in frame.envelopes}
-        ciphertexts = {e.device_id: e.ciphertext for e in frame.envelopes}
+        # (user, device) -> the ciphertext as sent, and as stored (UTF-8, encoded
+        # here on the loop rather than in the writer thread).
+        targets = {
+            (e.user_id, e.device_id): (e.ciphertext, e.ciphertext.encode()) for e in frame.envelopes
+        }
 
         def queue(conn: Any) -> _Queued | f.Sent | f.DeviceMismatch | list[str]:
             done = conn.execute(
@@ -111,7 +115,7 @@ class QueueService:
                     stale=[f.DeviceRef(user_id=u, device_id=d) for u, d in stale],
                 )
             full = []
-            for (_, target), data in targets.items():
+            for (_, target), (_, data) in targets.items():
                 count, size = conn.execute(
                     "SELECT count(*), coalesce(sum(length(ciphertext)), 0) FROM envelopes"
                     " WHERE recipient_device = ?",
@@ -122,7 +126,7 @@ class QueueService:
             if full:
                 return full
             queued = []
-            for (_, target), data in targets.items():
+            for (_, target), (text, data) in targets.items():
                 cursor = conn.execute(
                     "INSERT INTO envelopes (recipient_device, kind, message_id, sender_user,"
                     " sender_device, ciphertext, created_at, expires_at)"
@@ -136,7 +140,7 @@ class QueueService:
                     sent_at=now,
                     sender_user_id=user_id,
                     sender_device_id=device_id,
-                    ciphertext=ciphertexts[target],
+                    ciphertext=text,
                 )
                 queued.append((target, envelope))
             conn.execute(
@@ -169,18 +173,6 @@ class QueueService:
         """The next batch of this device's queue after envelope id ``after``."""
 
         def read(conn: Any) -> list[f.Envelope]:
-            rows: list[Any] = []
-            size = 0
-            for row in conn.execute(
-                "SELECT id, kind, message_id, created_at, sender_user, sender_device,"
-                " ciphertext, about_device FROM envelopes"
-                " WHERE recipient_device = ? AND id > ? ORDER BY id LIMIT ?",
-                (device_id, after, DELIVER_BATCH),
-            ):
-                size += len(row[6] or b"")
-                if rows and size > DELIVER_BYTES:
-                    break
-                rows.append(row)
             return [
                 f.Envelope(
                     envelope_id=r[0],
@@ -192,10 +184,16 @@ class QueueService:
                     ciphertext=r[6].decode() if r[6] is not None else None,
                     device_id=r[7],
                 )
-                for r in rows
+                for r in conn.execute(
+                    "SELECT id, kind, message_id, created_at, sender_user, sender_device,"
+                    " ciphertext, about_device FROM envelopes"
+                    " WHERE recipient_device = ? AND id > ? ORDER BY id LIMIT ?",
+                    (device_id, after, DELIVER_BATCH),
+                )
             ]
 
-        return await self.store.read(read)
+        batches = deliver_batches(await self.store.read(read))
+        return batches[0] if batches else []
 
     async def ack(self, device_id: str, up_to: int) -> int:
         """Delete this device's envelopes up to ``up_to``; receipts go to the senders."""
