@@ -30,3 +30,55 @@ def test_the_arena_cap_applies_in_a_fresh_process() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
     )
     assert out.stdout.strip() == ("True" if sys.platform.startswith("linux") else "False")
+
+
+_HASHING = """
+import sys, threading
+from argon2.low_level import Type, hash_secret_raw
+from chatd.auth.passwords import PasswordHasher
+from chatd.memory import limit_malloc_arenas
+
+if "cap" in sys.argv:
+    limit_malloc_arenas()
+hasher = PasswordHasher()  # the daemon's defaults: 19 MiB per hash
+
+def login():
+    if "raw" in sys.argv:  # Argon2 without chatd's trim afterwards
+        hash_secret_raw(b"pw", b"s" * 16, time_cost=2, memory_cost=19456, parallelism=1,
+                        hash_len=32, type=Type.ID)
+    else:
+        hasher.hash("correct horse battery staple")
+
+for _ in range(3):  # like logins on the daemon's worker threads, 4 at a time
+    threads = [threading.Thread(target=login) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")))
+"""
+
+
+def _rss_after_hashing(*flags: str) -> int:
+    env = {"PATH": "/usr/bin:/bin"}  # no MALLOC_* from the caller
+    out = subprocess.run(
+        [sys.executable, "-c", _HASHING, *flags],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    return int(out.stdout)
+
+
+def test_capped_arenas_and_trimming_give_argon2_buffers_back() -> None:
+    """Both halves of chatd.memory are needed: without the arena cap each worker
+    thread keeps its own 19 MiB buffer, and without the trim the capped arenas
+    keep theirs."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc only")
+    as_chatd_runs = _rss_after_hashing("cap")
+    without_cap = _rss_after_hashing()
+    without_trim = _rss_after_hashing("cap", "raw")
+    assert as_chatd_runs + 19 * 1024 < without_cap
+    assert as_chatd_runs + 19 * 1024 < without_trim
