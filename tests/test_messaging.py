@@ -422,3 +422,32 @@ def test_deliver_frames_hold_at_most_100_envelopes_and_about_256_kib() -> None:
     huge = [env(1, DELIVER_BYTES * 2), env(2, 10)]
     assert [len(b) for b in deliver_batches(huge)] == [1, 1]
     assert deliver_batches([]) == []
+
+
+async def test_a_bad_frame_after_pipelined_sends_is_answered_after_them(
+    short_tmp: Path,
+) -> None:
+    """Replies keep request order even when a malformed frame follows a burst
+    of sends: the error comes last, and every send before it was queued."""
+    async with cast(short_tmp) as c:
+        ws = c.alice1.client.ws
+        message_ids = [str(uuid.uuid4()) for _ in range(5)]
+        for n, message_id in enumerate(message_ids):
+            frame = {"type": "send", "id": f"s{n}", "message_id": message_id}
+            await ws.send_message(json.dumps(frame | {"envelopes": c.to_everyone(c.alice1, "x")}))
+        await ws.send_message('{"type": "send", "id": "bad", "message_id": 7}')
+        replies = []
+        with trio.fail_after(10):
+            while len(replies) < 6:
+                frame = json.loads(await ws.get_message())
+                if frame.get("id") is not None:
+                    replies.append(frame)
+        assert [r["id"] for r in replies] == [f"s{n}" for n in range(5)] + ["bad"]
+        assert {r["type"] for r in replies[:5]} == {"sent"}
+        assert replies[5]["type"] == "error" and replies[5]["code"] == "bad_frame"
+        got: list[str] = []
+        while len(got) < 5:
+            got += [
+                e["message_id"] for e in (await next_frame(c.bob.client, "deliver"))["envelopes"]
+            ]
+        assert got == message_ids
