@@ -22,24 +22,30 @@ have, each covered by a test in ``tests/test_relay.py``:
   buffers, an event deque) for the life of the connection, although it is
   never used again after the upgrade: :func:`release_handshake` drops it,
   about 2 KiB per idle connection.
+* trio-websocket reads every connection in a second task through a memory
+  channel. :class:`RelayWebSocket` is read by the task that handles it
+  instead: one task, one coroutine stack and no channel per connection.
 
-It relies on two private trio-websocket methods (``_reader_task``,
-``_get_request``) exactly as ``WebSocketServer`` itself uses them, and on its
-``_wsproto`` attribute; the dependency is pinned below 0.13 in pyproject.toml
-for that reason.
+It builds on trio-websocket's ``WebSocketConnection`` and ``WebSocketRequest``
+(the handshake answer, sending, event handlers) and so relies on their
+private attributes and methods (``_wsproto``, ``_stream``, ``_send``,
+``_accept``, the ``_handle_*_event`` handlers); the dependency is pinned
+below 0.13 in pyproject.toml for that reason, and ``tests/test_relay.py``
+covers each behaviour.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import trio
-from trio_websocket import CloseReason, WebSocketConnection, WebSocketRequest
+from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Request, TextMessage
+from wsproto.utilities import RemoteProtocolError
 
 from chatd.log import fields
 from chatd.protocol.core import CLOSE_TOO_BIG, REASON_TOO_BIG
@@ -69,27 +75,178 @@ async def linger_close(stream: trio.abc.Stream) -> None:
         await trio.aclose_forcefully(stream)
 
 
-class RelayWebSocket(WebSocketConnection):
-    """trio-websocket's connection, answering framing errors with a Close frame
-    and measuring messages in UTF-8 bytes (trio-websocket counts characters)."""
+class _Unused:
+    """Stands in for the trio Events trio-websocket keeps per connection for a
+    background reader and for its ``aclose()``, neither of which runs here:
+    they are only ever ``set()``. Shared by every connection (about 650 bytes
+    each saved)."""
 
-    _utf8_size = 0  # bytes of the message being received so far
+    __slots__ = ()
+
+    def set(self) -> None:
+        pass
+
+
+_UNUSED: Final = _Unused()
+
+
+class RelayWebSocket(WebSocketConnection):
+    """trio-websocket's server connection, read by the task that handles it.
+
+    trio-websocket reads each connection in a background task that feeds a
+    memory channel, and ``get_message`` waits on the channel: two tasks, two
+    coroutine stacks, a nursery and a channel per connection, about 6 KiB of
+    an idle connection's 25. Here the caller of :meth:`get_message` (and of
+    :meth:`get_request` and :meth:`aclose`) reads the socket itself and feeds
+    wsproto, one event at a time, through trio-websocket's own event handlers.
+    Sending is trio-websocket's, unchanged, and may run in another task. Only
+    one task may read at a time; nothing reads unless one of those is awaited,
+    so a Ping is answered when the handler next waits for a message.
+
+    Beyond that it answers framing errors with a Close frame (trio-websocket
+    drops the TCP connection) and measures messages in UTF-8 bytes
+    (trio-websocket counts characters).
+    """
+
+    def __init__(self, stream: trio.abc.Stream, *, max_message_size: int, receive_buffer_size: int):
+        # Not WebSocketConnection.__init__: it makes the channel, the Future
+        # and the Events of the background reader. These are the attributes
+        # trio-websocket's methods used here read.
+        self._close_reason: CloseReason | None = None
+        self._id = next(WebSocketConnection.CONNECTION_ID)
+        self._stream = stream
+        self._stream_lock = trio.StrictFIFOLock()
+        self._wsproto = WSConnection(ConnectionType.SERVER)
+        self._message_parts: list[bytes | str] = []
+        self._max_message_size = max_message_size
+        self._receive_buffer_size = receive_buffer_size
+        self._reader_running = True
+        self._initial_request = None
+        self._path: str | None = None
+        self._subprotocol: str | None = None
+        self._handshake_headers: tuple[tuple[bytes, bytes], ...] = ()
+        self._open_handshake = self._close_handshake = _UNUSED  # type: ignore[assignment]
+        self._for_testing_peer_closed_connection = _UNUSED  # type: ignore[assignment]
+        self._utf8_size = 0  # bytes of the message being received so far
+        self._events: Iterator[Event] | None = None  # wsproto's, being taken one by one
+        self._ready: WebSocketRequest | str | bytes | None = None  # what a handler produced
+
+    # -- reading, in the caller's task ---------------------------------------------
+
+    async def _next_event(self) -> Event | None:
+        """The next wsproto event, reading the socket as needed; None at its end."""
+        while True:
+            if self._events is not None:
+                for event in self._events:
+                    return event
+                self._events = None
+            if not self._reader_running:
+                return None
+            try:
+                data = await self._stream.receive_some(self._receive_buffer_size)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._abort_web_socket()
+                return None
+            if not data:
+                # TCP closed before the WebSocket did: an abnormal closure.
+                self._reader_running = False
+                if self._wsproto.state != ConnectionState.CLOSED:
+                    await self._abort_web_socket()
+                return None
+            if self._wsproto.state == ConnectionState.CLOSED:
+                continue
+            try:
+                self._wsproto.receive_data(bytes(data))
+            except RemoteProtocolError as err:
+                # A bad handshake request: wsproto's hint is the HTTP 400.
+                if err.event_hint is not None:
+                    await self._send(err.event_hint)
+                await self._close_stream()
+                continue
+            self._events = self._wsproto.events()
+
+    async def _handle_one(self) -> bool:
+        """Read and handle one event; False once nothing more can come."""
+        event = await self._next_event()
+        if event is None:
+            return False
+        try:
+            if isinstance(event, TextMessage | BytesMessage):
+                await self._handle_message_event(event)
+            elif isinstance(event, Request):
+                self._ready = WebSocketRequest(self, event)
+            elif isinstance(event, CloseConnection):
+                await self._handle_close_connection_event(event)
+            elif isinstance(event, Ping):
+                await self._handle_ping_event(event)
+            # A Pong answers nothing here (no ping() is ever sent): ignored.
+        except ConnectionClosed:
+            self._reader_running = False
+        return True
+
+    async def get_request(self) -> WebSocketRequest | None:
+        """Read until the client's handshake request; None if it never came."""
+        while self._ready is None:
+            if not await self._handle_one():
+                return None
+        request, self._ready = self._ready, None
+        # Nothing else can be pending in the handshake; let go of wsproto's
+        # iterator over it, so release_handshake can drop the handshake state.
+        self._events = None
+        assert isinstance(request, WebSocketRequest)  # noqa: S101 - set only above
+        return request
+
+    async def get_message(self) -> str | bytes:
+        """The next message. Raises ConnectionClosed once the connection is
+        closing: after the peer's Close frame, ours, or the stream's end."""
+        while self._ready is None:
+            if self._close_reason is not None or not await self._handle_one():
+                raise ConnectionClosed(self._close_reason)
+        message, self._ready = self._ready, None
+        assert not isinstance(message, WebSocketRequest)  # noqa: S101 - after the handshake
+        return message
+
+    async def _aclose(self, code: int, reason: str | None) -> None:
+        """Send our Close, read (and drop) until the peer's reply, then close the
+        stream. The caller bounds the wait."""
+        if self._close_reason:
+            return
+        try:
+            if self._wsproto.state == ConnectionState.OPEN:
+                self._close_reason = CloseReason(code, reason)
+                await self._send(CloseConnection(code=code, reason=reason))
+                while await self._handle_one() and not self._closed_both_ways():
+                    self._ready = None  # a message sent before the peer saw our Close
+        except ConnectionClosed:
+            pass
+        finally:
+            await self._close_stream()
+
+    def _closed_both_ways(self) -> bool:
+        return self._wsproto.state == ConnectionState.CLOSED
+
+    async def _close_web_socket(self, code: int, reason: str | None = None) -> None:
+        self._close_reason = CloseReason(code, reason)
+
+    # -- trio-websocket's event handlers, adjusted ---------------------------------
 
     async def _handle_message_event(self, event: BytesMessage | TextMessage) -> None:
-        data = event.data
+        data: bytes | str = bytes(event.data) if isinstance(event, BytesMessage) else event.data
         self._utf8_size += len(data) if isinstance(data, bytes | bytearray) else len(data.encode())
         if self._utf8_size > self._max_message_size:
             self._utf8_size = 0
-            self._message_size = 0
             self._message_parts = []
             self._close_reason = CloseReason(CLOSE_TOO_BIG, REASON_TOO_BIG)
             await self._send(CloseConnection(code=CLOSE_TOO_BIG, reason=REASON_TOO_BIG))
-            await self._recv_channel.aclose()
             self._reader_running = False
             return
+        self._message_parts.append(data)
         if event.message_finished:
-            self._utf8_size = 0
-        await super()._handle_message_event(event)
+            parts, self._message_parts, self._utf8_size = self._message_parts, [], 0
+            if isinstance(event, BytesMessage):
+                self._ready = b"".join(cast(list[bytes], parts))
+            else:
+                self._ready = "".join(cast(list[str], parts))
 
     async def _handle_close_connection_event(self, event: CloseConnection) -> None:
         if self._wsproto.state == ConnectionState.OPEN:
@@ -171,54 +328,33 @@ async def serve_websockets(
     ``handshake_timeout`` is dropped.
     """
 
-    async def read_then_end_handshake(ws: RelayWebSocket, handshake: trio.CancelScope) -> None:
-        try:
-            await ws._reader_task()
-        except Exception:
-            # A peer must never be able to take the server down through a
-            # library bug: drop this connection, keep serving the others.
-            log.exception("relay.reader_failed")
-            await trio.aclose_forcefully(ws._stream)
-        # The peer left (EOF, reset) before finishing its handshake: stop
-        # waiting for a request that cannot come.
-        handshake.cancel()
-
     async def handle_stream(stream: trio.abc.Stream) -> None:
         counter.open += 1
         slot = counter.take_slot()
         request: WebSocketRequest | None = None
         try:
-            async with trio.open_nursery() as nursery:
-                with trio.CancelScope(
-                    deadline=trio.current_time() + handshake_timeout
-                ) as handshake:
-                    counter.handshaking.add(handshake)
-                    if isinstance(stream, trio.SSLStream):
-                        # Handshake TLS up front, so a client that offers only
-                        # refused versions or groups fails now, not at timeout.
-                        try:
-                            await stream.do_handshake()
-                        except trio.BrokenResourceError:
-                            return
-                    ws = RelayWebSocket(
-                        stream,
-                        WSConnection(ConnectionType.SERVER),
-                        message_queue_size=1,
-                        max_message_size=max_message_size,
-                        receive_buffer_size=receive_buffer_size,
-                    )
-                    nursery.start_soon(read_then_end_handshake, ws, handshake)
-                    request = await ws._get_request()
-                counter.handshaking.discard(handshake)
-                try:
-                    # The handler runs its own timers from here on.
-                    if request is not None and not slot:
-                        log.warning("relay.full", extra=fields(limit=counter.limit))
-                        await request.reject(503, body=b"too many connections\n")
-                    elif request is not None:
-                        await handler(request)
-                finally:
-                    nursery.cancel_scope.cancel()
+            with trio.CancelScope(deadline=trio.current_time() + handshake_timeout) as handshake:
+                counter.handshaking.add(handshake)
+                if isinstance(stream, trio.SSLStream):
+                    # Handshake TLS up front, so a client that offers only
+                    # refused versions or groups fails now, not at timeout.
+                    try:
+                        await stream.do_handshake()
+                    except trio.BrokenResourceError:
+                        return
+                ws = RelayWebSocket(
+                    stream,
+                    max_message_size=max_message_size,
+                    receive_buffer_size=receive_buffer_size,
+                )
+                request = await ws.get_request()
+            counter.handshaking.discard(handshake)
+            # The handler runs its own timers from here on.
+            if request is not None and not slot:
+                log.warning("relay.full", extra=fields(limit=counter.limit))
+                await request.reject(503, body=b"too many connections\n")
+            elif request is not None:
+                await handler(request)
         finally:
             counter.handshaking.discard(handshake)
             try:

@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import trio
+import trio.testing
 
 from chatd.config import DeviceSettings, RetentionSettings
 from chatd.retention import Retention, queue_jobs
 from chatd.store import now_ms
 
 from .test_keys import BOB_PASSWORD, Device, login_device, team
+from .test_relay import relay_tasks
 from .test_relay_auth import PASSWORD, Client, Server, connect
 
 
@@ -95,6 +97,12 @@ async def test_a_message_reaches_online_devices_and_the_sender_learns_it_was_del
             "message_id": message_id,
             "device_id": c.bob.device_id,
         }
+        # Idle again, each connection is down to its one task: no pump, sender
+        # or responder is left running (memory per idle connection).
+        await trio.testing.wait_all_tasks_blocked()
+        per_connection, others = relay_tasks(c.srv.relay)
+        assert per_connection == [1, 1, 1]
+        assert set(others) <= {"revalidate_forever", "flush_presence_forever"}
 
 
 async def test_an_offline_device_gets_its_queue_in_order_when_it_comes_back(

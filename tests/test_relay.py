@@ -139,6 +139,30 @@ class RawClient:
                 pass
 
 
+# -- tasks -------------------------------------------------------------------------
+
+
+def _task_tree(task: trio.lowlevel.Task) -> list[trio.lowlevel.Task]:
+    tasks = [task]
+    for nursery in task.child_nurseries:
+        for child in nursery.child_tasks:
+            tasks.extend(_task_tree(child))
+    return tasks
+
+
+def relay_tasks(relay: Relay) -> tuple[list[int], list[str]]:
+    """How many tasks each open connection runs (its own and all below it), and
+    the names of the relay's other tasks. Call after wait_all_tasks_blocked."""
+    assert relay.nursery is not None
+    per_connection, others = [], []
+    for task in relay.nursery.child_tasks:
+        if task.name.endswith("._run_handler"):  # trio.serve_listeners' task per stream
+            per_connection.append(len(_task_tree(task)))
+        else:
+            others.append(task.name.rpartition(".")[2])
+    return sorted(per_connection), sorted(others)
+
+
 # -- the tests -------------------------------------------------------------------------
 
 
@@ -157,6 +181,31 @@ async def test_hello_then_ping_pong() -> None:
         assert json.loads(await ws.get_message()) == {"type": "pong", "id": "p1"}
         await ws.send_message('{"type":"bye"}')
         assert await closed_with(ws) == (1000, "bye")
+
+
+async def test_an_idle_connection_is_one_task() -> None:
+    """The handler's task reads its own socket: no reader task, no channel, and
+    the sender task ends once its frames are out (memory per connection)."""
+    async with relay_running() as (relay, _), trio.open_nursery() as nursery:
+        opened = []
+        for _ in range(3):
+            ws = await nursery.start(_open_for_test, url(relay))
+            await hello_of(ws)
+            await ws.send_message('{"type":"ping","id":"p1"}')
+            assert json.loads(await ws.get_message())["type"] == "pong"
+            opened.append(ws)
+        await trio.testing.wait_all_tasks_blocked()
+        assert relay_tasks(relay) == ([1, 1, 1], [])
+        await opened[0].aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        assert relay_tasks(relay) == ([1, 1], [])
+        nursery.cancel_scope.cancel()
+
+
+async def _open_for_test(url: str, task_status: trio.TaskStatus[Any]) -> None:
+    async with open_websocket_url(url) as ws:
+        task_status.started(ws)
+        await trio.sleep_forever()
 
 
 async def test_other_paths_are_refused_with_404() -> None:
