@@ -179,60 +179,66 @@ class Relay:
         return peer
 
     async def handle(self, request: WebSocketRequest) -> None:
-        """trio-websocket handler: must never raise, or the whole server stops."""
-        try:
-            await self._handle(request)
-        except Exception:
-            log.exception("relay.handler_failed")
+        """Check the handshake, accept it and serve the connection until it ends.
 
-    async def _handle(self, request: WebSocketRequest) -> None:
-        peer = self.client_address(_peer_host(request.remote), request.headers)
-        path = request.path.partition("?")[0]
-        if path != WS_PATH:
-            await request.reject(404, body=b"not found: the relay lives at /v1/ws\n")
-            return
-        origin = _header(request.headers, b"origin")
-        if origin is not None and origin not in self.settings.allowed_origins:
-            log.info("relay.origin_refused", extra=fields(peer=mask_ip(peer), origin=origin))
-            await request.reject(403, body=b"origin not allowed\n")
-            return
-        if self.stopping:
-            await request.reject(503, body=b"server shutting down\n")
-            return
-        ws = await request.accept()
-        release_handshake(ws)
-        proto = core.ServerConnection(self.limits, server_name="chatd")
-        client = _Client(ws, proto, peer)
-        self.clients.add(client)
-        self.connections_served += 1
+        The handler of serve_websockets: it must never raise, or the whole
+        server stops. One function rather than several nested ones, because
+        every coroutine waiting in an idle connection's stack is memory held
+        for as long as it is connected (see wsserver).
+        """
+        client: _Client | None = None
         try:
-            await self._serve_client(client)
+            peer = self.client_address(_peer_host(request.remote), request.headers)
+            path = request.path.partition("?")[0]
+            if path != WS_PATH:
+                await request.reject(404, body=b"not found: the relay lives at /v1/ws\n")
+                return
+            origin = _header(request.headers, b"origin")
+            if origin is not None and origin not in self.settings.allowed_origins:
+                log.info("relay.origin_refused", extra=fields(peer=mask_ip(peer), origin=origin))
+                await request.reject(403, body=b"origin not allowed\n")
+                return
+            if self.stopping:
+                await request.reject(503, body=b"server shutting down\n")
+                return
+            ws = await request.accept()
+            del request  # its headers are not needed again
+            release_handshake(ws)
+            proto = core.ServerConnection(self.limits, server_name="chatd")
+            client = _Client(ws, proto, peer)
+            self.clients.add(client)
+            self.connections_served += 1
+            async with trio.open_nursery() as nursery:
+                client.nursery = nursery
+                try:
+                    await self._receive_loop(client)
+                finally:
+                    # Flush what is queued (an error frame may explain the
+                    # close), unless the queue itself is the problem.
+                    if client.pipeline is not None:
+                        client.pipeline.close()
+                    client.out_closed = True
+                    closing = client.closing
+                    if closing is not None and closing.reason not in _NO_FLUSH:
+                        nursery.cancel_scope.deadline = trio.current_time() + CLOSE_TIMEOUT
+                    else:
+                        nursery.cancel_scope.cancel()
         except Exception:
-            log.exception("relay.connection_failed", extra=fields(peer=mask_ip(peer)))
+            if client is None:
+                log.exception("relay.handler_failed")
+                return
+            log.exception("relay.connection_failed", extra=fields(peer=mask_ip(client.peer)))
             client.closing = core.Close(core.CLOSE_INTERNAL_ERROR, core.REASON_INTERNAL)
         finally:
-            self.clients.discard(client)
-            self.session_frames.detach(client)
-            await self._hang_up(client)
+            if client is not None:
+                try:
+                    self.clients.discard(client)
+                    self.session_frames.detach(client)
+                    await self._hang_up(client)
+                except Exception:
+                    log.exception("relay.handler_failed")
 
     # -- per-connection loop ----------------------------------------------------
-
-    async def _serve_client(self, client: _Client) -> None:
-        async with trio.open_nursery() as nursery:
-            client.nursery = nursery
-            try:
-                await self._receive_loop(client)
-            finally:
-                # Flush what is queued (an error frame may explain the close),
-                # unless the queue itself is the problem.
-                if client.pipeline is not None:
-                    client.pipeline.close()
-                client.out_closed = True
-                closing = client.closing
-                if closing is not None and closing.reason not in _NO_FLUSH:
-                    nursery.cancel_scope.deadline = trio.current_time() + CLOSE_TIMEOUT
-                else:
-                    nursery.cancel_scope.cancel()
 
     async def _receive_loop(self, client: _Client) -> None:
         s = self.settings

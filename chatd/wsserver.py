@@ -97,7 +97,7 @@ class RelayWebSocket(WebSocketConnection):
     memory channel, and ``get_message`` waits on the channel: two tasks, two
     coroutine stacks, a nursery and a channel per connection, about 6 KiB of
     an idle connection's 25. Here the caller of :meth:`get_message` (and of
-    :meth:`get_request` and :meth:`aclose`) reads the socket itself and feeds
+    :meth:`read_request` and :meth:`aclose`) reads the socket itself and feeds
     wsproto, one event at a time, through trio-websocket's own event handlers.
     Sending is trio-websocket's, unchanged, and may run in another task. Only
     one task may read at a time; nothing reads unless one of those is awaited,
@@ -133,26 +133,30 @@ class RelayWebSocket(WebSocketConnection):
 
     # -- reading, in the caller's task ---------------------------------------------
 
-    async def _next_event(self) -> Event | None:
-        """The next wsproto event, reading the socket as needed; None at its end."""
-        while True:
+    async def _handle_one(self) -> bool:
+        """Take the next wsproto event, reading the socket as needed, and handle
+        it; False once nothing more can come. (One coroutine, not two: it is
+        part of every idle connection's stack.)"""
+        event: Event | None = None
+        while event is None:
             if self._events is not None:
-                for event in self._events:
-                    return event
-                self._events = None
+                event = next(self._events, None)
+                if event is None:
+                    self._events = None
+                continue
             if not self._reader_running:
-                return None
+                return False
             try:
                 data = await self._stream.receive_some(self._receive_buffer_size)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 await self._abort_web_socket()
-                return None
+                return False
             if not data:
                 # TCP closed before the WebSocket did: an abnormal closure.
                 self._reader_running = False
                 if self._wsproto.state != ConnectionState.CLOSED:
                     await self._abort_web_socket()
-                return None
+                return False
             if self._wsproto.state == ConnectionState.CLOSED:
                 continue
             try:
@@ -164,12 +168,6 @@ class RelayWebSocket(WebSocketConnection):
                 await self._close_stream()
                 continue
             self._events = self._wsproto.events()
-
-    async def _handle_one(self) -> bool:
-        """Read and handle one event; False once nothing more can come."""
-        event = await self._next_event()
-        if event is None:
-            return False
         try:
             if isinstance(event, TextMessage | BytesMessage):
                 await self._handle_message_event(event)
@@ -184,16 +182,20 @@ class RelayWebSocket(WebSocketConnection):
             self._reader_running = False
         return True
 
-    async def get_request(self) -> WebSocketRequest | None:
-        """Read until the client's handshake request; None if it never came."""
+    async def read_request(self) -> bool:
+        """Read until the client's handshake request; False if it never came."""
         while self._ready is None:
             if not await self._handle_one():
-                return None
-        request, self._ready = self._ready, None
+                return False
         # Nothing else can be pending in the handshake; let go of wsproto's
         # iterator over it, so release_handshake can drop the handshake state.
         self._events = None
-        assert isinstance(request, WebSocketRequest)  # noqa: S101 - set only above
+        return True
+
+    def take_request(self) -> WebSocketRequest:
+        """The request :meth:`read_request` read; the connection keeps no reference."""
+        request, self._ready = self._ready, None
+        assert isinstance(request, WebSocketRequest)  # noqa: S101 - after read_request
         return request
 
     async def get_message(self) -> str | bytes:
@@ -331,7 +333,7 @@ async def serve_websockets(
     async def handle_stream(stream: trio.abc.Stream) -> None:
         counter.open += 1
         slot = counter.take_slot()
-        request: WebSocketRequest | None = None
+        requested = False
         try:
             with trio.CancelScope(deadline=trio.current_time() + handshake_timeout) as handshake:
                 counter.handshaking.add(handshake)
@@ -347,14 +349,16 @@ async def serve_websockets(
                     max_message_size=max_message_size,
                     receive_buffer_size=receive_buffer_size,
                 )
-                request = await ws.get_request()
+                requested = await ws.read_request()
             counter.handshaking.discard(handshake)
             # The handler runs its own timers from here on.
-            if request is not None and not slot:
+            if requested and not slot:
                 log.warning("relay.full", extra=fields(limit=counter.limit))
-                await request.reject(503, body=b"too many connections\n")
-            elif request is not None:
-                await handler(request)
+                await ws.take_request().reject(503, body=b"too many connections\n")
+            elif requested:
+                # Not kept in a variable here: the handler lets go of the
+                # request (and its headers) once it has accepted it.
+                await handler(ws.take_request())
         finally:
             counter.handshaking.discard(handshake)
             try:
