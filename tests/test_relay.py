@@ -599,11 +599,31 @@ def test_the_client_address_behind_trusted_proxies(
 
 
 async def test_accepted_connections_drop_the_handshake_machinery() -> None:
-    from chatd.wsserver import SPENT_HANDSHAKE
+    from chatd.wsserver import SPENT_HANDSHAKE, EventQueue
 
     async with relay_running() as (relay, _), open_websocket_url(url(relay)) as ws:
         await hello_of(ws)
         [client] = relay.clients
         assert client.ws._wsproto.handshake is SPENT_HANDSHAKE
+        assert isinstance(client.ws._wsproto.connection._events, EventQueue)
         await ws.send_message('{"type":"ping","id":"p1"}')
         assert json.loads(await ws.get_message())["type"] == "pong"  # still speaks
+
+
+def test_wsproto_works_on_the_list_event_queue() -> None:
+    """The one event wsproto queues itself, the abnormal close at end of data,
+    comes out of the list the relay gives it just as out of wsproto's deque
+    (before the frames still buffered, which is wsproto's order)."""
+    from wsproto.connection import Connection
+    from wsproto.events import CloseConnection, TextMessage
+
+    from chatd.wsserver import EventQueue
+
+    conn = Connection(ConnectionType.SERVER)
+    conn._events = EventQueue()  # type: ignore[assignment]
+    conn.receive_data(ws_frame(0x1, b"one") + ws_frame(0x1, b"two"))
+    conn.receive_data(None)
+    events = list(conn.events())
+    assert [type(e) for e in events] == [CloseConnection, TextMessage, TextMessage]
+    assert events[0].code == 1006
+    assert not conn._events and list(conn.events()) == []
