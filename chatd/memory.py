@@ -10,12 +10,16 @@ after each hash returns those free pages (glibc madvises free chunks in every
 arena), for a fraction of a millisecond, without making every allocation an
 mmap as a fixed ``M_MMAP_THRESHOLD`` would (which slowed logins by a third).
 
-The daemon also caps malloc at two arenas (:func:`limit_malloc_arenas`, as
-``MALLOC_ARENA_MAX=2`` would): each worker thread that hashes would
-otherwise get an arena of its own, each keeping its own high-water mark.
+The daemon also caps malloc at one arena (:func:`limit_malloc_arenas`, as
+``MALLOC_ARENA_MAX=1`` would). Each worker thread that hashes would otherwise
+get an arena of its own, and ``malloc_trim`` cannot shrink the top of a
+thread's arena, only the main one's: with two arenas, a buffer freed at the
+top of the second stayed resident (19 MiB, sometimes 38, kept by chance; see
+``tests/test_memory.py``). Python's small objects come from its own
+allocator, so one arena costs no measurable contention (bench/relay.py).
 Together they took the daemon from about 149 KiB to about 36 KiB of RSS per
 idle authenticated connection at 1,000 connections, with logins no slower
-(bench/relay.py --no-relay).
+(bench/relay.py --no-relay); the rest of the way down came from the relay.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ _TRIM: Final = _libc_function("malloc_trim", ctypes.c_size_t)
 _MALLOPT: Final = _libc_function("mallopt", ctypes.c_int, ctypes.c_int)
 
 
-def limit_malloc_arenas(arenas: int = 2) -> bool:
+def limit_malloc_arenas(arenas: int = 1) -> bool:
     """Cap glibc's malloc arenas; call before threads start. False where
     unsupported. An explicit ``MALLOC_ARENA_MAX`` in the environment wins."""
     if _MALLOPT is None or "MALLOC_ARENA_MAX" in os.environ:

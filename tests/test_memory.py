@@ -41,6 +41,7 @@ from chatd.memory import limit_malloc_arenas
 if "cap" in sys.argv:
     limit_malloc_arenas()
 hasher = PasswordHasher()  # the daemon's defaults: 19 MiB per hash
+print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")))
 
 def login():
     if "raw" in sys.argv:  # Argon2 without chatd's trim afterwards
@@ -50,7 +51,7 @@ def login():
         hasher.hash("correct horse battery staple")
 
 for _ in range(3):  # like logins on the daemon's worker threads, 4 at a time
-    threads = [threading.Thread(target=login) for _ in range(4)]
+    threads = [threading.Thread(target=login) for _ in range(1 if "serial" in sys.argv else 4)]
     for t in threads:
         t.start()
     for t in threads:
@@ -59,8 +60,9 @@ print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(
 """
 
 
-def _rss_after_hashing(*flags: str) -> int:
-    env = {"PATH": "/usr/bin:/bin"}  # no MALLOC_* from the caller
+def _rss_growth_hashing(*flags: str, env: dict[str, str] | None = None) -> int:
+    """KiB of RSS that 12 hashes (4 threads at a time) or 3 (one at a time) leave."""
+    env = {"PATH": "/usr/bin:/bin", **(env or {})}  # no MALLOC_* from the caller
     out = subprocess.run(
         [sys.executable, "-c", _HASHING, *flags],
         capture_output=True,
@@ -68,17 +70,21 @@ def _rss_after_hashing(*flags: str) -> int:
         env=env,
         check=True,
     )
-    return int(out.stdout)
+    before, after = (int(line) for line in out.stdout.split())
+    return after - before
 
 
 def test_capped_arenas_and_trimming_give_argon2_buffers_back() -> None:
-    """Both halves of chatd.memory are needed: without the arena cap each worker
-    thread keeps its own 19 MiB buffer, and without the trim the capped arenas
-    keep theirs."""
+    """Both halves of chatd.memory are needed, and the cap must be one arena:
+    without the cap each worker thread keeps its own 19 MiB buffer; without the
+    trim the arena keeps its; and with two arenas, malloc_trim cannot shrink
+    the top of the second, where a freed buffer stays."""
     if not sys.platform.startswith("linux"):
         pytest.skip("glibc only")
-    as_chatd_runs = _rss_after_hashing("cap")
-    without_cap = _rss_after_hashing()
-    without_trim = _rss_after_hashing("cap", "raw")
-    assert as_chatd_runs + 19 * 1024 < without_cap
-    assert as_chatd_runs + 19 * 1024 < without_trim
+    as_chatd_runs = _rss_growth_hashing("cap")
+    assert as_chatd_runs < 4 * 1024  # no Argon2 buffer kept
+    assert _rss_growth_hashing("cap", "serial") < 4 * 1024
+    assert _rss_growth_hashing() > 19 * 1024
+    # One buffer freed at the top of the arena is below glibc's trim threshold.
+    assert _rss_growth_hashing("cap", "raw", "serial") > 19 * 1024
+    assert _rss_growth_hashing(env={"MALLOC_ARENA_MAX": "2"}) > 19 * 1024
