@@ -13,6 +13,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
@@ -72,6 +73,30 @@ async def send(
     )
 
 
+async def assert_queue_totals_exact(c: Cast) -> None:
+    """The running totals the triggers keep match the envelopes table."""
+
+    def read(conn: Any) -> tuple[set[Any], set[Any], int]:
+        kept = set(
+            conn.execute(
+                "SELECT device_id, envelopes, bytes FROM queue_totals"
+                " WHERE envelopes != 0 OR bytes != 0"
+            )
+        )
+        real = set(
+            conn.execute(
+                "SELECT recipient_device, count(*), coalesce(sum(length(ciphertext)), 0)"
+                " FROM envelopes GROUP BY recipient_device"
+            )
+        )
+        rows = conn.execute("SELECT count(*) FROM queue_totals").fetchone()[0]
+        return kept, real, rows
+
+    kept, real, rows = await c.srv.store.read(read)
+    assert kept == real
+    assert rows <= 3  # one row per device at most, removed with the device
+
+
 async def test_a_message_reaches_online_devices_and_the_sender_learns_it_was_delivered(
     short_tmp: Path,
 ) -> None:
@@ -103,6 +128,7 @@ async def test_a_message_reaches_online_devices_and_the_sender_learns_it_was_del
         per_connection, others = relay_tasks(c.srv.relay)
         assert per_connection == [1, 1, 1]
         assert set(others) <= {"revalidate_forever", "flush_presence_forever"}
+        await assert_queue_totals_exact(c)
 
 
 async def test_an_offline_device_gets_its_queue_in_order_when_it_comes_back(
@@ -182,6 +208,7 @@ async def test_a_full_queue_refuses_the_whole_send(short_tmp: Path) -> None:
             ).fetchone()[0]
         )
         assert count <= 2  # alice2 got nothing from the refused send
+        await assert_queue_totals_exact(c)
 
 
 async def test_undelivered_messages_expire_and_the_sender_is_told(short_tmp: Path) -> None:
@@ -200,6 +227,7 @@ async def test_undelivered_messages_expire_and_the_sender_is_told(short_tmp: Pat
             kinds = {(e["kind"], e.get("device_id")) for e in notice["envelopes"]}
             assert ("expired", c.bob.device_id) in kinds
             assert {e["message_id"] for e in notice["envelopes"]} == {sent["message_id"]}
+        await assert_queue_totals_exact(c)
 
 
 async def test_nothing_acknowledged_is_lost_when_the_server_stops(short_tmp: Path) -> None:
@@ -272,6 +300,7 @@ async def test_removing_a_device_ends_it_and_peers_see_the_change(short_tmp: Pat
                 devices=[{"user_id": c.alice1.user_id, "device_id": c.alice1.device_id}],
             )
         )["keys"] == []
+        await assert_queue_totals_exact(c)  # the removed device's row went with it
 
 
 async def test_an_expired_receipt_reaches_the_senders_live_connection(short_tmp: Path) -> None:
@@ -459,3 +488,29 @@ async def test_a_bad_frame_after_pipelined_sends_is_answered_after_them(
                 e["message_id"] for e in (await next_frame(c.bob.client, "deliver"))["envelopes"]
             ]
         assert got == message_ids
+
+
+async def test_queue_totals_follow_a_rolled_back_job_and_cap_bytes(short_tmp: Path) -> None:
+    """A write that fails after queuing leaves the totals as they were, and the
+    byte cap is checked against them."""
+    async with cast(short_tmp, DeviceSettings(max_queued_bytes=1_024)) as c:
+        await c.bob.client.ws.aclose()
+        bob = c.bob.device_id
+
+        def queue_then_fail(conn: Any) -> None:
+            conn.execute(
+                "INSERT INTO envelopes (recipient_device, kind, message_id, ciphertext,"
+                " created_at, expires_at) VALUES (?, 'message', 'm', ?, 1, 2)",
+                (bob, b"x" * 500),
+            )
+            raise ValueError("the job fails after its insert")
+
+        with pytest.raises(ValueError, match="after its insert"):
+            await c.srv.store.write(queue_then_fail)
+        await assert_queue_totals_exact(c)
+        big = "y" * 600
+        envelopes = [e | {"ciphertext": big} for e in c.to_everyone(c.alice1, "")]
+        assert (await send(c.alice1, envelopes))["type"] == "sent"
+        refused = await send(c.alice1, envelopes)  # 1,200 bytes would be over 1,024
+        assert refused["code"] == "queue_full"
+        await assert_queue_totals_exact(c)

@@ -297,6 +297,8 @@ def _sample_rows(conn: Any, version: int) -> dict[str, int]:
                 " VALUES ('DEV', 'm', 1, 1)"
             )
             rows["envelopes"] = rows["sends"] = 1
+        if version >= 6:
+            rows["queue_totals"] = 1  # made by a trigger for the envelope above
         for table in (
             "users",
             "recovery_codes",
@@ -407,3 +409,37 @@ def test_checking_the_key_leaves_no_files_behind(short_tmp: Path) -> None:
     with pytest.raises(KeyMismatchError):
         connect(path, OTHER_KEY, busy_timeout_ms=1000, readonly=True)
     assert sorted(os.listdir(short_tmp)) == listing
+
+
+def test_the_queue_totals_migration_counts_what_is_already_queued() -> None:
+    """Version 6 fills queue_totals from the queues it finds, receipts (no
+    ciphertext) included, and its triggers keep it right from there on."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn.execute("PRAGMA foreign_keys = ON")
+    migrate(conn, target=5)
+    _sample_rows(conn, 5)  # user 1 with device DEV, one 1-byte envelope for it
+    conn.execute(
+        "INSERT INTO devices (id, user_id, name, created_at, last_seen_at)"
+        " VALUES ('TWO', 1, 'laptop', 1, 1)"
+    )
+    for recipient, kind, ciphertext in (
+        ("TWO", "message", b"abc"),
+        ("TWO", "message", b"defgh"),
+        ("TWO", "delivered", None),
+    ):
+        conn.execute(
+            "INSERT INTO envelopes (recipient_device, kind, message_id, ciphertext,"
+            " created_at, expires_at) VALUES (?, ?, 'm', ?, 1, 2)",
+            (recipient, kind, ciphertext),
+        )
+    migrate(conn)
+    totals = "SELECT device_id, envelopes, bytes FROM queue_totals ORDER BY device_id"
+    assert conn.execute(totals).fetchall() == [("DEV", 1, 1), ("TWO", 3, 8)]
+    conn.execute("DELETE FROM envelopes WHERE recipient_device = 'TWO' AND kind = 'message'")
+    conn.execute(
+        "INSERT INTO envelopes (recipient_device, kind, message_id, ciphertext, created_at,"
+        " expires_at) VALUES ('DEV', 'message', 'n', x'0102', 1, 2)"
+    )
+    assert conn.execute(totals).fetchall() == [("DEV", 2, 3), ("TWO", 1, 0)]
+    conn.execute("DELETE FROM devices WHERE id = 'TWO'")
+    assert conn.execute(totals).fetchall() == [("DEV", 2, 3)]

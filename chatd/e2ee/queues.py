@@ -116,11 +116,10 @@ class QueueService:
                 )
             full = []
             for (_, target), (_, data) in targets.items():
+                # Kept by triggers on envelopes (schema version 6).
                 count, size = conn.execute(
-                    "SELECT count(*), coalesce(sum(length(ciphertext)), 0) FROM envelopes"
-                    " WHERE recipient_device = ?",
-                    (target,),
-                ).fetchone()
+                    "SELECT envelopes, bytes FROM queue_totals WHERE device_id = ?", (target,)
+                ).fetchone() or (0, 0)
                 if count + 1 > max_count or size + len(data) > max_bytes:
                     full.append(target)
             if full:

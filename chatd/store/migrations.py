@@ -168,6 +168,30 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     ) WITHOUT ROWID;
     CREATE INDEX sends_created_at ON sends (created_at);
     """,
+    # 6: each device queue's running totals, kept by triggers in the same
+    # transaction as the envelopes, so a send checks the caps with one lookup
+    # instead of reading the whole queue (which grew with the queue).
+    """
+    CREATE TABLE queue_totals (
+        device_id TEXT    PRIMARY KEY REFERENCES devices (id) ON DELETE CASCADE,
+        envelopes INTEGER NOT NULL,  -- queued envelopes, receipts included
+        bytes     INTEGER NOT NULL   -- their ciphertext, in bytes
+    ) WITHOUT ROWID;
+    INSERT INTO queue_totals (device_id, envelopes, bytes)
+        SELECT recipient_device, count(*), coalesce(sum(length(ciphertext)), 0)
+        FROM envelopes GROUP BY recipient_device;
+    CREATE TRIGGER envelopes_queued AFTER INSERT ON envelopes BEGIN
+        INSERT INTO queue_totals (device_id, envelopes, bytes)
+        VALUES (NEW.recipient_device, 1, coalesce(length(NEW.ciphertext), 0))
+        ON CONFLICT (device_id) DO UPDATE
+        SET envelopes = envelopes + 1, bytes = bytes + excluded.bytes;
+    END;
+    CREATE TRIGGER envelopes_gone AFTER DELETE ON envelopes BEGIN
+        UPDATE queue_totals
+        SET envelopes = envelopes - 1, bytes = bytes - coalesce(length(OLD.ciphertext), 0)
+        WHERE device_id = OLD.recipient_device;
+    END;
+    """,
 )
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)
@@ -205,6 +229,17 @@ def migrate(conn: Any, *, target: int = SCHEMA_VERSION) -> int:
 def _statements(script: str) -> list[str]:
     # Migrations hold no semicolons inside literals, so a plain split is exact
     # and keeps each step inside our explicit transaction (executescript would
-    # commit first).
+    # commit first). A trigger's body is put back together up to its END.
     lines = [line.split("--", 1)[0] for line in script.splitlines()]
-    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+    statements: list[str] = []
+    in_trigger = False
+    for piece in (s.strip() for s in "\n".join(lines).split(";")):
+        if not piece:
+            continue
+        if in_trigger:
+            statements[-1] += ";\n" + piece
+            in_trigger = piece.upper() != "END"
+        else:
+            statements.append(piece)
+            in_trigger = piece.upper().startswith("CREATE TRIGGER")
+    return statements
