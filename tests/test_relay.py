@@ -524,6 +524,32 @@ async def test_a_server_bug_closes_with_1011_without_details(
         assert await closed_with(ws) == (1011, "internal error")
 
 
+async def test_a_server_bug_in_the_sender_task_closes_with_1011_and_ends_cleanly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from chatd.wsserver import RelayWebSocket
+
+    send_message = RelayWebSocket.send_message
+
+    async def broken(self: RelayWebSocket, message: str | bytes) -> None:
+        if isinstance(message, str) and '"pong"' in message:
+            raise RuntimeError("internal detail")
+        await send_message(self, message)
+
+    monkeypatch.setattr(RelayWebSocket, "send_message", broken)
+    async with relay_running() as (relay, _):
+        client = await RawClient.connect(relay)
+        await client.stream.send_all(ws_frame(0x1, b'{"type":"ping","id":"p"}'))
+        close = await client.close_event()
+        assert close is not None and (close.code, close.reason) == (1011, "internal error")
+        await client.stream.aclose()
+        await wait_streams_closed(relay)  # the connection ended, helpers and all
+        async with open_websocket_url(url(relay)) as other:
+            await hello_of(other)  # everyone else is still served
+            await trio.testing.wait_all_tasks_blocked()
+            assert relay_tasks(relay) == ([1], [])
+
+
 async def test_a_flooding_client_that_does_not_read_is_closed_and_fully_released() -> None:
     async with relay_running(send_queue_frames=2, idle_timeout_seconds=30) as (relay, _):
         client = await RawClient.connect(relay)
