@@ -199,6 +199,9 @@ async def test_new_devices_start_unverified_until_their_fingerprint_is_checked(
         await alice.verify_device(bob.user_id, bob.device_id, bob.fingerprint.lower())
         [bob_device] = [d for d in await alice.devices() if d.user_id == bob.user_id]
         assert bob_device.verified
+        # The lookup each incoming message makes, by key.
+        assert await alice._store.device(bob.user_id, bob.device_id) == bob_device
+        assert await alice._store.device(bob.user_id, "NOSUCHDEVICE1") is None
 
 
 async def test_a_wrong_store_key_is_refused_and_the_store_kept(short_tmp: Path) -> None:

@@ -425,13 +425,13 @@ class Client:
             await self._verifications.handle(them, payload.to_user_id, payload.fields)
 
     async def _sender_device(self, user_id: int, device_id: str) -> DeviceRecord | None:
-        for refresh in (False, True):
-            if refresh:
-                await self.directory()
-            for d in await self._store.devices():
-                if (d.user_id, d.device_id) == (user_id, device_id):
-                    return d
-        return None
+        """The sending device as we know it; a device we have not seen yet
+        makes us fetch the directory once."""
+        device = await self._store.device(user_id, device_id)
+        if device is None:
+            await self.directory()
+            device = await self._store.device(user_id, device_id)
+        return device
 
     async def _receive(self, env: dict[str, Any]) -> ReceivedMessage | _Control | None:
         """Decrypt and store one message envelope. Returns a chat message, or a

@@ -222,6 +222,19 @@ class LocalStore:
         )
         return [DeviceRecord(r[0], r[1], r[2], r[3], r[4], bool(r[5]), bool(r[6])) for r in rows]
 
+    async def device(self, user_id: int, device_id: str) -> DeviceRecord | None:
+        """One device, by its primary key (what each incoming message needs)."""
+        row = await self._run(
+            lambda c: c.execute(
+                "SELECT user_id, device_id, name, ed25519, curve25519, verified, current"
+                " FROM devices WHERE user_id = ? AND device_id = ?",
+                (user_id, device_id),
+            ).fetchone()
+        )
+        if row is None:
+            return None
+        return DeviceRecord(row[0], row[1], row[2], row[3], row[4], bool(row[5]), bool(row[6]))
+
     async def replace_devices(self, seen: list[DeviceRecord]) -> None:
         """Record the directory: new devices start unverified (unless ``verified`` is
         given, for our own device); devices gone from it are marked not current."""
