@@ -63,7 +63,7 @@ comparison. Each login runs Argon2id with a 19 MiB buffer in a worker
 thread. glibc's dynamic mmap threshold rises to that size after the first
 free, so later buffers come from the threads' malloc arenas and, once freed,
 were mostly kept: the daemon's RSS grew by about 100 KiB per login, which
-swamped the per-connection cost. chatd now caps malloc at two arenas and
+swamped the per-connection cost. chatd now caps malloc at one arena and
 calls ``malloc_trim(0)`` after each hash (``chatd/memory.py``); a fixed mmap
 threshold instead makes every buffer an mmap returned on free, at the cost
 of slower logins (the login time of the 1000 is printed for both).
