@@ -226,6 +226,12 @@ class RelayWebSocket(WebSocketConnection):
         finally:
             await self._close_stream()
 
+    async def ping(self, payload: bytes | None = None) -> None:
+        """Not available: waiting for a Pong needs a reader running beside the
+        caller, which this connection does not have. The relay never pings
+        (clients keep alive with the protocol's ``ping`` frame)."""
+        raise NotImplementedError("RelayWebSocket does not send WebSocket Pings")
+
     def _closed_both_ways(self) -> bool:
         return self._wsproto.state == ConnectionState.CLOSED
 
