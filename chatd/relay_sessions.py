@@ -341,6 +341,32 @@ class SessionFrames:
 
         return acked
 
+    def _new_tokens(
+        self, client: _Client, request_id: str, fresh: SessionGrant
+    ) -> list[core.Action]:
+        """The ``tokens`` reply to a request that rotated the session's tokens
+        (refresh, change_password, mfa_disable). Every connection of the
+        session lives on from here under the new access token's expiry."""
+        for other in self.by_session.get(fresh.session_id, ()):
+            if other.grant is not None:
+                other.grant = replace(
+                    other.grant,
+                    access_expires_at=fresh.access_expires_at,
+                    access_token=None,
+                    refresh_token=None,
+                )
+        assert fresh.access_token and fresh.refresh_token  # noqa: S101 - a rotation issues both
+        return client.proto.reply(
+            f.Tokens(
+                id=request_id,
+                session_id=fresh.session_id,
+                access_token=fresh.access_token,
+                access_expires_at=fresh.access_expires_at,
+                refresh_token=fresh.refresh_token,
+                expires_at=fresh.expires_at,
+            )
+        )
+
     async def handle(self, client: _Client, frame: Any) -> list[core.Action]:
         """Serve one session request; the reply (or error) as actions."""
         proto = client.proto
@@ -418,26 +444,7 @@ class SessionFrames:
                 if grant is None or grant.session_id == fresh.session_id:
                     # Refreshing authenticates a new connection, and extends a live one.
                     self.attach(client, fresh)
-                # Every connection of the session now lives on the new access token.
-                for other in self.by_session.get(fresh.session_id, ()):
-                    if other.grant is not None:
-                        other.grant = replace(
-                            other.grant,
-                            access_expires_at=fresh.access_expires_at,
-                            access_token=None,
-                            refresh_token=None,
-                        )
-                assert fresh.access_token and fresh.refresh_token  # noqa: S101 - refresh issues both
-                return proto.reply(
-                    f.Tokens(
-                        id=frame.id,
-                        session_id=fresh.session_id,
-                        access_token=fresh.access_token,
-                        access_expires_at=fresh.access_expires_at,
-                        refresh_token=fresh.refresh_token,
-                        expires_at=fresh.expires_at,
-                    )
-                )
+                return self._new_tokens(client, frame.id, fresh)
         assert grant is not None  # noqa: S101 - the core admits the rest only with a session
         match frame:
             case f.Logout():
@@ -470,10 +477,10 @@ class SessionFrames:
                 )
                 return proto.reply(f.Revoked(id=frame.id, session_ids=revoked))
             case f.ChangePassword():
-                await auth.change_password(
+                fresh = await auth.change_password(
                     grant, frame.current_password, frame.new_password, frame.totp, peer
                 )
-                return proto.reply(f.Ok(id=frame.id))
+                return self._new_tokens(client, frame.id, fresh)
             case f.MfaEnroll():
                 secret, uri = await auth.mfa_enroll(grant, frame.password, frame.totp, peer)
                 return proto.reply(
@@ -485,8 +492,8 @@ class SessionFrames:
                     self.attach(client, replace(grant, mfa_enrollment_required=False))
                 return proto.reply(f.RecoveryCodes(id=frame.id, codes=codes))
             case f.MfaDisable():
-                await auth.mfa_disable(grant, frame.password, frame.code, peer)
-                return proto.reply(f.Ok(id=frame.id))
+                fresh = await auth.mfa_disable(grant, frame.password, frame.code, peer)
+                return self._new_tokens(client, frame.id, fresh)
             case f.KeysUpload():
                 keys = self._key_service()
                 return proto.reply(await keys.upload(grant.user_id, grant.device_id, frame))

@@ -331,7 +331,7 @@ async def test_changing_the_password_needs_the_current_one_and_ends_other_sessio
     short_tmp: Path,
 ) -> None:
     async with server(short_tmp) as srv, connect(srv) as c, connect(srv) as other:
-        await c.login()
+        before = await c.login()
         await other.login()
         wrong = await c.request(
             "change_password",
@@ -343,11 +343,21 @@ async def test_changing_the_password_needs_the_current_one_and_ends_other_sessio
             "change_password", current_password=PASSWORD, new_password="1q2w3e4r5t6y"
         )  # a top-10,000 password
         assert weak["code"] == "weak_password" and weak["field"] == "$.new_password"
-        ok = await c.request(
+        changed = await c.request(
             "change_password", current_password=PASSWORD, new_password="a brand new passphrase"
         )
-        assert ok["type"] == "ok"
+        assert changed["type"] == "tokens" and changed["session_id"] == before["session_id"]
+        assert changed["access_token"] != before["access_token"]
+        assert changed["refresh_token"] != before["refresh_token"]
         assert await other.closed() == (4003, "session revoked")
+        # This session goes on, on the new tokens only (SECURITY.md F-5).
+        assert (await c.request("ping"))["type"] == "pong"
+        async with connect(srv) as stale:
+            old = await stale.request("resume", access_token=before["access_token"])
+            assert old["code"] == "invalid_token"
+        async with connect(srv) as fresh:
+            resumed = await fresh.request("resume", access_token=changed["access_token"])
+            assert resumed["type"] == "session"
         async with connect(srv) as again:
             assert (await again.login())["code"] == "login_failed"
             assert (await again.login(password="a brand new passphrase"))["type"] == "session"
@@ -475,10 +485,16 @@ async def test_behind_a_proxy_each_client_has_its_own_limits(short_tmp: Path) ->
 
 async def test_a_recovery_code_replaces_a_lost_authenticator(short_tmp: Path) -> None:
     async with server(short_tmp) as srv, connect(srv) as c:
-        await c.login()
+        before = await c.login()
         _, codes = await enrol(c)
         off = await c.request("mfa_disable", password=PASSWORD, code=codes[1])
-        assert off["type"] == "ok"
+        assert off["type"] == "tokens" and off["refresh_token"] != before["refresh_token"]
+        async with connect(srv) as stale:
+            # The refresh token from before is retired: presenting it is reuse,
+            # which ends the session (section 6.7).
+            reused = await stale.request("refresh", refresh_token=before["refresh_token"])
+            assert reused["code"] == "invalid_token"
+        assert await c.closed() == (4003, "session revoked")
         async with connect(srv) as d:
             assert (await d.login())["type"] == "session"  # no second factor any more
         assert ("mfa_disable", "ok") in await srv.audit()
@@ -508,7 +524,7 @@ async def test_resumes_are_audited_and_floods_write_few_rows(short_tmp: Path) ->
 
 
 async def test_spent_refresh_tokens_are_bounded_per_session(short_tmp: Path) -> None:
-    from chatd.auth.service import SPENT_TOKENS_KEPT
+    from chatd.auth.queries import SPENT_TOKENS_KEPT
 
     async with server(short_tmp, refresh_rate_per_ip=100_000.0, rate_burst=1000) as srv:
         async with connect(srv) as c:

@@ -6,12 +6,13 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from functools import partial
 from typing import Any, Final
 
 import trio
 
-from chatd.auth.models import AuthError, Peer
+from chatd.auth.models import AuthError, Peer, SessionGrant
 from chatd.auth.passwords import (
     Argon2Params,
     PasswordHasher,
@@ -19,9 +20,9 @@ from chatd.auth.passwords import (
     check_password_policy,
     load_common_passwords,
 )
-from chatd.auth.queries import select_user
+from chatd.auth.queries import retire_refresh_token, select_user
 from chatd.auth.ratelimit import FailureBackoff, RateLimiter
-from chatd.auth.tokens import normalize_recovery_code, recovery_code_hash
+from chatd.auth.tokens import new_token, normalize_recovery_code, recovery_code_hash, token_hash
 from chatd.auth.totp import verify_totp
 from chatd.auth.usernames import UsernameError, normalize_username
 from chatd.config import AuthSettings, DeviceSettings
@@ -189,6 +190,38 @@ class AuthBase:
         if revoked:
             self.on_revoked(revoked)
         return revoked
+
+    async def rotate_tokens(self, grant: SessionGrant) -> SessionGrant:
+        """New access and refresh tokens for a live session; the old ones stop
+        working, and the old refresh token, presented again, is caught as reuse.
+        Done after a re-authenticated change (password, second factor), so
+        tokens from before it cannot go on (ASVS V7.2.4)."""
+        access, refresh = new_token(), new_token()
+        now = now_ms()
+        minutes = self.settings.access_token_minutes
+
+        def rotate(conn: Any) -> int | None:
+            row = conn.execute(
+                "SELECT refresh_hash, expires_at FROM sessions WHERE id = ? AND revoked_at IS NULL",
+                (grant.session_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            access_expires = min(now + int(minutes * MINUTE_MS), int(row[1]))
+            retire_refresh_token(conn, grant.session_id, row[0], now)
+            conn.execute(
+                "UPDATE sessions SET access_hash = ?, access_expires_at = ?, refresh_hash = ?"
+                " WHERE id = ?",
+                (token_hash(access), access_expires, token_hash(refresh), grant.session_id),
+            )
+            return access_expires
+
+        access_expires = await self.store.write(rotate)
+        if access_expires is None:
+            raise fail("invalid_token", "this session has ended; log in again")
+        return replace(
+            grant, access_expires_at=access_expires, access_token=access, refresh_token=refresh
+        )
 
     async def user_session_ids(self, user_id: int, *, except_id: int | None = None) -> list[int]:
         rows = await self.store.read(

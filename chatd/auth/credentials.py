@@ -57,8 +57,9 @@ class CredentialFlows(AuthBase):
 
     async def change_password(
         self, grant: SessionGrant, current: str, new: str, totp: str | None, peer: Peer
-    ) -> list[int]:
-        """Change the password after full re-authentication; other sessions are revoked."""
+    ) -> SessionGrant:
+        """Change the password after full re-authentication. Other sessions are
+        revoked; this one goes on with new tokens (returned)."""
         user = await self._reauthenticate(
             grant, current, totp, peer, "password_change", first_factor_field="$.current_password"
         )
@@ -75,11 +76,12 @@ class CredentialFlows(AuthBase):
             )
         )
         others = await self.user_session_ids(user["id"], except_id=grant.session_id)
-        revoked = await self.revoke_sessions(others, "password changed")
+        await self.revoke_sessions(others, "password changed")
+        fresh = await self.rotate_tokens(grant)
         await self.audit(
             "password_change", "ok", peer, user_id=user["id"], session_id=grant.session_id
         )
-        return revoked
+        return fresh
 
     async def mfa_enroll(
         self, grant: SessionGrant, password: str, totp: str | None, peer: Peer
@@ -129,7 +131,11 @@ class CredentialFlows(AuthBase):
         await self.audit("mfa_confirm", "ok", peer, user_id=user["id"], session_id=grant.session_id)
         return codes
 
-    async def mfa_disable(self, grant: SessionGrant, password: str, code: str, peer: Peer) -> None:
+    async def mfa_disable(
+        self, grant: SessionGrant, password: str, code: str, peer: Peer
+    ) -> SessionGrant:
+        """Remove TOTP and the recovery codes; this session goes on with new
+        tokens (returned)."""
         user = await self._reauthenticate(
             grant, password, code, peer, "mfa_disable", code_field="$.code"
         )
@@ -147,7 +153,9 @@ class CredentialFlows(AuthBase):
             conn.execute("DELETE FROM recovery_codes WHERE user_id = ?", (user["id"],))
 
         await self.store.write(disable)
+        fresh = await self.rotate_tokens(grant)
         await self.audit("mfa_disable", "ok", peer, user_id=user["id"], session_id=grant.session_id)
+        return fresh
 
     async def regenerate_recovery_codes(
         self, grant: SessionGrant, password: str, code: str, peer: Peer

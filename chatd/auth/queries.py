@@ -7,6 +7,8 @@ from typing import Any, Final
 from chatd.auth.models import SessionInfo
 from chatd.auth.tokens import recovery_code_hash
 
+SPENT_TOKENS_KEPT: Final = 50  # rotated refresh tokens remembered per session, for reuse detection
+
 _USER_COLUMNS: Final = (
     "id, username, username_key, role, password_hash, totp_secret, totp_confirmed_at,"
     " totp_last_step, disabled_at, created_at, password_changed_at"
@@ -77,4 +79,20 @@ def replace_recovery_codes(conn: Any, user_id: int, codes: list[str]) -> None:
     conn.executemany(
         "INSERT INTO recovery_codes (user_id, code_hash) VALUES (?, ?)",
         [(user_id, recovery_code_hash(code)) for code in codes],
+    )
+
+
+def retire_refresh_token(conn: Any, session_id: int, digest: bytes, now: int) -> None:
+    """Remember a rotated refresh token, so presenting it again is caught as
+    reuse (theft); only the latest SPENT_TOKENS_KEPT per session are kept (an
+    older one is then refused as unknown, just not detected as reuse)."""
+    conn.execute(
+        "INSERT INTO spent_refresh_tokens (token_hash, session_id, spent_at) VALUES (?, ?, ?)",
+        (digest, session_id, now),
+    )
+    conn.execute(
+        "DELETE FROM spent_refresh_tokens WHERE session_id = ? AND token_hash NOT IN"
+        " (SELECT token_hash FROM spent_refresh_tokens WHERE session_id = ?"
+        " ORDER BY spent_at DESC LIMIT ?)",
+        (session_id, session_id, SPENT_TOKENS_KEPT),
     )

@@ -36,14 +36,13 @@ from typing import Any, Final
 from chatd.auth.base import DAY_MS, MINUTE_MS, fail
 from chatd.auth.credentials import CredentialFlows
 from chatd.auth.models import Peer, SessionGrant, SessionInfo
-from chatd.auth.queries import list_sessions_where, select_session
+from chatd.auth.queries import list_sessions_where, retire_refresh_token, select_session
 from chatd.auth.tokens import TOKEN_MAX_CHARS, new_token, token_hash
 from chatd.auth.usernames import UsernameError, normalize_username
 from chatd.e2ee.keys import bind_device
 from chatd.store import now_ms
 
 LOGIN_FAILED: Final = "wrong username or password"
-SPENT_TOKENS_KEPT: Final = 50  # rotated refresh tokens remembered per session, for reuse detection
 
 __all__ = ["DAY_MS", "AuthService"]
 
@@ -267,19 +266,7 @@ class AuthService(CredentialFlows):
                 )
                 return "token_reused", {"id": spent[0]}
             access_expires = min(now + int(minutes * MINUTE_MS), session["expires_at"])
-            conn.execute(
-                "INSERT INTO spent_refresh_tokens (token_hash, session_id, spent_at)"
-                " VALUES (?, ?, ?)",
-                (digest, session["id"], now),
-            )
-            # Remember the latest spent tokens only: reuse of an older one is
-            # still refused (unknown token), just not detected as theft.
-            conn.execute(
-                "DELETE FROM spent_refresh_tokens WHERE session_id = ? AND token_hash NOT IN"
-                " (SELECT token_hash FROM spent_refresh_tokens WHERE session_id = ?"
-                " ORDER BY spent_at DESC LIMIT ?)",
-                (session["id"], session["id"], SPENT_TOKENS_KEPT),
-            )
+            retire_refresh_token(conn, session["id"], digest, now)
             conn.execute(
                 "UPDATE sessions SET access_hash = ?, access_expires_at = ?, refresh_hash = ?,"
                 " last_seen_at = ?, last_ip = ? WHERE id = ?",
