@@ -61,7 +61,6 @@ WS_PATH: Final = "/v1/ws"
 CLOSE_TIMEOUT: Final = 2.0  # seconds to wait for the peer's Close reply before hanging up
 RECEIVE_BUFFER: Final = 4_096  # bytes read from the socket at a time
 REASON_SEND_TIMEOUT: Final = "send timeout"
-_NO_FLUSH: Final = (core.REASON_SEND_QUEUE_FULL, REASON_SEND_TIMEOUT)
 PIPELINE_DEPTH: Final = 64  # pipelined requests per connection awaiting their commit
 
 Finish = Callable[[], Awaitable[list[core.Action]]]
@@ -89,6 +88,7 @@ class _Client:
         "again",
         "helpers",
         "helpers_done",
+        "cut_off",
         "pipeline",
         "in_flight",
         "drained",
@@ -121,6 +121,9 @@ class _Client:
         # the connection's own (see Relay._spawn).
         self.helpers: list[trio.CancelScope] | None = None
         self.helpers_done: trio.Event | None = None  # set when the last one ends
+        # A write to the socket was interrupted: a frame may be half sent, so
+        # nothing valid, not even a Close frame, can follow on this stream.
+        self.cut_off = False
         # Pipelined requests (sends, acks) whose replies are not out yet, in
         # order; made on the first one, so idle connections do not pay for it.
         self.pipeline: trio.MemorySendChannel[Finish] | None = None
@@ -217,13 +220,17 @@ class Relay:
                 await self._receive_loop(client)
             finally:
                 # Flush what is queued (an error frame may explain the close),
-                # unless the queue itself is the problem.
+                # unless the queue itself is the problem: then it is dropped,
+                # but the frame being written is finished, so a Close frame can
+                # follow it. After a send timeout nothing can.
                 if client.pipeline is not None:
                     client.pipeline.close()
                 client.out_closed = True
                 closing = client.closing
+                if closing is not None and closing.reason == core.REASON_SEND_QUEUE_FULL:
+                    client.outbox.clear()
                 await self._end_helpers(
-                    client, flush=closing is not None and closing.reason not in _NO_FLUSH
+                    client, flush=closing is not None and closing.reason != REASON_SEND_TIMEOUT
                 )
         except Exception:
             if client is None:
@@ -429,6 +436,9 @@ class Relay:
                 with trio.move_on_after(timeout) as stuck:
                     try:
                         await client.ws.send_message(data.decode())
+                    except trio.Cancelled:
+                        client.cut_off = True  # maybe in the middle of the frame
+                        raise
                     except ConnectionClosed:
                         client.peer_gone = True
                         client.outbox.clear()
@@ -460,10 +470,12 @@ class Relay:
         returns, even if the peer never answers.
         """
         close = client.closing
-        if close is not None and close.reason == REASON_SEND_TIMEOUT:
-            # A frame was cut off mid-write: nothing valid can follow it on
-            # this stream, not even a Close frame. Just hang up.
-            log.info("relay.close", extra=fields(peer=mask_ip(client.peer), reason=close.reason))
+        if client.cut_off:
+            # A frame was cut off mid-write (send timeout, or the sender
+            # cancelled): nothing valid can follow it on this stream, not
+            # even a Close frame. Just hang up.
+            reason = close.reason if close is not None else "write interrupted"
+            log.info("relay.close", extra=fields(peer=mask_ip(client.peer), reason=reason))
             return
         with trio.move_on_after(CLOSE_TIMEOUT):
             if close is None:

@@ -550,6 +550,39 @@ async def test_a_server_bug_in_the_sender_task_closes_with_1011_and_ends_cleanly
             assert relay_tasks(relay) == ([1], [])
 
 
+async def test_no_close_frame_follows_a_frame_cut_off_mid_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The send queue fills while the sender is stuck writing a frame (the
+    peer takes no data): the queued frames are dropped and the stuck write
+    gets CLOSE_TIMEOUT to finish. It does not, so the stream may end in the
+    middle of a frame, and the relay hangs up without a Close frame rather
+    than write one after half a frame."""
+    from chatd import relay as relay_module
+    from chatd.wsserver import RelayWebSocket
+
+    send_message = RelayWebSocket.send_message
+    stuck = trio.Event()
+
+    async def never_done(self: RelayWebSocket, message: str | bytes) -> None:
+        if isinstance(message, str) and '"pong"' in message:
+            stuck.set()
+            await trio.sleep_forever()  # as a write to a peer that never reads
+        await send_message(self, message)
+
+    monkeypatch.setattr(RelayWebSocket, "send_message", never_done)
+    monkeypatch.setattr(relay_module, "CLOSE_TIMEOUT", 0.2)
+    async with relay_running(send_queue_frames=2) as (relay, _):
+        client = await RawClient.connect(relay)
+        await client.stream.send_all(ws_frame(0x1, b'{"type":"ping","id":"p0"}'))
+        await stuck.wait()
+        for n in range(1, 4):  # queued behind the stuck one: the queue fills
+            await client.stream.send_all(ws_frame(0x1, b'{"type":"ping","id":"p%d"}' % n))
+        assert await client.close_event() is None  # a bare hang-up, no Close frame
+        await wait_streams_closed(relay)
+        assert not relay.clients
+
+
 async def test_a_flooding_client_that_does_not_read_is_closed_and_fully_released() -> None:
     async with relay_running(send_queue_frames=2, idle_timeout_seconds=30) as (relay, _):
         client = await RawClient.connect(relay)
