@@ -341,12 +341,10 @@ class SessionFrames:
 
         return acked
 
-    def _new_tokens(
-        self, client: _Client, request_id: str, fresh: SessionGrant
-    ) -> list[core.Action]:
-        """The ``tokens`` reply to a request that rotated the session's tokens
-        (refresh, change_password, mfa_disable). Every connection of the
-        session lives on from here under the new access token's expiry."""
+    def _rotated(self, fresh: SessionGrant) -> f.NewTokens:
+        """After a request rotated the session's tokens (refresh,
+        change_password, mfa_disable): every connection of the session lives
+        on from here under the new access token's expiry; the new pair."""
         for other in self.by_session.get(fresh.session_id, ()):
             if other.grant is not None:
                 other.grant = replace(
@@ -356,15 +354,12 @@ class SessionFrames:
                     refresh_token=None,
                 )
         assert fresh.access_token and fresh.refresh_token  # noqa: S101 - a rotation issues both
-        return client.proto.reply(
-            f.Tokens(
-                id=request_id,
-                session_id=fresh.session_id,
-                access_token=fresh.access_token,
-                access_expires_at=fresh.access_expires_at,
-                refresh_token=fresh.refresh_token,
-                expires_at=fresh.expires_at,
-            )
+        return f.NewTokens(
+            session_id=fresh.session_id,
+            access_token=fresh.access_token,
+            access_expires_at=fresh.access_expires_at,
+            refresh_token=fresh.refresh_token,
+            expires_at=fresh.expires_at,
         )
 
     async def handle(self, client: _Client, frame: Any) -> list[core.Action]:
@@ -444,7 +439,17 @@ class SessionFrames:
                 if grant is None or grant.session_id == fresh.session_id:
                     # Refreshing authenticates a new connection, and extends a live one.
                     self.attach(client, fresh)
-                return self._new_tokens(client, frame.id, fresh)
+                pair = self._rotated(fresh)
+                return proto.reply(
+                    f.Tokens(
+                        id=frame.id,
+                        session_id=pair.session_id,
+                        access_token=pair.access_token,
+                        access_expires_at=pair.access_expires_at,
+                        refresh_token=pair.refresh_token,
+                        expires_at=pair.expires_at,
+                    )
+                )
         assert grant is not None  # noqa: S101 - the core admits the rest only with a session
         match frame:
             case f.Logout():
@@ -480,7 +485,7 @@ class SessionFrames:
                 fresh = await auth.change_password(
                     grant, frame.current_password, frame.new_password, frame.totp, peer
                 )
-                return self._new_tokens(client, frame.id, fresh)
+                return proto.reply(f.Ok(id=frame.id, tokens=self._rotated(fresh)))
             case f.MfaEnroll():
                 secret, uri = await auth.mfa_enroll(grant, frame.password, frame.totp, peer)
                 return proto.reply(
@@ -493,7 +498,7 @@ class SessionFrames:
                 return proto.reply(f.RecoveryCodes(id=frame.id, codes=codes))
             case f.MfaDisable():
                 fresh = await auth.mfa_disable(grant, frame.password, frame.code, peer)
-                return self._new_tokens(client, frame.id, fresh)
+                return proto.reply(f.Ok(id=frame.id, tokens=self._rotated(fresh)))
             case f.KeysUpload():
                 keys = self._key_service()
                 return proto.reply(await keys.upload(grant.user_id, grant.device_id, frame))

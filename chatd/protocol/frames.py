@@ -340,8 +340,21 @@ class Tokens(Frame, tag="tokens"):
     expires_at: int
 
 
+class NewTokens(msgspec.Struct):
+    """A session's new token pair, in ``ok.tokens`` (the fields of ``tokens``)."""
+
+    session_id: int
+    access_token: str
+    access_expires_at: int
+    refresh_token: str
+    expires_at: int
+
+
 class Ok(Frame, tag="ok"):
     id: str
+    # After change_password and mfa_disable: this session's new token pair
+    # (an optional field, so clients that predate it still see a plain ok).
+    tokens: NewTokens | None = None
 
 
 class SessionEntry(msgspec.Struct):
