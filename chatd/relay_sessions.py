@@ -492,10 +492,11 @@ class SessionFrames:
                     f.MfaEnrollment(id=frame.id, secret=secret, provisioning_uri=uri)
                 )
             case f.MfaConfirm():
-                codes = await auth.mfa_confirm(grant, frame.code, peer)
-                if grant.mfa_enrollment_required:
-                    self.attach(client, replace(grant, mfa_enrollment_required=False))
-                return proto.reply(f.RecoveryCodes(id=frame.id, codes=codes))
+                codes, fresh = await auth.mfa_confirm(grant, frame.code, peer)
+                pair = self._rotated(fresh)
+                if grant.mfa_enrollment_required and client.grant is not None:
+                    self.attach(client, replace(client.grant, mfa_enrollment_required=False))
+                return proto.reply(f.RecoveryCodes(id=frame.id, codes=codes, tokens=pair))
             case f.MfaDisable():
                 fresh = await auth.mfa_disable(grant, frame.password, frame.code, peer)
                 return proto.reply(f.Ok(id=frame.id, tokens=self._rotated(fresh)))
@@ -531,9 +532,11 @@ class SessionFrames:
             case f.Send() | f.Ack():
                 self._queue_service()  # raises: with a queue service they are pipelined
             case f.NewRecoveryCodes():
-                codes = await auth.regenerate_recovery_codes(
+                codes, fresh = await auth.regenerate_recovery_codes(
                     grant, frame.password, frame.code, peer
                 )
-                return proto.reply(f.RecoveryCodes(id=frame.id, codes=codes))
+                return proto.reply(
+                    f.RecoveryCodes(id=frame.id, codes=codes, tokens=self._rotated(fresh))
+                )
         log.error("relay.unhandled_frame", extra=fields(type=type(frame).__name__))
         return proto.internal_error()

@@ -283,6 +283,32 @@ async def enrol(c: Client) -> tuple[str, list[str]]:
     return secret, confirmed["codes"]
 
 
+async def test_turning_mfa_on_and_new_recovery_codes_rotate_this_sessions_tokens(
+    short_tmp: Path,
+) -> None:
+    """A change of second factor after re-authentication leaves the session
+    on a new token pair (SECURITY.md F-5): the pair from before no longer
+    resumes, and the new one does."""
+    async with server(short_tmp) as srv, connect(srv) as c:
+        before = await c.login()
+        secret = (await c.request("mfa_enroll", password=PASSWORD))["secret"]
+        confirmed = await c.request("mfa_confirm", code=pyotp.TOTP(secret).now())
+        after_mfa = confirmed["tokens"]
+        assert after_mfa["session_id"] == before["session_id"]
+        code = pyotp.TOTP(secret).at(time.time() + 30)  # a step not used yet
+        renewed = await c.request("new_recovery_codes", password=PASSWORD, code=code)
+        assert len(renewed["codes"]) == 10
+        latest = renewed["tokens"]
+        assert (await c.request("ping"))["type"] == "pong"  # this connection goes on
+        for old in (before, after_mfa):
+            async with connect(srv) as stale:
+                refused = await stale.request("resume", access_token=old["access_token"])
+                assert refused["code"] == "invalid_token"
+        async with connect(srv) as fresh:
+            resumed = await fresh.request("resume", access_token=latest["access_token"])
+            assert resumed["type"] == "session"
+
+
 async def test_totp_enrolment_then_login_needs_a_fresh_code(short_tmp: Path) -> None:
     async with server(short_tmp) as srv, connect(srv) as c:
         await c.login()

@@ -100,8 +100,11 @@ class CredentialFlows(AuthBase):
         await self.audit("mfa_enroll", "ok", peer, user_id=user["id"], session_id=grant.session_id)
         return secret, provisioning_uri(secret, user["username"])
 
-    async def mfa_confirm(self, grant: SessionGrant, code: str, peer: Peer) -> list[str]:
-        """Activate the pending TOTP secret with a valid code; returns 10 new recovery codes."""
+    async def mfa_confirm(
+        self, grant: SessionGrant, code: str, peer: Peer
+    ) -> tuple[list[str], SessionGrant]:
+        """Activate the pending TOTP secret with a valid code; returns 10 new
+        recovery codes, and this session with new tokens."""
         user = await self.user_by_id(grant.user_id)
         pending = self._pending_totp.get(grant.user_id)
         if user is None or pending is None or pending[1] < trio.current_time():
@@ -128,8 +131,9 @@ class CredentialFlows(AuthBase):
             replace_recovery_codes(conn, user["id"], codes)
 
         await self.store.write(activate)
+        fresh = await self.rotate_tokens(grant)
         await self.audit("mfa_confirm", "ok", peer, user_id=user["id"], session_id=grant.session_id)
-        return codes
+        return codes, fresh
 
     async def mfa_disable(
         self, grant: SessionGrant, password: str, code: str, peer: Peer
@@ -159,7 +163,8 @@ class CredentialFlows(AuthBase):
 
     async def regenerate_recovery_codes(
         self, grant: SessionGrant, password: str, code: str, peer: Peer
-    ) -> list[str]:
+    ) -> tuple[list[str], SessionGrant]:
+        """Replace the recovery codes; returns them, and this session with new tokens."""
         user = await self._reauthenticate(
             grant, password, code, peer, "recovery_codes", code_field="$.code"
         )
@@ -167,7 +172,8 @@ class CredentialFlows(AuthBase):
             raise fail("mfa_not_enabled", "this account has no second factor")
         codes = new_recovery_codes(10)
         await self.store.write(lambda conn: replace_recovery_codes(conn, user["id"], codes))
+        fresh = await self.rotate_tokens(grant)
         await self.audit(
             "recovery_codes", "ok", peer, user_id=user["id"], session_id=grant.session_id
         )
-        return codes
+        return codes, fresh

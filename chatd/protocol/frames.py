@@ -386,10 +386,12 @@ class MfaEnrollment(Frame, tag="mfa_enrollment"):
 
 
 class RecoveryCodes(Frame, tag="recovery_codes"):
-    """Ten single-use recovery codes, shown once."""
+    """Ten single-use recovery codes, shown once; and this session's new
+    token pair (optional field, as on ``ok``)."""
 
     id: str
     codes: list[str]
+    tokens: NewTokens | None = None
 
 
 class KeyCount(Frame, tag="key_count"):
