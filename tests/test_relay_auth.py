@@ -328,6 +328,9 @@ async def test_totp_enrolment_then_login_needs_a_fresh_code(short_tmp: Path) -> 
         audit = await srv.audit()
         assert ("mfa_enroll", "ok") in audit and ("mfa_confirm", "ok") in audit
         assert ("login", "bad_second_factor") in audit
+        # The right password alone, and the recovery code used, have rows of their own.
+        assert audit.count(("login", "mfa_required")) == 1
+        assert audit.count(("recovery_code_used", "ok")) == 1
 
 
 async def test_a_wrong_confirmation_code_does_not_activate_mfa(short_tmp: Path) -> None:
@@ -526,7 +529,8 @@ async def test_a_recovery_code_replaces_a_lost_authenticator(short_tmp: Path) ->
         assert await c.closed() == (4003, "session revoked")
         async with connect(srv) as d:
             assert (await d.login())["type"] == "session"  # no second factor any more
-        assert ("mfa_disable", "ok") in await srv.audit()
+        audit = await srv.audit()
+        assert ("mfa_disable", "ok") in audit and ("recovery_code_used", "ok") in audit
 
 
 async def test_a_role_change_ends_live_sessions(short_tmp: Path) -> None:

@@ -250,8 +250,11 @@ class AuthBase:
         *,
         field: str | None = None,
     ) -> None:
-        """Check the TOTP code or a recovery code of a user with MFA; raise if wrong."""
+        """Check the TOTP code or a recovery code of a user with MFA; raise if wrong.
+        A correct password without a second factor, and each recovery code used,
+        get an audit row of their own (SECURITY.md F-6)."""
         if totp is None and recovery_code is None:
+            await self.audit(event, "mfa_required", peer, user_id=user["id"])
             raise fail(
                 "mfa_required",
                 "this account needs a TOTP code (or a recovery code)",
@@ -296,3 +299,7 @@ class AuthBase:
             where = field or ("$.totp" if totp is not None else "$.recovery_code")
             raise fail("mfa_failed", "wrong or already used code", field=where)
         self.backoff.success(f"mfa:u{user['id']}")
+        if totp is None:
+            # Alongside the row of the event itself: a recovery code stands in
+            # for a lost authenticator, and its use should stand out.
+            await self.audit("recovery_code_used", "ok", peer, user_id=user["id"])
