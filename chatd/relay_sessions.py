@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Final
 
+import msgspec
 import trio
 
 from chatd.auth.models import AuthError, Peer, SessionGrant
@@ -342,9 +343,9 @@ class SessionFrames:
         return acked
 
     def _rotated(self, fresh: SessionGrant) -> f.NewTokens:
-        """After a request rotated the session's tokens (refresh,
-        change_password, mfa_disable): every connection of the session lives
-        on from here under the new access token's expiry; the new pair."""
+        """After a request rotated the session's tokens (refresh, a password or
+        second-factor change): every connection of the session lives on from
+        here under the new access token's expiry; the new pair."""
         for other in self.by_session.get(fresh.session_id, ()):
             if other.grant is not None:
                 other.grant = replace(
@@ -440,16 +441,7 @@ class SessionFrames:
                     # Refreshing authenticates a new connection, and extends a live one.
                     self.attach(client, fresh)
                 pair = self._rotated(fresh)
-                return proto.reply(
-                    f.Tokens(
-                        id=frame.id,
-                        session_id=pair.session_id,
-                        access_token=pair.access_token,
-                        access_expires_at=pair.access_expires_at,
-                        refresh_token=pair.refresh_token,
-                        expires_at=pair.expires_at,
-                    )
-                )
+                return proto.reply(f.Tokens(id=frame.id, **msgspec.structs.asdict(pair)))
         assert grant is not None  # noqa: S101 - the core admits the rest only with a session
         match frame:
             case f.Logout():

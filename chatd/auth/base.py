@@ -20,9 +20,9 @@ from chatd.auth.passwords import (
     check_password_policy,
     load_common_passwords,
 )
-from chatd.auth.queries import retire_refresh_token, select_user
+from chatd.auth.queries import rotate_session_tokens, select_user
 from chatd.auth.ratelimit import FailureBackoff, RateLimiter
-from chatd.auth.tokens import new_token, normalize_recovery_code, recovery_code_hash, token_hash
+from chatd.auth.tokens import new_token, normalize_recovery_code, recovery_code_hash
 from chatd.auth.totp import verify_totp
 from chatd.auth.usernames import UsernameError, normalize_username
 from chatd.config import AuthSettings, DeviceSettings
@@ -191,14 +191,18 @@ class AuthBase:
             self.on_revoked(revoked)
         return revoked
 
-    async def rotate_tokens(self, grant: SessionGrant) -> SessionGrant:
+    def _access_expiry(self, now: int, session_expires: int) -> int:
+        """When a new access token expires: ``auth.access_token_minutes`` from
+        now, never after the session itself."""
+        return min(now + int(self.settings.access_token_minutes * MINUTE_MS), session_expires)
+
+    async def rotate_tokens(self, grant: SessionGrant, peer: Peer) -> SessionGrant:
         """New access and refresh tokens for a live session; the old ones stop
         working, and the old refresh token, presented again, is caught as reuse.
         Done after a re-authenticated change (password, second factor), so
         tokens from before it cannot go on (ASVS V7.2.4)."""
         access, refresh = new_token(), new_token()
         now = now_ms()
-        minutes = self.settings.access_token_minutes
 
         def rotate(conn: Any) -> int | None:
             row = conn.execute(
@@ -207,12 +211,16 @@ class AuthBase:
             ).fetchone()
             if row is None:
                 return None
-            access_expires = min(now + int(minutes * MINUTE_MS), int(row[1]))
-            retire_refresh_token(conn, grant.session_id, row[0], now)
-            conn.execute(
-                "UPDATE sessions SET access_hash = ?, access_expires_at = ?, refresh_hash = ?"
-                " WHERE id = ?",
-                (token_hash(access), access_expires, token_hash(refresh), grant.session_id),
+            access_expires = self._access_expiry(now, int(row[1]))
+            rotate_session_tokens(
+                conn,
+                grant.session_id,
+                row[0],
+                access,
+                refresh,
+                access_expires=access_expires,
+                now=now,
+                ip=peer.ip,
             )
             return access_expires
 

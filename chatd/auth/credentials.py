@@ -77,7 +77,7 @@ class CredentialFlows(AuthBase):
         )
         others = await self.user_session_ids(user["id"], except_id=grant.session_id)
         await self.revoke_sessions(others, "password changed")
-        fresh = await self.rotate_tokens(grant)
+        fresh = await self.rotate_tokens(grant, peer)
         await self.audit(
             "password_change", "ok", peer, user_id=user["id"], session_id=grant.session_id
         )
@@ -131,7 +131,7 @@ class CredentialFlows(AuthBase):
             replace_recovery_codes(conn, user["id"], codes)
 
         await self.store.write(activate)
-        fresh = await self.rotate_tokens(grant)
+        fresh = await self.rotate_tokens(grant, peer)
         await self.audit("mfa_confirm", "ok", peer, user_id=user["id"], session_id=grant.session_id)
         return codes, fresh
 
@@ -157,7 +157,7 @@ class CredentialFlows(AuthBase):
             conn.execute("DELETE FROM recovery_codes WHERE user_id = ?", (user["id"],))
 
         await self.store.write(disable)
-        fresh = await self.rotate_tokens(grant)
+        fresh = await self.rotate_tokens(grant, peer)
         await self.audit("mfa_disable", "ok", peer, user_id=user["id"], session_id=grant.session_id)
         return fresh
 
@@ -172,7 +172,7 @@ class CredentialFlows(AuthBase):
             raise fail("mfa_not_enabled", "this account has no second factor")
         codes = new_recovery_codes(10)
         await self.store.write(lambda conn: replace_recovery_codes(conn, user["id"], codes))
-        fresh = await self.rotate_tokens(grant)
+        fresh = await self.rotate_tokens(grant, peer)
         await self.audit(
             "recovery_codes", "ok", peer, user_id=user["id"], session_id=grant.session_id
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Final
 
 from chatd.auth.models import SessionInfo
-from chatd.auth.tokens import recovery_code_hash
+from chatd.auth.tokens import recovery_code_hash, token_hash
 
 SPENT_TOKENS_KEPT: Final = 50  # rotated refresh tokens remembered per session, for reuse detection
 
@@ -82,17 +82,34 @@ def replace_recovery_codes(conn: Any, user_id: int, codes: list[str]) -> None:
     )
 
 
-def retire_refresh_token(conn: Any, session_id: int, digest: bytes, now: int) -> None:
-    """Remember a rotated refresh token, so presenting it again is caught as
-    reuse (theft); only the latest SPENT_TOKENS_KEPT per session are kept (an
-    older one is then refused as unknown, just not detected as reuse)."""
+def rotate_session_tokens(
+    conn: Any,
+    session_id: int,
+    spent_refresh_hash: bytes,
+    access: str,
+    refresh: str,
+    *,
+    access_expires: int,
+    now: int,
+    ip: str,
+) -> None:
+    """Put a new token pair on a session (refresh, and re-authenticated
+    changes). The refresh token it replaces joins the spent ones, so presenting
+    it again is caught as reuse (theft); only the latest SPENT_TOKENS_KEPT per
+    session are kept (an older one is then refused as unknown, just not
+    detected as reuse)."""
     conn.execute(
         "INSERT INTO spent_refresh_tokens (token_hash, session_id, spent_at) VALUES (?, ?, ?)",
-        (digest, session_id, now),
+        (spent_refresh_hash, session_id, now),
     )
     conn.execute(
         "DELETE FROM spent_refresh_tokens WHERE session_id = ? AND token_hash NOT IN"
         " (SELECT token_hash FROM spent_refresh_tokens WHERE session_id = ?"
         " ORDER BY spent_at DESC LIMIT ?)",
         (session_id, session_id, SPENT_TOKENS_KEPT),
+    )
+    conn.execute(
+        "UPDATE sessions SET access_hash = ?, access_expires_at = ?, refresh_hash = ?,"
+        " last_seen_at = ?, last_ip = ? WHERE id = ?",
+        (token_hash(access), access_expires, token_hash(refresh), now, ip, session_id),
     )

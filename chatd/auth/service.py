@@ -33,10 +33,10 @@ from dataclasses import replace
 from functools import partial
 from typing import Any, Final
 
-from chatd.auth.base import DAY_MS, MINUTE_MS, fail
+from chatd.auth.base import DAY_MS, fail
 from chatd.auth.credentials import CredentialFlows
 from chatd.auth.models import Peer, SessionGrant, SessionInfo
-from chatd.auth.queries import list_sessions_where, retire_refresh_token, select_session
+from chatd.auth.queries import list_sessions_where, rotate_session_tokens, select_session
 from chatd.auth.tokens import TOKEN_MAX_CHARS, new_token, token_hash
 from chatd.auth.usernames import UsernameError, normalize_username
 from chatd.e2ee.keys import bind_device
@@ -55,9 +55,8 @@ class AuthService(CredentialFlows):
     ) -> SessionGrant:
         access, refresh = new_token(), new_token()
         now = now_ms()
-        access_expires = now + int(self.settings.access_token_minutes * MINUTE_MS)
         expires = now + int(self.settings.refresh_token_days * DAY_MS)
-        access_expires = min(access_expires, expires)
+        access_expires = self._access_expiry(now, expires)
         row = (
             user["id"],
             peer.device_name,
@@ -249,7 +248,6 @@ class AuthService(CredentialFlows):
         digest = token_hash(refresh_token) if 0 < len(refresh_token) <= TOKEN_MAX_CHARS else b""
         access, refresh = new_token(), new_token()
         now = now_ms()
-        minutes = self.settings.access_token_minutes
 
         def rotate(conn: Any) -> tuple[str, dict[str, Any] | None]:
             session = select_session(conn, "s.refresh_hash = ?", digest, now)
@@ -265,19 +263,16 @@ class AuthService(CredentialFlows):
                     (now, spent[0]),
                 )
                 return "token_reused", {"id": spent[0]}
-            access_expires = min(now + int(minutes * MINUTE_MS), session["expires_at"])
-            retire_refresh_token(conn, session["id"], digest, now)
-            conn.execute(
-                "UPDATE sessions SET access_hash = ?, access_expires_at = ?, refresh_hash = ?,"
-                " last_seen_at = ?, last_ip = ? WHERE id = ?",
-                (
-                    token_hash(access),
-                    access_expires,
-                    token_hash(refresh),
-                    now,
-                    peer.ip,
-                    session["id"],
-                ),
+            access_expires = self._access_expiry(now, session["expires_at"])
+            rotate_session_tokens(
+                conn,
+                session["id"],
+                digest,
+                access,
+                refresh,
+                access_expires=access_expires,
+                now=now,
+                ip=peer.ip,
             )
             session["access_expires_at"] = access_expires
             return "ok", session

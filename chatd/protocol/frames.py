@@ -353,7 +353,8 @@ class NewTokens(msgspec.Struct):
 class Ok(Frame, tag="ok"):
     id: str
     # After change_password and mfa_disable: this session's new token pair
-    # (an optional field, so clients that predate it still see a plain ok).
+    # (an optional field, so clients that predate it still see a plain ok;
+    # recovery_codes carries one the same way).
     tokens: NewTokens | None = None
 
 
