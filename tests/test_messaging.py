@@ -65,6 +65,17 @@ async def next_frame(c: Client, frame_type: str) -> dict[str, Any]:
                 return frame  # type: ignore[no-any-return]
 
 
+async def replies_with_ids(ws: Any, count: int) -> list[dict[str, Any]]:
+    """The next ``count`` frames that answer a request (pushes are skipped)."""
+    replies: list[dict[str, Any]] = []
+    with trio.fail_after(10):
+        while len(replies) < count:
+            frame = json.loads(await ws.get_message())
+            if frame.get("id") is not None:
+                replies.append(frame)
+    return replies
+
+
 async def send(
     sender: Device, envelopes: list[dict[str, Any]], message_id: str | None = None
 ) -> dict[str, Any]:
@@ -355,12 +366,7 @@ async def test_pipelined_sends_commit_together_and_are_answered_in_order(
             frame = {"type": "send", "id": f"s{n}", "message_id": message_id}
             await ws.send_message(json.dumps(frame | {"envelopes": envelopes}))
         await ws.send_message(json.dumps({"type": "directory", "id": "after"}))
-        replies = []
-        with trio.fail_after(10):
-            while len(replies) < 41:
-                frame = json.loads(await ws.get_message())
-                if frame.get("id") is not None:
-                    replies.append(frame)
+        replies = await replies_with_ids(ws, 41)
         assert [r["id"] for r in replies] == [f"s{n}" for n in range(40)] + ["after"]
         assert [r["type"] for r in replies[:30]] == ["sent"] * 30
         assert {r["code"] for r in replies[30:40]} == {"queue_full"}
@@ -473,12 +479,7 @@ async def test_a_bad_frame_after_pipelined_sends_is_answered_after_them(
             frame = {"type": "send", "id": f"s{n}", "message_id": message_id}
             await ws.send_message(json.dumps(frame | {"envelopes": c.to_everyone(c.alice1, "x")}))
         await ws.send_message('{"type": "send", "id": "bad", "message_id": 7}')
-        replies = []
-        with trio.fail_after(10):
-            while len(replies) < 6:
-                frame = json.loads(await ws.get_message())
-                if frame.get("id") is not None:
-                    replies.append(frame)
+        replies = await replies_with_ids(ws, 6)
         assert [r["id"] for r in replies] == [f"s{n}" for n in range(5)] + ["bad"]
         assert {r["type"] for r in replies[:5]} == {"sent"}
         assert replies[5]["type"] == "error" and replies[5]["code"] == "bad_frame"

@@ -283,6 +283,15 @@ async def enrol(c: Client) -> tuple[str, list[str]]:
     return secret, confirmed["codes"]
 
 
+async def only_the_new_token_resumes(srv: Server, old: list[str], new: str) -> None:
+    """Access tokens from before a rotation are refused by resume; the new one works."""
+    for token in old:
+        async with connect(srv) as stale:
+            assert (await stale.request("resume", access_token=token))["code"] == "invalid_token"
+    async with connect(srv) as fresh:
+        assert (await fresh.request("resume", access_token=new))["type"] == "session"
+
+
 async def test_turning_mfa_on_and_new_recovery_codes_rotate_this_sessions_tokens(
     short_tmp: Path,
 ) -> None:
@@ -300,13 +309,9 @@ async def test_turning_mfa_on_and_new_recovery_codes_rotate_this_sessions_tokens
         assert len(renewed["codes"]) == 10
         latest = renewed["tokens"]
         assert (await c.request("ping"))["type"] == "pong"  # this connection goes on
-        for old in (before, after_mfa):
-            async with connect(srv) as stale:
-                refused = await stale.request("resume", access_token=old["access_token"])
-                assert refused["code"] == "invalid_token"
-        async with connect(srv) as fresh:
-            resumed = await fresh.request("resume", access_token=latest["access_token"])
-            assert resumed["type"] == "session"
+        await only_the_new_token_resumes(
+            srv, [before["access_token"], after_mfa["access_token"]], latest["access_token"]
+        )
 
 
 async def test_totp_enrolment_then_login_needs_a_fresh_code(short_tmp: Path) -> None:
@@ -383,12 +388,7 @@ async def test_changing_the_password_needs_the_current_one_and_ends_other_sessio
         assert await other.closed() == (4003, "session revoked")
         # This session goes on, on the new tokens only (SECURITY.md F-5).
         assert (await c.request("ping"))["type"] == "pong"
-        async with connect(srv) as stale:
-            old = await stale.request("resume", access_token=before["access_token"])
-            assert old["code"] == "invalid_token"
-        async with connect(srv) as fresh:
-            resumed = await fresh.request("resume", access_token=tokens["access_token"])
-            assert resumed["type"] == "session"
+        await only_the_new_token_resumes(srv, [before["access_token"]], tokens["access_token"])
         async with connect(srv) as again:
             assert (await again.login())["code"] == "login_failed"
             assert (await again.login(password="a brand new passphrase"))["type"] == "session"
