@@ -192,7 +192,7 @@ def envelope_row(row: EnvelopeRow, width: int) -> str:
     else:
         shown, size = row.ciphertext.decode("ascii", "replace"), str(len(row.ciphertext))
     sender = row.sender or "-"
-    return f"{row.id:>3} {row.recipient_device:<13} {sender:<6} {fit(shown, chars)} {size:>5}"
+    return f"{row.id:>3} {row.recipient_device_id:<13} {sender:<6} {fit(shown, chars)} {size:>5}"
 
 
 # -- the throwaway daemon ---------------------------------------------------------------------

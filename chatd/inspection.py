@@ -22,7 +22,7 @@ from chatd.errors import StoreError
 @dataclass(frozen=True)
 class EnvelopeRow:
     id: int
-    recipient_device: str
+    recipient_device_id: str
     kind: str
     sender: str | None  # the sender's username (the server stores the user id)
     ciphertext: bytes | None
@@ -63,13 +63,13 @@ def read_server_view(path: Path, key: bytes) -> ServerView:
     with open_server_db(path, key) as conn:
         users = conn.execute("SELECT username, password_hash FROM users ORDER BY id").fetchall()
         devices = conn.execute(
-            "SELECT d.id, u.username, d.curve25519_key, (SELECT count(*) FROM one_time_keys k"
+            "SELECT d.id, u.username, d.curve25519, (SELECT count(*) FROM one_time_keys k"
             " WHERE k.device_id = d.id AND k.claimed_at IS NULL)"
             " FROM devices d JOIN users u ON u.id = d.user_id ORDER BY d.created_at"
         ).fetchall()
         envelopes = conn.execute(
-            "SELECT e.id, e.recipient_device, e.kind, u.username, e.ciphertext"
-            " FROM envelopes e LEFT JOIN users u ON u.id = e.sender_user ORDER BY e.id"
+            "SELECT e.id, e.recipient_device_id, e.kind, u.username, e.ciphertext"
+            " FROM envelopes e LEFT JOIN users u ON u.id = e.sender_user_id ORDER BY e.id"
         ).fetchall()
     return ServerView(
         users=[(str(name), str(hashed)) for name, hashed in users],

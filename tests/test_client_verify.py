@@ -272,7 +272,7 @@ async def test_a_device_added_in_the_middle_of_a_conversation(short_tmp: Path) -
 async def fallback_row(srv: Server, device_id: str) -> tuple[str, int | None]:
     row = await srv.store.read(
         lambda c: c.execute(
-            "SELECT curve25519_key, used_at FROM fallback_keys WHERE device_id = ?", (device_id,)
+            "SELECT curve25519, used_at FROM fallback_keys WHERE device_id = ?", (device_id,)
         ).fetchone()
     )
     return row[0], row[1]

@@ -225,7 +225,7 @@ async def test_a_device_added_mid_conversation_gets_what_follows_and_shows_unver
 
 async def fallback_key(cast: Cast, device_id: str) -> tuple[Any, ...]:
     [row] = await cast.server_rows(
-        "SELECT key_id, curve25519_key, used_at FROM fallback_keys WHERE device_id = ?", device_id
+        "SELECT key_id, curve25519, used_at FROM fallback_keys WHERE device_id = ?", device_id
     )
     return row
 
@@ -313,8 +313,8 @@ async def test_a_repeated_send_is_answered_sent_and_received_once(
                     2,
                 )
             queued = await cast.server_rows(
-                "SELECT recipient_device, count(*) FROM envelopes WHERE message_id = ?"
-                " AND kind = 'message' GROUP BY recipient_device ORDER BY recipient_device",
+                "SELECT recipient_device_id, count(*) FROM envelopes WHERE message_id = ?"
+                " AND kind = 'message' GROUP BY recipient_device_id ORDER BY recipient_device_id",
                 first,
             )
             assert queued == sorted([(bob_device, 1), (phone_device, 1)])
@@ -326,7 +326,7 @@ async def test_a_repeated_send_is_answered_sent_and_received_once(
                 again = await request("send", **frame)
                 assert (again["type"], again["message_id"]) == ("sent", first)
                 queued = await cast.server_rows(
-                    "SELECT recipient_device FROM envelopes WHERE message_id = ?"
+                    "SELECT recipient_device_id FROM envelopes WHERE message_id = ?"
                     " AND kind = 'message'",
                     first,
                 )

@@ -96,8 +96,8 @@ async def assert_queue_totals_exact(c: Cast) -> None:
         )
         real = set(
             conn.execute(
-                "SELECT recipient_device, count(*), coalesce(sum(length(ciphertext)), 0)"
-                " FROM envelopes GROUP BY recipient_device"
+                "SELECT recipient_device_id, count(*), coalesce(sum(length(ciphertext)), 0)"
+                " FROM envelopes GROUP BY recipient_device_id"
             )
         )
         rows = conn.execute("SELECT count(*) FROM queue_totals").fetchone()[0]
@@ -164,7 +164,7 @@ async def test_an_offline_device_gets_its_queue_in_order_when_it_comes_back(
             await later.request("list_sessions")  # a round trip: no deliver came first
         rows = await c.srv.store.read(
             lambda conn: conn.execute(
-                "SELECT count(*) FROM envelopes WHERE recipient_device = ?", (bob_device,)
+                "SELECT count(*) FROM envelopes WHERE recipient_device_id = ?", (bob_device,)
             ).fetchone()[0]
         )
         assert rows == 0  # acknowledged means deleted
@@ -215,7 +215,8 @@ async def test_a_full_queue_refuses_the_whole_send(short_tmp: Path) -> None:
         assert refused["code"] == "queue_full" and c.bob.device_id in refused["message"]
         count = await c.srv.store.read(
             lambda conn: conn.execute(
-                "SELECT count(*) FROM envelopes WHERE recipient_device = ?", (c.alice2.device_id,)
+                "SELECT count(*) FROM envelopes WHERE recipient_device_id = ?",
+                (c.alice2.device_id,),
             ).fetchone()[0]
         )
         assert count <= 2  # alice2 got nothing from the refused send
@@ -343,7 +344,8 @@ async def test_an_ack_beyond_what_was_delivered_deletes_nothing_unseen(short_tmp
         assert (await c.bob.client.request("ack", up_to=10**12))["type"] == "ok"
         left = await c.srv.store.read(
             lambda conn: conn.execute(
-                "SELECT count(*) FROM envelopes WHERE recipient_device = ?", (c.alice2.device_id,)
+                "SELECT count(*) FROM envelopes WHERE recipient_device_id = ?",
+                (c.alice2.device_id,),
             ).fetchone()[0]
         )
         assert left == 1
@@ -381,7 +383,7 @@ async def test_pipelined_sends_commit_together_and_are_answered_in_order(
             lambda conn: [
                 row[0]
                 for row in conn.execute(
-                    "SELECT message_id FROM envelopes WHERE recipient_device = ? ORDER BY id",
+                    "SELECT message_id FROM envelopes WHERE recipient_device_id = ? ORDER BY id",
                     (c.bob.device_id,),
                 )
             ]
@@ -500,8 +502,8 @@ async def test_queue_totals_follow_a_rolled_back_job_and_cap_bytes(short_tmp: Pa
 
         def queue_then_fail(conn: Any) -> None:
             conn.execute(
-                "INSERT INTO envelopes (recipient_device, kind, message_id, ciphertext,"
-                " created_at, expires_at) VALUES (?, 'message', 'm', ?, 1, 2)",
+                "INSERT INTO envelopes (recipient_device_id, kind, message_id, ciphertext,"
+                " sent_at, expires_at) VALUES (?, 'message', 'm', ?, 1, 2)",
                 (bob, b"x" * 500),
             )
             raise ValueError("the job fails after its insert")

@@ -237,6 +237,15 @@ async def test_a_plaintext_sqlite_file_is_refused(short_tmp: Path) -> None:
 def _sample_rows(conn: Any, version: int) -> dict[str, int]:
     """Put one row in every table that exists at ``version``; return table -> count."""
     rows = {}
+    # Migration 7 renamed columns to their wire names: write the names of ``version``.
+    renamed = version >= 7
+    ip = "ip" if renamed else "last_ip"
+    curve = "curve25519" if renamed else "curve25519_key"
+    recipient, sender_user, sender_device, sent_at = (
+        ("recipient_device_id", "sender_user_id", "sender_device_id", "sent_at")
+        if renamed
+        else ("recipient_device", "sender_user", "sender_device", "created_at")
+    )
     if version >= 1:
         conn.execute(
             "INSERT INTO retention_runs"
@@ -260,7 +269,7 @@ def _sample_rows(conn: Any, version: int) -> dict[str, int]:
             " VALUES (x'01', 'user', '', 1, 2)"
         )
         conn.execute(
-            "INSERT INTO sessions (user_id, device_name, created_at, last_seen_at, last_ip,"
+            f"INSERT INTO sessions (user_id, device_name, created_at, last_seen_at, {ip},"  # noqa: S608 - column names
             " expires_at, access_hash, access_expires_at, refresh_hash)"
             " VALUES (1, 'd', 1, 1, '-', 2, x'02', 2, x'03')"
         )
@@ -277,23 +286,23 @@ def _sample_rows(conn: Any, version: int) -> dict[str, int]:
                 " VALUES ('DEV', 1, 'phone', 1, 1)"
             )
             conn.execute(
-                "INSERT INTO one_time_keys (device_id, key_id, curve25519_key, signature,"
+                f"INSERT INTO one_time_keys (device_id, key_id, {curve}, signature,"  # noqa: S608 - column names
                 " uploaded_at) VALUES ('DEV', 'k', 'c', 's', 1)"
             )
             conn.execute(
-                "INSERT INTO fallback_keys (device_id, key_id, curve25519_key, signature,"
+                f"INSERT INTO fallback_keys (device_id, key_id, {curve}, signature,"  # noqa: S608 - column names
                 " uploaded_at) VALUES ('DEV', 'f', 'c', 's', 1)"
             )
             for table in ("devices", "one_time_keys", "fallback_keys"):
                 rows[table] = 1
         if version >= 5:
             conn.execute(
-                "INSERT INTO envelopes (recipient_device, kind, message_id, sender_user,"
-                " sender_device, ciphertext, created_at, expires_at)"
+                f"INSERT INTO envelopes ({recipient}, kind, message_id, {sender_user},"  # noqa: S608 - column names
+                f" {sender_device}, ciphertext, {sent_at}, expires_at)"
                 " VALUES ('DEV', 'message', 'm', 1, 'DEV', x'00', 1, 2)"
             )
             conn.execute(
-                "INSERT INTO sends (sender_device, message_id, envelopes, created_at)"
+                f"INSERT INTO sends ({sender_device}, message_id, envelopes, created_at)"  # noqa: S608 - column names
                 " VALUES ('DEV', 'm', 1, 1)"
             )
             rows["envelopes"] = rows["sends"] = 1
@@ -432,7 +441,7 @@ def test_the_queue_totals_migration_counts_what_is_already_queued() -> None:
             " created_at, expires_at) VALUES (?, ?, 'm', ?, 1, 2)",
             (recipient, kind, ciphertext),
         )
-    migrate(conn)
+    migrate(conn, target=6)  # migration 7 renames the columns used below
     totals = "SELECT device_id, envelopes, bytes FROM queue_totals ORDER BY device_id"
     assert conn.execute(totals).fetchall() == [("DEV", 1, 1), ("TWO", 3, 8)]
     conn.execute("DELETE FROM envelopes WHERE recipient_device = 'TWO' AND kind = 'message'")
@@ -443,3 +452,51 @@ def test_the_queue_totals_migration_counts_what_is_already_queued() -> None:
     assert conn.execute(totals).fetchall() == [("DEV", 2, 3), ("TWO", 1, 0)]
     conn.execute("DELETE FROM devices WHERE id = 'TWO'")
     assert conn.execute(totals).fetchall() == [("DEV", 2, 3)]
+
+
+def test_the_renaming_migration_keeps_rows_and_queue_totals(short_tmp: Path) -> None:
+    """Version 7 gives columns their wire names: an existing database keeps its
+    rows under the new names, and the queue_totals triggers follow the rename."""
+    path = short_tmp / "v6.db"
+    conn = connect(path, KEY, busy_timeout_ms=1000)
+    conn.execute("PRAGMA journal_mode = WAL")
+    migrate(conn, target=6)
+    _sample_rows(conn, 6)  # a message for device DEV from user 1 on DEV, 1 byte
+    conn.execute(
+        "UPDATE devices SET ed25519_key = 'ed', curve25519_key = 'cu', keys_signature = 'si'"
+    )
+    conn.execute(
+        "INSERT INTO envelopes (recipient_device, kind, message_id, about_device, created_at,"
+        " expires_at) VALUES ('DEV', 'delivered', 'm', 'DEV', 3, 4)"
+    )
+    conn.close()
+
+    conn = open_writer(path, KEY, busy_timeout_ms=1000)
+    assert schema_version(conn) == 7
+    assert conn.execute(
+        "SELECT recipient_device_id, kind, sender_user_id, sender_device_id, device_id,"
+        " ciphertext, sent_at FROM envelopes ORDER BY id"
+    ).fetchall() == [
+        ("DEV", "message", 1, "DEV", None, b"\x00", 1),
+        ("DEV", "delivered", None, None, "DEV", None, 3),
+    ]
+    assert conn.execute("SELECT sender_device_id, message_id FROM sends").fetchall() == [
+        ("DEV", "m")
+    ]
+    assert conn.execute("SELECT ed25519, curve25519, signature FROM devices").fetchall() == [
+        ("ed", "cu", "si")
+    ]
+    assert conn.execute("SELECT key_id, curve25519 FROM one_time_keys").fetchall() == [("k", "c")]
+    assert conn.execute("SELECT key_id, curve25519 FROM fallback_keys").fetchall() == [("f", "c")]
+    assert conn.execute("SELECT ip FROM sessions").fetchall() == [("-",)]
+    # The triggers of version 6 now read recipient_device_id.
+    totals = "SELECT device_id, envelopes, bytes FROM queue_totals"
+    assert conn.execute(totals).fetchall() == [("DEV", 2, 1)]
+    conn.execute(
+        "INSERT INTO envelopes (recipient_device_id, kind, message_id, ciphertext, sent_at,"
+        " expires_at) VALUES ('DEV', 'message', 'n', x'010203', 5, 6)"
+    )
+    assert conn.execute(totals).fetchall() == [("DEV", 3, 4)]
+    conn.execute("DELETE FROM envelopes WHERE recipient_device_id = 'DEV' AND kind = 'message'")
+    assert conn.execute(totals).fetchall() == [("DEV", 1, 0)]
+    conn.close()

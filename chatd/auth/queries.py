@@ -55,7 +55,7 @@ def select_session(conn: Any, where: str, value: object, now: int) -> dict[str, 
 
 def list_sessions_where(where: str, args: tuple[object, ...], conn: Any) -> list[SessionInfo]:
     rows = conn.execute(
-        "SELECT id, user_id, device_name, created_at, last_seen_at, last_ip, expires_at,"  # noqa: S608
+        "SELECT id, user_id, device_name, created_at, last_seen_at, ip, expires_at,"  # noqa: S608
         f" revoked_at IS NOT NULL FROM sessions WHERE {where} ORDER BY id DESC LIMIT 1000",
         args,
     ).fetchall()
@@ -110,6 +110,6 @@ def rotate_session_tokens(
     )
     conn.execute(
         "UPDATE sessions SET access_hash = ?, access_expires_at = ?, refresh_hash = ?,"
-        " last_seen_at = ?, last_ip = ? WHERE id = ?",
+        " last_seen_at = ?, ip = ? WHERE id = ?",
         (token_hash(access), access_expires, token_hash(refresh), now, ip, session_id),
     )

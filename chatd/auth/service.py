@@ -74,7 +74,7 @@ class AuthService(CredentialFlows):
         def insert(conn: Any) -> tuple[int, str]:
             bound = bind_device(conn, user["id"], device_id, peer.device_name, now, max_devices)
             cur = conn.execute(
-                "INSERT INTO sessions (user_id, device_name, created_at, last_seen_at, last_ip,"
+                "INSERT INTO sessions (user_id, device_name, created_at, last_seen_at, ip,"
                 " expires_at, access_hash, access_expires_at, refresh_hash, device_id)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (*row, bound),
@@ -367,7 +367,7 @@ class AuthService(CredentialFlows):
         now = now_ms()
         await self.store.write(
             lambda conn: conn.execute(
-                "UPDATE sessions SET last_seen_at = ?, last_ip = ? WHERE id = ?",
+                "UPDATE sessions SET last_seen_at = ?, ip = ? WHERE id = ?",
                 (now, peer.ip, session_id),
             )
         )

@@ -441,22 +441,22 @@ class Client:
         message_id = env["message_id"]
         if await self._store.has_message(message_id):
             return None
-        sender_user, sender_device = env["sender_user_id"], env["sender_device_id"]
-        device = await self._sender_device(sender_user, sender_device)
+        sender_user_id, sender_device_id = env["sender_user_id"], env["sender_device_id"]
+        device = await self._sender_device(sender_user_id, sender_device_id)
         async with self._olm_lock:
             try:
                 if device is None:
-                    raise DecryptionError(f"unknown sender device {sender_device}")
+                    raise DecryptionError(f"unknown sender device {sender_device_id}")
                 decrypted = self._olm.decrypt(device.curve25519, env["ciphertext"])
                 payload = decode_payload(decrypted.plaintext, message_id)
             except DecryptionError as exc:
                 log.warning("client.undecryptable", extra={"error": str(exc)})
                 entry = HistoryEntry(
                     message_id,
-                    sender_user,
+                    sender_user_id,
                     "in",
-                    sender_user,
-                    sender_device,
+                    sender_user_id,
+                    sender_device_id,
                     None,
                     env["sent_at"],
                     "undecryptable",
@@ -471,20 +471,20 @@ class Client:
                 new = await self._store.add_control(
                     message_id,
                     payload.kind,
-                    (sender_user, sender_device),
+                    (sender_user_id, sender_device_id),
                     account,
                     self._olm.take_dirty(),
                     meta,
                 )
                 return _Control(device, payload) if new else None
-            outgoing = sender_user == self.user_id
-            peer = payload.to_user_id if outgoing else sender_user
+            outgoing = sender_user_id == self.user_id
+            peer = payload.to_user_id if outgoing else sender_user_id
             entry = HistoryEntry(
                 message_id,
                 peer,
                 "out" if outgoing else "in",
-                sender_user,
-                sender_device,
+                sender_user_id,
+                sender_device_id,
                 payload.text,
                 env["sent_at"],
                 "sent" if outgoing else "received",
@@ -494,8 +494,8 @@ class Client:
             return None
         return ReceivedMessage(
             message_id,
-            sender_user,
-            sender_device,
+            sender_user_id,
+            sender_device_id,
             peer,
             payload.text,
             env["sent_at"],

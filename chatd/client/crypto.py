@@ -60,10 +60,10 @@ PAYLOAD_VERSION: Final = 1
 ONE_TIME_KEY_TARGET: Final = 50
 
 
-def fingerprint(ed25519_key: str) -> str:
+def fingerprint(ed25519: str) -> str:
     """A device's fingerprint for people to compare: its Ed25519 key (unpadded
     base64, as on the wire) as upper-case hex in groups of four, 16 groups."""
-    raw = base64.b64decode(ed25519_key + "=" * (-len(ed25519_key) % 4))
+    raw = base64.b64decode(ed25519 + "=" * (-len(ed25519) % 4))
     text = raw.hex().upper()
     return " ".join(text[i : i + 4] for i in range(0, len(text), 4))
 

@@ -127,7 +127,7 @@ class KeyService:
         """Store signed keys after checking every signature. Raises AuthError."""
         current = await self.store.read(
             lambda conn: conn.execute(
-                "SELECT ed25519_key, curve25519_key FROM devices WHERE id = ?", (device_id,)
+                "SELECT ed25519, curve25519 FROM devices WHERE id = ?", (device_id,)
             ).fetchone()
         )
         if current is None:
@@ -166,7 +166,7 @@ class KeyService:
             # Re-read inside the write: a concurrent upload may have set the
             # identity since the signatures were checked against ``ed25519``.
             now_keys = conn.execute(
-                "SELECT ed25519_key FROM devices WHERE id = ?", (device_id,)
+                "SELECT ed25519 FROM devices WHERE id = ?", (device_id,)
             ).fetchone()
             if now_keys is None:
                 raise AuthError("unknown_device", "this session's device no longer exists")
@@ -178,8 +178,7 @@ class KeyService:
                 )
             if new_identity is not None and now_keys[0] is None:
                 conn.execute(
-                    "UPDATE devices SET ed25519_key = ?, curve25519_key = ?, keys_signature = ?"
-                    " WHERE id = ?",
+                    "UPDATE devices SET ed25519 = ?, curve25519 = ?, signature = ? WHERE id = ?",
                     (
                         new_identity.ed25519,
                         new_identity.curve25519,
@@ -193,7 +192,7 @@ class KeyService:
                 )
             for key in frame.one_time_keys:
                 conn.execute(
-                    "INSERT OR IGNORE INTO one_time_keys (device_id, key_id, curve25519_key,"
+                    "INSERT OR IGNORE INTO one_time_keys (device_id, key_id, curve25519,"
                     " signature, uploaded_at) VALUES (?, ?, ?, ?, ?)",
                     (device_id, key.key_id, key.curve25519, key.signature, now),
                 )
@@ -206,7 +205,7 @@ class KeyService:
             if frame.fallback_key is not None:
                 fb = frame.fallback_key
                 conn.execute(
-                    "INSERT OR REPLACE INTO fallback_keys (device_id, key_id, curve25519_key,"
+                    "INSERT OR REPLACE INTO fallback_keys (device_id, key_id, curve25519,"
                     " signature, uploaded_at) VALUES (?, ?, ?, ?, ?)",
                     (device_id, fb.key_id, fb.curve25519, fb.signature, now),
                 )
@@ -239,7 +238,7 @@ class KeyService:
                 user_id, device_id = ref
                 owner = conn.execute(
                     "SELECT 1 FROM devices d JOIN users u ON u.id = d.user_id"
-                    " WHERE d.id = ? AND d.user_id = ? AND d.ed25519_key IS NOT NULL"
+                    " WHERE d.id = ? AND d.user_id = ? AND d.ed25519 IS NOT NULL"
                     " AND u.disabled_at IS NULL",
                     (device_id, user_id),
                 ).fetchone()
@@ -249,14 +248,14 @@ class KeyService:
                         "UPDATE one_time_keys SET claimed_at = ? WHERE device_id = ? AND key_id = ("
                         " SELECT key_id FROM one_time_keys WHERE device_id = ?"
                         " AND claimed_at IS NULL ORDER BY uploaded_at, key_id LIMIT 1)"
-                        " RETURNING key_id, curve25519_key, signature",
+                        " RETURNING key_id, curve25519, signature",
                         (now, device_id, device_id),
                     ).fetchone()
                 )
                 fallback = False
                 if owner and row is None:
                     row = conn.execute(
-                        "SELECT key_id, curve25519_key, signature FROM fallback_keys"
+                        "SELECT key_id, curve25519, signature FROM fallback_keys"
                         " WHERE device_id = ?",
                         (device_id,),
                     ).fetchone()
@@ -338,7 +337,7 @@ class KeyService:
                     user_id=user_id, username=username, device_list_version=version, devices=[]
                 )
             for row in conn.execute(
-                "SELECT user_id, id, name, ed25519_key, curve25519_key, keys_signature"
+                "SELECT user_id, id, name, ed25519, curve25519, signature"
                 " FROM devices ORDER BY created_at, id"
             ):
                 member = members.get(row[0])

@@ -88,7 +88,7 @@ class QueueService:
 
         def queue(conn: Any) -> _Queued | f.Sent | f.DeviceMismatch | list[str]:
             done = conn.execute(
-                "SELECT envelopes FROM sends WHERE sender_device = ? AND message_id = ?",
+                "SELECT envelopes FROM sends WHERE sender_device_id = ? AND message_id = ?",
                 (device_id, frame.message_id),
             ).fetchone()
             if done is not None:
@@ -99,7 +99,7 @@ class QueueService:
                 (row[0], row[1])
                 for row in conn.execute(
                     f"SELECT d.user_id, d.id FROM devices d JOIN users u ON u.id = d.user_id"  # noqa: S608
-                    f" WHERE d.user_id IN ({marks}) AND d.ed25519_key IS NOT NULL"
+                    f" WHERE d.user_id IN ({marks}) AND d.ed25519 IS NOT NULL"
                     " AND u.disabled_at IS NULL",
                     tuple(users),
                 )
@@ -127,8 +127,8 @@ class QueueService:
             queued = []
             for (_, target), (text, data) in targets.items():
                 cursor = conn.execute(
-                    "INSERT INTO envelopes (recipient_device, kind, message_id, sender_user,"
-                    " sender_device, ciphertext, created_at, expires_at)"
+                    "INSERT INTO envelopes (recipient_device_id, kind, message_id, sender_user_id,"
+                    " sender_device_id, ciphertext, sent_at, expires_at)"
                     " VALUES (?, 'message', ?, ?, ?, ?, ?, ?)",
                     (target, frame.message_id, user_id, device_id, data, now, expires),
                 )
@@ -143,7 +143,7 @@ class QueueService:
                 )
                 queued.append((target, envelope))
             conn.execute(
-                "INSERT INTO sends (sender_device, message_id, envelopes, created_at)"
+                "INSERT INTO sends (sender_device_id, message_id, envelopes, created_at)"
                 " VALUES (?, ?, ?, ?)",
                 (device_id, frame.message_id, len(targets), now),
             )
@@ -184,9 +184,9 @@ class QueueService:
                     device_id=r[7],
                 )
                 for r in conn.execute(
-                    "SELECT id, kind, message_id, created_at, sender_user, sender_device,"
-                    " ciphertext, about_device FROM envelopes"
-                    " WHERE recipient_device = ? AND id > ? ORDER BY id LIMIT ?",
+                    "SELECT id, kind, message_id, sent_at, sender_user_id, sender_device_id,"
+                    " ciphertext, device_id FROM envelopes"
+                    " WHERE recipient_device_id = ? AND id > ? ORDER BY id LIMIT ?",
                     (device_id, after, DELIVER_BATCH),
                 )
             ]
@@ -218,17 +218,17 @@ class QueueService:
                     ),
                 )
                 for envelope_id, sender, message_id in conn.execute(
-                    "INSERT INTO envelopes (recipient_device, kind, message_id, about_device,"
-                    " created_at, expires_at)"
-                    " SELECT e.sender_device, 'delivered', e.message_id, ?, ?, ?"
-                    " FROM envelopes e JOIN devices d ON d.id = e.sender_device"
-                    " WHERE e.recipient_device = ? AND e.id <= ? AND e.kind = 'message'"
-                    " ORDER BY e.id RETURNING id, recipient_device, message_id",
+                    "INSERT INTO envelopes (recipient_device_id, kind, message_id, device_id,"
+                    " sent_at, expires_at)"
+                    " SELECT e.sender_device_id, 'delivered', e.message_id, ?, ?, ?"
+                    " FROM envelopes e JOIN devices d ON d.id = e.sender_device_id"
+                    " WHERE e.recipient_device_id = ? AND e.id <= ? AND e.kind = 'message'"
+                    " ORDER BY e.id RETURNING id, recipient_device_id, message_id",
                     (device_id, now, expires, device_id, up_to),
                 ).fetchall()
             ]
             deleted = conn.execute(
-                "DELETE FROM envelopes WHERE recipient_device = ? AND id <= ?",
+                "DELETE FROM envelopes WHERE recipient_device_id = ? AND id <= ?",
                 (device_id, up_to),
             ).rowcount
             return int(deleted), sorted(receipts, key=lambda r: r[1].envelope_id)
@@ -265,7 +265,7 @@ def deliver_batches(envelopes: list[f.Envelope]) -> list[list[f.Envelope]]:
 def expire_envelopes(conn: Any, *, now: int, limit: int, notify: list[str] | None = None) -> int:
     """Retention job: delete expired envelopes; tell senders their messages expired."""
     rows = conn.execute(
-        "SELECT id, kind, message_id, sender_device, recipient_device FROM envelopes"
+        "SELECT id, kind, message_id, sender_device_id, recipient_device_id FROM envelopes"
         " WHERE expires_at < ? ORDER BY expires_at LIMIT ?",
         (now, limit),
     ).fetchall()
@@ -274,8 +274,8 @@ def expire_envelopes(conn: Any, *, now: int, limit: int, notify: list[str] | Non
         alive = sender and conn.execute("SELECT 1 FROM devices WHERE id = ?", (sender,)).fetchone()
         if kind == "message" and alive:
             conn.execute(
-                "INSERT INTO envelopes (recipient_device, kind, message_id, about_device,"
-                " created_at, expires_at) VALUES (?, 'expired', ?, ?, ?, ?)",
+                "INSERT INTO envelopes (recipient_device_id, kind, message_id, device_id,"
+                " sent_at, expires_at) VALUES (?, 'expired', ?, ?, ?, ?)",
                 (sender, message_id, recipient, now, now + 30 * DAY_MS),
             )
             if notify is not None:
@@ -288,8 +288,8 @@ def purge_sends(conn: Any, *, now: int, limit: int, days: float) -> int:
     cutoff = now - int(days * DAY_MS)
     return int(
         conn.execute(
-            "DELETE FROM sends WHERE (sender_device, message_id) IN"
-            " (SELECT sender_device, message_id FROM sends WHERE created_at < ? LIMIT ?)",
+            "DELETE FROM sends WHERE (sender_device_id, message_id) IN"
+            " (SELECT sender_device_id, message_id FROM sends WHERE created_at < ? LIMIT ?)",
             (cutoff, limit),
         ).rowcount
     )

@@ -39,9 +39,9 @@ def decode_b64(value: str, length: int) -> bytes | None:
     return raw if len(raw) == length else None
 
 
-def verify(ed25519_key: str, obj: dict[str, Any], signature: str) -> bool:
-    """True when ``signature`` is ``ed25519_key``'s signature of ``obj``."""
-    key = decode_b64(ed25519_key, KEY_BYTES)
+def verify(ed25519: str, obj: dict[str, Any], signature: str) -> bool:
+    """True when ``signature`` is ``ed25519``'s signature of ``obj``."""
+    key = decode_b64(ed25519, KEY_BYTES)
     sig = decode_b64(signature, SIGNATURE_BYTES)
     if key is None or sig is None:
         return False

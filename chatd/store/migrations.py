@@ -192,6 +192,23 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         WHERE device_id = OLD.recipient_device;
     END;
     """,
+    # 7: one name per thing: columns take the names of the wire fields they
+    # carry (PROTOCOL.md). RENAME COLUMN rewrites the indexes and the
+    # queue_totals triggers of migration 6 to the new names as well.
+    """
+    ALTER TABLE envelopes RENAME COLUMN recipient_device TO recipient_device_id;
+    ALTER TABLE envelopes RENAME COLUMN sender_user TO sender_user_id;
+    ALTER TABLE envelopes RENAME COLUMN sender_device TO sender_device_id;
+    ALTER TABLE envelopes RENAME COLUMN about_device TO device_id;
+    ALTER TABLE envelopes RENAME COLUMN created_at TO sent_at;
+    ALTER TABLE sends RENAME COLUMN sender_device TO sender_device_id;
+    ALTER TABLE devices RENAME COLUMN ed25519_key TO ed25519;
+    ALTER TABLE devices RENAME COLUMN curve25519_key TO curve25519;
+    ALTER TABLE devices RENAME COLUMN keys_signature TO signature;
+    ALTER TABLE one_time_keys RENAME COLUMN curve25519_key TO curve25519;
+    ALTER TABLE fallback_keys RENAME COLUMN curve25519_key TO curve25519;
+    ALTER TABLE sessions RENAME COLUMN last_ip TO ip;
+    """,
 )
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)
