@@ -277,7 +277,7 @@ class AuthSettings:
     require_mfa: str = setting(
         "admins",
         "Who must have a second factor (TOTP): none, admins (moderators too), or "
-        "everyone. A user who must but has none can log in only to enrol.",
+        "everyone. A user who must but has none can log in only to enroll.",
         choices=("none", "admins", "everyone"),
     )
     invite_days: float = setting(

@@ -95,7 +95,7 @@ class SessionFrames:
         if self.queues is not None and not client.pumping and not grant.mfa_enrollment_required:
             # Started by handle() once the session reply is queued, so that
             # reply always comes before the first deliver. A connection that
-            # must still enrol a second factor gets no messages until it has.
+            # must still enroll a second factor gets no messages until it has.
             client.pumping = True
             self._new_pumps.add(client)
 

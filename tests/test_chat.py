@@ -31,7 +31,7 @@ from chatd.client import VerificationError
 from .conftest import REPO
 from .test_client import BOB_KEY, device, next_message, relay
 from .test_keys import BOB_PASSWORD
-from .test_relay_auth import PASSWORD, connect, create_once, enrol
+from .test_relay_auth import PASSWORD, connect, create_once, enroll
 
 TIMEOUT = 15.0  # seconds for one expected text to appear
 STORE_PASSPHRASE = "a store passphrase for alice"
@@ -403,7 +403,7 @@ async def test_the_totp_code_is_asked_for_when_the_account_needs_one(short_tmp: 
     async with relay(short_tmp) as srv:
         async with connect(srv) as c:
             await c.login()
-            secret, _ = await enrol(c)
+            secret, _ = await enroll(c)
         args = user_args(srv.url, short_tmp, "alice", key=bytes([1]) * 32)
         async with chat(short_tmp, *args) as alice:
             await alice.expect("Password for alice: ")

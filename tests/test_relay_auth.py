@@ -274,10 +274,10 @@ async def test_logout_ends_the_session_on_the_server(short_tmp: Path) -> None:
         assert ("logout", "ok") in await srv.audit()
 
 
-async def enrol(c: Client) -> tuple[str, list[str]]:
-    enrolment = await c.request("mfa_enroll", password=PASSWORD)
-    assert enrolment["provisioning_uri"].startswith("otpauth://totp/")
-    secret = enrolment["secret"]
+async def enroll(c: Client) -> tuple[str, list[str]]:
+    enrollment = await c.request("mfa_enroll", password=PASSWORD)
+    assert enrollment["provisioning_uri"].startswith("otpauth://totp/")
+    secret = enrollment["secret"]
     confirmed = await c.request("mfa_confirm", code=pyotp.TOTP(secret).now())
     assert len(confirmed["codes"]) == 10
     return secret, confirmed["codes"]
@@ -314,10 +314,10 @@ async def test_turning_mfa_on_and_new_recovery_codes_rotate_this_sessions_tokens
         )
 
 
-async def test_totp_enrolment_then_login_needs_a_fresh_code(short_tmp: Path) -> None:
+async def test_totp_enrollment_then_login_needs_a_fresh_code(short_tmp: Path) -> None:
     async with server(short_tmp) as srv, connect(srv) as c:
         await c.login()
-        secret, codes = await enrol(c)
+        secret, codes = await enroll(c)
         async with connect(srv) as d:
             assert (await d.login())["code"] == "mfa_required"
             code = pyotp.TOTP(secret).at(time.time() + 30)  # next step: not used yet
@@ -347,7 +347,7 @@ async def test_a_wrong_confirmation_code_does_not_activate_mfa(short_tmp: Path) 
             assert (await d.login())["type"] == "session"  # no second factor yet
 
 
-async def test_mfa_policy_restricts_admins_until_they_enrol(short_tmp: Path) -> None:
+async def test_mfa_policy_restricts_admins_until_they_enroll(short_tmp: Path) -> None:
     async with server(short_tmp, require_mfa="admins") as srv, connect(srv) as c:
         await srv.admin.create_user("root-admin", PASSWORD, "admin")
         session = await c.login("root-admin")
@@ -356,7 +356,7 @@ async def test_mfa_policy_restricts_admins_until_they_enrol(short_tmp: Path) -> 
             "change_password", current_password=PASSWORD, new_password="another long password"
         )
         assert blocked["code"] == "mfa_enrollment_required"
-        await enrol(c)
+        await enroll(c)
         # Enrolled: the same connection is now fully authenticated.
         assert (await c.request("revoke_sessions", all_others=True))["type"] == "revoked"
 
@@ -517,7 +517,7 @@ async def test_behind_a_proxy_each_client_has_its_own_limits(short_tmp: Path) ->
 async def test_a_recovery_code_replaces_a_lost_authenticator(short_tmp: Path) -> None:
     async with server(short_tmp) as srv, connect(srv) as c:
         before = await c.login()
-        _, codes = await enrol(c)
+        _, codes = await enroll(c)
         off = await c.request("mfa_disable", password=PASSWORD, code=codes[1])
         assert off["type"] == "ok"
         assert off["tokens"]["refresh_token"] != before["refresh_token"]
@@ -599,9 +599,9 @@ async def test_a_lost_authenticator_is_replaced_with_a_recovery_code(short_tmp: 
     async with server(short_tmp, require_mfa="everyone") as srv, connect(srv) as c:
         first = await c.login()
         assert first["mfa_enrollment_required"] is True
-        old_secret, codes = await enrol(c)
+        old_secret, codes = await enroll(c)
         async with connect(srv) as d:
-            # The phone is gone: log in and re-enrol with recovery codes.
+            # The phone is gone: log in and re-enroll with recovery codes.
             assert (await d.login(recovery_code=codes[0]))["type"] == "session"
             pending = await d.request("mfa_enroll", password=PASSWORD, totp=codes[1])
             new_secret = pending["secret"]

@@ -194,7 +194,7 @@ class MfaReset(msgspec.Struct, forbid_unknown_fields=True):
     "POST",
     "/v1/users/{user_id}/mfa/reset",
     "Remove a second factor after checking the person's identity out of band: clears "
-    "TOTP and recovery codes and revokes every session; the user enrols again",
+    "TOTP and recovery codes and revokes every session; the user enrolls again",
     response=UserInfo,
     body=MfaReset,
     tag="accounts",

@@ -146,7 +146,7 @@ class AccountAdmin:
     async def reset_mfa(self, user_id: int) -> UserInfo:
         """Clear the second factor (a person who lost the phone *and* every recovery
         code, identity checked out of band) and end every session. Under an MFA
-        policy the next login can only enrol a new authenticator."""
+        policy the next login can only enroll a new authenticator."""
 
         def clear(conn: Any) -> int:
             conn.execute("DELETE FROM recovery_codes WHERE user_id = ?", (user_id,))
@@ -160,7 +160,7 @@ class AccountAdmin:
 
         if not await self.store.write(clear):
             raise NotFound("user")
-        self.auth.forget_pending_enrolment(user_id)
+        self.auth.forget_pending_enrollment(user_id)
         await self.auth.revoke_sessions(await self.auth.user_session_ids(user_id), "mfa reset")
         await self.auth.audit("admin_reset_mfa", "ok", ADMIN_PEER, user_id=user_id)
         return await self.get_user(user_id)

@@ -160,7 +160,7 @@ class AuthBase:
             raise fail("weak_password", str(exc), field="$.password") from None
         return key, await self._hash(password)
 
-    def forget_pending_enrolment(self, user_id: int) -> None:
+    def forget_pending_enrollment(self, user_id: int) -> None:
         """Drop a TOTP secret still waiting for its confirming code."""
         self._pending_totp.pop(user_id, None)
 

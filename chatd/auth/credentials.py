@@ -1,4 +1,4 @@
-"""Credential changes: password, TOTP enrolment and removal, recovery codes.
+"""Credential changes: password, TOTP enrollment and removal, recovery codes.
 
 Each change asks for full re-authentication first (the current password, and
 the TOTP code when MFA is on), is audited, and never bypasses the second
@@ -20,8 +20,8 @@ from chatd.auth.tokens import new_recovery_codes, normalize_recovery_code
 from chatd.auth.totp import new_totp_secret, provisioning_uri, verify_totp
 from chatd.store import now_ms
 
-#: How long an enrolment may wait for its confirming code.
-PENDING_ENROLMENT_SECONDS: Final = 600.0
+#: How long an enrollment may wait for its confirming code.
+PENDING_ENROLLMENT_SECONDS: Final = 600.0
 
 
 class CredentialFlows(AuthBase):
@@ -86,16 +86,16 @@ class CredentialFlows(AuthBase):
     async def mfa_enroll(
         self, grant: SessionGrant, password: str, totp: str | None, peer: Peer
     ) -> tuple[str, str]:
-        """Start TOTP enrolment, or the replacement of the current authenticator.
+        """Start TOTP enrollment, or the replacement of the current authenticator.
 
-        The new secret is pending (in memory, for ``PENDING_ENROLMENT_SECONDS``)
+        The new secret is pending (in memory, for ``PENDING_ENROLLMENT_SECONDS``)
         until :meth:`mfa_confirm` proves the device has it; until then the
         current second factor, if any, stays in force. A user who lost the
         authenticator re-authenticates here with a recovery code.
         """
         user = await self._reauthenticate(grant, password, totp, peer, "mfa_enroll")
         secret = new_totp_secret()
-        deadline = trio.current_time() + PENDING_ENROLMENT_SECONDS
+        deadline = trio.current_time() + PENDING_ENROLLMENT_SECONDS
         self._pending_totp[user["id"]] = (secret, deadline)
         await self.audit("mfa_enroll", "ok", peer, user_id=user["id"], session_id=grant.session_id)
         return secret, provisioning_uri(secret, user["username"])

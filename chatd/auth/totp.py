@@ -1,4 +1,4 @@
-"""TOTP second factor (RFC 6238) through pyotp: secrets, enrolment URIs, checks.
+"""TOTP second factor (RFC 6238) through pyotp: secrets, enrollment URIs, checks.
 
 Codes are the common authenticator-app kind: 6 digits, 30-second steps,
 HMAC-SHA1. A code is accepted within one step either side of the server's
@@ -34,7 +34,7 @@ def new_totp_secret() -> str:
 
 
 def provisioning_uri(secret: str, username: str, issuer: str = TOTP_ISSUER) -> str:
-    """The ``otpauth://totp/...`` URI to show as a QR code at enrolment."""
+    """The ``otpauth://totp/...`` URI to show as a QR code at enrollment."""
     return pyotp.TOTP(secret, digits=TOTP_DIGITS, interval=TOTP_STEP_SECONDS).provisioning_uri(
         name=username, issuer_name=issuer
     )

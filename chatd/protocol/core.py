@@ -34,7 +34,7 @@ import msgspec
 
 from chatd.protocol.frames import (
     AUTH_FRAMES,
-    ENROLMENT_FRAMES,
+    ENROLLMENT_FRAMES,
     MAX_ID_CHARS,
     PROTOCOL_VERSION,
     Bye,
@@ -80,7 +80,7 @@ ERR_BAD_FRAME: Final = "bad_frame"  # not JSON, or a field is missing/wrong
 ERR_UNKNOWN_TYPE: Final = "unknown_type"  # ``type`` names no frame
 ERR_AUTH_REQUIRED: Final = "auth_required"  # log in (or resume) first
 ERR_ALREADY_AUTHENTICATED: Final = "already_authenticated"  # one session per connection
-ERR_MFA_ENROLLMENT_REQUIRED: Final = "mfa_enrollment_required"  # enrol TOTP first
+ERR_MFA_ENROLLMENT_REQUIRED: Final = "mfa_enrollment_required"  # enroll TOTP first
 
 _PATH_RE: Final = re.compile(r" - at `([^`]+)`$")
 _UNKNOWN_FIELD_RE: Final = re.compile(r"(?:unknown|missing required) field `([^`]+)`")
@@ -109,7 +109,7 @@ class State(enum.Enum):
     AWAITING_FIRST_FRAME = "awaiting_first_frame"
     OPEN = "open"  # not authenticated yet: auth frames, ping and bye only
     AUTHENTICATED = "authenticated"
-    RESTRICTED = "restricted"  # authenticated, but must enrol a second factor first
+    RESTRICTED = "restricted"  # authenticated, but must enroll a second factor first
     CLOSED = "closed"
 
 
@@ -219,10 +219,10 @@ class ServerConnection:
             return self._refuse(
                 ERR_ALREADY_AUTHENTICATED, "this connection already has a session", request_id
             )
-        if self.state is State.RESTRICTED and not isinstance(frame, ENROLMENT_FRAMES):
+        if self.state is State.RESTRICTED and not isinstance(frame, ENROLLMENT_FRAMES):
             return self._refuse(
                 ERR_MFA_ENROLLMENT_REQUIRED,
-                "your role requires a second factor: enrol with mfa_enroll and mfa_confirm",
+                "your role requires a second factor: enroll with mfa_enroll and mfa_confirm",
                 request_id,
             )
         return [frame]  # for the service layer

@@ -269,8 +269,8 @@ ClientFrame = (
 
 #: Frames that start a session: only these (and ping, bye, refresh) before one.
 AUTH_FRAMES = (Login, Register, Resume, Refresh)
-#: Frames a session that must still enrol a second factor may send.
-ENROLMENT_FRAMES = (Refresh, Logout, MfaEnroll, MfaConfirm, ListSessions)
+#: Frames a session that must still enroll a second factor may send.
+ENROLLMENT_FRAMES = (Refresh, Logout, MfaEnroll, MfaConfirm, ListSessions)
 
 
 # -- server -> client ---------------------------------------------------------
