@@ -155,6 +155,91 @@ def create_users(data_dir: Path, usernames: list[str], password: str, *, workers
     return time.monotonic() - started
 
 
+def seed_users(config: Path, usernames: list[str], password: str) -> float:
+    """Make accounts fast, with the daemon stopped: one Argon2id hash, many rows.
+
+    ``create_users`` costs one Argon2id hash per account in the daemon (about
+    25 a second on 2 cores, minutes for thousands). Setup is not what the
+    benchmarks measure, so this computes a single hash of ``password`` with
+    chatd's own hasher at the config's ``[auth]`` Argon2 cost, opens the
+    SQLCipher database with chatd's own store code (``open_writer``, which
+    creates it and runs the migrations, as ``chatd serve`` would) and the key
+    from the data dir, and inserts one ``users`` row per name (role ``user``,
+    the username key from chatd's own normaliser) in one transaction. Every
+    account then has a genuine Argon2id hash at the configured cost, so a
+    login verifies exactly as it would for an account made through the admin
+    API; only the salt is shared. No ``admin_create_user`` audit rows are
+    written. Call it before :meth:`Daemon.start` (or after :meth:`Daemon.stop`):
+    the daemon must not be running. Returns the seconds taken.
+    """
+    # Imported here: only the scripts that seed accounts need chatd itself.
+    from chatd.auth.passwords import Argon2Params, PasswordHasher
+    from chatd.auth.usernames import normalize_username
+    from chatd.config import load_config
+    from chatd.keyfiles import load_db_key
+    from chatd.store import now_ms
+    from chatd.store.db import close_quietly, open_writer
+
+    started = time.monotonic()
+    settings = load_config(config)
+    auth = settings.auth
+    params = Argon2Params(auth.argon2_memory_kib, auth.argon2_time_cost, auth.argon2_parallelism)
+    password_hash = PasswordHasher(params).hash(password)
+    now = now_ms()
+    rows = [(name, normalize_username(name), password_hash, now, now) for name in usernames]
+    old_umask = os.umask(0o077)  # as chatd serve: the database is private to its user
+    try:
+        conn = open_writer(
+            settings.database_path,
+            load_db_key(settings),
+            busy_timeout_ms=settings.store.busy_timeout_ms,
+        )
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(
+                "INSERT INTO users (username, username_key, role, password_hash,"
+                " password_changed_at, created_at) VALUES (?, ?, 'user', ?, ?, ?)",
+                rows,
+            )
+            conn.execute("COMMIT")
+        finally:
+            close_quietly(conn)
+    finally:
+        os.umask(old_umask)
+    return time.monotonic() - started
+
+
+def argon2_seconds(config: Path, *, hashes: int = 4, threads: int = 2) -> tuple[float, float]:
+    """What one login's Argon2id costs on this machine, at the config's ``[auth]`` cost.
+
+    Returns (seconds per hash in one thread, hashes per second with ``threads``
+    threads at once), timed with chatd's own hasher (a login verifies once,
+    which costs the same as hashing). Run it while the daemon is idle.
+    """
+    from chatd.auth.passwords import Argon2Params, PasswordHasher
+
+    auth = _load_auth(config)
+    hasher = PasswordHasher(
+        Argon2Params(auth.argon2_memory_kib, auth.argon2_time_cost, auth.argon2_parallelism)
+    )
+    hasher.hash("warm up the allocator")  # noqa: S106 - a throwaway hash
+    started = time.perf_counter()
+    for i in range(hashes):
+        hasher.hash(f"one thread {i}")
+    one = (time.perf_counter() - started) / hashes
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(hasher.hash, [f"parallel {i}" for i in range(hashes * threads)]))
+    rate = hashes * threads / (time.perf_counter() - started)
+    return one, rate
+
+
+def _load_auth(config: Path) -> Any:
+    from chatd.config import load_config
+
+    return load_config(config).auth
+
+
 class Daemon:
     """One ``chatd serve`` child with its own notify socket and log file.
 
