@@ -1,78 +1,140 @@
-"""Message relay throughput and latency on chatd's durable path, against a bare relay.
+"""Message relay: chatd's server CPU per message and latency, against a bare relay.
 
-Starts the real daemon (``chatd init`` into a temp dir, then ``chatd serve``
-with NOTIFY_SOCKET, as systemd would) with ``relay.port = 0``,
+Every run starts the real daemon (``chatd init`` into a temp dir, then
+``chatd serve`` with NOTIFY_SOCKET, as systemd would) with ``relay.port = 0``,
 ``auth.require_mfa = "none"``, the login rate limits raised out of the way
 (``login_rate_per_ip`` and ``login_rate_per_account`` 100000/min,
 ``rate_burst`` 10000) and a 10-minute ``relay.idle_timeout_seconds`` (so
-clients waiting for the others' setup are not closed). Accounts are made
-through the admin API (``POST /v1/users`` over the admin unix socket); the
-data dir is in the system temp dir, which must not be tmpfs for the durable
-figures to mean anything (the filesystem type is printed).
+clients waiting for the others' setup are not closed), or the bare relay
+below. The data dir is in the system temp dir, which must not be tmpfs for
+the durable figures to mean anything (the filesystem type is printed).
+Everything goes through the documented client protocol (docs/PROTOCOL.md), so
+the script measures any server that speaks it.
 
-**Relay.** For each pair count (default 5 and 100 pairs, i.e. 10 and 200
-clients) a fresh daemon gets two accounts per pair. Each client connects,
-logs in (one new device per account), and publishes signed device keys, five
-one-time keys and a fallback key made with vodozemac. Then every client sends
-to its partner's one device: ``send`` frames with a 64-character opaque
-ciphertext (random base64; nothing is encrypted), keeping a window of 16
-messages that have no ``sent`` reply yet. A receiver answers every
-``deliver`` frame with ``ack up_to`` its last envelope id (no ``id``, so no
-reply), which also covers the ``delivered`` receipts the server queues for the
-senders. After --warmup seconds (default 2) the --duration window (default
-10 s) is measured, then senders stop and the script waits (at most 30 s) for
-every accepted message to be delivered; a message that never arrives is
-reported as lost.
+The script runs the SECTIONs named on its command line: ``targets`` (the
+default), ``count``, ``duration``, ``idle``. ``--quick`` alone runs all four,
+small and short, as a smoke test.
 
-Figures per run: messages/s counted when the sender gets ``sent`` (durably
-queued) and, separately, end to end when the partner gets it in a
-``deliver``; p50/p99/max latency from writing the ``send`` frame to reading
-the ``deliver`` (and to reading ``sent``); receipts/s; CPU of the server,
-the clients (this process), other processes and the whole machine over the
-window (a warning when other processes competed: on 2 cores, rerun then).
-By default the daemon runs under this script's ``--writer-stats-child`` mode,
-which calls ``chatd.cli.run`` exactly as the ``chatd`` script does but times
-the store's writer thread (each write job, each batch with its COMMIT), so
-the run also prints how busy that thread was, commits/s, jobs per commit and
-the mean time of each kind of job (``--no-writer-stats`` runs plain chatd).
+**Clients.** Accounts are made through the admin API (``POST /v1/users`` over
+the admin unix socket), two per pair. Each client connects, logs in (one new
+device per account), and publishes signed device keys, five one-time keys and
+a fallback key made with vodozemac. Then every client sends to its partner's
+one device: ``send`` frames with a 64-character opaque ciphertext (random
+base64; nothing is encrypted), keeping a window of messages that have no
+``sent`` reply yet. A receiver answers every ``deliver`` frame with ``ack
+up_to`` its last envelope id (no ``id``, so no reply), which also covers the
+``delivered`` receipts the server queues for the senders (one per message).
 
 **Baseline.** The same client code, window and frames against a bare
 trio-websocket relay written below (``--bare-server``, run as its own
 process like the daemon): no auth (``login`` just names the connection), no
 keys, no persistence, no receipts. It answers a ``send`` by queuing a
 ``deliver`` for the partner connection and a ``sent`` for the sender, each
-connection with its own sender task and a bounded queue, like chatd. The
-script prints the ratios chatd/bare.
+connection with its own sender task and a bounded queue, like chatd.
 
-**Idle authenticated connections.** A fresh daemon with ``relay``'s idle
-and handshake timeouts at one hour, ``devices.max_devices_per_user`` 1000
-and RLIMIT_NOFILE raised (the daemon inherits it). --idle-users accounts
-(default 10) are made; 20 warm-up connections log in (8 at a time) and close;
-then --idle-connections (default 1000) connections log in, 8 at a time,
-round robin over the accounts, each a new device, and sit idle reading
-whatever is pushed (key_count, presence). VmRSS of the daemon is read after
-the warm-up, once half are logged in and once all are (after a settle pause
-each). The figure per connection is the growth over the second half divided
-by its size: memory the first logins left in the allocator (Argon2 buffers,
-SQLite's page cache) is reused by later connections and would otherwise
-flatter or blur a figure taken from the start.
+**Server CPU.** The figure to steer by: on 2 cores the Python clients take
+about half the machine, so message rates say as much about the clients as
+about the server. The server's CPU is utime + stime of all its threads, from
+/proc/PID/stat, over the measured window (10 ms ticks), divided by the
+messages delivered in that window. For chatd it pays for the whole protocol
+cycle: send, durable commit, deliver, the ack that deletes, the
+``delivered`` receipt and its ack. The CPU of the clients (this process), of
+other processes and of the whole machine is printed beside it, with a
+warning when other processes competed (on 2 cores, rerun then).
 
-This is done twice, in two fresh daemons: as chatd runs by default, and
-with ``MALLOC_MMAP_THRESHOLD_=1048576`` in the daemon's environment for
-comparison. Each login runs Argon2id with a 19 MiB buffer in a worker
-thread. glibc's dynamic mmap threshold rises to that size after the first
-free, so later buffers come from the threads' malloc arenas and, once freed,
-were mostly kept: the daemon's RSS grew by about 100 KiB per login, which
-swamped the per-connection cost. chatd now caps malloc at one arena and
+**targets** (default): the issue's figures, each as fixed counts (below),
+chatd and bare interleaved (chatd, bare, chatd, bare, ... for --rounds,
+default 2), each run in a fresh server process, every round printed and then
+the medians:
+
+* Target 1: server CPU per delivered message at 5 pairs (10 clients) x
+  --messages (default 5,000) messages per client, window 16, for chatd and
+  the bare relay, and the ratio chatd/bare of the medians (target <= 0.75x,
+  stretch 0.4x).
+* Target 2: send->deliver latency p50 and p99, and send->sent p50, at 1 pair
+  (2 clients) x --latency-messages (default 2,000) each, window 1 (each
+  client waits for ``sent`` before its next ``send``). Target: chatd p50 <=
+  1 ms while ``sent`` still comes only after a durable commit. A p50 is taken
+  per run; the median of the rounds' p50s is printed.
+
+**Fixed counts** (targets and ``count``): each client first sends
+--warmup-messages (default 200), unmeasured, and the script waits until
+every one is delivered (and, on chatd, its receipt back). Then the measured
+phase: every client sends --messages through its window; it ends when every
+message is answered with ``sent``, delivered, and (chatd) receipted, plus
+0.3 s for the last acks to be handled (the window's CPU includes those; an
+idle server spends nothing measurable in 0.3 s). msg/s counts from the first
+measured send to the last delivery. A phase that does not finish within 60 s
+plus 5 ms a message fails the run. ``count`` runs this for each --pairs
+(default 5) at --window (default 16), --rounds times.
+
+**duration** (the older timed mode; also what runs when --duration, --warmup
+or --pairs is given without a SECTION): for each pair count (default 5 and
+100 pairs, i.e. 10 and 200 clients), chatd then bare, window 16. After
+--warmup seconds (default 2) the --duration window (default 10 s) is
+measured, then senders stop and the script waits (at most 30 s) for every
+accepted message to be delivered; a message that never arrives is reported
+as lost. Figures per run: messages/s counted when the sender gets ``sent``
+(durably queued) and, separately, end to end when the partner gets it in a
+``deliver``; p50/p99/max latency from writing the ``send`` frame to reading
+the ``deliver`` (and to reading ``sent``); receipts/s; CPU of the server,
+the clients, other processes and the whole machine over the window; the
+ratios chatd/bare.
+
+**Store-writer timings.** In the duration section (and in every chatd run
+with --writer-stats; never with --no-writer-stats) the daemon runs under this
+script's ``--writer-stats-child`` mode, which calls ``chatd.cli.run`` exactly
+as the ``chatd`` script does but times the store's writer thread (each write
+job, each batch with its COMMIT), so the run also prints how busy that thread
+was, commits/s, jobs per commit and the mean time of each kind of job. It
+patches ``chatd.store.store.Store``; if that class or its methods are gone,
+chatd runs unpatched and those figures are skipped with a note. The fixed
+counts run plain chatd by default, since the timing costs server CPU.
+
+**idle**: idle authenticated connections. A fresh daemon with ``relay``'s
+idle and handshake timeouts at one hour, day-long access tokens (so a slow
+login wave loses no connection to token expiry),
+``devices.max_devices_per_user`` 1000 and RLIMIT_NOFILE raised (the daemon
+inherits it). Accounts are seeded with the daemon stopped (``seed_users`` in
+``bench/_daemon.py``: one Argon2id hash by chatd's own hasher, rows inserted
+through chatd's own store code; each login still verifies a real Argon2id
+hash). 20 warm-up connections log in (8 at a time) and close; then each
+--idle-connections count (default 1000; several may be given, each in a
+fresh daemon) logs in, 8 at a time, each a new device, and sits idle
+reading (and counting) whatever is pushed (key_count, presence). With
+--idle-users N (default 10) they log in round robin over N accounts; with
+--idle-users 0 every connection is a different account and device (the
+warm-up has accounts of its own), as in a real team: that is how Target 3 is
+measured. VmRSS of the daemon is read after the warm-up, once half are
+logged in and once all are (after a settle pause each). The figure per
+connection is the growth over the second half divided by its size: memory
+the first logins left in the allocator (Argon2 buffers, SQLite's page cache)
+is reused by later connections and would otherwise flatter or blur a figure
+taken from the start. The total RSS at the end is printed too, and with
+--idle-users 0 the Target 3 verdicts (at most 16 KiB per connection at
+5,000; at most 300 MB of daemon RSS at 10,000).
+
+With --idle-mmap (and with the old --no-relay, which runs only this section)
+each count runs again with ``MALLOC_MMAP_THRESHOLD_=1048576`` in the daemon's
+environment for comparison. Each login runs Argon2id with a 19 MiB buffer in
+a worker thread. glibc's dynamic mmap threshold rises to that size after the
+first free, so later buffers come from the threads' malloc arenas and, once
+freed, were mostly kept: the daemon's RSS grew by about 100 KiB per login,
+which swamped the per-connection cost. chatd now caps malloc at one arena and
 calls ``malloc_trim(0)`` after each hash (``chatd/memory.py``); a fixed mmap
-threshold instead makes every buffer an mmap returned on free, at the cost
-of slower logins (the login time of the 1000 is printed for both).
+threshold instead makes every buffer an mmap returned on free, at the cost of
+slower logins (the login time is printed for both).
 
 Each loop is bounded in count and time; everything is on loopback. Finally
-each daemon gets SIGTERM and must exit 0; error lines in its log are shown.
+each daemon gets SIGTERM and must exit 0; warning and error lines in its log
+are shown.
 
-    .venv/bin/python bench/relay.py [--duration 10] [--pairs 5 100] [--quick]
-        [--no-idle | --no-relay] [--no-writer-stats]
+    .venv/bin/python bench/relay.py                   # Target 1 and 2, a few minutes
+    .venv/bin/python bench/relay.py targets --rounds 3 --messages 5000
+    .venv/bin/python bench/relay.py count --pairs 5 100 --messages 2000 --window 16
+    .venv/bin/python bench/relay.py duration --pairs 5 100 --duration 10
+    .venv/bin/python bench/relay.py idle --idle-connections 5000 10000 --idle-users 0
+    .venv/bin/python bench/relay.py --quick           # every section, small
 """
 
 from __future__ import annotations
@@ -84,12 +146,15 @@ import math
 import os
 import select
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -106,6 +171,7 @@ from _daemon import (
     ms,
     percentile,
     raise_nofile,
+    seed_users,
     set_settings,
     vm_rss_kib,
 )
@@ -130,6 +196,8 @@ IDLE_WARMUP: Final = 20  # warm-up logins before the RSS baseline
 BARE_QUEUE: Final = 256  # frames queued per bare-relay connection (chatd's default)
 BARE_LIFETIME: Final = 3_600.0  # the bare relay exits by itself after this long
 OUTSIDE_LOAD_WARNING: Final = 0.2  # cores used by other processes that taint a run
+COMPLETE_POLL: Final = 0.005  # seconds between checks that a fixed-count phase is done
+COUNT_SETTLE: Final = 0.3  # seconds after a fixed-count phase for its last acks
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
@@ -236,7 +304,7 @@ class Endpoint:
     ws: WebSocketConnection
     user_id: int
     device_id: str
-    window: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(WINDOW))
+    window: trio.Semaphore  # sends without a reply allowed (Run.window)
     partner: Endpoint | None = None
     outstanding: int = 0  # sends without a reply
 
@@ -248,6 +316,11 @@ class Run:
     kind: str  # "chatd" or "bare"
     url: str
     clients: int
+    window: int = WINDOW  # sends per client without a `sent` reply yet
+    #: Fixed-count runs: messages per client in each phase (warm-up, measured),
+    #: each phase started by its event. Empty: the run is timed (stop_at).
+    phases: list[int] = field(default_factory=list)
+    phase_go: list[trio.Event] = field(default_factory=list)
     endpoints: dict[int, Endpoint] = field(default_factory=dict)
     slots: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(SETUP_CONCURRENCY))
     ready: int = 0
@@ -259,6 +332,7 @@ class Run:
     sent_at: dict[str, float] = field(default_factory=dict)  # -> `sent` read
     deliver_at: dict[str, float] = field(default_factory=dict)  # -> `deliver` read
     receipts: list[float] = field(default_factory=list)
+    receipt_at: dict[str, float] = field(default_factory=dict)  # message id -> `delivered` read
     duplicates: int = 0
     unknown: int = 0
     refused: list[str] = field(default_factory=list)  # error / device_mismatch replies
@@ -280,12 +354,34 @@ async def setup_client(run: Run, ws: WebSocketConnection, index: int) -> Endpoin
         count = await reply_to(ws, "keys")
         if count.get("type") != "key_count":
             raise RuntimeError(f"keys_upload refused: {count!r}")
-    return Endpoint(index, ws, user_id, device_id)
+    return Endpoint(index, ws, user_id, device_id, trio.Semaphore(run.window))
+
+
+async def send_one(run: Run, ep: Endpoint) -> None:
+    """Write one ``send`` to the partner's device (the caller holds a window slot)."""
+    partner = ep.partner
+    assert partner is not None
+    message_id = str(uuid.uuid4())
+    frame = {
+        "type": "send",
+        "id": message_id,
+        "message_id": message_id,
+        "envelopes": [
+            {
+                "user_id": partner.user_id,
+                "device_id": partner.device_id,
+                "ciphertext": run.body(),
+            }
+        ],
+    }
+    data = _encode(frame).decode()
+    ep.outstanding += 1
+    run.send_at[message_id] = trio.current_time()
+    await ep.ws.send_message(data)
 
 
 async def sender(run: Run, ep: Endpoint) -> None:
-    partner = ep.partner
-    assert partner is not None
+    """Timed runs: keep the window full until ``run.stop_at``."""
     for _ in range(10_000_000):
         acquired = False
         with trio.move_on_at(run.stop_at):
@@ -295,23 +391,16 @@ async def sender(run: Run, ep: Endpoint) -> None:
             if acquired:
                 ep.window.release()
             return
-        message_id = str(uuid.uuid4())
-        frame = {
-            "type": "send",
-            "id": message_id,
-            "message_id": message_id,
-            "envelopes": [
-                {
-                    "user_id": partner.user_id,
-                    "device_id": partner.device_id,
-                    "ciphertext": run.body(),
-                }
-            ],
-        }
-        data = _encode(frame).decode()
-        ep.outstanding += 1
-        run.send_at[message_id] = trio.current_time()
-        await ep.ws.send_message(data)
+        await send_one(run, ep)
+
+
+async def count_sender(run: Run, ep: Endpoint) -> None:
+    """Fixed-count runs: each phase, once started, sends its count through the window."""
+    for count, go in zip(run.phases, run.phase_go, strict=True):
+        await go.wait()
+        for _ in range(count):
+            await ep.window.acquire()
+            await send_one(run, ep)
 
 
 async def reader(run: Run, ep: Endpoint) -> None:
@@ -346,6 +435,7 @@ async def reader(run: Run, ep: Endpoint) -> None:
                         run.deliver_at[message_id] = now
                 elif env["kind"] == "delivered":
                     run.receipts.append(now)
+                    run.receipt_at.setdefault(env["message_id"], now)
                 else:
                     run.other_frames[f"envelope {env['kind']}"] = (
                         run.other_frames.get(f"envelope {env['kind']}", 0) + 1
@@ -385,7 +475,7 @@ async def client_task(run: Run, index: int) -> None:
                 return  # the run was called off
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(reader, run, ep)
-                await sender(run, ep)
+                await (count_sender if run.phases else sender)(run, ep)
                 await run.finished.wait()
                 nursery.cancel_scope.cancel()
     except Exception as exc:
@@ -446,23 +536,47 @@ def _snapshot(server_pid: int) -> tuple[float, float, float, float, float, dict[
     )
 
 
+async def set_up_clients(run: Run, nursery: trio.Nursery) -> bool:
+    """Start every client (connect, log in, keys) and pair them; False if one failed."""
+    started = time.monotonic()
+    for i in range(run.clients):
+        nursery.start_soon(client_task, run, i)
+    with trio.move_on_after(SETUP_ALL_TIMEOUT):
+        await run.all_ready.wait()
+    run.setup_seconds = time.monotonic() - started
+    if run.failures or run.ready < run.clients:
+        run.finished.set()
+        run.start.set()
+        nursery.cancel_scope.cancel()
+        return False
+    for i, ep in run.endpoints.items():
+        ep.partner = run.endpoints[i ^ 1]
+    return True
+
+
+def _window(a: tuple[Any, ...], b: tuple[Any, ...], mono_start: float, mono_end: float) -> Window:
+    """CPU figures between two :func:`_snapshot` readings."""
+    used = {pid: cpu - a[5].get(pid, 0.0) for pid, cpu in b[5].items()}  # new: all of it
+    return Window(
+        start=a[0],
+        end=b[0],
+        server_cpu=b[1] - a[1],
+        server_loop_cpu=b[2] - a[2],
+        client_cpu=b[3] - a[3],
+        machine=b[4] - a[4],
+        others=sum(used.values()),
+        busiest_other=_describe(max(used, key=used.__getitem__), used) if used else "",
+        mono_start=mono_start,
+        mono_end=mono_end,
+    )
+
+
 async def drive(run: Run, server_pid: int, warmup: float, duration: float) -> Window:
     """Set up every client, run the window, drain; CPU figures of the window."""
     window = Window()
     async with trio.open_nursery() as nursery:
-        started = time.monotonic()
-        for i in range(run.clients):
-            nursery.start_soon(client_task, run, i)
-        with trio.move_on_after(SETUP_ALL_TIMEOUT):
-            await run.all_ready.wait()
-        run.setup_seconds = time.monotonic() - started
-        if run.failures or run.ready < run.clients:
-            run.finished.set()
-            run.start.set()
-            nursery.cancel_scope.cancel()
+        if not await set_up_clients(run, nursery):
             return window
-        for i, ep in run.endpoints.items():
-            ep.partner = run.endpoints[i ^ 1]
         begin = trio.current_time()
         run.stop_at = begin + warmup + duration
         run.start.set()
@@ -471,20 +585,7 @@ async def drive(run: Run, server_pid: int, warmup: float, duration: float) -> Wi
         mono_start = time.monotonic()
         await trio.sleep_until(run.stop_at)
         b = _snapshot(server_pid)
-        mono_end = time.monotonic()
-        used = {pid: cpu - a[5].get(pid, 0.0) for pid, cpu in b[5].items()}  # new: all of it
-        window = Window(
-            start=a[0],
-            end=b[0],
-            server_cpu=b[1] - a[1],
-            server_loop_cpu=b[2] - a[2],
-            client_cpu=b[3] - a[3],
-            machine=b[4] - a[4],
-            others=sum(used.values()),
-            busiest_other=_describe(max(used, key=used.__getitem__), used) if used else "",
-            mono_start=mono_start,
-            mono_end=mono_end,
-        )
+        window = _window(a, b, mono_start, time.monotonic())
         # Drain: every send answered, every accepted message delivered.
         with trio.move_on_after(DRAIN_TIMEOUT):
             while True:
@@ -496,12 +597,76 @@ async def drive(run: Run, server_pid: int, warmup: float, duration: float) -> Wi
     return window
 
 
+def count_timeout(messages: int) -> float:
+    """Seconds a fixed-count phase may take: 60 s plus 5 ms a message, at most 30 min."""
+    return min(60.0 + messages * 0.005, 1_800.0)
+
+
+async def wait_complete(run: Run, total: int, timeout: float) -> bool:
+    """Wait until ``total`` sends are written and answered, every accepted one is
+    delivered and (chatd) its ``delivered`` receipt came back; False on timeout."""
+    with trio.move_on_after(timeout):
+        while True:
+            answered = len(run.sent_at) + len(run.refused)
+            done = len(run.send_at) >= total and answered >= len(run.send_at)
+            done = done and len(run.deliver_at) >= len(run.sent_at)
+            if run.kind == "chatd":
+                done = done and len(run.receipt_at) >= len(run.deliver_at)
+            if done or run.failures:
+                return not run.failures
+            await trio.sleep(COMPLETE_POLL)
+    return False
+
+
+async def drive_count(run: Run, server_pid: int, warmup: int, messages: int) -> Window:
+    """Fixed counts: a warm-up phase, then the measured one; CPU figures of the latter.
+
+    The measured window runs from the first measured send until every message
+    is delivered and receipted, plus COUNT_SETTLE for the last acks to be
+    handled (the server is idle then; its timers cost ~nothing).
+    """
+    window = Window()
+    run.phases = [warmup, messages] if warmup else [messages]
+    run.phase_go = [trio.Event() for _ in run.phases]
+    async with trio.open_nursery() as nursery:
+        if not await set_up_clients(run, nursery):
+            return window
+        run.start.set()
+        total = 0
+        for phase, (count, go) in enumerate(zip(run.phases, run.phase_go, strict=True)):
+            measured = phase == len(run.phases) - 1
+            total += count * run.clients
+            if measured:
+                await trio.sleep(COUNT_SETTLE)  # the warm-up's last acks
+                a = _snapshot(server_pid)
+                mono_start = time.monotonic()
+            go.set()
+            complete = await wait_complete(run, total, count_timeout(count * run.clients))
+            if not complete:
+                run.failures.append(
+                    f"phase {phase + 1}: not complete after "
+                    f"{count_timeout(count * run.clients):.0f} s"
+                )
+                break
+        if complete:
+            await trio.sleep(COUNT_SETTLE)
+            b = _snapshot(server_pid)
+            window = _window(a, b, mono_start, time.monotonic())
+        run.finished.set()
+        if not complete:
+            nursery.cancel_scope.cancel()  # senders may wait for replies that never come
+    return window
+
+
 def check_setup(run: Run) -> None:
-    if run.failures or run.ready < run.clients:
+    """Stop the script if a client could not be set up, or the run failed."""
+    if run.ready < run.clients:
         raise SystemExit(
             f"{run.kind}: only {run.ready} of {run.clients} clients set up: "
             + "; ".join(run.failures[:5])
         )
+    if run.failures:
+        raise SystemExit(f"{run.kind}: the run failed: " + "; ".join(run.failures[:5]))
 
 
 # -- the bare relay (child process) -----------------------------------------------------------
@@ -626,7 +791,8 @@ class BareProcess:
     def pid(self) -> int:
         return self.proc.pid
 
-    def stop(self) -> None:
+    def stop(self) -> list[str]:
+        """SIGTERM (it has no clean shutdown to test); notes if it had to be killed."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -634,6 +800,8 @@ class BareProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
+                return ["the bare relay ignored SIGTERM for 10 s and was killed"]
+        return []
 
 
 # -- the daemon, optionally with store-writer timings -------------------------------------------
@@ -646,15 +814,27 @@ def writer_stats_child(out: str, argv: list[str]) -> int:
     Every write job's function is timed (by its qualified name), and every batch
     (BEGIN, the jobs in savepoints, COMMIT with its fsync). At exit the samples go
     to OUT as JSON, with time.monotonic() end times for windowing.
+
+    This patches ``chatd.store.store.Store.submit`` and ``Store._run_batch``. If a
+    rebuilt chatd has no such class or methods, chatd runs unpatched and OUT
+    says why, so the run's other figures stand and the writer's are skipped.
     """
     import atexit
 
     from chatd import cli
-    from chatd.store.store import Store
+
+    try:
+        from chatd.store.store import Store
+
+        submit, run_batch = Store.submit, Store._run_batch
+    except (ImportError, AttributeError) as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        with open(out, "w") as fh:
+            json.dump({"skipped": f"cannot patch chatd.store.store.Store ({reason})"}, fh)
+        return int(cli.run(argv) or 0)
 
     jobs: list[tuple[float, str, float]] = []  # appended by the writer thread only
     batches: list[tuple[float, int, float]] = []
-    submit, run_batch = Store.submit, Store._run_batch
 
     async def timed_submit(self: Store, fn: Any, *args: Any) -> Any:
         name = str(getattr(fn, "__qualname__", "?")).replace(".<locals>", "")
@@ -689,6 +869,8 @@ def writer_summary(path: Path, window: Window) -> list[str]:
         samples = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         return [f"store writer: no timings ({exc})"]
+    if "skipped" in samples:
+        return [f"store writer: figures skipped: {samples['skipped']}"]
     span = window.mono_end - window.mono_start
     inside = [b for b in samples["batches"] if window.mono_start <= b[0] < window.mono_end]
     if not inside or span <= 0:
@@ -730,9 +912,13 @@ def configure(config: Path, *, idle: bool, clients: int) -> None:
             "max_connections": max(10_000, 2 * clients),
         },
     )
-    set_settings(config, "auth", RELAXED_AUTH)
     if idle:
+        # Day-long access tokens: a slow login wave must not see its first
+        # connections closed for an expired token (4001) before the last logs in.
+        set_settings(config, "auth", {**RELAXED_AUTH, "access_token_minutes": 1_440.0})
         set_settings(config, "devices", {"max_devices_per_user": 1_000})
+    else:
+        set_settings(config, "auth", RELAXED_AUTH)
 
 
 def log_findings(log: str) -> list[str]:
@@ -774,8 +960,32 @@ class Result:
             reply[m] - t for m, t in self.run.send_at.items() if w.start <= t < w.end and m in reply
         ]
 
+    # Fixed-count runs: the window ends COUNT_SETTLE after the last arrival.
 
-def run_chatd(pairs: int, warmup: float, duration: float, writer_stats: bool) -> Result:
+    @property
+    def delivered(self) -> int:
+        return self.in_window(self.run.deliver_at.values())
+
+    @property
+    def cpu_per_message(self) -> float:
+        """Server CPU seconds per message delivered in the window."""
+        return self.window.server_cpu / self.delivered if self.delivered else math.nan
+
+    @property
+    def count_rate(self) -> float:
+        """Messages delivered per second, first measured send to last delivery."""
+        w = self.window
+        last = max((t for t in self.run.deliver_at.values() if w.start <= t < w.end), default=0.0)
+        return self.delivered / (last - w.start) if last > w.start else 0.0
+
+
+#: Runs the clients of one relay run against a server process and returns the
+#: CPU figures of the measured window: ``partial(drive, warmup=, duration=)``
+#: (timed) or ``partial(drive_count, warmup=, messages=)`` (fixed counts).
+Driver = Callable[[Run, int], Awaitable[Window]]
+
+
+def run_chatd(pairs: int, driver: Driver, writer_stats: bool, *, window: int = WINDOW) -> Result:
     clients = 2 * pairs
     with tempfile.TemporaryDirectory(prefix="chatd-bench-") as tmp:
         work = Path(tmp)
@@ -795,8 +1005,8 @@ def run_chatd(pairs: int, warmup: float, duration: float, writer_stats: bool) ->
             daemon.wait_ready()
             url, _port = daemon.relay_url()
             made = create_users(data, [f"u{i:04d}" for i in range(clients)], PASSWORD)
-            run = Run("chatd", url, clients)
-            window = trio.run(drive, run, daemon.pid, warmup, duration)
+            run = Run("chatd", url, clients, window=window)
+            measured = trio.run(driver, run, daemon.pid)
             check_setup(run)
             rss = vm_rss_kib(daemon.pid)
         except BaseException:
@@ -813,22 +1023,22 @@ def run_chatd(pairs: int, warmup: float, duration: float, writer_stats: bool) ->
         notes.append(f"daemon log: {len(log.splitlines())} lines, {len(findings)} warning/error")
         notes += [f"  {line[:300]}" for line in findings[:5]]
         if writer_stats:
-            notes += writer_summary(stats, window)
+            notes += writer_summary(stats, measured)
         notes.append(f"SIGTERM to exit {code}")
         if code != 0:
             notes.append(f"ERROR: chatd exited with {code} after SIGTERM, expected 0")
-    return Result("chatd", pairs, run, window, notes)
+    return Result("chatd", pairs, run, measured, notes)
 
 
-def run_bare(pairs: int, warmup: float, duration: float) -> Result:
+def run_bare(pairs: int, driver: Driver, *, window: int = WINDOW) -> Result:
     bare = BareProcess()
     try:
-        run = Run("bare", f"ws://127.0.0.1:{bare.port}/", 2 * pairs)
-        window = trio.run(drive, run, bare.pid, warmup, duration)
+        run = Run("bare", f"ws://127.0.0.1:{bare.port}/", 2 * pairs, window=window)
+        measured = trio.run(driver, run, bare.pid)
         check_setup(run)
     finally:
-        bare.stop()
-    return Result("bare", pairs, run, window)
+        notes = bare.stop()
+    return Result("bare", pairs, run, measured, notes)
 
 
 def report_run(res: Result) -> None:
@@ -901,20 +1111,164 @@ def report_ratio(chatd: Result, bare: Result) -> None:
     print(line)
 
 
+# -- fixed counts: chatd and the bare relay interleaved ----------------------------------------
+
+
+def _us(seconds: float) -> str:
+    return f"{seconds * 1e6:,.1f} µs"
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def report_count_run(label: str, res: Result) -> None:
+    """One fixed-count run in a few lines: CPU per message first."""
+    run, w = res.run, res.window
+    e2e, acked = res.latencies(run.deliver_at), res.latencies(run.sent_at)
+    line = (
+        f"{label}: server CPU {w.server_cpu:.2f} s for {res.delivered:,} delivered = "
+        f"{_us(res.cpu_per_message)} per message; {res.count_rate:,.0f} msg/s"
+    )
+    if e2e and acked:
+        line += (
+            f"; send->deliver p50 {ms(percentile(e2e, 50))}, p99 {ms(percentile(e2e, 99))}; "
+            f"send->sent p50 {ms(percentile(acked, 50))}"
+        )
+    print(line)
+    span = res.span
+    print(
+        f"{label}:   event-loop thread {w.server_loop_cpu:.2f} s; clients {w.client_cpu:.2f} s; "
+        f"other processes {w.others / span:.2f} cores; machine {w.machine / span:.2f} of "
+        f"{os.cpu_count()} cores over {span:.2f} s"
+    )
+    if w.others / span > OUTSIDE_LOAD_WARNING:
+        print(f"{label}:   WARNING: other processes competed for the CPU ({w.busiest_other})")
+    lost = len(run.sent_at) - sum(1 for m in run.sent_at if m in run.deliver_at)
+    if lost or run.refused or run.duplicates or run.unknown or run.failures:
+        print(
+            f"{label}:   PROBLEM: {lost} sent but not delivered, {len(run.refused)} refused, "
+            f"{run.duplicates} duplicates, {run.unknown} unknown"
+        )
+    for line in (run.failures + run.refused)[:5]:
+        print(f"{label}:   problem: {line}")
+    for note in res.notes:
+        print(f"{label}:   {note}")
+
+
+@dataclass
+class Comparison:
+    """Fixed-count runs of chatd and the bare relay, interleaved round by round."""
+
+    chatd: list[Result] = field(default_factory=list)
+    bare: list[Result] = field(default_factory=list)
+
+    def cpu(self, kind: str) -> list[float]:
+        return [r.cpu_per_message for r in getattr(self, kind)]
+
+    def latency(self, kind: str, reply: str, q: float) -> list[float]:
+        out = []
+        for r in getattr(self, kind):
+            values = r.latencies(getattr(r.run, reply))
+            if values:
+                out.append(percentile(values, q))
+        return out
+
+
+def compare_counts(
+    title: str,
+    *,
+    pairs: int,
+    window: int,
+    messages: int,
+    warmup: int,
+    rounds: int,
+    writer_stats: bool,
+) -> Comparison:
+    """chatd, bare, chatd, bare...: each in a fresh server; per-round lines and medians."""
+    print(
+        f"{title}: {_n(pairs, 'pair')} ({2 * pairs} clients) x {messages:,} messages each, "
+        f"window {window}, after {warmup:,} warm-up messages each; {_n(rounds, 'round')}, "
+        f"chatd and bare interleaved, each in a fresh server process"
+    )
+    driver = partial(drive_count, warmup=warmup, messages=messages)
+    out = Comparison()
+    for i in range(rounds):
+        chatd = run_chatd(pairs, driver, writer_stats, window=window)
+        report_count_run(f"  round {i + 1} chatd", chatd)
+        out.chatd.append(chatd)
+        bare = run_bare(pairs, driver, window=window)
+        report_count_run(f"  round {i + 1} bare ", bare)
+        out.bare.append(bare)
+    for kind in ("chatd", "bare"):
+        runs: list[Result] = getattr(out, kind)
+        per_round = ", ".join(_us(v) for v in out.cpu(kind))
+        e2e = out.latency(kind, "deliver_at", 50)
+        print(
+            f"  {kind:5} median: {_us(_median(out.cpu(kind)))} server CPU per delivered "
+            f"message (rounds: {per_round}); "
+            f"{_median([r.count_rate for r in runs]):,.0f} msg/s; "
+            f"send->deliver p50 {ms(_median(e2e))}"
+        )
+    return out
+
+
+def report_targets(t1: Comparison | None, t2: Comparison | None) -> None:
+    if t1 is not None:
+        ratios = [a / b for a, b in zip(t1.cpu("chatd"), t1.cpu("bare"), strict=True)]
+        ratio = _median(t1.cpu("chatd")) / _median(t1.cpu("bare"))
+        met = "met" if ratio <= 0.75 else "NOT met"
+        stretch = " (stretch 0.4x met too)" if ratio <= 0.4 else ""
+        print(
+            f"Target 1: server CPU per delivered message, chatd/bare = {ratio:.2f}x "
+            f"(medians: {_us(_median(t1.cpu('chatd')))} / {_us(_median(t1.cpu('bare')))}; "
+            f"per round {', '.join(f'{r:.2f}x' for r in ratios)}); target <= 0.75x: "
+            f"{met}{stretch}"
+        )
+    if t2 is not None:
+        parts = []
+        for kind in ("chatd", "bare"):
+            parts.append(
+                f"{kind} send->deliver p50 {ms(_median(t2.latency(kind, 'deliver_at', 50)))} "
+                f"p99 {ms(_median(t2.latency(kind, 'deliver_at', 99)))}, "
+                f"send->sent p50 {ms(_median(t2.latency(kind, 'sent_at', 50)))}"
+            )
+        p50 = _median(t2.latency("chatd", "deliver_at", 50))
+        print(
+            f"Target 2: at window 1, {'; '.join(parts)}; target chatd p50 <= 1 ms "
+            f"(with sent after a durable commit): {'met' if p50 <= 0.001 else 'NOT met'}"
+        )
+
+
 # -- idle authenticated connections -----------------------------------------------------------
+
+
+class _Kind(msgspec.Struct):
+    type: str = ""  # other fields of a pushed frame are skipped
+
+
+_decode_kind = msgspec.json.Decoder(_Kind).decode
 
 
 @dataclass
 class Idle:
+    """``n`` connections; connection i logs in as ``names[i % len(names)]``, a new device."""
+
     url: str
-    users: int
+    names: list[str]
     n: int
+    timeout: float  # seconds for all n to be logged in
     slots: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(SETUP_CONCURRENCY))
     opened: int = 0
     all_open: trio.Event = field(default_factory=trio.Event)
     release: trio.Event = field(default_factory=trio.Event)
     failures: list[str] = field(default_factory=list)
     closed_early: list[str] = field(default_factory=list)
+    frames: dict[str, int] = field(default_factory=dict)  # pushed frames read, by type
 
     async def one(self, index: int) -> None:
         await self.slots.acquire()
@@ -924,7 +1278,7 @@ class Idle:
                 self.url, connect_timeout=CONNECT_TIMEOUT, disconnect_timeout=CLOSE_TIMEOUT
             ) as ws:
                 with trio.fail_after(CONNECT_TIMEOUT):
-                    await login(ws, f"idle{index % self.users:03d}", f"idle {index}")
+                    await login(ws, self.names[index % len(self.names)], f"idle {index}")
                 self.slots.release()
                 logging_in = False
                 self.opened += 1
@@ -942,14 +1296,21 @@ class Idle:
                 self.slots.release()
 
     async def _discard(self, ws: WebSocketConnection, index: int) -> None:
-        """Read and drop pushes (key_count, presence), as a real client would."""
+        """Read and count pushes (key_count, presence), as a real client would."""
         for _ in range(10_000_000):
             try:
-                await ws.get_message()
+                kind = _decode_kind(await ws.get_message()).type
             except ConnectionClosed as exc:
                 if not self.release.is_set():
                     self.closed_early.append(f"connection {index}: {exc.reason}")
                 return
+            self.frames[kind] = self.frames.get(kind, 0) + 1
+
+
+def idle_timeout(n: int) -> float:
+    """Seconds for n idle logins: 300 s plus one second each (a slow server's login
+    wave with distinct users ran at 2-6 logins/s), at most 4 hours."""
+    return min(SETUP_ALL_TIMEOUT + n * 1.0, 14_400.0)
 
 
 async def _open_idle(idle: Idle) -> dict[str, float]:
@@ -958,7 +1319,7 @@ async def _open_idle(idle: Idle) -> dict[str, float]:
         started = time.monotonic()
         for i in range(idle.n):
             nursery.start_soon(idle.one, i)
-        with trio.move_on_after(SETUP_ALL_TIMEOUT):
+        with trio.move_on_after(idle.timeout):
             await idle.all_open.wait()
         figures["open_seconds"] = time.monotonic() - started
         if not idle.failures and idle.opened == idle.n:
@@ -967,8 +1328,33 @@ async def _open_idle(idle: Idle) -> dict[str, float]:
     return figures
 
 
-async def measure_idle(daemon: Daemon, url: str, users: int, n: int) -> dict[str, float]:
-    warm = Idle(url, users, IDLE_WARMUP)
+@dataclass
+class IdleAccounts:
+    """Who logs in: the warm-up, then each half of the measured connections."""
+
+    warmup: list[str]
+    first: list[str]
+    second: list[str]
+
+    @classmethod
+    def plan(cls, n: int, users: int) -> IdleAccounts:
+        """users == 0: one account per connection (warm-up accounts apart), so every
+        measured connection is a different user and device; else round robin."""
+        if users == 0:
+            names = [f"idle{i:05d}" for i in range(n)]
+            warmup = [f"idlewarm{i:02d}" for i in range(IDLE_WARMUP)]
+            return cls(warmup, names[: n // 2], names[n // 2 :])
+        names = [f"idle{i:05d}" for i in range(users)]
+        return cls(names, names, names)
+
+    def all(self) -> list[str]:
+        return list(dict.fromkeys(self.warmup + self.first + self.second))
+
+
+async def measure_idle(
+    daemon: Daemon, url: str, accounts: IdleAccounts, n: int
+) -> tuple[dict[str, float], dict[str, int]]:
+    warm = Idle(url, accounts.warmup, IDLE_WARMUP, idle_timeout(IDLE_WARMUP))
     await _open_idle(warm)
     if warm.failures or warm.opened < IDLE_WARMUP:
         raise SystemExit(f"idle warm-up failed: {warm.failures[:5]}")
@@ -976,7 +1362,9 @@ async def measure_idle(daemon: Daemon, url: str, users: int, n: int) -> dict[str
     before = vm_rss_kib(daemon.pid)
     # Two halves, with the RSS read in between: the growth over the second
     # half is per connection alone, whatever the first logins left behind.
-    first, second = Idle(url, users, n // 2), Idle(url, users, n - n // 2)
+    half_n = n // 2
+    first = Idle(url, accounts.first, half_n, idle_timeout(half_n))
+    second = Idle(url, accounts.second, n - half_n, idle_timeout(n - half_n))
     figures: dict[str, float] = {"before": before}
     async with trio.open_nursery() as nursery:
         started = time.monotonic()
@@ -984,11 +1372,12 @@ async def measure_idle(daemon: Daemon, url: str, users: int, n: int) -> dict[str
         for half, key in ((first, "half"), (second, "after")):
             for i in range(half.n):
                 nursery.start_soon(half.one, i)
-            with trio.move_on_after(SETUP_ALL_TIMEOUT):
+            with trio.move_on_after(half.timeout):
                 await half.all_open.wait()
             ok = ok and not half.failures and half.opened == half.n
             if not ok:
                 break
+            figures[f"{key}_seconds"] = time.monotonic() - started
             await trio.sleep(SETTLE_SECONDS)
             figures[key] = vm_rss_kib(daemon.pid)
         if ok:
@@ -1006,7 +1395,10 @@ async def measure_idle(daemon: Daemon, url: str, users: int, n: int) -> dict[str
             )
     await trio.sleep(SETTLE_SECONDS)
     figures["closed"] = vm_rss_kib(daemon.pid)
-    return figures
+    frames = dict(first.frames)
+    for kind, count in second.frames.items():
+        frames[kind] = frames.get(kind, 0) + count
+    return figures, frames
 
 
 #: Run the daemon with glibc's mmap threshold fixed at 1 MiB: each Argon2 buffer
@@ -1014,25 +1406,31 @@ async def measure_idle(daemon: Daemon, url: str, users: int, n: int) -> dict[str
 #: With the default dynamic threshold, freed buffers stay in the worker threads'
 #: malloc arenas, and RSS grows with the number of logins, not connections.
 FIXED_MMAP_ENV: Final = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
+IDLE_TARGET_KIB: Final = 16.0  # Target 3: RSS per idle connection at 5,000 distinct users
+IDLE_TARGET_TOTAL_BYTES: Final = 300_000_000  # Target 3: daemon RSS at 10,000 connections
 
 
 def run_idle(n: int, users: int, env: dict[str, str], allocator: str) -> None:
     limit = raise_nofile(2 * n + 1_024)
     if limit < n + 256:
         raise SystemExit(f"RLIMIT_NOFILE is {limit}; need at least {n + 256}")
+    accounts = IdleAccounts.plan(n, users)
+    names = accounts.all()
     with tempfile.TemporaryDirectory(prefix="chatd-bench-") as tmp:
         work = Path(tmp)
         data = work / "data"
         config = init_data_dir(data)
         configure(config, idle=True, clients=n)
+        made = seed_users(config, names, PASSWORD)
         daemon = Daemon(config, work, env=env)
         daemon.start()
         try:
             daemon.wait_ready()
             url, _port = daemon.relay_url()
-            create_users(data, [f"idle{i:03d}" for i in range(users)], PASSWORD)
             start_rss = vm_rss_kib(daemon.pid)
-            figures = trio.run(measure_idle, daemon, url, users, n)
+            cpu_start = cpu_seconds(daemon.pid)
+            figures, frames = trio.run(measure_idle, daemon, url, accounts, n)
+            cpu = cpu_seconds(daemon.pid) - cpu_start
         except BaseException:
             daemon.kill()
             print(f"daemon log tail:\n{daemon.log_tail()}", file=sys.stderr)
@@ -1040,19 +1438,34 @@ def run_idle(n: int, users: int, env: dict[str, str], allocator: str) -> None:
         code, _stop = daemon.stop()
         log = daemon.log_path.read_text(errors="replace")
     before, after = figures["before"], figures["after"]
+    distinct = users == 0
     label = f"idle {n} ({allocator})"
-    print(
-        f"{label}: {n} connections logged in over {users} accounts (a new device each) "
-        f"in {figures['open_seconds']:.1f} s; RLIMIT_NOFILE {limit}"
+    who = (
+        f"{n} different accounts, one connection and device each"
+        if distinct
+        else f"round robin over {users} accounts, a new device each"
     )
-    print(f"{label}: daemon RSS once ready and {users} accounts made: {start_rss:,} KiB")
+    print(
+        f"{label}: {n} connections logged in ({who}) in {figures['open_seconds']:.1f} s "
+        f"(first half {figures['half_seconds']:.1f} s, second half "
+        f"{figures['after_seconds'] - figures['half_seconds']:.1f} s); "
+        f"RLIMIT_NOFILE {limit}; daemon CPU {cpu:.1f} s"
+    )
+    print(
+        f"{label}: {len(names)} accounts seeded in {made:.1f} s (one Argon2id hash, rows "
+        f"inserted with the daemon stopped); daemon RSS once ready: {start_rss:,} KiB"
+    )
     print(f"{label}: daemon RSS after {IDLE_WARMUP} warm-up logins (baseline): {before:,.0f} KiB")
-    print(f"{label}: daemon RSS with {n} logged in: {after:,.0f} KiB")
-    print(f"{label}: daemon RSS 1 s later: {figures['after_settled']:,.0f} KiB")
     print(f"{label}: daemon RSS with {n // 2} logged in: {figures['half']:,.0f} KiB")
     print(
+        f"{label}: daemon RSS with {n} logged in: {after:,.0f} KiB "
+        f"({after / 1024:,.1f} MiB, {after * 1024 / 1e6:,.1f} MB)"
+    )
+    print(f"{label}: daemon RSS 1 s later: {figures['after_settled']:,.0f} KiB")
+    per_connection = (after - figures["half"]) / (n - n // 2)
+    print(
         f"{label}: RSS per idle authenticated connection, over the second half: "
-        f"{(after - figures['half']) / (n - n // 2):.1f} KiB"
+        f"{per_connection:.1f} KiB"
     )
     print(f"{label}: the same over all {n}, from the warm-up: {(after - before) / n:.1f} KiB")
     # The warm-up's freed memory may be reused by the connections and flatter
@@ -1062,6 +1475,22 @@ def run_idle(n: int, users: int, env: dict[str, str], allocator: str) -> None:
         f"{(after - start_rss) / n:.1f} KiB"
     )
     print(f"{label}: daemon RSS after all closed: {figures['closed']:,.0f} KiB")
+    pushed = ", ".join(f"{k} {v:,}" for k, v in sorted(frames.items())) or "none"
+    print(f"{label}: frames the measured connections read after login: {pushed}")
+    if distinct:
+        judged = "met" if per_connection <= IDLE_TARGET_KIB else "NOT met"
+        print(
+            f"{label}: Target 3: <= {IDLE_TARGET_KIB:g} KiB per idle connection at 5,000 "
+            f"distinct users: {per_connection:.1f} KiB at {n:,}: "
+            + (judged if n >= 5_000 else "not judged below 5,000")
+        )
+        total = after * 1024
+        judged = "met" if total <= IDLE_TARGET_TOTAL_BYTES else "NOT met"
+        print(
+            f"{label}: Target 3: 10,000 connections within 300 MB (300,000,000 bytes) of daemon "
+            f"RSS: {total / 1e6:,.1f} MB at {n:,}: "
+            + (judged if n >= 10_000 else "not judged below 10,000")
+        )
     findings = log_findings(log)
     print(f"{label}: daemon log {len(log.splitlines())} lines, {len(findings)} warning/error")
     for line in findings[:5]:
@@ -1071,51 +1500,150 @@ def run_idle(n: int, users: int, env: dict[str, str], allocator: str) -> None:
         raise SystemExit(f"chatd exited with {code} after SIGTERM, expected 0")
 
 
-def main() -> None:
-    if len(sys.argv) > 2 and sys.argv[1] == "--writer-stats-child":
-        sys.exit(writer_stats_child(sys.argv[2], sys.argv[3:]))
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per run")
-    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first")
-    parser.add_argument("--pairs", type=int, nargs="+", default=[5, 100], help="pair counts")
-    parser.add_argument("--idle-connections", type=int, default=1_000)
-    parser.add_argument("--idle-users", type=int, default=10)
-    parser.add_argument("--no-idle", action="store_true", help="skip the idle RSS figure")
-    parser.add_argument("--no-relay", action="store_true", help="only the idle RSS figure")
+SECTIONS: Final = ("targets", "count", "duration", "idle")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Sections: targets (the default), count, duration, idle; see the module docstring.",
+    )
+    parser.add_argument("sections", nargs="*", metavar="SECTION", help="what to run")
+    parser.add_argument("--rounds", type=int, default=2, help="chatd/bare rounds (fixed counts)")
+    parser.add_argument(
+        "--messages", type=int, default=5_000, help="messages per client: Target 1 and count"
+    )
+    parser.add_argument(
+        "--latency-messages", type=int, default=2_000, help="messages per client in Target 2"
+    )
+    parser.add_argument(
+        "--warmup-messages", type=int, default=200, help="unmeasured messages per client first"
+    )
+    parser.add_argument("--window", type=int, default=WINDOW, help="window of the count section")
+    parser.add_argument("--duration", type=float, help="measured seconds per timed run (10)")
+    parser.add_argument("--warmup", type=float, help="unmeasured seconds first (2)")
+    parser.add_argument("--pairs", type=int, nargs="+", help="count: 5; duration: 5 100")
+    parser.add_argument("--idle-connections", type=int, nargs="+", default=[1_000])
+    parser.add_argument(
+        "--idle-users", type=int, default=10, help="accounts to log in to; 0: one per connection"
+    )
+    parser.add_argument(
+        "--idle-mmap",
+        action="store_true",
+        help="idle: run again with MALLOC_MMAP_THRESHOLD_=1048576 for comparison",
+    )
+    parser.add_argument(
+        "--writer-stats",
+        action="store_true",
+        help="time the store's writer in every chatd run (default: timed runs only)",
+    )
     parser.add_argument(
         "--no-writer-stats",
         action="store_true",
-        help="run plain chatd in the relay runs (no store-writer timings)",
+        help="run plain chatd in every run (no store-writer timings)",
+    )
+    parser.add_argument("--no-idle", action="store_true", help="skip the idle section")
+    parser.add_argument(
+        "--no-relay", action="store_true", help="only the idle section, with --idle-mmap"
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: short, small")
     parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    unknown = [x for x in args.sections if x not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown section {unknown[0]!r}; choose from {', '.join(SECTIONS)}")
+    timed_options = (args.duration, args.warmup, args.pairs)
+    if args.no_relay:
+        args.sections, args.idle_mmap = ["idle"], True
+    elif not args.sections:
+        if args.quick:
+            args.sections = list(SECTIONS)
+        elif any(v is not None for v in timed_options):
+            args.sections = ["duration"]  # as the script ran before it had sections
+        else:
+            args.sections = ["targets"]
+    if args.no_idle:
+        args.sections = [x for x in args.sections if x != "idle"]
+    if args.quick:
+        args.rounds, args.messages, args.latency_messages = 1, 300, 200
+        args.warmup_messages = min(args.warmup_messages, 50)
+        args.duration, args.warmup = 2.0, 0.5
+        args.pairs = args.pairs or [5, 20]
+        args.idle_connections = [min(n, 100) for n in args.idle_connections]
+    args.rounds = max(1, min(args.rounds, 20))
+    args.messages = max(1, min(args.messages, 1_000_000))
+    args.latency_messages = max(1, min(args.latency_messages, 1_000_000))
+    args.warmup_messages = max(0, min(args.warmup_messages, 100_000))
+    args.window = max(1, min(args.window, 200))
+    args.duration = max(0.5, min(args.duration or 10.0, 600.0))
+    args.warmup = max(0.0, min(2.0 if args.warmup is None else args.warmup, 60.0))
+    args.idle_connections = [max(1, min(n, 20_000)) for n in args.idle_connections]
+    args.idle_users = max(0, min(args.idle_users, 20_000))
+    return args
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--writer-stats-child":
+        sys.exit(writer_stats_child(sys.argv[2], sys.argv[3:]))
+    args = parse_args()
     if args.bare_server:
         trio.run(bare_server)
         return
-    if args.quick:
-        args.duration, args.warmup, args.pairs = 2.0, 0.5, [5, 20]
-        args.idle_connections = min(args.idle_connections, 100)
-    duration = max(0.5, min(args.duration, 600.0))
-    warmup = max(0.0, min(args.warmup, 60.0))
-    pair_counts = [max(1, min(p, 500)) for p in args.pairs]
-    n_idle = max(1, min(args.idle_connections, 20_000))
-    idle_users = max(1, min(args.idle_users, 1_000))
-    raise_nofile(4 * max(pair_counts) + 2 * n_idle + 1_024)
+    timed_pairs = [max(1, min(p, 500)) for p in args.pairs or [5, 100]]
+    count_pairs = [max(1, min(p, 500)) for p in args.pairs or [5]]
+    raise_nofile(4 * max(timed_pairs + count_pairs) + 2 * max(args.idle_connections) + 1_024)
 
-    print(
-        f"relay: window {WINDOW} unanswered sends per client, {BODY_CHARS}-char ciphertexts, "
-        f"warm-up {warmup:g} s, measured {duration:g} s per run"
-    )
-    for pairs in [] if args.no_relay else pair_counts:
-        chatd = run_chatd(pairs, warmup, duration, not args.no_writer_stats)
-        report_run(chatd)
-        bare = run_bare(pairs, warmup, duration)
-        report_run(bare)
-        report_ratio(chatd, bare)
-    if not args.no_idle:
-        run_idle(n_idle, idle_users, {}, "chatd as it runs")
-        run_idle(n_idle, idle_users, FIXED_MMAP_ENV, "MALLOC_MMAP_THRESHOLD_=1048576")
+    def stats(timed: bool) -> bool:
+        return not args.no_writer_stats and (args.writer_stats or timed)
+
+    if "targets" in args.sections:
+        t1 = compare_counts(
+            "Target 1 (server CPU per message)",
+            pairs=5,
+            window=WINDOW,
+            messages=args.messages,
+            warmup=args.warmup_messages,
+            rounds=args.rounds,
+            writer_stats=stats(False),
+        )
+        t2 = compare_counts(
+            "Target 2 (latency at window 1)",
+            pairs=1,
+            window=1,
+            messages=args.latency_messages,
+            warmup=args.warmup_messages,
+            rounds=args.rounds,
+            writer_stats=stats(False),
+        )
+        report_targets(t1, t2)
+    if "count" in args.sections:
+        for pairs in count_pairs:
+            compare_counts(
+                f"count at {pairs} pairs",
+                pairs=pairs,
+                window=args.window,
+                messages=args.messages,
+                warmup=args.warmup_messages,
+                rounds=args.rounds,
+                writer_stats=stats(False),
+            )
+    if "duration" in args.sections:
+        print(
+            f"relay: window {WINDOW} unanswered sends per client, {BODY_CHARS}-char "
+            f"ciphertexts, warm-up {args.warmup:g} s, measured {args.duration:g} s per run"
+        )
+        driver = partial(drive, warmup=args.warmup, duration=args.duration)
+        for pairs in timed_pairs:
+            chatd = run_chatd(pairs, driver, stats(True))
+            report_run(chatd)
+            bare = run_bare(pairs, driver)
+            report_run(bare)
+            report_ratio(chatd, bare)
+    if "idle" in args.sections:
+        for n in args.idle_connections:
+            run_idle(n, args.idle_users, {}, "chatd as it runs")
+            if args.idle_mmap:
+                run_idle(n, args.idle_users, FIXED_MMAP_ENV, "MALLOC_MMAP_THRESHOLD_=1048576")
 
 
 if __name__ == "__main__":
