@@ -434,7 +434,7 @@ class _Demo:
             lines += [envelope_row(e, width) for e in view.envelopes]
             shown = [e.ciphertext[:CIPHERTEXT_CHARS] for e in view.envelopes if e.ciphertext]
             if len(shown) != len(set(shown)):
-                lines.append("(Olm pre-key messages begin alike: the session's public keys)")
+                lines.append("(Olm pre-key messages begin alike: the channel's public keys)")
         return lines
 
     async def step_bob_registers(self) -> None:

@@ -85,7 +85,7 @@ async def test_alice_and_bob_exchange_encrypted_messages(short_tmp: Path) -> Non
             ("in", "hi alice"),
         ]
         assert history[1].message_id == reply
-        # Several messages in a row ride the same Olm sessions.
+        # Several messages in a row ride the same Olm channels.
         for n in range(5):
             await alice.send_text(bob.user_id, f"n{n}")
         assert [(await next_message(bob)).text for _ in range(5)] == [f"n{n}" for n in range(5)]
@@ -136,7 +136,7 @@ async def test_a_redelivered_message_is_stored_once_and_then_acknowledged(
         assert [e.message_id for e in await bob.history()] == [sent]
         with pytest.raises(trio.WouldBlock):
             bob.messages().receive_nowait()  # not handed to the application twice
-        # The session still works both ways after the reconnect.
+        # The Olm channel still works both ways after the reconnect.
         await bob.send_text(alice.user_id, "still here")
         assert (await next_message(alice)).text == "still here"
 
@@ -305,3 +305,69 @@ async def test_the_example_in_client_md_runs(short_tmp: Path, monkeypatch: Any) 
             assert got.text == "hello bob"
             await bob.send_text(got.sender_user_id, "hi alice")
         assert printed[0].startswith("sent ") and printed[-1].endswith("hi alice")
+
+
+def _raw_store(path: Path, key: bytes) -> Any:
+    import sqlcipher3
+
+    conn = sqlcipher3.connect(str(path), isolation_level=None)
+    conn.execute(f"PRAGMA key = \"x'{key.hex()}'\"")
+    return conn
+
+
+async def test_a_store_from_before_olm_channels_keeps_its_channels(short_tmp: Path) -> None:
+    """A store made when the Olm channels' table was olm_sessions opens with its
+    channels renamed in place: the pickled ratchet goes on where it was."""
+    import vodozemac
+
+    from chatd.client.crypto import OlmMachine, pickle_key
+    from chatd.client.store import _SCHEMA, SCHEMA_VERSION, LocalStore
+
+    key = pickle_key(ALICE_KEY)
+    alice, bob = vodozemac.Account(), vodozemac.Account()
+    bob.generate_one_time_keys(1)
+    [otk] = bob.one_time_keys.values()
+    channel = alice.create_outbound_session(bob.curve25519_key, otk)
+    bob_curve = bob.curve25519_key.to_base64()
+    path = short_tmp / "old.db"
+    old_schema = _SCHEMA.replace("olm_channels", "olm_sessions").replace("channel_id", "session_id")
+    assert old_schema != _SCHEMA
+    conn = _raw_store(path, ALICE_KEY)
+    conn.executescript(old_schema)
+    conn.execute("INSERT INTO meta (name, value) VALUES ('account', ?)", (alice.pickle(key),))
+    conn.execute(
+        "INSERT INTO olm_sessions (session_id, peer_curve25519, pickle, used_at)"
+        " VALUES (?, ?, ?, 1)",
+        (channel.session_id, bob_curve, channel.pickle(key)),
+    )
+    conn.close()
+
+    for _ in range(2):  # the second open finds nothing left to migrate
+        store = await LocalStore.open(path, ALICE_KEY)
+        machine = OlmMachine.restore(
+            (await store.meta())["account"], await store.olm_channels(), key
+        )
+        await store.aclose()
+        assert machine.has_channel(bob_curve)
+    conn = _raw_store(path, ALICE_KEY)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert "olm_channels" in tables and "olm_sessions" not in tables
+    assert conn.execute("SELECT channel_id FROM olm_channels").fetchall() == [(channel.session_id,)]
+    conn.close()
+    # The restored channel is the same ratchet: Bob decrypts what it encrypts.
+    ciphertext = machine.encrypt(bob_curve, b"still the same channel")
+    decrypted = OlmMachine(bob, key).decrypt(alice.curve25519_key.to_base64(), ciphertext)
+    assert decrypted.plaintext == b"still the same channel"
+
+
+async def test_a_store_from_a_newer_client_is_refused(short_tmp: Path) -> None:
+    from chatd.client.store import SCHEMA_VERSION, LocalStore
+
+    path = short_tmp / "new.db"
+    await (await LocalStore.open(path, ALICE_KEY)).aclose()
+    conn = _raw_store(path, ALICE_KEY)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(ClientStoreError, match="schema version"):
+        await LocalStore.open(path, ALICE_KEY)

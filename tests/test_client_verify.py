@@ -300,7 +300,7 @@ async def test_when_one_time_keys_run_out_the_fallback_key_is_used_then_replaced
         for _ in range(2):  # someone takes both one-time keys
             claimed = await bob.connection.request("keys_claim", devices=[ref])
             assert claimed["keys"][0]["fallback"] is False
-        # Bob's first message needs a session: only the fallback key is left.
+        # Bob's first message needs an Olm channel: only the fallback key is left.
         sent = await bob.send_text(alice.user_id, "via the fallback key")
         got = await next_message(alice)
         assert (got.message_id, got.text) == (sent, "via the fallback key")
@@ -315,7 +315,7 @@ async def test_when_one_time_keys_run_out_the_fallback_key_is_used_then_replaced
         assert (await next_message(bob)).outgoing  # Bob's copy from his phone
         third, _ = await fallback_row(srv, alice.device_id)
         assert third not in (first, second)
-        # The Olm sessions keep working in both directions.
+        # The Olm channels keep working in both directions.
         await alice.send_text(bob.user_id, "thanks")
         assert (await next_message(bob)).text == "thanks"
         assert (await next_message(bob_phone)).text == "thanks"
@@ -327,20 +327,20 @@ async def test_when_one_time_keys_run_out_the_fallback_key_is_used_then_replaced
         assert (await fallback_row(srv, alice.device_id))[0] == third
 
 
-def test_a_session_opened_with_the_previous_fallback_key_still_decrypts() -> None:
+def test_a_channel_opened_with_the_previous_fallback_key_still_decrypts() -> None:
     key = bytes(32)
     alice = OlmMachine(vodozemac.Account(), key)
     fallback = alice.new_fallback_key("ALICE")
     alice.mark_published()
     peers = [vodozemac.Account(), vodozemac.Account()]
-    sessions = [
+    channels = [
         p.create_outbound_session(
             alice.account.curve25519_key,
             vodozemac.Curve25519PublicKey.from_base64(fallback["curve25519"]),
         )
         for p in peers
     ]
-    messages = [s.encrypt(b"hello") for s in sessions]
+    messages = [c.encrypt(b"hello") for c in channels]
     first = alice.decrypt(peers[0].curve25519_key.to_base64(), encode_ciphertext(messages[0]))
     assert first == (b"hello", fallback["curve25519"])
     rotated = alice.new_fallback_key("ALICE")
@@ -357,13 +357,13 @@ def test_the_one_time_key_is_read_from_a_pre_key_message() -> None:
     bob, alice = vodozemac.Account(), vodozemac.Account()
     bob.generate_one_time_keys(1)
     [otk] = bob.one_time_keys.values()
-    session = alice.create_outbound_session(bob.curve25519_key, otk)
-    _, body = session.encrypt(b"x").to_parts()
-    assert pre_key_one_time_key(body, session.session_id) == otk.to_base64()
-    assert pre_key_one_time_key(body, "another session id") is None
-    assert pre_key_one_time_key(body[:40], session.session_id) is None
-    assert pre_key_one_time_key(b"\x04" + body[1:], session.session_id) is None
-    assert pre_key_one_time_key(b"", session.session_id) is None
+    channel = alice.create_outbound_session(bob.curve25519_key, otk)
+    _, body = channel.encrypt(b"x").to_parts()
+    assert pre_key_one_time_key(body, channel.session_id) == otk.to_base64()
+    assert pre_key_one_time_key(body, "another channel id") is None
+    assert pre_key_one_time_key(body[:40], channel.session_id) is None
+    assert pre_key_one_time_key(b"\x04" + body[1:], channel.session_id) is None
+    assert pre_key_one_time_key(b"", channel.session_id) is None
 
 
 def test_the_emoji_table_and_the_info_strings() -> None:

@@ -237,7 +237,7 @@ async def unclaimed_keys(cast: Cast, device_id: str) -> int:
     return int(count)
 
 
-async def test_when_one_time_keys_run_out_the_fallback_key_starts_sessions_and_is_replaced(
+async def test_when_one_time_keys_run_out_the_fallback_key_opens_channels_and_is_replaced(
     data_dir: DataDir, short_tmp: Path, tmp_path: Path
 ) -> None:
     # Bob keeps one one-time key, and the server never asks him for more.
@@ -248,13 +248,13 @@ async def test_when_one_time_keys_run_out_the_fallback_key_starts_sessions_and_i
         published = await fallback_key(cast, bob_device)
         assert published[2] is None  # not handed out yet
         sent: list[tuple[str, str]] = []
-        # Bob is offline. The laptop's session takes his only one-time key...
+        # Bob is offline. The laptop's Olm channel takes his only one-time key...
         async with cast.device("alice-laptop") as laptop:
             text = "First from my laptop (one-time key) 🔑"
             sent.append((await cast.say(laptop, bob_user, text), text))
         assert await unclaimed_keys(cast, bob_device) == 0
         assert await fallback_key(cast, bob_device) == published
-        # ...so each new device after it starts its session with his fallback key.
+        # ...so each new device after it opens its channel with his fallback key.
         for name in ("alice-phone", "alice-tablet"):
             async with cast.device(name) as alice:
                 text = f"Hello from {name} (fallback key) 🗝"
@@ -269,7 +269,7 @@ async def test_when_one_time_keys_run_out_the_fallback_key_starts_sessions_and_i
             key_id, curve, used_at = await fallback_key(cast, bob_device)
             assert key_id != published[0] and curve != published[1] and used_at is None
             # A device that comes later still reaches him, and he can answer
-            # on a session that the old fallback key started.
+            # on a channel that the old fallback key opened.
             async with cast.device("alice-desktop") as desktop:
                 text = "And one from the desktop 🖥"
                 later = await cast.say(desktop, bob_user, text)

@@ -15,7 +15,7 @@ Ordering guarantees
   whose message id is already in the history *before* decrypting (a repeated
   Olm message could not be decrypted twice anyway).
 * One lock (``_olm_lock``) serialises every use of the Olm account and
-  sessions, so sending and receiving never interleave inside the ratchet.
+  channels, so sending and receiving never interleave inside the ratchet.
 * Payloads that are not chat messages (device verification) are recorded by
   message id in their own table, with the Olm state, before the ack; they
   never enter the history. Their replies are sent after the ack.
@@ -302,7 +302,7 @@ class Client:
             if not any(d.user_id == user_id for d in targets) and user_id != self.user_id:
                 raise SendError(f"user {user_id} has no device with published keys")
             async with self._olm_lock:
-                await self._start_sessions(targets)
+                await self._open_channels(targets)
                 envelopes = [
                     {
                         "user_id": d.user_id,
@@ -322,10 +322,10 @@ class Client:
                 continue
             raise SendError(f"the server refused the device list of message {message_id}")
 
-    async def _start_sessions(self, targets: list[DeviceRecord]) -> None:
-        """Claim keys and create outbound sessions for devices we have none with.
+    async def _open_channels(self, targets: list[DeviceRecord]) -> None:
+        """Claim keys and open outbound Olm channels to devices we have none with.
         Call with ``_olm_lock`` held."""
-        need = [d for d in targets if not self._olm.has_session(d.curve25519)]
+        need = [d for d in targets if not self._olm.has_channel(d.curve25519)]
         for i in range(0, len(need), MAX_CLAIMS):
             batch = {(d.user_id, d.device_id): d for d in need[i : i + MAX_CLAIMS]}
             reply = await self._conn.request(
@@ -335,7 +335,7 @@ class Client:
             for key in reply["keys"]:
                 device = batch.get((key["user_id"], key["device_id"]))
                 if device is not None:
-                    self._olm.start_session(device.ed25519, device.curve25519, key)
+                    self._olm.open_channel(device.ed25519, device.curve25519, key)
             if reply["missing"]:
                 names = ", ".join(m["device_id"] for m in reply["missing"])
                 raise KeyClaimError(f"no one-time or fallback key left for device(s) {names}")
@@ -533,7 +533,7 @@ async def open_client(
     try:
         meta = await store.meta()
         key = pickle_key(store_key)
-        olm = OlmMachine.restore(meta.get("account"), await store.olm_sessions(), key)
+        olm = OlmMachine.restore(meta.get("account"), await store.olm_channels(), key)
         if "account" not in meta:
             await store.save_olm(olm.account_pickle(), [])
         credentials = Credentials(username, password, device_name, totp, meta.get("device_id"))

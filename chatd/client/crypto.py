@@ -1,29 +1,31 @@
-"""The client's cryptography, without I/O: an Olm account, its sessions, and the
-wire encodings of what the server relays but cannot read.
+"""The client's cryptography, without I/O: an Olm account, its Olm channels,
+and the wire encodings of what the server relays but cannot read.
 
 Theory of operation
 -------------------
 A device owns one vodozemac ``Account`` (its Ed25519 and Curve25519 identity
-keys, plus one-time and fallback keys) and one or more Olm ``Session`` objects
-per peer device, keyed by the peer's Curve25519 identity key.
+keys, plus one-time and fallback keys) and one or more *Olm channels* per peer
+device, keyed by the peer's Curve25519 identity key. An Olm channel is our name
+for a pairwise vodozemac ``Session`` (the double ratchet between two devices);
+in chatd "session" means only a login session.
 
 * **Publishing keys.** Every key object is signed with the account's Ed25519 key
   over its canonical JSON (``chatd.e2ee.signing.canonical_json``: the object
   without ``signature``, keys sorted, no whitespace, UTF-8). The identity object
   is ``{curve25519, device_id, ed25519, user_id}``; a one-time key object is
   ``{curve25519, device_id, key_id}``; the fallback key adds ``"fallback": true``.
-* **Sending.** For a peer device without a session the sender claims one of its
+* **Sending.** For a peer device without a channel the sender claims one of its
   one-time keys, checks the claim's signature against the peer's Ed25519 key
-  from the directory, and creates an outbound session. Each message is then
+  from the directory, and opens an outbound channel. Each message is then
   encrypted once per device.
-* **Receiving.** A pre-key message (type 0) either matches an existing session
-  or creates an inbound session (which uses up one of our one-time keys); a
-  normal message (type 1) is tried against the sender device's sessions, most
+* **Receiving.** A pre-key message (type 0) either matches an existing channel
+  or opens an inbound channel (which uses up one of our one-time keys); a
+  normal message (type 1) is tried against the sender device's channels, most
   recently used first.
 
-* **Fallback key.** When a pre-key message opens a new inbound session,
+* **Fallback key.** When a pre-key message opens a new inbound channel,
   :meth:`OlmMachine.decrypt` reports which of our one-time keys it used (read
-  from the message and checked against the new session's id), so the client
+  from the message and checked against the new channel's id), so the client
   can tell when its published fallback key was used and replace it.
 
 The *ciphertext* string inside an envelope is the JSON object
@@ -139,19 +141,19 @@ def decode_payload(plaintext: bytes, message_id: str) -> Payload:
 class Decrypted(NamedTuple):
     plaintext: bytes
     #: Our one-time (or fallback) key that a pre-key message used to open a new
-    #: inbound session; None when an existing session decrypted it.
+    #: inbound channel; None when an existing channel decrypted it.
     one_time_key: str | None
 
 
-def pre_key_one_time_key(body: bytes, session_id: str) -> str | None:
+def pre_key_one_time_key(body: bytes, channel_id: str) -> str | None:
     """The one-time key an Olm pre-key message names, or None if it cannot be read.
 
     The message is a version byte (3) and then protobuf fields, each
     length-delimited: 0x0A one-time key, 0x12 base key, 0x1A identity key,
     0x22 the inner message (vodozemac's ``PreKeyMessage`` doc). vodozemac's
     Python binding does not expose the one-time key, so it is read here and
-    trusted only if the three keys give ``session_id``, which is
-    SHA-256(identity key || base key || one-time key) as vodozemac computes it.
+    trusted only if the three keys give ``channel_id`` (vodozemac's
+    ``Session.session_id``): SHA-256(identity key || base key || one-time key).
     """
     if not body or body[0] != 3:
         return None
@@ -176,7 +178,7 @@ def pre_key_one_time_key(body: bytes, session_id: str) -> str | None:
     if any(key is None or len(key) != 32 for key in keys):
         return None
     digest = hashlib.sha256(b"".join(k for k in keys if k is not None)).digest()
-    if base64.b64encode(digest).decode().rstrip("=") != session_id.rstrip("="):
+    if base64.b64encode(digest).decode().rstrip("=") != channel_id.rstrip("="):
         return None
     return base64.b64encode(fields[0x0A]).decode().rstrip("=")
 
@@ -201,30 +203,30 @@ def verify_device_keys(user_id: int, device: dict[str, Any]) -> bool:
 
 
 class OlmMachine:
-    """One device's account and Olm sessions. Not thread-safe; no I/O."""
+    """One device's account and Olm channels. Not thread-safe; no I/O."""
 
     def __init__(self, account: vodozemac.Account, key: bytes) -> None:
         self.account = account
         self._key = key
-        #: peer device Curve25519 key -> sessions, most recently used first
-        self.sessions: dict[str, list[vodozemac.Session]] = {}
-        #: sessions changed since the last :meth:`take_dirty`
+        #: peer device Curve25519 key -> channels, most recently used first
+        self.channels: dict[str, list[vodozemac.Session]] = {}
+        #: channels changed since the last :meth:`take_dirty`
         self._dirty: dict[str, tuple[str, vodozemac.Session]] = {}
 
     @classmethod
     def restore(
-        cls, account_pickle: str | None, session_rows: list[tuple[str, str]], key: bytes
+        cls, account_pickle: str | None, channel_rows: list[tuple[str, str]], key: bytes
     ) -> OlmMachine:
-        """From pickles (``session_rows``: (peer curve25519, pickle), most recent first)."""
+        """From pickles (``channel_rows``: (peer curve25519, pickle), most recent first)."""
         account = (
             vodozemac.Account.from_pickle(account_pickle, key)
             if account_pickle
             else vodozemac.Account()
         )
         machine = cls(account, key)
-        for curve, pickled in session_rows:
-            session = vodozemac.Session.from_pickle(pickled, key)
-            machine.sessions.setdefault(curve, []).append(session)
+        for curve, pickled in channel_rows:
+            channel = vodozemac.Session.from_pickle(pickled, key)
+            machine.channels.setdefault(curve, []).append(channel)
         return machine
 
     @property
@@ -239,17 +241,17 @@ class OlmMachine:
         return self.account.pickle(self._key)
 
     def take_dirty(self) -> list[tuple[str, str, str]]:
-        """Changed sessions as (session id, peer curve25519, pickle), to persist."""
+        """Changed channels as (channel id, peer curve25519, pickle), to persist."""
         rows = [(sid, curve, s.pickle(self._key)) for sid, (curve, s) in self._dirty.items()]
         self._dirty.clear()
         return rows
 
-    def _touch(self, curve: str, session: vodozemac.Session) -> None:
-        sessions = self.sessions.setdefault(curve, [])
-        if session in sessions:
-            sessions.remove(session)
-        sessions.insert(0, session)
-        self._dirty[session.session_id] = (curve, session)
+    def _touch(self, curve: str, channel: vodozemac.Session) -> None:
+        channels = self.channels.setdefault(curve, [])
+        if channel in channels:
+            channels.remove(channel)
+        channels.insert(0, channel)
+        self._dirty[channel.session_id] = (curve, channel)
 
     # -- keys -----------------------------------------------------------------
 
@@ -282,7 +284,7 @@ class OlmMachine:
         """A signed fallback key to upload. A key made earlier but never published
         is reused rather than replaced: vodozemac keeps only the current and the
         previous fallback key, and the previous one must stay the key the server
-        handed out, so that sessions peers opened with it still work. Call
+        handed out, so that channels peers opened with it still work. Call
         :meth:`mark_published` once the server has accepted it."""
         # The stubs of vodozemac 0.10 lack the fallback-key methods the binding has.
         fallback: dict[str, vodozemac.Curve25519PublicKey] = self.account.fallback_key  # type: ignore[attr-defined]
@@ -299,15 +301,15 @@ class OlmMachine:
         :meth:`new_fallback_key`: vodozemac stops offering them as new."""
         self.account.mark_keys_as_published()
 
-    # -- sessions -------------------------------------------------------------
+    # -- channels -------------------------------------------------------------
 
-    def has_session(self, curve25519: str) -> bool:
-        return bool(self.sessions.get(curve25519))
+    def has_channel(self, curve25519: str) -> bool:
+        return bool(self.channels.get(curve25519))
 
-    def start_session(
+    def open_channel(
         self, peer_ed25519: str, peer_curve25519: str, claimed: dict[str, Any]
     ) -> None:
-        """Create an outbound session from a claimed one-time (or fallback) key,
+        """Open an outbound channel from a claimed one-time (or fallback) key,
         after checking the claim is signed by the peer device. Raises KeyClaimError."""
         obj = {
             "curve25519": claimed["curve25519"],
@@ -320,46 +322,46 @@ class OlmMachine:
             raise KeyClaimError(
                 f"the claimed key of device {claimed['device_id']} is not signed by that device"
             )
-        session = self.account.create_outbound_session(
+        channel = self.account.create_outbound_session(
             vodozemac.Curve25519PublicKey.from_base64(peer_curve25519),
             vodozemac.Curve25519PublicKey.from_base64(claimed["curve25519"]),
         )
-        self._touch(peer_curve25519, session)
+        self._touch(peer_curve25519, channel)
 
     def encrypt(self, peer_curve25519: str, plaintext: bytes) -> str:
-        """Encrypt with the peer's most recently used session (one must exist)."""
-        session = self.sessions[peer_curve25519][0]
-        message = session.encrypt(plaintext)
-        self._touch(peer_curve25519, session)
+        """Encrypt with the peer's most recently used channel (one must exist)."""
+        channel = self.channels[peer_curve25519][0]
+        message = channel.encrypt(plaintext)
+        self._touch(peer_curve25519, channel)
         return encode_ciphertext(message)
 
     def decrypt(self, peer_curve25519: str, ciphertext: str) -> Decrypted:
         """Decrypt a message from the device with this Curve25519 key. A pre-key
-        message may create a session (and use up a one-time key: persist the
+        message may open a channel (and use up a one-time key: persist the
         account too; ``one_time_key`` then names the key). Raises DecryptionError."""
         message_type, body = decode_ciphertext(ciphertext)
         try:
             message = vodozemac.AnyOlmMessage.from_parts(message_type, body)
         except ValueError as exc:
             raise DecryptionError(f"malformed Olm message: {exc}") from None
-        sessions = self.sessions.get(peer_curve25519, [])
+        channels = self.channels.get(peer_curve25519, [])
         pre_key = message.to_pre_key() if message_type == 0 else None
-        for session in list(sessions):
-            if pre_key is not None and not session.session_matches(pre_key):
+        for channel in list(channels):
+            if pre_key is not None and not channel.session_matches(pre_key):
                 continue
             try:
-                plaintext = session.decrypt(message)
+                plaintext = channel.decrypt(message)
             except ValueError:
                 continue
-            self._touch(peer_curve25519, session)
+            self._touch(peer_curve25519, channel)
             return Decrypted(plaintext, None)
         if pre_key is None:
-            raise DecryptionError("no Olm session with this device can decrypt the message")
+            raise DecryptionError("no Olm channel with this device can decrypt the message")
         try:
-            session, plaintext = self.account.create_inbound_session(
+            channel, plaintext = self.account.create_inbound_session(
                 vodozemac.Curve25519PublicKey.from_base64(peer_curve25519), pre_key
             )
         except ValueError as exc:
-            raise DecryptionError(f"cannot start an Olm session from this message: {exc}") from None
-        self._touch(peer_curve25519, session)
-        return Decrypted(plaintext, pre_key_one_time_key(body, session.session_id))
+            raise DecryptionError(f"cannot open an Olm channel from this message: {exc}") from None
+        self._touch(peer_curve25519, channel)
+        return Decrypted(plaintext, pre_key_one_time_key(body, channel.session_id))

@@ -4,12 +4,12 @@ keys kept near a target, and a fallback key that is replaced once it was used.
 The server hands out a device's fallback key only when its one-time keys have
 run out, and then to every claim until the device uploads a new one. Each use
 weakens it a little (it is not single-use), so the device replaces it as soon
-as it sees it used: when a pre-key message opens a new Olm session with the
+as it sees it used: when a pre-key message opens a new Olm channel with the
 fallback key it last published (:meth:`KeySupply.noticed`, called from the
 decryption that found it). The flag ``fallback_used`` is stored with that
 message, so a crash before the replacement is uploaded still replaces it on
 the next ``key_count``. vodozemac keeps the previous fallback key too, so
-peers who claimed the old one before the replacement can still open sessions.
+peers who claimed the old one before the replacement can still open channels.
 
 Ordering: the private halves of new keys are stored (in the account pickle)
 before their public halves are uploaded, and marked published only once the
@@ -61,7 +61,7 @@ class KeySupply:
         self.rotation_due = False
 
     def noticed(self, one_time_key: str | None) -> dict[str, str] | None:
-        """After a decryption that opened a session with ``one_time_key``: the
+        """After a decryption that opened a channel with ``one_time_key``: the
         meta values to store with the message if that was our published
         fallback key (then :meth:`rotate_fallback` is due), else None."""
         if one_time_key is None or one_time_key != self._fallback_key:

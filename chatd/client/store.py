@@ -1,13 +1,18 @@
 """The client's local store: one SQLCipher file per device.
 
-It holds the pickled Olm account and sessions (sealed again with a key derived
-from the store key), the device id, the devices seen in the directory with
+It holds the pickled Olm account and Olm channels (sealed again with a key
+derived from the store key), the device id, the devices seen in the directory with
 their ``verified`` flag, the message history, and the ids of received
 payloads that are not chat messages (device verification), so that a
 re-delivered one is recognised as a duplicate too. Every call runs in a worker
 thread (``trio.to_thread.run_sync``); a lock serialises them on the one
 connection, and each write is one transaction committed with
 ``synchronous=FULL`` before the call returns.
+
+The schema version is ``PRAGMA user_version``. Opening a store first runs the
+steps of :data:`_MIGRATIONS` it has not had yet, each in one transaction with
+its version bump, and then ``_SCHEMA`` creates whatever table is missing (all
+of them in a new file). Steps are append-only, like the server's migrations.
 """
 
 from __future__ import annotations
@@ -30,8 +35,8 @@ STORE_KEY_BYTES: Final = 32
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS olm_sessions (
-    session_id TEXT PRIMARY KEY,
+CREATE TABLE IF NOT EXISTS olm_channels (
+    channel_id TEXT PRIMARY KEY,
     peer_curve25519 TEXT NOT NULL,
     pickle TEXT NOT NULL,
     used_at INTEGER NOT NULL
@@ -72,6 +77,43 @@ CREATE TABLE IF NOT EXISTS receipts (
     PRIMARY KEY (message_id, device_id)
 );
 """
+
+
+def _rename_olm_sessions(conn: Any) -> None:
+    # 1: the Olm channels' table was olm_sessions, keyed by session_id. Version 0
+    # is also a new, empty file: then there is nothing to rename.
+    old = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'olm_sessions'"
+    ).fetchone()
+    if old is not None:
+        conn.execute("ALTER TABLE olm_sessions RENAME TO olm_channels")
+        conn.execute("ALTER TABLE olm_channels RENAME COLUMN session_id TO channel_id")
+
+
+#: Step ``n`` takes a store from schema version ``n - 1`` to ``n``.
+_MIGRATIONS: Final[tuple[Callable[[Any], None], ...]] = (_rename_olm_sessions,)
+SCHEMA_VERSION: Final = len(_MIGRATIONS)
+
+
+def _migrate(conn: Any, path: Path) -> None:
+    """Bring a store to :data:`SCHEMA_VERSION`. Raises ClientStoreError for a
+    store from a newer client."""
+    found = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if found > SCHEMA_VERSION:
+        raise ClientStoreError(
+            f"{path}: the store has schema version {found}, but this client knows up to "
+            f"{SCHEMA_VERSION}; upgrade chatd"
+        )
+    for version in range(found + 1, SCHEMA_VERSION + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            _MIGRATIONS[version - 1](conn)
+            conn.execute(f"PRAGMA user_version = {version}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    conn.executescript(_SCHEMA)
 
 
 def now_ms() -> int:
@@ -128,8 +170,12 @@ class LocalStore:
                 raise ClientStoreError(
                     f"{path}: the store key does not open this file (wrong key or not a store)"
                 ) from None
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.executescript(_SCHEMA)
+            try:
+                conn.execute("PRAGMA synchronous = FULL")
+                _migrate(conn, path)
+            except BaseException:
+                conn.close()
+                raise
             return conn
 
         return cls(await trio.to_thread.run_sync(connect))
@@ -171,11 +217,11 @@ class LocalStore:
             )
         )
 
-    async def olm_sessions(self) -> list[tuple[str, str]]:
+    async def olm_channels(self) -> list[tuple[str, str]]:
         """(peer curve25519, pickle), most recently used first."""
         rows = await self._run(
             lambda c: c.execute(
-                "SELECT peer_curve25519, pickle FROM olm_sessions ORDER BY used_at DESC"
+                "SELECT peer_curve25519, pickle FROM olm_channels ORDER BY used_at DESC"
             ).fetchall()
         )
         return [(r[0], r[1]) for r in rows]
@@ -184,7 +230,7 @@ class LocalStore:
     def _save_olm(
         conn: Any,
         account: str | None,
-        sessions: list[tuple[str, str, str]],
+        channels: list[tuple[str, str, str]],
         meta: dict[str, str] | None = None,
     ) -> None:
         if account is not None:
@@ -197,19 +243,19 @@ class LocalStore:
             )
         now = time.time_ns()
         conn.executemany(
-            "INSERT OR REPLACE INTO olm_sessions (session_id, peer_curve25519, pickle, used_at)"
+            "INSERT OR REPLACE INTO olm_channels (channel_id, peer_curve25519, pickle, used_at)"
             " VALUES (?, ?, ?, ?)",
-            [(sid, curve, pickle, now + i) for i, (sid, curve, pickle) in enumerate(sessions)],
+            [(cid, curve, pickle, now + i) for i, (cid, curve, pickle) in enumerate(channels)],
         )
 
     async def save_olm(
         self,
         account: str | None,
-        sessions: list[tuple[str, str, str]],
+        channels: list[tuple[str, str, str]],
         meta: dict[str, str] | None = None,
     ) -> None:
         """Olm state (and ``meta`` values that go with it) in one transaction."""
-        await self._write(lambda c: self._save_olm(c, account, sessions, meta))
+        await self._write(lambda c: self._save_olm(c, account, channels, meta))
 
     # -- devices --------------------------------------------------------------
 
@@ -307,14 +353,14 @@ class LocalStore:
         self,
         entry: HistoryEntry,
         account: str | None = None,
-        sessions: list[tuple[str, str, str]] | None = None,
+        channels: list[tuple[str, str, str]] | None = None,
         meta: dict[str, str] | None = None,
     ) -> bool:
         """Store a message (and the Olm state its decryption changed) in one
         transaction. False when the message id was already in the history."""
 
         def write(conn: Any) -> bool:
-            self._save_olm(conn, account, sessions or [], meta)
+            self._save_olm(conn, account, channels or [], meta)
             return self._insert(conn, entry)
 
         return await self._write(write)
@@ -325,7 +371,7 @@ class LocalStore:
         kind: str,
         sender: tuple[int, str],
         account: str | None = None,
-        sessions: list[tuple[str, str, str]] | None = None,
+        channels: list[tuple[str, str, str]] | None = None,
         meta: dict[str, str] | None = None,
     ) -> bool:
         """Record a received payload that is not a chat message (kept out of the
@@ -333,7 +379,7 @@ class LocalStore:
         False when the message id was seen before."""
 
         def write(conn: Any) -> bool:
-            self._save_olm(conn, account, sessions or [], meta)
+            self._save_olm(conn, account, channels or [], meta)
             return bool(
                 conn.execute(
                     "INSERT OR IGNORE INTO control_messages (message_id, kind, sender_user_id,"
