@@ -20,7 +20,7 @@ from chatd.client import (
     open_client,
 )
 from chatd.client.crypto import OlmMachine, encode_ciphertext, pre_key_one_time_key
-from chatd.client.sas import Party, SasSession, commitment, mac_info, sas_info
+from chatd.client.sas import Party, SasExchange, commitment, mac_info, sas_info
 from chatd.client.verification import MAX_VERIFICATIONS, VERIFICATION_TIMEOUT, Verifications
 from chatd.config import DeviceSettings
 
@@ -378,20 +378,20 @@ def test_the_emoji_table_and_the_info_strings() -> None:
 
 def test_the_sas_state_machine_refuses_payloads_out_of_order() -> None:
     alice, bob = Party(1, "AAAA", "edA"), Party(2, "BBBB", "edB")
-    starter = SasSession(alice, bob, "t-1", we_started=True)
+    starter = SasExchange(alice, bob, "t-1", we_started=True)
     start = starter.start()
-    responder = SasSession(bob, alice, "t-1", we_started=False, their_commitment="x" * 43)
+    responder = SasExchange(bob, alice, "t-1", we_started=False, their_commitment="x" * 43)
     accept = responder.accept()
     [key] = starter.receive("verify_accept", accept)
     # The starter's key does not match the (forged) commitment.
     with pytest.raises(VerificationError, match="commitment"):
         responder.receive("verify_key", key)
-    honest = SasSession(bob, alice, "t-1", we_started=False, **_commit(start))
+    honest = SasExchange(bob, alice, "t-1", we_started=False, **_commit(start))
     honest.accept()
     with pytest.raises(VerificationError, match="not expected"):
         honest.receive("verify_mac", {"mac": "A" * 43})  # before the keys
     with pytest.raises(VerificationError, match="malformed transaction"):
-        SasSession(alice, bob, "a|b", we_started=True)
+        SasExchange(alice, bob, "a|b", we_started=True)
     cancel = starter.cancel("user", "no")
     assert starter.state == "cancelled" and cancel["kind"] == "verify_cancel"
     assert starter.receive("verify_mac", {}) == []  # ignored once cancelled

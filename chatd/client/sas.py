@@ -208,7 +208,7 @@ def mac_info(sender: Party, receiver: Party, transaction_id: str) -> str:
     )
 
 
-class SasSession:
+class SasExchange:
     """One verification between ``us`` and ``them``; no I/O.
 
     The methods that make payloads return the payload fields to send (``kind``
@@ -286,7 +286,7 @@ class SasSession:
     def receive(self, kind: str, fields: dict[str, Any]) -> list[dict[str, Any]]:
         """Apply one payload from ``them``; returns the payloads to send back.
         Raises VerificationError (then send :meth:`cancel`), except for a
-        ``verify_cancel``, which just ends the session."""
+        ``verify_cancel``, which just ends the exchange."""
         if self.state in ("done", "cancelled"):
             return []
         if kind == "verify_cancel":

@@ -30,7 +30,7 @@ from typing import Any, Final
 import trio
 
 from .errors import ClientError, VerificationError
-from .sas import KINDS, Party, SasSession, ShortAuthString, valid_transaction_id
+from .sas import KINDS, Party, SasExchange, ShortAuthString, valid_transaction_id
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,8 @@ class Verification:
     side), a MAC does not match, or the deadline passes.
     """
 
-    def __init__(self, session: SasSession, send: SendControl, mark: MarkVerified) -> None:
-        self._session = session
+    def __init__(self, exchange: SasExchange, send: SendControl, mark: MarkVerified) -> None:
+        self._exchange = exchange
         self._send_fields = send
         self._mark = mark
         self._lock = trio.Lock()
@@ -66,48 +66,48 @@ class Verification:
 
     @property
     def transaction_id(self) -> str:
-        return self._session.transaction_id
+        return self._exchange.transaction_id
 
     @property
     def user_id(self) -> int:
         """The other device's user."""
-        return self._session.them.user_id
+        return self._exchange.them.user_id
 
     @property
     def device_id(self) -> str:
         """The other device."""
-        return self._session.them.device_id
+        return self._exchange.them.device_id
 
     @property
     def incoming(self) -> bool:
         """True when the other device started it."""
-        return not self._session.we_started
+        return not self._exchange.we_started
 
     @property
     def state(self) -> str:
         """``created``/``started`` or ``requested``/``accepted``, ``keys_exchanged``,
         ``confirmed``, ``done`` or ``cancelled``."""
-        return self._session.state
+        return self._exchange.state
 
     @property
     def error(self) -> VerificationError | None:
         """Why it was cancelled, once it was."""
-        return self._session.error
+        return self._exchange.error
 
     # -- for the application --------------------------------------------------
 
     async def accept(self) -> None:
         """Accept an incoming request (sends our SAS key). :meth:`sas` does it too."""
         async with self._lock:
-            await self._send_or_cancel([self._step(self._session.accept)])
+            await self._send_or_cancel([self._step(self._exchange.accept)])
 
     async def sas(self) -> ShortAuthString:
         """Wait until both SAS keys are exchanged; return the emoji and numbers
         to compare. Accepts an incoming request first if it was not yet."""
-        if self._session.state == "requested":
+        if self._exchange.state == "requested":
             await self.accept()
         await self._wait(lambda: self._sas_ready)
-        sas = self._session.sas
+        sas = self._exchange.sas
         assert sas is not None  # noqa: S101 - _sas_ready is set after the keys are exchanged
         return sas
 
@@ -117,9 +117,9 @@ class Verification:
         it has confirmed ours (see :meth:`done`)."""
         await self.sas()
         async with self._lock:
-            if self._session.state in ("confirmed", "done"):
+            if self._exchange.state in ("confirmed", "done"):
                 return
-            await self._send_or_cancel(self._step(self._session.confirm))
+            await self._send_or_cancel(self._step(self._exchange.confirm))
             await self._finish_if_verified()
         self._notify()
 
@@ -128,13 +128,13 @@ class Verification:
         ``code="mismatched_sas"`` when the emoji differ. Does nothing once it is
         done or cancelled."""
         async with self._lock:
-            if self._session.state not in ("done", "cancelled"):
+            if self._exchange.state not in ("done", "cancelled"):
                 await self._cancel(code, reason)
 
     async def done(self) -> None:
         """Wait until the other device is marked verified in the store. Raises
         VerificationError if it is cancelled instead (``code`` says why)."""
-        await self._wait(lambda: self._session.state == "done")
+        await self._wait(lambda: self._exchange.state == "done")
 
     # -- for Verifications ----------------------------------------------------
 
@@ -145,28 +145,28 @@ class Verification:
                 await self._cancel("timeout", "the verification took too long")
                 return
             try:
-                replies = self._session.receive(kind, fields)
+                replies = self._exchange.receive(kind, fields)
             except VerificationError as exc:
                 await self._cancel(exc.code, exc.reason)
                 return
             try:
                 await self._send_all(replies)
             except (ClientError, trio.TooSlowError) as exc:
-                self._session.cancel("send_failed", f"could not reach the other device: {exc}")
+                self._exchange.cancel("send_failed", f"could not reach the other device: {exc}")
                 self._notify()
                 return
-            if self._session.state == "keys_exchanged":
+            if self._exchange.state == "keys_exchanged":
                 self._sas_ready = True  # (the starter's key went out before anyone confirms)
             await self._finish_if_verified()
         self._notify()
 
     async def start(self) -> None:
         async with self._lock:
-            await self._send_or_cancel([self._step(self._session.start)])
+            await self._send_or_cancel([self._step(self._exchange.start)])
 
     @property
     def finished(self) -> bool:
-        return self._session.state in ("done", "cancelled") or trio.current_time() > self.deadline
+        return self._exchange.state in ("done", "cancelled") or trio.current_time() > self.deadline
 
     # -- internals ------------------------------------------------------------
 
@@ -194,7 +194,7 @@ class Verification:
 
     async def _cancel(self, code: str, reason: str) -> None:
         """Call with the lock held."""
-        fields = self._session.cancel(code, reason)
+        fields = self._exchange.cancel(code, reason)
         self._notify()
         try:
             await self._send_all([fields])
@@ -203,13 +203,13 @@ class Verification:
 
     async def _finish_if_verified(self) -> None:
         """Call with the lock held."""
-        if self._session.verified:
+        if self._exchange.verified:
             try:
-                await self._mark(self._session.them)
+                await self._mark(self._exchange.them)
             except VerificationError as exc:
                 await self._cancel(exc.code, exc.reason)
                 return
-            self._session.finish()
+            self._exchange.finish()
 
     def _notify(self) -> None:
         self._changed.set()
@@ -219,14 +219,14 @@ class Verification:
         with trio.move_on_at(self.deadline):
             while True:
                 changed = self._changed
-                if self._session.error is not None:
-                    raise self._session.error
+                if self._exchange.error is not None:
+                    raise self._exchange.error
                 if condition():
                     return
                 await changed.wait()
         async with self._lock:
             await self._cancel("timeout", "the verification took too long")
-        raise self._session.error or VerificationError("timeout", "")
+        raise self._exchange.error or VerificationError("timeout", "")
 
 
 class Verifications:
@@ -246,9 +246,9 @@ class Verifications:
         self._prune()
         if len(self._active) >= MAX_VERIFICATIONS:
             raise ClientError(f"{MAX_VERIFICATIONS} verifications are in progress; finish some")
-        session = SasSession(self._us(), them, str(uuid.uuid4()), we_started=True)
-        verification = Verification(session, self._send, self._mark)
-        self._active[(them.user_id, them.device_id, session.transaction_id)] = verification
+        exchange = SasExchange(self._us(), them, str(uuid.uuid4()), we_started=True)
+        verification = Verification(exchange, self._send, self._mark)
+        self._active[(them.user_id, them.device_id, exchange.transaction_id)] = verification
         await verification.start()
         return verification
 
@@ -273,14 +273,14 @@ class Verifications:
 
     async def _requested(self, them: Party, transaction_id: str, fields: dict[str, Any]) -> None:
         self._prune()
-        session = SasSession(
+        exchange = SasExchange(
             self._us(),
             them,
             transaction_id,
             we_started=False,
             their_commitment=str(fields.get("commitment", "")),
         )
-        verification = Verification(session, self._send, self._mark)
+        verification = Verification(exchange, self._send, self._mark)
         if len(self._active) >= MAX_VERIFICATIONS:
             await verification.cancel("too many verifications in progress", code="busy")
             return
