@@ -23,9 +23,9 @@ import pyotp
 import pytest
 import trio
 
+from chatd.chat.app import COMMANDS
 from chatd.chat.cli import EXIT_CODES, read_key_file
 from chatd.chat.display import clean, message_lines, normalize_fingerprint, verification_ended
-from chatd.chat.session import COMMANDS
 from chatd.client import VerificationError
 
 from .conftest import REPO

@@ -6,7 +6,7 @@ the terminal, and the store key comes from ``--key-file`` or from a store
 passphrase typed at the terminal (Argon2id with a random salt kept in
 ``<store>.salt``). All prompts happen before Trio starts; when the server
 says the account needs a TOTP code, ``main`` asks for it and runs the
-session again.
+client again.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from chatd.client import (
 )
 from chatd.errors import exception_leaves
 
+from .app import ChatApp
 from .display import clean
-from .session import ChatSession
 from .terminal import open_terminal_lines
 
 DEFAULT_SERVER: Final = "ws://127.0.0.1:7878/v1/ws"
@@ -294,10 +294,10 @@ class Progress:
     logged_in: bool = False
 
 
-async def run_session(
+async def run_app(
     opts: Options, password: str, key: bytes, totp: str | None, progress: Progress
 ) -> None:
-    """Open the client, then run the interactive session until /quit."""
+    """Open the client, then run the chat app until /quit."""
     say(f"Connecting to {opts.server} as {opts.user}…")
     async with (
         open_client(
@@ -312,11 +312,11 @@ async def run_session(
         open_terminal_lines() as lines,
     ):
         progress.logged_in = True
-        await ChatSession(client, say, username=opts.user, device_name=opts.device).run(lines)
+        await ChatApp(client, say, username=opts.user, device_name=opts.device).run(lines)
 
 
 def _failure(exc: BaseException, opts: Options, logged_in: bool) -> tuple[str, int]:
-    """The message and exit code for what ended the session."""
+    """The message and exit code for what ended the app."""
     leaves = list(exception_leaves(exc))
     for kind in (KeyboardInterrupt, ClientStoreError, LoginError, ConnectionLostError):
         leaf = next((e for e in leaves if isinstance(e, kind)), None)
@@ -387,7 +387,7 @@ def _main(opts: Options) -> int:
     progress = Progress()
     while True:
         try:
-            trio.run(run_session, opts, password, key, totp, progress)
+            trio.run(run_app, opts, password, key, totp, progress)
             return EXIT_OK
         except BaseException as exc:
             leaves = list(exception_leaves(exc))

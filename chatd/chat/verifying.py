@@ -6,7 +6,7 @@ screens then show the same seven emoji (and three numbers); the person
 compares them with the other screen and types ``/yes`` or ``/no``.
 
 The input loop never waits on the other device, so chat messages can still be
-typed meanwhile. Each verification is followed by one task in the session's
+typed meanwhile. Each verification is followed by one task in the app's
 nursery (:meth:`SasVerifier._follow`): it prints the emoji once both SAS keys
 are exchanged, and the outcome once there is one. The commands only act
 (accept, confirm, cancel) and return; whatever ends a verification, from

@@ -1,7 +1,7 @@
-"""The terminal client's session: commands, live messages and delivery marks.
+"""The running terminal client: commands, live messages and delivery marks.
 
-:class:`ChatSession` runs on a logged-in :class:`chatd.client.Client`. Its
-:meth:`~ChatSession.run` owns one nursery with these tasks:
+:class:`ChatApp` runs on a logged-in :class:`chatd.client.Client`. Its
+:meth:`~ChatApp.run` owns one nursery with these tasks:
 
 * the **input loop** (in ``run`` itself): reads typed lines, runs commands,
   and puts plain text on the outbox;
@@ -100,8 +100,8 @@ class UsageError(Exception):
     """A command was typed wrongly; the message says how to type it."""
 
 
-class ChatSession:
-    """The interactive session of one logged-in device."""
+class ChatApp:
+    """The terminal client running on one logged-in device."""
 
     def __init__(self, client: Client, say: Say, *, username: str, device_name: str = "") -> None:
         self.client = client
@@ -111,7 +111,7 @@ class ChatSession:
         self.peer: Member | None = None  # the open conversation
         self._by_id: dict[int, Member] = {}
         self._by_name: dict[str, Member] = {}
-        # Devices this session has shown (or found in the store at start): the
+        # Devices this app has shown (or found in the store at start): the
         # library adds devices to the store on its own, so the store cannot
         # tell which ones the person has not been told about yet.
         self._shown: set[tuple[int, str]] | None = None
@@ -123,7 +123,7 @@ class ChatSession:
         self._nursery: trio.Nursery | None = None
         self._sas = SasVerifier(client, say, self.describe_device)
 
-    # -- the session ----------------------------------------------------------
+    # -- the app --------------------------------------------------------------
 
     async def run(self, lines: LineReader) -> None:
         """Run until /quit or end of input. Returns after the outbox is sent
@@ -154,7 +154,7 @@ class ChatSession:
         self.say("Bye.")
 
     async def handle(self, line: str) -> bool:
-        """Run one typed line; False when the session should end."""
+        """Run one typed line; False when the app should stop."""
         if not line.strip():
             return True
         if line.startswith("/") and not line.startswith("//"):
@@ -408,7 +408,7 @@ class ChatSession:
         if len(args) != 2:
             raise UsageError("usage: /sas <username> <device> (the device id is in /who)")
         if self._nursery is None:
-            raise UsageError("/sas needs a running session")
+            raise UsageError("/sas needs the chat to be running")
         member = await self.find_member(args[0])
         device = await self._device(member, args[1])
         if device is None:
