@@ -55,8 +55,8 @@ def _team(conn: Any) -> None:
             (user_id, name, name, now, now),
         )
         conn.execute(
-            "INSERT INTO devices (id, user_id, name, ed25519_key, curve25519_key,"
-            " keys_signature, created_at, last_seen_at) VALUES (?, ?, 'd', 'e', 'c', 's', ?, ?)",
+            "INSERT INTO devices (id, user_id, name, ed25519, curve25519,"
+            " signature, created_at, last_seen_at) VALUES (?, ?, 'd', 'e', 'c', 's', ?, ?)",
             (device, user_id, now, now),
         )
 
@@ -65,8 +65,8 @@ def _fill(depth: int) -> Any:
     def fill(conn: Any) -> None:
         now = now_ms()
         conn.executemany(
-            "INSERT INTO envelopes (recipient_device, kind, message_id, sender_user,"
-            " sender_device, ciphertext, created_at, expires_at)"
+            "INSERT INTO envelopes (recipient_device_id, kind, message_id, sender_user_id,"
+            " sender_device_id, ciphertext, sent_at, expires_at)"
             " VALUES (?, 'message', ?, 1, ?, ?, ?, ?)",
             (
                 (BOB, str(uuid.uuid4()), ALICE, CIPHERTEXT.encode(), now, now + 86_400_000)
@@ -118,7 +118,7 @@ async def measure(depth: int, sends: int) -> tuple[float, float]:
             elapsed = time.perf_counter() - started
             queued = await store.read(
                 lambda conn: conn.execute(
-                    "SELECT count(*) FROM envelopes WHERE recipient_device = ?", (BOB,)
+                    "SELECT count(*) FROM envelopes WHERE recipient_device_id = ?", (BOB,)
                 ).fetchone()[0]
             )
             if queued != depth + sends:
