@@ -133,6 +133,31 @@ def machine_busy_seconds() -> float:
     return (sum(ticks[:8]) - ticks[3] - ticks[4]) / CLK_TCK
 
 
+def other_processes_cpu(exclude: set[int]) -> dict[int, float]:
+    """CPU seconds of every user-space process (one with a command line) not excluded."""
+    found: dict[int, float] = {}
+    for entry in os.listdir("/proc")[:100_000]:
+        if not entry.isdigit() or int(entry) in exclude:
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                if not fh.read(1):
+                    continue  # a kernel thread (journal, softirq, workers serve us too)
+            found[int(entry)] = cpu_seconds(int(entry))
+        except OSError:
+            continue  # gone meanwhile
+    return found
+
+
+def describe_process(pid: int, used: dict[int, float]) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            command = fh.read(200).replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        command = "?"
+    return f"pid {pid} ({command}) {used[pid]:.2f} s"
+
+
 def create_users(data_dir: Path, usernames: list[str], password: str, *, workers: int = 4) -> float:
     """POST /v1/users for each name over the admin unix socket, ``workers`` at a
     time (the daemon hashes each password); returns the seconds taken."""

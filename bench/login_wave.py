@@ -36,12 +36,15 @@ prints a line per bucket of --bucket logins (default 500, or a tenth of
 --users below 5,000) as the wave goes: the rate of that bucket (logins
 completed / seconds since the previous bucket's last one), login time
 p50/p99, the daemon's CPU per login and its RSS at the bucket's end, the
-presence frames received so far, and the cores busy outside the daemon and
-the clients (a warning above 0.2: other work on the machine then skewed that
-bucket). When every login is done (or --timeout passed), the parent reads the
-daemon's CPU, waits a second (presence pushes are coalesced per second) and
-reads its RSS, then tells the workers to close their connections (each with a
-closing handshake bounded by 5 s) and collects their frame counts and errors.
+presence frames received so far, the cores other user-space processes used
+(a warning above 0.2: other work on the machine then skewed that bucket) and
+the rest of the machine's busy time outside the daemon and the clients (the
+kernel: mostly loopback TCP for the frames sent, and processes that came and
+went between readings). When every login is done (or --timeout passed), the
+parent reads the daemon's CPU, waits a second (presence pushes are coalesced
+per second) and reads its RSS, then tells the workers to close their
+connections (each with a closing handshake bounded by 5 s) and collects
+their frame counts and errors.
 
 Prints: the buckets; the total time and mean rate; the rate of the last
 bucket; presence frames (and user ids in them) received in total; other
@@ -84,6 +87,7 @@ from _daemon import (
     init_data_dir,
     machine_busy_seconds,
     ms,
+    other_processes_cpu,
     percentile,
     raise_nofile,
     seed_users,
@@ -98,7 +102,7 @@ CLOSE_TIMEOUT: Final = 5.0  # seconds for one closing handshake at the end
 STOP_TIMEOUT: Final = 120.0  # seconds for a worker to close everything and report
 WORKER_START_TIMEOUT: Final = 30.0  # seconds for a worker to say it is running
 TARGET_RATE: Final = 20.0  # logins/s the issue asks for in every bucket
-OUTSIDE_LOAD_WARNING: Final = 0.2  # cores used by other work that taint a bucket
+OUTSIDE_LOAD_WARNING: Final = 0.2  # cores used by other processes that taint a bucket
 SETTLE_SECONDS: Final = 1.0  # after the last login: presence pushes are coalesced per second
 MAX_USERS: Final = 20_000  # the hard RLIMIT_NOFILE here is 20,000 per process
 
@@ -293,13 +297,20 @@ class Wave:
     buckets: list[dict[str, float]] = field(default_factory=list)
     started: float = 0.0
     server_cpu_start: float = 0.0
-    mark: tuple[float, float, float] = (0.0, 0.0, 0.0)  # (monotonic, machine, clients) CPU
+    #: The last reading: (monotonic, machine busy, clients' CPU, other processes' CPU).
+    mark: tuple[float, float, float, dict[int, float]] = (0.0, 0.0, 0.0, {})
 
     def clients_cpu(self) -> float:
         return sum(_cpu_or_zero(w.proc.pid) for w in self.workers)
 
     def set_mark(self) -> None:
-        self.mark = (time.monotonic(), machine_busy_seconds(), self.clients_cpu())
+        ours = {self.server_pid, os.getpid(), *(w.proc.pid for w in self.workers)}
+        self.mark = (
+            time.monotonic(),
+            machine_busy_seconds(),
+            self.clients_cpu(),
+            other_processes_cpu(ours),
+        )
 
     def handle(self, w: WorkerProc, line: str) -> None:
         kind, _, rest = line.partition(" ")
@@ -328,13 +339,13 @@ class Wave:
         previous_cpu = self.buckets[-1]["cpu"] if self.buckets else self.server_cpu_start
         end = max(x.done for x in ordered)
         cpu = cpu_seconds(self.server_pid)
-        then, machine_then, clients_then = self.mark
+        then, machine_then, clients_then, others_then = self.mark
         self.set_mark()
-        now, machine, clients = self.mark
-        # Cores busy outside the daemon and the clients (other work on the machine).
-        outside = (machine - machine_then - (cpu - previous_cpu) - (clients - clients_then)) / max(
-            1e-9, now - then
-        )
+        now, machine, clients, others_now = self.mark
+        span = max(1e-9, now - then)
+        others = sum(c - others_then.get(pid, 0.0) for pid, c in others_now.items()) / span
+        # The rest of the machine's busy time: the kernel, and processes that exited.
+        outside = (machine - machine_then - (cpu - previous_cpu) - (clients - clients_then)) / span
         times = [x.seconds for x in ordered]
         bucket = {
             "first": n - self.bucket + 1,
@@ -347,7 +358,8 @@ class Wave:
             "cpu_per_login": (cpu - previous_cpu) / len(ordered),
             "rss": vm_rss_kib(self.server_pid),
             "presence": sum(w.presence for w in self.workers),
-            "outside": max(0.0, outside),
+            "others": others,
+            "kernel": max(0.0, outside - others),
         }
         self.buckets.append(bucket)
         print_bucket(bucket)
@@ -385,10 +397,10 @@ def print_bucket(b: dict[str, float]) -> None:
         f"login p50 {ms(b['p50']):>9}  p99 {ms(b['p99']):>9}   "
         f"server CPU {b['cpu_per_login'] * 1000:6.1f} ms/login   RSS {b['rss']:>9,} KiB   "
         f"presence frames so far {int(b['presence']):,}   "
-        f"other work {b['outside']:.2f} cores",
+        f"other processes {b['others']:.2f} cores, kernel {b['kernel']:.2f}",
         flush=True,
     )
-    if b["outside"] > OUTSIDE_LOAD_WARNING:
+    if b["others"] > OUTSIDE_LOAD_WARNING:
         print("    WARNING: other processes competed for the CPU in this bucket", flush=True)
 
 
@@ -529,7 +541,7 @@ def drive(
         loop_start = cpu_seconds(pid, pid)
         machine_start = machine_busy_seconds()
         wave.set_mark()
-        clients_start = wave.mark[2]
+        clients_start, others_start = wave.mark[2], wave.mark[3]
         print(
             f"{'':2}{'bucket':<17}{'rate':>8}   login time p50 / p99"
             f"{'':21}daemon CPU per login, RSS at the bucket's end"
@@ -548,6 +560,12 @@ def drive(
             "server_loop_cpu": cpu_seconds(pid, pid) - loop_start,
             "machine": machine_busy_seconds() - machine_start,
             "client_cpu": wave.clients_cpu() - clients_start,
+            "others": sum(
+                c - others_start.get(pid, 0.0)
+                for pid, c in other_processes_cpu(
+                    {pid, os.getpid(), *(w.proc.pid for w in wave.workers)}
+                ).items()
+            ),
             "wall": ended - wave.started,
             "users": len(usernames),
             "timed_out": not all(w.ready for w in wave.workers),
@@ -617,13 +635,14 @@ def report(f: dict[str, Any], args: argparse.Namespace) -> None:
         f"{f['server_cpu'] / max(1, n) * 1000:.1f} ms per login), "
         f"event-loop thread {f['server_loop_cpu']:.1f} s"
     )
-    outside = max(0.0, f["machine"] - f["server_cpu"] - f["client_cpu"]) / wall
+    others = f["others"] / wall
+    kernel = max(0.0, f["machine"] - f["server_cpu"] - f["client_cpu"] - f["others"]) / wall
     print(
         f"client processes CPU: {f['client_cpu']:.1f} s over the wave; whole machine "
-        f"{f['machine'] / wall:.2f} of {os.cpu_count()} cores busy, "
-        f"{outside:.2f} of them outside chatd and these clients"
+        f"{f['machine'] / wall:.2f} of {os.cpu_count()} cores busy, of which other processes "
+        f"{others:.2f} and the kernel (loopback TCP, processes that exited) {kernel:.2f}"
     )
-    if outside > OUTSIDE_LOAD_WARNING:
+    if others > OUTSIDE_LOAD_WARNING:
         print("WARNING: other processes competed for the CPU during the wave; rerun when idle")
     print(f"daemon RSS at the end: {f['rss_end']:,} KiB ({f['rss_end'] / 1024:.0f} MiB)")
     closed = len(wave.closed_early)

@@ -166,9 +166,11 @@ from _daemon import (
     Daemon,
     cpu_seconds,
     create_users,
+    describe_process,
     init_data_dir,
     machine_busy_seconds,
     ms,
+    other_processes_cpu,
     percentile,
     raise_nofile,
     seed_users,
@@ -500,31 +502,6 @@ class Window:
     mono_end: float = 0.0
 
 
-def _other_processes_cpu(exclude: set[int]) -> dict[int, float]:
-    """CPU seconds of every user-space process (one with a command line) not excluded."""
-    found: dict[int, float] = {}
-    for entry in os.listdir("/proc")[:100_000]:
-        if not entry.isdigit() or int(entry) in exclude:
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                if not fh.read(1):
-                    continue  # a kernel thread (journal, softirq, workers serve us too)
-            found[int(entry)] = cpu_seconds(int(entry))
-        except OSError:
-            continue  # gone meanwhile
-    return found
-
-
-def _describe(pid: int, used: dict[int, float]) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            command = fh.read(200).replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        command = "?"
-    return f"pid {pid} ({command}) {used[pid]:.2f} s"
-
-
 def _snapshot(server_pid: int) -> tuple[float, float, float, float, float, dict[int, float]]:
     return (
         trio.current_time(),
@@ -532,7 +509,7 @@ def _snapshot(server_pid: int) -> tuple[float, float, float, float, float, dict[
         cpu_seconds(server_pid, server_pid),
         time.process_time(),
         machine_busy_seconds(),
-        _other_processes_cpu({server_pid, os.getpid()}),
+        other_processes_cpu({server_pid, os.getpid()}),
     )
 
 
@@ -565,7 +542,7 @@ def _window(a: tuple[Any, ...], b: tuple[Any, ...], mono_start: float, mono_end:
         client_cpu=b[3] - a[3],
         machine=b[4] - a[4],
         others=sum(used.values()),
-        busiest_other=_describe(max(used, key=used.__getitem__), used) if used else "",
+        busiest_other=describe_process(max(used, key=used.__getitem__), used) if used else "",
         mono_start=mono_start,
         mono_end=mono_end,
     )
