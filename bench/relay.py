@@ -195,6 +195,7 @@ DRAIN_TIMEOUT: Final = 30.0  # seconds after the window for accepted messages to
 CLOSE_TIMEOUT: Final = 5.0  # seconds for a closing handshake
 SETTLE_SECONDS: Final = 1.0  # pause before reading RSS
 IDLE_WARMUP: Final = 20  # warm-up logins before the RSS baseline
+IDLE_PROGRESS: Final = 1_000  # idle logins between progress lines (from 2,000 connections)
 BARE_QUEUE: Final = 256  # frames queued per bare-relay connection (chatd's default)
 BARE_LIFETIME: Final = 3_600.0  # the bare relay exits by itself after this long
 OUTSIDE_LOAD_WARNING: Final = 0.2  # cores used by other processes that taint a run
@@ -1246,6 +1247,8 @@ class Idle:
     failures: list[str] = field(default_factory=list)
     closed_early: list[str] = field(default_factory=list)
     frames: dict[str, int] = field(default_factory=dict)  # pushed frames read, by type
+    progress: str = ""  # a label: a line every IDLE_PROGRESS logins (long runs)
+    started: float = field(default_factory=time.monotonic)
 
     async def one(self, index: int) -> None:
         await self.slots.acquire()
@@ -1261,6 +1264,12 @@ class Idle:
                 self.opened += 1
                 if self.opened == self.n:
                     self.all_open.set()
+                if self.progress and self.opened % IDLE_PROGRESS == 0:
+                    print(
+                        f"{self.progress}: {self.opened:,} of {self.n:,} logged in after "
+                        f"{time.monotonic() - self.started:.0f} s",
+                        flush=True,
+                    )
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._discard, ws, index)
                     await self.release.wait()
@@ -1340,8 +1349,17 @@ async def measure_idle(
     # Two halves, with the RSS read in between: the growth over the second
     # half is per connection alone, whatever the first logins left behind.
     half_n = n // 2
-    first = Idle(url, accounts.first, half_n, idle_timeout(half_n))
-    second = Idle(url, accounts.second, n - half_n, idle_timeout(n - half_n))
+    label = f"idle {n}" if n >= 2 * IDLE_PROGRESS else ""
+    first = Idle(
+        url, accounts.first, half_n, idle_timeout(half_n), progress=label and f"{label}, first half"
+    )
+    second = Idle(
+        url,
+        accounts.second,
+        n - half_n,
+        idle_timeout(n - half_n),
+        progress=label and f"{label}, second half",
+    )
     figures: dict[str, float] = {"before": before}
     async with trio.open_nursery() as nursery:
         started = time.monotonic()
