@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -29,11 +30,12 @@ from chatd.admin.service import serve_admin
 from chatd.auth.accounts import AccountAdmin
 from chatd.auth.service import AuthService
 from chatd.config import Config
+from chatd.e2ee.current import CurrentDevices
 from chatd.e2ee.keys import KeyService
 from chatd.e2ee.queues import QueueService
 from chatd.keyfiles import check_data_dir, load_admin_token_hash, load_db_key
 from chatd.log import fields
-from chatd.relay import serve_relay
+from chatd.relay import Registry, serve_relay
 from chatd.retention import auth_jobs, default_jobs, queue_jobs, serve_retention
 from chatd.sdnotify import Notifier, watchdog_interval
 from chatd.store import Store, serve_store
@@ -70,6 +72,42 @@ async def _watch_signals(
                 cancel.cancel()
 
 
+@dataclass(frozen=True, slots=True)
+class Services:
+    """The services built on the store, wired to each other."""
+
+    registry: Registry  # the relay's, and the sink the others report to
+    current: CurrentDevices
+    auth: AuthService
+    keys: KeyService
+    queues: QueueService
+
+    def for_relay(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`serve_relay`."""
+        return {
+            "registry": self.registry,
+            "auth": self.auth,
+            "keys": self.keys,
+            "queues": self.queues,
+        }
+
+
+async def open_services(store: Store, config: Config) -> Services:
+    """Make the services on ``store``, each wired to what it reports to.
+
+    The relay's registry hears what the services have to tell it (revoked
+    sessions, devices low on keys, envelopes accepted), so it is made first
+    and handed to each service as it is made. Reads the queue totals.
+    """
+    registry = Registry()
+    current = CurrentDevices(store)
+    auth = AuthService(store, config.auth, config.devices, events=registry)
+    keys = KeyService(store, config.devices, current=current, events=registry)
+    queues = QueueService(store, config.devices, current, registry)
+    await queues.open()
+    return Services(registry, current, auth, keys, queues)
+
+
 async def _watchdog(notifier: Notifier, store: Store, interval: float) -> None:
     while True:
         if store.writer_alive:
@@ -97,9 +135,8 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
             notifier.notify(STATUS="opening the store")
             store: Store = await nursery.start(serve_store, config.database_path, key, config.store)
             del key
-            auth = AuthService(store, config.auth, config.devices)
-            keys = KeyService(store, config.devices)
-            queues = QueueService(store, config.devices)
+            services = await open_services(store, config)
+            auth, queues = services.auth, services.queues
             jobs = (
                 default_jobs(config.retention)
                 + auth_jobs(config.auth)
@@ -112,7 +149,7 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
             relay = await nursery.start(
                 _until_done,
                 relay_done,
-                partial(serve_relay, auth=auth, keys=keys, queues=queues),
+                partial(serve_relay, **services.for_relay()),
                 config,
                 stopping,
             )
@@ -120,7 +157,7 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
                 store=store,
                 retention=retention,
                 token_hash=token_hash,
-                accounts=AccountAdmin(auth),
+                accounts=AccountAdmin(auth, current=services.current),
             )
             admin_bind = await nursery.start(
                 _until_done, admin_done, serve_admin, config, ctx, stopping

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final
@@ -42,13 +42,14 @@ _jitter = random.SystemRandom()
 
 @dataclass(frozen=True, slots=True)
 class Job:
-    """A purge job: ``purge(conn, now_ms, limit) -> rows deleted`` (at most ``limit``)."""
+    """A purge job. One batch is ``purge(conn, now=, limit=) -> rows deleted``
+    (at most ``limit``), run as one write; or, for a service that writes
+    through its own path, ``await run(now=, limit=) -> rows deleted``."""
 
     name: str
     description: str
-    purge: Callable[..., int]
-    #: Called (on the event loop) after the job's batches ran, e.g. to notify.
-    after: Callable[[], None] | None = None  # (conn, *, now: int, limit: int) -> int
+    purge: Callable[..., int] | None = None
+    run: Callable[..., Awaitable[int]] | None = None
 
 
 class Report(msgspec.Struct, frozen=True):
@@ -133,30 +134,18 @@ def auth_jobs(settings: AuthSettings) -> list[Job]:
     ]
 
 
-def queue_jobs(settings: DeviceSettings, queues: QueueService | None = None) -> list[Job]:
-    """Purge jobs for message queues: expired envelopes (with receipts), old send ids.
-
-    With ``queues``, the senders of expired messages are told at once (their
-    live connections get the expired receipt), not only when they reconnect.
-    """
+def queue_jobs(settings: DeviceSettings, queues: QueueService) -> list[Job]:
+    """Purge jobs for message queues: expired envelopes (with receipts, through
+    the queue service, so live senders get theirs at once), old send ids."""
     from chatd.e2ee.keys import purge_claimed_keys
-    from chatd.e2ee.queues import expire_envelopes, purge_sends
-
-    notified: list[str] = []  # sender devices with new expired receipts (filled in the writer)
-
-    def flush() -> None:
-        if queues is not None and notified:
-            devices = list(dict.fromkeys(notified))
-            notified.clear()
-            queues.on_queued(devices)
+    from chatd.e2ee.queues import purge_sends
 
     return [
         Job(
             "envelopes",
             f"undelivered envelopes older than devices.envelope_days "
             f"({settings.envelope_days}); the sender gets an expired receipt",
-            partial(expire_envelopes, notify=notified),
-            after=flush,
+            run=queues.expire,
         ),
         Job(
             "sends",
@@ -240,12 +229,15 @@ class Retention:
         limit = self.settings.batch_size
         try:
             for _ in range(self.settings.max_batches_per_run):
-                deleted = await self.store.write(partial(job.purge, now=now_ms(), limit=limit))
+                if job.run is not None:
+                    deleted = await job.run(now=now_ms(), limit=limit)
+                elif job.purge is not None:
+                    deleted = await self.store.write(partial(job.purge, now=now_ms(), limit=limit))
+                else:
+                    break
                 rows += deleted
                 if deleted < limit:
                     break
-            if job.after is not None:
-                job.after()
             if rows:
                 reclaimed = await self.store.write(_vacuum)
         except trio.Cancelled:

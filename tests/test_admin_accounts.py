@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from chatd.auth.accounts import AccountAdmin
 from chatd.auth.models import AuthError, Peer, SessionGrant
 from chatd.auth.service import AuthService
 from chatd.config import AuthSettings
+from chatd.e2ee.current import CurrentDevices
 from chatd.keyfiles import hash_admin_token
 from chatd.retention import serve_retention
 from chatd.store import now_ms, serve_store
@@ -49,16 +50,31 @@ def concrete(r: Route, ident: int = 1) -> str:
     return path
 
 
+class Heard:
+    """Stands in for the relay's registry: records the revocations it is told."""
+
+    def __init__(self) -> None:
+        self.revoked: list[int] = []
+
+    def sessions_revoked(self, session_ids: Iterable[int]) -> None:
+        self.revoked.extend(session_ids)
+
+
 class Accounts:
     def __init__(
-        self, client: httpx.AsyncClient, token: str, ctx: AdminContext, auth: AuthService
+        self,
+        client: httpx.AsyncClient,
+        token: str,
+        ctx: AdminContext,
+        auth: AuthService,
+        events: Heard,
     ) -> None:
         self.client = client
         self.token = token
         self.ctx = ctx
         self.auth = auth
-        self.revoked: list[int] = []  # what AuthService.on_revoked was told
-        auth.on_revoked = self.revoked.extend
+        self.revoked = events.revoked  # what the auth service told the relay
+
 
     async def call(self, method: str, path: str, **kw: Any) -> httpx.Response:
         headers = {"Authorization": f"Bearer {self.token}"}
@@ -96,17 +112,20 @@ async def accounts_running(
         store = await nursery.start(serve_store, config.database_path, data_dir.key, config.store)
         retention = await nursery.start(serve_retention, store, config.retention)
         # The real minimum cost (19 MiB, t=2): ~50 ms a hash, so tests keep hashes few.
-        auth = AuthService(store, AuthSettings(argon2_memory_kib=19_456, argon2_time_cost=2))
+        events = Heard()
+        auth = AuthService(
+            store, AuthSettings(argon2_memory_kib=19_456, argon2_time_cost=2), events=events
+        )
         ctx = AdminContext(
             store=store,
             retention=retention,
             token_hash=hash_admin_token(data_dir.token),
-            accounts=AccountAdmin(auth) if with_accounts else None,
+            accounts=AccountAdmin(auth, current=CurrentDevices(store)) if with_accounts else None,
         )
         await nursery.start(serve_admin, config, ctx, stopping)
         transport = httpx.AsyncHTTPTransport(uds=str(config.admin_unix_socket))
         async with httpx.AsyncClient(transport=transport, base_url="http://chatd") as client:
-            yield Accounts(client, data_dir.token, ctx, auth)
+            yield Accounts(client, data_dir.token, ctx, auth, events)
         stopping.set()
         nursery.cancel_scope.cancel()
 

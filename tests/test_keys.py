@@ -225,7 +225,7 @@ async def test_concurrent_claims_never_hand_out_a_key_twice(short_tmp: Path) -> 
 async def test_a_device_is_told_when_its_keys_run_low(short_tmp: Path) -> None:
     settings = DeviceSettings(one_time_key_threshold=3)
     async with team(short_tmp) as srv:
-        srv.relay.session_frames.keys.settings = settings  # type: ignore[union-attr]
+        srv.keys.settings = settings
         async with connect(srv) as a, connect(srv) as b:
             alice = await login_device(a)
             await alice.publish(4)

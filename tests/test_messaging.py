@@ -230,7 +230,8 @@ async def test_undelivered_messages_expire_and_the_sender_is_told(short_tmp: Pat
         await c.srv.store.write(
             lambda conn: conn.execute("UPDATE envelopes SET expires_at = ?", (now_ms() - 1,))
         )
-        retention = Retention(c.srv.store, RetentionSettings(), queue_jobs(DeviceSettings()))
+        jobs = queue_jobs(DeviceSettings(), c.srv.queues)
+        retention = Retention(c.srv.store, RetentionSettings(), jobs)
         reports = await retention.run_now(["envelopes"])
         assert reports[0].rows_purged == 2
         async with connect(c.srv) as again:
@@ -325,7 +326,7 @@ async def test_an_expired_receipt_reaches_the_senders_live_connection(short_tmp:
         await c.srv.store.write(
             lambda conn: conn.execute("UPDATE envelopes SET expires_at = ?", (now_ms() - 1,))
         )
-        queues = c.srv.relay.session_frames.queues
+        queues = c.srv.queues
         retention = Retention(
             c.srv.store, RetentionSettings(), queue_jobs(DeviceSettings(), queues)
         )
@@ -376,7 +377,7 @@ async def test_pipelined_sends_commit_together_and_are_answered_in_order(
         assert stats.commits - commits_before < 40  # sends shared commits
         # Answered, the responder is gone (idle connections keep no task); a
         # later send starts another.
-        assert all(client.pipeline is None for client in c.srv.relay.clients)
+        assert all(conn.waiting_answers == 0 for conn in c.srv.relay.connections)
         more = await send(c.alice1, c.to_everyone(c.alice1, "later"))
         assert more["code"] == "queue_full"  # Bob's queue is still full, and it says so
         queued = await c.srv.store.read(
@@ -397,17 +398,16 @@ async def test_a_caught_up_device_gets_new_envelopes_straight_from_their_commit(
     """Once a connection has read its queue to the end, envelopes committed
     later are pushed from the commit itself: no read of the table, in order."""
     async with cast(short_tmp) as c:
-        queues = c.srv.relay.session_frames.queues
-        assert queues is not None
+        queues = c.srv.queues
         reads = 0
-        pending = queues.pending
+        read = queues.read
 
-        async def counted(device_id: str, after: int) -> list[Any]:
+        def counted(*args: Any) -> None:
             nonlocal reads
             reads += 1
-            return await pending(device_id, after)
+            read(*args)
 
-        queues.pending = counted  # type: ignore[method-assign]
+        queues.read = counted  # type: ignore[method-assign]
         ids = []
         for n in range(20):
             ids.append((await send(c.alice1, c.to_everyone(c.alice1, f"m{n}")))["message_id"])
@@ -432,9 +432,9 @@ async def test_a_full_delivery_window_falls_back_to_reading_the_queue_in_order(
 ) -> None:
     """Past the window of unacknowledged envelopes nothing more is pushed; after
     the ack the rest comes from the table, in order, none twice, none skipped."""
-    from chatd import relay_sessions
+    from chatd.protocol import delivery
 
-    monkeypatch.setattr(relay_sessions, "PUMP_WINDOW", 4)
+    monkeypatch.setattr(delivery, "DELIVERY_WINDOW", 4)
     async with cast(short_tmp) as c:
         ids = [
             (await send(c.alice1, c.to_everyone(c.alice1, f"w{n}")))["message_id"]
@@ -451,8 +451,8 @@ async def test_a_full_delivery_window_falls_back_to_reading_the_queue_in_order(
 
 
 def test_deliver_frames_hold_at_most_100_envelopes_and_about_256_kib() -> None:
-    from chatd.e2ee.queues import DELIVER_BYTES, deliver_batches
     from chatd.protocol import frames as f
+    from chatd.protocol.delivery import DELIVER_BYTES, deliver_batches
 
     def env(n: int, size: int) -> f.Envelope:
         return f.Envelope(

@@ -12,8 +12,10 @@ import socket
 import ssl
 import struct
 import subprocess
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +26,15 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 
-from chatd.config import Config, RelaySettings
+from chatd.config import Config, RelaySettings, StoreSettings
+from chatd.daemon import open_services
 from chatd.errors import ListenError
 from chatd.protocol import core
-from chatd.relay import Relay, _Client, serve_relay
+from chatd.protocol.frames import Limits
+from chatd.relay import Relay, TrustedProxies, serve_relay
+from chatd.relay.connection import Connection
+from chatd.relay.ws import WebSocket
+from chatd.store import serve_store
 
 FAST = {
     "handshake_timeout_seconds": 0.5,
@@ -40,17 +47,24 @@ FAST = {
 @asynccontextmanager
 async def relay_running(**settings: Any) -> AsyncIterator[tuple[Relay, trio.Event]]:
     relay_settings = RelaySettings(**{"port": 0, **FAST, **settings})
-    config = Config(relay=relay_settings, path=Path(settings.pop("config_path", "/tmp/x.toml")))
     stopping = trio.Event()
-    try:
-        async with trio.open_nursery() as nursery:
-            relay = await nursery.start(serve_relay, config, stopping)
-            yield relay, stopping
-            nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1 and isinstance(group.exceptions[0], ListenError):
-            raise group.exceptions[0] from None
-        raise
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Config(relay=relay_settings, path=Path(tmp) / "chatd.toml")
+        try:
+            async with trio.open_nursery() as nursery:
+                store = await nursery.start(
+                    serve_store, Path(tmp) / "c.db", bytes(range(32)), StoreSettings()
+                )
+                services = await open_services(store, config)
+                relay = await nursery.start(
+                    partial(serve_relay, **services.for_relay()), config, stopping
+                )
+                yield relay, stopping
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            if len(group.exceptions) == 1 and isinstance(group.exceptions[0], ListenError):
+                raise group.exceptions[0] from None
+            raise
 
 
 def url(relay: Relay, path: str = "/v1/ws") -> str:
@@ -236,7 +250,7 @@ async def test_origin_is_checked_when_present(origin: str | None, accepted: bool
                 async with open_websocket_url(url(relay), extra_headers=headers):
                     pass  # pragma: no cover - rejected
             assert info.value.status_code == 403
-        assert not relay.clients or accepted
+        assert not relay.connections or accepted
 
 
 async def test_an_oversize_message_closes_with_1009() -> None:
@@ -295,7 +309,7 @@ async def test_a_half_sent_frame_times_out_with_a_close_frame_and_a_hang_up() ->
         assert close is not None and (close.code, close.reason) == (1008, "first frame timeout")
         await client.wait_eof()  # the server hangs up even though we never answer the Close
         await wait_streams_closed(relay)
-        assert not relay.clients
+        assert not relay.connections
 
 
 @pytest.mark.parametrize(
@@ -359,14 +373,27 @@ async def test_connections_over_the_limit_are_refused_with_503() -> None:
         assert info.value.status_code == 503
 
 
-def test_a_full_send_queue_closes_with_1008() -> None:
-    relay = Relay(RelaySettings(send_queue_frames=2))
-    proto = core.ServerConnection(relay.limits, server_name="chatd")
-    client = _Client(None, proto, "127.0.0.1")
-    assert relay._perform(client, proto.start())
-    assert relay._perform(client, [core.Send(b"{}")])
-    assert not relay._perform(client, [core.Send(b"{}")])
-    assert client.closing == core.Close(1008, "send queue full")
+async def test_a_full_send_queue_closes_with_1008() -> None:
+    limits = Limits(
+        max_frame_bytes=1024,
+        handshake_timeout_seconds=1,
+        idle_timeout_seconds=1,
+        send_queue_frames=2,
+        max_bad_frames=3,
+    )
+    proto = core.ServerConnection(limits, server_name="chatd")
+    stream_a, _ = trio.testing.memory_stream_pair()
+    ws = WebSocket(stream_a, max_message=1024, on_control=lambda data: None)
+    async with trio.open_nursery() as nursery:
+        conn = Connection(
+            ws, proto, "127.0.0.1", nursery=nursery, send_queue_frames=2, send_timeout=1, window=10
+        )
+        conn.answer([a.data for a in proto.start() if isinstance(a, core.Send)])
+        conn.answer([b"{}"])
+        assert conn.closing is None
+        conn.answer([b"{}"])
+        assert conn.closing == core.Close(1008, "send queue full")
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_port_in_use_is_a_clear_error() -> None:
@@ -527,16 +554,14 @@ async def test_a_server_bug_closes_with_1011_without_details(
 async def test_a_server_bug_in_the_sender_task_closes_with_1011_and_ends_cleanly(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from chatd.wsserver import RelayWebSocket
+    send_all = WebSocket.send_all
 
-    send_message = RelayWebSocket.send_message
-
-    async def broken(self: RelayWebSocket, message: str | bytes) -> None:
-        if isinstance(message, str) and '"pong"' in message:
+    async def broken(self: WebSocket, data: bytes) -> None:
+        if b'"pong"' in data:
             raise RuntimeError("internal detail")
-        await send_message(self, message)
+        await send_all(self, data)
 
-    monkeypatch.setattr(RelayWebSocket, "send_message", broken)
+    monkeypatch.setattr(WebSocket, "send_all", broken)
     async with relay_running() as (relay, _):
         client = await RawClient.connect(relay)
         await client.stream.send_all(ws_frame(0x1, b'{"type":"ping","id":"p"}'))
@@ -558,20 +583,19 @@ async def test_no_close_frame_follows_a_frame_cut_off_mid_write(
     gets CLOSE_TIMEOUT to finish. It does not, so the stream may end in the
     middle of a frame, and the relay hangs up without a Close frame rather
     than write one after half a frame."""
-    from chatd import relay as relay_module
-    from chatd.wsserver import RelayWebSocket
+    from chatd.relay import connection as connection_module
 
-    send_message = RelayWebSocket.send_message
+    send_all = WebSocket.send_all
     stuck = trio.Event()
 
-    async def never_done(self: RelayWebSocket, message: str | bytes) -> None:
-        if isinstance(message, str) and '"pong"' in message:
+    async def never_done(self: WebSocket, data: bytes) -> None:
+        if b'"pong"' in data:
             stuck.set()
             await trio.sleep_forever()  # as a write to a peer that never reads
-        await send_message(self, message)
+        await send_all(self, data)
 
-    monkeypatch.setattr(RelayWebSocket, "send_message", never_done)
-    monkeypatch.setattr(relay_module, "CLOSE_TIMEOUT", 0.2)
+    monkeypatch.setattr(WebSocket, "send_all", never_done)
+    monkeypatch.setattr(connection_module, "CLOSE_TIMEOUT", 0.2)
     async with relay_running(send_queue_frames=2) as (relay, _):
         client = await RawClient.connect(relay)
         await client.stream.send_all(ws_frame(0x1, b'{"type":"ping","id":"p0"}'))
@@ -580,7 +604,7 @@ async def test_no_close_frame_follows_a_frame_cut_off_mid_write(
             await client.stream.send_all(ws_frame(0x1, b'{"type":"ping","id":"p%d"}' % n))
         assert await client.close_event() is None  # a bare hang-up, no Close frame
         await wait_streams_closed(relay)
-        assert not relay.clients
+        assert not relay.connections
 
 
 async def test_a_flooding_client_that_does_not_read_is_closed_and_fully_released() -> None:
@@ -592,7 +616,7 @@ async def test_a_flooding_client_that_does_not_read_is_closed_and_fully_released
         close = await client.close_event()
         assert close is not None and (close.code, close.reason) == (1008, "send queue full")
         await wait_streams_closed(relay)
-        assert not relay.clients
+        assert not relay.connections
 
 
 async def test_peers_leaving_mid_handshake_are_released_at_once() -> None:
@@ -652,37 +676,34 @@ async def test_websocket_pings_are_answered_while_open() -> None:
 def test_the_client_address_behind_trusted_proxies(
     peer: str, forwarded: str | None, client: str
 ) -> None:
-    relay = Relay(RelaySettings(trusted_proxies=("127.0.0.1/32", "::1/128", "10.0.0.0/8")))
+    proxies = TrustedProxies(("127.0.0.1/32", "::1/128", "10.0.0.0/8"))
     headers = [(b"X-Forwarded-For", forwarded.encode())] if forwarded else []
-    assert relay.client_address(peer, headers) == client
+    assert proxies.client_address(peer, headers) == client
 
 
-async def test_accepted_connections_drop_the_handshake_machinery() -> None:
-    from chatd.wsserver import SPENT_HANDSHAKE, EventQueue
-
+async def test_accepted_connections_keep_no_handshake_state() -> None:
+    """Once upgraded, a connection holds wsproto's post-handshake connection
+    only: no HTTP parser, no request headers (memory per idle connection)."""
     async with relay_running() as (relay, _), open_websocket_url(url(relay)) as ws:
         await hello_of(ws)
-        [client] = relay.clients
-        assert client.ws._wsproto.handshake is SPENT_HANDSHAKE
-        assert isinstance(client.ws._wsproto.connection._events, EventQueue)
+        [conn] = relay.connections
+        held = [getattr(conn.ws, name, None) for name in type(conn.ws).__slots__]
+        assert not any(type(value).__module__.startswith("h11") for value in held)
         await ws.send_message('{"type":"ping","id":"p1"}')
         assert json.loads(await ws.get_message())["type"] == "pong"  # still speaks
 
 
-def test_wsproto_works_on_the_list_event_queue() -> None:
-    """The one event wsproto queues itself, the abnormal close at end of data,
-    comes out of the list the relay gives it just as out of wsproto's deque
-    (before the frames still buffered, which is wsproto's order)."""
-    from wsproto.connection import Connection
-    from wsproto.events import CloseConnection, TextMessage
-
-    from chatd.wsserver import EventQueue
-
-    conn = Connection(ConnectionType.SERVER)
-    conn._events = EventQueue()  # type: ignore[assignment]
-    conn.receive_data(ws_frame(0x1, b"one") + ws_frame(0x1, b"two"))
-    conn.receive_data(None)
-    events = list(conn.events())
-    assert [type(e) for e in events] == [CloseConnection, TextMessage, TextMessage]
-    assert events[0].code == 1006
-    assert not conn._events and list(conn.events()) == []
+async def test_a_frame_sent_with_the_upgrade_request_is_not_lost() -> None:
+    """A client that does not wait for the 101 before its first frame: the
+    bytes after the request reach the WebSocket layer."""
+    async with relay_running() as (relay, _):
+        stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
+        await stream.send_all(upgrade_request() + ws_frame(0x1, b'{"type":"ping","id":"early"}'))
+        client = WSConnection(ConnectionType.CLIENT)
+        client.send(Request(host="127.0.0.1", target="/v1/ws"))  # to read the answer as a client
+        data = b""
+        with trio.fail_after(10):
+            while b'"pong"' not in data:
+                data += await stream.receive_some(65_536)
+        assert b'"id":"early"' in data
+        await trio.aclose_forcefully(stream)

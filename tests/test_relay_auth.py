@@ -22,6 +22,7 @@ from chatd.auth.accounts import AccountAdmin
 from chatd.auth.models import AuthError
 from chatd.auth.service import AuthService
 from chatd.config import AuthSettings, Config, DeviceSettings, RelaySettings, StoreSettings
+from chatd.daemon import open_services
 from chatd.e2ee.keys import KeyService
 from chatd.e2ee.queues import QueueService
 from chatd.relay import Relay, serve_relay
@@ -38,6 +39,8 @@ class Server:
     auth: AuthService
     admin: AccountAdmin
     store: Store
+    keys: KeyService
+    queues: QueueService
 
     @property
     def url(self) -> str:
@@ -58,17 +61,17 @@ async def server(
     settings = AuthSettings(**{**defaults, **auth_settings})
     relay_settings = RelaySettings(port=0, idle_timeout_seconds=30, handshake_timeout_seconds=10)
     config = Config(relay=relay_settings, auth=settings, path=tmp / "chatd.toml")
+    if devices is not None:
+        config = dataclasses.replace(config, devices=devices)
     async with trio.open_nursery() as nursery:
         store = await nursery.start(serve_store, tmp / "c.db", KEY, StoreSettings())
-        auth = AuthService(store, settings)
-        keys = KeyService(store, devices or DeviceSettings())
-        queues = QueueService(store, devices or DeviceSettings())
+        services = await open_services(store, config)
         relay = await nursery.start(
-            partial(serve_relay, auth=auth, keys=keys, queues=queues), config, trio.Event()
+            partial(serve_relay, **services.for_relay()), config, trio.Event()
         )
-        admin = AccountAdmin(auth)
+        admin = AccountAdmin(services.auth, current=services.current)
         await create_once(admin, "alice", PASSWORD)
-        yield Server(relay, auth, admin, store)
+        yield Server(relay, services.auth, admin, store, services.keys, services.queues)
         nursery.cancel_scope.cancel()
 
 

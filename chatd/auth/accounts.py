@@ -17,6 +17,7 @@ from chatd.auth.queries import list_sessions_where
 from chatd.auth.service import AuthService
 from chatd.auth.tokens import new_invite_code, token_hash
 from chatd.auth.usernames import normalize_username
+from chatd.e2ee.current import CurrentDevices
 from chatd.store import now_ms
 
 ADMIN_PEER: Final = Peer(ip="admin-api", device_name="")
@@ -54,9 +55,10 @@ def _role(role: str) -> str:
 
 
 class AccountAdmin:
-    def __init__(self, auth: AuthService) -> None:
+    def __init__(self, auth: AuthService, *, current: CurrentDevices) -> None:
         self.auth = auth
         self.store = auth.store
+        self.current = current  # a disabled user's devices are not current
 
     # -- users ------------------------------------------------------------------------------
 
@@ -110,6 +112,7 @@ class AccountAdmin:
         """Disable (and revoke every session) or enable an account."""
         now = now_ms() if disabled else None
         await self._update_user(user_id, "UPDATE users SET disabled_at = ? WHERE id = ?", (now,))
+        self.current.changed((user_id,))
         if disabled:
             await self.auth.revoke_sessions(
                 await self.auth.user_session_ids(user_id), "account disabled"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
 from dataclasses import replace
 from functools import partial
 from typing import Any, Final
@@ -26,6 +25,7 @@ from chatd.auth.tokens import new_token, normalize_recovery_code, recovery_code_
 from chatd.auth.totp import verify_totp
 from chatd.auth.usernames import UsernameError, normalize_username
 from chatd.config import AuthSettings, DeviceSettings
+from chatd.events import UNHEARD, SessionEvents
 from chatd.log import fields
 from chatd.store import Store, now_ms
 
@@ -43,9 +43,15 @@ class AuthBase:
     """State and helpers every auth flow uses. See :class:`chatd.auth.service.AuthService`."""
 
     def __init__(
-        self, store: Store, settings: AuthSettings, devices: DeviceSettings | None = None
+        self,
+        store: Store,
+        settings: AuthSettings,
+        devices: DeviceSettings | None = None,
+        *,
+        events: SessionEvents = UNHEARD,
     ) -> None:
         self.store = store
+        self.events = events  # told which sessions were revoked
         self.settings = settings
         self.devices = devices or DeviceSettings()
         self.hasher = PasswordHasher(
@@ -66,8 +72,6 @@ class AuthBase:
         #: user id -> (TOTP secret waiting for its confirming code, deadline)
         self._pending_totp: dict[int, tuple[str, float]] = {}
         self.backoff = FailureBackoff(settings.backoff_base_seconds, settings.backoff_max_seconds)
-        #: Called with revoked session ids; the relay closes their connections.
-        self.on_revoked: Callable[[Iterable[int]], None] = lambda ids: None
 
     # -- blocking work, off the loop -------------------------------------------
 
@@ -188,7 +192,7 @@ class AuthBase:
 
         revoked = await self.store.write(revoke)
         if revoked:
-            self.on_revoked(revoked)
+            self.events.sessions_revoked(revoked)
         return revoked
 
     def _access_expiry(self, now: int, session_expires: int) -> int:

@@ -16,9 +16,10 @@ lifetime (``auth.refresh_token_days``). Each rotated refresh token is kept
 (hashed) as *spent*; presenting a spent one means it was copied, so the whole
 session is revoked and its live connections are closed (ASVS 10.4.5).
 
-Every revocation calls :attr:`AuthService.on_revoked` with the session ids, so
-the relay closes their connections at once; the relay also re-validates live
-sessions every ``auth.session_check_seconds`` as a backstop.
+Every revocation tells the relay's registry (the ``events`` given at
+construction) the session ids, so the relay closes their connections at
+once; the relay also re-validates live sessions every
+``auth.session_check_seconds`` as a backstop.
 
 Rate limits (token buckets) and exponential failure backoff are applied per
 IP network and per account, before any password work; nothing locks an
@@ -279,7 +280,7 @@ class AuthService(CredentialFlows):
 
         outcome, session = await self.store.write(rotate)
         if outcome == "token_reused" and session is not None:
-            self.on_revoked([session["id"]])
+            self.events.sessions_revoked([session["id"]])
             await self.audit("refresh", "token_reused", peer, session_id=session["id"])
             raise fail(
                 "invalid_token",

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import base64
 import secrets
-from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 import trio
@@ -33,6 +32,8 @@ import trio
 from chatd.auth.models import AuthError
 from chatd.config import DeviceSettings
 from chatd.e2ee import signing
+from chatd.e2ee.current import CurrentDevices
+from chatd.events import UNHEARD, KeyEvents
 from chatd.protocol import frames as f
 from chatd.store import Store, now_ms
 
@@ -97,11 +98,18 @@ def _key_object(device_id: str, key: f.SignedKey, *, fallback: bool) -> dict[str
 class KeyService:
     """Key uploads, claims and the directory. One per daemon."""
 
-    def __init__(self, store: Store, settings: DeviceSettings) -> None:
+    def __init__(
+        self,
+        store: Store,
+        settings: DeviceSettings,
+        *,
+        current: CurrentDevices,
+        events: KeyEvents = UNHEARD,
+    ) -> None:
         self.store = store
         self.settings = settings
-        #: Called with device ids whose one-time keys ran low; the relay tells them.
-        self.on_keys_low: Callable[[Iterable[str]], None] = lambda ids: None
+        self.current = current  # told when a device becomes current or is removed
+        self.events = events  # told which devices run low on one-time keys
 
     async def key_count(self, device_id: str, request_id: str | None = None) -> f.KeyCount:
         def count(conn: Any) -> tuple[int, bool]:
@@ -216,6 +224,8 @@ class KeyService:
 
         try:
             result = await self.store.write(store_keys)
+            if new_identity is not None:
+                self.current.changed((user_id,))  # the device may be current now
         except _TooMany as exc:
             raise AuthError(
                 "too_many_keys",
@@ -289,7 +299,7 @@ class KeyService:
 
         keys, missing, low = await self.store.write(take)
         if low:
-            self.on_keys_low(low)
+            self.events.keys_low(low)
         return keys, missing
 
     async def remove_device(self, user_id: int, device_id: str) -> list[int]:
@@ -322,6 +332,7 @@ class KeyService:
         ended = await self.store.write(remove)
         if ended is None:
             raise AuthError("unknown_device", "no device of yours has this id", field="$.device_id")
+        self.current.changed((user_id,))
         return ended
 
     async def directory(self) -> list[f.Member]:

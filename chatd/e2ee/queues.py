@@ -2,138 +2,312 @@
 
 Theory of operation
 -------------------
-A ``send`` carries one ciphertext per recipient device. The server checks
-that the devices are exactly the current devices of the users involved (plus
-the sender's own other devices), refuses the whole send if a recipient's
-queue is full, and otherwise queues one *envelope* per device, all in one
-durable write. Only after that commit does the sender get ``sent``: every
-envelope is then durably queued. A repeated ``message_id`` from the same
-device is answered with the same result and queues nothing twice.
+A ``send`` carries one ciphertext per recipient device. The queue service
+checks it on the event loop, against what it keeps in memory: the current
+devices of the users involved (:class:`~chatd.e2ee.current.CurrentDevices`),
+each device queue's running totals (for the caps), and the sends it accepted
+recently (for a repeated ``message_id``). A send that passes is *accepted*:
+each of its envelopes gets the next envelope id, joins its device's *tail*
+(envelopes accepted but not yet committed) and is announced to the relay
+(:meth:`QueueEvents.queued`), which hands it to the device's live
+connections at once. Its rows join the *open batch*.
 
-Each device's queue is ordered by envelope id. Connections of a device have
-a *pump* (see :mod:`chatd.relay_sessions`) that sends what is queued beyond
-what this connection already got, in batches; a new envelope wakes it. The
-device acknowledges cumulatively (``ack up_to``); the server then deletes
-those envelopes and queues a ``delivered`` receipt for each message's sender
-device. Delivery is at least once: a device may see an envelope again after a
-reconnect and removes duplicates by message id.
+The open batch is written by one job in the store's writer queue: whenever
+the batch holds anything, exactly one such job is queued, and it takes
+whatever the batch holds when the writer reaches it (three set-based
+statements: the ``sends`` rows, the envelopes, the deletes). So everything
+accepted before any other job was queued is written before that job runs;
+the relay's reads of a queue are jobs in the same queue, which is how a read
+and the tail handed in with it describe the queue at one instant
+(:mod:`chatd.protocol.delivery`).
+
+Acknowledgement deletes. If the envelope is still in the open batch, the ack
+cancels its insert and nothing of it ever reaches the disk; otherwise its id
+joins the batch's deletes. Either way a ``delivered`` receipt for the sender
+device is accepted like any envelope. The sender's ``sent`` waits until each
+envelope of its message is either committed or acknowledged, whichever
+comes first, so ``sent`` still means "durably queued or already delivered",
+while an online recipient never waits for the disk.
+
+Delivery is at least once: an envelope handed out before its commit may be
+seen again if the commit fails or the server stops first (the sender then
+gets no ``sent`` and resends under the same ``message_id``, which clients
+de-duplicate). A repeated ``message_id`` from the same device is answered
+with the first answer and queues nothing twice: from memory when the first
+was recent, otherwise because the batch's ``INSERT OR IGNORE`` into
+``sends`` finds the old row and leaves the repeat's envelopes out.
 
 Envelopes that stay unacknowledged expire (``devices.envelope_days``): the
-retention job deletes them in batches and queues an ``expired`` receipt for
-the sender. Receipts themselves expire quietly.
+retention job (:meth:`QueueService.expire`) reads a batch of them, and they
+are deleted and their ``expired`` receipts accepted through the same open
+batch. Receipts themselves expire quietly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Final
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, NamedTuple, Protocol
 
-from chatd.auth.models import AuthError
+import msgspec
+import trio
+
 from chatd.config import DeviceSettings
+from chatd.e2ee.current import CurrentDevices
+from chatd.errors import StoreError
 from chatd.protocol import frames as f
+from chatd.protocol.delivery import Sent
 from chatd.store import Store, now_ms
-from chatd.store.store import PendingWrite
 
 DAY_MS: Final = 86_400_000
-_Queued = tuple[f.Sent, list[tuple[str, f.Envelope]]]  # a send's outcome and its envelopes
-DELIVER_BATCH: Final = 100  # envelopes per deliver frame, at most...
-DELIVER_BYTES: Final = 256 * 1024  # ...and about this many bytes of ciphertext
+EXPIRED_RECEIPT_DAYS: Final = 30  # how long an expired receipt waits for its device
+MAX_RECENT_SENDS: Final = 65_536  # (device, message_id) answered from memory, at most
+
+_json = msgspec.json.Encoder()
+
+
+def utf8_size(text: str | None) -> int:
+    """Bytes of ``text`` in UTF-8 (the unit of the queue caps)."""
+    if not text:
+        return 0
+    return len(text) if text.isascii() else len(text.encode())
+
+
+class QueueEvents(Protocol):
+    """What the queue service tells the relay, on the event loop."""
+
+    def queued(self, device_id: str, envelope: f.Envelope) -> None:
+        """An envelope was accepted for this device (before its commit). Calls
+        for one device come in envelope id order."""
+
+    def dropped(self, device_id: str, envelope_ids: Sequence[int]) -> None:
+        """These envelopes left the queue without an ack (they expired)."""
+
+
+class Outcome:
+    """The outcome of a write the caller does not wait on: settled once, then
+    its callbacks run on the event loop. For a send, ``remaining`` counts the
+    envelopes not yet committed or acknowledged."""
+
+    __slots__ = ("remaining", "error", "envelopes", "_callbacks", "_event")
+
+    def __init__(self, remaining: int = 1, envelopes: int = 0) -> None:
+        self.remaining = remaining
+        self.envelopes = envelopes  # for a send: the count ``sent`` reports
+        self.error: StoreError | None = None
+        self._callbacks: list[Callable[[Outcome], None]] | None = None
+        self._event: trio.Event | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.remaining <= 0 or self.error is not None
+
+    def when_done(self, callback: Callable[[Outcome], None]) -> None:
+        """Run ``callback(self)`` once settled (now, if it is)."""
+        if self.done:
+            callback(self)
+        else:
+            if self._callbacks is None:
+                self._callbacks = []
+            self._callbacks.append(callback)
+
+    async def wait(self) -> None:
+        """Wait until settled; raises the StoreError of a failed write."""
+        if not self.done:
+            self._event = self._event or trio.Event()
+            await self._event.wait()
+        else:
+            await trio.lowlevel.checkpoint()
+        if self.error is not None:
+            raise self.error
+
+    def settle(self, count: int = 1) -> None:
+        if self.done:
+            return
+        self.remaining -= count
+        if self.done:
+            self._fire()
+
+    def fail(self, error: StoreError) -> None:
+        if not self.done:
+            self.error = error
+            self._fire()
+
+    def _fire(self) -> None:
+        callbacks, self._callbacks = self._callbacks, None
+        for callback in callbacks or ():
+            callback(self)
+        if self._event is not None:
+            self._event.set()
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """The send is accepted; ``outcome`` settles once it is durable or delivered."""
+
+    outcome: Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class Repeated:
+    """This device sent this ``message_id`` before: the first send's outcome
+    (which may still be pending) answers this one too. Nothing new is queued."""
+
+    outcome: Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class Mismatch:
+    """The send did not name exactly the current devices; nothing was queued."""
+
+    frame: f.DeviceMismatch
+
+
+@dataclass(frozen=True, slots=True)
+class QueueFull:
+    """A target device's queue is full; nothing was queued."""
+
+    device_ids: list[str]
+
+
+SendResult = Accepted | Repeated | Mismatch | QueueFull
+
+
+class _Insert(NamedTuple):
+    device_id: str  # the recipient device
+    envelope: f.Envelope
+    size: int  # bytes of ciphertext
+    expires_at: int
+    outcome: Outcome | None  # the send it belongs to (None for a receipt)
+
+
+class _Batch:
+    """What the next write job will write."""
+
+    __slots__ = ("inserts", "deletes", "sends", "waiters")
+
+    def __init__(self) -> None:
+        self.inserts: dict[int, _Insert] = {}
+        self.deletes: list[tuple[str, int, int]] = []  # (device, envelope id, bytes)
+        self.sends: list[tuple[str, str, int, int, Outcome]] = []  # device, message id, n, at
+        self.waiters: list[Outcome] = []  # settled when this batch commits
+
+    def __bool__(self) -> bool:
+        return bool(self.inserts or self.deletes or self.sends or self.waiters)
+
+
+class _Written(NamedTuple):
+    batch: _Batch
+    repeats: dict[Outcome, int]  # sends found already in ``sends``: their first count
+
+
+_INSERT_SENDS: Final = (
+    "INSERT OR IGNORE INTO sends (sender_device_id, message_id, envelopes, created_at)"
+    " SELECT value->>0, value->>1, value->>2, value->>3 FROM json_each(?)"
+    " RETURNING sender_device_id, message_id"
+)
+_INSERT_ENVELOPES: Final = (
+    "INSERT INTO envelopes (id, recipient_device_id, kind, message_id, sender_user_id,"
+    " sender_device_id, device_id, ciphertext, sent_at, expires_at)"
+    " SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6,"
+    " CAST(value->>7 AS BLOB), value->>8, value->>9 FROM json_each(?)"
+    # A device removed after the send was accepted: its queue is gone, and so
+    # is this envelope, as if the send had come just before the removal.
+    " WHERE value->>1 IN (SELECT id FROM devices)"
+)
+_DELETE_ENVELOPES: Final = "DELETE FROM envelopes WHERE id IN (SELECT value FROM json_each(?))"
+_READ_QUEUE: Final = (
+    "SELECT id, kind, message_id, sent_at, sender_user_id, sender_device_id, ciphertext,"
+    " device_id FROM envelopes WHERE recipient_device_id = ? AND id > ? ORDER BY id LIMIT ?"
+)
 
 
 class QueueService:
-    """Sends, deliveries and acks. One per daemon."""
+    """Sends, deliveries and acknowledgements. One per daemon; call :meth:`open` first."""
 
-    def __init__(self, store: Store, settings: DeviceSettings) -> None:
+    def __init__(
+        self,
+        store: Store,
+        settings: DeviceSettings,
+        current: CurrentDevices,
+        events: QueueEvents,
+    ) -> None:
         self.store = store
         self.settings = settings
-        #: Called with device ids whose queues changed without passing through
-        #: on_committed (the expiry job's receipts); the relay has them read again.
-        self.on_queued: Callable[[Iterable[str]], None] = lambda ids: None
-        #: Called on the loop right after each commit with the envelopes it queued,
-        #: as (recipient device, envelope) in queue order; the relay hands them
-        #: to live connections that are caught up, without reading them back.
-        self.on_committed: Callable[[list[tuple[str, f.Envelope]]], None] = lambda pairs: None
-        self._committed: list[tuple[str, f.Envelope]] = []
-        store.after_complete.append(self._flush_committed)
+        self.current = current
+        self.events = events
+        self._lock = threading.Lock()  # the open batch, shared with the writer thread
+        self._open = _Batch()
+        self._armed = False  # a job to write the open batch is in the writer's queue
+        self._taken: list[_Batch] = []  # batches the writer took, oldest first
+        self._next_id = 1
+        self._totals: dict[str, list[int]] = {}  # device -> [envelopes, bytes], accepted
+        self._tails: dict[str, dict[int, f.Envelope]] = {}  # device -> accepted, uncommitted
+        self._deleting: dict[str, set[int]] = {}  # device -> acknowledged, delete uncommitted
+        self._recent: dict[tuple[str, str], Outcome] = {}
+        self._has_sequence = False
 
-    def _collect(self, result: Any) -> None:
-        """on_commit of sends and acks: gather the batch's new envelopes."""
-        if isinstance(result, tuple):
-            self._committed.extend(result[1])
+    async def open(self) -> None:
+        """Load the queues' totals and the envelope id sequence."""
 
-    def _flush_committed(self) -> None:
-        if self._committed:
-            pairs, self._committed = self._committed, []
-            self.on_committed(pairs)
-
-    async def send(self, user_id: int, device_id: str, frame: f.Send) -> f.Sent | f.DeviceMismatch:
-        """Queue a message durably, or explain what is wrong. Raises AuthError."""
-        return await (await self.begin_send(user_id, device_id, frame))()
-
-    async def begin_send(
-        self, user_id: int, device_id: str, frame: f.Send
-    ) -> Callable[[], Awaitable[f.Sent | f.DeviceMismatch]]:
-        """Submit a send to the writer and return a function that waits for its
-        commit and gives the outcome (raising AuthError for a full queue).
-        Sends begun in order commit in order, so a connection may pipeline them."""
-        now = now_ms()
-        expires = now + int(self.settings.envelope_days * DAY_MS)
-        max_count = self.settings.max_queued_envelopes
-        max_bytes = self.settings.max_queued_bytes
-        # (user, device) -> the ciphertext as sent, and as stored (UTF-8, encoded
-        # here on the loop rather than in the writer thread).
-        targets = {
-            (e.user_id, e.device_id): (e.ciphertext, e.ciphertext.encode()) for e in frame.envelopes
-        }
-
-        def queue(conn: Any) -> _Queued | f.Sent | f.DeviceMismatch | list[str]:
-            done = conn.execute(
-                "SELECT envelopes FROM sends WHERE sender_device_id = ? AND message_id = ?",
-                (device_id, frame.message_id),
-            ).fetchone()
-            if done is not None:
-                return f.Sent(id=frame.id, message_id=frame.message_id, envelopes=done[0])
-            users = {uid for uid, _ in targets} | {user_id}
-            marks = ",".join("?" * len(users))
-            current = {
-                (row[0], row[1])
-                for row in conn.execute(
-                    f"SELECT d.user_id, d.id FROM devices d JOIN users u ON u.id = d.user_id"  # noqa: S608
-                    f" WHERE d.user_id IN ({marks}) AND d.ed25519 IS NOT NULL"
-                    " AND u.disabled_at IS NULL",
-                    tuple(users),
-                )
+        def load(conn: Any) -> tuple[dict[str, list[int]], int, bool]:
+            totals = {
+                d: [n, b]
+                for d, n, b in conn.execute("SELECT device_id, envelopes, bytes FROM queue_totals")
             }
-            current.discard((user_id, device_id))
-            missing = sorted(current - set(targets))
-            stale = sorted(set(targets) - current)
-            if missing or stale:
-                return f.DeviceMismatch(
+            row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'envelopes'")
+            seq = row.fetchone()
+            highest = conn.execute("SELECT max(id) FROM envelopes").fetchone()[0] or 0
+            return totals, max(highest, seq[0] if seq else 0), seq is not None
+
+        self._totals, last, self._has_sequence = await self.store.read(load)
+        self._next_id = last + 1
+
+    # -- sending -----------------------------------------------------------------
+
+    async def send(self, user_id: int, device_id: str, frame: f.Send) -> SendResult:
+        """Check a send and accept it, or say why not (see the module docstring).
+
+        Raises :class:`StoreError` when the store is shut down or unreadable.
+        """
+        key = (device_id, frame.message_id)
+        repeat = self._recent.get(key)
+        if repeat is not None:
+            return Repeated(repeat)
+        targets: dict[tuple[int, str], str] = {}
+        for e in frame.envelopes:
+            targets[(e.user_id, e.device_id)] = e.ciphertext
+        users = {u for u, _ in targets} | {user_id}
+        current = await self.current.of(users)
+        repeat = self._recent.get(key)  # the same send may have come meanwhile
+        if repeat is not None:
+            return Repeated(repeat)
+        expected = {(u, d) for u in users for d in current.get(u, ())}
+        expected.discard((user_id, device_id))
+        missing = sorted(expected - targets.keys())
+        stale = sorted(targets.keys() - expected)
+        if missing or stale:
+            return Mismatch(
+                f.DeviceMismatch(
                     id=frame.id,
                     message_id=frame.message_id,
                     missing=[f.DeviceRef(user_id=u, device_id=d) for u, d in missing],
                     stale=[f.DeviceRef(user_id=u, device_id=d) for u, d in stale],
                 )
-            full = []
-            for (_, target), (_, data) in targets.items():
-                # Kept by triggers on envelopes (schema version 6).
-                count, size = conn.execute(
-                    "SELECT envelopes, bytes FROM queue_totals WHERE device_id = ?", (target,)
-                ).fetchone() or (0, 0)
-                if count + 1 > max_count or size + len(data) > max_bytes:
-                    full.append(target)
-            if full:
-                return full
-            queued = []
-            for (_, target), (text, data) in targets.items():
-                cursor = conn.execute(
-                    "INSERT INTO envelopes (recipient_device_id, kind, message_id, sender_user_id,"
-                    " sender_device_id, ciphertext, sent_at, expires_at)"
-                    " VALUES (?, 'message', ?, ?, ?, ?, ?, ?)",
-                    (target, frame.message_id, user_id, device_id, data, now, expires),
-                )
+            )
+        sizes = {target: utf8_size(text) for (_, target), text in targets.items()}
+        full = sorted(d for d, size in sizes.items() if not self._has_room(d, size))
+        if full:
+            return QueueFull(full)
+        now = now_ms()
+        expires = now + int(self.settings.envelope_days * DAY_MS)
+        outcome = Outcome(remaining=len(targets), envelopes=len(targets))
+        announce: list[tuple[str, f.Envelope]] = []
+        with self._lock:
+            for (_, target), text in targets.items():
                 envelope = f.Envelope(
-                    envelope_id=int(cursor.lastrowid),
+                    envelope_id=self._next_id,
                     kind="message",
                     message_id=frame.message_id,
                     sent_at=now,
@@ -141,35 +315,128 @@ class QueueService:
                     sender_device_id=device_id,
                     ciphertext=text,
                 )
-                queued.append((target, envelope))
-            conn.execute(
-                "INSERT INTO sends (sender_device_id, message_id, envelopes, created_at)"
-                " VALUES (?, ?, ?, ?)",
-                (device_id, frame.message_id, len(targets), now),
-            )
-            sent = f.Sent(id=frame.id, message_id=frame.message_id, envelopes=len(targets))
-            return sent, queued
+                self._queue(target, envelope, sizes[target], expires, outcome, announce)
+            self._open.sends.append((device_id, frame.message_id, len(targets), now, outcome))
+        self._remember(key, outcome)
+        self._arm()
+        self._announce(announce)
+        return Accepted(outcome)
 
-        pending: PendingWrite[_Queued | f.Sent | f.DeviceMismatch | list[str]]
-        pending = await self.store.submit(queue, self._collect)
+    def _has_room(self, device_id: str, size: int) -> bool:
+        count, total = self._totals.get(device_id, (0, 0))
+        s = self.settings
+        return count + 1 <= s.max_queued_envelopes and total + size <= s.max_queued_bytes
 
-        async def finish() -> f.Sent | f.DeviceMismatch:
-            result = await pending.wait()
-            if isinstance(result, list):
-                raise AuthError(
-                    "queue_full",
-                    f"the queue of device {', '.join(sorted(result))} is full; nothing was sent "
-                    "(try again later)",
-                    field="$.envelopes",
-                )
-            if isinstance(result, tuple):
-                return result[0]
-            return result
+    def _queue(
+        self,
+        device_id: str,
+        envelope: f.Envelope,
+        size: int,
+        expires_at: int,
+        outcome: Outcome | None,
+        announce: list[tuple[str, f.Envelope]],
+    ) -> None:
+        """Accept one envelope (the lock is held): it joins the open batch, its
+        device's tail and totals, and ``announce`` (for :meth:`_announce`,
+        once the lock is released)."""
+        envelope_id = envelope.envelope_id
+        self._next_id = envelope_id + 1
+        self._open.inserts[envelope_id] = _Insert(device_id, envelope, size, expires_at, outcome)
+        self._tails.setdefault(device_id, {})[envelope_id] = envelope
+        totals = self._totals.setdefault(device_id, [0, 0])
+        totals[0] += 1
+        totals[1] += size
+        announce.append((device_id, envelope))
 
-        return finish
+    def _announce(self, announce: list[tuple[str, f.Envelope]]) -> None:
+        queued = self.events.queued
+        for device_id, envelope in announce:
+            queued(device_id, envelope)
 
-    async def pending(self, device_id: str, after: int) -> list[f.Envelope]:
-        """The next batch of this device's queue after envelope id ``after``."""
+    def _remember(self, key: tuple[str, str], outcome: Outcome) -> None:
+        self._recent[key] = outcome
+        if len(self._recent) > MAX_RECENT_SENDS:
+            del self._recent[next(iter(self._recent))]
+
+    # -- acknowledging ---------------------------------------------------------------
+
+    def acknowledge(self, device_id: str, acked: Sequence[tuple[int, Sent]]) -> Outcome:
+        """These envelopes of ``device_id`` were acknowledged (each for the first
+        time): delete them, or cancel their insert if it is still in the open
+        batch, and accept a ``delivered`` receipt for each message. The outcome
+        settles once all of it is durable."""
+        now = now_ms()
+        expires = now + int(self.settings.envelope_days * DAY_MS)
+        outcome = Outcome()
+        announce: list[tuple[str, f.Envelope]] = []
+        with self._lock:
+            batch = self._open
+            deletes_before = len(batch.deletes)
+            for envelope_id, sent in acked:
+                cancelled = batch.inserts.pop(envelope_id, None)
+                if cancelled is not None:
+                    self._unqueue(cancelled)
+                else:
+                    self._delete(device_id, envelope_id, sent.size)
+                if sent.kind == "message" and sent.sender_device_id:
+                    receipt = f.Envelope(
+                        envelope_id=self._next_id,
+                        kind="delivered",
+                        message_id=sent.message_id,
+                        sent_at=now,
+                        device_id=device_id,
+                    )
+                    self._queue(sent.sender_device_id, receipt, 0, expires, None, announce)
+            wrote = bool(announce) or len(batch.deletes) > deletes_before
+            if wrote:
+                batch.waiters.append(outcome)
+        if wrote:
+            self._arm()
+            self._announce(announce)
+        else:
+            outcome.settle()
+        return outcome
+
+    def _unqueue(self, cancelled: _Insert) -> None:
+        """An envelope's insert was cancelled before it was written."""
+        tail = self._tails.get(cancelled.device_id)
+        if tail is not None:
+            tail.pop(cancelled.envelope.envelope_id, None)
+            if not tail:
+                del self._tails[cancelled.device_id]
+        self._count(cancelled.device_id, -1, -cancelled.size)
+        if cancelled.outcome is not None:
+            cancelled.outcome.settle()
+
+    def _delete(self, device_id: str, envelope_id: int, size: int) -> None:
+        self._open.deletes.append((device_id, envelope_id, size))
+        self._deleting.setdefault(device_id, set()).add(envelope_id)
+        self._count(device_id, -1, -size)
+
+    def _count(self, device_id: str, envelopes: int, size: int) -> None:
+        totals = self._totals.get(device_id)
+        if totals is not None:
+            totals[0] = max(0, totals[0] + envelopes)
+            totals[1] = max(0, totals[1] + size)
+
+    # -- reading (for delivery) ----------------------------------------------------------
+
+    def read(
+        self,
+        device_id: str,
+        after: int,
+        limit: int,
+        done: Callable[[list[f.Envelope], int, bool, Iterable[f.Envelope]], None],
+        failed: Callable[[BaseException], None],
+    ) -> None:
+        """Read up to ``limit`` envelopes of this device's queue after id ``after``.
+
+        Once read, ``done(envelopes, through, complete, tail)`` runs on the loop:
+        the envelopes (without those acknowledged meanwhile), the highest id the
+        read covered, whether it reached the end of the table, and the device's
+        tail as it is at that moment. ``failed(exc)`` runs instead if the read
+        failed. Raises StoreError if the store is shut down.
+        """
 
         def read(conn: Any) -> list[f.Envelope]:
             return [
@@ -183,104 +450,229 @@ class QueueService:
                     ciphertext=r[6].decode() if r[6] is not None else None,
                     device_id=r[7],
                 )
+                for r in conn.execute(_READ_QUEUE, (device_id, after, limit))
+            ]
+
+        def committed(rows: list[f.Envelope]) -> None:
+            through = rows[-1].envelope_id if rows else after
+            complete = len(rows) < limit
+            deleting = self._deleting.get(device_id)
+            if deleting:
+                rows = [r for r in rows if r.envelope_id not in deleting]
+            done(rows, through, complete, self._tails.get(device_id, {}).values())
+
+        self.store.submit_nowait(read, committed, failed)
+
+    # -- expiry (retention) --------------------------------------------------------------
+
+    async def expire(self, *, now: int, limit: int) -> int:
+        """Delete up to ``limit`` expired envelopes; queue an ``expired`` receipt
+        for each expired message whose sender device still exists. Returns
+        how many were deleted, once that is durable."""
+        found: list[tuple[int, str, str, str, str | None, int]] = []
+        read_done = trio.Event()
+        read_error: list[BaseException] = []
+
+        def read(conn: Any) -> list[tuple[int, str, str, str, str | None, int]]:
+            return [
+                tuple(r)
                 for r in conn.execute(
-                    "SELECT id, kind, message_id, sent_at, sender_user_id, sender_device_id,"
-                    " ciphertext, device_id FROM envelopes"
-                    " WHERE recipient_device_id = ? AND id > ? ORDER BY id LIMIT ?",
-                    (device_id, after, DELIVER_BATCH),
+                    "SELECT id, recipient_device_id, kind, message_id, sender_device_id,"
+                    " coalesce(length(ciphertext), 0) FROM envelopes WHERE expires_at < ?"
+                    " ORDER BY expires_at LIMIT ?",
+                    (now, limit),
                 )
             ]
 
-        batches = deliver_batches(await self.store.read(read))
-        return batches[0] if batches else []
+        outcome = Outcome()
 
-    async def ack(self, device_id: str, up_to: int) -> int:
-        """Delete this device's envelopes up to ``up_to``; receipts go to the senders."""
-        return await (await self.begin_ack(device_id, up_to))()
+        def committed(rows: list[tuple[int, str, str, str, str | None, int]]) -> None:
+            # On the loop, at the read's place in the writer's queue: nothing
+            # acknowledged after the read was queued is expired again.
+            found.extend(self._expire_now(rows, outcome))
+            read_done.set()
 
-    async def begin_ack(self, device_id: str, up_to: int) -> Callable[[], Awaitable[int]]:
-        """Submit an ack to the writer; the returned function waits for its commit."""
+        def failed(exc: BaseException) -> None:
+            read_error.append(exc)
+            read_done.set()
+
+        self.store.submit_nowait(read, committed, failed)
+        await read_done.wait()
+        if read_error:
+            raise StoreError(f"reading expired envelopes failed: {read_error[0]}")
+        await outcome.wait()
+        return len(found)
+
+    def _expire_now(
+        self, rows: list[tuple[int, str, str, str, str | None, int]], outcome: Outcome
+    ) -> list[tuple[int, str, str, str, str | None, int]]:
         now = now_ms()
-        expires = now + int(self.settings.envelope_days * DAY_MS)
-
-        def delete(conn: Any) -> tuple[int, list[tuple[str, f.Envelope]]]:
-            # Two statements however many envelopes: a delivered receipt for
-            # each message whose sender device still exists, then the delete.
-            receipts = [
-                (
-                    sender,
-                    f.Envelope(
-                        envelope_id=envelope_id,
-                        kind="delivered",
+        expires = now + EXPIRED_RECEIPT_DAYS * DAY_MS
+        taken = []
+        by_device: dict[str, list[int]] = {}
+        announce: list[tuple[str, f.Envelope]] = []
+        with self._lock:
+            for row in rows:
+                envelope_id, recipient, kind, message_id, sender, size = row
+                if envelope_id in self._deleting.get(recipient, ()):
+                    continue  # acknowledged meanwhile
+                self._delete(recipient, envelope_id, size)
+                by_device.setdefault(recipient, []).append(envelope_id)
+                taken.append(row)
+                if kind == "message" and sender:
+                    receipt = f.Envelope(
+                        envelope_id=self._next_id,
+                        kind="expired",
                         message_id=message_id,
                         sent_at=now,
-                        device_id=device_id,
-                    ),
-                )
-                for envelope_id, sender, message_id in conn.execute(
-                    "INSERT INTO envelopes (recipient_device_id, kind, message_id, device_id,"
-                    " sent_at, expires_at)"
-                    " SELECT e.sender_device_id, 'delivered', e.message_id, ?, ?, ?"
-                    " FROM envelopes e JOIN devices d ON d.id = e.sender_device_id"
-                    " WHERE e.recipient_device_id = ? AND e.id <= ? AND e.kind = 'message'"
-                    " ORDER BY e.id RETURNING id, recipient_device_id, message_id",
-                    (device_id, now, expires, device_id, up_to),
-                ).fetchall()
+                        device_id=recipient,
+                    )
+                    self._queue(sender, receipt, 0, expires, None, announce)
+            if taken:
+                self._open.waiters.append(outcome)
+        if not taken:
+            outcome.settle()
+        self._arm()
+        self._announce(announce)
+        for device_id, ids in by_device.items():
+            self.events.dropped(device_id, ids)
+        return taken
+
+    def forget_device(self, device_id: str) -> None:
+        """A device was removed (its queue went with it)."""
+        self._totals.pop(device_id, None)
+
+    # -- the write job -------------------------------------------------------------------
+
+    def _arm(self) -> None:
+        """Make sure a job will write the open batch (see the module docstring)."""
+        with self._lock:
+            if self._armed or not self._open:
+                return
+            self._armed = True
+        try:
+            self.store.submit_nowait(self._write, self._committed, self._failed)
+        except StoreError as exc:
+            with self._lock:
+                self._armed = False
+                batch, self._open = self._open, _Batch()
+            self._settle_failed(batch, exc)
+
+    def _write(self, conn: Any) -> _Written:
+        """In the writer thread: take the open batch and write it."""
+        with self._lock:
+            batch, self._open = self._open, _Batch()
+            self._armed = False
+            self._taken.append(batch)
+            highest = self._next_id - 1
+        repeats: dict[Outcome, int] = {}
+        if batch.sends:
+            rows = [[d, m, n, at] for d, m, n, at, _ in batch.sends]
+            new = {
+                (r[0], r[1])
+                for r in conn.execute(_INSERT_SENDS, (_json.encode(rows).decode(),)).fetchall()
+            }
+            for d, m, _, _, outcome in batch.sends:
+                if (d, m) not in new and outcome not in repeats:
+                    row = conn.execute(
+                        "SELECT envelopes FROM sends WHERE sender_device_id = ? AND message_id = ?",
+                        (d, m),
+                    ).fetchone()
+                    repeats[outcome] = int(row[0]) if row else outcome.envelopes
+        if batch.inserts:
+            rows = [
+                [
+                    envelope_id,
+                    ins.device_id,
+                    ins.envelope.kind,
+                    ins.envelope.message_id,
+                    ins.envelope.sender_user_id,
+                    ins.envelope.sender_device_id,
+                    ins.envelope.device_id,
+                    ins.envelope.ciphertext,
+                    ins.envelope.sent_at,
+                    ins.expires_at,
+                ]
+                for envelope_id, ins in batch.inserts.items()
+                if ins.outcome is None or ins.outcome not in repeats
             ]
-            deleted = conn.execute(
-                "DELETE FROM envelopes WHERE recipient_device_id = ? AND id <= ?",
-                (device_id, up_to),
-            ).rowcount
-            return int(deleted), sorted(receipts, key=lambda r: r[1].envelope_id)
-
-        pending: PendingWrite[tuple[int, list[tuple[str, f.Envelope]]]]
-        pending = await self.store.submit(delete, self._collect)
-
-        async def finish() -> int:
-            deleted, _ = await pending.wait()
-            return deleted
-
-        return finish
-
-
-def deliver_batches(envelopes: list[f.Envelope]) -> list[list[f.Envelope]]:
-    """Split envelopes (in queue order) into ``deliver`` frames: at most
-    DELIVER_BATCH each, ending before the one that would take a frame's
-    ciphertext over DELIVER_BYTES (but never empty)."""
-    batches: list[list[f.Envelope]] = []
-    batch: list[f.Envelope] = []
-    size = 0
-    for envelope in envelopes:
-        grows = len(envelope.ciphertext or "")
-        if batch and (len(batch) == DELIVER_BATCH or size + grows > DELIVER_BYTES):
-            batches.append(batch)
-            batch, size = [], 0
-        batch.append(envelope)
-        size += grows
-    if batch:
-        batches.append(batch)
-    return batches
-
-
-def expire_envelopes(conn: Any, *, now: int, limit: int, notify: list[str] | None = None) -> int:
-    """Retention job: delete expired envelopes; tell senders their messages expired."""
-    rows = conn.execute(
-        "SELECT id, kind, message_id, sender_device_id, recipient_device_id FROM envelopes"
-        " WHERE expires_at < ? ORDER BY expires_at LIMIT ?",
-        (now, limit),
-    ).fetchall()
-    for envelope_id, kind, message_id, sender, recipient in rows:
-        conn.execute("DELETE FROM envelopes WHERE id = ?", (envelope_id,))
-        alive = sender and conn.execute("SELECT 1 FROM devices WHERE id = ?", (sender,)).fetchone()
-        if kind == "message" and alive:
+            if rows:
+                conn.execute(_INSERT_ENVELOPES, (_json.encode(rows).decode(),))
+        if batch.deletes:
+            ids = [envelope_id for _, envelope_id, _ in batch.deletes]
+            conn.execute(_DELETE_ENVELOPES, (_json.encode(ids).decode(),))
+        # Ids are never used twice, not even those cancelled before any write.
+        if not self._has_sequence:
             conn.execute(
-                "INSERT INTO envelopes (recipient_device_id, kind, message_id, device_id,"
-                " sent_at, expires_at) VALUES (?, 'expired', ?, ?, ?, ?)",
-                (sender, message_id, recipient, now, now + 30 * DAY_MS),
+                "INSERT INTO sqlite_sequence (name, seq) SELECT 'envelopes', ?"
+                " WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'envelopes')",
+                (highest,),
             )
-            if notify is not None:
-                notify.append(sender)
-    return len(rows)
+            self._has_sequence = True
+        conn.execute(
+            "UPDATE sqlite_sequence SET seq = ? WHERE name = 'envelopes' AND seq < ?",
+            (highest, highest),
+        )
+        return _Written(batch, repeats)
+
+    def _committed(self, written: _Written) -> None:
+        """On the loop: a batch is durable."""
+        batch, repeats = written
+        self._taken.remove(batch)
+        for ins in batch.inserts.values():
+            self._untail(ins)
+            if ins.outcome is None:
+                continue
+            if ins.outcome in repeats:
+                self._count(ins.device_id, -1, -ins.size)  # not written after all
+            else:
+                ins.outcome.settle()
+        for outcome, envelopes in repeats.items():
+            outcome.envelopes = envelopes
+            outcome.settle(outcome.remaining)
+        for device_id, envelope_id, _ in batch.deletes:
+            self._undelete(device_id, envelope_id)
+        for waiter in batch.waiters:
+            waiter.settle()
+
+    def _failed(self, exc: BaseException) -> None:
+        """On the loop: the job writing a batch failed (or never ran)."""
+        error = exc if isinstance(exc, StoreError) else StoreError(f"the write failed: {exc}")
+        if self._taken:
+            batch = self._taken.pop(0)
+        else:  # the batch was never taken: fail what is open
+            with self._lock:
+                batch, self._open = self._open, _Batch()
+                self._armed = False
+        self._settle_failed(batch, error)
+
+    def _settle_failed(self, batch: _Batch, error: StoreError) -> None:
+        for device_id, message_id, _, _, _ in batch.sends:
+            self._recent.pop((device_id, message_id), None)  # a resend is a new send
+        for ins in batch.inserts.values():
+            self._untail(ins)
+            self._count(ins.device_id, -1, -ins.size)
+            if ins.outcome is not None:
+                ins.outcome.fail(error)
+        for device_id, envelope_id, size in batch.deletes:
+            self._undelete(device_id, envelope_id)
+            self._count(device_id, 1, size)
+        for waiter in batch.waiters:
+            waiter.fail(error)
+
+    def _untail(self, ins: _Insert) -> None:
+        tail = self._tails.get(ins.device_id)
+        if tail is not None:
+            tail.pop(ins.envelope.envelope_id, None)
+            if not tail:
+                del self._tails[ins.device_id]
+
+    def _undelete(self, device_id: str, envelope_id: int) -> None:
+        deleting = self._deleting.get(device_id)
+        if deleting is not None:
+            deleting.discard(envelope_id)
+            if not deleting:
+                del self._deleting[device_id]
 
 
 def purge_sends(conn: Any, *, now: int, limit: int, days: float) -> int:

@@ -26,7 +26,7 @@ Close codes (documented in docs/PROTOCOL.md) are the constants below.
 from __future__ import annotations
 
 import enum
-import re
+import typing
 from dataclasses import dataclass
 from typing import Final
 
@@ -49,6 +49,9 @@ from chatd.protocol.frames import (
     Resume,
     ServerFrame,
 )
+from chatd.protocol.validation import ERR_BAD_FRAME, ERR_UNKNOWN_TYPE, Problem, explain
+
+__all__ = ["ERR_BAD_FRAME", "ERR_UNKNOWN_TYPE"]
 
 CLOSE_NORMAL: Final = 1000  # the client said goodbye
 CLOSE_GOING_AWAY: Final = 1001  # the server is shutting down
@@ -75,15 +78,10 @@ REASON_BINARY: Final = "binary frames are not supported"
 REASON_SHUTDOWN: Final = "server shutting down"
 REASON_INTERNAL: Final = "internal error"
 
-#: Error frame codes.
-ERR_BAD_FRAME: Final = "bad_frame"  # not JSON, or a field is missing/wrong
-ERR_UNKNOWN_TYPE: Final = "unknown_type"  # ``type`` names no frame
+#: Error frame codes (and ERR_BAD_FRAME, ERR_UNKNOWN_TYPE from validation).
 ERR_AUTH_REQUIRED: Final = "auth_required"  # log in (or resume) first
 ERR_ALREADY_AUTHENTICATED: Final = "already_authenticated"  # one session per connection
 ERR_MFA_ENROLLMENT_REQUIRED: Final = "mfa_enrollment_required"  # enroll TOTP first
-
-_PATH_RE: Final = re.compile(r" - at `([^`]+)`$")
-_UNKNOWN_FIELD_RE: Final = re.compile(r"(?:unknown|missing required) field `([^`]+)`")
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,17 +115,12 @@ _decoder: Final = msgspec.json.Decoder(ClientFrame)
 _encoder: Final = msgspec.json.Encoder()
 
 
-def _request_id(data: str | bytes) -> str | None:
-    """The ``id`` of a frame that failed validation, if it has a usable one,
-    so the client can match the error to its request."""
-    try:
-        raw = msgspec.json.decode(data)
-    except (msgspec.DecodeError, UnicodeDecodeError):
-        return None
-    value = raw.get("id") if isinstance(raw, dict) else None
-    if isinstance(value, str) and 0 < len(value) <= MAX_ID_CHARS:
-        return value
-    return None
+#: Each client frame type by its ``type`` tag, for explaining refusals.
+_FRAME_TYPES: Final = {
+    str(t.__struct_config__.tag): t
+    for t in typing.get_args(ClientFrame)
+    if isinstance(t, type) and issubclass(t, msgspec.Struct)
+}
 
 
 def encode(frame: ServerFrame) -> bytes:
@@ -166,10 +159,8 @@ class ServerConnection:
                 return self._close(CLOSE_INVALID_PAYLOAD, "text frame is not valid UTF-8")
         try:
             frame = _decoder.decode(data)
-        except msgspec.ValidationError as exc:
-            return self._bad_frame(exc, request_id=_request_id(data))
-        except msgspec.DecodeError as exc:
-            return self._bad_frame(exc, not_json=True)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return self._bad_frame(explain(data, _FRAME_TYPES, max_id_chars=MAX_ID_CHARS))
         return self._dispatch(frame)
 
     def receive_bytes(self, data: bytes) -> list[Action]:
@@ -289,26 +280,11 @@ class ServerConnection:
         self.state = State.CLOSED
         return [Close(code, reason)]
 
-    def _bad_frame(
-        self, exc: Exception, *, not_json: bool = False, request_id: str | None = None
-    ) -> list[Action]:
+    def _bad_frame(self, problem: Problem) -> list[Action]:
         self.bad_frames += 1
-        text = str(exc)
-        field: str | None = None
-        match = _PATH_RE.search(text)
-        if match:
-            field = match.group(1)
-            text = text[: match.start()]
-        unknown = _UNKNOWN_FIELD_RE.search(text)
-        if unknown:
-            field = f"{field or '$'}.{unknown.group(1)}"
-        code = ERR_BAD_FRAME
-        if field == "$.type" or "missing required field `type`" in text:
-            field = "$.type"
-            code = ERR_UNKNOWN_TYPE if "Invalid value" in text else ERR_BAD_FRAME
-        if not_json:
-            text = "frame is not a JSON object: " + text
-        error = Error(code=code, message=text, field=field, id=request_id)
+        error = Error(
+            code=problem.code, message=problem.message, field=problem.field, id=problem.request_id
+        )
         actions: list[Action] = [Send(encode(error))]
         if self.bad_frames >= self.limits.max_bad_frames:
             actions += self._close(CLOSE_POLICY, REASON_TOO_MANY_BAD_FRAMES)

@@ -237,8 +237,15 @@ class Typing(Frame, tag="typing"):
     active: bool
 
 
+MAX_WATCH_USERS: Final = 1_000
+
+
 class WhoIsOnline(Frame, tag="who_is_online"):
+    """Who is online: everyone, or (with ``user_ids``) which of these users,
+    who are then watched: their presence changes are pushed from now on."""
+
     id: RequestId
+    user_ids: Annotated[list[UserId], msgspec.Meta(max_length=MAX_WATCH_USERS)] | None = None
 
 
 #: Every frame a client may send. Decoding a union makes ``type`` mandatory.

@@ -57,16 +57,23 @@ _STOP: Final = object()
 
 
 class _Job(Generic[T]):
-    __slots__ = ("fn", "result", "error", "done", "on_commit")
+    __slots__ = ("fn", "result", "error", "done", "on_commit", "on_error", "bounded")
 
     def __init__(
-        self, fn: Callable[[Connection], T], on_commit: Callable[[T], None] | None = None
+        self,
+        fn: Callable[[Connection], T],
+        on_commit: Callable[[T], None] | None = None,
+        on_error: Callable[[BaseException], None] | None = None,
+        *,
+        bounded: bool = True,
     ) -> None:
         self.fn = fn
         self.result: T | None = None
         self.error: BaseException | None = None
         self.done = trio.Event()
         self.on_commit = on_commit
+        self.on_error = on_error
+        self.bounded = bounded  # holds one of the max_pending_writes slots
 
 
 class PendingWrite(Generic[T]):
@@ -118,8 +125,6 @@ class Store:
         self._token: trio.lowlevel.TrioToken | None = None
         self._closed = False
         self.stats = StoreStats()
-        #: Called on the event loop after each batch's on_commit callbacks.
-        self.after_complete: list[Callable[[], None]] = []
 
     # -- lifecycle (called by serve_store) ---------------------------------
 
@@ -172,9 +177,8 @@ class Store:
         the result once durable, exactly like :meth:`write`.
 
         ``on_commit(result)``, if given, runs on the event loop right after the
-        commit, before any waiter wakes, in commit order with the other jobs'
-        (then the ``after_complete`` hooks run once per batch). It must not
-        block or raise.
+        commit, before any waiter wakes, in commit order with the other jobs'.
+        It must not block or raise.
         """
         if self._closed or self._thread is None:
             raise StoreClosedError("the store is shut down; the write was not made")
@@ -184,6 +188,28 @@ class Store:
         job: _Job[T] = _Job(fn, on_commit)
         self._queue.put(job)
         return PendingWrite(job)
+
+    def submit_nowait(
+        self,
+        fn: Callable[[Connection], T],
+        on_commit: Callable[[T], None],
+        on_error: Callable[[BaseException], None],
+    ) -> None:
+        """Queue ``fn`` for the writer at once, without waiting for a slot.
+
+        For callers that keep a bounded number of such jobs in flight
+        themselves (the queue service keeps one batch job queued at a time,
+        and each connection at most one read of its queue): the job goes into
+        the writer's queue before this returns, so it runs after every job
+        queued before it and before every job queued after it. Exactly one of
+        ``on_commit(result)`` and ``on_error(exception)`` runs on the event
+        loop once the batch holding it has committed or failed, in commit
+        order with the other jobs' callbacks; neither may block or raise.
+        Raises :class:`StoreClosedError` after shutdown.
+        """
+        if self._closed or self._thread is None:
+            raise StoreClosedError("the store is shut down; the write was not made")
+        self._queue.put(_Job(fn, on_commit, on_error, bounded=False))
 
     async def read(self, fn: Callable[[Connection], T]) -> T:
         """Run ``fn(conn)`` on a read-only connection in a worker thread."""
@@ -205,19 +231,18 @@ class Store:
         """In the Trio thread: run the commit callbacks in order, then wake the
         batch's callers and free their slots."""
         for job in batch:
-            if job.on_commit is not None and job.error is None:
-                try:
-                    job.on_commit(job.result)
-                except Exception:
-                    log.exception("store.on_commit_failed")
-        for hook in self.after_complete:
             try:
-                hook()
+                if job.error is None:
+                    if job.on_commit is not None:
+                        job.on_commit(job.result)
+                elif job.on_error is not None:
+                    job.on_error(job.error)
             except Exception:
-                log.exception("store.after_complete_failed")
+                log.exception("store.on_commit_failed")
         for job in batch:
             job.done.set()
-            self._pending.release()
+            if job.bounded:
+                self._pending.release()
 
     def _read_in_thread(self, fn: Callable[[Connection], T]) -> T:
         try:

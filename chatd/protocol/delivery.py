@@ -1,0 +1,301 @@
+"""Delivery rules: which envelopes a connection is sent, in what order, and
+what an acknowledgement covers. Data and pure functions; no sockets, no loop.
+
+Theory of operation
+-------------------
+Every device has one queue of envelopes, ordered by ``envelope_id``. Part of
+it is durable (rows in the database) and part of it may not be yet: the
+*tail*, envelopes the server accepted whose write has not committed. Ids are
+handed out in the order envelopes are accepted, so the tail always follows
+the rows: its ids are larger than every row's.
+
+Each connection of a device follows that queue with a :class:`Delivery`, a
+cursor and a window. It is in one of three phases:
+
+``WAITING``
+    No session yet (or a session that must still enroll in a second factor):
+    nothing is delivered. :meth:`Delivery.start` is called once the reply that
+    starts the session has been queued, so that reply always comes before the
+    first ``deliver`` (*session before first deliver*).
+``BEHIND``
+    The connection has not been handed everything up to the end of its
+    queue. The I/O layer reads rows after the cursor (:meth:`Delivery.read_limit`
+    says how many) and hands them in with :meth:`Delivery.read_done`, together
+    with the tail as it is at that moment. If the rows reached the end of the
+    table and the tail fits the window, the connection is caught up: ``LIVE``.
+``LIVE``
+    Caught up. Each envelope accepted from now on is offered to it at once
+    (:meth:`Delivery.offer`), before its write commits. When the window is
+    full, an offer is declined and the connection falls ``BEHIND``: what it
+    declined will be read from the table (or the tail) once the window opens.
+
+There is one path: the cursor only moves forward, and every envelope past it
+reaches the connection either by an offer while ``LIVE`` or by a read while
+``BEHIND``. The I/O layer keeps one promise for this to hold: a read's rows
+and the tail it hands in describe the queue at one instant (the relay makes
+reads through the writer's queue and hands the tail in from the read's
+commit callback, see :mod:`chatd.relay.delivery`).
+
+Invariants, each checked by ``tests/test_delivery.py``:
+
+* **Order.** A connection is sent ids in strictly increasing order, across
+  ``deliver`` frames too.
+* **Window.** Envelopes handed to a connection and not yet acknowledged on it
+  (``ready`` plus ``unacked``) never exceed the window.
+* **Ack cut.** :meth:`Delivery.ack` covers only ids this connection was sent,
+  up to ``up_to``: an ``up_to`` beyond them acknowledges nothing unseen, and
+  an envelope handed over but not yet written to the socket is not covered.
+* **Once per device.** A device's envelope is acknowledged once, whichever
+  of its connections acks it first (:class:`DeviceLedger`): one receipt, one
+  delete.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+from collections.abc import Container, Iterable, Sequence
+from typing import Final, NamedTuple
+
+from chatd.protocol.frames import Envelope
+
+DELIVERY_WINDOW: Final = 1_000  # envelopes handed to a connection and not yet acknowledged
+DELIVER_BATCH: Final = 100  # envelopes per deliver frame, at most...
+DELIVER_BYTES: Final = 256 * 1024  # ...and about this many bytes of ciphertext
+READ_BATCH: Final = DELIVER_BATCH  # rows one read of the table asks for, at most
+
+
+class Phase(enum.Enum):
+    WAITING = "waiting"  # no session (or a restricted one): nothing is delivered
+    BEHIND = "behind"  # the table must be read from the cursor
+    LIVE = "live"  # caught up: new envelopes are offered as they are accepted
+
+
+class Sent(NamedTuple):
+    """What the server remembers of an envelope a connection was sent: enough to
+    acknowledge it (a receipt for a message, the bytes it freed), not its text."""
+
+    kind: str
+    message_id: str
+    sender_device_id: str | None
+    size: int  # bytes of ciphertext
+
+
+def sent_record(envelope: Envelope) -> Sent:
+    ciphertext = envelope.ciphertext
+    return Sent(
+        envelope.kind,
+        envelope.message_id,
+        envelope.sender_device_id,
+        len(ciphertext.encode()) if ciphertext else 0,
+    )
+
+
+class Delivery:
+    """One connection's position in its device's queue."""
+
+    __slots__ = ("window", "phase", "cursor", "ready", "unacked", "reading")
+
+    def __init__(self, window: int = DELIVERY_WINDOW) -> None:
+        self.window = window
+        self.phase = Phase.WAITING
+        self.cursor = 0  # the highest envelope id handed to this connection
+        self.ready: list[Envelope] = []  # handed over, not yet written to the socket
+        self.unacked: list[int] = []  # written, not yet acknowledged here (ascending)
+        self.reading = False  # a read of the table is in flight
+
+    @property
+    def room(self) -> int:
+        """How many more envelopes the window admits."""
+        return self.window - len(self.ready) - len(self.unacked)
+
+    def start(self) -> None:
+        """The session's reply is queued: delivery may begin (with a read)."""
+        if self.phase is Phase.WAITING:
+            self.phase = Phase.BEHIND
+
+    def read_limit(self) -> int:
+        """How many rows to read from the table now; 0 when no read is due
+        (not behind, a read already in flight, or the window is full). The
+        caller then makes the read and reports it with :meth:`read_done`."""
+        if self.phase is not Phase.BEHIND or self.reading:
+            return 0
+        limit = min(self.room, READ_BATCH)
+        if limit > 0:
+            self.reading = True
+        return limit
+
+    def read_done(
+        self, rows: Sequence[Envelope], *, through: int, complete: bool, tail: Iterable[Envelope]
+    ) -> list[Envelope]:
+        """A read after the cursor came back: ``rows`` (ascending, at most the
+        limit asked for; rows already acknowledged are left out by the caller),
+        ``through`` the highest id the read covered, ``complete`` whether it
+        reached the end of the table, and ``tail`` the envelopes accepted but
+        not committed, as they are now. Returns the envelopes handed over."""
+        self.reading = False
+        if self.phase is not Phase.BEHIND:
+            return []
+        before = len(self.ready)
+        for envelope in rows:
+            if envelope.envelope_id > self.cursor:
+                self.ready.append(envelope)
+                self.cursor = envelope.envelope_id
+        self.cursor = max(self.cursor, through)
+        if complete:
+            caught_up = True
+            for envelope in tail:
+                if envelope.envelope_id <= self.cursor:
+                    continue
+                if self.room <= 0:
+                    caught_up = False
+                    break
+                self.ready.append(envelope)
+                self.cursor = envelope.envelope_id
+            if caught_up:
+                self.phase = Phase.LIVE
+        return self.ready[before:]
+
+    def offer(self, envelope: Envelope) -> bool:
+        """A newly accepted envelope of this device (offers come in id order).
+        True if this connection takes it now; a full window sends it ``BEHIND``."""
+        if self.phase is not Phase.LIVE or envelope.envelope_id <= self.cursor:
+            return False
+        if self.room <= 0:
+            self.phase = Phase.BEHIND
+            return False
+        self.ready.append(envelope)
+        self.cursor = envelope.envelope_id
+        return True
+
+    def take_ready(self, outstanding: Container[int]) -> list[Envelope]:
+        """The envelopes to write now, in order; from here on they count as sent.
+        Those no longer ``outstanding`` (another connection of the device
+        acknowledged them meanwhile) are left out."""
+        taken = [e for e in self.ready if e.envelope_id in outstanding]
+        self.ready = []
+        self.unacked.extend(e.envelope_id for e in taken)
+        return taken
+
+    def ack(self, up_to: int) -> list[int]:
+        """The ids an ``ack up_to`` covers on this connection (the ack cut), which
+        leave the window."""
+        cut = bisect.bisect_right(self.unacked, up_to)
+        acked = self.unacked[:cut]
+        del self.unacked[:cut]
+        return acked
+
+    def held(self) -> list[int]:
+        """Every id handed to this connection and not acknowledged on it."""
+        return self.unacked + [e.envelope_id for e in self.ready]
+
+
+class DeviceLedger:
+    """What the connections of one device were handed and nobody acknowledged yet.
+
+    An envelope enters when it is first handed to one of the device's
+    connections and leaves when any of them acknowledges it (or it expires,
+    or no connection holds it any more), so that two connections
+    acknowledging the same envelope make one receipt and one delete between
+    them, and a connection does not write what another one already had
+    acknowledged (:meth:`Delivery.take_ready`).
+    """
+
+    __slots__ = ("outstanding",)
+
+    def __init__(self) -> None:
+        self.outstanding: dict[int, Sent] = {}
+
+    def handed(self, envelopes: Iterable[Envelope]) -> None:
+        for envelope in envelopes:
+            if envelope.envelope_id not in self.outstanding:
+                self.outstanding[envelope.envelope_id] = sent_record(envelope)
+
+    def acknowledge(self, ids: Iterable[int]) -> list[tuple[int, Sent]]:
+        """Of these ids (one connection's ack cut), the ones acknowledged for
+        the first time, with what is needed to act on them."""
+        first = []
+        for envelope_id in ids:
+            record = self.outstanding.pop(envelope_id, None)
+            if record is not None:
+                first.append((envelope_id, record))
+        return first
+
+    def forget(self, ids: Iterable[int], still_held: Iterable[Iterable[int]] = ()) -> None:
+        """Drop these ids (a connection closed, or they expired), except those
+        another connection of the device still holds."""
+        keep: set[int] = set()
+        for held in still_held:
+            keep.update(held)
+        for envelope_id in ids:
+            if envelope_id not in keep:
+                self.outstanding.pop(envelope_id, None)
+
+
+def deliver_batches(envelopes: list[Envelope]) -> list[list[Envelope]]:
+    """Split envelopes (in queue order) into ``deliver`` frames: at most
+    DELIVER_BATCH each, ending before the one that would take a frame's
+    ciphertext over DELIVER_BYTES (but never empty)."""
+    batches: list[list[Envelope]] = []
+    batch: list[Envelope] = []
+    size = 0
+    for envelope in envelopes:
+        grows = len(envelope.ciphertext or "")
+        if batch and (len(batch) == DELIVER_BATCH or size + grows > DELIVER_BYTES):
+            batches.append(batch)
+            batch, size = [], 0
+        batch.append(envelope)
+        size += grows
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+class Replies:
+    """Answers to one connection's messages, kept in the order they came.
+
+    Most answers are known at once (:meth:`answer`). A pipelined request (a
+    ``send`` waiting for its commit, an ``ack`` with an id) takes a slot with
+    :meth:`reserve` and fills it later; answers behind an unfilled slot wait
+    for it. :meth:`take` gives what can go out now, in order.
+    """
+
+    __slots__ = ("_slots", "_base", "waiting")
+
+    def __init__(self) -> None:
+        self._slots: list[list[bytes] | None] = []  # None: not filled yet
+        self._base = 0  # how many slots were taken before the first one here
+        self.waiting = 0  # reserved slots not filled yet
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def answer(self, frames: list[bytes]) -> None:
+        self._slots.append(frames)
+
+    def reserve(self) -> int:
+        """A slot for an answer to come; returns its handle for :meth:`fill`."""
+        self._slots.append(None)
+        self.waiting += 1
+        return len(self._slots) - 1 + self._base
+
+    def fill(self, handle: int, frames: list[bytes]) -> None:
+        index = handle - self._base
+        if 0 <= index < len(self._slots) and self._slots[index] is None:
+            self._slots[index] = frames
+            self.waiting -= 1
+
+    def take(self) -> list[bytes]:
+        """The frames that may be written now: every answer up to the first
+        slot still waiting."""
+        out: list[bytes] = []
+        n = 0
+        for frames in self._slots:
+            if frames is None:
+                break
+            out.extend(frames)
+            n += 1
+        if n:
+            del self._slots[:n]
+            self._base += n
+        return out

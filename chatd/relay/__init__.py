@@ -1,0 +1,41 @@
+"""The relay: the public WebSocket server every client speaks to.
+
+Modules, one job each:
+
+* :mod:`chatd.relay.ws`: the WebSocket server on h11 and wsproto (accept,
+  upgrade, framing, the lingering close);
+* :mod:`chatd.relay.connection`: one connection's send queue, writer and close;
+* :mod:`chatd.relay.registry`: live connections by session, user and device,
+  presence, and the event sink the services report to;
+* :mod:`chatd.relay.delivery`: envelopes from a device's queue to its connections;
+* :mod:`chatd.relay.dispatch`: what each client frame does;
+* :mod:`chatd.relay.server`: :func:`serve_relay`, the service itself.
+
+The protocol rules they follow live, without I/O, in :mod:`chatd.protocol`.
+"""
+
+from chatd.relay.connection import CLOSE_TIMEOUT, REASON_SEND_TIMEOUT, Connection
+from chatd.relay.registry import Registry
+from chatd.relay.server import (
+    WS_PATH,
+    Relay,
+    TrustedProxies,
+    listener_port,
+    open_relay_listeners,
+    serve_relay,
+    tls_context,
+)
+
+__all__ = [
+    "CLOSE_TIMEOUT",
+    "REASON_SEND_TIMEOUT",
+    "WS_PATH",
+    "Connection",
+    "Registry",
+    "Relay",
+    "TrustedProxies",
+    "listener_port",
+    "open_relay_listeners",
+    "serve_relay",
+    "tls_context",
+]

@@ -1,0 +1,362 @@
+"""The request dispatcher: what each client frame does, and its answer.
+
+The protocol core (:mod:`chatd.protocol.core`) decides *whether* a frame is
+allowed in the connection's state and answers what it can alone (``ping``,
+bad frames, ``bye``); the dispatcher carries out the rest with the services
+and queues the answers on the connection, in the order the frames came.
+
+``send`` and ``ack`` are pipelined: a connection may have up to
+PIPELINE_DEPTH of them waiting for their outcome while it reads on. A
+``send`` is checked and accepted at once (its envelopes reach live
+recipients before they are written) and keeps its place among the answers
+until it is durable or delivered (:mod:`chatd.e2ee.queues`). Any other
+request first waits until every earlier ``send`` and ``ack`` is answered, so
+a request that changes the session sees every earlier write done.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any, Final
+
+import msgspec
+
+from chatd.auth.models import AuthError, Peer, SessionGrant
+from chatd.auth.service import AuthService
+from chatd.e2ee.keys import KeyService
+from chatd.e2ee.queues import Accepted, Mismatch, Outcome, QueueFull, QueueService, Repeated
+from chatd.errors import StoreError
+from chatd.log import client_network, fields, mask_ip
+from chatd.protocol import core
+from chatd.protocol import frames as f
+from chatd.protocol.delivery import Phase
+from chatd.relay import delivery
+from chatd.relay.connection import Connection
+from chatd.relay.registry import Registry, close_with
+from chatd.store import now_ms
+
+log = logging.getLogger("chatd.relay")
+
+PIPELINE_DEPTH: Final = 64  # sends and acks per connection waiting for their outcome
+STORAGE_RETRY_SECONDS: Final = 5.0  # retry_after of a storage_unavailable error
+
+ERR_QUEUE_FULL: Final = "queue_full"
+ERR_STORAGE_UNAVAILABLE: Final = "storage_unavailable"
+
+
+def _session_frame(request_id: str, grant: SessionGrant) -> f.Session:
+    return f.Session(
+        id=request_id,
+        session_id=grant.session_id,
+        user=f.User(id=grant.user_id, username=grant.username, role=grant.role),
+        access_expires_at=grant.access_expires_at,
+        expires_at=grant.expires_at,
+        mfa_enrollment_required=grant.mfa_enrollment_required,
+        device_id=grant.device_id,
+        access_token=grant.access_token,
+        refresh_token=grant.refresh_token,
+    )
+
+
+def _storage_error(proto: core.ServerConnection, request_id: str | None) -> list[core.Action]:
+    return proto.error(
+        ERR_STORAGE_UNAVAILABLE,
+        "the server cannot write to its storage right now; nothing was changed (try again)",
+        request_id=request_id,
+        retry_after=STORAGE_RETRY_SECONDS,
+    )
+
+
+class Dispatcher:
+    """Carries out client frames for one relay."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        auth: AuthService,
+        keys: KeyService,
+        queues: QueueService,
+    ) -> None:
+        self.registry = registry
+        self.auth = auth
+        self.keys = keys
+        self.queues = queues
+
+    async def carry_out(self, conn: Connection, actions: list[core.Action]) -> None:
+        """Carry out the core's actions for one client message, in order."""
+        for action in actions:
+            if conn.closing is not None:
+                return
+            if isinstance(action, core.Send):
+                conn.answer([action.data])
+            elif isinstance(action, core.Close):
+                conn.close(action)
+            elif isinstance(action, f.Send):
+                await self._send(conn, action)
+            elif isinstance(action, f.Ack):
+                self._ack(conn, action)
+            else:
+                await self._request(conn, action)
+
+    def _perform(self, conn: Connection, actions: list[core.Action]) -> None:
+        """Answer with the frames among ``actions``, then close if one says so."""
+        conn.answer([a.data for a in actions if isinstance(a, core.Send)])
+        close_with(conn, actions)
+
+    # -- pipelined: send and ack -------------------------------------------------------
+
+    async def _send(self, conn: Connection, frame: f.Send) -> None:
+        grant = conn.grant
+        proto = conn.proto
+        if grant is None or not grant.device_id:
+            error = proto.error("no_device", "this session has no device", request_id=frame.id)
+            self._perform(conn, error)
+            return
+        await conn.wait_answers(below=PIPELINE_DEPTH)  # backpressure, not an error
+        try:
+            result = await self.queues.send(grant.user_id, grant.device_id, frame)
+        except StoreError:
+            self._perform(conn, _storage_error(proto, frame.id))
+            return
+        match result:
+            case Accepted(outcome) | Repeated(outcome):
+                handle = conn.reserve()
+                if handle is None:
+                    return
+                outcome.when_done(lambda o: conn.fill(handle, _sent(proto, frame, o)))
+                self.registry.watch(conn, {e.user_id for e in frame.envelopes})
+            case Mismatch(mismatch):
+                self._perform(conn, proto.reply(mismatch))
+            case QueueFull(device_ids):
+                self._perform(
+                    conn,
+                    proto.error(
+                        ERR_QUEUE_FULL,
+                        f"the queue of device {', '.join(device_ids)} is full; nothing was sent"
+                        " (try again later)",
+                        request_id=frame.id,
+                        field="$.envelopes",
+                    ),
+                )
+
+    def _ack(self, conn: Connection, frame: f.Ack) -> None:
+        outcome = delivery.acknowledge(conn, frame.up_to, self.queues, self.registry)
+        if frame.id is None:
+            return
+        request_id = frame.id
+        if outcome is None or outcome.done:
+            self._perform(conn, _acked(conn.proto, request_id, outcome))
+            return
+        handle = conn.reserve()
+        if handle is not None:
+            outcome.when_done(lambda o: conn.fill(handle, _acked_frames(conn.proto, request_id, o)))
+
+    # -- everything else -----------------------------------------------------------------
+
+    async def _request(self, conn: Connection, frame: Any) -> None:
+        await conn.wait_answers()  # answers keep request order; writes are done
+        if conn.closing is not None:
+            return
+        proto = conn.proto
+        request_id: str | None = getattr(frame, "id", None)
+        peer = Peer(ip=mask_ip(conn.peer), device_name="", network=client_network(conn.peer))
+        try:
+            actions = await self._serve(conn, frame, peer)
+        except AuthError as exc:
+            actions = proto.error(
+                exc.code,
+                exc.message,
+                request_id=request_id,
+                field=exc.field,
+                retry_after=exc.retry_after,
+            )
+        except StoreError:
+            log.warning("relay.storage_unavailable", extra=fields(request=type(frame).__name__))
+            actions = _storage_error(proto, request_id)
+        self._perform(conn, actions)
+        if conn.grant is not None and conn.delivery.phase is Phase.WAITING:
+            # A session began (or lost its restriction): its reply is queued,
+            # so deliveries may follow it.
+            delivery.start(conn, self.queues, self.registry)
+
+    async def _key_count(self, conn: Connection) -> list[core.Action]:
+        """After a session starts: the device's one-time key count (and whether to upload)."""
+        if conn.grant is None or not conn.grant.device_id:
+            return []
+        return conn.proto.reply(await self.keys.key_count(conn.grant.device_id))
+
+    def _rotated(self, fresh: SessionGrant) -> f.NewTokens:
+        """After a request rotated the session's tokens (refresh, a password or
+        second-factor change): every connection of the session lives on from
+        here under the new access token's expiry; the new pair."""
+        for other in self.registry.by_session.get(fresh.session_id, ()):
+            if other.grant is not None:
+                other.grant = replace(
+                    other.grant,
+                    access_expires_at=fresh.access_expires_at,
+                    access_token=None,
+                    refresh_token=None,
+                )
+        assert fresh.access_token and fresh.refresh_token  # noqa: S101 - a rotation issues both
+        return f.NewTokens(
+            session_id=fresh.session_id,
+            access_token=fresh.access_token,
+            access_expires_at=fresh.access_expires_at,
+            refresh_token=fresh.refresh_token,
+            expires_at=fresh.expires_at,
+        )
+
+    async def _serve(self, conn: Connection, frame: Any, peer: Peer) -> list[core.Action]:
+        auth = self.auth
+        proto = conn.proto
+        grant = conn.grant
+        registry = self.registry
+        match frame:
+            case f.Login():
+                grant = await auth.login(
+                    frame.username,
+                    frame.password,
+                    replace(peer, device_name=frame.device_name),
+                    totp=frame.totp,
+                    recovery_code=frame.recovery_code,
+                    device_id=frame.device_id,
+                )
+                registry.attach(conn, grant)
+                return proto.reply(_session_frame(frame.id, grant)) + await self._key_count(conn)
+            case f.Register():
+                grant = await auth.register(
+                    frame.invite_code,
+                    frame.username,
+                    frame.password,
+                    replace(peer, device_name=frame.device_name),
+                )
+                registry.attach(conn, grant)
+                return proto.reply(_session_frame(frame.id, grant)) + await self._key_count(conn)
+            case f.Resume():
+                grant = await auth.resume(frame.access_token, peer)
+                registry.attach(conn, grant)
+                return proto.reply(_session_frame(frame.id, grant)) + await self._key_count(conn)
+            case f.Refresh():
+                fresh = await auth.refresh(frame.refresh_token, peer)
+                if grant is None or grant.session_id == fresh.session_id:
+                    # Refreshing authenticates a new connection, and extends a live one.
+                    registry.attach(conn, fresh)
+                pair = self._rotated(fresh)
+                return proto.reply(f.Tokens(id=frame.id, **msgspec.structs.asdict(pair)))
+        assert grant is not None  # noqa: S101 - the core admits the rest only with a session
+        match frame:
+            case f.Logout():
+                registry.detach(conn)  # so the revocation does not close us with 4003
+                await auth.logout(grant, peer)
+                return proto.reply(f.Ok(id=frame.id)) + proto.logged_out()
+            case f.ListSessions():
+                now = now_ms()
+                entries = [
+                    f.SessionEntry(
+                        session_id=s.session_id,
+                        device_name=s.device_name,
+                        created_at=s.created_at,
+                        last_seen_at=s.last_seen_at,
+                        ip=s.ip,
+                        expires_at=s.expires_at,
+                        current=s.session_id == grant.session_id,
+                    )
+                    for s in await auth.list_sessions(grant.user_id)
+                    if not s.revoked and s.expires_at > now
+                ]
+                return proto.reply(f.Sessions(id=frame.id, sessions=entries))
+            case f.RevokeSessions():
+                if grant.session_id in frame.session_ids:
+                    raise AuthError(
+                        "use_logout", "to end this session, send logout", field="$.session_ids"
+                    )
+                revoked = await auth.revoke_own_sessions(
+                    grant, peer, session_ids=frame.session_ids, all_others=frame.all_others
+                )
+                return proto.reply(f.Revoked(id=frame.id, session_ids=revoked))
+            case f.ChangePassword():
+                fresh = await auth.change_password(
+                    grant, frame.current_password, frame.new_password, frame.totp, peer
+                )
+                return proto.reply(f.Ok(id=frame.id, tokens=self._rotated(fresh)))
+            case f.MfaEnroll():
+                secret, uri = await auth.mfa_enroll(grant, frame.password, frame.totp, peer)
+                return proto.reply(
+                    f.MfaEnrollment(id=frame.id, secret=secret, provisioning_uri=uri)
+                )
+            case f.MfaConfirm():
+                codes, fresh = await auth.mfa_confirm(grant, frame.code, peer)
+                pair = self._rotated(fresh)
+                if grant.mfa_enrollment_required and conn.grant is not None:
+                    registry.attach(conn, replace(conn.grant, mfa_enrollment_required=False))
+                return proto.reply(f.RecoveryCodes(id=frame.id, codes=codes, tokens=pair))
+            case f.MfaDisable():
+                fresh = await auth.mfa_disable(grant, frame.password, frame.code, peer)
+                return proto.reply(f.Ok(id=frame.id, tokens=self._rotated(fresh)))
+            case f.NewRecoveryCodes():
+                codes, fresh = await auth.regenerate_recovery_codes(
+                    grant, frame.password, frame.code, peer
+                )
+                return proto.reply(
+                    f.RecoveryCodes(id=frame.id, codes=codes, tokens=self._rotated(fresh))
+                )
+            case f.KeysUpload():
+                return proto.reply(await self.keys.upload(grant.user_id, grant.device_id, frame))
+            case f.KeysClaim():
+                claimed, missing = await self.keys.claim(frame.devices)
+                return proto.reply(f.KeysClaimed(id=frame.id, keys=claimed, missing=missing))
+            case f.Directory():
+                members = await self.keys.directory()
+                return proto.reply(f.Members(id=frame.id, members=members))
+            case f.RemoveDevice():
+                if frame.device_id == grant.device_id:
+                    raise AuthError(
+                        "use_logout",
+                        "a device cannot remove itself; log out, or remove it from another device",
+                        field="$.device_id",
+                    )
+                ended = await self.keys.remove_device(grant.user_id, frame.device_id)
+                registry.sessions_revoked(ended)
+                self.queues.forget_device(frame.device_id)
+                await auth.audit(
+                    "remove_device", "ok", peer, user_id=grant.user_id, session_id=grant.session_id
+                )
+                return proto.reply(f.Ok(id=frame.id))
+            case f.Typing():
+                notice = core.encode(f.TypingNotice(user_id=grant.user_id, active=frame.active))
+                for other in registry.by_user.get(frame.to_user_id, ()):
+                    other.push(notice)
+                registry.watch_each_other(conn, frame.to_user_id)
+                return []
+            case f.WhoIsOnline():
+                if frame.user_ids is None:
+                    online = registry.online_users()
+                else:
+                    registry.watch(conn, frame.user_ids)
+                    online = sorted({u for u in frame.user_ids if registry.is_online(u)})
+                return proto.reply(f.Presence(id=frame.id, online=online))
+        log.error("relay.unhandled_frame", extra=fields(type=type(frame).__name__))
+        return proto.internal_error()
+
+
+def _sent(proto: core.ServerConnection, frame: f.Send, outcome: Outcome) -> list[bytes]:
+    """The answer to a send once its outcome is known."""
+    if outcome.error is not None:
+        actions = _storage_error(proto, frame.id)
+    else:
+        reply = f.Sent(id=frame.id, message_id=frame.message_id, envelopes=outcome.envelopes)
+        actions = proto.reply(reply)
+    return [a.data for a in actions if isinstance(a, core.Send)]
+
+
+def _acked(
+    proto: core.ServerConnection, request_id: str, outcome: Outcome | None
+) -> list[core.Action]:
+    if outcome is not None and outcome.error is not None:
+        return _storage_error(proto, request_id)
+    return proto.reply(f.Ok(id=request_id))
+
+
+def _acked_frames(proto: core.ServerConnection, request_id: str, outcome: Outcome) -> list[bytes]:
+    return [a.data for a in _acked(proto, request_id, outcome) if isinstance(a, core.Send)]

@@ -1,0 +1,261 @@
+"""The registry of live connections: by session, by user and by device.
+
+It is also the relay's event sink, made by ``daemon.py`` before the services
+and handed to each (explicit wiring): the auth service tells it which
+sessions were revoked (:meth:`Registry.sessions_revoked`), the key service
+which devices run low on one-time keys (:meth:`Registry.keys_low`), and the
+queue service which envelopes were accepted for which device
+(:meth:`Registry.queued`) or left a queue unacknowledged (:meth:`Registry.dropped`).
+Each of these runs on the event loop and only records or hands over; work
+that needs a service (a key count to read) is done by the relay's own tasks
+(:meth:`Registry.serve_key_counts`).
+
+Presence reaches only connections with a reason to see it: those that share a
+conversation with the user (they sent each other a message or a typing
+notice) or asked about them with ``who_is_online``. A connection *watches*
+those users; a change of a user's presence is pushed to the connections
+watching them, coalesced to one frame per connection per interval. So a
+login costs the same however many people are online.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+from chatd.auth.models import SessionGrant
+from chatd.protocol import core
+from chatd.protocol import frames as f
+from chatd.protocol.delivery import DeviceLedger
+from chatd.store import now_ms
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only
+    from chatd.auth.service import AuthService
+    from chatd.e2ee.keys import KeyService
+    from chatd.relay.connection import Connection
+
+log = logging.getLogger("chatd.relay")
+
+PRESENCE_INTERVAL: Final = 1.0  # seconds between two coalesced presence pushes
+MAX_WATCHED: Final = 1_000  # users one connection may watch the presence of
+
+
+class DeviceState:
+    """A device with live connections: them, and what they hold unacknowledged."""
+
+    __slots__ = ("connections", "ledger")
+
+    def __init__(self) -> None:
+        self.connections: list[Connection] = []
+        self.ledger = DeviceLedger()
+
+
+class Registry:
+    """Live connections and the events that concern them."""
+
+    def __init__(self) -> None:
+        self.connections: set[Connection] = set()  # every open one, with or without a session
+        self.by_session: dict[int, list[Connection]] = {}
+        self.by_user: dict[int, list[Connection]] = {}
+        self.by_device: dict[str, DeviceState] = {}
+        self._watchers: dict[int, set[Connection]] = {}
+        self._presence: dict[int, bool] = {}  # user -> online, changed since the last push
+        self._presence_due = trio.Event()
+        self._keys_low: set[str] = set()
+        self._keys_due = trio.Event()
+
+    # -- sessions --------------------------------------------------------------------
+
+    def attach(self, conn: Connection, grant: SessionGrant) -> None:
+        """The connection has a session now (or a renewed one)."""
+        first = conn.grant is None
+        if not first:
+            self._unindex(conn)
+        conn.grant = grant
+        self.by_session.setdefault(grant.session_id, []).append(conn)
+        users = self.by_user.setdefault(grant.user_id, [])
+        came_online = not users
+        users.append(conn)
+        if grant.device_id:
+            state = self.by_device.get(grant.device_id)
+            if state is None:
+                state = self.by_device[grant.device_id] = DeviceState()
+            state.connections.append(conn)
+            conn.device = state
+        conn.proto.session_started(restricted=grant.mfa_enrollment_required)
+        if came_online:
+            self._changed(grant.user_id, online=True)
+
+    def detach(self, conn: Connection) -> None:
+        """The connection leaves its session (closing, logging out, revoked)."""
+        grant = conn.grant
+        if grant is None:
+            return
+        self._unindex(conn)
+        conn.grant = None
+        state, conn.device = conn.device, None
+        if state is not None:
+            others = [c.delivery.held() for c in state.connections]
+            state.ledger.forget(conn.delivery.held(), others)
+        for user_id in conn.watching or ():
+            watchers = self._watchers.get(user_id)
+            if watchers is not None:
+                watchers.discard(conn)
+                if not watchers:
+                    del self._watchers[user_id]
+        conn.watching = None
+        if grant.user_id not in self.by_user:
+            self._changed(grant.user_id, online=False)
+
+    def _unindex(self, conn: Connection) -> None:
+        grant = conn.grant
+        if grant is None:
+            return
+        _remove(self.by_session, grant.session_id, conn)
+        _remove(self.by_user, grant.user_id, conn)
+        state = self.by_device.get(grant.device_id)
+        if state is not None and conn in state.connections:
+            state.connections.remove(conn)
+            if not state.connections:
+                del self.by_device[grant.device_id]
+
+    def sessions_revoked(self, session_ids: Iterable[int]) -> None:
+        """Close every connection of these sessions with 4003 (from the auth service)."""
+        for session_id in list(session_ids):
+            for conn in list(self.by_session.get(session_id, ())):
+                self.detach(conn)
+                close_with(conn, conn.proto.session_revoked())
+
+    async def serve_revalidation(self, auth: AuthService, interval: float) -> None:
+        """Every ``interval`` seconds: close connections whose access token
+        expired without a refresh (4001), or whose session ended in a way that
+        was not announced (4003)."""
+        while True:
+            await trio.sleep(interval)
+            now = now_ms()
+            for conns in list(self.by_session.values()):
+                for conn in list(conns):
+                    if conn.grant is not None and conn.grant.access_expires_at <= now:
+                        self.detach(conn)
+                        close_with(conn, conn.proto.session_expired())
+            if self.by_session:
+                self.sessions_revoked(await auth.invalid_sessions(list(self.by_session)))
+
+    # -- presence --------------------------------------------------------------------
+
+    def online_users(self) -> list[int]:
+        return sorted(self.by_user)
+
+    def is_online(self, user_id: int) -> bool:
+        return user_id in self.by_user
+
+    def watch(self, conn: Connection, user_ids: Iterable[int]) -> None:
+        """From now on, tell ``conn`` when these users come online or go offline."""
+        grant = conn.grant
+        if grant is None:
+            return
+        for user_id in user_ids:
+            watching = conn.watching
+            if watching is None:
+                watching = conn.watching = set()
+            if user_id == grant.user_id or user_id in watching or len(watching) >= MAX_WATCHED:
+                continue
+            watching.add(user_id)
+            watchers = self._watchers.get(user_id)
+            if watchers is None:
+                watchers = self._watchers[user_id] = set()
+            watchers.add(conn)
+
+    def watch_each_other(self, conn: Connection, user_id: int) -> None:
+        """``conn``'s user and ``user_id`` share a conversation: both watch."""
+        self.watch(conn, (user_id,))
+        if conn.grant is not None:
+            for other in self.by_user.get(user_id, ()):
+                self.watch(other, (conn.grant.user_id,))
+
+    def _changed(self, user_id: int, *, online: bool) -> None:
+        self._presence[user_id] = online
+        self._presence_due.set()
+
+    async def serve_presence(self, interval: float = PRESENCE_INTERVAL) -> None:
+        """Push coalesced presence changes to their watchers, at most once per
+        ``interval`` seconds."""
+        while True:
+            await self._presence_due.wait()
+            self._presence_due = trio.Event()
+            changes, self._presence = self._presence, {}
+            news: dict[Connection, tuple[list[int], list[int]]] = {}
+            for user_id, online in sorted(changes.items()):
+                for conn in self._watchers.get(user_id, ()):
+                    entry = news.get(conn)
+                    if entry is None:
+                        entry = news[conn] = ([], [])
+                    entry[0 if online else 1].append(user_id)
+            for conn, (up, down) in news.items():
+                conn.push_frame(f.Presence(online=up, offline=down))
+            await trio.sleep(interval)
+
+    # -- keys ------------------------------------------------------------------------
+
+    def keys_low(self, device_ids: Iterable[str]) -> None:
+        """These devices should hear their key count (from the key service)."""
+        wanted = [d for d in device_ids if d in self.by_device]
+        if wanted:
+            self._keys_low.update(wanted)
+            self._keys_due.set()
+
+    async def serve_key_counts(self, keys: KeyService) -> None:
+        """Push a ``key_count`` to the live connections of devices running low."""
+        while True:
+            await self._keys_due.wait()
+            self._keys_due = trio.Event()
+            devices, self._keys_low = self._keys_low, set()
+            for device_id in devices:
+                if device_id not in self.by_device:
+                    continue
+                try:
+                    count = await keys.key_count(device_id)
+                except Exception:
+                    log.exception("relay.key_count_failed")
+                    continue
+                for conn in list(self.by_device.get(device_id, DeviceState()).connections):
+                    conn.push_frame(count)
+
+    # -- queues (events from the queue service) -----------------------------------------
+
+    def queued(self, device_id: str, envelope: f.Envelope) -> None:
+        """An envelope was accepted for this device: offer it to its live connections."""
+        state = self.by_device.get(device_id)
+        if state is None:
+            return
+        sender = envelope.sender_user_id
+        for conn in state.connections:
+            if conn.delivery.offer(envelope):
+                state.ledger.handed((envelope,))
+                conn.wake()
+                if sender is not None:
+                    self.watch(conn, (sender,))  # they share a conversation
+
+    def dropped(self, device_id: str, envelope_ids: Sequence[int]) -> None:
+        """These envelopes expired: no ack of them makes a receipt any more."""
+        state = self.by_device.get(device_id)
+        if state is not None:
+            state.ledger.forget(envelope_ids)
+
+
+def close_with(conn: Connection, actions: list[core.Action]) -> None:
+    """Close ``conn`` with the Close among ``actions`` (the core's decision)."""
+    for action in actions:
+        if isinstance(action, core.Close):
+            conn.close(action)
+
+
+def _remove(index: dict[int, list[Connection]], key: int, conn: Connection) -> None:
+    conns = index.get(key)
+    if conns is not None and conn in conns:
+        conns.remove(conn)
+        if not conns:
+            del index[key]

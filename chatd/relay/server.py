@@ -1,0 +1,358 @@
+"""The relay service: the public WebSocket server at ``/v1/ws``.
+
+:func:`serve_relay` runs in the daemon's nursery. Per connection, one task
+(:meth:`Relay.handle`) reads messages, feeds them to the protocol core and
+hands the core's actions to the dispatcher; a writer task exists only while
+the connection has frames to write (:mod:`chatd.relay.connection`). The
+relay's own tasks are few and fixed: presence pushes, key-count pushes and
+the session sweep (:mod:`chatd.relay.registry`).
+
+Guarantees, each backed by a setting:
+
+* The handshake and then the first frame must each arrive within
+  ``relay.handshake_timeout_seconds``; after that, any gap of
+  ``relay.idle_timeout_seconds`` without a complete message closes the
+  connection (this also bounds a half-sent frame). An unauthenticated
+  connection lives one idle period at most, however many pings it sends.
+* A message over ``relay.max_frame_bytes`` closes with 1009.
+* Answers and pushes wait in a send queue of ``relay.send_queue_frames``;
+  overflow closes with 1008 "send queue full", and a write may take
+  ``relay.send_timeout_seconds``.
+* Every close we initiate sends a real Close frame and then, bounded by a
+  timeout, hangs up the TCP stream itself.
+
+Shutdown: when ``stopping`` is set, listeners close (no new connections),
+every connection finishes the frame it is handling, gets the answers still
+owed to it (for CLOSE_TIMEOUT at most) and is closed with 1001, and
+:func:`serve_relay` returns once all are gone. The daemon bounds that with
+the grace period.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import ssl
+from functools import partial
+from typing import Any, Final
+
+import trio
+
+from chatd.auth.service import AuthService
+from chatd.config import Config, RelaySettings
+from chatd.e2ee.keys import KeyService
+from chatd.e2ee.queues import QueueService
+from chatd.errors import ConfigError, ListenError
+from chatd.log import fields, mask_ip
+from chatd.protocol import core
+from chatd.protocol import delivery as rules
+from chatd.protocol.frames import Limits
+from chatd.relay.connection import Connection
+from chatd.relay.dispatch import Dispatcher
+from chatd.relay.registry import Registry
+from chatd.relay.ws import StreamCounter, UpgradeRequest, WebSocketClosed, serve_websockets
+
+log = logging.getLogger("chatd.relay")
+
+WS_PATH: Final = "/v1/ws"
+
+
+class TrustedProxies:
+    """Finds the client's address behind the reverse proxies we believe."""
+
+    def __init__(self, networks: tuple[str, ...]) -> None:
+        self.networks = [ipaddress.ip_network(n, strict=False) for n in networks]
+
+    def _trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.networks)
+
+    def client_address(self, peer: str, headers: list[tuple[bytes, bytes]]) -> str:
+        """The TCP peer, or, behind a trusted reverse proxy, the right-most
+        X-Forwarded-For entry that is not itself a trusted proxy."""
+        if not self._trusted(peer):
+            return peer
+        forwarded = ",".join(
+            value.decode("latin-1") for key, value in headers if key.lower() == b"x-forwarded-for"
+        )
+        for candidate in reversed([part.strip() for part in forwarded.split(",")][-32:]):
+            try:
+                ipaddress.ip_address(candidate)
+            except ValueError:
+                return peer  # a malformed chain: trust nothing in it
+            if not self._trusted(candidate):
+                return candidate
+        return peer
+
+
+class Relay:
+    """The relay's connections and their handling; one per relay service."""
+
+    def __init__(
+        self,
+        settings: RelaySettings,
+        registry: Registry,
+        dispatcher: Dispatcher,
+        nursery: trio.Nursery,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.dispatcher = dispatcher
+        self.nursery = nursery  # connections and their writers run here
+        self.limits = Limits(
+            max_frame_bytes=settings.max_frame_bytes,
+            handshake_timeout_seconds=settings.handshake_timeout_seconds,
+            idle_timeout_seconds=settings.idle_timeout_seconds,
+            send_queue_frames=settings.send_queue_frames,
+            max_bad_frames=settings.max_bad_frames,
+        )
+        self.proxies = TrustedProxies(settings.trusted_proxies)
+        self.streams = StreamCounter(settings.max_connections)  # TCP streams and slots
+        self.stopping = False
+        self.connections_served = 0
+        self.port = 0  # the bound port, set by serve_relay
+
+    @property
+    def connections(self) -> set[Connection]:
+        return self.registry.connections
+
+    async def handle(self, request: UpgradeRequest) -> None:
+        """Check the upgrade request, accept it and serve the connection until
+        it ends. The handler of serve_websockets: it never raises."""
+        conn: Connection | None = None
+        try:
+            peer = self.proxies.client_address(request.remote, request.headers)
+            if request.path != WS_PATH:
+                await request.reject(404, b"not found: the relay lives at /v1/ws\n")
+                return
+            origin = request.header(b"origin")
+            if origin is not None and origin not in self.settings.allowed_origins:
+                log.info("relay.origin_refused", extra=fields(peer=mask_ip(peer), origin=origin))
+                await request.reject(403, b"origin not allowed\n")
+                return
+            if self.stopping:
+                await request.reject(503, b"server shutting down\n")
+                return
+            ws = await request.accept(max_message=self.settings.max_frame_bytes, on_control=_drop)
+            del request  # its headers are not needed again
+            conn = Connection(
+                ws,
+                core.ServerConnection(self.limits, server_name="chatd"),
+                peer,
+                nursery=self.nursery,
+                send_queue_frames=self.settings.send_queue_frames,
+                send_timeout=self.settings.send_timeout_seconds,
+                window=rules.DELIVERY_WINDOW,
+            )
+            ws.on_control = conn.control
+            self.registry.connections.add(conn)
+            self.connections_served += 1
+            flush = await self._serve(conn)
+            await conn.finish(flush=flush)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the peer left during the upgrade
+        except Exception:
+            if conn is None:
+                log.exception("relay.handler_failed")
+                return
+            log.exception("relay.connection_failed", extra=fields(peer=mask_ip(conn.peer)))
+            conn.close(core.Close(core.CLOSE_INTERNAL_ERROR, core.REASON_INTERNAL))
+        finally:
+            if conn is not None:
+                try:
+                    self.registry.connections.discard(conn)
+                    self.registry.detach(conn)
+                    await conn.finish(flush=False)
+                    await conn.hang_up()
+                except Exception:
+                    log.exception("relay.handler_failed")
+
+    async def _serve(self, conn: Connection) -> bool:
+        """Read and carry out the connection's messages until it ends; whether
+        what is queued should still be written (flushed) before the Close."""
+        s = self.settings
+        proto = conn.proto
+        dispatcher = self.dispatcher
+        await dispatcher.carry_out(conn, proto.start())
+        timeout = s.handshake_timeout_seconds
+        auth_deadline = trio.current_time() + s.idle_timeout_seconds
+        while conn.closing is None:
+            if self.stopping:
+                return await self._shut(conn)
+            wait = timeout
+            if not proto.authenticated:
+                wait = max(0.0, min(wait, auth_deadline - trio.current_time()))
+            # One scope for both ways the wait ends early: its deadline (a
+            # timeout), or a cancel from outside, which always comes with
+            # ``closing`` set or the relay stopping.
+            with trio.CancelScope(deadline=trio.current_time() + wait) as scope:
+                conn.read_scope = scope
+                try:
+                    messages = await conn.ws.receive_some()
+                except WebSocketClosed as closed:
+                    return self._closed(conn, closed)
+            conn.read_scope = None
+            if conn.closing is not None:
+                break  # closed from outside: revoked, expired, send timeout
+            if scope.cancelled_caught:
+                if self.stopping:
+                    return await self._shut(conn)
+                if proto.state is core.State.AWAITING_FIRST_FRAME:
+                    actions = proto.first_frame_timeout()
+                elif not proto.authenticated and trio.current_time() >= auth_deadline:
+                    actions = proto.auth_timeout()
+                else:
+                    actions = proto.idle_timeout()
+                await dispatcher.carry_out(conn, actions)
+                break
+            timeout = s.idle_timeout_seconds
+            for message in messages:
+                if conn.closing is not None:
+                    break
+                if isinstance(message, bytes):
+                    actions = proto.receive_bytes(message)
+                else:
+                    actions = proto.receive_text(message)
+                await dispatcher.carry_out(conn, actions)
+        close = conn.closing
+        return close is None or close.reason not in (
+            core.REASON_SEND_QUEUE_FULL,
+            core.REASON_TOO_BIG,
+        )
+
+    async def _shut(self, conn: Connection) -> bool:
+        """The relay is stopping: answers owed go first, then 1001."""
+        with trio.move_on_after(_CLOSE_WAIT):
+            await conn.wait_answers(closing_too=True)
+        for action in conn.proto.shutdown():
+            if isinstance(action, core.Close):
+                conn.close(action)
+        return True
+
+    def _closed(self, conn: Connection, closed: WebSocketClosed) -> bool:
+        """The WebSocket layer ended the connection; flush or not."""
+        if closed.ours:
+            # The peer broke the framing rules or sent too much: close with
+            # the WebSocket layer's code; what was queued is dropped.
+            conn.close(core.Close(closed.code, closed.reason))
+            return False
+        if closed.code not in (core.CLOSE_NORMAL, core.CLOSE_GOING_AWAY):
+            log.info(
+                "relay.closed",
+                extra=fields(peer=mask_ip(conn.peer), code=closed.code, reason=closed.reason),
+            )
+        return False
+
+    def begin_shutdown(self) -> None:
+        """Ask every connection to close with 1001 after its current frame."""
+        self.stopping = True
+        self.streams.cancel_handshakes()
+        for conn in list(self.registry.connections):
+            if conn.read_scope is not None:
+                conn.read_scope.cancel()
+
+
+_CLOSE_WAIT: Final = 2.0  # seconds a stopping connection waits for answers it owes
+
+
+def _drop(data: bytes) -> None:
+    """Control frames before the connection is made have nowhere to go."""
+
+
+def tls_context(config: Config) -> ssl.SSLContext:
+    """TLS 1.3 only, X25519 key exchange, HTTP/1.1 ALPN."""
+    relay = config.relay
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.set_ecdh_curve("X25519")
+    ctx.set_alpn_protocols(["http/1.1"])
+    try:
+        ctx.load_cert_chain(
+            config.in_data_dir(relay.tls_certificate), config.in_data_dir(relay.tls_private_key)
+        )
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            config.path,
+            f"cannot load the TLS certificate or key: {exc.strerror or exc}",
+            key="relay.tls_certificate",
+        ) from None
+    return ctx
+
+
+async def open_relay_listeners(config: Config) -> list[Any]:
+    """Bind the relay's TCP listeners (wrapped in TLS when configured)."""
+    relay = config.relay
+    try:
+        listeners: list[Any] = list(await trio.open_tcp_listeners(relay.port, host=relay.host))
+    except OSError as exc:
+        where = f"{relay.host}:{relay.port}"
+        if exc.errno == errno.EADDRINUSE:
+            raise ListenError(
+                f"relay: address {where} is already in use (change relay.port in {config.path})"
+            ) from None
+        raise ListenError(f"relay: cannot listen on {where}: {exc.strerror}") from None
+    if config.relay_tls:
+        ctx = tls_context(config)
+        listeners = [trio.SSLListener(lst, ctx, https_compatible=True) for lst in listeners]
+    return listeners
+
+
+def listener_port(listener: Any) -> int:
+    inner = getattr(listener, "transport_listener", listener)
+    return int(inner.socket.getsockname()[1])
+
+
+async def serve_relay(
+    config: Config,
+    stopping: trio.Event,
+    *,
+    registry: Registry,
+    auth: AuthService,
+    keys: KeyService,
+    queues: QueueService,
+    task_status: trio.TaskStatus[Relay] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the relay until ``stopping`` is set, then drain and return.
+
+    ``registry`` is the event sink the daemon gave the services. Reports the
+    :class:`Relay` once listening (``relay.port`` tells the bound port when
+    the setting is 0). Raises :class:`ListenError` if the address cannot be
+    bound. Cancellation drops every connection at once.
+    """
+    s = config.relay
+    listeners = await open_relay_listeners(config)
+    dispatcher = Dispatcher(registry, auth, keys, queues)
+    async with trio.open_nursery() as services:
+        services.start_soon(registry.serve_presence)
+        services.start_soon(registry.serve_key_counts, keys)
+        services.start_soon(registry.serve_revalidation, auth, config.auth.session_check_seconds)
+        async with trio.open_nursery() as handlers:
+            relay = Relay(s, registry, dispatcher, handlers)
+            relay.port = listener_port(listeners[0])
+            async with trio.open_nursery() as accepting:
+                await accepting.start(
+                    partial(
+                        serve_websockets,
+                        relay.handle,
+                        listeners,
+                        handler_nursery=handlers,
+                        counter=relay.streams,
+                        handshake_timeout=s.handshake_timeout_seconds,
+                    )
+                )
+                log.info(
+                    "relay.listening",
+                    extra=fields(host=s.host, port=relay.port, tls=config.relay_tls),
+                )
+                task_status.started(relay)
+                await stopping.wait()
+                accepting.cancel_scope.cancel()
+            for listener in listeners:
+                await listener.aclose()
+            relay.begin_shutdown()
+        services.cancel_scope.cancel()
+    log.info("relay.stopped", extra=fields(served=relay.connections_served))
