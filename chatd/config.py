@@ -374,6 +374,15 @@ class DeviceSettings:
         minimum=1_024,
         maximum=1 << 40,
     )
+    write_delay_ms: float = setting(
+        5.0,
+        "How long accepted envelopes and acknowledgements gather in memory before "
+        "they are written together. An envelope its device acknowledges meanwhile "
+        "is never written at all (online recipients usually do); a sender to an "
+        "offline device waits this much longer for 'sent'. 0 writes at once.",
+        minimum=0,
+        maximum=1_000,
+    )
     envelope_days: float = setting(
         30.0,
         "Undelivered ciphertext expires after this long; the retention job deletes it "

@@ -92,8 +92,9 @@ class Services:
         }
 
 
-async def open_services(store: Store, config: Config) -> Services:
-    """Make the services on ``store``, each wired to what it reports to.
+async def open_services(nursery: trio.Nursery, store: Store, config: Config) -> Services:
+    """Make the services on ``store``, each wired to what it reports to, and
+    start the queue service's writes in ``nursery``.
 
     The relay's registry hears what the services have to tell it (revoked
     sessions, devices low on keys, envelopes accepted), so it is made first
@@ -105,6 +106,7 @@ async def open_services(store: Store, config: Config) -> Services:
     keys = KeyService(store, config.devices, current=current, events=registry)
     queues = QueueService(store, config.devices, current, registry)
     await queues.open()
+    await nursery.start(queues.serve)
     return Services(registry, current, auth, keys, queues)
 
 
@@ -135,7 +137,7 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
             notifier.notify(STATUS="opening the store")
             store: Store = await nursery.start(serve_store, config.database_path, key, config.store)
             del key
-            services = await open_services(store, config)
+            services = await open_services(nursery, store, config)
             auth, queues = services.auth, services.queues
             jobs = (
                 default_jobs(config.retention)

@@ -55,7 +55,7 @@ async def relay_running(**settings: Any) -> AsyncIterator[tuple[Relay, trio.Even
                 store = await nursery.start(
                     serve_store, Path(tmp) / "c.db", bytes(range(32)), StoreSettings()
                 )
-                services = await open_services(store, config)
+                services = await open_services(nursery, store, config)
                 relay = await nursery.start(
                     partial(serve_relay, **services.for_relay()), config, stopping
                 )

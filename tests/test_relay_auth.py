@@ -65,7 +65,7 @@ async def server(
         config = dataclasses.replace(config, devices=devices)
     async with trio.open_nursery() as nursery:
         store = await nursery.start(serve_store, tmp / "c.db", KEY, StoreSettings())
-        services = await open_services(store, config)
+        services = await open_services(nursery, store, config)
         relay = await nursery.start(
             partial(serve_relay, **services.for_relay()), config, trio.Event()
         )

@@ -45,8 +45,9 @@ batch. Receipts themselves expire quietly.
 
 from __future__ import annotations
 
+import itertools
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple, Protocol
 
@@ -77,9 +78,15 @@ def utf8_size(text: str | None) -> int:
 class QueueEvents(Protocol):
     """What the queue service tells the relay, on the event loop."""
 
-    def queued(self, device_id: str, envelope: f.Envelope) -> None:
+    def queued(self, device_id: str, envelope: f.Envelope, held: bool) -> None:
         """An envelope was accepted for this device (before its commit). Calls
-        for one device come in envelope id order."""
+        for one device come in envelope id order. A ``held`` one may not be
+        handed out before :meth:`released` says it committed."""
+
+    def released(self, device_id: str, queue: Iterable[f.Envelope], held: Container[int]) -> None:
+        """A write that held envelopes of this device is settled: ``queue`` is
+        the device's queue from that write's first envelope on (still ``held``
+        ones included, for the connections to stop at)."""
 
     def dropped(self, device_id: str, envelope_ids: Sequence[int]) -> None:
         """These envelopes left the queue without an ack (they expired)."""
@@ -180,6 +187,7 @@ class _Insert(NamedTuple):
     size: int  # bytes of ciphertext
     expires_at: int
     outcome: Outcome | None  # the send it belongs to (None for a receipt)
+    held: bool  # not handed out before its commit
 
 
 class _Batch:
@@ -245,8 +253,10 @@ class QueueService:
         self._totals: dict[str, list[int]] = {}  # device -> [envelopes, bytes], accepted
         self._tails: dict[str, dict[int, f.Envelope]] = {}  # device -> accepted, uncommitted
         self._deleting: dict[str, set[int]] = {}  # device -> acknowledged, delete uncommitted
+        self._held: set[int] = set()  # accepted envelopes not handed out before their commit
         self._recent: dict[tuple[str, str], Outcome] = {}
         self._has_sequence = False
+        self._due: trio.Event | None = None  # wakes serve() to submit after the delay
 
     async def open(self) -> None:
         """Load the queues' totals and the envelope id sequence."""
@@ -303,7 +313,7 @@ class QueueService:
         now = now_ms()
         expires = now + int(self.settings.envelope_days * DAY_MS)
         outcome = Outcome(remaining=len(targets), envelopes=len(targets))
-        announce: list[tuple[str, f.Envelope]] = []
+        announce: list[tuple[str, f.Envelope, bool]] = []
         with self._lock:
             for (_, target), text in targets.items():
                 envelope = f.Envelope(
@@ -334,24 +344,30 @@ class QueueService:
         size: int,
         expires_at: int,
         outcome: Outcome | None,
-        announce: list[tuple[str, f.Envelope]],
+        announce: list[tuple[str, f.Envelope, bool]],
+        *,
+        held: bool = False,
     ) -> None:
         """Accept one envelope (the lock is held): it joins the open batch, its
         device's tail and totals, and ``announce`` (for :meth:`_announce`,
         once the lock is released)."""
         envelope_id = envelope.envelope_id
         self._next_id = envelope_id + 1
-        self._open.inserts[envelope_id] = _Insert(device_id, envelope, size, expires_at, outcome)
+        self._open.inserts[envelope_id] = _Insert(
+            device_id, envelope, size, expires_at, outcome, held
+        )
+        if held:
+            self._held.add(envelope_id)
         self._tails.setdefault(device_id, {})[envelope_id] = envelope
         totals = self._totals.setdefault(device_id, [0, 0])
         totals[0] += 1
         totals[1] += size
-        announce.append((device_id, envelope))
+        announce.append((device_id, envelope, held))
 
-    def _announce(self, announce: list[tuple[str, f.Envelope]]) -> None:
+    def _announce(self, announce: list[tuple[str, f.Envelope, bool]]) -> None:
         queued = self.events.queued
-        for device_id, envelope in announce:
-            queued(device_id, envelope)
+        for device_id, envelope, held in announce:
+            queued(device_id, envelope, held)
 
     def _remember(self, key: tuple[str, str], outcome: Outcome) -> None:
         self._recent[key] = outcome
@@ -368,7 +384,7 @@ class QueueService:
         now = now_ms()
         expires = now + int(self.settings.envelope_days * DAY_MS)
         outcome = Outcome()
-        announce: list[tuple[str, f.Envelope]] = []
+        announce: list[tuple[str, f.Envelope, bool]] = []
         with self._lock:
             batch = self._open
             deletes_before = len(batch.deletes)
@@ -379,6 +395,8 @@ class QueueService:
                 else:
                     self._delete(device_id, envelope_id, sent.size)
                 if sent.kind == "message" and sent.sender_device_id:
+                    # The receipt says the envelope is gone from the server:
+                    # at once if it was never written, else once its delete is.
                     receipt = f.Envelope(
                         envelope_id=self._next_id,
                         kind="delivered",
@@ -386,7 +404,15 @@ class QueueService:
                         sent_at=now,
                         device_id=device_id,
                     )
-                    self._queue(sent.sender_device_id, receipt, 0, expires, None, announce)
+                    self._queue(
+                        sent.sender_device_id,
+                        receipt,
+                        0,
+                        expires,
+                        None,
+                        announce,
+                        held=cancelled is None,
+                    )
             wrote = bool(announce) or len(batch.deletes) > deletes_before
             if wrote:
                 batch.waiters.append(outcome)
@@ -426,16 +452,17 @@ class QueueService:
         device_id: str,
         after: int,
         limit: int,
-        done: Callable[[list[f.Envelope], int, bool, Iterable[f.Envelope]], None],
+        done: Callable[[list[f.Envelope], int, bool, Iterable[f.Envelope], Container[int]], None],
         failed: Callable[[BaseException], None],
     ) -> None:
         """Read up to ``limit`` envelopes of this device's queue after id ``after``.
 
-        Once read, ``done(envelopes, through, complete, tail)`` runs on the loop:
-        the envelopes (without those acknowledged meanwhile), the highest id the
-        read covered, whether it reached the end of the table, and the device's
-        tail as it is at that moment. ``failed(exc)`` runs instead if the read
-        failed. Raises StoreError if the store is shut down.
+        Once read, ``done(envelopes, through, complete, tail, held)`` runs on the
+        loop: the envelopes (without those acknowledged meanwhile), the highest
+        id the read covered, whether it reached the end of the table, the
+        device's tail as it is at that moment, and which of the tail is held.
+        ``failed(exc)`` runs instead if the read failed. Raises StoreError if
+        the store is shut down.
         """
 
         def read(conn: Any) -> list[f.Envelope]:
@@ -459,7 +486,7 @@ class QueueService:
             deleting = self._deleting.get(device_id)
             if deleting:
                 rows = [r for r in rows if r.envelope_id not in deleting]
-            done(rows, through, complete, self._tails.get(device_id, {}).values())
+            done(rows, through, complete, self._tails.get(device_id, {}).values(), self._held)
 
         self.store.submit_nowait(read, committed, failed)
 
@@ -510,7 +537,7 @@ class QueueService:
         expires = now + EXPIRED_RECEIPT_DAYS * DAY_MS
         taken = []
         by_device: dict[str, list[int]] = {}
-        announce: list[tuple[str, f.Envelope]] = []
+        announce: list[tuple[str, f.Envelope, bool]] = []
         with self._lock:
             for row in rows:
                 envelope_id, recipient, kind, message_id, sender, size = row
@@ -527,7 +554,7 @@ class QueueService:
                         sent_at=now,
                         device_id=recipient,
                     )
-                    self._queue(sender, receipt, 0, expires, None, announce)
+                    self._queue(sender, receipt, 0, expires, None, announce, held=True)
             if taken:
                 self._open.waiters.append(outcome)
         if not taken:
@@ -544,12 +571,38 @@ class QueueService:
 
     # -- the write job -------------------------------------------------------------------
 
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Submit the open batch's write ``devices.write_delay_ms`` after it
+        opens, until cancelled. Without this task running, writes are
+        submitted at once. Cancellation submits what is open."""
+        delay = self.settings.write_delay_ms / 1000
+        self._due = trio.Event()
+        task_status.started()
+        try:
+            while True:
+                await self._due.wait()
+                self._due = trio.Event()
+                if delay > 0:
+                    await trio.sleep(delay)
+                self._submit()
+        finally:
+            self._due = None
+            if self._armed:
+                self._submit()
+
     def _arm(self) -> None:
-        """Make sure a job will write the open batch (see the module docstring)."""
+        """Make sure a job will write the open batch: now, or after the write
+        delay (see :meth:`serve`)."""
         with self._lock:
             if self._armed or not self._open:
                 return
             self._armed = True
+        if self._due is not None:
+            self._due.set()
+        else:
+            self._submit()
+
+    def _submit(self) -> None:
         try:
             self.store.submit_nowait(self._write, self._committed, self._failed)
         except StoreError as exc:
@@ -619,8 +672,8 @@ class QueueService:
         """On the loop: a batch is durable."""
         batch, repeats = written
         self._taken.remove(batch)
+        self._untail_batch(batch, repeats)
         for ins in batch.inserts.values():
-            self._untail(ins)
             if ins.outcome is None:
                 continue
             if ins.outcome in repeats:
@@ -634,6 +687,28 @@ class QueueService:
             self._undelete(device_id, envelope_id)
         for waiter in batch.waiters:
             waiter.settle()
+
+    def _untail_batch(self, batch: _Batch, written: dict[Outcome, int] | None) -> None:
+        """A batch is settled: its envelopes leave their tails (``written``: the
+        repeated sends left out, or None when it failed and wrote nothing). For
+        each device it held envelopes of, the relay gets the queue from the
+        batch on, so that connections waiting at a held envelope go on."""
+        devices: dict[str, list[f.Envelope]] = {}
+        for ins in batch.inserts.values():
+            self._untail(ins)
+            if ins.held:
+                self._held.discard(ins.envelope.envelope_id)
+                devices.setdefault(ins.device_id, [])
+        if not devices:
+            return
+        if written is not None:
+            for ins in batch.inserts.values():
+                entries = devices.get(ins.device_id)
+                if entries is not None and (ins.outcome is None or ins.outcome not in written):
+                    entries.append(ins.envelope)
+        for device_id, entries in devices.items():
+            tail = self._tails.get(device_id, {}).values()
+            self.events.released(device_id, itertools.chain(entries, tail), self._held)
 
     def _failed(self, exc: BaseException) -> None:
         """On the loop: the job writing a batch failed (or never ran)."""
@@ -649,8 +724,8 @@ class QueueService:
     def _settle_failed(self, batch: _Batch, error: StoreError) -> None:
         for device_id, message_id, _, _, _ in batch.sends:
             self._recent.pop((device_id, message_id), None)  # a resend is a new send
+        self._untail_batch(batch, None)
         for ins in batch.inserts.values():
-            self._untail(ins)
             self._count(ins.device_id, -1, -ins.size)
             if ins.outcome is not None:
                 ins.outcome.fail(error)

@@ -29,6 +29,12 @@ cursor and a window. It is in one of three phases:
     full, an offer is declined and the connection falls ``BEHIND``: what it
     declined will be read from the table (or the tail) once the window opens.
 
+Some envelopes are *held*: they may not be handed out before they commit (a
+receipt that says an envelope was deleted must not arrive before the delete
+is durable). A connection that reaches a held envelope, by an offer or at
+the end of a read, stops there (``blocked``) and is resumed with the rest of
+the queue once it commits (:meth:`Delivery.resume`), so order is kept.
+
 There is one path: the cursor only moves forward, and every envelope past it
 reaches the connection either by an offer while ``LIVE`` or by a read while
 ``BEHIND``. The I/O layer keeps one promise for this to hold: a read's rows
@@ -94,7 +100,7 @@ def sent_record(envelope: Envelope) -> Sent:
 class Delivery:
     """One connection's position in its device's queue."""
 
-    __slots__ = ("window", "phase", "cursor", "ready", "unacked", "reading")
+    __slots__ = ("window", "phase", "cursor", "ready", "unacked", "reading", "blocked")
 
     def __init__(self, window: int = DELIVERY_WINDOW) -> None:
         self.window = window
@@ -103,6 +109,7 @@ class Delivery:
         self.ready: list[Envelope] = []  # handed over, not yet written to the socket
         self.unacked: list[int] = []  # written, not yet acknowledged here (ascending)
         self.reading = False  # a read of the table is in flight
+        self.blocked = False  # stopped at a held envelope: waits for resume()
 
     @property
     def room(self) -> int:
@@ -118,7 +125,7 @@ class Delivery:
         """How many rows to read from the table now; 0 when no read is due
         (not behind, a read already in flight, or the window is full). The
         caller then makes the read and reports it with :meth:`read_done`."""
-        if self.phase is not Phase.BEHIND or self.reading:
+        if self.phase is not Phase.BEHIND or self.reading or self.blocked:
             return 0
         limit = min(self.room, READ_BATCH)
         if limit > 0:
@@ -126,13 +133,20 @@ class Delivery:
         return limit
 
     def read_done(
-        self, rows: Sequence[Envelope], *, through: int, complete: bool, tail: Iterable[Envelope]
+        self,
+        rows: Sequence[Envelope],
+        *,
+        through: int,
+        complete: bool,
+        tail: Iterable[Envelope],
+        held: Container[int] = (),
     ) -> list[Envelope]:
         """A read after the cursor came back: ``rows`` (ascending, at most the
         limit asked for; rows already acknowledged are left out by the caller),
         ``through`` the highest id the read covered, ``complete`` whether it
-        reached the end of the table, and ``tail`` the envelopes accepted but
-        not committed, as they are now. Returns the envelopes handed over."""
+        reached the end of the table, ``tail`` the envelopes accepted but not
+        committed, as they are now, and ``held`` those of the tail that may not
+        be handed out before their commit. Returns the envelopes handed over."""
         self.reading = False
         if self.phase is not Phase.BEHIND:
             return []
@@ -143,26 +157,44 @@ class Delivery:
                 self.cursor = envelope.envelope_id
         self.cursor = max(self.cursor, through)
         if complete:
-            caught_up = True
-            for envelope in tail:
-                if envelope.envelope_id <= self.cursor:
-                    continue
-                if self.room <= 0:
-                    caught_up = False
-                    break
-                self.ready.append(envelope)
-                self.cursor = envelope.envelope_id
-            if caught_up:
-                self.phase = Phase.LIVE
+            self._follow(tail, held)
         return self.ready[before:]
 
-    def offer(self, envelope: Envelope) -> bool:
+    def resume(self, tail: Iterable[Envelope], held: Container[int] = ()) -> list[Envelope]:
+        """The held envelope this connection stopped at was settled (committed,
+        or dropped): go on through ``tail``, the queue from there on."""
+        if not self.blocked:
+            return []
+        self.blocked = False
+        before = len(self.ready)
+        self._follow(tail, held)
+        return self.ready[before:]
+
+    def _follow(self, tail: Iterable[Envelope], held: Container[int]) -> None:
+        """Hand over the tail past the cursor, up to a held envelope or a full
+        window; all of it makes the connection ``LIVE``."""
+        for envelope in tail:
+            envelope_id = envelope.envelope_id
+            if envelope_id <= self.cursor:
+                continue
+            if envelope_id in held:
+                self.blocked = True
+                return
+            if self.room <= 0:
+                return
+            self.ready.append(envelope)
+            self.cursor = envelope_id
+        self.phase = Phase.LIVE
+
+    def offer(self, envelope: Envelope, *, held: bool = False) -> bool:
         """A newly accepted envelope of this device (offers come in id order).
-        True if this connection takes it now; a full window sends it ``BEHIND``."""
+        True if this connection takes it now. A full window sends it
+        ``BEHIND``; so does a held envelope, which it then waits for."""
         if self.phase is not Phase.LIVE or envelope.envelope_id <= self.cursor:
             return False
-        if self.room <= 0:
+        if held or self.room <= 0:
             self.phase = Phase.BEHIND
+            self.blocked = held
             return False
         self.ready.append(envelope)
         self.cursor = envelope.envelope_id

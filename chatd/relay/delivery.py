@@ -23,7 +23,7 @@ made into ``deliver`` frames by the connection's writer when it writes.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 
 from chatd.e2ee.queues import Outcome, QueueService
 from chatd.errors import StoreError
@@ -58,12 +58,16 @@ def pump(conn: Connection, queues: QueueService, registry: Registry) -> None:
     device_id = grant.device_id
 
     def done(
-        rows: list[f.Envelope], through: int, complete: bool, tail: Iterable[f.Envelope]
+        rows: list[f.Envelope],
+        through: int,
+        complete: bool,
+        tail: Iterable[f.Envelope],
+        held: Container[int],
     ) -> None:
         if conn.grant is None or conn.device is None or conn.closing is not None:
             delivery.reading = False
             return
-        handed = delivery.read_done(rows, through=through, complete=complete, tail=tail)
+        handed = delivery.read_done(rows, through=through, complete=complete, tail=tail, held=held)
         if handed:
             conn.device.ledger.handed(handed)
             watch_senders(conn, handed, registry)
@@ -82,20 +86,17 @@ def pump(conn: Connection, queues: QueueService, registry: Registry) -> None:
         delivery.reading = False  # shutting down
 
 
-def acknowledge(
-    conn: Connection, up_to: int, queues: QueueService, registry: Registry
-) -> Outcome | None:
+def acknowledge(conn: Connection, up_to: int, queues: QueueService) -> Outcome | None:
     """``ack up_to`` on this connection: what it covers (the ack cut) is
     acknowledged for its device, once across all of the device's connections.
-    Returns the outcome of the resulting writes, if any."""
+    Returns the outcome of the resulting writes, if any. The window may have
+    opened: the caller then calls :func:`pump`."""
     grant = conn.grant
     state = conn.device
     if grant is None or state is None:
         return None
     first = state.ledger.acknowledge(conn.delivery.ack(up_to))
-    outcome = queues.acknowledge(grant.device_id, first) if first else None
-    pump(conn, queues, registry)  # the window may have opened
-    return outcome
+    return queues.acknowledge(grant.device_id, first) if first else None
 
 
 def watch_senders(conn: Connection, envelopes: Iterable[f.Envelope], registry: Registry) -> None:

@@ -141,16 +141,29 @@ class Dispatcher:
                 )
 
     def _ack(self, conn: Connection, frame: f.Ack) -> None:
-        outcome = delivery.acknowledge(conn, frame.up_to, self.queues, self.registry)
-        if frame.id is None:
-            return
+        outcome = delivery.acknowledge(conn, frame.up_to, self.queues)
+        proto = conn.proto
         request_id = frame.id
         if outcome is None or outcome.done:
-            self._perform(conn, _acked(conn.proto, request_id, outcome))
+            if request_id is not None:
+                self._perform(conn, _acked(proto, request_id, outcome))
+            delivery.pump(conn, self.queues, self.registry)
             return
+        # Its place among the answers is kept even without an id (then empty),
+        # so that later requests still see its write done. With an id, the
+        # deliveries the ack makes room for come after its answer.
         handle = conn.reserve()
-        if handle is not None:
-            outcome.when_done(lambda o: conn.fill(handle, _acked_frames(conn.proto, request_id, o)))
+        if handle is None:
+            return
+        if request_id is None:
+            delivery.pump(conn, self.queues, self.registry)
+
+        def answered(done: Outcome) -> None:
+            conn.fill(handle, _acked_frames(proto, request_id, done))
+            if request_id is not None:
+                delivery.pump(conn, self.queues, self.registry)
+
+        outcome.when_done(answered)
 
     # -- everything else -----------------------------------------------------------------
 
@@ -358,5 +371,9 @@ def _acked(
     return proto.reply(f.Ok(id=request_id))
 
 
-def _acked_frames(proto: core.ServerConnection, request_id: str, outcome: Outcome) -> list[bytes]:
+def _acked_frames(
+    proto: core.ServerConnection, request_id: str | None, outcome: Outcome
+) -> list[bytes]:
+    if request_id is None:
+        return []
     return [a.data for a in _acked(proto, request_id, outcome) if isinstance(a, core.Send)]

@@ -21,7 +21,7 @@ login costs the same however many people are online.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from typing import TYPE_CHECKING, Final
 
 import trio
@@ -226,18 +226,31 @@ class Registry:
 
     # -- queues (events from the queue service) -----------------------------------------
 
-    def queued(self, device_id: str, envelope: f.Envelope) -> None:
+    def queued(self, device_id: str, envelope: f.Envelope, held: bool) -> None:
         """An envelope was accepted for this device: offer it to its live connections."""
         state = self.by_device.get(device_id)
         if state is None:
             return
         sender = envelope.sender_user_id
         for conn in state.connections:
-            if conn.delivery.offer(envelope):
+            if conn.delivery.offer(envelope, held=held):
                 state.ledger.handed((envelope,))
                 conn.wake()
                 if sender is not None:
                     self.watch(conn, (sender,))  # they share a conversation
+
+    def released(self, device_id: str, queue: Iterable[f.Envelope], held: Container[int]) -> None:
+        """Envelopes this device's connections waited for are settled: the
+        connections that stopped at one go on through the queue."""
+        state = self.by_device.get(device_id)
+        if state is None:
+            return
+        rest = list(queue)
+        for conn in state.connections:
+            handed = conn.delivery.resume(rest, held)
+            if handed:
+                state.ledger.handed(handed)
+                conn.wake()
 
     def dropped(self, device_id: str, envelope_ids: Sequence[int]) -> None:
         """These envelopes expired: no ack of them makes a receipt any more."""
