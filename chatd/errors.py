@@ -10,10 +10,18 @@ to a documented process exit code (see ``docs/OPERATIONS.md``)::
     ├── SecretFileError             exit 4  key/token file missing, malformed or unsafe
     ├── DataDirError                exit 6  data dir missing, not ours, or unsafe
     ├── ListenError                 exit 5  address in use or cannot bind
-    └── StoreError                  exit 7  database unusable
-        ├── KeyMismatchError        exit 2  the key does not open the database
-        ├── SchemaTooNewError       exit 7  database written by a newer chatd
-        └── StoreClosedError        exit 7  write after the writer stopped
+    ├── StoreError                  exit 7  database unusable
+    │   ├── KeyMismatchError        exit 2  the key does not open the database
+    │   ├── SchemaTooNewError       exit 7  database written by a newer chatd
+    │   └── StoreClosedError        exit 7  write after the writer stopped
+    ├── RefusedError                (no exit) a request refused; its code and
+    │   │                           message go to the client as they are
+    │   ├── AuthError               chatd.auth.models: sessions, keys, accounts
+    │   └── ApiError                chatd.admin.api: an admin API answer (HTTP status)
+    ├── InputError                  (no exit) a value fails a rule, said in the message
+    │   ├── UsernameError, PasswordPolicyError, MalformedTokenError  (chatd.auth)
+    ├── WebSocketClosed             (no exit) chatd.relay.ws: no more messages can come
+    └── ClientError                 chatd.client.errors: the client library's errors
 
 Protocol errors a client causes are not exceptions here: the sans-I/O core in
 :mod:`chatd.protocol` turns them into error frames and close codes.
@@ -104,3 +112,14 @@ class SchemaTooNewError(StoreError):
 
 class StoreClosedError(StoreError):
     """A write was submitted after the store writer stopped."""
+
+
+class RefusedError(ChatdError):
+    """A request was refused for a reason its sender can act on. ``code`` (a
+    stable machine word) and ``message`` go back to the sender as they are;
+    neither says more than the sender may know, nor carries a secret."""
+
+
+class InputError(ChatdError, ValueError):
+    """A value breaks a rule (a username, a password, a token's form);
+    ``str(err)`` says which rule, never repeating a secret."""

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Final
 import msgspec
 
 from chatd import __version__
+from chatd.errors import InputError, RefusedError
 from chatd.retention import Report, Retention
 from chatd.store import Store
 
@@ -55,7 +56,7 @@ Handler = Callable[..., Awaitable[Any]]
 _PATH_PARAM: Final = re.compile(r"\{([a-z_]+)\}")
 
 
-class ApiError(Exception):
+class ApiError(RefusedError):
     """An error answer: HTTP status, machine code, human message, optional field."""
 
     def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
@@ -218,8 +219,8 @@ class RunResult(msgspec.Struct):
     reports: list[Report]
 
 
-class UnknownJob(ValueError):
-    pass
+class UnknownJob(InputError):
+    """A retention job name that names no job."""
 
 
 @route(

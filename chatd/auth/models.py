@@ -7,10 +7,12 @@ from typing import Final
 
 import msgspec
 
+from chatd.errors import RefusedError
+
 ROLES: Final = ("user", "moderator", "admin")
 
 
-class AuthError(Exception):
+class AuthError(RefusedError):
     """A refused auth request. ``code`` and ``message`` go to the client as is.
 
     Messages never say whether a username exists, and never carry a secret.

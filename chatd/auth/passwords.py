@@ -27,6 +27,7 @@ from typing import Final
 import argon2
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from chatd.errors import InputError
 from chatd.memory import release_freed_memory
 
 PASSWORD_MIN: Final = 12  # characters (Unicode code points)
@@ -35,7 +36,7 @@ PASSWORD_MAX: Final = 128  # characters (Unicode code points)
 COMMON_PASSWORDS_CHECKED: Final = 10_000
 
 
-class PasswordPolicyError(ValueError):
+class PasswordPolicyError(InputError):
     """The new password breaks the policy. ``str(err)`` says which rule.
 
     The message never contains the password.

@@ -25,6 +25,8 @@ import hashlib
 import secrets
 from typing import Final
 
+from chatd.errors import InputError
+
 TOKEN_BYTES: Final = 32  # random bytes (256 bits) in a session token or invite code
 #: Longest token accepted for hashing, in characters. A real token is 43
 #: (URL-safe base64 of 32 bytes without padding); longer input is refused
@@ -42,7 +44,7 @@ RECOVERY_CODE_INPUT_MAX: Final = 64
 _BASE32_ALPHABET: Final = frozenset("abcdefghijklmnopqrstuvwxyz234567")
 
 
-class MalformedTokenError(ValueError):
+class MalformedTokenError(InputError):
     """The input cannot be a token or code we issued (too long, wrong characters).
 
     The message never repeats the input.

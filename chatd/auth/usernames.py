@@ -24,6 +24,8 @@ import itertools
 import unicodedata
 from typing import Final
 
+from chatd.errors import InputError
+
 USERNAME_MIN: Final = 3  # characters, after normalisation
 USERNAME_MAX: Final = 32  # characters, after normalisation
 #: Longest input looked at, in characters, before normalising. NFKC can expand
@@ -43,7 +45,7 @@ USERNAME_RULES: Final = (
 )
 
 
-class UsernameError(ValueError):
+class UsernameError(InputError):
     """The username is not allowed. ``str(err)`` says why and what is allowed.
 
     The message quotes at most the first 32 characters of the input, which

@@ -38,6 +38,7 @@ from chatd.client import (
     ReceivedMessage,
     ServerRefusedError,
 )
+from chatd.errors import ChatdError
 
 from .display import (
     clean,
@@ -96,7 +97,7 @@ COMMANDS: Final = (
 )
 
 
-class UsageError(Exception):
+class UsageError(ChatdError):
     """A command was typed wrongly; the message says how to type it."""
 
 

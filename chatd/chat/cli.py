@@ -36,7 +36,7 @@ from chatd.client import (
     key_from_passphrase,
     open_client,
 )
-from chatd.errors import exception_leaves
+from chatd.errors import ChatdError, exception_leaves
 
 from .app import ChatApp
 from .display import clean
@@ -82,12 +82,12 @@ LOGIN_REFUSED: Final = {
 }
 
 
-class SetupError(Exception):
+class SetupError(ChatdError):
     """Something to fix before chat can start; ``exit_code`` says which kind."""
 
     def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_status = exit_code
 
 
 @dataclass(frozen=True)
@@ -359,12 +359,12 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     except SetupError as exc:
         print(f"chat: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return exc.exit_status
     try:
         return _main(opts)
     except SetupError as exc:
         print(f"chat: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return exc.exit_status
     except KeyboardInterrupt:
         print("\nchat: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -33,6 +33,7 @@ from chatd.auth.models import AuthError
 from chatd.config import DeviceSettings
 from chatd.e2ee import signing
 from chatd.e2ee.current import CurrentDevices
+from chatd.errors import ChatdError
 from chatd.events import UNHEARD, KeyEvents
 from chatd.protocol import frames as f
 from chatd.store import Store, now_ms
@@ -374,7 +375,7 @@ def purge_claimed_keys(conn: Any, *, now: int, limit: int) -> int:
     )
 
 
-class _TooMany(Exception):
+class _TooMany(ChatdError):
     def __init__(self, count: int) -> None:
         super().__init__(count)
         self.count = count

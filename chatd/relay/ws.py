@@ -38,6 +38,7 @@ from wsproto.events import BytesMessage, CloseConnection, Event, Ping, TextMessa
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import generate_accept_token, split_comma_header
 
+from chatd.errors import ChatdError
 from chatd.log import fields
 from chatd.protocol.core import CLOSE_TOO_BIG, REASON_TOO_BIG
 
@@ -51,7 +52,7 @@ MAX_REQUEST_HEAD: Final = 16_384  # bytes of the upgrade request's head, at most
 WEBSOCKET_VERSION: Final = b"13"
 
 
-class WebSocketClosed(Exception):
+class WebSocketClosed(ChatdError):
     """No more messages can come on this connection.
 
     ``ours`` says who decides the close: False when the peer sent its Close
