@@ -23,7 +23,7 @@ from chatd.store import now_ms
 
 from .test_keys import BOB_PASSWORD, Device, login_device, team
 from .test_relay import relay_tasks
-from .test_relay_auth import PASSWORD, Client, Server, connect
+from .test_relay_auth import PASSWORD, Client, Server, connect, create_once
 
 
 class Cast:
@@ -516,4 +516,152 @@ async def test_queue_totals_follow_a_rolled_back_job_and_cap_bytes(short_tmp: Pa
         assert (await send(c.alice1, envelopes))["type"] == "sent"
         refused = await send(c.alice1, envelopes)  # 1,200 bytes would be over 1,024
         assert refused["code"] == "queue_full"
+        await assert_queue_totals_exact(c)
+
+
+# -- the rebuilt relay: presence scope, delivery before the commit, failures ----------------
+
+
+async def frames_until(c: Client, frame_type: str, seconds: float) -> list[dict[str, Any]]:
+    """Every frame read for ``seconds`` (stopping early at one of ``frame_type``)."""
+    seen: list[dict[str, Any]] = []
+    with trio.move_on_after(seconds):
+        while True:
+            frame = json.loads(await c.ws.get_message())
+            seen.append(frame)
+            if frame["type"] == frame_type:
+                break
+    return seen
+
+
+async def test_presence_reaches_only_those_who_share_a_conversation_or_ask(
+    short_tmp: Path,
+) -> None:
+    """A login is not announced to everyone online: only to connections that
+    exchanged messages or typing notices with the user, or named them in
+    who_is_online. Everyone may still ask who is online."""
+    async with cast(short_tmp) as c:
+        await create_once(c.srv.admin, "carol", PASSWORD)
+        # Nobody shares anything with carol: her login and logout reach no one.
+        async with connect(c.srv) as carol:
+            session = await carol.login("carol")
+            carol_id = session["user"]["id"]
+            everyone = await c.bob.client.request("who_is_online")
+            assert carol_id in everyone["online"]
+        # Bob asks about carol by id: from then on he hears of her.
+        watched = await c.bob.client.request("who_is_online", user_ids=[carol_id, 999])
+        assert watched["online"] == []
+        async with connect(c.srv) as carol:
+            await carol.login("carol")
+            change = await next_frame(c.bob.client, "presence")
+            assert change == {"type": "presence", "online": [carol_id]}
+        change = await next_frame(c.bob.client, "presence")
+        assert change == {"type": "presence", "online": [], "offline": [carol_id]}
+        # Alice never heard of any of it: her connections got no presence at all.
+        for device in (c.alice1, c.alice2):
+            seen = await frames_until(device.client, "presence", 0.3)
+            assert all(f["type"] != "presence" for f in seen)
+        # A message makes sender and recipient watch each other.
+        await send(c.alice1, c.to_everyone(c.alice1, "hi"))
+        await next_frame(c.bob.client, "deliver")
+        await c.bob.client.ws.aclose()
+        change = await next_frame(c.alice1.client, "presence")
+        assert change["offline"] == [c.bob.user_id]
+
+
+async def test_who_is_online_refuses_too_many_ids(short_tmp: Path) -> None:
+    async with cast(short_tmp) as c:
+        refused = await c.bob.client.request("who_is_online", user_ids=list(range(1, 1002)))
+        assert (refused["code"], refused["field"]) == ("bad_frame", "$.user_ids")
+
+
+async def test_an_online_recipient_is_not_kept_waiting_for_the_disk(short_tmp: Path) -> None:
+    """With a long write delay, a message to online devices is delivered and
+    acknowledged before anything is written: the acks cancel the inserts, the
+    sender gets sent at once, and the receipts follow; the table never holds it."""
+    devices = DeviceSettings(write_delay_ms=1_000)
+    async with cast(short_tmp, devices) as c:
+        message_id = str(uuid.uuid4())
+        envelopes = c.to_everyone(c.alice1, "fast")
+        frame = {"type": "send", "id": "fast", "message_id": message_id, "envelopes": envelopes}
+        with trio.fail_after(0.9):  # well inside the write delay
+            await c.alice1.client.ws.send_message(json.dumps(frame))
+            for device in (c.bob, c.alice2):
+                delivered = await next_frame(device.client, "deliver")
+                assert [e["message_id"] for e in delivered["envelopes"]] == [message_id]
+                up_to = delivered["envelopes"][-1]["envelope_id"]
+                await device.client.ws.send_message(json.dumps({"type": "ack", "up_to": up_to}))
+            sent: list[dict[str, Any]] = []
+            receipts: list[dict[str, Any]] = []
+            while not sent or len(receipts) < 2:
+                got = json.loads(await c.alice1.client.ws.get_message())
+                if got["type"] == "sent":
+                    sent.append(got)
+                elif got["type"] == "deliver":
+                    receipts += got["envelopes"]
+            assert [(s["id"], s["envelopes"]) for s in sent] == [("fast", 2)]
+            assert {e["kind"] for e in receipts} == {"delivered"}
+        rows = await c.srv.store.read(
+            lambda conn: conn.execute(
+                "SELECT count(*) FROM envelopes WHERE message_id = ?", (message_id,)
+            ).fetchone()[0]
+        )
+        assert rows == 0
+
+
+async def test_a_device_acknowledging_on_two_connections_makes_one_receipt(
+    short_tmp: Path,
+) -> None:
+    async with cast(short_tmp) as c, connect(c.srv) as again:
+        await again.login("bob", BOB_PASSWORD, device_id=c.bob.device_id)
+        message_id = (await send(c.alice1, c.to_everyone(c.alice1, "twice")))["message_id"]
+        first = await next_frame(c.bob.client, "deliver")
+        second = await next_frame(again, "deliver")
+        assert first["envelopes"] == second["envelopes"]
+        up_to = first["envelopes"][-1]["envelope_id"]
+        await c.bob.client.request("ack", up_to=up_to)
+        await again.request("ack", up_to=up_to)
+        receipts: list[dict[str, Any]] = []
+        for frame in await frames_until(c.alice1.client, "never", 0.5):
+            if frame["type"] == "deliver":
+                receipts += [e for e in frame["envelopes"] if e["kind"] == "delivered"]
+        assert [(r["message_id"], r["device_id"]) for r in receipts] == [
+            (message_id, c.bob.device_id)
+        ]
+
+
+async def test_a_failed_write_is_refused_with_storage_unavailable_and_the_connection_stays(
+    short_tmp: Path, monkeypatch: Any
+) -> None:
+    """A write that fails gets an error frame with retry_after (not a closed
+    connection); nothing was acknowledged, and the next send goes through."""
+    from chatd.e2ee import queues as queues_module
+    from chatd.errors import StoreError
+
+    async with cast(short_tmp) as c:
+        await c.bob.client.ws.aclose()
+        await c.alice2.client.ws.aclose()
+        write = queues_module.QueueService._write
+        failing = True
+
+        def flaky(self: Any, conn: Any) -> Any:
+            result = write(self, conn)
+            if failing:
+                raise StoreError("database or disk is full")
+            return result
+
+        monkeypatch.setattr(queues_module.QueueService, "_write", flaky)
+        refused = await send(c.alice1, c.to_everyone(c.alice1, "lost"))
+        assert refused["type"] == "error" and refused["code"] == "storage_unavailable"
+        assert refused["retry_after"] > 0
+        failing = False
+        message_id = refused_id = None
+        sent = await send(c.alice1, c.to_everyone(c.alice1, "kept"))
+        assert sent["type"] == "sent"
+        message_id, refused_id = sent["message_id"], refused.get("id")
+        assert refused_id is not None
+        queued = await c.srv.store.read(
+            lambda conn: [r[0] for r in conn.execute("SELECT message_id FROM envelopes")]
+        )
+        assert set(queued) == {message_id}
         await assert_queue_totals_exact(c)

@@ -153,3 +153,25 @@ def test_a_missing_field_is_named() -> None:
     )
     assert error["field"] == "$.device_name"
     assert error["id"] == "r7"
+
+
+@pytest.mark.parametrize("depth", [900, 1_000, 100_000])
+def test_deeply_nested_json_is_a_bad_frame_not_a_crash(depth: int) -> None:
+    conn = started()
+    for text in (
+        "[" * depth + "]" * depth,
+        '{"type":"ping","id":' + "[" * depth + "]" * depth + "}",
+    ):
+        [error] = frames(conn.receive_text(text))
+        assert error["type"] == "error" and error["code"] == "bad_frame"
+
+
+def test_the_field_is_found_without_reading_the_decoders_message() -> None:
+    conn = started()
+    text = (
+        '{"type":"send","id":"s","message_id":"0b9d3c1e-5f7a-4c2b-9e8d-000000000001",'
+        '"envelopes":[{"user_id":1,"device_id":"ABC","ciphertext":"x"},'
+        '{"user_id":1,"device_id":"ABC","ciphertext":"x","extra":1}]}'
+    )
+    [error] = frames(conn.receive_text(text))
+    assert (error["field"], error["id"]) == ("$.envelopes[1].extra", "s")

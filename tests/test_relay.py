@@ -7,6 +7,7 @@ frame, a Close, end-of-stream), never on a sleep.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import ssl
@@ -651,6 +652,23 @@ async def test_a_websocket_ping_after_our_close_is_ignored_and_the_server_surviv
         # Everyone else is still served.
         async with open_websocket_url(url(relay)) as ws:
             await hello_of(ws)
+
+
+async def test_a_big_message_after_a_bye_is_dropped_quietly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """After the server's Close, what the peer still sends is read and dropped,
+    a message over the limit too: no second Close, no error in the log."""
+    async with relay_running() as (relay, _):
+        client = await RawClient.connect(relay)
+        await client.stream.send_all(
+            ws_frame(0x1, b'{"type":"bye"}') + ws_frame(0x1, b"x" * 70_000)
+        )
+        close = await client.close_event()
+        assert close is not None and close.code == 1000
+        await client.wait_eof()
+        await wait_streams_closed(relay)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 async def test_websocket_pings_are_answered_while_open() -> None:
