@@ -374,14 +374,15 @@ class DeviceSettings:
         minimum=1_024,
         maximum=1 << 40,
     )
-    write_delay_ms: float = setting(
-        5.0,
-        "How long accepted envelopes and acknowledgements gather in memory before "
-        "they are written together. An envelope its device acknowledges meanwhile "
-        "is never written at all (online recipients usually do); a sender to an "
-        "offline device waits this much longer for 'sent'. 0 writes at once.",
+    ack_wait_ms: float = setting(
+        250.0,
+        "How long an envelope handed at once to a device's live connection stays in "
+        "memory, waiting for the device's ack, before it is written to disk. One "
+        "acknowledged in that time is never written at all, and its sender gets "
+        "'sent' at the ack. Envelopes for offline devices are written at once. "
+        "0 writes everything at once.",
         minimum=0,
-        maximum=1_000,
+        maximum=10_000,
     )
     envelope_days: float = setting(
         30.0,

@@ -181,3 +181,44 @@ def test_the_delivery_rules_import_no_io() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_envelopes_kept_in_memory_between_the_rows_are_merged_in_order() -> None:
+    """An envelope waiting for its ack stays in memory while later ones are
+    written: a read's rows and the tail interleave, and come out in id order."""
+    d = Delivery(window=10)
+    d.start()
+    d.read_limit()
+    handed = d.read_done([env(5), env(7)], through=7, complete=True, tail=[env(6), env(9)])
+    assert ids(handed) == [5, 6, 7, 9] and d.phase is Phase.LIVE
+
+
+def test_a_merged_read_stops_at_the_window_and_reads_on_from_there() -> None:
+    d = Delivery(window=2)
+    d.start()
+    d.read_limit()
+    handed = d.read_done([env(5), env(7)], through=7, complete=True, tail=[env(6)])
+    assert ids(handed) == [5, 6]
+    assert d.phase is Phase.BEHIND and d.cursor == 6  # 7 is read again
+
+
+def test_a_held_envelope_stops_the_connection_until_it_is_released() -> None:
+    d = Delivery(window=10)
+    d.start()
+    d.read_limit()
+    handed = d.read_done([env(1)], through=1, complete=True, tail=[env(2), env(3)], held={2})
+    assert ids(handed) == [1] and d.blocked and d.phase is Phase.BEHIND
+    assert d.read_limit() == 0  # no reading while it waits
+    assert not d.offer(env(4))
+    assert ids(d.resume([env(2), env(3), env(4)])) == [2, 3, 4]
+    assert not d.blocked and d.phase is Phase.LIVE
+
+
+def test_a_live_connection_offered_a_held_envelope_waits_for_it() -> None:
+    d = Delivery(window=10)
+    d.start()
+    d.read_limit()
+    d.read_done([], through=0, complete=True, tail=[])
+    assert not d.offer(env(1), held=True)
+    assert d.blocked and not d.offer(env(2))
+    assert ids(d.resume([env(1), env(2)], held=set())) == [1, 2]

@@ -576,15 +576,15 @@ async def test_who_is_online_refuses_too_many_ids(short_tmp: Path) -> None:
 
 
 async def test_an_online_recipient_is_not_kept_waiting_for_the_disk(short_tmp: Path) -> None:
-    """With a long write delay, a message to online devices is delivered and
+    """With a long ack wait, a message to online devices is delivered and
     acknowledged before anything is written: the acks cancel the inserts, the
     sender gets sent at once, and the receipts follow; the table never holds it."""
-    devices = DeviceSettings(write_delay_ms=1_000)
+    devices = DeviceSettings(ack_wait_ms=1_000)
     async with cast(short_tmp, devices) as c:
         message_id = str(uuid.uuid4())
         envelopes = c.to_everyone(c.alice1, "fast")
         frame = {"type": "send", "id": "fast", "message_id": message_id, "envelopes": envelopes}
-        with trio.fail_after(0.9):  # well inside the write delay
+        with trio.fail_after(0.9):  # well inside the ack wait
             await c.alice1.client.ws.send_message(json.dumps(frame))
             for device in (c.bob, c.alice2):
                 delivered = await next_frame(device.client, "deliver")

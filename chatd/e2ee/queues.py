@@ -12,22 +12,28 @@ each of its envelopes gets the next envelope id, joins its device's *tail*
 (:meth:`QueueEvents.queued`), which hands it to the device's live
 connections at once. Its rows join the *open batch*.
 
-The open batch is written by one job in the store's writer queue: whenever
-the batch holds anything, exactly one such job is queued, and it takes
-whatever the batch holds when the writer reaches it (three set-based
-statements: the ``sends`` rows, the envelopes, the deletes). So everything
-accepted before any other job was queued is written before that job runs;
-the relay's reads of a queue are jobs in the same queue, which is how a read
-and the tail handed in with it describe the queue at one instant
-(:mod:`chatd.protocol.delivery`).
+The open batch is written by one job in the store's writer queue, queued at
+most one at a time, which takes what is due when the writer reaches it
+(three set-based statements: the ``sends`` rows, the envelopes, the
+deletes). An envelope that a live connection took at once is *hot*: it stays
+in memory for up to ``devices.ack_wait_ms``, because its device will most
+likely acknowledge it first, and then it is never written at all. Everything
+else (envelopes for offline devices, deletes, ``sends`` rows, receipts that
+must be durable) is due at once, so it goes out with the next group commit.
+The relay reads a device's queue with a job in the same writer queue and
+takes the tail as it is in that job's commit callback; since every envelope
+leaves its tail in the commit callback of the batch that wrote it, the rows
+read and the tail describe the queue at one instant (their ids may
+interleave; :mod:`chatd.protocol.delivery` merges them).
 
 Acknowledgement deletes. If the envelope is still in the open batch, the ack
 cancels its insert and nothing of it ever reaches the disk; otherwise its id
 joins the batch's deletes. Either way a ``delivered`` receipt for the sender
-device is accepted like any envelope. The sender's ``sent`` waits until each
-envelope of its message is either committed or acknowledged, whichever
-comes first, so ``sent`` still means "durably queued or already delivered",
-while an online recipient never waits for the disk.
+device is accepted like any envelope; one that reports a delete is *held*,
+handed out only once it (and the delete) committed. The sender's ``sent``
+waits until each envelope of its message is either committed or
+acknowledged, whichever comes first, so ``sent`` still means "durably queued
+or already delivered", while an online recipient never waits for the disk.
 
 Delivery is at least once: an envelope handed out before its commit may be
 seen again if the commit fails or the server stops first (the sender then
@@ -46,7 +52,9 @@ batch. Receipts themselves expire quietly.
 from __future__ import annotations
 
 import itertools
+import math
 import threading
+import time
 from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple, Protocol
@@ -78,10 +86,11 @@ def utf8_size(text: str | None) -> int:
 class QueueEvents(Protocol):
     """What the queue service tells the relay, on the event loop."""
 
-    def queued(self, device_id: str, envelope: f.Envelope, held: bool) -> None:
+    def queued(self, device_id: str, envelope: f.Envelope, held: bool) -> bool:
         """An envelope was accepted for this device (before its commit). Calls
         for one device come in envelope id order. A ``held`` one may not be
-        handed out before :meth:`released` says it committed."""
+        handed out before :meth:`released` says it committed. True if a live
+        connection took it (so an ack is likely soon)."""
 
     def released(self, device_id: str, queue: Iterable[f.Envelope], held: Container[int]) -> None:
         """A write that held envelopes of this device is settled: ``queue`` is
@@ -181,28 +190,47 @@ class QueueFull:
 SendResult = Accepted | Repeated | Mismatch | QueueFull
 
 
-class _Insert(NamedTuple):
-    device_id: str  # the recipient device
-    envelope: f.Envelope
-    size: int  # bytes of ciphertext
-    expires_at: int
-    outcome: Outcome | None  # the send it belongs to (None for a receipt)
-    held: bool  # not handed out before its commit
+class _Insert:
+    """An accepted envelope waiting in a batch to be written."""
+
+    __slots__ = ("device_id", "envelope", "size", "expires_at", "outcome", "held", "due")
+
+    def __init__(
+        self,
+        device_id: str,
+        envelope: f.Envelope,
+        size: int,
+        expires_at: int,
+        outcome: Outcome | None,
+        held: bool,
+    ) -> None:
+        self.device_id = device_id  # the recipient device
+        self.envelope = envelope
+        self.size = size  # bytes of ciphertext
+        self.expires_at = expires_at
+        self.outcome = outcome  # the send it belongs to (None for a receipt)
+        self.held = held  # not handed out before its commit
+        self.due = math.inf  # time.monotonic() from which it is written (set once offered)
 
 
 class _Batch:
     """What the next write job will write."""
 
-    __slots__ = ("inserts", "deletes", "sends", "waiters")
+    __slots__ = ("inserts", "deletes", "sends", "waiters", "due_inserts")
 
     def __init__(self) -> None:
         self.inserts: dict[int, _Insert] = {}
         self.deletes: list[tuple[str, int, int]] = []  # (device, envelope id, bytes)
         self.sends: list[tuple[str, str, int, int, Outcome]] = []  # device, message id, n, at
         self.waiters: list[Outcome] = []  # settled when this batch commits
+        self.due_inserts = 0  # inserts due at once (not hot)
 
     def __bool__(self) -> bool:
         return bool(self.inserts or self.deletes or self.sends or self.waiters)
+
+    def due_now(self) -> bool:
+        """Whether anything in it should be written without waiting."""
+        return bool(self.due_inserts or self.deletes or self.sends or self.waiters)
 
 
 class _Written(NamedTuple):
@@ -256,7 +284,9 @@ class QueueService:
         self._held: set[int] = set()  # accepted envelopes not handed out before their commit
         self._recent: dict[tuple[str, str], Outcome] = {}
         self._has_sequence = False
-        self._due: trio.Event | None = None  # wakes serve() to submit after the delay
+        self._wake: trio.Event | None = None  # wakes serve() (None: serve() is not running)
+        self._timer_at: float | None = None  # time.monotonic() when hot envelopes fall due
+        self._flushing = False  # stopping: write everything, hot or not
 
     async def open(self) -> None:
         """Load the queues' totals and the envelope id sequence."""
@@ -313,7 +343,7 @@ class QueueService:
         now = now_ms()
         expires = now + int(self.settings.envelope_days * DAY_MS)
         outcome = Outcome(remaining=len(targets), envelopes=len(targets))
-        announce: list[tuple[str, f.Envelope, bool]] = []
+        accepted: list[_Insert] = []
         with self._lock:
             for (_, target), text in targets.items():
                 envelope = f.Envelope(
@@ -325,11 +355,10 @@ class QueueService:
                     sender_device_id=device_id,
                     ciphertext=text,
                 )
-                self._queue(target, envelope, sizes[target], expires, outcome, announce)
+                accepted.append(self._queue(target, envelope, sizes[target], expires, outcome))
             self._open.sends.append((device_id, frame.message_id, len(targets), now, outcome))
         self._remember(key, outcome)
-        self._arm()
-        self._announce(announce)
+        self._offer(accepted)
         return Accepted(outcome)
 
     def _has_room(self, device_id: str, size: int) -> bool:
@@ -344,30 +373,42 @@ class QueueService:
         size: int,
         expires_at: int,
         outcome: Outcome | None,
-        announce: list[tuple[str, f.Envelope, bool]],
         *,
         held: bool = False,
-    ) -> None:
-        """Accept one envelope (the lock is held): it joins the open batch, its
-        device's tail and totals, and ``announce`` (for :meth:`_announce`,
-        once the lock is released)."""
+    ) -> _Insert:
+        """Accept one envelope (the lock is held): it joins the open batch (not
+        due until :meth:`_offer` says when), its device's tail and totals."""
         envelope_id = envelope.envelope_id
         self._next_id = envelope_id + 1
-        self._open.inserts[envelope_id] = _Insert(
-            device_id, envelope, size, expires_at, outcome, held
-        )
+        accepted = _Insert(device_id, envelope, size, expires_at, outcome, held)
+        self._open.inserts[envelope_id] = accepted
         if held:
             self._held.add(envelope_id)
         self._tails.setdefault(device_id, {})[envelope_id] = envelope
         totals = self._totals.setdefault(device_id, [0, 0])
         totals[0] += 1
         totals[1] += size
-        announce.append((device_id, envelope, held))
+        return accepted
 
-    def _announce(self, announce: list[tuple[str, f.Envelope, bool]]) -> None:
+    def _offer(self, accepted: list[_Insert]) -> None:
+        """Hand newly accepted envelopes to the relay (the lock released), then
+        say when each is due: a hot one (a live connection took it) after the
+        ack wait, the others at once. Then make sure a write will come."""
         queued = self.events.queued
-        for device_id, envelope, held in announce:
-            queued(device_id, envelope, held)
+        hot = [queued(a.device_id, a.envelope, a.held) for a in accepted]
+        wait = self.settings.ack_wait_ms / 1000 if self._wake is not None else 0.0
+        due = time.monotonic() + wait
+        with self._lock:
+            batch = self._open
+            for entry, taken in zip(accepted, hot, strict=True):
+                if entry.envelope.envelope_id not in batch.inserts:
+                    continue  # cancelled meanwhile
+                if taken and wait > 0:
+                    entry.due = due
+                else:
+                    entry.due = 0.0
+                    batch.due_inserts += 1
+        self._arm()
 
     def _remember(self, key: tuple[str, str], outcome: Outcome) -> None:
         self._recent[key] = outcome
@@ -384,14 +425,14 @@ class QueueService:
         now = now_ms()
         expires = now + int(self.settings.envelope_days * DAY_MS)
         outcome = Outcome()
-        announce: list[tuple[str, f.Envelope, bool]] = []
+        receipts: list[_Insert] = []
         with self._lock:
             batch = self._open
             deletes_before = len(batch.deletes)
             for envelope_id, sent in acked:
                 cancelled = batch.inserts.pop(envelope_id, None)
                 if cancelled is not None:
-                    self._unqueue(cancelled)
+                    self._unqueue(batch, cancelled)
                 else:
                     self._delete(device_id, envelope_id, sent.size)
                 if sent.kind == "message" and sent.sender_device_id:
@@ -404,27 +445,28 @@ class QueueService:
                         sent_at=now,
                         device_id=device_id,
                     )
-                    self._queue(
-                        sent.sender_device_id,
-                        receipt,
-                        0,
-                        expires,
-                        None,
-                        announce,
-                        held=cancelled is None,
+                    receipts.append(
+                        self._queue(
+                            sent.sender_device_id,
+                            receipt,
+                            0,
+                            expires,
+                            None,
+                            held=cancelled is None,
+                        )
                     )
-            wrote = bool(announce) or len(batch.deletes) > deletes_before
+            wrote = len(batch.deletes) > deletes_before
             if wrote:
                 batch.waiters.append(outcome)
-        if wrote:
-            self._arm()
-            self._announce(announce)
-        else:
-            outcome.settle()
+        self._offer(receipts)
+        if not wrote:
+            outcome.settle()  # nothing it changed needs the disk
         return outcome
 
-    def _unqueue(self, cancelled: _Insert) -> None:
-        """An envelope's insert was cancelled before it was written."""
+    def _unqueue(self, batch: _Batch, cancelled: _Insert) -> None:
+        """An envelope's insert was cancelled before it was written (the lock is held)."""
+        if cancelled.due <= 0:
+            batch.due_inserts -= 1
         tail = self._tails.get(cancelled.device_id)
         if tail is not None:
             tail.pop(cancelled.envelope.envelope_id, None)
@@ -537,7 +579,7 @@ class QueueService:
         expires = now + EXPIRED_RECEIPT_DAYS * DAY_MS
         taken = []
         by_device: dict[str, list[int]] = {}
-        announce: list[tuple[str, f.Envelope, bool]] = []
+        receipts: list[_Insert] = []
         with self._lock:
             for row in rows:
                 envelope_id, recipient, kind, message_id, sender, size = row
@@ -554,13 +596,12 @@ class QueueService:
                         sent_at=now,
                         device_id=recipient,
                     )
-                    self._queue(sender, receipt, 0, expires, None, announce, held=True)
+                    receipts.append(self._queue(sender, receipt, 0, expires, None, held=True))
             if taken:
                 self._open.waiters.append(outcome)
         if not taken:
             outcome.settle()
-        self._arm()
-        self._announce(announce)
+        self._offer(receipts)
         for device_id, ids in by_device.items():
             self.events.dropped(device_id, ids)
         return taken
@@ -572,37 +613,44 @@ class QueueService:
     # -- the write job -------------------------------------------------------------------
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Submit the open batch's write ``devices.write_delay_ms`` after it
-        opens, until cancelled. Without this task running, writes are
-        submitted at once. Cancellation submits what is open."""
-        delay = self.settings.write_delay_ms / 1000
-        self._due = trio.Event()
+        """Write hot envelopes whose ack wait ran out, until cancelled; without
+        this task, nothing waits for acks. Cancellation writes all that is open."""
+        self._wake = trio.Event()
         task_status.started()
         try:
             while True:
-                await self._due.wait()
-                self._due = trio.Event()
-                if delay > 0:
-                    await trio.sleep(delay)
-                self._submit()
+                at = self._timer_at
+                if at is None:
+                    await self._wake.wait()
+                else:
+                    with trio.move_on_after(max(0.0, at - time.monotonic())):
+                        await self._wake.wait()
+                self._wake = trio.Event()
+                if self._timer_at is not None and time.monotonic() >= self._timer_at:
+                    self._timer_at = None
+                    self._arm(force=True)
         finally:
-            self._due = None
-            if self._armed:
-                self._submit()
+            self._wake = None
+            self._flushing = True
+            self._arm(force=True)
 
-    def _arm(self) -> None:
-        """Make sure a job will write the open batch: now, or after the write
-        delay (see :meth:`serve`)."""
+    def _arm(self, *, force: bool = False) -> None:
+        """Make sure the open batch will be written: a job now if anything in it
+        is due (or ``force``), else a timer for when its first hot envelope is."""
         with self._lock:
-            if self._armed or not self._open:
+            if self._armed:
+                return
+            batch = self._open
+            if not batch:
+                return
+            if not (force or batch.due_now()):
+                first = next(iter(batch.inserts.values()))
+                if self._timer_at is None or first.due < self._timer_at:
+                    self._timer_at = first.due
+                    if self._wake is not None:
+                        self._wake.set()
                 return
             self._armed = True
-        if self._due is not None:
-            self._due.set()
-        else:
-            self._submit()
-
-    def _submit(self) -> None:
         try:
             self.store.submit_nowait(self._write, self._committed, self._failed)
         except StoreError as exc:
@@ -612,9 +660,18 @@ class QueueService:
             self._settle_failed(batch, exc)
 
     def _write(self, conn: Any) -> _Written:
-        """In the writer thread: take the open batch and write it."""
+        """In the writer thread: take what is due of the open batch and write it."""
         with self._lock:
-            batch, self._open = self._open, _Batch()
+            batch = self._open
+            kept = _Batch()
+            if not self._flushing:
+                now = time.monotonic()
+                for envelope_id, entry in batch.inserts.items():
+                    if entry.due > now:
+                        kept.inserts[envelope_id] = entry
+                for envelope_id in kept.inserts:
+                    del batch.inserts[envelope_id]
+            self._open = kept
             self._armed = False
             self._taken.append(batch)
             highest = self._next_id - 1
@@ -672,6 +729,8 @@ class QueueService:
         """On the loop: a batch is durable."""
         batch, repeats = written
         self._taken.remove(batch)
+        if repeats:
+            self._drop_open(repeats.keys())  # a repeat's hot envelopes are not written later
         self._untail_batch(batch, repeats)
         for ins in batch.inserts.values():
             if ins.outcome is None:
@@ -687,6 +746,22 @@ class QueueService:
             self._undelete(device_id, envelope_id)
         for waiter in batch.waiters:
             waiter.settle()
+        self._arm()  # what stayed (hot envelopes) gets its timer
+
+    def _drop_open(self, outcomes: Iterable[Outcome]) -> None:
+        """Take the envelopes of these sends out of the open batch (a repeat, or
+        a send that failed): they are never written."""
+        gone = set(outcomes)
+        with self._lock:
+            batch = self._open
+            dropped = [i for i, ins in batch.inserts.items() if ins.outcome in gone]
+            entries = [batch.inserts.pop(i) for i in dropped]
+            for entry in entries:
+                if entry.due <= 0:
+                    batch.due_inserts -= 1
+        for entry in entries:
+            self._untail(entry)
+            self._count(entry.device_id, -1, -entry.size)
 
     def _untail_batch(self, batch: _Batch, written: dict[Outcome, int] | None) -> None:
         """A batch is settled: its envelopes leave their tails (``written``: the
@@ -708,7 +783,8 @@ class QueueService:
                     entries.append(ins.envelope)
         for device_id, entries in devices.items():
             tail = self._tails.get(device_id, {}).values()
-            self.events.released(device_id, itertools.chain(entries, tail), self._held)
+            queue = sorted(itertools.chain(entries, tail), key=_envelope_id)
+            self.events.released(device_id, queue, self._held)
 
     def _failed(self, exc: BaseException) -> None:
         """On the loop: the job writing a batch failed (or never ran)."""
@@ -720,10 +796,14 @@ class QueueService:
                 batch, self._open = self._open, _Batch()
                 self._armed = False
         self._settle_failed(batch, error)
+        self._arm()
 
     def _settle_failed(self, batch: _Batch, error: StoreError) -> None:
+        failed_sends = [outcome for _, _, _, _, outcome in batch.sends]
         for device_id, message_id, _, _, _ in batch.sends:
             self._recent.pop((device_id, message_id), None)  # a resend is a new send
+        failed_sends += [ins.outcome for ins in batch.inserts.values() if ins.outcome is not None]
+        self._drop_open(failed_sends)
         self._untail_batch(batch, None)
         for ins in batch.inserts.values():
             self._count(ins.device_id, -1, -ins.size)
@@ -734,6 +814,8 @@ class QueueService:
             self._count(device_id, 1, size)
         for waiter in batch.waiters:
             waiter.fail(error)
+        for outcome in failed_sends:
+            outcome.fail(error)
 
     def _untail(self, ins: _Insert) -> None:
         tail = self._tails.get(ins.device_id)
@@ -748,6 +830,10 @@ class QueueService:
             deleting.discard(envelope_id)
             if not deleting:
                 del self._deleting[device_id]
+
+
+def _envelope_id(envelope: f.Envelope) -> int:
+    return envelope.envelope_id
 
 
 def purge_sends(conn: Any, *, now: int, limit: int, days: float) -> int:

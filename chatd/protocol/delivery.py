@@ -6,8 +6,9 @@ Theory of operation
 Every device has one queue of envelopes, ordered by ``envelope_id``. Part of
 it is durable (rows in the database) and part of it may not be yet: the
 *tail*, envelopes the server accepted whose write has not committed. Ids are
-handed out in the order envelopes are accepted, so the tail always follows
-the rows: its ids are larger than every row's.
+handed out in the order envelopes are accepted; most of the tail follows the
+rows, but an envelope kept in memory while it waits for its ack may have
+rows after it, so a read's rows and the tail are merged by id.
 
 Each connection of a device follows that queue with a :class:`Delivery`, a
 cursor and a window. It is in one of three phases:
@@ -151,10 +152,20 @@ class Delivery:
         if self.phase is not Phase.BEHIND:
             return []
         before = len(self.ready)
-        for envelope in rows:
-            if envelope.envelope_id > self.cursor:
-                self.ready.append(envelope)
-                self.cursor = envelope.envelope_id
+        # Envelopes kept in memory may sit between the rows (an ack was
+        # awaited for them while later ones were written): merge them in.
+        between = [e for e in tail if self.cursor < e.envelope_id <= through]
+        for envelope in sorted([*rows, *between], key=_id) if between else rows:
+            envelope_id = envelope.envelope_id
+            if envelope_id <= self.cursor:
+                continue
+            if envelope_id in held:
+                self.blocked = True
+                return self.ready[before:]
+            if self.room <= 0:
+                return self.ready[before:]  # the rest is read again from the cursor
+            self.ready.append(envelope)
+            self.cursor = envelope_id
         self.cursor = max(self.cursor, through)
         if complete:
             self._follow(tail, held)
@@ -262,6 +273,10 @@ class DeviceLedger:
         for envelope_id in ids:
             if envelope_id not in keep:
                 self.outstanding.pop(envelope_id, None)
+
+
+def _id(envelope: Envelope) -> int:
+    return envelope.envelope_id
 
 
 def deliver_batches(envelopes: list[Envelope]) -> list[list[Envelope]]:

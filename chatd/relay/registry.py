@@ -226,18 +226,23 @@ class Registry:
 
     # -- queues (events from the queue service) -----------------------------------------
 
-    def queued(self, device_id: str, envelope: f.Envelope, held: bool) -> None:
-        """An envelope was accepted for this device: offer it to its live connections."""
+    def queued(self, device_id: str, envelope: f.Envelope, held: bool) -> bool:
+        """An envelope was accepted for this device: offer it to its live
+        connections. True if one took it."""
         state = self.by_device.get(device_id)
         if state is None:
-            return
+            return False
         sender = envelope.sender_user_id
+        taken = False
         for conn in state.connections:
             if conn.delivery.offer(envelope, held=held):
-                state.ledger.handed((envelope,))
+                if not taken:
+                    state.ledger.handed((envelope,))
+                    taken = True
                 conn.wake()
                 if sender is not None:
                     self.watch(conn, (sender,))  # they share a conversation
+        return taken
 
     def released(self, device_id: str, queue: Iterable[f.Envelope], held: Container[int]) -> None:
         """Envelopes this device's connections waited for are settled: the
