@@ -1000,6 +1000,7 @@ def run_chatd(pairs: int, driver: Driver, writer_stats: bool, *, window: int = W
         findings = log_findings(log)
         notes.append(f"daemon log: {len(log.splitlines())} lines, {len(findings)} warning/error")
         notes += [f"  {line[:300]}" for line in findings[:5]]
+        notes += [f"  {line[:300]}" for line in log.splitlines() if "queues.stopped" in line]
         if writer_stats:
             notes += writer_summary(stats, measured)
         notes.append(f"SIGTERM to exit {code}")

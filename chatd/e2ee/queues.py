@@ -52,6 +52,7 @@ batch. Receipts themselves expire quietly.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import threading
 import time
@@ -65,9 +66,12 @@ import trio
 from chatd.config import DeviceSettings
 from chatd.e2ee.current import CurrentDevices
 from chatd.errors import StoreError
+from chatd.log import fields
 from chatd.protocol import frames as f
 from chatd.protocol.delivery import Sent
 from chatd.store import Store, now_ms
+
+log = logging.getLogger("chatd.queues")
 
 DAY_MS: Final = 86_400_000
 EXPIRED_RECEIPT_DAYS: Final = 30  # how long an expired receipt waits for its device
@@ -158,6 +162,22 @@ class Outcome:
             self._event.set()
 
 
+class SendOutcome(Outcome):
+    """A send's outcome; it also carries the send's row for ``sends`` (the
+    repeat check), written with the first of its envelopes that is written.
+    A send whose envelopes were all acknowledged before any write leaves no
+    row: a repeat of it after a restart is delivered again (at least once)."""
+
+    __slots__ = ("sender_device_id", "message_id", "created_at", "row_written")
+
+    def __init__(self, sender_device_id: str, message_id: str, count: int, created_at: int) -> None:
+        super().__init__(remaining=count, envelopes=count)
+        self.sender_device_id = sender_device_id
+        self.message_id = message_id
+        self.created_at = created_at
+        self.row_written = False  # only the writer thread reads or sets it
+
+
 @dataclass(frozen=True, slots=True)
 class Accepted:
     """The send is accepted; ``outcome`` settles once it is durable or delivered."""
@@ -201,7 +221,7 @@ class _Insert:
         envelope: f.Envelope,
         size: int,
         expires_at: int,
-        outcome: Outcome | None,
+        outcome: SendOutcome | None,
         held: bool,
     ) -> None:
         self.device_id = device_id  # the recipient device
@@ -216,21 +236,20 @@ class _Insert:
 class _Batch:
     """What the next write job will write."""
 
-    __slots__ = ("inserts", "deletes", "sends", "waiters", "due_inserts")
+    __slots__ = ("inserts", "deletes", "waiters", "due_inserts")
 
     def __init__(self) -> None:
         self.inserts: dict[int, _Insert] = {}
         self.deletes: list[tuple[str, int, int]] = []  # (device, envelope id, bytes)
-        self.sends: list[tuple[str, str, int, int, Outcome]] = []  # device, message id, n, at
         self.waiters: list[Outcome] = []  # settled when this batch commits
         self.due_inserts = 0  # inserts due at once (not hot)
 
     def __bool__(self) -> bool:
-        return bool(self.inserts or self.deletes or self.sends or self.waiters)
+        return bool(self.inserts or self.deletes or self.waiters)
 
     def due_now(self) -> bool:
         """Whether anything in it should be written without waiting."""
-        return bool(self.due_inserts or self.deletes or self.sends or self.waiters)
+        return bool(self.due_inserts or self.deletes or self.waiters)
 
 
 class _Written(NamedTuple):
@@ -259,6 +278,23 @@ _READ_QUEUE: Final = (
 )
 
 
+class QueueStats:
+    """What the queue service did since it started (logged when it stops)."""
+
+    __slots__ = ("accepted", "cancelled", "written", "deleted", "batches", "kept")
+
+    def __init__(self) -> None:
+        self.accepted = 0  # envelopes accepted (messages and receipts)
+        self.cancelled = 0  # acknowledged before they were written: never written
+        self.written = 0  # envelopes inserted
+        self.deleted = 0  # envelopes deleted (acknowledged or expired after their write)
+        self.batches = 0  # write jobs
+        self.kept = 0  # hot envelopes a write job left for later (summed over jobs)
+
+    def fields(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
 class QueueService:
     """Sends, deliveries and acknowledgements. One per daemon; call :meth:`open` first."""
 
@@ -282,11 +318,12 @@ class QueueService:
         self._tails: dict[str, dict[int, f.Envelope]] = {}  # device -> accepted, uncommitted
         self._deleting: dict[str, set[int]] = {}  # device -> acknowledged, delete uncommitted
         self._held: set[int] = set()  # accepted envelopes not handed out before their commit
-        self._recent: dict[tuple[str, str], Outcome] = {}
+        self._recent: dict[tuple[str, str], SendOutcome] = {}
         self._has_sequence = False
         self._wake: trio.Event | None = None  # wakes serve() (None: serve() is not running)
         self._timer_at: float | None = None  # time.monotonic() when hot envelopes fall due
         self._flushing = False  # stopping: write everything, hot or not
+        self.stats = QueueStats()
 
     async def open(self) -> None:
         """Load the queues' totals and the envelope id sequence."""
@@ -342,7 +379,7 @@ class QueueService:
             return QueueFull(full)
         now = now_ms()
         expires = now + int(self.settings.envelope_days * DAY_MS)
-        outcome = Outcome(remaining=len(targets), envelopes=len(targets))
+        outcome = SendOutcome(device_id, frame.message_id, len(targets), now)
         accepted: list[_Insert] = []
         with self._lock:
             for (_, target), text in targets.items():
@@ -356,7 +393,6 @@ class QueueService:
                     ciphertext=text,
                 )
                 accepted.append(self._queue(target, envelope, sizes[target], expires, outcome))
-            self._open.sends.append((device_id, frame.message_id, len(targets), now, outcome))
         self._remember(key, outcome)
         self._offer(accepted)
         return Accepted(outcome)
@@ -372,7 +408,7 @@ class QueueService:
         envelope: f.Envelope,
         size: int,
         expires_at: int,
-        outcome: Outcome | None,
+        outcome: SendOutcome | None,
         *,
         held: bool = False,
     ) -> _Insert:
@@ -382,6 +418,7 @@ class QueueService:
         self._next_id = envelope_id + 1
         accepted = _Insert(device_id, envelope, size, expires_at, outcome, held)
         self._open.inserts[envelope_id] = accepted
+        self.stats.accepted += 1
         if held:
             self._held.add(envelope_id)
         self._tails.setdefault(device_id, {})[envelope_id] = envelope
@@ -410,7 +447,7 @@ class QueueService:
                     batch.due_inserts += 1
         self._arm()
 
-    def _remember(self, key: tuple[str, str], outcome: Outcome) -> None:
+    def _remember(self, key: tuple[str, str], outcome: SendOutcome) -> None:
         self._recent[key] = outcome
         if len(self._recent) > MAX_RECENT_SENDS:
             del self._recent[next(iter(self._recent))]
@@ -467,6 +504,7 @@ class QueueService:
         """An envelope's insert was cancelled before it was written (the lock is held)."""
         if cancelled.due <= 0:
             batch.due_inserts -= 1
+        self.stats.cancelled += 1
         tail = self._tails.get(cancelled.device_id)
         if tail is not None:
             tail.pop(cancelled.envelope.envelope_id, None)
@@ -633,6 +671,7 @@ class QueueService:
             self._wake = None
             self._flushing = True
             self._arm(force=True)
+            log.info("queues.stopped", extra=fields(**self.stats.fields()))
 
     def _arm(self, *, force: bool = False) -> None:
         """Make sure the open batch will be written: a job now if anything in it
@@ -675,18 +714,26 @@ class QueueService:
             self._armed = False
             self._taken.append(batch)
             highest = self._next_id - 1
+        self.stats.batches += 1
+        self.stats.kept += len(kept.inserts)
         repeats: dict[Outcome, int] = {}
-        if batch.sends:
-            rows = [[d, m, n, at] for d, m, n, at, _ in batch.sends]
+        sends = {
+            ins.outcome: None
+            for ins in batch.inserts.values()
+            if ins.outcome is not None and not ins.outcome.row_written
+        }
+        if sends:
+            rows = [[o.sender_device_id, o.message_id, o.envelopes, o.created_at] for o in sends]
             new = {
                 (r[0], r[1])
                 for r in conn.execute(_INSERT_SENDS, (_json.encode(rows).decode(),)).fetchall()
             }
-            for d, m, _, _, outcome in batch.sends:
-                if (d, m) not in new and outcome not in repeats:
+            for outcome in sends:
+                outcome.row_written = True
+                if (outcome.sender_device_id, outcome.message_id) not in new:
                     row = conn.execute(
                         "SELECT envelopes FROM sends WHERE sender_device_id = ? AND message_id = ?",
-                        (d, m),
+                        (outcome.sender_device_id, outcome.message_id),
                     ).fetchone()
                     repeats[outcome] = int(row[0]) if row else outcome.envelopes
         if batch.inserts:
@@ -708,9 +755,11 @@ class QueueService:
             ]
             if rows:
                 conn.execute(_INSERT_ENVELOPES, (_json.encode(rows).decode(),))
+                self.stats.written += len(rows)
         if batch.deletes:
             ids = [envelope_id for _, envelope_id, _ in batch.deletes]
             conn.execute(_DELETE_ENVELOPES, (_json.encode(ids).decode(),))
+            self.stats.deleted += len(ids)
         # Ids are never used twice, not even those cancelled before any write.
         if not self._has_sequence:
             conn.execute(
@@ -799,10 +848,11 @@ class QueueService:
         self._arm()
 
     def _settle_failed(self, batch: _Batch, error: StoreError) -> None:
-        failed_sends = [outcome for _, _, _, _, outcome in batch.sends]
-        for device_id, message_id, _, _, _ in batch.sends:
-            self._recent.pop((device_id, message_id), None)  # a resend is a new send
-        failed_sends += [ins.outcome for ins in batch.inserts.values() if ins.outcome is not None]
+        failed_sends = {ins.outcome for ins in batch.inserts.values() if ins.outcome is not None}
+        for outcome in failed_sends:
+            outcome.row_written = False
+            # A resend is a new send.
+            self._recent.pop((outcome.sender_device_id, outcome.message_id), None)
         self._drop_open(failed_sends)
         self._untail_batch(batch, None)
         for ins in batch.inserts.values():
