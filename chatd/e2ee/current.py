@@ -37,6 +37,15 @@ class CurrentDevices:
         for user_id in user_ids:
             self._current.pop(user_id, None)
 
+    def cached(self, user_ids: Iterable[int]) -> dict[int, frozenset[str]] | None:
+        """The current devices of these users if all are cached, else None
+        (the fast path of every send: no await)."""
+        current = self._current
+        try:
+            return {u: current[u] for u in user_ids}
+        except KeyError:
+            return None
+
     async def of(self, user_ids: Iterable[int]) -> dict[int, frozenset[str]]:
         """The current devices of each of these users (empty for unknown or
         disabled users). Reads only the users not cached yet."""

@@ -355,16 +355,19 @@ class QueueService:
         targets: dict[tuple[int, str], str] = {}
         for e in frame.envelopes:
             targets[(e.user_id, e.device_id)] = e.ciphertext
-        users = {u for u, _ in targets} | {user_id}
-        current = await self.current.of(users)
-        repeat = self._recent.get(key)  # the same send may have come meanwhile
-        if repeat is not None:
-            return Repeated(repeat)
-        expected = {(u, d) for u in users for d in current.get(u, ())}
+        users = {u for u, _ in targets}
+        users.add(user_id)
+        current = self.current.cached(users)
+        if current is None:
+            current = await self.current.of(users)
+            repeat = self._recent.get(key)  # the same send may have come meanwhile
+            if repeat is not None:
+                return Repeated(repeat)
+        expected = {(u, d) for u in users for d in current[u]}
         expected.discard((user_id, device_id))
-        missing = sorted(expected - targets.keys())
-        stale = sorted(targets.keys() - expected)
-        if missing or stale:
+        if expected != targets.keys():
+            missing = sorted(expected - targets.keys())
+            stale = sorted(targets.keys() - expected)
             return Mismatch(
                 f.DeviceMismatch(
                     id=frame.id,

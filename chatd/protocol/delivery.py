@@ -89,13 +89,9 @@ class Sent(NamedTuple):
 
 
 def sent_record(envelope: Envelope) -> Sent:
-    ciphertext = envelope.ciphertext
-    return Sent(
-        envelope.kind,
-        envelope.message_id,
-        envelope.sender_device_id,
-        len(ciphertext.encode()) if ciphertext else 0,
-    )
+    text = envelope.ciphertext
+    size = (len(text) if text.isascii() else len(text.encode())) if text else 0
+    return Sent(envelope.kind, envelope.message_id, envelope.sender_device_id, size)
 
 
 class Delivery:

@@ -21,6 +21,7 @@ from dataclasses import replace
 from typing import Any, Final
 
 import msgspec
+import trio
 
 from chatd.auth.models import AuthError, Peer, SessionGrant
 from chatd.auth.service import AuthService
@@ -113,7 +114,8 @@ class Dispatcher:
             error = proto.error("no_device", "this session has no device", request_id=frame.id)
             self._perform(conn, error)
             return
-        await conn.wait_answers(below=PIPELINE_DEPTH)  # backpressure, not an error
+        if conn.waiting_answers >= PIPELINE_DEPTH:
+            await conn.wait_answers(below=PIPELINE_DEPTH)  # backpressure, not an error
         try:
             result = await self.queues.send(grant.user_id, grant.device_id, frame)
         except StoreError:
@@ -125,7 +127,12 @@ class Dispatcher:
                 if handle is None:
                     return
                 outcome.when_done(lambda o: conn.fill(handle, _sent(proto, frame, o)))
-                self.registry.watch(conn, {e.user_id for e in frame.envelopes})
+                watching = conn.watching or ()
+                if any(
+                    e.user_id not in watching and e.user_id != grant.user_id
+                    for e in frame.envelopes
+                ):
+                    self.registry.watch(conn, {e.user_id for e in frame.envelopes})
             case Mismatch(mismatch):
                 self._perform(conn, proto.reply(mismatch))
             case QueueFull(device_ids):
@@ -175,7 +182,11 @@ class Dispatcher:
         request_id: str | None = getattr(frame, "id", None)
         peer = Peer(ip=mask_ip(conn.peer), device_name="", network=client_network(conn.peer))
         try:
-            actions = await self._serve(conn, frame, peer)
+            # Carried out to the end even if the connection is closed meanwhile
+            # (a session may be made, a password changed): it is bounded by the
+            # request's own work, and shutdown waits for it.
+            with trio.CancelScope(shield=True):
+                actions = await self._serve(conn, frame, peer)
         except AuthError as exc:
             actions = proto.error(
                 exc.code,

@@ -180,44 +180,42 @@ class Relay:
         await dispatcher.carry_out(conn, proto.start())
         timeout = s.handshake_timeout_seconds
         auth_deadline = trio.current_time() + s.idle_timeout_seconds
-        while conn.closing is None:
-            if self.stopping:
-                return await self._shut(conn)
-            wait = timeout
-            if not proto.authenticated:
-                wait = max(0.0, min(wait, auth_deadline - trio.current_time()))
-            # One scope for both ways the wait ends early: its deadline (a
-            # timeout), or a cancel from outside, which always comes with
-            # ``closing`` set or the relay stopping.
-            with trio.CancelScope(deadline=trio.current_time() + wait) as scope:
-                conn.read_scope = scope
+        # One scope for the connection's life, for both ways its wait for the
+        # next message ends early: the deadline (a timeout, moved on with each
+        # message), or a cancel from outside, which always comes with
+        # ``closing`` set or the relay stopping. Requests that must not be cut
+        # short shield themselves (see Dispatcher._request).
+        with trio.CancelScope() as scope:
+            conn.read_scope = scope
+            while conn.closing is None and not self.stopping:
+                wait = timeout
+                if not proto.authenticated:
+                    wait = max(0.0, min(wait, auth_deadline - trio.current_time()))
+                scope.deadline = trio.current_time() + wait
                 try:
                     messages = await conn.ws.receive_some()
                 except WebSocketClosed as closed:
                     return self._closed(conn, closed)
-            conn.read_scope = None
-            if conn.closing is not None:
-                break  # closed from outside: revoked, expired, send timeout
-            if scope.cancelled_caught:
-                if self.stopping:
-                    return await self._shut(conn)
-                if proto.state is core.State.AWAITING_FIRST_FRAME:
-                    actions = proto.first_frame_timeout()
-                elif not proto.authenticated and trio.current_time() >= auth_deadline:
-                    actions = proto.auth_timeout()
-                else:
-                    actions = proto.idle_timeout()
-                await dispatcher.carry_out(conn, actions)
-                break
-            timeout = s.idle_timeout_seconds
-            for message in messages:
-                if conn.closing is not None:
-                    break
-                if isinstance(message, bytes):
-                    actions = proto.receive_bytes(message)
-                else:
-                    actions = proto.receive_text(message)
-                await dispatcher.carry_out(conn, actions)
+                timeout = s.idle_timeout_seconds
+                for message in messages:
+                    if conn.closing is not None:
+                        break
+                    if isinstance(message, bytes):
+                        actions = proto.receive_bytes(message)
+                    else:
+                        actions = proto.receive_text(message)
+                    await dispatcher.carry_out(conn, actions)
+        conn.read_scope = None
+        if conn.closing is None and self.stopping:
+            return await self._shut(conn)
+        if conn.closing is None and scope.cancelled_caught:
+            if proto.state is core.State.AWAITING_FIRST_FRAME:
+                actions = proto.first_frame_timeout()
+            elif not proto.authenticated and trio.current_time() >= auth_deadline:
+                actions = proto.auth_timeout()
+            else:
+                actions = proto.idle_timeout()
+            await dispatcher.carry_out(conn, actions)
         close = conn.closing
         return close is None or close.reason not in (
             core.REASON_SEND_QUEUE_FULL,
