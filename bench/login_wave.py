@@ -57,7 +57,13 @@ log's warning and error lines.
 The target (for the rebuilt relay): at 5,000 users every bucket keeps the
 rate Argon2 allows, at least 20 logins/s on 2 cores, to the last one.
 
-    .venv/bin/python bench/login_wave.py [--users 5000] [--concurrency 12]
+**The drain under load** (``--stop-connected``): after the wave, SIGTERM goes
+to the daemon while every connection is still open. Printed: the time to
+exit (the target: within the 10 s grace period, exit 0, no warning or error
+line in the log, at 10,000 connections) and the close codes the clients saw
+(1001 "server shutting down" for each).
+
+    .venv/bin/python bench/login_wave.py [--users 5000] [--concurrency 12] [--stop-connected]
         [--workers 2] [--bucket 500] [--admin-api]
     .venv/bin/python bench/login_wave.py --users 500     # a quick run
 """
@@ -72,6 +78,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
@@ -99,6 +106,7 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 PASSWORD: Final = "plum orbit kettle sunrise"  # noqa: S105 - bench accounts
 LOGIN_TIMEOUT: Final = 300.0  # seconds for one connect + hello + login reply
 CLOSE_TIMEOUT: Final = 5.0  # seconds for one closing handshake at the end
+GRACE_SECONDS: Final = 10.0  # server.shutdown_grace_seconds (the default, not changed here)
 STOP_TIMEOUT: Final = 120.0  # seconds for a worker to close everything and report
 TARGET_RATE: Final = 20.0  # logins/s the issue asks for in every bucket
 OUTSIDE_LOAD_WARNING: Final = 0.2  # cores used by other processes that taint a bucket
@@ -366,6 +374,8 @@ class Wave:
             open_pipes = [w for w in self.workers if not w.stdout.closed]
             if until == "result":
                 waiting = [w for w in open_pipes if w.result is None]
+            elif until == "closed":
+                waiting = [] if len(self.closed_early) >= len(self.logins) else open_pipes
             else:
                 waiting = [w for w in open_pipes if not w.ready]
             if not waiting:
@@ -507,19 +517,43 @@ def run(args: argparse.Namespace) -> int:
             print(f"accounts: {users:,} {how} in {made:.1f} s")
             rss_start = vm_rss_kib(daemon.pid)
             print(f"daemon RSS before the wave: {rss_start:,} KiB")
-            figures = drive(daemon.pid, url, usernames, args, timeout)
+            figures = drive(
+                daemon.pid,
+                url,
+                usernames,
+                args,
+                timeout,
+                daemon.stop if args.stop_connected else None,
+            )
         except BaseException:
             daemon.kill()
             print(f"daemon log tail:\n{daemon.log_tail()}", file=sys.stderr)
             raise
-        code, stop_seconds = daemon.stop()
+        if "stopped" in figures:
+            code, stop_seconds = figures["stopped"]
+        else:
+            code, stop_seconds = daemon.stop()
         log = daemon.log_path.read_text(errors="replace")
     report(figures, args)
     findings = log_findings(log)
     print(f"daemon log: {len(log.splitlines())} lines, {len(findings)} warning/error")
     for line in findings[:10]:
         print(f"  {line[:300]}")
-    print(f"SIGTERM to exit {code}: {stop_seconds * 1000:.0f} ms")
+    connected = " with every connection open" if args.stop_connected else ""
+    print(f"SIGTERM{connected} to exit {code}: {stop_seconds * 1000:.0f} ms")
+    if args.stop_connected:
+        codes: dict[str, int] = {}
+        for line in figures["wave"].closed_early:
+            code_seen = line.split()[1] if len(line.split()) > 1 else "?"
+            codes[code_seen] = codes.get(code_seen, 0) + 1
+        seen = ", ".join(f"{c}: {n:,}" for c, n in sorted(codes.items())) or "none"
+        print(f"close codes the clients saw at the shutdown: {seen}")
+        grace = GRACE_SECONDS
+        within = stop_seconds <= grace and code == 0 and not findings
+        print(
+            f"target: drain within the {grace:g} s grace with no error lines: "
+            f"{'met' if within else 'NOT met'}"
+        )
     if code != 0:
         print(f"ERROR: chatd exited with {code} after SIGTERM, expected 0")
         return 1
@@ -527,7 +561,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def drive(
-    pid: int, url: str, usernames: list[str], args: argparse.Namespace, timeout: float
+    pid: int,
+    url: str,
+    usernames: list[str],
+    args: argparse.Namespace,
+    timeout: float,
+    stop: Callable[[], tuple[int, float]] | None = None,
 ) -> dict[str, Any]:
     procs = spawn_workers(url, usernames, args.workers, args.concurrency, timeout)
     wave = Wave(procs, pid, args.bucket)
@@ -568,6 +607,10 @@ def drive(
         }
         time.sleep(SETTLE_SECONDS)  # the last logins' pushes; then the RSS
         figures["rss_end"] = vm_rss_kib(pid)
+        if stop is not None:
+            # SIGTERM with every connection still open: the drain under load.
+            figures["stopped"] = stop()
+            wave.pump(time.monotonic() + STOP_TIMEOUT, "closed")
     finally:
         stop_workers(wave)
     return figures
@@ -664,6 +707,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--timeout", type=float, default=None, help="seconds for the whole wave (default scales)"
+    )
+    parser.add_argument(
+        "--stop-connected",
+        action="store_true",
+        help="send SIGTERM while every connection is open (the drain under load)",
     )
     parser.add_argument(
         "--admin-api",
