@@ -56,7 +56,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Container, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple, Protocol
 
@@ -236,20 +236,45 @@ class _Insert:
 class _Batch:
     """What the next write job will write."""
 
-    __slots__ = ("inserts", "deletes", "waiters", "due_inserts")
+    __slots__ = ("at_once", "hot", "deletes", "waiters")
 
     def __init__(self) -> None:
-        self.inserts: dict[int, _Insert] = {}
+        # Accepted envelopes by id: those due at once, and the hot ones (a live
+        # connection took them) in the order they fall due.
+        self.at_once: dict[int, _Insert] = {}
+        self.hot: dict[int, _Insert] = {}
         self.deletes: list[tuple[str, int, int]] = []  # (device, envelope id, bytes)
         self.waiters: list[Outcome] = []  # settled when this batch commits
-        self.due_inserts = 0  # inserts due at once (not hot)
 
     def __bool__(self) -> bool:
-        return bool(self.inserts or self.deletes or self.waiters)
+        return bool(self.at_once or self.hot or self.deletes or self.waiters)
 
     def due_now(self) -> bool:
         """Whether anything in it should be written without waiting."""
-        return bool(self.due_inserts or self.deletes or self.waiters)
+        return bool(self.at_once or self.deletes or self.waiters)
+
+    def inserts(self) -> Iterator[_Insert]:
+        yield from self.at_once.values()
+        yield from self.hot.values()
+
+    def pop(self, envelope_id: int) -> _Insert | None:
+        entry = self.at_once.pop(envelope_id, None)
+        return entry if entry is not None else self.hot.pop(envelope_id, None)
+
+    def take(self, now: float) -> _Batch:
+        """Move out what is due by ``now`` (the lock held): the hot envelopes
+        leave from the front while they are due, so this costs what it takes."""
+        taken = _Batch()
+        taken.at_once, self.at_once = self.at_once, {}
+        taken.deletes, self.deletes = self.deletes, []
+        taken.waiters, self.waiters = self.waiters, []
+        hot = self.hot
+        while hot:
+            envelope_id = next(iter(hot))
+            if hot[envelope_id].due > now:
+                break
+            taken.hot[envelope_id] = hot.pop(envelope_id)
+        return taken
 
 
 class _Written(NamedTuple):
@@ -420,7 +445,7 @@ class QueueService:
         envelope_id = envelope.envelope_id
         self._next_id = envelope_id + 1
         accepted = _Insert(device_id, envelope, size, expires_at, outcome, held)
-        self._open.inserts[envelope_id] = accepted
+        self._open.hot[envelope_id] = accepted  # until _offer says when it is due
         self.stats.accepted += 1
         if held:
             self._held.add(envelope_id)
@@ -441,13 +466,14 @@ class QueueService:
         with self._lock:
             batch = self._open
             for entry, taken in zip(accepted, hot, strict=True):
-                if entry.envelope.envelope_id not in batch.inserts:
+                envelope_id = entry.envelope.envelope_id
+                if envelope_id not in batch.hot:
                     continue  # cancelled meanwhile
                 if taken and wait > 0:
                     entry.due = due
                 else:
                     entry.due = 0.0
-                    batch.due_inserts += 1
+                    batch.at_once[envelope_id] = batch.hot.pop(envelope_id)
         self._arm()
 
     def _remember(self, key: tuple[str, str], outcome: SendOutcome) -> None:
@@ -470,7 +496,7 @@ class QueueService:
             batch = self._open
             deletes_before = len(batch.deletes)
             for envelope_id, sent in acked:
-                cancelled = batch.inserts.pop(envelope_id, None)
+                cancelled = batch.pop(envelope_id)
                 if cancelled is not None:
                     self._unqueue(batch, cancelled)
                 else:
@@ -505,8 +531,6 @@ class QueueService:
 
     def _unqueue(self, batch: _Batch, cancelled: _Insert) -> None:
         """An envelope's insert was cancelled before it was written (the lock is held)."""
-        if cancelled.due <= 0:
-            batch.due_inserts -= 1
         self.stats.cancelled += 1
         tail = self._tails.get(cancelled.device_id)
         if tail is not None:
@@ -686,7 +710,7 @@ class QueueService:
             if not batch:
                 return
             if not (force or batch.due_now()):
-                first = next(iter(batch.inserts.values()))
+                first = next(iter(batch.hot.values()))
                 if self._timer_at is None or first.due < self._timer_at:
                     self._timer_at = first.due
                     if self._wake is not None:
@@ -704,25 +728,17 @@ class QueueService:
     def _write(self, conn: Any) -> _Written:
         """In the writer thread: take what is due of the open batch and write it."""
         with self._lock:
-            batch = self._open
-            kept = _Batch()
-            if not self._flushing:
-                now = time.monotonic()
-                for envelope_id, entry in batch.inserts.items():
-                    if entry.due > now:
-                        kept.inserts[envelope_id] = entry
-                for envelope_id in kept.inserts:
-                    del batch.inserts[envelope_id]
-            self._open = kept
+            batch = self._open.take(math.inf if self._flushing else time.monotonic())
             self._armed = False
             self._taken.append(batch)
             highest = self._next_id - 1
+            kept = len(self._open.hot)
         self.stats.batches += 1
-        self.stats.kept += len(kept.inserts)
+        self.stats.kept += kept
         repeats: dict[Outcome, int] = {}
         sends = {
             ins.outcome: None
-            for ins in batch.inserts.values()
+            for ins in batch.inserts()
             if ins.outcome is not None and not ins.outcome.row_written
         }
         if sends:
@@ -739,10 +755,10 @@ class QueueService:
                         (outcome.sender_device_id, outcome.message_id),
                     ).fetchone()
                     repeats[outcome] = int(row[0]) if row else outcome.envelopes
-        if batch.inserts:
+        if batch.at_once or batch.hot:
             rows = [
                 [
-                    envelope_id,
+                    ins.envelope.envelope_id,
                     ins.device_id,
                     ins.envelope.kind,
                     ins.envelope.message_id,
@@ -753,7 +769,7 @@ class QueueService:
                     ins.envelope.sent_at,
                     ins.expires_at,
                 ]
-                for envelope_id, ins in batch.inserts.items()
+                for ins in batch.inserts()
                 if ins.outcome is None or ins.outcome not in repeats
             ]
             if rows:
@@ -784,7 +800,7 @@ class QueueService:
         if repeats:
             self._drop_open(repeats.keys())  # a repeat's hot envelopes are not written later
         self._untail_batch(batch, repeats)
-        for ins in batch.inserts.values():
+        for ins in batch.inserts():
             if ins.outcome is None:
                 continue
             if ins.outcome in repeats:
@@ -806,11 +822,8 @@ class QueueService:
         gone = set(outcomes)
         with self._lock:
             batch = self._open
-            dropped = [i for i, ins in batch.inserts.items() if ins.outcome in gone]
-            entries = [batch.inserts.pop(i) for i in dropped]
-            for entry in entries:
-                if entry.due <= 0:
-                    batch.due_inserts -= 1
+            dropped = [i.envelope.envelope_id for i in batch.inserts() if i.outcome in gone]
+            entries = [entry for i in dropped if (entry := batch.pop(i)) is not None]
         for entry in entries:
             self._untail(entry)
             self._count(entry.device_id, -1, -entry.size)
@@ -821,7 +834,7 @@ class QueueService:
         each device it held envelopes of, the relay gets the queue from the
         batch on, so that connections waiting at a held envelope go on."""
         devices: dict[str, list[f.Envelope]] = {}
-        for ins in batch.inserts.values():
+        for ins in batch.inserts():
             self._untail(ins)
             if ins.held:
                 self._held.discard(ins.envelope.envelope_id)
@@ -829,7 +842,7 @@ class QueueService:
         if not devices:
             return
         if written is not None:
-            for ins in batch.inserts.values():
+            for ins in batch.inserts():
                 entries = devices.get(ins.device_id)
                 if entries is not None and (ins.outcome is None or ins.outcome not in written):
                     entries.append(ins.envelope)
@@ -851,14 +864,14 @@ class QueueService:
         self._arm()
 
     def _settle_failed(self, batch: _Batch, error: StoreError) -> None:
-        failed_sends = {ins.outcome for ins in batch.inserts.values() if ins.outcome is not None}
+        failed_sends = {ins.outcome for ins in batch.inserts() if ins.outcome is not None}
         for outcome in failed_sends:
             outcome.row_written = False
             # A resend is a new send.
             self._recent.pop((outcome.sender_device_id, outcome.message_id), None)
         self._drop_open(failed_sends)
         self._untail_batch(batch, None)
-        for ins in batch.inserts.values():
+        for ins in batch.inserts():
             self._count(ins.device_id, -1, -ins.size)
             if ins.outcome is not None:
                 ins.outcome.fail(error)
