@@ -143,10 +143,10 @@ class Outcome:
             raise self.error
 
     def settle(self, count: int = 1) -> None:
-        if self.done:
+        if self.remaining <= 0 or self.error is not None:
             return
         self.remaining -= count
-        if self.done:
+        if self.remaining <= 0:
             self._fire()
 
     def fail(self, error: StoreError) -> None:
@@ -474,6 +474,8 @@ class QueueService:
                 else:
                     entry.due = 0.0
                     batch.at_once[envelope_id] = batch.hot.pop(envelope_id)
+            if self._armed or (batch.hot and not batch.due_now() and self._timer_at is not None):
+                return  # a write or its timer is already on its way
         self._arm()
 
     def _remember(self, key: tuple[str, str], outcome: SendOutcome) -> None:

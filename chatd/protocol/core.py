@@ -37,6 +37,7 @@ from chatd.protocol.frames import (
     ENROLLMENT_FRAMES,
     MAX_ID_CHARS,
     PROTOCOL_VERSION,
+    Ack,
     Bye,
     ClientFrame,
     Error,
@@ -49,6 +50,7 @@ from chatd.protocol.frames import (
     Resume,
     ServerFrame,
 )
+from chatd.protocol.frames import Send as SendFrame
 from chatd.protocol.validation import ERR_BAD_FRAME, ERR_UNKNOWN_TYPE, Problem, explain
 
 __all__ = ["ERR_BAD_FRAME", "ERR_UNKNOWN_TYPE"]
@@ -112,6 +114,8 @@ class State(enum.Enum):
 
 
 _decoder: Final = msgspec.json.Decoder(ClientFrame)
+_MESSAGING: Final = frozenset((SendFrame, Ack))  # what an authenticated connection sends most
+_SESSION_STARTS: Final = (Login, Register, Resume)
 _encoder: Final = msgspec.json.Encoder()
 
 
@@ -197,6 +201,8 @@ class ServerConnection:
     # -- internals -----------------------------------------------------------
 
     def _dispatch(self, frame: ClientFrame) -> list[Action]:
+        if self.state is State.AUTHENTICATED and type(frame) in _MESSAGING:
+            return [frame]  # the common case, first
         if isinstance(frame, Ping):
             return [Send(encode(Pong(id=frame.id)))]
         if isinstance(frame, Bye):
@@ -205,7 +211,7 @@ class ServerConnection:
         if self.state is State.OPEN and not isinstance(frame, AUTH_FRAMES):
             return self._refuse(ERR_AUTH_REQUIRED, "log in, register or resume first", request_id)
         if self.state in (State.AUTHENTICATED, State.RESTRICTED) and isinstance(
-            frame, Login | Register | Resume
+            frame, _SESSION_STARTS
         ):
             return self._refuse(
                 ERR_ALREADY_AUTHENTICATED, "this connection already has a session", request_id

@@ -89,14 +89,14 @@ class Dispatcher:
         for action in actions:
             if conn.closing is not None:
                 return
-            if isinstance(action, core.Send):
-                conn.answer([action.data])
-            elif isinstance(action, core.Close):
-                conn.close(action)
-            elif isinstance(action, f.Send):
+            if isinstance(action, f.Send):  # the common cases first
                 await self._send(conn, action)
             elif isinstance(action, f.Ack):
                 self._ack(conn, action)
+            elif isinstance(action, core.Send):
+                conn.answer([action.data])
+            elif isinstance(action, core.Close):
+                conn.close(action)
             else:
                 await self._request(conn, action)
 

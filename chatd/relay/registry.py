@@ -240,7 +240,8 @@ class Registry:
                     state.ledger.handed((envelope,))
                     taken = True
                 conn.wake()
-                if sender is not None:
+                watching = conn.watching
+                if sender is not None and (watching is None or sender not in watching):
                     self.watch(conn, (sender,))  # they share a conversation
         return taken
 
