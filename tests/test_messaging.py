@@ -635,13 +635,13 @@ async def test_a_failed_write_is_refused_with_storage_unavailable_and_the_connec
 ) -> None:
     """A write that fails gets an error frame with retry_after (not a closed
     connection); nothing was acknowledged, and the next send goes through."""
-    from chatd.e2ee import queues as queues_module
+    from chatd.e2ee import writes
     from chatd.errors import StoreError
 
     async with cast(short_tmp) as c:
         await c.bob.client.ws.aclose()
         await c.alice2.client.ws.aclose()
-        write = queues_module.QueueService._write
+        write = writes.QueueWriter._write
         failing = True
 
         def flaky(self: Any, conn: Any) -> Any:
@@ -650,7 +650,7 @@ async def test_a_failed_write_is_refused_with_storage_unavailable_and_the_connec
                 raise StoreError("database or disk is full")
             return result
 
-        monkeypatch.setattr(queues_module.QueueService, "_write", flaky)
+        monkeypatch.setattr(writes.QueueWriter, "_write", flaky)
         refused = await send(c.alice1, c.to_everyone(c.alice1, "lost"))
         assert refused["type"] == "error" and refused["code"] == "storage_unavailable"
         assert refused["retry_after"] > 0

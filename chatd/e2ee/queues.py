@@ -52,32 +52,48 @@ batch. Receipts themselves expire quietly.
 from __future__ import annotations
 
 import itertools
-import logging
-import math
-import threading
 import time
-from collections.abc import Callable, Container, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Final, NamedTuple, Protocol
+from collections.abc import Callable, Container, Iterable, Sequence
+from typing import Any, Final, Protocol
 
-import msgspec
 import trio
 
 from chatd.config import DeviceSettings
 from chatd.e2ee.current import CurrentDevices
+from chatd.e2ee.outcomes import (
+    Accepted,
+    Mismatch,
+    Outcome,
+    QueueFull,
+    QueueStats,
+    Repeated,
+    SendOutcome,
+    SendResult,
+)
+from chatd.e2ee.writes import Batch, Insert, QueueWriter, Written
 from chatd.errors import StoreError
-from chatd.log import fields
 from chatd.protocol import frames as f
 from chatd.protocol.delivery import Sent
 from chatd.store import Store, now_ms
 
-log = logging.getLogger("chatd.queues")
+__all__ = [
+    "Accepted",
+    "Mismatch",
+    "Outcome",
+    "QueueEvents",
+    "QueueFull",
+    "QueueService",
+    "Repeated",
+    "SendOutcome",
+    "SendResult",
+    "purge_sends",
+    "utf8_size",
+]
 
 DAY_MS: Final = 86_400_000
 EXPIRED_RECEIPT_DAYS: Final = 30  # how long an expired receipt waits for its device
 MAX_RECENT_SENDS: Final = 65_536  # (device, message_id) answered from memory, at most
 
-_json = msgspec.json.Encoder()
 
 
 def utf8_size(text: str | None) -> int:
@@ -105,219 +121,10 @@ class QueueEvents(Protocol):
         """These envelopes left the queue without an ack (they expired)."""
 
 
-class Outcome:
-    """The outcome of a write the caller does not wait on: settled once, then
-    its callbacks run on the event loop. For a send, ``remaining`` counts the
-    envelopes not yet committed or acknowledged."""
-
-    __slots__ = ("remaining", "error", "envelopes", "_callbacks", "_event")
-
-    def __init__(self, remaining: int = 1, envelopes: int = 0) -> None:
-        self.remaining = remaining
-        self.envelopes = envelopes  # for a send: the count ``sent`` reports
-        self.error: StoreError | None = None
-        self._callbacks: list[Callable[[Outcome], None]] | None = None
-        self._event: trio.Event | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.remaining <= 0 or self.error is not None
-
-    def when_done(self, callback: Callable[[Outcome], None]) -> None:
-        """Run ``callback(self)`` once settled (now, if it is)."""
-        if self.done:
-            callback(self)
-        else:
-            if self._callbacks is None:
-                self._callbacks = []
-            self._callbacks.append(callback)
-
-    async def wait(self) -> None:
-        """Wait until settled; raises the StoreError of a failed write."""
-        if not self.done:
-            self._event = self._event or trio.Event()
-            await self._event.wait()
-        else:
-            await trio.lowlevel.checkpoint()
-        if self.error is not None:
-            raise self.error
-
-    def settle(self, count: int = 1) -> None:
-        if self.remaining <= 0 or self.error is not None:
-            return
-        self.remaining -= count
-        if self.remaining <= 0:
-            self._fire()
-
-    def fail(self, error: StoreError) -> None:
-        if not self.done:
-            self.error = error
-            self._fire()
-
-    def _fire(self) -> None:
-        callbacks, self._callbacks = self._callbacks, None
-        for callback in callbacks or ():
-            callback(self)
-        if self._event is not None:
-            self._event.set()
-
-
-class SendOutcome(Outcome):
-    """A send's outcome; it also carries the send's row for ``sends`` (the
-    repeat check), written with the first of its envelopes that is written.
-    A send whose envelopes were all acknowledged before any write leaves no
-    row: a repeat of it after a restart is delivered again (at least once)."""
-
-    __slots__ = ("sender_device_id", "message_id", "created_at", "row_written")
-
-    def __init__(self, sender_device_id: str, message_id: str, count: int, created_at: int) -> None:
-        super().__init__(remaining=count, envelopes=count)
-        self.sender_device_id = sender_device_id
-        self.message_id = message_id
-        self.created_at = created_at
-        self.row_written = False  # only the writer thread reads or sets it
-
-
-@dataclass(frozen=True, slots=True)
-class Accepted:
-    """The send is accepted; ``outcome`` settles once it is durable or delivered."""
-
-    outcome: Outcome
-
-
-@dataclass(frozen=True, slots=True)
-class Repeated:
-    """This device sent this ``message_id`` before: the first send's outcome
-    (which may still be pending) answers this one too. Nothing new is queued."""
-
-    outcome: Outcome
-
-
-@dataclass(frozen=True, slots=True)
-class Mismatch:
-    """The send did not name exactly the current devices; nothing was queued."""
-
-    frame: f.DeviceMismatch
-
-
-@dataclass(frozen=True, slots=True)
-class QueueFull:
-    """A target device's queue is full; nothing was queued."""
-
-    device_ids: list[str]
-
-
-SendResult = Accepted | Repeated | Mismatch | QueueFull
-
-
-class _Insert:
-    """An accepted envelope waiting in a batch to be written."""
-
-    __slots__ = ("device_id", "envelope", "size", "expires_at", "outcome", "held", "due")
-
-    def __init__(
-        self,
-        device_id: str,
-        envelope: f.Envelope,
-        size: int,
-        expires_at: int,
-        outcome: SendOutcome | None,
-        held: bool,
-    ) -> None:
-        self.device_id = device_id  # the recipient device
-        self.envelope = envelope
-        self.size = size  # bytes of ciphertext
-        self.expires_at = expires_at
-        self.outcome = outcome  # the send it belongs to (None for a receipt)
-        self.held = held  # not handed out before its commit
-        self.due = math.inf  # time.monotonic() from which it is written (set once offered)
-
-
-class _Batch:
-    """What the next write job will write."""
-
-    __slots__ = ("at_once", "hot", "deletes", "waiters")
-
-    def __init__(self) -> None:
-        # Accepted envelopes by id: those due at once, and the hot ones (a live
-        # connection took them) in the order they fall due.
-        self.at_once: dict[int, _Insert] = {}
-        self.hot: dict[int, _Insert] = {}
-        self.deletes: list[tuple[str, int, int]] = []  # (device, envelope id, bytes)
-        self.waiters: list[Outcome] = []  # settled when this batch commits
-
-    def __bool__(self) -> bool:
-        return bool(self.at_once or self.hot or self.deletes or self.waiters)
-
-    def due_now(self) -> bool:
-        """Whether anything in it should be written without waiting."""
-        return bool(self.at_once or self.deletes or self.waiters)
-
-    def inserts(self) -> Iterator[_Insert]:
-        yield from self.at_once.values()
-        yield from self.hot.values()
-
-    def pop(self, envelope_id: int) -> _Insert | None:
-        entry = self.at_once.pop(envelope_id, None)
-        return entry if entry is not None else self.hot.pop(envelope_id, None)
-
-    def take(self, now: float) -> _Batch:
-        """Move out what is due by ``now`` (the lock held): the hot envelopes
-        leave from the front while they are due, so this costs what it takes."""
-        taken = _Batch()
-        taken.at_once, self.at_once = self.at_once, {}
-        taken.deletes, self.deletes = self.deletes, []
-        taken.waiters, self.waiters = self.waiters, []
-        hot = self.hot
-        while hot:
-            envelope_id = next(iter(hot))
-            if hot[envelope_id].due > now:
-                break
-            taken.hot[envelope_id] = hot.pop(envelope_id)
-        return taken
-
-
-class _Written(NamedTuple):
-    batch: _Batch
-    repeats: dict[Outcome, int]  # sends found already in ``sends``: their first count
-
-
-_INSERT_SENDS: Final = (
-    "INSERT OR IGNORE INTO sends (sender_device_id, message_id, envelopes, created_at)"
-    " SELECT value->>0, value->>1, value->>2, value->>3 FROM json_each(?)"
-    " RETURNING sender_device_id, message_id"
-)
-_INSERT_ENVELOPES: Final = (
-    "INSERT INTO envelopes (id, recipient_device_id, kind, message_id, sender_user_id,"
-    " sender_device_id, device_id, ciphertext, sent_at, expires_at)"
-    " SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6,"
-    " CAST(value->>7 AS BLOB), value->>8, value->>9 FROM json_each(?)"
-    # A device removed after the send was accepted: its queue is gone, and so
-    # is this envelope, as if the send had come just before the removal.
-    " WHERE value->>1 IN (SELECT id FROM devices)"
-)
-_DELETE_ENVELOPES: Final = "DELETE FROM envelopes WHERE id IN (SELECT value FROM json_each(?))"
 _READ_QUEUE: Final = (
     "SELECT id, kind, message_id, sent_at, sender_user_id, sender_device_id, ciphertext,"
     " device_id FROM envelopes WHERE recipient_device_id = ? AND id > ? ORDER BY id LIMIT ?"
 )
-
-
-class QueueStats:
-    """What the queue service did since it started (logged when it stops)."""
-
-    __slots__ = ("accepted", "cancelled", "written", "deleted", "batches", "kept")
-
-    def __init__(self) -> None:
-        self.accepted = 0  # envelopes accepted (messages and receipts)
-        self.cancelled = 0  # acknowledged before they were written: never written
-        self.written = 0  # envelopes inserted
-        self.deleted = 0  # envelopes deleted (acknowledged or expired after their write)
-        self.batches = 0  # write jobs
-        self.kept = 0  # hot envelopes a write job left for later (summed over jobs)
-
-    def fields(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}
 
 
 class QueueService:
@@ -334,21 +141,15 @@ class QueueService:
         self.settings = settings
         self.current = current
         self.events = events
-        self._lock = threading.Lock()  # the open batch, shared with the writer thread
-        self._open = _Batch()
-        self._armed = False  # a job to write the open batch is in the writer's queue
-        self._taken: list[_Batch] = []  # batches the writer took, oldest first
-        self._next_id = 1
+        self.stats = QueueStats()
+        self.writer = QueueWriter(
+            store, self.stats, written=self._written, failed=self._write_failed
+        )
         self._totals: dict[str, list[int]] = {}  # device -> [envelopes, bytes], accepted
         self._tails: dict[str, dict[int, f.Envelope]] = {}  # device -> accepted, uncommitted
         self._deleting: dict[str, set[int]] = {}  # device -> acknowledged, delete uncommitted
         self._held: set[int] = set()  # accepted envelopes not handed out before their commit
         self._recent: dict[tuple[str, str], SendOutcome] = {}
-        self._has_sequence = False
-        self._wake: trio.Event | None = None  # wakes serve() (None: serve() is not running)
-        self._timer_at: float | None = None  # time.monotonic() when hot envelopes fall due
-        self._flushing = False  # stopping: write everything, hot or not
-        self.stats = QueueStats()
 
     async def open(self) -> None:
         """Load the queues' totals and the envelope id sequence."""
@@ -363,8 +164,8 @@ class QueueService:
             highest = conn.execute("SELECT max(id) FROM envelopes").fetchone()[0] or 0
             return totals, max(highest, seq[0] if seq else 0), seq is not None
 
-        self._totals, last, self._has_sequence = await self.store.read(load)
-        self._next_id = last + 1
+        self._totals, last, has_sequence = await self.store.read(load)
+        self.writer.load(last, has_sequence)
 
     # -- sending -----------------------------------------------------------------
 
@@ -408,11 +209,11 @@ class QueueService:
         now = now_ms()
         expires = now + int(self.settings.envelope_days * DAY_MS)
         outcome = SendOutcome(device_id, frame.message_id, len(targets), now)
-        accepted: list[_Insert] = []
-        with self._lock:
+        accepted: list[Insert] = []
+        with self.writer.lock:
             for (_, target), text in targets.items():
                 envelope = f.Envelope(
-                    envelope_id=self._next_id,
+                    envelope_id=self.writer.next_id,
                     kind="message",
                     message_id=frame.message_id,
                     sent_at=now,
@@ -439,13 +240,13 @@ class QueueService:
         outcome: SendOutcome | None,
         *,
         held: bool = False,
-    ) -> _Insert:
+    ) -> Insert:
         """Accept one envelope (the lock is held): it joins the open batch (not
         due until :meth:`_offer` says when), its device's tail and totals."""
         envelope_id = envelope.envelope_id
-        self._next_id = envelope_id + 1
-        accepted = _Insert(device_id, envelope, size, expires_at, outcome, held)
-        self._open.hot[envelope_id] = accepted  # until _offer says when it is due
+        self.writer.next_id = envelope_id + 1
+        accepted = Insert(device_id, envelope, size, expires_at, outcome, held)
+        self.writer.open.hot[envelope_id] = accepted  # until _offer says when it is due
         self.stats.accepted += 1
         if held:
             self._held.add(envelope_id)
@@ -455,16 +256,17 @@ class QueueService:
         totals[1] += size
         return accepted
 
-    def _offer(self, accepted: list[_Insert]) -> None:
+    def _offer(self, accepted: list[Insert]) -> None:
         """Hand newly accepted envelopes to the relay (the lock released), then
         say when each is due: a hot one (a live connection took it) after the
         ack wait, the others at once. Then make sure a write will come."""
         queued = self.events.queued
         hot = [queued(a.device_id, a.envelope, a.held) for a in accepted]
-        wait = self.settings.ack_wait_ms / 1000 if self._wake is not None else 0.0
+        writer = self.writer
+        wait = self.settings.ack_wait_ms / 1000 if writer.waits_for_acks else 0.0
         due = time.monotonic() + wait
-        with self._lock:
-            batch = self._open
+        with self.writer.lock:
+            batch = self.writer.open
             for entry, taken in zip(accepted, hot, strict=True):
                 envelope_id = entry.envelope.envelope_id
                 if envelope_id not in batch.hot:
@@ -474,9 +276,9 @@ class QueueService:
                 else:
                     entry.due = 0.0
                     batch.at_once[envelope_id] = batch.hot.pop(envelope_id)
-            if self._armed or (batch.hot and not batch.due_now() and self._timer_at is not None):
+            if writer.armed or (batch.hot and not batch.due_now() and writer.timer_at is not None):
                 return  # a write or its timer is already on its way
-        self._arm()
+        writer.arm()
 
     def _remember(self, key: tuple[str, str], outcome: SendOutcome) -> None:
         self._recent[key] = outcome
@@ -493,9 +295,9 @@ class QueueService:
         now = now_ms()
         expires = now + int(self.settings.envelope_days * DAY_MS)
         outcome = Outcome()
-        receipts: list[_Insert] = []
-        with self._lock:
-            batch = self._open
+        receipts: list[Insert] = []
+        with self.writer.lock:
+            batch = self.writer.open
             deletes_before = len(batch.deletes)
             for envelope_id, sent in acked:
                 cancelled = batch.pop(envelope_id)
@@ -507,7 +309,7 @@ class QueueService:
                     # The receipt says the envelope is gone from the server:
                     # at once if it was never written, else once its delete is.
                     receipt = f.Envelope(
-                        envelope_id=self._next_id,
+                        envelope_id=self.writer.next_id,
                         kind="delivered",
                         message_id=sent.message_id,
                         sent_at=now,
@@ -531,7 +333,7 @@ class QueueService:
             outcome.settle()  # nothing it changed needs the disk
         return outcome
 
-    def _unqueue(self, batch: _Batch, cancelled: _Insert) -> None:
+    def _unqueue(self, batch: Batch, cancelled: Insert) -> None:
         """An envelope's insert was cancelled before it was written (the lock is held)."""
         self.stats.cancelled += 1
         tail = self._tails.get(cancelled.device_id)
@@ -544,7 +346,7 @@ class QueueService:
             cancelled.outcome.settle()
 
     def _delete(self, device_id: str, envelope_id: int, size: int) -> None:
-        self._open.deletes.append((device_id, envelope_id, size))
+        self.writer.open.deletes.append((device_id, envelope_id, size))
         self._deleting.setdefault(device_id, set()).add(envelope_id)
         self._count(device_id, -1, -size)
 
@@ -646,8 +448,8 @@ class QueueService:
         expires = now + EXPIRED_RECEIPT_DAYS * DAY_MS
         taken = []
         by_device: dict[str, list[int]] = {}
-        receipts: list[_Insert] = []
-        with self._lock:
+        receipts: list[Insert] = []
+        with self.writer.lock:
             for row in rows:
                 envelope_id, recipient, kind, message_id, sender, size = row
                 if envelope_id in self._deleting.get(recipient, ()):
@@ -657,7 +459,7 @@ class QueueService:
                 taken.append(row)
                 if kind == "message" and sender:
                     receipt = f.Envelope(
-                        envelope_id=self._next_id,
+                        envelope_id=self.writer.next_id,
                         kind="expired",
                         message_id=message_id,
                         sent_at=now,
@@ -665,7 +467,7 @@ class QueueService:
                     )
                     receipts.append(self._queue(sender, receipt, 0, expires, None, held=True))
             if taken:
-                self._open.waiters.append(outcome)
+                self.writer.open.waiters.append(outcome)
         if not taken:
             outcome.settle()
         self._offer(receipts)
@@ -677,128 +479,16 @@ class QueueService:
         """A device was removed (its queue went with it)."""
         self._totals.pop(device_id, None)
 
-    # -- the write job -------------------------------------------------------------------
+    # -- after a write -------------------------------------------------------------------
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Write hot envelopes whose ack wait ran out, until cancelled; without
-        this task, nothing waits for acks. Cancellation writes all that is open."""
-        self._wake = trio.Event()
-        task_status.started()
-        try:
-            while True:
-                at = self._timer_at
-                if at is None:
-                    await self._wake.wait()
-                else:
-                    with trio.move_on_after(max(0.0, at - time.monotonic())):
-                        await self._wake.wait()
-                self._wake = trio.Event()
-                if self._timer_at is not None and time.monotonic() >= self._timer_at:
-                    self._timer_at = None
-                    self._arm(force=True)
-        finally:
-            self._wake = None
-            self._flushing = True
-            self._arm(force=True)
-            log.info("queues.stopped", extra=fields(**self.stats.fields()))
+        """Write hot envelopes whose ack wait ran out, until cancelled (see
+        :meth:`QueueWriter.serve`)."""
+        await self.writer.serve(task_status=task_status)
 
-    def _arm(self, *, force: bool = False) -> None:
-        """Make sure the open batch will be written: a job now if anything in it
-        is due (or ``force``), else a timer for when its first hot envelope is."""
-        with self._lock:
-            if self._armed:
-                return
-            batch = self._open
-            if not batch:
-                return
-            if not (force or batch.due_now()):
-                first = next(iter(batch.hot.values()))
-                if self._timer_at is None or first.due < self._timer_at:
-                    self._timer_at = first.due
-                    if self._wake is not None:
-                        self._wake.set()
-                return
-            self._armed = True
-        try:
-            self.store.submit_nowait(self._write, self._committed, self._failed)
-        except StoreError as exc:
-            with self._lock:
-                self._armed = False
-                batch, self._open = self._open, _Batch()
-            self._settle_failed(batch, exc)
-
-    def _write(self, conn: Any) -> _Written:
-        """In the writer thread: take what is due of the open batch and write it."""
-        with self._lock:
-            batch = self._open.take(math.inf if self._flushing else time.monotonic())
-            self._armed = False
-            self._taken.append(batch)
-            highest = self._next_id - 1
-            kept = len(self._open.hot)
-        self.stats.batches += 1
-        self.stats.kept += kept
-        repeats: dict[Outcome, int] = {}
-        sends = {
-            ins.outcome: None
-            for ins in batch.inserts()
-            if ins.outcome is not None and not ins.outcome.row_written
-        }
-        if sends:
-            rows = [[o.sender_device_id, o.message_id, o.envelopes, o.created_at] for o in sends]
-            new = {
-                (r[0], r[1])
-                for r in conn.execute(_INSERT_SENDS, (_json.encode(rows).decode(),)).fetchall()
-            }
-            for outcome in sends:
-                outcome.row_written = True
-                if (outcome.sender_device_id, outcome.message_id) not in new:
-                    row = conn.execute(
-                        "SELECT envelopes FROM sends WHERE sender_device_id = ? AND message_id = ?",
-                        (outcome.sender_device_id, outcome.message_id),
-                    ).fetchone()
-                    repeats[outcome] = int(row[0]) if row else outcome.envelopes
-        if batch.at_once or batch.hot:
-            rows = [
-                [
-                    ins.envelope.envelope_id,
-                    ins.device_id,
-                    ins.envelope.kind,
-                    ins.envelope.message_id,
-                    ins.envelope.sender_user_id,
-                    ins.envelope.sender_device_id,
-                    ins.envelope.device_id,
-                    ins.envelope.ciphertext,
-                    ins.envelope.sent_at,
-                    ins.expires_at,
-                ]
-                for ins in batch.inserts()
-                if ins.outcome is None or ins.outcome not in repeats
-            ]
-            if rows:
-                conn.execute(_INSERT_ENVELOPES, (_json.encode(rows).decode(),))
-                self.stats.written += len(rows)
-        if batch.deletes:
-            ids = [envelope_id for _, envelope_id, _ in batch.deletes]
-            conn.execute(_DELETE_ENVELOPES, (_json.encode(ids).decode(),))
-            self.stats.deleted += len(ids)
-        # Ids are never used twice, not even those cancelled before any write.
-        if not self._has_sequence:
-            conn.execute(
-                "INSERT INTO sqlite_sequence (name, seq) SELECT 'envelopes', ?"
-                " WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'envelopes')",
-                (highest,),
-            )
-            self._has_sequence = True
-        conn.execute(
-            "UPDATE sqlite_sequence SET seq = ? WHERE name = 'envelopes' AND seq < ?",
-            (highest, highest),
-        )
-        return _Written(batch, repeats)
-
-    def _committed(self, written: _Written) -> None:
+    def _written(self, written: Written) -> None:
         """On the loop: a batch is durable."""
         batch, repeats = written
-        self._taken.remove(batch)
         if repeats:
             self._drop_open(repeats.keys())  # a repeat's hot envelopes are not written later
         self._untail_batch(batch, repeats)
@@ -816,21 +506,20 @@ class QueueService:
             self._undelete(device_id, envelope_id)
         for waiter in batch.waiters:
             waiter.settle()
-        self._arm()  # what stayed (hot envelopes) gets its timer
 
     def _drop_open(self, outcomes: Iterable[Outcome]) -> None:
         """Take the envelopes of these sends out of the open batch (a repeat, or
         a send that failed): they are never written."""
         gone = set(outcomes)
-        with self._lock:
-            batch = self._open
+        with self.writer.lock:
+            batch = self.writer.open
             dropped = [i.envelope.envelope_id for i in batch.inserts() if i.outcome in gone]
             entries = [entry for i in dropped if (entry := batch.pop(i)) is not None]
         for entry in entries:
             self._untail(entry)
             self._count(entry.device_id, -1, -entry.size)
 
-    def _untail_batch(self, batch: _Batch, written: dict[Outcome, int] | None) -> None:
+    def _untail_batch(self, batch: Batch, written: dict[SendOutcome, int] | None) -> None:
         """A batch is settled: its envelopes leave their tails (``written``: the
         repeated sends left out, or None when it failed and wrote nothing). For
         each device it held envelopes of, the relay gets the queue from the
@@ -853,19 +542,9 @@ class QueueService:
             queue = sorted(itertools.chain(entries, tail), key=_envelope_id)
             self.events.released(device_id, queue, self._held)
 
-    def _failed(self, exc: BaseException) -> None:
-        """On the loop: the job writing a batch failed (or never ran)."""
-        error = exc if isinstance(exc, StoreError) else StoreError(f"the write failed: {exc}")
-        if self._taken:
-            batch = self._taken.pop(0)
-        else:  # the batch was never taken: fail what is open
-            with self._lock:
-                batch, self._open = self._open, _Batch()
-                self._armed = False
-        self._settle_failed(batch, error)
-        self._arm()
-
-    def _settle_failed(self, batch: _Batch, error: StoreError) -> None:
+    def _write_failed(self, batch: Batch, error: StoreError) -> None:
+        """On the loop: a batch was not written. Its sends fail (their senders
+        resend); its deletes are undone (the envelopes come again)."""
         failed_sends = {ins.outcome for ins in batch.inserts() if ins.outcome is not None}
         for outcome in failed_sends:
             outcome.row_written = False
@@ -885,7 +564,7 @@ class QueueService:
         for outcome in failed_sends:
             outcome.fail(error)
 
-    def _untail(self, ins: _Insert) -> None:
+    def _untail(self, ins: Insert) -> None:
         tail = self._tails.get(ins.device_id)
         if tail is not None:
             tail.pop(ins.envelope.envelope_id, None)

@@ -1,0 +1,299 @@
+"""Writing the queues: the open batch and the one job that writes it.
+
+Theory of operation
+-------------------
+What the queue service accepts (envelopes, deletes, outcomes to settle)
+goes into the *open batch*, under a lock it shares with the store's writer
+thread. A :class:`QueueWriter` keeps at most one job for it in the writer's
+queue (:meth:`QueueWriter.arm`): submitted at once when something in the
+batch is due, or when the first hot envelope's ack wait runs out (the timer
+of :meth:`QueueWriter.serve`). When the writer reaches the job it takes what
+is due (:meth:`Batch.take`: everything but hot envelopes still waiting for
+their ack) and writes it with three set-based statements (``sends`` rows,
+envelopes, deletes), so a batch costs a few GIL hand-offs however many rows
+it holds. Once the batch has committed (or failed), the queue service hears
+of it through the callbacks it gave the writer, on the event loop, in
+commit order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Final, NamedTuple
+
+import msgspec
+import trio
+
+from chatd.e2ee.outcomes import Outcome, QueueStats, SendOutcome
+from chatd.errors import StoreError
+from chatd.log import fields
+from chatd.protocol import frames as f
+from chatd.store import Store
+
+log = logging.getLogger("chatd.queues")
+
+_json = msgspec.json.Encoder()
+
+
+class Insert:
+    """An accepted envelope waiting in a batch to be written."""
+
+    __slots__ = ("device_id", "envelope", "size", "expires_at", "outcome", "held", "due")
+
+    def __init__(
+        self,
+        device_id: str,
+        envelope: f.Envelope,
+        size: int,
+        expires_at: int,
+        outcome: SendOutcome | None,
+        held: bool,
+    ) -> None:
+        self.device_id = device_id  # the recipient device
+        self.envelope = envelope
+        self.size = size  # bytes of ciphertext
+        self.expires_at = expires_at
+        self.outcome = outcome  # the send it belongs to (None for a receipt)
+        self.held = held  # not handed out before its commit
+        self.due = math.inf  # time.monotonic() from which it is written (set once offered)
+
+
+class Batch:
+    """What the next write job will write."""
+
+    __slots__ = ("at_once", "hot", "deletes", "waiters")
+
+    def __init__(self) -> None:
+        # Accepted envelopes by id: those due at once, and the hot ones (a live
+        # connection took them) in the order they fall due.
+        self.at_once: dict[int, Insert] = {}
+        self.hot: dict[int, Insert] = {}
+        self.deletes: list[tuple[str, int, int]] = []  # (device, envelope id, bytes)
+        self.waiters: list[Outcome] = []  # settled when this batch commits
+
+    def __bool__(self) -> bool:
+        return bool(self.at_once or self.hot or self.deletes or self.waiters)
+
+    def due_now(self) -> bool:
+        """Whether anything in it should be written without waiting."""
+        return bool(self.at_once or self.deletes or self.waiters)
+
+    def inserts(self) -> Iterator[Insert]:
+        yield from self.at_once.values()
+        yield from self.hot.values()
+
+    def pop(self, envelope_id: int) -> Insert | None:
+        entry = self.at_once.pop(envelope_id, None)
+        return entry if entry is not None else self.hot.pop(envelope_id, None)
+
+    def take(self, now: float) -> Batch:
+        """Move out what is due by ``now`` (the lock held): the hot envelopes
+        leave from the front while they are due, so this costs what it takes."""
+        taken = Batch()
+        taken.at_once, self.at_once = self.at_once, {}
+        taken.deletes, self.deletes = self.deletes, []
+        taken.waiters, self.waiters = self.waiters, []
+        hot = self.hot
+        while hot:
+            envelope_id = next(iter(hot))
+            if hot[envelope_id].due > now:
+                break
+            taken.hot[envelope_id] = hot.pop(envelope_id)
+        return taken
+
+
+class Written(NamedTuple):
+    batch: Batch
+    repeats: dict[SendOutcome, int]  # sends found already in ``sends``: their first count
+
+
+_INSERT_SENDS: Final = (
+    "INSERT OR IGNORE INTO sends (sender_device_id, message_id, envelopes, created_at)"
+    " SELECT value->>0, value->>1, value->>2, value->>3 FROM json_each(?)"
+    " RETURNING sender_device_id, message_id"
+)
+_INSERT_ENVELOPES: Final = (
+    "INSERT INTO envelopes (id, recipient_device_id, kind, message_id, sender_user_id,"
+    " sender_device_id, device_id, ciphertext, sent_at, expires_at)"
+    " SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6,"
+    " CAST(value->>7 AS BLOB), value->>8, value->>9 FROM json_each(?)"
+    # A device removed after the send was accepted: its queue is gone, and so
+    # is this envelope, as if the send had come just before the removal.
+    " WHERE value->>1 IN (SELECT id FROM devices)"
+)
+_DELETE_ENVELOPES: Final = "DELETE FROM envelopes WHERE id IN (SELECT value FROM json_each(?))"
+
+
+class QueueWriter:
+    """The open batch, its lock, and the job that writes it (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: Store,
+        stats: QueueStats,
+        *,
+        written: Callable[[Written], None],
+        failed: Callable[[Batch, StoreError], None],
+    ) -> None:
+        self.store = store
+        self.stats = stats
+        self.lock = threading.Lock()  # the open batch and next_id, shared with the writer thread
+        self.open = Batch()
+        self.next_id = 1  # the next envelope id to hand out (under the lock)
+        self.armed = False  # a job to write the open batch is in the writer's queue
+        self.timer_at: float | None = None  # time.monotonic() when hot envelopes fall due
+        self._written = written
+        self._failed = failed
+        self._taken: list[Batch] = []  # batches the writer took, oldest first
+        self._has_sequence = False
+        self._wake: trio.Event | None = None  # wakes serve() (None: serve() is not running)
+        self._flushing = False  # stopping: write everything, hot or not
+
+    @property
+    def waits_for_acks(self) -> bool:
+        """Whether hot envelopes may wait (serve() runs to write them later)."""
+        return self._wake is not None
+
+    def load(self, highest_id: int, has_sequence: bool) -> None:
+        self.next_id = highest_id + 1
+        self._has_sequence = has_sequence
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Write hot envelopes whose ack wait ran out, until cancelled; without
+        this task, nothing waits for acks. Cancellation writes all that is open."""
+        self._wake = trio.Event()
+        task_status.started()
+        try:
+            while True:
+                at = self.timer_at
+                if at is None:
+                    await self._wake.wait()
+                else:
+                    with trio.move_on_after(max(0.0, at - time.monotonic())):
+                        await self._wake.wait()
+                self._wake = trio.Event()
+                if self.timer_at is not None and time.monotonic() >= self.timer_at:
+                    self.timer_at = None
+                    self.arm(force=True)
+        finally:
+            self._wake = None
+            self._flushing = True
+            self.arm(force=True)
+            log.info("queues.stopped", extra=fields(**self.stats.fields()))
+
+    def arm(self, *, force: bool = False) -> None:
+        """Make sure the open batch will be written: a job now if anything in it
+        is due (or ``force``), else a timer for when its first hot envelope is."""
+        with self.lock:
+            if self.armed:
+                return
+            batch = self.open
+            if not batch:
+                return
+            if not (force or batch.due_now()):
+                first = next(iter(batch.hot.values()))
+                if self.timer_at is None or first.due < self.timer_at:
+                    self.timer_at = first.due
+                    if self._wake is not None:
+                        self._wake.set()
+                return
+            self.armed = True
+        try:
+            self.store.submit_nowait(self._write, self._committed, self._not_written)
+        except StoreError as exc:
+            with self.lock:
+                self.armed = False
+                batch, self.open = self.open, Batch()
+            self._failed(batch, exc)
+
+    def _write(self, conn: Any) -> Written:
+        """In the writer thread: take what is due of the open batch and write it."""
+        with self.lock:
+            batch = self.open.take(math.inf if self._flushing else time.monotonic())
+            self.armed = False
+            self._taken.append(batch)
+            highest = self.next_id - 1
+            kept = len(self.open.hot)
+        self.stats.batches += 1
+        self.stats.kept += kept
+        repeats: dict[SendOutcome, int] = {}
+        sends = {
+            ins.outcome: None
+            for ins in batch.inserts()
+            if ins.outcome is not None and not ins.outcome.row_written
+        }
+        if sends:
+            rows: list[list[Any]] = [
+                [o.sender_device_id, o.message_id, o.envelopes, o.created_at] for o in sends
+            ]
+            new = {
+                (r[0], r[1])
+                for r in conn.execute(_INSERT_SENDS, (_json.encode(rows).decode(),)).fetchall()
+            }
+            for outcome in sends:
+                outcome.row_written = True
+                if (outcome.sender_device_id, outcome.message_id) not in new:
+                    row = conn.execute(
+                        "SELECT envelopes FROM sends WHERE sender_device_id = ? AND message_id = ?",
+                        (outcome.sender_device_id, outcome.message_id),
+                    ).fetchone()
+                    repeats[outcome] = int(row[0]) if row else outcome.envelopes
+        if batch.at_once or batch.hot:
+            rows = [
+                [
+                    ins.envelope.envelope_id,
+                    ins.device_id,
+                    ins.envelope.kind,
+                    ins.envelope.message_id,
+                    ins.envelope.sender_user_id,
+                    ins.envelope.sender_device_id,
+                    ins.envelope.device_id,
+                    ins.envelope.ciphertext,
+                    ins.envelope.sent_at,
+                    ins.expires_at,
+                ]
+                for ins in batch.inserts()
+                if ins.outcome is None or ins.outcome not in repeats
+            ]
+            if rows:
+                conn.execute(_INSERT_ENVELOPES, (_json.encode(rows).decode(),))
+                self.stats.written += len(rows)
+        if batch.deletes:
+            ids = [envelope_id for _, envelope_id, _ in batch.deletes]
+            conn.execute(_DELETE_ENVELOPES, (_json.encode(ids).decode(),))
+            self.stats.deleted += len(ids)
+        # Ids are never used twice, not even those cancelled before any write.
+        if not self._has_sequence:
+            conn.execute(
+                "INSERT INTO sqlite_sequence (name, seq) SELECT 'envelopes', ?"
+                " WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'envelopes')",
+                (highest,),
+            )
+            self._has_sequence = True
+        conn.execute(
+            "UPDATE sqlite_sequence SET seq = ? WHERE name = 'envelopes' AND seq < ?",
+            (highest, highest),
+        )
+        return Written(batch, repeats)
+
+    def _committed(self, written: Written) -> None:
+        """On the loop: a batch is durable."""
+        self._taken.remove(written.batch)
+        self._written(written)
+        self.arm()  # what stayed (hot envelopes) gets its timer
+
+    def _not_written(self, exc: BaseException) -> None:
+        """On the loop: the job writing a batch failed (or never ran)."""
+        error = exc if isinstance(exc, StoreError) else StoreError(f"the write failed: {exc}")
+        if self._taken:
+            batch = self._taken.pop(0)
+        else:  # the batch was never taken: fail what is open
+            with self.lock:
+                batch, self.open = self.open, Batch()
+                self.armed = False
+        self._failed(batch, error)
+        self.arm()
