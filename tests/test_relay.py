@@ -671,6 +671,22 @@ async def test_a_big_message_after_a_bye_is_dropped_quietly(
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+async def test_a_close_from_the_peer_with_answers_still_queued_is_quiet(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The peer closes right after many requests: answers not yet written are
+    dropped (nothing may follow the peer's Close but ours), with no error."""
+    async with relay_running() as (relay, _):
+        client = await RawClient.connect(relay)
+        pings = b"".join(ws_frame(0x1, b'{"type":"ping","id":"p%d"}' % n) for n in range(50))
+        await client.stream.send_all(pings + ws_frame(0x8, struct.pack("!H", 1000)))
+        close = await client.close_event()
+        assert close is not None and close.code == 1000
+        await client.stream.aclose()
+        await wait_streams_closed(relay)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 async def test_websocket_pings_are_answered_while_open() -> None:
     async with relay_running() as (relay, _):
         client = await RawClient.connect(relay)

@@ -132,7 +132,10 @@ class WebSocket:
         return self._ws.state is ConnectionState.OPEN
 
     def frame(self, text: str) -> bytes:
-        """The bytes of one text message (unfragmented, unmasked)."""
+        """The bytes of one text message (unfragmented, unmasked); b"" once a
+        Close frame went either way (nothing may follow it)."""
+        if self._ws.state is not ConnectionState.OPEN:
+            return b""
         return self._ws.send(TextMessage(data=text))
 
     async def send_all(self, data: bytes) -> None:
