@@ -43,7 +43,8 @@ if "cap" in sys.argv:
 hasher = PasswordHasher()  # the daemon's defaults: 19 MiB per hash
 print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")))
 
-def login():
+def login(together):
+    together.wait()  # all at once, as under a login burst, however busy the machine
     if "raw" in sys.argv:  # Argon2 without chatd's trim afterwards
         hash_secret_raw(b"pw", b"s" * 16, time_cost=2, memory_cost=19456, parallelism=1,
                         hash_len=32, type=Type.ID)
@@ -51,7 +52,9 @@ def login():
         hasher.hash("correct horse battery staple")
 
 for _ in range(3):  # like logins on the daemon's worker threads, 4 at a time
-    threads = [threading.Thread(target=login) for _ in range(1 if "serial" in sys.argv else 4)]
+    n = 1 if "serial" in sys.argv else 4
+    together = threading.Barrier(n)
+    threads = [threading.Thread(target=login, args=(together,)) for _ in range(n)]
     for t in threads:
         t.start()
     for t in threads:
@@ -74,6 +77,18 @@ def _rss_growth_hashing(*flags: str, env: dict[str, str] | None = None) -> int:
     return after - before
 
 
+def _most_rss_growth_hashing(*flags: str, env: dict[str, str] | None = None) -> int:
+    """The most of a few runs: which arena a thread's buffer lands in depends on
+    whether the hashes overlap, and a busy machine may run them one by one.
+    One run that keeps a buffer is what shows the setting is needed."""
+    most = 0
+    for _ in range(5):
+        most = max(most, _rss_growth_hashing(*flags, env=env))
+        if most > 19 * 1024:
+            break
+    return most
+
+
 def test_capped_arenas_and_trimming_give_argon2_buffers_back() -> None:
     """Both halves of chatd.memory are needed, and the cap must be one arena:
     without the cap each worker thread keeps its own 19 MiB buffer; without the
@@ -84,7 +99,7 @@ def test_capped_arenas_and_trimming_give_argon2_buffers_back() -> None:
     as_chatd_runs = _rss_growth_hashing("cap")
     assert as_chatd_runs < 4 * 1024  # no Argon2 buffer kept
     assert _rss_growth_hashing("cap", "serial") < 4 * 1024
-    assert _rss_growth_hashing() > 19 * 1024
+    assert _most_rss_growth_hashing() > 19 * 1024
     # One buffer freed at the top of the arena is below glibc's trim threshold.
     assert _rss_growth_hashing("cap", "raw", "serial") > 19 * 1024
-    assert _rss_growth_hashing(env={"MALLOC_ARENA_MAX": "2"}) > 19 * 1024
+    assert _most_rss_growth_hashing(env={"MALLOC_ARENA_MAX": "2"}) > 19 * 1024
