@@ -33,6 +33,7 @@ from chatd.config import Config
 from chatd.e2ee.current import CurrentDevices
 from chatd.e2ee.keys import KeyService
 from chatd.e2ee.queues import QueueService
+from chatd.errors import StoreError
 from chatd.keyfiles import check_data_dir, load_admin_token_hash, load_db_key
 from chatd.log import fields
 from chatd.relay import Registry, serve_relay
@@ -110,6 +111,13 @@ async def open_services(nursery: trio.Nursery, store: Store, config: Config) -> 
     return Services(registry, current, auth, keys, queues)
 
 
+async def _flush_queues(queues: QueueService) -> None:
+    try:
+        await queues.flush()
+    except StoreError as exc:
+        log.warning("daemon.queues_not_flushed", extra=fields(error=str(exc)))
+
+
 async def _watchdog(notifier: Notifier, store: Store, interval: float) -> None:
     while True:
         if store.writer_alive:
@@ -179,6 +187,10 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
             with trio.move_on_after(grace) as drain:
                 await relay_done.wait()
                 await admin_done.wait()
+                # With no connection left, what the queues hold in memory
+                # (envelopes waiting for acks, receipts) is written before
+                # the store closes.
+                await _flush_queues(queues)
             if drain.cancelled_caught:
                 log.warning("daemon.grace_expired", extra=fields(grace_seconds=grace))
             nursery.cancel_scope.cancel()

@@ -7,6 +7,7 @@ care what they hold (the client library's Olm encryption is tested apart).
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -46,8 +47,10 @@ class Cast:
 
 
 @asynccontextmanager
-async def cast(short_tmp: Path, devices: DeviceSettings | None = None) -> AsyncIterator[Cast]:
-    async with team(short_tmp, devices=devices) as srv, AsyncExitStack() as stack:
+async def cast(
+    short_tmp: Path, devices: DeviceSettings | None = None, relay: dict[str, Any] | None = None
+) -> AsyncIterator[Cast]:
+    async with team(short_tmp, devices=devices, relay=relay) as srv, AsyncExitStack() as stack:
         people = []
         for username, password in (("alice", PASSWORD), ("alice", PASSWORD), ("bob", BOB_PASSWORD)):
             client = await stack.enter_async_context(connect(srv))
@@ -665,3 +668,73 @@ async def test_a_failed_write_is_refused_with_storage_unavailable_and_the_connec
         )
         assert set(queued) == {message_id}
         await assert_queue_totals_exact(c)
+
+
+async def test_acks_without_id_waiting_for_their_write_take_no_room_in_the_send_queue(
+    short_tmp: Path, monkeypatch: Any
+) -> None:
+    """Acks without id keep later answers behind their deletes, but they make
+    no frame: many of them waiting on a slow disk do not fill the send queue."""
+    from chatd.e2ee import writes
+
+    async with cast(short_tmp, relay={"send_queue_frames": 4}) as c:
+        await c.bob.client.ws.aclose()
+        for n in range(12):
+            await send(c.alice1, c.to_everyone(c.alice1, f"m{n}"))
+        write = writes.QueueWriter._write
+
+        def slow(self: Any, conn: Any) -> Any:
+            time.sleep(0.05)  # in the writer thread: a slow disk
+            return write(self, conn)
+
+        monkeypatch.setattr(writes.QueueWriter, "_write", slow)
+        async with connect(c.srv) as again:
+            await again.login("bob", BOB_PASSWORD, device_id=c.bob.device_id)
+            got: list[dict[str, Any]] = []
+            while len(got) < 12:
+                got += (await next_frame(again, "deliver"))["envelopes"]
+            for envelope in got:  # one ack per envelope, none waited for
+                ack = {"type": "ack", "up_to": envelope["envelope_id"]}
+                await again.ws.send_message(json.dumps(ack))
+            members = await again.request("directory")  # answered after all their writes
+            assert members["type"] == "members"
+        left = await c.srv.store.read(
+            lambda conn: conn.execute(
+                "SELECT count(*) FROM envelopes WHERE recipient_device_id = ?", (c.bob.device_id,)
+            ).fetchone()[0]
+        )
+        assert left == 0
+
+
+async def test_the_sends_row_is_written_only_once_every_envelope_is_safe(short_tmp: Path) -> None:
+    """The record that answers a repeat with sent is written only when each
+    envelope is durable or acknowledged: a repeat after a crash in between is
+    delivered again rather than answered sent with an envelope missing."""
+    async with cast(short_tmp, DeviceSettings(ack_wait_ms=10_000)) as c:
+        await c.alice2.client.ws.aclose()  # offline: its copy is written at once
+        message_id = (await c.alice1.client.request("ping"))["type"] and str(uuid.uuid4())
+        frame = {
+            "type": "send",
+            "id": "both",
+            "message_id": message_id,
+            "envelopes": c.to_everyone(c.alice1, "x"),
+        }
+        await c.alice1.client.ws.send_message(json.dumps(frame))
+        delivered = await next_frame(c.bob.client, "deliver")  # bob's copy waits for his ack
+
+        def rows(conn: Any) -> tuple[int, int]:
+            sends = conn.execute(
+                "SELECT count(*) FROM sends WHERE message_id = ?", (message_id,)
+            ).fetchone()[0]
+            queued = conn.execute(
+                "SELECT count(*) FROM envelopes WHERE message_id = ?", (message_id,)
+            ).fetchone()[0]
+            return sends, queued
+
+        await c.srv.store.write(lambda conn: None)  # the offline copy's write has committed
+        assert await c.srv.store.read(rows) == (0, 1)
+        up_to = delivered["envelopes"][-1]["envelope_id"]
+        await c.bob.client.ws.send_message(json.dumps({"type": "ack", "up_to": up_to}))
+        assert (await next_frame(c.alice1.client, "sent"))["id"] == "both"
+        await c.srv.store.write(lambda conn: None)  # the row's write went before this one
+        assert await c.srv.store.read(rows) == (1, 1)

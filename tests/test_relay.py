@@ -384,7 +384,7 @@ async def test_a_full_send_queue_closes_with_1008() -> None:
     )
     proto = core.ServerConnection(limits, server_name="chatd")
     stream_a, _ = trio.testing.memory_stream_pair()
-    ws = WebSocket(stream_a, max_message=1024, on_control=lambda data: None)
+    ws = WebSocket(stream_a, max_message=1024)
     async with trio.open_nursery() as nursery:
         conn = Connection(
             ws, proto, "127.0.0.1", nursery=nursery, send_queue_frames=2, send_timeout=1, window=10
@@ -685,6 +685,24 @@ async def test_a_close_from_the_peer_with_answers_still_queued_is_quiet(
         await client.stream.aclose()
         await wait_streams_closed(relay)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_a_pong_comes_after_the_answers_to_what_came_before_the_ping() -> None:
+    async with relay_running() as (relay, _):
+        client = await RawClient.connect(relay)
+        frames = ws_frame(0x1, b'{"type":"ping","id":"first"}') + ws_frame(0x9, b"then")
+        await client.stream.send_all(frames)
+        first, second = await client.next_event(), await client.next_event()
+        assert isinstance(first, TextMessage) and '"first"' in first.data
+        assert type(second).__name__ == "Pong" and second.payload == b"then"
+
+
+async def test_the_servers_close_echoes_the_peers_code() -> None:
+    async with relay_running() as (relay, _):
+        client = await RawClient.connect(relay)
+        await client.stream.send_all(ws_frame(0x8, struct.pack("!H", 4000) + b"done"))
+        close = await client.close_event()
+        assert close is not None and close.code == 4000
 
 
 async def test_websocket_pings_are_answered_while_open() -> None:

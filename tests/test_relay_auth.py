@@ -55,11 +55,16 @@ class Server:
 
 @asynccontextmanager
 async def server(
-    tmp: Path, devices: DeviceSettings | None = None, **auth_settings: Any
+    tmp: Path,
+    devices: DeviceSettings | None = None,
+    relay: dict[str, Any] | None = None,
+    **auth_settings: Any,
 ) -> AsyncIterator[Server]:
     defaults = {"session_check_seconds": 0.2, "require_mfa": "none", "backoff_base_seconds": 1e-6}
     settings = AuthSettings(**{**defaults, **auth_settings})
-    relay_settings = RelaySettings(port=0, idle_timeout_seconds=30, handshake_timeout_seconds=10)
+    relay_settings = RelaySettings(
+        **{"port": 0, "idle_timeout_seconds": 30, "handshake_timeout_seconds": 10, **(relay or {})}
+    )
     config = Config(relay=relay_settings, auth=settings, path=tmp / "chatd.toml")
     if devices is not None:
         config = dataclasses.replace(config, devices=devices)

@@ -70,19 +70,23 @@ class Outcome:
 
 
 class SendOutcome(Outcome):
-    """A send's outcome; it also carries the send's row for ``sends`` (the
-    repeat check), written with the first of its envelopes that is written.
+    """A send's outcome. Its row in ``sends`` (the record that answers a repeat
+    of the same ``message_id`` after a restart) is written once the outcome
+    settled with some envelope on disk: only then is every envelope durable
+    or acknowledged, which is what answering ``sent`` to a repeat promises.
     A send whose envelopes were all acknowledged before any write leaves no
-    row: a repeat of it after a restart is delivered again (at least once)."""
+    row, and neither does one interrupted before it settled: a repeat of it
+    after a restart is delivered again (at least once), never lost."""
 
-    __slots__ = ("sender_device_id", "message_id", "created_at", "row_written")
+    __slots__ = ("sender_device_id", "message_id", "created_at", "checked", "written")
 
     def __init__(self, sender_device_id: str, message_id: str, count: int, created_at: int) -> None:
         super().__init__(remaining=count, envelopes=count)
         self.sender_device_id = sender_device_id
         self.message_id = message_id
         self.created_at = created_at
-        self.row_written = False  # only the writer thread reads or sets it
+        self.checked = False  # the writer looked for an earlier row (writer thread only)
+        self.written = False  # an envelope of it committed (event loop only)
 
 
 @dataclass(frozen=True, slots=True)

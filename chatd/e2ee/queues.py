@@ -52,6 +52,7 @@ batch. Receipts themselves expire quietly.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Callable, Container, Iterable, Sequence
 from typing import Any, Final, Protocol
@@ -72,9 +73,12 @@ from chatd.e2ee.outcomes import (
 )
 from chatd.e2ee.writes import Batch, Insert, QueueWriter, Written
 from chatd.errors import StoreError
+from chatd.log import fields
 from chatd.protocol import frames as f
 from chatd.protocol.delivery import Sent
 from chatd.store import Store, now_ms
+
+log = logging.getLogger("chatd.queues")
 
 __all__ = [
     "Accepted",
@@ -223,8 +227,20 @@ class QueueService:
                 )
                 accepted.append(self._queue(target, envelope, sizes[target], expires, outcome))
         self._remember(key, outcome)
+        outcome.when_done(self._send_done)
         self._offer(accepted)
         return Accepted(outcome)
+
+    async def flush(self) -> None:
+        """Write all that is accepted, and wait for it (see QueueWriter.flush)."""
+        await self.writer.flush()
+
+    def _send_done(self, outcome: Outcome) -> None:
+        """A send settled: with an envelope on disk, its ``sends`` row follows."""
+        if isinstance(outcome, SendOutcome) and outcome.written and outcome.error is None:
+            with self.writer.lock:
+                self.writer.open.completed.append(outcome)
+            self.writer.arm()
 
     def _has_room(self, device_id: str, size: int) -> bool:
         count, total = self._totals.get(device_id, (0, 0))
@@ -296,6 +312,7 @@ class QueueService:
         expires = now + int(self.settings.envelope_days * DAY_MS)
         outcome = Outcome()
         receipts: list[Insert] = []
+        settled: list[Outcome] = []  # sends one of whose envelopes was cancelled
         with self.writer.lock:
             batch = self.writer.open
             deletes_before = len(batch.deletes)
@@ -303,6 +320,8 @@ class QueueService:
                 cancelled = batch.pop(envelope_id)
                 if cancelled is not None:
                     self._unqueue(batch, cancelled)
+                    if cancelled.outcome is not None:
+                        settled.append(cancelled.outcome)
                 else:
                     self._delete(device_id, envelope_id, sent.size)
                 if sent.kind == "message" and sent.sender_device_id:
@@ -328,13 +347,17 @@ class QueueService:
             wrote = len(batch.deletes) > deletes_before
             if wrote:
                 batch.waiters.append(outcome)
+        for send in settled:
+            send.settle()
         self._offer(receipts)
         if not wrote:
             outcome.settle()  # nothing it changed needs the disk
         return outcome
 
     def _unqueue(self, batch: Batch, cancelled: Insert) -> None:
-        """An envelope's insert was cancelled before it was written (the lock is held)."""
+        """An envelope's insert was cancelled before it was written (the lock is
+        held; the caller settles its send's outcome once the lock is released,
+        since an outcome's callbacks may take the lock)."""
         self.stats.cancelled += 1
         tail = self._tails.get(cancelled.device_id)
         if tail is not None:
@@ -342,8 +365,6 @@ class QueueService:
             if not tail:
                 del self._tails[cancelled.device_id]
         self._count(cancelled.device_id, -1, -cancelled.size)
-        if cancelled.outcome is not None:
-            cancelled.outcome.settle()
 
     def _delete(self, device_id: str, envelope_id: int, size: int) -> None:
         self.writer.open.deletes.append((device_id, envelope_id, size))
@@ -498,6 +519,7 @@ class QueueService:
             if ins.outcome in repeats:
                 self._count(ins.device_id, -1, -ins.size)  # not written after all
             else:
+                ins.outcome.written = True
                 ins.outcome.settle()
         for outcome, envelopes in repeats.items():
             outcome.envelopes = envelopes
@@ -545,9 +567,10 @@ class QueueService:
     def _write_failed(self, batch: Batch, error: StoreError) -> None:
         """On the loop: a batch was not written. Its sends fail (their senders
         resend); its deletes are undone (the envelopes come again)."""
+        log.warning("queues.write_failed", extra=fields(error=str(error)))
         failed_sends = {ins.outcome for ins in batch.inserts() if ins.outcome is not None}
         for outcome in failed_sends:
-            outcome.row_written = False
+            outcome.checked = False
             # A resend is a new send.
             self._recent.pop((outcome.sender_device_id, outcome.message_id), None)
         self._drop_open(failed_sends)

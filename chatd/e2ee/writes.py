@@ -65,7 +65,7 @@ class Insert:
 class Batch:
     """What the next write job will write."""
 
-    __slots__ = ("at_once", "hot", "deletes", "waiters")
+    __slots__ = ("at_once", "hot", "deletes", "waiters", "completed")
 
     def __init__(self) -> None:
         # Accepted envelopes by id: those due at once, and the hot ones (a live
@@ -74,13 +74,14 @@ class Batch:
         self.hot: dict[int, Insert] = {}
         self.deletes: list[tuple[str, int, int]] = []  # (device, envelope id, bytes)
         self.waiters: list[Outcome] = []  # settled when this batch commits
+        self.completed: list[SendOutcome] = []  # sends done: their rows in ``sends``
 
     def __bool__(self) -> bool:
-        return bool(self.at_once or self.hot or self.deletes or self.waiters)
+        return bool(self.at_once or self.hot or self.deletes or self.waiters or self.completed)
 
     def due_now(self) -> bool:
         """Whether anything in it should be written without waiting."""
-        return bool(self.at_once or self.deletes or self.waiters)
+        return bool(self.at_once or self.deletes or self.waiters or self.completed)
 
     def inserts(self) -> Iterator[Insert]:
         yield from self.at_once.values()
@@ -97,6 +98,7 @@ class Batch:
         taken.at_once, self.at_once = self.at_once, {}
         taken.deletes, self.deletes = self.deletes, []
         taken.waiters, self.waiters = self.waiters, []
+        taken.completed, self.completed = self.completed, []
         hot = self.hot
         while hot:
             envelope_id = next(iter(hot))
@@ -111,10 +113,13 @@ class Written(NamedTuple):
     repeats: dict[SendOutcome, int]  # sends found already in ``sends``: their first count
 
 
+_FIND_SENDS: Final = (
+    "SELECT sender_device_id, message_id, envelopes FROM sends"
+    " WHERE (sender_device_id, message_id) IN (SELECT value->>0, value->>1 FROM json_each(?))"
+)
 _INSERT_SENDS: Final = (
     "INSERT OR IGNORE INTO sends (sender_device_id, message_id, envelopes, created_at)"
     " SELECT value->>0, value->>1, value->>2, value->>3 FROM json_each(?)"
-    " RETURNING sender_device_id, message_id"
 )
 _INSERT_ENVELOPES: Final = (
     "INSERT INTO envelopes (id, recipient_device_id, kind, message_id, sender_user_id,"
@@ -185,6 +190,17 @@ class QueueWriter:
             self.arm(force=True)
             log.info("queues.stopped", extra=fields(**self.stats.fields()))
 
+    async def flush(self) -> None:
+        """Write everything open now, hot envelopes too, and wait for it to
+        commit (the daemon calls this once the relay has drained, before the
+        store closes). Raises StoreError if that write fails."""
+        self._flushing = True
+        waiter = Outcome()
+        with self.lock:
+            self.open.waiters.append(waiter)
+        self.arm(force=True)
+        await waiter.wait()
+
     def arm(self, *, force: bool = False) -> None:
         """Make sure the open batch will be written: a job now if anything in it
         is due (or ``force``), else a timer for when its first hot envelope is."""
@@ -224,24 +240,21 @@ class QueueWriter:
         sends = {
             ins.outcome: None
             for ins in batch.inserts()
-            if ins.outcome is not None and not ins.outcome.row_written
+            if ins.outcome is not None and not ins.outcome.checked
         }
         if sends:
-            rows: list[list[Any]] = [
-                [o.sender_device_id, o.message_id, o.envelopes, o.created_at] for o in sends
-            ]
-            new = {
-                (r[0], r[1])
-                for r in conn.execute(_INSERT_SENDS, (_json.encode(rows).decode(),)).fetchall()
+            # A send repeated after a restart, whose first copy completed: its
+            # envelopes are not written again (its first answer stands).
+            keys = [[o.sender_device_id, o.message_id] for o in sends]
+            found = {
+                (d, m): n
+                for d, m, n in conn.execute(_FIND_SENDS, (_json.encode(keys).decode(),))
             }
             for outcome in sends:
-                outcome.row_written = True
-                if (outcome.sender_device_id, outcome.message_id) not in new:
-                    row = conn.execute(
-                        "SELECT envelopes FROM sends WHERE sender_device_id = ? AND message_id = ?",
-                        (outcome.sender_device_id, outcome.message_id),
-                    ).fetchone()
-                    repeats[outcome] = int(row[0]) if row else outcome.envelopes
+                outcome.checked = True
+                count = found.get((outcome.sender_device_id, outcome.message_id))
+                if count is not None:
+                    repeats[outcome] = int(count)
         if batch.at_once or batch.hot:
             rows = [
                 [
@@ -262,6 +275,12 @@ class QueueWriter:
             if rows:
                 conn.execute(_INSERT_ENVELOPES, (_json.encode(rows).decode(),))
                 self.stats.written += len(rows)
+        if batch.completed:
+            rows = [
+                [o.sender_device_id, o.message_id, o.envelopes, o.created_at]
+                for o in batch.completed
+            ]
+            conn.execute(_INSERT_SENDS, (_json.encode(rows).decode(),))
         if batch.deletes:
             ids = [envelope_id for _, envelope_id, _ in batch.deletes]
             conn.execute(_DELETE_ENVELOPES, (_json.encode(ids).decode(),))

@@ -271,6 +271,9 @@ class DeviceLedger:
                 self.outstanding.pop(envelope_id, None)
 
 
+_SILENT: Final[list[bytes]] = []  # an unfilled silent slot (identity, never mutated)
+
+
 def _id(envelope: Envelope) -> int:
     return envelope.envelope_id
 
@@ -298,35 +301,44 @@ class Replies:
     """Answers to one connection's messages, kept in the order they came.
 
     Most answers are known at once (:meth:`answer`). A pipelined request (a
-    ``send`` waiting for its commit, an ``ack`` with an id) takes a slot with
-    :meth:`reserve` and fills it later; answers behind an unfilled slot wait
-    for it. :meth:`take` gives what can go out now, in order.
+    ``send`` waiting for its commit, an ``ack`` waiting for its deletes) takes
+    a slot with :meth:`reserve` and fills it later; answers behind an unfilled
+    slot wait for it. A *silent* slot (an ``ack`` without ``id``) will hold no
+    frame: it only keeps later answers behind its write, and does not count
+    as a queued frame. :meth:`take` gives what can go out now, in order.
     """
 
-    __slots__ = ("_slots", "_base", "waiting")
+    __slots__ = ("_slots", "_base", "waiting", "silent")
 
     def __init__(self) -> None:
         self._slots: list[list[bytes] | None] = []  # None: not filled yet
         self._base = 0  # how many slots were taken before the first one here
         self.waiting = 0  # reserved slots not filled yet
+        self.silent = 0  # of those, the silent ones
 
     def __len__(self) -> int:
-        return len(self._slots)
+        """Answers waiting to be written, or to be known (silent slots aside)."""
+        return len(self._slots) - self.silent
 
     def answer(self, frames: list[bytes]) -> None:
         self._slots.append(frames)
 
-    def reserve(self) -> int:
-        """A slot for an answer to come; returns its handle for :meth:`fill`."""
-        self._slots.append(None)
+    def reserve(self, *, silent: bool = False) -> int:
+        """A slot for an answer to come; returns its handle for :meth:`fill`
+        (with no frames, for a silent one)."""
+        self._slots.append(_SILENT if silent else None)
         self.waiting += 1
+        self.silent += silent
         return len(self._slots) - 1 + self._base
 
     def fill(self, handle: int, frames: list[bytes]) -> None:
         index = handle - self._base
-        if 0 <= index < len(self._slots) and self._slots[index] is None:
-            self._slots[index] = frames
-            self.waiting -= 1
+        if 0 <= index < len(self._slots):
+            slot = self._slots[index]
+            if slot is None or slot is _SILENT:
+                self.silent -= slot is _SILENT
+                self._slots[index] = frames
+                self.waiting -= 1
 
     def take(self) -> list[bytes]:
         """The frames that may be written now: every answer up to the first
@@ -334,7 +346,7 @@ class Replies:
         out: list[bytes] = []
         n = 0
         for frames in self._slots:
-            if frames is None:
+            if frames is None or frames is _SILENT:
                 break
             out.extend(frames)
             n += 1

@@ -293,10 +293,15 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True):
     max_bad_frames: int
 
 
+#: What this server supports beyond the protocol's first release (PROTOCOL §16).
+FEATURES: Final = ("who_is_online.user_ids",)
+
+
 class Hello(Frame, tag="hello"):
     protocol: int
     server: str
     limits: Limits
+    features: list[str] = msgspec.field(default_factory=lambda: list(FEATURES))
 
 
 class Pong(Frame, tag="pong"):
@@ -487,9 +492,9 @@ class TypingNotice(Frame, tag="typing_notice"):
 
 
 class Presence(Frame, tag="presence"):
-    """Who is online: the answer to who_is_online (with ``id``), and pushed to every
-    authenticated connection when a user comes online or goes offline (then
-    ``online`` or ``offline`` lists the one user). Ephemeral: never stored."""
+    """Who is online: the answer to who_is_online (with ``id``), and pushed,
+    coalesced, to the connections that watch a user when that user comes
+    online or goes offline (PROTOCOL §8.6). Ephemeral: never stored."""
 
     online: list[int]
     offline: list[int] = []

@@ -48,6 +48,7 @@ log = logging.getLogger("chatd.relay")
 
 CLOSE_TIMEOUT: Final = 2.0  # seconds for a closing write to finish and for the peer's Close
 REASON_SEND_TIMEOUT: Final = "send timeout"
+_NOT_SENT: Final = frozenset((1005, 1006, 1015))  # "no status", "abnormal", "TLS": local only
 
 
 class Connection:
@@ -75,6 +76,7 @@ class Connection:
         "_peer_gone",
         "_cut_off",
         "_finished",
+        "_echo",
     )
 
     def __init__(
@@ -109,6 +111,7 @@ class Connection:
         self._peer_gone = False  # the peer hung up: nothing can be written
         self._cut_off = False  # a write was interrupted: the stream may end mid-frame
         self._finished = False  # finish() is done: only hang_up() writes from now on
+        self._echo = core.CLOSE_NORMAL  # the code our Close answers a peer's Close with
 
     # -- queuing -----------------------------------------------------------------
 
@@ -133,14 +136,18 @@ class Connection:
             self._replies.answer(frames)
             self.wake()
 
-    def reserve(self) -> int | None:
+    def reserve(self, *, silent: bool = False) -> int | None:
         """Keep the next place in the answers for an outcome to come; None if
-        the connection is closing. Fill it with :meth:`fill`."""
-        if not self._room():
+        the connection is closing. Fill it with :meth:`fill`. A silent place
+        (filled with no frame) takes no room in the send queue."""
+        if silent:
+            if self._out_closed or self.closing is not None:
+                return None
+        elif not self._room():
             return None
         if self._replies is None:
             self._replies = Replies()
-        return self._replies.reserve()
+        return self._replies.reserve(silent=silent)
 
     def fill(self, handle: int, frames: list[bytes]) -> None:
         """The answer for a place kept by :meth:`reserve`."""
@@ -237,6 +244,12 @@ class Connection:
 
     # -- closing -------------------------------------------------------------------
 
+    def peer_closed(self, code: int) -> None:
+        """The peer sent its Close with ``code``: ours will echo it (RFC 6455
+        5.5.1), but for the codes that never go on the wire."""
+        if code not in _NOT_SENT:
+            self._echo = code
+
     def close(self, close: core.Close) -> None:
         """End the connection with ``close`` (the first reason given wins); the
         task reading it is woken and finishes it."""
@@ -283,7 +296,7 @@ class Connection:
                 log.info("relay.close", extra=fields(peer=mask_ip(self.peer), reason=close.reason))
             return
         if close is None:
-            close = core.Close(core.CLOSE_NORMAL, "")
+            close = core.Close(self._echo, "")
         elif close.code != core.CLOSE_GOING_AWAY:
             log.info(
                 "relay.close",

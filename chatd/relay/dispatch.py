@@ -60,12 +60,17 @@ def _session_frame(request_id: str, grant: SessionGrant) -> f.Session:
     )
 
 
-def _storage_error(proto: core.ServerConnection, request_id: str | None) -> list[core.Action]:
+def _storage_error(
+    proto: core.ServerConnection, request_id: str | None, *, sending: bool = False
+) -> list[core.Action]:
+    """A request that needed a write the storage refused. For a send, nothing
+    was queued; for other requests a part may have been written (try again)."""
+    if sending:
+        message = "the server cannot write to its storage right now; the message was not queued"
+    else:
+        message = "the server cannot write to its storage right now; try again later"
     return proto.error(
-        ERR_STORAGE_UNAVAILABLE,
-        "the server cannot write to its storage right now; nothing was changed (try again)",
-        request_id=request_id,
-        retry_after=STORAGE_RETRY_SECONDS,
+        ERR_STORAGE_UNAVAILABLE, message, request_id=request_id, retry_after=STORAGE_RETRY_SECONDS
     )
 
 
@@ -92,7 +97,7 @@ class Dispatcher:
             if isinstance(action, f.Send):  # the common cases first
                 await self._send(conn, action)
             elif isinstance(action, f.Ack):
-                self._ack(conn, action)
+                await self._ack(conn, action)
             elif isinstance(action, core.Send):
                 conn.answer([action.data])
             elif isinstance(action, core.Close):
@@ -119,7 +124,7 @@ class Dispatcher:
         try:
             result = await self.queues.send(grant.user_id, grant.device_id, frame)
         except StoreError:
-            self._perform(conn, _storage_error(proto, frame.id))
+            self._perform(conn, _storage_error(proto, frame.id, sending=True))
             return
         match result:
             case Accepted(outcome) | Repeated(outcome):
@@ -147,7 +152,9 @@ class Dispatcher:
                     ),
                 )
 
-    def _ack(self, conn: Connection, frame: f.Ack) -> None:
+    async def _ack(self, conn: Connection, frame: f.Ack) -> None:
+        if conn.waiting_answers >= PIPELINE_DEPTH:
+            await conn.wait_answers(below=PIPELINE_DEPTH)  # backpressure, not an error
         outcome = delivery.acknowledge(conn, frame.up_to, self.queues)
         proto = conn.proto
         request_id = frame.id
@@ -156,10 +163,10 @@ class Dispatcher:
                 self._perform(conn, _acked(proto, request_id, outcome))
             delivery.pump(conn, self.queues, self.registry)
             return
-        # Its place among the answers is kept even without an id (then empty),
+        # Its place among the answers is kept even without an id (then silent),
         # so that later requests still see its write done. With an id, the
         # deliveries the ack makes room for come after its answer.
-        handle = conn.reserve()
+        handle = conn.reserve(silent=request_id is None)
         if handle is None:
             return
         if request_id is None:
@@ -272,7 +279,11 @@ class Dispatcher:
         match frame:
             case f.Logout():
                 registry.detach(conn)  # so the revocation does not close us with 4003
-                await auth.logout(grant, peer)
+                try:
+                    await auth.logout(grant, peer)
+                except BaseException:
+                    registry.attach(conn, grant)  # still logged in: the session goes on
+                    raise
                 return proto.reply(f.Ok(id=frame.id)) + proto.logged_out()
             case f.ListSessions():
                 now = now_ms()
@@ -367,7 +378,7 @@ class Dispatcher:
 def _sent(proto: core.ServerConnection, frame: f.Send, outcome: Outcome) -> list[bytes]:
     """The answer to a send once its outcome is known."""
     if outcome.error is not None:
-        actions = _storage_error(proto, frame.id)
+        actions = _storage_error(proto, frame.id, sending=True)
     else:
         reply = f.Sent(id=frame.id, message_id=frame.message_id, envelopes=outcome.envelopes)
         actions = proto.reply(reply)

@@ -51,7 +51,13 @@ from chatd.protocol.frames import Limits
 from chatd.relay.connection import Connection
 from chatd.relay.dispatch import Dispatcher
 from chatd.relay.registry import Registry
-from chatd.relay.ws import StreamCounter, UpgradeRequest, WebSocketClosed, serve_websockets
+from chatd.relay.ws import (
+    Control,
+    StreamCounter,
+    UpgradeRequest,
+    WebSocketClosed,
+    serve_websockets,
+)
 
 log = logging.getLogger("chatd.relay")
 
@@ -137,7 +143,7 @@ class Relay:
             if self.stopping:
                 await request.reject(503, b"server shutting down\n")
                 return
-            ws = await request.accept(max_message=self.settings.max_frame_bytes, on_control=_drop)
+            ws = await request.accept(max_message=self.settings.max_frame_bytes)
             del request  # its headers are not needed again
             conn = Connection(
                 ws,
@@ -148,7 +154,6 @@ class Relay:
                 send_timeout=self.settings.send_timeout_seconds,
                 window=rules.DELIVERY_WINDOW,
             )
-            ws.on_control = conn.control
             self.registry.connections.add(conn)
             self.connections_served += 1
             flush = await self._serve(conn)
@@ -200,6 +205,9 @@ class Relay:
                 for message in messages:
                     if conn.closing is not None:
                         break
+                    if isinstance(message, Control):
+                        conn.control(message.data)  # after the answers before it
+                        continue
                     if isinstance(message, bytes):
                         actions = proto.receive_bytes(message)
                     else:
@@ -238,6 +246,7 @@ class Relay:
             # the WebSocket layer's code; what was queued is dropped.
             conn.close(core.Close(closed.code, closed.reason))
             return False
+        conn.peer_closed(closed.code)
         if closed.code not in (core.CLOSE_NORMAL, core.CLOSE_GOING_AWAY):
             log.info(
                 "relay.closed",
@@ -255,10 +264,6 @@ class Relay:
 
 
 _CLOSE_WAIT: Final = 2.0  # seconds a stopping connection waits for answers it owes
-
-
-def _drop(data: bytes) -> None:
-    """Control frames before the connection is made have nowhere to go."""
 
 
 def tls_context(config: Config) -> ssl.SSLContext:

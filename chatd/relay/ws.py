@@ -88,14 +88,27 @@ async def linger_close(stream: trio.abc.Stream) -> None:
         await trio.aclose_forcefully(stream)
 
 
+class Control:
+    """A control frame to send (a Pong), in its place among received messages."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+Message = str | bytes | Control  # a text message, a binary one, or a Pong to send
+
+
 class WebSocket:
     """One upgraded connection: messages in, frames out, the closing handshake.
 
     :meth:`receive_some` is called by one task only, which reads the socket itself.
     :meth:`frame` and :meth:`close_frame` make the bytes of a frame without
     writing them; the owner writes (:meth:`send_all`) from one task at a time.
-    A Pong for the peer's Ping is handed to ``on_control`` to be written that
-    way too.
+    A Pong for the peer's Ping comes out of :meth:`receive_some` as a
+    :class:`Control` in its place among the messages, to be written that way
+    too, after the answers to what came before the Ping.
     """
 
     __slots__ = (
@@ -106,7 +119,6 @@ class WebSocket:
         "_size",
         "_ended",
         "max_message",
-        "on_control",
     )
 
     def __init__(
@@ -114,7 +126,6 @@ class WebSocket:
         stream: trio.abc.Stream,
         *,
         max_message: int,
-        on_control: Callable[[bytes], None],
         trailing: bytes = b"",
     ) -> None:
         self.stream = stream
@@ -124,7 +135,6 @@ class WebSocket:
         self._size = 0  # its UTF-8 bytes so far
         self._ended: WebSocketClosed | None = None  # to raise once the messages before it are out
         self.max_message = max_message
-        self.on_control = on_control
 
     @property
     def open(self) -> bool:
@@ -141,7 +151,7 @@ class WebSocket:
     async def send_all(self, data: bytes) -> None:
         await self.stream.send_all(data)
 
-    async def receive_some(self) -> list[str | bytes]:
+    async def receive_some(self) -> list[Message]:
         """The complete messages that arrived (at least one; text as str,
         binary as bytes), reading the socket once if none is buffered.
 
@@ -152,7 +162,7 @@ class WebSocket:
         """
         if self._ended is not None:
             raise self._ended
-        messages: list[str | bytes] = []
+        messages: list[Message] = []
         while True:
             if self._events is None:
                 if messages:
@@ -174,7 +184,7 @@ class WebSocket:
             if message is not None:
                 messages.append(message)
 
-    def _handle(self, event: Event) -> str | bytes | None:
+    def _handle(self, event: Event) -> Message | None:
         if isinstance(event, TextMessage | BytesMessage):
             if self._ws.state is not ConnectionState.OPEN:
                 return None  # sent before the peer saw our Close: dropped
@@ -187,7 +197,7 @@ class WebSocket:
                 raise WebSocketClosed(event.code, reason.decode(errors="ignore"), ours=True)
             raise WebSocketClosed(event.code, event.reason or "")
         if isinstance(event, Ping) and self._ws.state is ConnectionState.OPEN:
-            self.on_control(self._ws.send(event.response()))
+            return Control(self._ws.send(event.response()))
         # A Pong answers nothing here (the relay never pings), and a Ping
         # after our Close gets no answer: both are dropped.
         return None
@@ -254,7 +264,7 @@ class UpgradeRequest:
                 return value.decode("latin-1")
         return None
 
-    async def accept(self, *, max_message: int, on_control: Callable[[bytes], None]) -> WebSocket:
+    async def accept(self, *, max_message: int) -> WebSocket:
         """Answer 101 and return the WebSocket; the request's state is dropped."""
         response = h11.InformationalResponse(
             status_code=101,
@@ -269,9 +279,7 @@ class UpgradeRequest:
         trailing = self._h11.trailing_data[0]
         self.headers = []
         await self.stream.send_all(data)
-        return WebSocket(
-            self.stream, max_message=max_message, on_control=on_control, trailing=trailing
-        )
+        return WebSocket(self.stream, max_message=max_message, trailing=trailing)
 
     async def reject(self, status: int, body: bytes) -> None:
         """Answer ``status`` with a short text body; the caller then hangs up."""
