@@ -91,20 +91,12 @@ __all__ = [
     "SendOutcome",
     "SendResult",
     "purge_sends",
-    "utf8_size",
 ]
 
 DAY_MS: Final = 86_400_000
 EXPIRED_RECEIPT_DAYS: Final = 30  # how long an expired receipt waits for its device
 MAX_RECENT_SENDS: Final = 65_536  # (device, message_id) answered from memory, at most
 
-
-
-def utf8_size(text: str | None) -> int:
-    """Bytes of ``text`` in UTF-8 (the unit of the queue caps)."""
-    if not text:
-        return 0
-    return len(text) if text.isascii() else len(text.encode())
 
 
 class QueueEvents(Protocol):
@@ -145,6 +137,10 @@ class QueueService:
         self.settings = settings
         self.current = current
         self.events = events
+        self._max_count = settings.max_queued_envelopes
+        self._max_bytes = settings.max_queued_bytes
+        self._lifetime_ms = int(settings.envelope_days * DAY_MS)
+        self._ack_wait = settings.ack_wait_ms / 1000
         self.stats = QueueStats()
         self.writer = QueueWriter(
             store, self.stats, written=self._written, failed=self._write_failed
@@ -206,18 +202,26 @@ class QueueService:
                     stale=[f.DeviceRef(user_id=u, device_id=d) for u, d in stale],
                 )
             )
-        sizes = {target: utf8_size(text) for (_, target), text in targets.items()}
-        full = sorted(d for d, size in sizes.items() if not self._has_room(d, size))
+        sizes = {}
+        full = []
+        totals = self._totals
+        max_count, max_bytes = self._max_count, self._max_bytes
+        for (_, target), text in targets.items():
+            size = sizes[target] = len(text) if text.isascii() else len(text.encode())
+            count, total = totals.get(target, (0, 0))
+            if count >= max_count or total + size > max_bytes:
+                full.append(target)
         if full:
-            return QueueFull(full)
+            return QueueFull(sorted(full))
         now = now_ms()
-        expires = now + int(self.settings.envelope_days * DAY_MS)
+        expires = now + self._lifetime_ms
         outcome = SendOutcome(device_id, frame.message_id, len(targets), now)
         accepted: list[Insert] = []
-        with self.writer.lock:
+        writer = self.writer
+        with writer.lock:
             for (_, target), text in targets.items():
                 envelope = f.Envelope(
-                    envelope_id=self.writer.next_id,
+                    envelope_id=writer.next_id,
                     kind="message",
                     message_id=frame.message_id,
                     sent_at=now,
@@ -242,11 +246,6 @@ class QueueService:
                 self.writer.open.completed.append(outcome)
             self.writer.arm()
 
-    def _has_room(self, device_id: str, size: int) -> bool:
-        count, total = self._totals.get(device_id, (0, 0))
-        s = self.settings
-        return count + 1 <= s.max_queued_envelopes and total + size <= s.max_queued_bytes
-
     def _queue(
         self,
         device_id: str,
@@ -260,9 +259,10 @@ class QueueService:
         """Accept one envelope (the lock is held): it joins the open batch (not
         due until :meth:`_offer` says when), its device's tail and totals."""
         envelope_id = envelope.envelope_id
-        self.writer.next_id = envelope_id + 1
+        writer = self.writer
+        writer.next_id = envelope_id + 1
         accepted = Insert(device_id, envelope, size, expires_at, outcome, held)
-        self.writer.open.hot[envelope_id] = accepted  # until _offer says when it is due
+        writer.open.hot[envelope_id] = accepted  # until _offer says when it is due
         self.stats.accepted += 1
         if held:
             self._held.add(envelope_id)
@@ -279,10 +279,10 @@ class QueueService:
         queued = self.events.queued
         hot = [queued(a.device_id, a.envelope, a.held) for a in accepted]
         writer = self.writer
-        wait = self.settings.ack_wait_ms / 1000 if writer.waits_for_acks else 0.0
+        wait = self._ack_wait if writer.waits_for_acks else 0.0
         due = time.monotonic() + wait
-        with self.writer.lock:
-            batch = self.writer.open
+        with writer.lock:
+            batch = writer.open
             for entry, taken in zip(accepted, hot, strict=True):
                 envelope_id = entry.envelope.envelope_id
                 if envelope_id not in batch.hot:
@@ -309,7 +309,7 @@ class QueueService:
         batch, and accept a ``delivered`` receipt for each message. The outcome
         settles once all of it is durable."""
         now = now_ms()
-        expires = now + int(self.settings.envelope_days * DAY_MS)
+        expires = now + self._lifetime_ms
         outcome = Outcome()
         receipts: list[Insert] = []
         settled: list[Outcome] = []  # sends one of whose envelopes was cancelled
