@@ -115,7 +115,7 @@ async def _flush_queues(queues: QueueService) -> None:
     try:
         await queues.flush()
     except StoreError as exc:
-        log.warning("daemon.queues_not_flushed", extra=fields(error=str(exc)))
+        log.warning("daemon.queues_not_flushed", extra=fields(error=type(exc).__name__))
 
 
 async def _watchdog(notifier: Notifier, store: Store, interval: float) -> None:

@@ -759,3 +759,18 @@ async def test_a_frame_sent_with_the_upgrade_request_is_not_lost() -> None:
                 data += await stream.receive_some(65_536)
         assert b'"id":"early"' in data
         await trio.aclose_forcefully(stream)
+
+
+async def test_websocket_pings_do_not_keep_a_connection_alive() -> None:
+    """Control frames are not messages: a client that only sends WebSocket
+    Pings is still closed at the first frame timeout (0.5 s here), long
+    before the one idle period an unauthenticated connection may live."""
+    async with relay_running(idle_timeout_seconds=30) as (relay, _):
+        client = await RawClient.connect(relay)
+        with trio.fail_after(5):
+            while True:
+                await client.stream.send_all(ws_frame(0x9, b"still here"))
+                event = await client.next_event()
+                if isinstance(event, CloseConnection):
+                    break
+        assert (event.code, event.reason) == (1008, "first frame timeout")

@@ -14,12 +14,12 @@ connections at once. Its rows join the *open batch*.
 
 The open batch is written by one job in the store's writer queue, queued at
 most one at a time, which takes what is due when the writer reaches it
-(three set-based statements: the ``sends`` rows, the envelopes, the
-deletes). An envelope that a live connection took at once is *hot*: it stays
-in memory for up to ``devices.ack_wait_ms``, because its device will most
-likely acknowledge it first, and then it is never written at all. Everything
-else (envelopes for offline devices, deletes, ``sends`` rows, receipts that
-must be durable) is due at once, so it goes out with the next group commit.
+(:mod:`chatd.e2ee.writes`). An envelope that a live connection took at once
+is *hot*: it stays in memory for up to ``devices.ack_wait_ms``, because its
+device will most likely acknowledge it first, and then it is never written
+at all. Everything else (envelopes for offline devices, deletes, ``sends``
+rows, receipts that must be durable) is due at once, so it goes out with
+the next group commit.
 The relay reads a device's queue with a job in the same writer queue and
 takes the tail as it is in that job's commit callback; since every envelope
 leaves its tail in the commit callback of the batch that wrote it, the rows
@@ -39,9 +39,11 @@ Delivery is at least once: an envelope handed out before its commit may be
 seen again if the commit fails or the server stops first (the sender then
 gets no ``sent`` and resends under the same ``message_id``, which clients
 de-duplicate). A repeated ``message_id`` from the same device is answered
-with the first answer and queues nothing twice: from memory when the first
-was recent, otherwise because the batch's ``INSERT OR IGNORE`` into
-``sends`` finds the old row and leaves the repeat's envelopes out.
+with the first answer: from memory when the first was recent; otherwise,
+once the first send completed (every envelope durable or acknowledged), its
+row in ``sends`` is found when the repeat's envelopes are about to be
+written, and they are left out. A repeat of a send that never completed (the
+server stopped first) is a new send: delivered again, never lost.
 
 Envelopes that stay unacknowledged expire (``devices.envelope_days``): the
 retention job (:meth:`QueueService.expire`) reads a batch of them, and they
@@ -567,7 +569,7 @@ class QueueService:
     def _write_failed(self, batch: Batch, error: StoreError) -> None:
         """On the loop: a batch was not written. Its sends fail (their senders
         resend); its deletes are undone (the envelopes come again)."""
-        log.warning("queues.write_failed", extra=fields(error=str(error)))
+        log.warning("queues.write_failed", extra=fields(error=type(error).__name__))
         failed_sends = {ins.outcome for ins in batch.inserts() if ins.outcome is not None}
         for outcome in failed_sends:
             outcome.checked = False

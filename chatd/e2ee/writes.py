@@ -9,11 +9,13 @@ queue (:meth:`QueueWriter.arm`): submitted at once when something in the
 batch is due, or when the first hot envelope's ack wait runs out (the timer
 of :meth:`QueueWriter.serve`). When the writer reaches the job it takes what
 is due (:meth:`Batch.take`: everything but hot envelopes still waiting for
-their ack) and writes it with three set-based statements (``sends`` rows,
-envelopes, deletes), so a batch costs a few GIL hand-offs however many rows
-it holds. Once the batch has committed (or failed), the queue service hears
-of it through the callbacks it gave the writer, on the event loop, in
-commit order.
+their ack) and writes it with a few set-based statements, whatever its size,
+so a batch costs a few GIL hand-offs however many rows it holds: one read of
+``sends`` for the sends whose envelopes are written for the first time (a
+repeat of a completed send is left out), the envelopes, the rows of the
+sends that completed, and the deletes. Once the batch has committed (or
+failed), the queue service hears of it through the callbacks it gave the
+writer, on the event loop, in commit order.
 """
 
 from __future__ import annotations

@@ -66,7 +66,10 @@ def _storage_error(
     """A request that needed a write the storage refused. For a send, nothing
     was queued; for other requests a part may have been written (try again)."""
     if sending:
-        message = "the server cannot write to its storage right now; the message was not queued"
+        message = (
+            "the server cannot write to its storage right now; the message may not be"
+            " queued: send it again later with the same message_id"
+        )
     else:
         message = "the server cannot write to its storage right now; try again later"
     return proto.error(

@@ -192,22 +192,26 @@ class Relay:
         # short shield themselves (see Dispatcher._request).
         with trio.CancelScope() as scope:
             conn.read_scope = scope
+            heard = trio.current_time()  # the last complete message (control frames aside)
             while conn.closing is None and not self.stopping:
-                wait = timeout
+                deadline = heard + timeout
                 if not proto.authenticated:
-                    wait = max(0.0, min(wait, auth_deadline - trio.current_time()))
-                scope.deadline = trio.current_time() + wait
+                    deadline = min(deadline, auth_deadline)
+                scope.deadline = deadline
                 try:
                     messages = await conn.ws.receive_some()
                 except WebSocketClosed as closed:
                     return self._closed(conn, closed)
-                timeout = s.idle_timeout_seconds
                 for message in messages:
                     if conn.closing is not None:
                         break
                     if isinstance(message, Control):
-                        conn.control(message.data)  # after the answers before it
+                        # A Pong, after the answers before it. Control frames
+                        # are not messages: they move no timer.
+                        conn.control(message.data)
                         continue
+                    heard = trio.current_time()
+                    timeout = s.idle_timeout_seconds
                     if isinstance(message, bytes):
                         actions = proto.receive_bytes(message)
                     else:
