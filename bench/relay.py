@@ -195,6 +195,7 @@ DRAIN_TIMEOUT: Final = 30.0  # seconds after the window for accepted messages to
 CLOSE_TIMEOUT: Final = 5.0  # seconds for a closing handshake
 SETTLE_SECONDS: Final = 1.0  # pause before reading RSS
 IDLE_WARMUP: Final = 20  # warm-up logins before the RSS baseline
+IDLE_LOGIN_TIMEOUT: Final = 300.0  # seconds for one idle login (a login storm is slow)
 IDLE_PROGRESS: Final = 1_000  # idle logins between progress lines (from 2,000 connections)
 BARE_QUEUE: Final = 256  # frames queued per bare-relay connection (chatd's default)
 BARE_LIFETIME: Final = 3_600.0  # the bare relay exits by itself after this long
@@ -1256,9 +1257,9 @@ class Idle:
         logging_in = True
         try:
             async with open_websocket_url(
-                self.url, connect_timeout=CONNECT_TIMEOUT, disconnect_timeout=CLOSE_TIMEOUT
+                self.url, connect_timeout=IDLE_LOGIN_TIMEOUT, disconnect_timeout=CLOSE_TIMEOUT
             ) as ws:
-                with trio.fail_after(CONNECT_TIMEOUT):
+                with trio.fail_after(IDLE_LOGIN_TIMEOUT):
                     await login(ws, self.names[index % len(self.names)], f"idle {index}")
                 self.slots.release()
                 logging_in = False
@@ -1372,6 +1373,7 @@ async def measure_idle(
                 await half.all_open.wait()
             ok = ok and not half.failures and half.opened == half.n
             if not ok:
+                figures["rss_at_failure"] = vm_rss_kib(daemon.pid)
                 break
             figures[f"{key}_seconds"] = time.monotonic() - started
             await trio.sleep(SETTLE_SECONDS)
@@ -1382,11 +1384,14 @@ async def measure_idle(
             figures["after_settled"] = vm_rss_kib(daemon.pid)
         first.release.set()
         second.release.set()
-    for idle in (first, second):
-        if not ok or idle.closed_early:
+    for name, idle in (("first", first), ("second", second)):
+        if idle.failures or idle.closed_early or idle.opened < idle.n:
+            known = ", ".join(f"{k} {v:,.1f}" for k, v in figures.items())
             raise SystemExit(
-                f"only {idle.opened} of {idle.n} idle connections logged in; "
+                f"idle {n}: {idle.opened} of the {name} half's {idle.n} connections logged in, "
+                f"{len(idle.failures)} failed, {len(idle.closed_early)} closed early: "
                 + "; ".join((idle.failures + idle.closed_early)[:5])
+                + f"\nfigures so far (RSS in KiB, times in s): {known}"
                 + f"\ndaemon log:\n{daemon.log_tail()}"
             )
     await trio.sleep(SETTLE_SECONDS)
