@@ -149,5 +149,3 @@ class QueueStats:
 
     def fields(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
-
-

@@ -106,7 +106,6 @@ EXPIRED_RECEIPT_DAYS: Final = 30  # how long an expired receipt waits for its de
 MAX_RECENT_SENDS: Final = 65_536  # (device, message_id) answered from memory, at most
 
 
-
 _ExpiredEnvelope = tuple[int, str, str, str, "str | None", int]
 
 
@@ -265,6 +264,32 @@ class QueueService:
     def full(self, device_id: str, size: int) -> bool:
         """Whether this device's queue has no room for ``size`` more bytes."""
         return self.state.full(device_id, size, self._max_count, self._max_bytes)
+
+    def has_room(self, device_id: str, share: float) -> bool:
+        """Whether this device's queue is below ``share`` of both caps."""
+        count, size = self.state.totals.get(device_id, (0, 0))
+        return count < share * self._max_count and size < share * self._max_bytes
+
+    def repeated(self, device_id: str, message_id: str) -> Outcome | None:
+        """The outcome of this device's recent send of this ``message_id``, if any."""
+        return self._recent.get((device_id, message_id))
+
+    def boundary(self) -> int:
+        """The last id handed out so far: what is accepted from now on gets a
+        higher one (the room service draws its ranges here)."""
+        return self.writer.next_id - 1
+
+    def room_ops(self, ops: list[tuple[str, tuple[Any, ...]]]) -> Outcome:
+        """Run these statements of the room service with the next write, in
+        order, after everything handed over before; the outcome settles once
+        they are durable."""
+        outcome = Outcome()
+        with self.writer.lock:
+            batch = self.writer.open
+            batch.ops.extend(ops)
+            batch.waiters.append(outcome)
+        self.writer.arm()
+        return outcome
 
     def send_room(
         self, user_id: int, device_id: str, frame: RoomSend, targets: list[str]

@@ -367,8 +367,7 @@ class QueueWriter:
             # envelopes are not written again (its first answer stands).
             keys = [[o.sender_device_id, o.message_id] for o in sends]
             found = {
-                (d, m): n
-                for d, m, n in conn.execute(_FIND_SENDS, (_json.encode(keys).decode(),))
+                (d, m): n for d, m, n in conn.execute(_FIND_SENDS, (_json.encode(keys).decode(),))
             }
             for outcome in sends:
                 outcome.checked = True

@@ -219,7 +219,7 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     # deleted is still delivered, then purged like any envelope.
     """
     CREATE TABLE rooms (
-        id            INTEGER PRIMARY KEY,
+        id            INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: old entries name it
         kind          TEXT    NOT NULL CHECK (kind IN ('channel', 'group')),
         name          TEXT    NOT NULL,
         topic         TEXT    NOT NULL,
