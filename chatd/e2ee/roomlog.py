@@ -9,7 +9,7 @@ for all of them. The database stores it once (``room_log``); which devices
 it is for is not stored per entry but as *ranges*: a device gets the
 entries of a room with ``from_id < id <= until_id`` of one of its
 ``room_devices`` rows (kept by :mod:`chatd.rooms.service` in step with
-membership), and only those above its ``room_cursor``, the highest room
+membership), except its own messages, and only those above its ``room_cursor``, the highest room
 entry it acknowledged. So the bytes stored per room message do not grow
 with the number of recipients.
 
@@ -51,7 +51,8 @@ ROOM_TOTALS: Final = (
     "SELECT s.device_id, count(*), coalesce(sum(length(m.ciphertext)), 0)"
     " FROM room_devices s JOIN devices d ON d.id = s.device_id"
     " JOIN room_log m ON m.room_id = s.room_id AND m.id > max(s.from_id, d.room_cursor)"
-    " AND (s.until_id IS NULL OR m.id <= s.until_id) GROUP BY s.device_id"
+    " AND (s.until_id IS NULL OR m.id <= s.until_id)"
+    " AND m.sender_device_id IS NOT s.device_id GROUP BY s.device_id"
 )
 #: Expired entries, each with every device still waiting for it (or NULL).
 _EXPIRED: Final = (
@@ -63,6 +64,7 @@ _EXPIRED: Final = (
     "            FROM room_devices s JOIN devices d ON d.id = s.device_id) AS w"
     " ON w.room_id = m.room_id AND w.from_id < m.id"
     " AND (w.until_id IS NULL OR m.id <= w.until_id) AND w.room_cursor < m.id"
+    " AND m.sender_device_id IS NOT w.device_id"
 )
 
 ExpiredRow = tuple[int, int, str, str, "str | None", int, "str | None"]

@@ -244,7 +244,8 @@ _ADVANCE_CURSORS: Final = (
 WAITED_FOR: Final = (
     "EXISTS (SELECT 1 FROM room_devices s JOIN devices d ON d.id = s.device_id"
     " WHERE s.room_id = m.room_id AND s.from_id < m.id"
-    " AND (s.until_id IS NULL OR m.id <= s.until_id) AND d.room_cursor < m.id)"
+    " AND (s.until_id IS NULL OR m.id <= s.until_id) AND d.room_cursor < m.id"
+    " AND m.sender_device_id IS NOT s.device_id)"
 )
 _DELETE_ROOM_LOG: Final = (
     "DELETE FROM room_log WHERE id IN (SELECT m.id FROM room_log m"  # noqa: S608 - constants
