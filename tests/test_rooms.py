@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 
 from chatd.config import DeviceSettings, RetentionSettings, RoomSettings
@@ -23,7 +22,7 @@ from chatd.retention import Retention, queue_jobs
 from chatd.store import now_ms
 
 from .test_keys import BOB_PASSWORD, Device, login_device, team
-from .test_relay_auth import PASSWORD, Client, Server, connect, create_once
+from .test_relay_auth import PASSWORD, Server, connect, create_once
 
 CAROL_PASSWORD = "carol keeps a long password"
 
@@ -445,3 +444,71 @@ async def test_a_members_new_device_and_removed_device_change_the_epoch(short_tm
         [event] = events(await entries(c.alice1, 2))[-1:]
         assert event == {"type": "devices", "epoch": epoch + 2, "user_id": c.bob.user_id}
         assert (await room_send(c.alice1, 1, epoch + 2))["envelopes"] == 2
+
+
+async def run_jobs(srv: Server, *names: str) -> dict[str, int]:
+    retention = Retention(srv.store, RetentionSettings(), queue_jobs(DeviceSettings(), srv.queues))
+    reports = await retention.run_now(list(names))
+    assert all(r.error is None for r in reports), reports
+    return {r.job: r.rows_purged for r in reports}
+
+
+async def test_an_undelivered_room_message_expires_with_a_receipt_per_waiting_device(
+    short_tmp: Path,
+) -> None:
+    async with crew(short_tmp) as c:
+        await create(c.alice1)
+        for device in (c.bob, c.carol):
+            joined = await device.client.request("room_join", room_id=1)
+        await entries(c.bob, 2)  # joined x2: bob is caught up
+        await c.carol.client.ws.aclose()
+        await c.alice2.client.ws.aclose()
+        sent = await room_send(c.alice1, 1, joined["room"]["epoch"], "too late for some")
+        [entry] = await entries(c.bob, 1)
+        assert entry["message_id"] == sent["message_id"]
+        await settle(c.srv)
+        await c.srv.store.write(
+            lambda conn: conn.execute("UPDATE room_log SET expires_at = ?", (now_ms() - 1,))
+        )
+        purged = await run_jobs(c.srv, "envelopes")
+        assert purged["envelopes"] >= 1
+        assert await count(c.srv, "SELECT count(*) FROM room_log") == 0
+        got = [e for e in await entries(c.alice1, 6) if e["kind"] != "room_event"]
+        receipts = {(e["kind"], e["device_id"], e.get("room_id")) for e in got}
+        assert receipts == {
+            ("delivered", c.bob.device_id, 1),
+            ("expired", c.alice2.device_id, 1),
+            ("expired", c.carol.device_id, 1),
+        }
+        assert await queue_of(c.srv, c.carol) == []
+
+
+async def test_entries_of_a_removed_device_and_its_closed_ranges_are_swept(
+    short_tmp: Path,
+) -> None:
+    async with crew(short_tmp) as c:
+        await create(c.alice1)
+        joined = await c.carol.client.request("room_join", room_id=1)
+        await c.carol.client.ws.aclose()  # carol never reads again
+        sent = await room_send(c.alice1, 1, joined["room"]["epoch"], "carol never reads this")
+        assert sent["envelopes"] == 2
+        await c.alice1.client.request("room_remove", room_id=1, user_id=c.carol.user_id)
+        await entries(c.alice2, 4)  # created, joined, the message, removed
+        await entries(c.alice1, 4)  # created, joined, removed; alice2's receipt
+        await settle(c.srv)
+        assert await count(c.srv, "SELECT count(*) FROM room_devices WHERE until_id IS NULL") == 2
+        kept = await count(c.srv, "SELECT count(*) FROM room_log")
+        assert kept >= 2  # carol still waits for the message and her removal
+        assert (await run_jobs(c.srv, "rooms"))["rooms"] == 0
+        # Carol's device is removed: nothing waits for those entries any more.
+        async with connect(c.srv) as phone:
+            await phone.login("carol", CAROL_PASSWORD)
+            removed = await phone.request("remove_device", device_id=c.carol.device_id)
+            assert removed["type"] == "ok", removed
+        await settle(c.srv)
+        assert (await run_jobs(c.srv, "rooms"))["rooms"] >= 1
+        assert await count(c.srv, "SELECT count(*) FROM room_log") == 0
+        assert await count(
+            c.srv, "SELECT count(*) FROM room_devices WHERE until_id IS NOT NULL"
+        ) == (0)
+        assert await count(c.srv, "SELECT count(*) FROM room_devices") == 2  # alice's two

@@ -503,6 +503,10 @@ class QueueService:
 
     # -- expiry (retention) --------------------------------------------------------------
 
+    async def sweep_rooms(self, *, now: int, limit: int) -> int:
+        """Retention: room log entries and closed ranges nobody needs any more."""
+        return await self.rooms.sweep(self.store, limit=limit)
+
     async def expire(self, *, now: int, limit: int) -> int:
         """Delete up to ``limit`` expired envelopes and as many expired room log
         entries; queue an ``expired`` receipt for each device an expired

@@ -40,7 +40,7 @@ import msgspec
 
 from chatd.e2ee.outcomes import Outcome, QueueStats, SendOutcome
 from chatd.e2ee.state import QueueState
-from chatd.e2ee.writes import Batch, Insert, QueueWriter, RoomInsert
+from chatd.e2ee.writes import WAITED_FOR, Batch, Insert, QueueWriter, RoomInsert
 from chatd.errors import StoreError
 from chatd.protocol import frames as f
 from chatd.protocol.delivery import Sent
@@ -68,6 +68,24 @@ _EXPIRED: Final = (
 )
 
 ExpiredRow = tuple[int, int, str, str, "str | None", int, "str | None"]
+
+#: Entries no device waits for any more (their targets were removed, or the
+#: guarded delete of their last ack came before a restart's count).
+_SWEEP_ENTRIES: Final = (
+    "DELETE FROM room_log WHERE id IN (SELECT m.id FROM room_log m"  # noqa: S608 - constants
+    f" WHERE NOT {WAITED_FOR} LIMIT ?) RETURNING id"
+)
+#: Closed ranges with nothing left in them for their device. Only ranges that
+#: end below ``?1``, the lowest room entry id not yet written: an entry still
+#: in memory may fall in a range that looks empty on disk.
+_SWEEP_RANGES: Final = (
+    "DELETE FROM room_devices WHERE (device_id, room_id, from_id) IN ("
+    " SELECT s.device_id, s.room_id, s.from_id FROM room_devices s"
+    " JOIN devices d ON d.id = s.device_id WHERE s.until_id IS NOT NULL AND s.until_id < ?1"
+    " AND NOT EXISTS (SELECT 1 FROM room_log m WHERE m.room_id = s.room_id"
+    " AND m.id > max(s.from_id, d.room_cursor) AND m.id <= s.until_id"
+    " AND m.sender_device_id IS NOT s.device_id) LIMIT ?2)"
+)
 
 
 class RoomLog:
@@ -233,6 +251,24 @@ class RoomLog:
                 )
                 receipts.append(queue(sender, receipt, 0, now + self.lifetime_ms, None, held=True))
         return len(entries), dropped
+
+    # -- sweeping (retention) ------------------------------------------------------------
+
+    async def sweep(self, store: Any, *, limit: int) -> int:
+        """Delete up to ``limit`` room log entries nobody waits for, and as
+        many closed ranges with nothing left in them. Returns the rows deleted."""
+        below = self.writer.lowest_unwritten_room_entry()
+
+        def sweep(conn: Any) -> tuple[list[int], int]:
+            entries = [row[0] for row in conn.execute(_SWEEP_ENTRIES, (limit,))]
+            ranges = conn.execute(_SWEEP_RANGES, (below, limit)).rowcount
+            return entries, int(ranges)
+
+        entries, ranges = await store.write(sweep)
+        for entry_id in entries:
+            self._waiting.pop(entry_id, None)
+        self.stats.room_deleted += len(entries)
+        return len(entries) + int(ranges)
 
     # -- after a write (on the loop) ---------------------------------------------------------
 

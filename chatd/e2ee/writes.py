@@ -322,6 +322,15 @@ class QueueWriter:
         self.arm(force=True)
         await waiter.wait()
 
+    def lowest_unwritten_room_entry(self) -> int:
+        """The lowest id of a room log entry in memory and not yet committed
+        (the next id to hand out if there is none)."""
+        with self.lock:
+            ids = [e.envelope.envelope_id for e in self.open.room_inserts()]
+            for batch in self._taken:
+                ids.extend(e.envelope.envelope_id for e in batch.room_inserts())
+            return min(ids, default=self.next_id)
+
     def arm(self, *, force: bool = False) -> None:
         """Make sure the open batch will be written: a job now if anything in it
         is due (or ``force``), else a timer for when its first hot envelope is."""
