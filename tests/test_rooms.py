@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from chatd.config import DeviceSettings, RetentionSettings, RoomSettings
@@ -512,3 +513,235 @@ async def test_entries_of_a_removed_device_and_its_closed_ranges_are_swept(
             c.srv, "SELECT count(*) FROM room_devices WHERE until_id IS NOT NULL"
         ) == (0)
         assert await count(c.srv, "SELECT count(*) FROM room_devices") == 2  # alice's two
+
+
+async def test_a_full_queue_skips_that_device_and_it_rejoins_once_drained(short_tmp: Path) -> None:
+    """Room messages are not refused because one member's device is full:
+    that device is skipped (and named in ``sent.skipped``) until it has room."""
+    async with crew(short_tmp, DeviceSettings(max_queued_envelopes=4)) as c:
+        await create(c.alice1)
+        joined = await c.bob.client.request("room_join", room_id=1)
+        epoch = joined["room"]["epoch"]
+        bob_device = c.bob.device_id
+        await c.bob.client.ws.aclose()  # bob holds one entry: his joined event
+        await entries(c.alice2, 2)
+        sent = []
+        for n in range(4):
+            sent.append(await room_send(c.alice1, 1, epoch, f"m{n}"))
+            await entries(c.alice2, 1)
+        assert [s["envelopes"] for s in sent] == [2, 2, 2, 1]
+        assert [s.get("skipped") for s in sent] == [
+            None,
+            None,
+            None,
+            [{"user_id": c.bob.user_id, "device_id": bob_device}],
+        ]
+        async with connect(c.srv) as again:
+            await again.login("bob", BOB_PASSWORD, device_id=bob_device)
+            bob = Device(again, c.bob.user_id, bob_device)
+            got = await entries(bob, 4)
+            assert [e.get("ciphertext") for e in got] == [None, "m0", "m1", "m2"]
+            await settle(c.srv)
+            # With room again, bob gets what is sent from now on (m3 is gone for him).
+            after = await room_send(c.alice1, 1, epoch, "m4")
+            assert after["envelopes"] == 2 and "skipped" not in after
+            [entry] = await entries(bob, 1)
+            assert entry["ciphertext"] == "m4"
+
+
+async def test_rooms_and_queued_room_entries_survive_a_restart(short_tmp: Path) -> None:
+    async with crew(short_tmp) as c:
+        await create(c.alice1, "kept", topic="t")
+        joined = await c.bob.client.request("room_join", room_id=1)
+        await c.bob.client.ws.aclose()
+        sent = await room_send(c.alice1, 1, joined["room"]["epoch"], "across a restart")
+        bob_device, epoch = c.bob.device_id, joined["room"]["epoch"]
+    async with crew(short_tmp) as c:
+        async with connect(c.srv) as again:
+            await again.login("bob", BOB_PASSWORD, device_id=bob_device)
+            bob = Device(again, c.bob.user_id, bob_device)
+            # joined; the message; the new devices of alice (two) and bob, after the restart
+            got = await entries(bob, 5)
+            assert [e["kind"] for e in got] == ["room_event", "room_message"] + ["room_event"] * 3
+            assert got[1]["message_id"] == sent["message_id"]
+            listing = await again.request("list_rooms")
+            [room] = listing["joined"]
+            assert (room["name"], room["topic"], room["role"]) == ("kept", "t", "member")
+            # The new devices that logged in again joined the room's member devices.
+            assert room["epoch"] > epoch
+            members = await again.request("room_members", room_id=1)
+            assert members["epoch"] == room["epoch"]
+            assert [len(m["devices"]) for m in members["members"]] == [4, 2]
+        # A new room gets a new id, never one used before the restart.
+        assert (await create(c.carol, "new"))["room_id"] == 2
+
+
+async def test_roles_decide_who_removes_promotes_and_deletes(short_tmp: Path) -> None:
+    async with crew(short_tmp) as c:
+        await create(c.alice1)
+        for device in (c.bob, c.carol):
+            await device.client.request("room_join", room_id=1)
+        bob, carol = c.bob.user_id, c.carol.user_id
+        assert await refused(c.bob, "room_remove", room_id=1, user_id=carol) == "forbidden"
+        assert await refused(c.bob, "room_set_topic", room_id=1, topic="mine") == "forbidden"
+        assert await refused(c.bob, "room_set_role", room_id=1, user_id=bob, role="owner") == (
+            "forbidden"
+        )
+        assert await refused(c.bob, "room_delete", room_id=1) == "forbidden"
+        ok = await c.alice1.client.request(
+            "room_set_role", room_id=1, user_id=bob, role="moderator"
+        )
+        assert ok["type"] == "ok"
+        assert (await c.bob.client.request("room_set_topic", room_id=1, topic="new"))[
+            "type"
+        ] == "ok"
+        assert await refused(c.bob, "room_remove", room_id=1, user_id=c.alice1.user_id) == (
+            "forbidden"
+        )
+        assert await refused(c.bob, "room_remove", room_id=1, user_id=bob) == "forbidden"
+        assert (await c.bob.client.request("room_remove", room_id=1, user_id=carol))["type"] == "ok"
+        assert await refused(c.alice1, "room_leave", room_id=1) == "last_owner"
+        demote = {"room_id": 1, "user_id": c.alice1.user_id, "role": "member"}
+        assert await refused(c.alice1, "room_set_role", **demote) == "last_owner"
+        await c.alice1.client.request("room_set_role", room_id=1, user_id=bob, role="owner")
+        assert (await c.alice1.client.request("room_leave", room_id=1))["type"] == "ok"
+        seen = [e["type"] for e in events(await entries(c.bob, 7))]
+        assert seen == ["joined", "joined", "role", "topic", "removed", "role", "left"]
+        assert (await c.bob.client.request("room_delete", room_id=1))["type"] == "ok"
+        [event] = events(await entries(c.bob, 1))
+        assert event["type"] == "deleted" and event["by_user_id"] == bob
+        assert await refused(c.bob, "room_members", room_id=1) == "room_not_found"
+        assert (await c.bob.client.request("list_rooms"))["channels"] == []
+
+
+async def test_the_last_member_leaving_deletes_the_room_and_its_ranges_are_swept(
+    short_tmp: Path,
+) -> None:
+    async with crew(short_tmp) as c:
+        group = await create(c.carol, "alone", kind="group")
+        assert (await c.carol.client.request("room_leave", room_id=group["room_id"]))["type"] == (
+            "ok"
+        )
+        got = events(await entries(c.carol, 2))
+        assert [e["type"] for e in got] == ["created", "deleted"]
+        await settle(c.srv)
+        assert await count(c.srv, "SELECT count(*) FROM rooms") == 0
+        await run_jobs(c.srv, "rooms")
+        assert await count(c.srv, "SELECT count(*) FROM room_log") == 0
+        assert await count(c.srv, "SELECT count(*) FROM room_devices") == 0
+
+
+async def test_an_invitation_reaches_the_invitees_live_connection_and_can_be_declined(
+    short_tmp: Path,
+) -> None:
+    async with crew(short_tmp) as c:
+        await create(c.alice1, "squad", kind="group")
+        await c.alice1.client.request("room_invite", room_id=1, user_id=c.carol.user_id)
+        push = await next_push(c.carol, "room_invited")
+        assert push["by_user_id"] == c.alice1.user_id and push["room"]["name"] == "squad"
+        assert "role" not in push["room"]
+        again = await c.alice1.client.request("room_invite", room_id=1, user_id=c.carol.user_id)
+        assert again["type"] == "ok"  # invited already: nothing changes
+        members = await c.alice1.client.request("room_members", room_id=1)
+        assert members["invited"] == [c.carol.user_id]
+        assert (await c.carol.client.request("room_leave", room_id=1))["type"] == "ok"
+        assert (await c.carol.client.request("list_rooms"))["invited"] == []
+        assert await refused(c.carol, "room_join", room_id=1) == "room_not_found"
+        seen = [e["type"] for e in events(await entries(c.alice2, 3))]
+        assert seen == ["created", "invited", "declined"]
+        assert await refused(c.alice1, "room_invite", room_id=1, user_id=999) == "user_not_found"
+        assert await refused(c.alice1, "room_invite", room_id=1, user_id=c.alice1.user_id) == (
+            "already_member"
+        )
+
+
+async def next_push(device: Device, frame_type: str) -> dict[str, Any]:
+    client = device.client
+    with trio.fail_after(10):
+        while True:
+            for n, frame in enumerate(client.skipped):
+                if frame["type"] == frame_type:
+                    return client.skipped.pop(n)
+            frame = json.loads(await client.ws.get_message())
+            if frame["type"] == frame_type:
+                return frame  # type: ignore[no-any-return]
+            client.skipped.append(frame)
+
+
+@pytest.mark.parametrize(
+    ("frame", "field"),
+    [
+        ({"type": "room_create", "name": "", "kind": "channel"}, "$.name"),
+        ({"type": "room_create", "name": "x" * 65, "kind": "channel"}, "$.name"),
+        ({"type": "room_create", "name": "x", "kind": "lobby"}, "$.kind"),
+        ({"type": "room_create", "name": "x", "kind": "group", "topic": "t" * 513}, "$.topic"),
+        ({"type": "room_join", "room_id": 0}, "$.room_id"),
+        ({"type": "room_join", "room_id": 2**63}, "$.room_id"),
+        ({"type": "room_join", "room_id": "1"}, "$.room_id"),
+        ({"type": "room_join"}, None),
+        ({"type": "room_set_role", "room_id": 1, "user_id": 2, "role": "admin"}, "$.role"),
+        (
+            {"type": "room_send", "room_id": 1, "message_id": "x", "epoch": 0, "ciphertext": "c"},
+            "$.message_id",
+        ),
+        (
+            {
+                "type": "room_send",
+                "room_id": 1,
+                "message_id": str(uuid.uuid4()),
+                "epoch": -1,
+                "ciphertext": "c",
+            },
+            "$.epoch",
+        ),
+        (
+            {
+                "type": "room_send",
+                "room_id": 1,
+                "message_id": str(uuid.uuid4()),
+                "epoch": 0,
+                "ciphertext": "",
+            },
+            "$.ciphertext",
+        ),
+        ({"type": "room_members", "room_id": 1, "extra": True}, None),
+    ],
+)
+async def test_a_bad_room_frame_is_refused_with_its_field_and_changes_nothing(
+    short_tmp: Path, frame: dict[str, Any], field: str | None
+) -> None:
+    async with crew(short_tmp) as c:
+        room = await create(c.alice1)
+        reply = await c.alice1.client.request(
+            frame["type"], **{k: v for k, v in frame.items() if k != "type"}
+        )
+        assert reply["type"] == "error" and reply["code"] == "bad_frame", reply
+        if field is not None:
+            assert reply["field"] == field
+        after = await c.alice1.client.request("list_rooms")
+        assert after["joined"] == [room]
+        await settle(c.srv)
+        assert await count(c.srv, "SELECT count(*) FROM rooms") == 1
+        assert await count(c.srv, "SELECT count(*) FROM room_log WHERE kind = 'room_message'") == 0
+
+
+async def test_room_requests_need_a_session_and_a_device(short_tmp: Path) -> None:
+    async with crew(short_tmp) as c, connect(c.srv) as anonymous:
+        reply = await anonymous.request("room_create", name="x", kind="channel")
+        assert reply["code"] == "auth_required"
+        assert (await anonymous.request("list_rooms"))["code"] == "auth_required"
+        assert await count(c.srv, "SELECT count(*) FROM rooms") == 0
+
+
+async def test_rooms_and_members_are_capped(short_tmp: Path) -> None:
+    async with crew(short_tmp, rooms=RoomSettings(max_members=2, max_rooms=2)) as c:
+        await create(c.alice1, "one")
+        await create(c.alice1, "two")
+        assert await refused(c.bob, "room_create", name="three", kind="channel") == (
+            "too_many_rooms"
+        )
+        await c.bob.client.request("room_join", room_id=1)
+        assert await refused(c.carol, "room_join", room_id=1) == "room_full"
+        assert await refused(c.alice1, "room_invite", room_id=1, user_id=c.carol.user_id) == (
+            "room_full"
+        )

@@ -16,9 +16,11 @@ with the number of recipients.
 In memory an accepted entry is one :class:`~chatd.e2ee.writes.RoomInsert`
 shared by its targets: it joins each target's tail (one envelope object for
 all of them), is offered to their live connections, and waits in the open
-batch like an envelope. If every target took it at once it is *hot*: it
+batch like an envelope. A message every target took at once is *hot*: it
 waits up to the ack wait, and if every target acknowledges it in that time
-it is never written. Otherwise it is written once. Acknowledging a written
+it is never written. Otherwise it is written once. Events are always
+written at once: a client learns of membership changes only from them, and
+no sender would make one again after a crash. Acknowledging a written
 entry advances the device's cursor (with the next group commit); once no
 target waits for it any more, a guarded delete removes it (guarded: the
 statement checks the ranges and cursors again, so an entry read back after
@@ -170,7 +172,7 @@ class RoomLog:
         with writer.lock:
             batch = writer.open
             if entry_id in batch.rooms_hot:  # not acknowledged by all meanwhile
-                if taken == len(targets) and wait > 0:
+                if taken == len(targets) and wait > 0 and event is None:
                     entry.due = time.monotonic() + wait
                     if writer.armed or writer.timer_at is not None:
                         return entry_id  # a write or its timer is on its way
