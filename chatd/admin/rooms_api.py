@@ -145,6 +145,7 @@ class RoomInvitation(msgspec.Struct):
     by_user_id: Annotated[
         int | None, msgspec.Meta(description="Who invited; null for a server admin.")
     ]
+    by_username: str | None  # null with by_user_id; "" if the account is gone
 
 
 class RoomDetail(msgspec.Struct):
@@ -222,7 +223,8 @@ async def show_room(ctx: AdminContext, query: None, body: None, *, room_id: int)
     devices: dict[int, list[str]] = {}
     for device_id, user_id in sorted(room.devices.items()):
         devices.setdefault(user_id, []).append(device_id)
-    names = await ctx.store.read(lambda conn: _usernames([*roles, *invites], conn))
+    inviters = [by for by, _ in invites.values() if by is not None]
+    names = await ctx.store.read(lambda conn: _usernames([*roles, *invites, *inviters], conn))
     return RoomDetail(
         room=summary,
         members=[
@@ -235,7 +237,13 @@ async def show_room(ctx: AdminContext, query: None, body: None, *, room_id: int)
             for u, role in sorted(roles.items())
         ],
         invitations=[
-            RoomInvitation(user_id=u, username=names.get(u, ""), invited_at=at, by_user_id=by)
+            RoomInvitation(
+                user_id=u,
+                username=names.get(u, ""),
+                invited_at=at,
+                by_user_id=by,
+                by_username=None if by is None else names.get(by, ""),
+            )
             for u, (by, at) in sorted(invites.items())
         ],
     )
