@@ -194,6 +194,7 @@ async def test_an_admin_lists_and_shows_rooms_and_removes_a_member(data_dir: Dat
             "user_id": bob.user_id,
             "username": "bob",
             "was": "member",
+            "room_deleted": False,
         }
 
         # Both Bob's device (its last entry of the room) and Alice's hear of it,
@@ -510,3 +511,15 @@ async def test_chatctl_administers_rooms(data_dir: DataDir) -> None:
         rows = await admin.audit_rows()
         assert ("DELETE", f"/v1/rooms/{room_id}/members/{bob.user_id}", 200) in rows
         assert ("DELETE", f"/v1/rooms/{room_id}", 200) in rows
+
+
+async def test_removing_the_last_member_deletes_the_room(data_dir: DataDir) -> None:
+    async with rooms_admin(data_dir) as admin, members(admin) as (alice, _bob):
+        made = await alice.client.request("room_create", name="alone", kind="group")
+        room_id = made["room"]["room_id"]
+        removed = await admin.ok("DELETE", f"/v1/rooms/{room_id}/members/{alice.user_id}")
+        assert (removed["was"], removed["room_deleted"]) == ("member", True)
+        event = (await room_event(alice.client, "deleted"))["event"]
+        assert "by_user_id" not in event
+        assert_error(await admin.call("GET", f"/v1/rooms/{room_id}"), 404, "room_not_found")
+        assert (await admin.ok("GET", "/v1/rooms"))["rooms"] == []

@@ -177,6 +177,13 @@ class MemberRemoved(msgspec.Struct):
         Literal["member", "invitation"],
         msgspec.Meta(description="Removed a member, or revoked an invitation."),
     ]
+    room_deleted: Annotated[
+        bool,
+        msgspec.Meta(
+            description="They were the room's last member, so the room was deleted "
+            "(its member devices got a deleted event)."
+        ),
+    ] = False
 
 
 class RoomRoleChange(msgspec.Struct, forbid_unknown_fields=True):
@@ -253,7 +260,8 @@ async def show_room(ctx: AdminContext, query: None, body: None, *, room_id: int)
     "DELETE",
     "/v1/rooms/{room_id}/members/{user_id}",
     "Remove a member from a room, or revoke their invitation; the room's member devices, "
-    "theirs included, get a removed (or invite_revoked) event without by_user_id",
+    "theirs included, get a removed (or invite_revoked) event without by_user_id. "
+    "Removing the last member deletes the room (a deleted event instead)",
     response=MemberRemoved,
     tag="rooms",
     errors=(_UNAVAILABLE, _NO_ROOM, _NO_MEMBER, _STORAGE),
@@ -268,10 +276,20 @@ async def remove_room_member(
     was: Literal["member", "invitation"] = (
         "invitation" if room is not None and user_id not in room.members else "member"
     )
+    last = room is not None and list(room.members) == [user_id]
     with _refusals():
         await rooms.remove(None, room_id, user_id)
-    log.info("admin.room_member_removed", extra=fields(room_id=room_id, user_id=user_id, was=was))
-    return MemberRemoved(room_id=room_id, user_id=user_id, username=names.get(user_id, ""), was=was)
+    log.info(
+        "admin.room_member_removed",
+        extra=fields(room_id=room_id, user_id=user_id, was=was, room_deleted=last),
+    )
+    return MemberRemoved(
+        room_id=room_id,
+        user_id=user_id,
+        username=names.get(user_id, ""),
+        was=was,
+        room_deleted=last,
+    )
 
 
 @route(
