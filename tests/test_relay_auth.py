@@ -21,11 +21,19 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 from chatd.auth.accounts import AccountAdmin
 from chatd.auth.models import AuthError
 from chatd.auth.service import AuthService
-from chatd.config import AuthSettings, Config, DeviceSettings, RelaySettings, StoreSettings
+from chatd.config import (
+    AuthSettings,
+    Config,
+    DeviceSettings,
+    RelaySettings,
+    RoomSettings,
+    StoreSettings,
+)
 from chatd.daemon import open_services
 from chatd.e2ee.keys import KeyService
 from chatd.e2ee.queues import QueueService
 from chatd.relay import Relay, serve_relay
+from chatd.rooms.service import RoomService
 from chatd.store import Store, serve_store
 
 KEY = bytes(range(32))
@@ -41,6 +49,7 @@ class Server:
     store: Store
     keys: KeyService
     queues: QueueService
+    rooms: RoomService
 
     @property
     def url(self) -> str:
@@ -58,6 +67,7 @@ async def server(
     tmp: Path,
     devices: DeviceSettings | None = None,
     relay: dict[str, Any] | None = None,
+    rooms: RoomSettings | None = None,
     **auth_settings: Any,
 ) -> AsyncIterator[Server]:
     defaults = {"session_check_seconds": 0.2, "require_mfa": "none", "backoff_base_seconds": 1e-6}
@@ -68,6 +78,8 @@ async def server(
     config = Config(relay=relay_settings, auth=settings, path=tmp / "chatd.toml")
     if devices is not None:
         config = dataclasses.replace(config, devices=devices)
+    if rooms is not None:
+        config = dataclasses.replace(config, rooms=rooms)
     async with trio.open_nursery() as nursery:
         store = await nursery.start(serve_store, tmp / "c.db", KEY, StoreSettings())
         services = await open_services(nursery, store, config)
@@ -76,7 +88,9 @@ async def server(
         )
         admin = AccountAdmin(services.auth, current=services.current)
         await create_once(admin, "alice", PASSWORD)
-        yield Server(relay, services.auth, admin, store, services.keys, services.queues)
+        yield Server(
+            relay, services.auth, admin, store, services.keys, services.queues, services.rooms
+        )
         nursery.cancel_scope.cancel()
 
 
@@ -92,6 +106,7 @@ async def create_once(admin: AccountAdmin, username: str, password: str) -> None
 class Client:
     def __init__(self, ws: Any) -> None:
         self.ws = ws
+        self.skipped: list[dict[str, Any]] = []  # frames request() read past, in order
 
     async def request(self, frame_type: str, **fields: Any) -> dict[str, Any]:
         request_id = f"r{next(_ids)}"
@@ -101,6 +116,7 @@ class Client:
                 reply = json.loads(await self.ws.get_message())
                 if reply.get("id") == request_id:
                     return reply  # type: ignore[no-any-return]
+                self.skipped.append(reply)
 
     async def login(
         self, username: str = "alice", password: str = PASSWORD, **kw: Any
