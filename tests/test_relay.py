@@ -552,17 +552,26 @@ async def test_a_server_bug_closes_with_1011_without_details(
         assert await closed_with(ws) == (1011, "internal error")
 
 
+@pytest.mark.parametrize("path", ["flusher", "writer task"])
 async def test_a_server_bug_in_the_sender_task_closes_with_1011_and_ends_cleanly(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, path: str
 ) -> None:
-    send_all = WebSocket.send_all
+    send_all, try_send = WebSocket.send_all, WebSocket.try_send
 
     async def broken(self: WebSocket, data: bytes) -> None:
         if b'"pong"' in data:
             raise RuntimeError("internal detail")
         await send_all(self, data)
 
+    def broken_at_once(self: WebSocket, data: bytes) -> int:
+        if b'"pong"' not in data:
+            return try_send(self, data)
+        if path == "writer task":
+            return 0  # the socket took nothing: the writer task writes it
+        raise RuntimeError("internal detail")
+
     monkeypatch.setattr(WebSocket, "send_all", broken)
+    monkeypatch.setattr(WebSocket, "try_send", broken_at_once)
     async with relay_running() as (relay, _):
         client = await RawClient.connect(relay)
         await client.stream.send_all(ws_frame(0x1, b'{"type":"ping","id":"p"}'))
@@ -596,6 +605,7 @@ async def test_no_close_frame_follows_a_frame_cut_off_mid_write(
         await send_all(self, data)
 
     monkeypatch.setattr(WebSocket, "send_all", never_done)
+    monkeypatch.setattr(WebSocket, "try_send", lambda self, data: 0)  # a peer that never reads
     monkeypatch.setattr(connection_module, "CLOSE_TIMEOUT", 0.2)
     async with relay_running(send_queue_frames=2) as (relay, _):
         client = await RawClient.connect(relay)
@@ -774,3 +784,24 @@ async def test_websocket_pings_do_not_keep_a_connection_alive() -> None:
                 if isinstance(event, CloseConnection):
                     break
         assert (event.code, event.reason) == (1008, "first frame timeout")
+
+
+async def test_a_frame_the_socket_took_only_in_part_is_finished_by_a_writer_task(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The flusher's write takes what the socket takes at once; the rest of a
+    frame cut there is written by a writer task before anything else."""
+    try_send = WebSocket.try_send
+
+    def half(self: WebSocket, data: bytes) -> int:
+        return try_send(self, data[: max(1, len(data) // 2)])
+
+    monkeypatch.setattr(WebSocket, "try_send", half)
+    async with relay_running() as (relay, _), open_websocket_url(url(relay)) as ws:
+        await hello_of(ws)
+        for n in range(5):
+            await ws.send_message(json.dumps({"type": "ping", "id": f"p{n}"}))
+        for n in range(5):
+            assert json.loads(await ws.get_message()) == {"type": "pong", "id": f"p{n}"}
+        await trio.testing.wait_all_tasks_blocked()
+        assert relay_tasks(relay) == ([1], [])  # the writer task ended

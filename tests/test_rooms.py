@@ -517,36 +517,93 @@ async def test_entries_of_a_removed_device_and_its_closed_ranges_are_swept(
 
 async def test_a_full_queue_skips_that_device_and_it_rejoins_once_drained(short_tmp: Path) -> None:
     """Room messages are not refused because one member's device is full:
-    that device is skipped (and named in ``sent.skipped``) until it has room."""
+    that device is skipped (named in every ``sent.skipped`` meanwhile) until
+    it has room, and it still gets the room's events."""
     async with crew(short_tmp, DeviceSettings(max_queued_envelopes=4)) as c:
         await create(c.alice1)
         joined = await c.bob.client.request("room_join", room_id=1)
         epoch = joined["room"]["epoch"]
         bob_device = c.bob.device_id
+        bob_ref = {"user_id": c.bob.user_id, "device_id": bob_device}
         await c.bob.client.ws.aclose()  # bob holds one entry: his joined event
         await entries(c.alice2, 2)
         sent = []
-        for n in range(4):
+        for n in range(5):
             sent.append(await room_send(c.alice1, 1, epoch, f"m{n}"))
             await entries(c.alice2, 1)
-        assert [s["envelopes"] for s in sent] == [2, 2, 2, 1]
-        assert [s.get("skipped") for s in sent] == [
-            None,
-            None,
-            None,
-            [{"user_id": c.bob.user_id, "device_id": bob_device}],
-        ]
+        assert [s["envelopes"] for s in sent] == [2, 2, 2, 1, 1]
+        assert [s.get("skipped") for s in sent] == [None, None, None, [bob_ref], [bob_ref]]
+        # Bob's full device still hears that carol joined (and nothing else).
+        await c.carol.client.request("room_join", room_id=1)
+        await entries(c.alice2, 1)
         async with connect(c.srv) as again:
             await again.login("bob", BOB_PASSWORD, device_id=bob_device)
             bob = Device(again, c.bob.user_id, bob_device)
-            got = await entries(bob, 4)
-            assert [e.get("ciphertext") for e in got] == [None, "m0", "m1", "m2"]
+            got = await entries(bob, 5)
+            assert [e.get("ciphertext") for e in got] == [None, "m0", "m1", "m2", None]
+            assert events(got)[-1]["type"] == "joined"
+            assert events(got)[-1]["user_id"] == c.carol.user_id
             await settle(c.srv)
-            # With room again, bob gets what is sent from now on (m3 is gone for him).
-            after = await room_send(c.alice1, 1, epoch, "m4")
-            assert after["envelopes"] == 2 and "skipped" not in after
+            # With room again, bob gets what is sent from now on (m3, m4 are gone for him).
+            after = await room_send(c.alice1, 1, epoch + 1, "m5")
+            assert after["envelopes"] == 3 and "skipped" not in after
             [entry] = await entries(bob, 1)
-            assert entry["ciphertext"] == "m4"
+            assert entry["ciphertext"] == "m5"
+
+
+async def test_a_device_still_full_after_a_restart_stays_suspended_without_a_new_epoch(
+    short_tmp: Path,
+) -> None:
+    async with crew(short_tmp, DeviceSettings(max_queued_envelopes=2)) as c:
+        await create(c.alice1)
+        joined = await c.bob.client.request("room_join", room_id=1)
+        await c.bob.client.ws.aclose()  # joined + m0 fill bob's queue
+        for n in range(2):
+            await room_send(c.alice1, 1, joined["room"]["epoch"], f"m{n}")
+        bob_device, bob_user = c.bob.device_id, c.bob.user_id
+    async with team(short_tmp, devices=DeviceSettings(max_queued_envelopes=2)) as srv:
+        room = srv.rooms.rooms[1]
+        assert room.epoch == joined["room"]["epoch"]
+        assert bob_device in room.suspended and room.devices[bob_device] == bob_user
+
+
+async def test_a_room_change_whose_write_failed_is_written_with_its_event_later(
+    short_tmp: Path, monkeypatch: Any
+) -> None:
+    """storage_unavailable on a room change: its statements and its event are
+    tried again with the next write, so members still hear of what took effect."""
+    from chatd.e2ee import writes
+    from chatd.errors import StoreError
+
+    async with crew(short_tmp) as c:
+        await create(c.alice1)
+        await c.alice2.client.ws.aclose()
+        write = writes.QueueWriter._write
+        failing = True
+
+        def flaky(self: Any, conn: Any) -> Any:
+            result = write(self, conn)
+            if failing:
+                raise StoreError("database or disk is full")
+            return result
+
+        monkeypatch.setattr(writes.QueueWriter, "_write", flaky)
+        refused = await c.bob.client.request("room_join", room_id=1)
+        assert refused["code"] == "storage_unavailable"
+        failing = False
+        with trio.fail_after(10):  # the retry is armed at the failure; a flush may pass it
+            while await count(c.srv, "SELECT count(*) FROM room_members") != 2:
+                await settle(c.srv)
+        stored = await c.srv.store.read(
+            lambda conn: [
+                json.loads(r[0])["type"] for r in conn.execute("SELECT event FROM room_log")
+            ]
+        )
+        assert stored == ["created", "joined"]
+        async with connect(c.srv) as again:
+            await again.login(device_id=c.alice2.device_id)
+            got = await entries(Device(again, c.alice2.user_id, c.alice2.device_id), 2)
+            assert [e["event"]["type"] for e in got] == ["created", "joined"]
 
 
 async def test_rooms_and_queued_room_entries_survive_a_restart(short_tmp: Path) -> None:

@@ -297,9 +297,14 @@ class RoomLog:
     def failed(self, batch: Batch, error: StoreError) -> None:
         """A batch was not written: its entries' sends fail; acknowledgements
         come again (the cursors did not move); deletes, expiries and the room
-        service's statements are tried again with the next write."""
+        service's statements are tried again with the next write, and so are
+        its events (they belong to those statements; nobody would send them again)."""
         state = self.state
+        events: list[RoomInsert] = []
         for entry in batch.room_inserts():
+            if entry.envelope.event is not None:
+                events.append(entry)  # still in the tails and totals
+                continue
             entry_id = entry.envelope.envelope_id
             for device_id in entry.targets:
                 state.untail(device_id, entry_id)
@@ -312,6 +317,9 @@ class RoomLog:
         with self.writer.lock:
             again = self.writer.open
             again.ops[:0] = batch.ops
+            for entry in events:
+                entry.due = 0.0
+                again.rooms_at_once[entry.envelope.envelope_id] = entry
             again.room_deletes.extend(batch.room_deletes)
             again.room_expired.extend(batch.room_expired)
 

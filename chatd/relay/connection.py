@@ -12,9 +12,14 @@ kinds of frames wait to be written:
   made into ``deliver`` frames only when they are written, so that however
   many arrive between two writes they go out in as few frames as possible.
 
-A writer task runs only while there is something to write: it takes
-everything waiting, writes it with one ``send_all`` and looks again, and
-ends when nothing is left. Idle connections have no writer. Answers and
+Writing costs little per burst. A connection with something to write
+joins the :class:`Flusher`'s list; the flusher, one task for all of them,
+takes everything each one has waiting and writes it with one non-blocking
+``write`` (no task, no cancel scope, no deadline). Only what the socket
+does not take at once (a slow peer, or TLS, where the flusher writes
+nothing) gets a writer task: it writes the rest with ``send_all`` under the
+send timeout, looks again, and ends when nothing is left. Idle connections
+have no writer. Answers and
 pushes together are bounded by ``relay.send_queue_frames`` (more closes the
 connection with 1008 "send queue full"); envelopes are bounded by the
 delivery window instead, so deliveries alone never overflow the queue.
@@ -52,6 +57,29 @@ REASON_SEND_TIMEOUT: Final = "send timeout"
 _NOT_SENT: Final = frozenset((1005, 1006, 1015))  # "no status", "abnormal", "TLS": local only
 
 
+class Flusher:
+    """Writes for every connection that has something waiting, in one task,
+    once the task that queued it yields (so a burst goes out in one write)."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[Connection, None] = {}  # in the order they woke
+        self._wake = trio.Event()
+
+    def add(self, conn: Connection) -> None:
+        if not self._waiting:
+            self._wake.set()
+        self._waiting[conn] = None
+
+    async def flush_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            waiting, self._waiting = self._waiting, {}
+            for conn in waiting:
+                conn.flush_now()
+            await trio.lowlevel.checkpoint()  # let others run between rounds
+
+
 class Connection:
     """One live client connection (see the module docstring)."""
 
@@ -66,6 +94,7 @@ class Connection:
         "closing",
         "read_scope",
         "_nursery",
+        "_flusher",
         "_queue_limit",
         "_send_timeout",
         "_replies",
@@ -87,6 +116,7 @@ class Connection:
         peer: str,
         *,
         nursery: trio.Nursery,
+        flusher: Flusher | None = None,
         send_queue_frames: int,
         send_timeout: float,
         window: int,
@@ -101,6 +131,7 @@ class Connection:
         self.closing: core.Close | None = None  # why it is ending, once it is
         self.read_scope: trio.CancelScope | None = None  # the reader's wait, to wake it
         self._nursery = nursery
+        self._flusher = flusher
         self._queue_limit = send_queue_frames
         self._send_timeout = send_timeout
         self._replies: Replies | None = None  # made on the first answer
@@ -193,10 +224,41 @@ class Connection:
     # -- writing -------------------------------------------------------------------
 
     def wake(self) -> None:
-        """Something may be waiting to be written: make sure a writer runs."""
+        """Something may be waiting to be written: make sure it will be (by
+        the flusher, or by a writer task when finishing or without one)."""
         if self._writer is None and not self._peer_gone and not self._finished:
-            self._writer = trio.CancelScope()
-            self._nursery.start_soon(self._write, self._writer)
+            if self._flusher is not None and not self._out_closed:
+                self._flusher.add(self)
+            else:
+                self._start_writer(b"")
+
+    def _start_writer(self, rest: bytes, *, cut: bool = False) -> None:
+        """A writer task, to write ``rest`` (what a write left; ``cut``: of a
+        frame it began) and everything that waits after it."""
+        if cut:
+            self._cut_off = True  # until the rest of that frame is out
+        self._writer = trio.CancelScope()
+        self._nursery.start_soon(self._write, self._writer, rest)
+
+    def flush_now(self) -> None:
+        """Write what waits, as far as the socket takes it at once (the
+        flusher calls this); a writer task writes the rest."""
+        if self._writer is not None or self._peer_gone or self._finished or self._out_closed:
+            return  # a writer runs, or finish() has taken over
+        try:
+            data = self._gather()
+            if not data:
+                return
+            written = self.ws.try_send(data)
+        except trio.BrokenResourceError:
+            self._peer_gone = True
+            return
+        except Exception:
+            log.exception("relay.connection_failed", extra=fields(peer=mask_ip(self.peer)))
+            self.close(core.Close(core.CLOSE_INTERNAL_ERROR, core.REASON_INTERNAL))
+            return
+        if written < len(data):
+            self._start_writer(data[written:], cut=written > 0)
 
     def _gather(self) -> bytes:
         """Everything that may be written now, as the bytes of its frames."""
@@ -214,12 +276,13 @@ class Connection:
                 out.append(frame(core.encode(f.Deliver(envelopes=batch)).decode()))
         return b"".join(out)
 
-    async def _write(self, scope: trio.CancelScope) -> None:
+    async def _write(self, scope: trio.CancelScope, rest: bytes) -> None:
         """The writer task (see the module docstring)."""
         try:
             with scope:
                 while not self._peer_gone:
-                    data = self._gather()
+                    data = rest + self._gather() if rest else self._gather()
+                    rest = b""
                     if not data:
                         return
                     with trio.move_on_after(self._send_timeout) as stuck:
@@ -232,8 +295,10 @@ class Connection:
                             self._peer_gone = True
                             return
                     if stuck.cancelled_caught:
+                        self._cut_off = True  # maybe in the middle of a frame
                         self.close(core.Close(core.CLOSE_POLICY, REASON_SEND_TIMEOUT))
                         return
+                    self._cut_off = False  # every frame begun is out
         except Exception:
             # A bug: the connection ends with 1011, as a failing handler would.
             log.exception("relay.connection_failed", extra=fields(peer=mask_ip(self.peer)))

@@ -48,7 +48,7 @@ from chatd.log import fields, mask_ip
 from chatd.protocol import core
 from chatd.protocol import delivery as rules
 from chatd.protocol.frames import Limits
-from chatd.relay.connection import Connection
+from chatd.relay.connection import Connection, Flusher
 from chatd.relay.dispatch import Dispatcher
 from chatd.relay.registry import Registry
 from chatd.relay.ws import (
@@ -105,8 +105,10 @@ class Relay:
         registry: Registry,
         dispatcher: Dispatcher,
         nursery: trio.Nursery,
+        flusher: Flusher | None = None,
     ) -> None:
         self.settings = settings
+        self.flusher = flusher
         self.registry = registry
         self.dispatcher = dispatcher
         self.nursery = nursery  # connections and their writers run here
@@ -151,6 +153,7 @@ class Relay:
                 core.ServerConnection(self.limits, server_name="chatd"),
                 peer,
                 nursery=self.nursery,
+                flusher=self.flusher,
                 send_queue_frames=self.settings.send_queue_frames,
                 send_timeout=self.settings.send_timeout_seconds,
                 window=rules.DELIVERY_WINDOW,
@@ -336,11 +339,13 @@ async def serve_relay(
     listeners = await open_relay_listeners(config)
     dispatcher = Dispatcher(registry, auth, keys, queues, rooms)
     async with trio.open_nursery() as services:
+        flusher = Flusher()
+        services.start_soon(flusher.flush_forever)
         services.start_soon(registry.serve_presence)
         services.start_soon(registry.serve_key_counts, keys)
         services.start_soon(registry.serve_revalidation, auth, config.auth.session_check_seconds)
         async with trio.open_nursery() as handlers:
-            relay = Relay(s, registry, dispatcher, handlers)
+            relay = Relay(s, registry, dispatcher, handlers, flusher)
             relay.port = listener_port(listeners[0])
             async with trio.open_nursery() as accepting:
                 await accepting.start(

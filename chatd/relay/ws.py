@@ -28,6 +28,7 @@ What it guarantees, each covered by ``tests/test_relay.py``:
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, Final
 
@@ -150,6 +151,24 @@ class WebSocket:
 
     async def send_all(self, data: bytes) -> None:
         await self.stream.send_all(data)
+
+    def try_send(self, data: bytes) -> int:
+        """Write what the socket takes at once, without waiting or yielding;
+        returns the bytes written. 0 for a TLS stream (only :meth:`send_all`
+        writes those) or a closed one. Raises ``trio.BrokenResourceError`` if
+        the peer is gone. Never call it while a :meth:`send_all` is running."""
+        stream = self.stream
+        if not isinstance(stream, trio.SocketStream):
+            return 0
+        fd = stream.socket.fileno()  # -1 once closed: never a reused descriptor
+        if fd < 0:
+            return 0
+        try:
+            return os.write(fd, data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"the peer is gone: {exc}") from exc
 
     async def receive_some(self) -> list[Message]:
         """The complete messages that arrived (at least one; text as str,

@@ -18,9 +18,13 @@ refused if it is not current, so no member device gets a message it was
 not given the key for.
 
 A device whose queue is full is *suspended*: its range closes and room
-entries skip it (the sender hears so in ``sent.skipped``) until its queue
-has room again, checked whenever the room queues something. It stays a
-member device (keys are still shared with it; the epoch does not change).
+messages skip it (every sender hears so in ``sent.skipped``) until its
+queue is below 90% of the caps again, checked whenever the room queues
+something. It stays a member device (keys are still shared with it; the
+epoch does not change), and still gets the room's events: for each, its
+range opens for that one entry (a client must never miss that it left, or
+that the room is gone). Suspension is not stored: at start, a member
+device with no open range whose queue is still full is suspended again.
 
 Current devices change outside rooms (a device publishes its keys or is
 removed, an account is disabled or enabled): :class:`DeviceChanges` hears
@@ -50,7 +54,9 @@ _encode = msgspec.json.Encoder().encode
 #: A suspended device is resumed once its queue is below this share of a cap.
 RESUME_BELOW: Final = 0.9
 
-_OPEN: Final = "INSERT OR IGNORE INTO room_devices (device_id, room_id, from_id) VALUES (?, ?, ?)"
+# A range opened at the boundary replaces one that starts there: that one
+# can only be empty (it ends at the boundary at the latest).
+_OPEN: Final = "INSERT OR REPLACE INTO room_devices (device_id, room_id, from_id) VALUES (?, ?, ?)"
 _CLOSE: Final = (
     "UPDATE room_devices SET until_id = ? WHERE device_id = ? AND room_id = ? AND until_id IS NULL"
 )
@@ -125,13 +131,21 @@ class Members:
         """Queue a room event for the room's member devices, with the room's
         epoch (or ``epoch``: the one a change about to be made will bring)."""
         event = r.RoomEvent(type=type_, epoch=room.epoch if epoch is None else epoch, **fields)
-        self.queues.rooms.accept(
+        self.resume(room)
+        suspended = sorted(room.suspended)
+        if suspended:  # they get this entry, and no more
+            boundary = self.queues.boundary()
+            for device_id in suspended:
+                self.op(_OPEN, device_id, room.room_id, boundary)
+        entry_id = self.queues.rooms.accept(
             room_id=room.room_id,
             kind="room_event",
             message_id=str(uuid.uuid4()),
-            targets=room.targets(),
+            targets=list(room.devices),
             event=_encode(event),
         )
+        for device_id in suspended:
+            self.op(_CLOSE, entry_id, device_id, room.room_id)
 
     # -- full queues ---------------------------------------------------------------------
 

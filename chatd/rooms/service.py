@@ -31,7 +31,7 @@ from chatd.log import fields
 from chatd.protocol import frames as f
 from chatd.protocol import rooms as r
 from chatd.rooms import model as m
-from chatd.rooms.members import DeviceChanges, Members
+from chatd.rooms.members import RESUME_BELOW, DeviceChanges, Members
 from chatd.rooms.model import MEMBER, OWNER, Room, RoomError
 from chatd.store import Store, now_ms
 
@@ -86,7 +86,17 @@ class RoomService:
             current = await self.current.of(self.joined)
             for user_id, room_ids in self.joined.items():
                 for room_id in room_ids:
-                    self.members.follow(self.rooms[room_id], user_id, current[user_id])
+                    room = self.rooms[room_id]
+                    closed = loaded.closed.get(room_id, ())
+                    for device_id in current[user_id]:
+                        if (
+                            device_id in closed
+                            and device_id not in room.devices
+                            and not self.queues.has_room(device_id, RESUME_BELOW)
+                        ):  # suspended before the stop, and still full
+                            room.devices[device_id] = user_id
+                            room.suspended.add(device_id)
+                    self.members.follow(room, user_id, current[user_id])
             await self.members.commit().wait()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -317,7 +327,11 @@ class RoomService:
         if members.ops:
             members.commit()
         result = self.queues.send_room(user_id, device_id, frame, targets)
-        skipped = [f.DeviceRef(user_id=room.devices[d], device_id=d) for d in sorted(full)]
+        skipped = [
+            f.DeviceRef(user_id=room.devices[d], device_id=d)
+            for d in sorted(room.suspended)
+            if d != device_id
+        ]
         return result, skipped
 
     # -- internals (no await: each runs in one step of the loop) -----------------------------
@@ -380,9 +394,10 @@ class RoomService:
 
 
 class _Loaded:
-    def __init__(self, rooms: list[Room], next_id: int) -> None:
+    def __init__(self, rooms: list[Room], next_id: int, closed: dict[int, set[str]]) -> None:
         self.rooms = rooms
         self.next_id = next_id
+        self.closed = closed  # room -> devices with only closed ranges in it
 
 
 def _load(conn: Any) -> _Loaded:
@@ -414,12 +429,18 @@ def _load(conn: Any) -> _Loaded:
         room = rooms.get(room_id)
         if room is not None:
             room.devices[device_id] = user_id
+    closed: dict[int, set[str]] = {}
+    for room_id, device_id in conn.execute(
+        "SELECT room_id, device_id FROM room_devices GROUP BY room_id, device_id"
+        " HAVING count(*) = count(until_id)"
+    ):
+        closed.setdefault(room_id, set()).add(device_id)
     highest = conn.execute(
         "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'rooms'), 0),"
         " coalesce((SELECT max(room_id) FROM room_log), 0),"
         " coalesce((SELECT max(room_id) FROM room_devices), 0))"
     ).fetchone()[0]
-    return _Loaded(list(rooms.values()), max([highest, *rooms]) + 1)
+    return _Loaded(list(rooms.values()), max([highest, *rooms]) + 1, closed)
 
 
 def _enabled_user(conn: Any, user_id: int) -> bool:
