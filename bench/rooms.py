@@ -794,7 +794,7 @@ async def drive(bench: Bench, pid: int, config: Path, args: argparse.Namespace) 
         for kind in ("room", "direct"):
             await run_phase(bench, state, pid, kind, WARMUP, copies)
         for _ in range(args.rounds):
-            for kind in ("room", "direct"):
+            for kind in args.kinds:
                 results.phases.append(
                     await run_phase(bench, state, pid, kind, args.messages, copies)
                 )
@@ -853,6 +853,10 @@ def _pooled(phases: list[Phase], kind: str, attr: str) -> list[float]:
     return [v for p in phases if p.kind == kind for v in getattr(p, attr)]
 
 
+def _q(values: list[float], q: float) -> float:
+    return percentile(values, q) if values else math.nan
+
+
 def _cpu(phases: list[Phase], kind: str) -> float:
     chosen = [p for p in phases if p.kind == kind]
     copies = sum(p.messages * p.copies for p in chosen)
@@ -890,8 +894,9 @@ def report(
         print("setup: first room key share: " + describe_share(res.first_share))
     for i, phase in enumerate(res.phases):
         w = phase.window
+        label = i // len(args.kinds) + 1
         line = (
-            f"  round {i // 2 + 1} {phase.kind:6}: {phase.messages} x {phase.copies} copies; "
+            f"  round {label} {phase.kind:6}: {phase.messages} x {phase.copies} copies; "
             f"send->last device p50 {ms(percentile(phase.to_last, 50))} "
             f"p99 {ms(percentile(phase.to_last, 99))}; send->sent p50 "
             f"{ms(percentile(phase.to_sent, 50))}; server CPU {w.server_cpu:.2f} s "
@@ -902,58 +907,33 @@ def report(
             line += "; " + lag_summary(lag, w)
         print(line)
         if phase.skipped:
-            print(f"  round {i // 2 + 1} {phase.kind}: PROBLEM: {phase.skipped} skipped devices")
+            print(f"  round {label} {phase.kind}: PROBLEM: {phase.skipped} skipped devices")
         if w.others / max(w.end - w.start, 1e-9) > 0.2:
             print(f"  WARNING: other processes competed for the CPU ({w.busiest_other})")
     phases = res.phases
     table: list[tuple[str, str, str, str]] = []
+
+    def row(name: str, room: float, direct: float, show: Any) -> None:
+        table.append((name, show(room), show(direct), _ratio(room, direct)))
+
     if phases:
         for q in (50, 99):
-            room_q = percentile(_pooled(phases, "room", "to_last"), q)
-            direct_q = percentile(_pooled(phases, "direct", "to_last"), q)
-            table.append(
-                (
-                    f"1. fan-out send->last device p{q}",
-                    ms(room_q),
-                    ms(direct_q),
-                    _ratio(room_q, direct_q),
-                )
+            row(
+                f"1. fan-out send->last device p{q}",
+                _q(_pooled(phases, "room", "to_last"), q),
+                _q(_pooled(phases, "direct", "to_last"), q),
+                ms,
             )
-        room_first = percentile(_pooled(phases, "room", "to_first"), 50)
-        direct_first = percentile(_pooled(phases, "direct", "to_first"), 50)
-        table.append(
-            (
-                "   send->first device p50",
-                ms(room_first),
-                ms(direct_first),
-                _ratio(room_first, direct_first),
-            )
-        )
-        room_sent = percentile(_pooled(phases, "room", "to_sent"), 50)
-        direct_sent = percentile(_pooled(phases, "direct", "to_sent"), 50)
-        table.append(
-            ("   send->sent p50", ms(room_sent), ms(direct_sent), _ratio(room_sent, direct_sent))
-        )
-        room_cpu, direct_cpu = _cpu(phases, "room"), _cpu(phases, "direct")
-        table.append(
-            (
-                "2. server CPU per delivered copy",
-                _us(room_cpu),
-                _us(direct_cpu),
-                _ratio(room_cpu, direct_cpu),
-            )
-        )
-        per_message = [(p.window.server_cpu / p.messages) for p in phases]
-        room_msg = sum(v for v, p in zip(per_message, phases, strict=True) if p.kind == "room")
-        direct_msg = sum(v for v, p in zip(per_message, phases, strict=True) if p.kind == "direct")
-        rounds = max(1, len(phases) // 2)
-        table.append(
-            (
-                "   server CPU per message",
-                _us(room_msg / rounds),
-                _us(direct_msg / rounds),
-                _ratio(room_msg, direct_msg),
-            )
+        for attr, name in (("to_first", "send->first device"), ("to_sent", "send->sent")):
+            room_q = _q(_pooled(phases, "room", attr), 50)
+            row(f"   {name} p50", room_q, _q(_pooled(phases, "direct", attr), 50), ms)
+        row("2. server CPU per delivered copy", _cpu(phases, "room"), _cpu(phases, "direct"), _us)
+        copies = max(p.copies for p in phases)
+        row(
+            f"   server CPU per message (x{copies} copies)",
+            _cpu(phases, "room") * copies,
+            _cpu(phases, "direct") * copies,
+            _us,
         )
     off = res.offline
     if off is not None:
@@ -1052,8 +1032,8 @@ def report(
             f"under it read by all (sequentially): median {ms(sorted(total)[len(total) // 2])}"
         )
     if phases:
-        room_p50 = percentile(_pooled(phases, "room", "to_last"), 50)
-        room_p99 = percentile(_pooled(phases, "room", "to_last"), 99)
+        room_p50 = _q(_pooled(phases, "room", "to_last"), 50)
+        room_p99 = _q(_pooled(phases, "room", "to_last"), 99)
         met = room_p50 <= LATENCY_TARGET and room_p99 <= LATENCY_TARGET
         print(
             f"target: room fan-out p50/p99 <= {ms(LATENCY_TARGET)}: {ms(room_p50)} / "
@@ -1090,6 +1070,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-frame-bytes", type=int, default=262_144)
     parser.add_argument("--share-frame-bytes", type=int, default=65_536)
     parser.add_argument("--lag", action="store_true", help="run the daemon under _lagmon.py")
+    parser.add_argument(
+        "--kinds",
+        nargs="+",
+        choices=("room", "direct"),
+        default=["room", "direct"],
+        help="the phases of each round (one kind alone: e.g. to profile the daemon)",
+    )
     args = parser.parse_args()
     args.members = max(2, min(args.members, 1_000))
     args.messages = max(1, min(args.messages, 10_000))
