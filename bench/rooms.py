@@ -85,6 +85,7 @@ import sys
 import tempfile
 import time
 import uuid
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -271,23 +272,25 @@ class Bench:
 
 
 async def device_task(bench: Bench, index: int) -> None:
-    """Connect, log in, publish keys; read until released, then close."""
-    released = False
-    await bench.slots.acquire()
+    """Connect, log in, publish keys (SETUP_CONCURRENCY devices at a time); then
+    read until released, and close."""
     try:
-        async with open_websocket_url(
-            bench.url, connect_timeout=CONNECT_TIMEOUT, disconnect_timeout=CLOSE_TIMEOUT
-        ) as ws:
-            with trio.fail_after(CONNECT_TIMEOUT):
-                session = await login(ws, f"m{index:04d}", f"rooms bench {index}")
-                user_id, device_id = int(session["user"]["id"]), str(session["device_id"])
-                account = vodozemac.Account()
-                await ws.send_message(_encode(keys_upload(user_id, device_id, account)).decode())
-                count = await reply_to(ws, "keys")
-                if count.get("type") != "key_count":
-                    raise RuntimeError(f"keys_upload refused: {count!r}")
-            bench.slots.release()
-            released = True
+        async with AsyncExitStack() as stack:
+            async with bench.slots:
+                ws = await stack.enter_async_context(
+                    open_websocket_url(
+                        bench.url, connect_timeout=CONNECT_TIMEOUT, disconnect_timeout=CLOSE_TIMEOUT
+                    )
+                )
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    session = await login(ws, f"m{index:04d}", f"rooms bench {index}")
+                    user_id, device_id = int(session["user"]["id"]), str(session["device_id"])
+                    account = vodozemac.Account()
+                    upload = keys_upload(user_id, device_id, account)
+                    await ws.send_message(_encode(upload).decode())
+                    count = await reply_to(ws, "keys")
+                    if count.get("type") != "key_count":
+                        raise RuntimeError(f"keys_upload refused: {count!r}")
             device = Device(index, ws, user_id, device_id, account, bench)
             bench.devices[index] = device
             if len(bench.devices) == bench.members:
@@ -299,9 +302,6 @@ async def device_task(bench: Bench, index: int) -> None:
     except Exception as exc:
         bench.failures.append(f"device {index}: {type(exc).__name__}: {exc}")
         bench.all_ready.set()
-    finally:
-        if not released:
-            bench.slots.release()
 
 
 async def wait_for(what: str, done: Any, timeout: float, bench: Bench) -> None:
@@ -938,65 +938,45 @@ def report(
     off = res.offline
     if off is not None:
         m, c = off.messages, off.copies
-        table.append(
-            (
-                f"3. stored ciphertext per message (x{c} devices)",
-                f"{off.room.room_ciphertext / m:,.0f} B",
-                f"{off.direct.envelope_ciphertext / m:,.0f} B",
-                _ratio(off.room.room_ciphertext, off.direct.envelope_ciphertext),
-            )
+        room, direct = off.room, off.direct
+
+        def size(v: float) -> str:
+            return f"{v:,.0f} B"
+
+        def rows(v: float) -> str:
+            return f"{v:,.1f}"
+
+        row(
+            f"3. stored ciphertext per message (x{c} devices)",
+            room.room_ciphertext / m,
+            direct.envelope_ciphertext / m,
+            size,
         )
-        table.append(
-            (
-                "   table rows per message",
-                f"{off.room.room_rows / m:,.1f} room_log",
-                f"{off.direct.envelope_rows / m:,.1f} envelopes",
-                _ratio(off.room.room_rows, off.direct.envelope_rows),
-            )
+        row(
+            "   rows per message (room_log / envelopes)",
+            room.room_rows / m,
+            direct.envelope_rows / m,
+            rows,
         )
-        table.append(
-            (
-                "   row column bytes per message",
-                f"{off.room.room_bytes / m:,.0f} B",
-                f"{off.direct.envelope_bytes / m:,.0f} B",
-                _ratio(off.room.room_bytes, off.direct.envelope_bytes),
-            )
+        row("   row column bytes per message", room.room_bytes / m, direct.envelope_bytes / m, size)
+        row("   pages in use, growth per message", room.used_bytes / m, direct.used_bytes / m, size)
+        row(
+            "   file growth per message (checkpointed)",
+            room.file_bytes / m,
+            direct.file_bytes / m,
+            size,
         )
-        table.append(
-            (
-                "   pages in use, growth per message",
-                f"{off.room.used_bytes / m:,.0f} B",
-                f"{off.direct.used_bytes / m:,.0f} B",
-                _ratio(off.room.used_bytes, off.direct.used_bytes),
-            )
+        row(
+            "   server CPU per stored message",
+            off.room_phase.window.server_cpu / m,
+            off.direct_phase.window.server_cpu / m,
+            _us,
         )
-        table.append(
-            (
-                "   file growth per message (checkpointed)",
-                f"{off.room.file_bytes / m:,.0f} B",
-                f"{off.direct.file_bytes / m:,.0f} B",
-                _ratio(off.room.file_bytes, off.direct.file_bytes),
-            )
-        )
-        room_cpu = off.room_phase.window.server_cpu / m
-        direct_cpu = off.direct_phase.window.server_cpu / m
-        table.append(
-            (
-                "   server CPU per stored message",
-                _us(room_cpu),
-                _us(direct_cpu),
-                _ratio(room_cpu, direct_cpu),
-            )
-        )
-        room_sent = percentile(off.room_phase.to_sent, 50)
-        direct_sent = percentile(off.direct_phase.to_sent, 50)
-        table.append(
-            (
-                "   send->sent p50 (durable)",
-                ms(room_sent),
-                ms(direct_sent),
-                _ratio(room_sent, direct_sent),
-            )
+        row(
+            "   send->sent p50 (durable)",
+            _q(off.room_phase.to_sent, 50),
+            _q(off.direct_phase.to_sent, 50),
+            ms,
         )
     if table:
         width = max(len(row[0]) for row in table)
