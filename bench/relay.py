@@ -236,9 +236,12 @@ def _sign(account: vodozemac.Account, obj: dict[str, Any]) -> str:
     return str(account.sign(_canonical(obj)).to_base64())
 
 
-def keys_upload(user_id: int, device_id: str) -> dict[str, Any]:
-    """A ``keys_upload`` frame for a new vodozemac account: identity, 5 one-time, fallback."""
-    account = vodozemac.Account()
+def keys_upload(
+    user_id: int, device_id: str, account: vodozemac.Account | None = None
+) -> dict[str, Any]:
+    """A ``keys_upload`` frame for a vodozemac account (a new one unless given):
+    identity, 5 one-time keys, a fallback key."""
+    account = account or vodozemac.Account()
     ed = account.ed25519_key.to_base64()
     curve = account.curve25519_key.to_base64()
     identity = {"curve25519": curve, "device_id": device_id, "ed25519": ed, "user_id": user_id}
