@@ -2,11 +2,15 @@
 
 It holds the pickled Olm account and Olm channels (sealed again with a key
 derived from the store key), the device id, the devices seen in the directory with
-their ``verified`` flag, the message history, and the ids of received
-payloads that are not chat messages (device verification), so that a
-re-delivered one is recognised as a duplicate too. Every call runs in a worker
-thread (``trio.to_thread.run_sync``); a lock serialises them on the one
-connection, and each write is one transaction committed with
+their ``verified`` flag, the message history (direct and room messages), and the ids
+of received payloads that are not chat messages (device verification, room
+keys), so that a re-delivered one is recognised as a duplicate too. The rooms
+and their Megolm state (sessions, who each was shared with, messages held
+until their key comes) are read and written by :mod:`chatd.client.room_store`
+on the same connection, in the same transactions when they go together.
+
+Every call runs in a worker thread (``trio.to_thread.run_sync``); a lock
+serialises them on the one connection, and each write is one transaction committed with
 ``synchronous=FULL`` before the call returns.
 
 The schema version is ``PRAGMA user_version``. Opening a store first runs the
@@ -60,8 +64,16 @@ CREATE TABLE IF NOT EXISTS messages (
     sender_device_id TEXT NOT NULL,
     plaintext TEXT,
     sent_at INTEGER NOT NULL,
-    state TEXT NOT NULL
+    state TEXT NOT NULL,
+    room_id INTEGER,
+    mentions TEXT,
+    megolm_session_id TEXT,
+    megolm_index INTEGER,
+    recipients INTEGER,
+    envelopes INTEGER
 );
+CREATE INDEX IF NOT EXISTS messages_room ON messages (room_id, sent_at);
+CREATE UNIQUE INDEX IF NOT EXISTS messages_megolm ON messages (megolm_session_id, megolm_index);
 CREATE TABLE IF NOT EXISTS control_messages (
     message_id TEXT PRIMARY KEY,
     kind TEXT NOT NULL,
@@ -76,6 +88,61 @@ CREATE TABLE IF NOT EXISTS receipts (
     at INTEGER NOT NULL,
     PRIMARY KEY (message_id, device_id)
 );
+CREATE TABLE IF NOT EXISTS rooms (
+    room_id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    name TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    invite_only INTEGER NOT NULL,
+    share_history INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    member_count INTEGER NOT NULL,
+    role TEXT,
+    epoch INTEGER
+);
+CREATE TABLE IF NOT EXISTS megolm_outbound (
+    room_id INTEGER PRIMARY KEY,
+    session_id TEXT NOT NULL,
+    pickle TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    messages INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS megolm_inbound (
+    room_id INTEGER NOT NULL,
+    sender_user_id INTEGER NOT NULL,
+    sender_device_id TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    sender_curve25519 TEXT NOT NULL,
+    sender_ed25519 TEXT NOT NULL,
+    first_index INTEGER NOT NULL,
+    pickle TEXT NOT NULL,
+    received_at INTEGER NOT NULL,
+    PRIMARY KEY (room_id, sender_user_id, sender_device_id, session_id)
+);
+CREATE TABLE IF NOT EXISTS megolm_shares (
+    session_id TEXT NOT NULL,
+    user_id INTEGER NOT NULL,
+    device_id TEXT NOT NULL,
+    room_id INTEGER NOT NULL,
+    curve25519 TEXT NOT NULL,
+    first_index INTEGER NOT NULL,
+    message_id TEXT NOT NULL,
+    shared_at INTEGER NOT NULL,
+    PRIMARY KEY (session_id, user_id, device_id)
+);
+CREATE INDEX IF NOT EXISTS megolm_shares_message ON megolm_shares (message_id);
+CREATE TABLE IF NOT EXISTS held_messages (
+    message_id TEXT PRIMARY KEY,
+    room_id INTEGER NOT NULL,
+    sender_user_id INTEGER NOT NULL,
+    sender_device_id TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    ciphertext TEXT NOT NULL,
+    held_at INTEGER NOT NULL,
+    requested_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS held_messages_session
+    ON held_messages (room_id, sender_user_id, sender_device_id, session_id);
 """
 
 
@@ -90,8 +157,33 @@ def _rename_olm_sessions(conn: Any) -> None:
         conn.execute("ALTER TABLE olm_channels RENAME COLUMN session_id TO channel_id")
 
 
+def _add_room_columns(conn: Any) -> None:
+    # 2: rooms. The history holds room messages too (room_id NULL for direct
+    # ones), with their mentions, the Megolm session and index that decrypted
+    # them (a replay under another message id is refused) and, for our own,
+    # how many member users and devices the server queued them for. The new
+    # tables come from _SCHEMA.
+    old = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'messages'"
+    ).fetchone()
+    if old is not None:
+        have = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+        for column in ROOM_COLUMNS:
+            if column.split()[0] not in have:
+                conn.execute(f"ALTER TABLE messages ADD COLUMN {column}")
+
+
+ROOM_COLUMNS: Final = (
+    "room_id INTEGER",
+    "mentions TEXT",
+    "megolm_session_id TEXT",
+    "megolm_index INTEGER",
+    "recipients INTEGER",
+    "envelopes INTEGER",
+)
+
 #: Step ``n`` takes a store from schema version ``n - 1`` to ``n``.
-_MIGRATIONS: Final[tuple[Callable[[Any], None], ...]] = (_rename_olm_sessions,)
+_MIGRATIONS: Final[tuple[Callable[[Any], None], ...]] = (_rename_olm_sessions, _add_room_columns)
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
 
@@ -140,7 +232,10 @@ class HistoryEntry:
     sender_device_id: str
     text: str | None  # None when it could not be decrypted
     sent_at: int  # unix ms
-    state: str  # out: sending | sent | delivered | expired; in: received | undecryptable
+    #: out: sending | sent | delivered | expired; in: received | held | undecryptable
+    state: str
+    room_id: int | None = None  # the room of a room message; None for a direct one
+    mentions: tuple[int, ...] = ()  # user ids a room message mentions
 
 
 class LocalStore:
@@ -181,17 +276,20 @@ class LocalStore:
         return cls(await trio.to_thread.run_sync(connect))
 
     async def aclose(self) -> None:
-        await self._run(lambda c: c.close())
+        await self.read(lambda c: c.close())
 
-    async def _run(self, fn: Callable[[Any], T]) -> T:
+    async def read(self, fn: Callable[[Any], T]) -> T:
+        """Run ``fn(connection)`` in a worker thread (no transaction of its own)."""
+
         def locked() -> T:
             with self._lock:
                 return fn(self._conn)
 
         return await trio.to_thread.run_sync(locked)
 
-    async def _write(self, fn: Callable[[Any], T]) -> T:
-        """Run ``fn`` in one transaction; returns after the commit."""
+    async def write(self, fn: Callable[[Any], T]) -> T:
+        """Run ``fn(connection)`` in one transaction; returns after the commit.
+        The room store and the Olm writes below compose inside one ``fn``."""
 
         def tx(conn: Any) -> T:
             conn.execute("BEGIN IMMEDIATE")
@@ -203,15 +301,17 @@ class LocalStore:
             conn.execute("COMMIT")
             return result
 
-        return await self._run(tx)
+        return await self.read(tx)
+
+    _write = write  # its name before the room store shared it (tests use it)
 
     # -- meta and Olm state ---------------------------------------------------
 
     async def meta(self) -> dict[str, str]:
-        return dict(await self._run(lambda c: c.execute("SELECT name, value FROM meta").fetchall()))
+        return dict(await self.read(lambda c: c.execute("SELECT name, value FROM meta").fetchall()))
 
     async def set_meta(self, **values: str) -> None:
-        await self._write(
+        await self.write(
             lambda c: c.executemany(
                 "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", list(values.items())
             )
@@ -219,7 +319,7 @@ class LocalStore:
 
     async def olm_channels(self) -> list[tuple[str, str]]:
         """(peer curve25519, pickle), most recently used first."""
-        rows = await self._run(
+        rows = await self.read(
             lambda c: c.execute(
                 "SELECT peer_curve25519, pickle FROM olm_channels ORDER BY used_at DESC"
             ).fetchall()
@@ -227,7 +327,7 @@ class LocalStore:
         return [(r[0], r[1]) for r in rows]
 
     @staticmethod
-    def _save_olm(
+    def write_olm(
         conn: Any,
         account: str | None,
         channels: list[tuple[str, str, str]],
@@ -255,12 +355,12 @@ class LocalStore:
         meta: dict[str, str] | None = None,
     ) -> None:
         """Olm state (and ``meta`` values that go with it) in one transaction."""
-        await self._write(lambda c: self._save_olm(c, account, channels, meta))
+        await self.write(lambda c: self.write_olm(c, account, channels, meta))
 
     # -- devices --------------------------------------------------------------
 
     async def devices(self) -> list[DeviceRecord]:
-        rows = await self._run(
+        rows = await self.read(
             lambda c: c.execute(
                 "SELECT user_id, device_id, name, ed25519, curve25519, verified, current"
                 " FROM devices ORDER BY user_id, device_id"
@@ -270,7 +370,7 @@ class LocalStore:
 
     async def device(self, user_id: int, device_id: str) -> DeviceRecord | None:
         """One device, by its primary key (what each incoming message needs)."""
-        row = await self._run(
+        row = await self.read(
             lambda c: c.execute(
                 "SELECT user_id, device_id, name, ed25519, curve25519, verified, current"
                 " FROM devices WHERE user_id = ? AND device_id = ?",
@@ -287,27 +387,35 @@ class LocalStore:
 
         def write(conn: Any) -> None:
             conn.execute("UPDATE devices SET current = 0")
-            for d in seen:
-                conn.execute(
-                    "INSERT INTO devices (user_id, device_id, name, ed25519, curve25519,"
-                    " verified, first_seen_at, current) VALUES (?, ?, ?, ?, ?, ?, ?, 1)"
-                    " ON CONFLICT (user_id, device_id) DO UPDATE SET name = excluded.name,"
-                    " current = 1",
-                    (
-                        d.user_id,
-                        d.device_id,
-                        d.name,
-                        d.ed25519,
-                        d.curve25519,
-                        int(d.verified),
-                        now_ms(),
-                    ),
-                )
+            self.upsert_devices(conn, seen)
 
-        await self._write(write)
+        await self.write(write)
+
+    async def record_devices(self, seen: list[DeviceRecord]) -> None:
+        """Record devices seen outside the directory (a room's member list): new
+        ones start unverified, known ones are current again; others are left as
+        they are."""
+
+        def write(conn: Any) -> None:
+            self.upsert_devices(conn, seen)
+
+        await self.write(write)
+
+    @staticmethod
+    def upsert_devices(conn: Any, seen: list[DeviceRecord]) -> None:
+        conn.executemany(
+            "INSERT INTO devices (user_id, device_id, name, ed25519, curve25519,"
+            " verified, first_seen_at, current) VALUES (?, ?, ?, ?, ?, ?, ?, 1)"
+            " ON CONFLICT (user_id, device_id) DO UPDATE SET name = excluded.name,"
+            " current = 1",
+            [
+                (d.user_id, d.device_id, d.name, d.ed25519, d.curve25519, int(d.verified), now_ms())
+                for d in seen
+            ],
+        )
 
     async def set_verified(self, user_id: int, device_id: str, verified: bool) -> bool:
-        changed = await self._write(
+        changed = await self.write(
             lambda c: (
                 c.execute(
                     "UPDATE devices SET verified = ? WHERE user_id = ? AND device_id = ?",
@@ -320,7 +428,7 @@ class LocalStore:
     # -- history --------------------------------------------------------------
 
     async def has_message(self, message_id: str) -> bool:
-        row = await self._run(
+        row = await self.read(
             lambda c: c.execute(
                 "SELECT 1 FROM messages WHERE message_id = ?"
                 " UNION ALL SELECT 1 FROM control_messages WHERE message_id = ?",
@@ -330,12 +438,17 @@ class LocalStore:
         return row is not None
 
     @staticmethod
-    def _insert(conn: Any, e: HistoryEntry) -> bool:
+    def insert_message(conn: Any, e: HistoryEntry, **room: Any) -> bool:
+        """Insert a history entry; ``room`` sets the Megolm columns
+        (``megolm_session_id``, ``megolm_index``, ``recipients``, ``envelopes``).
+        False when the message id is there already."""
+        mentions = ",".join(map(str, e.mentions)) if e.room_id is not None else None
         return bool(
             conn.execute(
                 "INSERT OR IGNORE INTO messages (message_id, peer_user_id, direction,"
-                " sender_user_id, sender_device_id, plaintext, sent_at, state)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " sender_user_id, sender_device_id, plaintext, sent_at, state, room_id, mentions,"
+                " megolm_session_id, megolm_index, recipients, envelopes)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     e.message_id,
                     e.peer_user_id,
@@ -345,6 +458,12 @@ class LocalStore:
                     e.text,
                     e.sent_at,
                     e.state,
+                    e.room_id,
+                    mentions,
+                    room.get("megolm_session_id"),
+                    room.get("megolm_index"),
+                    room.get("recipients"),
+                    room.get("envelopes"),
                 ),
             ).rowcount
         )
@@ -360,10 +479,10 @@ class LocalStore:
         transaction. False when the message id was already in the history."""
 
         def write(conn: Any) -> bool:
-            self._save_olm(conn, account, channels or [], meta)
-            return self._insert(conn, entry)
+            self.write_olm(conn, account, channels or [], meta)
+            return self.insert_message(conn, entry)
 
-        return await self._write(write)
+        return await self.write(write)
 
     async def add_control(
         self,
@@ -379,21 +498,25 @@ class LocalStore:
         False when the message id was seen before."""
 
         def write(conn: Any) -> bool:
-            self._save_olm(conn, account, channels or [], meta)
-            return bool(
-                conn.execute(
-                    "INSERT OR IGNORE INTO control_messages (message_id, kind, sender_user_id,"
-                    " sender_device_id, received_at) VALUES (?, ?, ?, ?, ?)",
-                    (message_id, kind, sender[0], sender[1], now_ms()),
-                ).rowcount
-            )
+            self.write_olm(conn, account, channels or [], meta)
+            return self.insert_control(conn, message_id, kind, sender)
 
-        return await self._write(write)
+        return await self.write(write)
+
+    @staticmethod
+    def insert_control(conn: Any, message_id: str, kind: str, sender: tuple[int, str]) -> bool:
+        return bool(
+            conn.execute(
+                "INSERT OR IGNORE INTO control_messages (message_id, kind, sender_user_id,"
+                " sender_device_id, received_at) VALUES (?, ?, ?, ?, ?)",
+                (message_id, kind, sender[0], sender[1], now_ms()),
+            ).rowcount
+        )
 
     async def set_state(self, message_id: str, state: str, *, only_from: str | None = None) -> None:
         """Set a message's state; with ``only_from``, only if it is still in that state
         (a receipt may already have moved it on: ``sent`` must not undo ``delivered``)."""
-        await self._write(
+        await self.write(
             lambda c: c.execute(
                 "UPDATE messages SET state = ? WHERE message_id = ? AND coalesce(? = state, 1)",
                 (state, message_id, only_from),
@@ -417,13 +540,32 @@ class LocalStore:
                     (kind, message_id),
                 )
 
-        await self._write(write)
+        await self.write(write)
 
-    async def history(self, peer_user_id: int | None = None) -> list[HistoryEntry]:
+    async def history(
+        self, peer_user_id: int | None = None, *, room_id: int | None = None
+    ) -> list[HistoryEntry]:
+        """The conversation with one user (direct messages only), one room's
+        messages, or (neither given) everything; oldest first."""
         query = (
-            "SELECT message_id, peer_user_id, direction, sender_user_id, sender_device_id,"
-            " plaintext, sent_at, state FROM messages"
-            " WHERE ? IS NULL OR peer_user_id = ? ORDER BY sent_at, rowid"
+            f"SELECT {HISTORY_COLUMNS} FROM messages"  # noqa: S608 - a constant column list
+            " WHERE (? IS NULL OR (peer_user_id = ? AND room_id IS NULL))"
+            " AND (? IS NULL OR room_id = ?) ORDER BY sent_at, rowid"
         )
-        rows = await self._run(lambda c: c.execute(query, (peer_user_id, peer_user_id)).fetchall())
-        return [HistoryEntry(*r) for r in rows]
+        args = (peer_user_id, peer_user_id, room_id, room_id)
+        rows = await self.read(lambda c: c.execute(query, args).fetchall())
+        return [history_entry(r) for r in rows]
+
+
+HISTORY_COLUMNS: Final = (
+    "message_id, peer_user_id, direction, sender_user_id, sender_device_id,"
+    " plaintext, sent_at, state, room_id, mentions"
+)
+
+
+def history_entry(row: Any) -> HistoryEntry:
+    """A :class:`HistoryEntry` from a row of :data:`HISTORY_COLUMNS`."""
+    mentions = tuple(int(m) for m in row[9].split(",") if m) if row[9] else ()
+    return HistoryEntry(
+        row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], mentions
+    )
