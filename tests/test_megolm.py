@@ -14,13 +14,16 @@ from chatd.client.megolm import (
     MegolmMachine,
     MemberDevice,
     RoomDecrypted,
-    RoomKey,
-    RoomKeyRequest,
     RoomSettings,
     Share,
-    decode_room_text,
-    encode_room_text,
     reshare_index,
+)
+from chatd.client.room_payloads import (
+    RoomKey,
+    RoomKeyRequest,
+    decode_room_text,
+    encode_room_ciphertext,
+    encode_room_text,
 )
 
 KEY = bytes(range(32))
@@ -261,8 +264,6 @@ def test_a_forged_or_garbled_room_message_raises() -> None:
 
 
 def send_with(session: vodozemac.GroupSession) -> str:
-    from chatd.client.megolm import encode_room_ciphertext
-
     return encode_room_ciphertext(session.session_id, session.encrypt(b"{}"))
 
 

@@ -54,11 +54,11 @@ from .errors import (
     ClientError,
     DecryptionError,
     IdentityChangedError,
-    KeyClaimError,
     SendError,
     VerificationError,
 )
 from .keys import MAX_ONE_TIME_KEYS, KeySupply
+from .olm_send import OlmSender
 from .sas import KINDS as VERIFY_KINDS
 from .sas import Party
 from .store import DeviceRecord, HistoryEntry, LocalStore, now_ms
@@ -68,7 +68,6 @@ log = logging.getLogger(__name__)
 
 INBOX_MESSAGES: Final = 1000  # received messages buffered for messages()
 KEYS_READY_TIMEOUT: Final = 30.0  # seconds open_client waits for the first key upload
-MAX_CLAIMS: Final = 100  # devices per keys_claim (the server's limit)
 
 
 def key_from_passphrase(passphrase: str, salt: bytes) -> bytes:
@@ -142,6 +141,7 @@ class Client:
             one_time_keys=one_time_keys,
             fallback_key=fallback_key,
         )
+        self._olm_send = OlmSender(store, olm, conn, self._olm_lock)
         self._members: dict[int, Member] = {}
         self._changed = trio.Event()
         self._inbox_send, self._inbox = trio.open_memory_channel[ReceivedMessage](INBOX_MESSAGES)
@@ -301,46 +301,13 @@ class Client:
             targets = self._targets(user_id)
             if not any(d.user_id == user_id for d in targets) and user_id != self.user_id:
                 raise SendError(f"user {user_id} has no device with published keys")
-            async with self._olm_lock:
-                await self._open_channels(targets)
-                envelopes = [
-                    {
-                        "user_id": d.user_id,
-                        "device_id": d.device_id,
-                        "ciphertext": self._olm.encrypt(d.curve25519, payload),
-                    }
-                    for d in targets
-                ]
-                await self._store.save_olm(None, self._olm.take_dirty())
-            if not envelopes:
-                return  # a note to self on our only device: nothing to relay
-            reply = await self._conn.request("send", message_id=message_id, envelopes=envelopes)
-            if reply["type"] == "sent":
-                return
+            reply = await self._olm_send.send(message_id, targets, lambda _m, _d: payload)
+            if reply is None or reply["type"] == "sent":
+                return  # None: a note to self on our only device, nothing to relay
             if reply["type"] == "device_mismatch" and attempt == 0:
                 await self.directory()
                 continue
             raise SendError(f"the server refused the device list of message {message_id}")
-
-    async def _open_channels(self, targets: list[DeviceRecord]) -> None:
-        """Claim keys and open outbound Olm channels to devices we have none with.
-        Call with ``_olm_lock`` held."""
-        need = [d for d in targets if not self._olm.has_channel(d.curve25519)]
-        for i in range(0, len(need), MAX_CLAIMS):
-            batch = {(d.user_id, d.device_id): d for d in need[i : i + MAX_CLAIMS]}
-            reply = await self._conn.request(
-                "keys_claim",
-                devices=[{"user_id": u, "device_id": d} for u, d in batch],
-            )
-            for key in reply["keys"]:
-                device = batch.get((key["user_id"], key["device_id"]))
-                if device is not None:
-                    self._olm.open_channel(device.ed25519, device.curve25519, key)
-            if reply["missing"]:
-                names = ", ".join(m["device_id"] for m in reply["missing"])
-                raise KeyClaimError(f"no one-time or fallback key left for device(s) {names}")
-        if need:
-            await self._store.save_olm(self._olm.account_pickle(), self._olm.take_dirty())
 
     # -- receiving ------------------------------------------------------------
 
