@@ -401,6 +401,25 @@ class DeviceSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RoomSettings:
+    """[rooms]: team channels and private groups."""
+
+    max_members: int = setting(
+        1_000,
+        "Members (and open invitations) one room may have; a join or an invitation "
+        "beyond it is refused (room_full).",
+        minimum=2,
+        maximum=100_000,
+    )
+    max_rooms: int = setting(
+        10_000,
+        "Rooms the server holds; creating one more is refused (too_many_rooms).",
+        minimum=1,
+        maximum=1_000_000,
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class LogSettings:
     """[log]: structured logs on stderr (journald picks them up)."""
 
@@ -427,6 +446,7 @@ class Config:
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     devices: DeviceSettings = field(default_factory=DeviceSettings)
+    rooms: RoomSettings = field(default_factory=RoomSettings)
     log: LogSettings = field(default_factory=LogSettings)
     path: Path = field(default=Path("chatd.toml"), metadata={"internal": True})
 
@@ -470,6 +490,7 @@ SECTIONS: Final[dict[str, type]] = {
     "retention": RetentionSettings,
     "auth": AuthSettings,
     "devices": DeviceSettings,
+    "rooms": RoomSettings,
     "log": LogSettings,
 }
 

@@ -38,6 +38,8 @@ from chatd.keyfiles import check_data_dir, load_admin_token_hash, load_db_key
 from chatd.log import fields
 from chatd.relay import Registry, serve_relay
 from chatd.retention import auth_jobs, default_jobs, queue_jobs, serve_retention
+from chatd.rooms.members import DeviceChanges
+from chatd.rooms.service import RoomService
 from chatd.sdnotify import Notifier, watchdog_interval
 from chatd.store import Store, serve_store
 
@@ -82,6 +84,7 @@ class Services:
     auth: AuthService
     keys: KeyService
     queues: QueueService
+    rooms: RoomService
 
     def for_relay(self) -> dict[str, Any]:
         """The keyword arguments of :func:`serve_relay`."""
@@ -90,25 +93,32 @@ class Services:
             "auth": self.auth,
             "keys": self.keys,
             "queues": self.queues,
+            "rooms": self.rooms,
         }
 
 
 async def open_services(nursery: trio.Nursery, store: Store, config: Config) -> Services:
     """Make the services on ``store``, each wired to what it reports to, and
-    start the queue service's writes in ``nursery``.
+    start the queue service's writes and the room service in ``nursery``.
 
     The relay's registry hears what the services have to tell it (revoked
-    sessions, devices low on keys, envelopes accepted), so it is made first
-    and handed to each service as it is made. Reads the queue totals.
+    sessions, devices low on keys, envelopes accepted, invitations), so it is
+    made first and handed to each service as it is made; the room service
+    hears which users' current devices changed through ``changes``. Reads
+    the queue totals and the rooms.
     """
     registry = Registry()
-    current = CurrentDevices(store)
+    changes = DeviceChanges()
+    current = CurrentDevices(store, events=changes)
     auth = AuthService(store, config.auth, config.devices, events=registry)
     keys = KeyService(store, config.devices, current=current, events=registry)
     queues = QueueService(store, config.devices, current, registry)
     await queues.open()
     await nursery.start(queues.serve)
-    return Services(registry, current, auth, keys, queues)
+    rooms = RoomService(store, queues, current, changes, registry, config.rooms)
+    await rooms.open()
+    await nursery.start(rooms.serve)
+    return Services(registry, current, auth, keys, queues, rooms)
 
 
 async def _flush_queues(queues: QueueService) -> None:

@@ -22,6 +22,12 @@ class KeyEvents(Protocol):
         """These devices' unclaimed one-time keys ran low: tell them their count."""
 
 
+class DeviceEvents(Protocol):
+    def devices_changed(self, user_ids: Iterable[int]) -> None:
+        """These users' current devices changed (a device published its keys
+        or was removed, the account was disabled or enabled), committed."""
+
+
 class _Unheard:
     """Events nobody listens to: for a service running without a relay."""
 
@@ -29,6 +35,9 @@ class _Unheard:
         pass
 
     def keys_low(self, device_ids: Iterable[str]) -> None:
+        pass
+
+    def devices_changed(self, user_ids: Iterable[int]) -> None:
         pass
 
 

@@ -21,11 +21,19 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 from chatd.auth.accounts import AccountAdmin
 from chatd.auth.models import AuthError
 from chatd.auth.service import AuthService
-from chatd.config import AuthSettings, Config, DeviceSettings, RelaySettings, StoreSettings
+from chatd.config import (
+    AuthSettings,
+    Config,
+    DeviceSettings,
+    RelaySettings,
+    RoomSettings,
+    StoreSettings,
+)
 from chatd.daemon import open_services
 from chatd.e2ee.keys import KeyService
 from chatd.e2ee.queues import QueueService
 from chatd.relay import Relay, serve_relay
+from chatd.rooms.service import RoomService
 from chatd.store import Store, serve_store
 
 KEY = bytes(range(32))
@@ -41,6 +49,7 @@ class Server:
     store: Store
     keys: KeyService
     queues: QueueService
+    rooms: RoomService
 
     @property
     def url(self) -> str:
@@ -58,6 +67,7 @@ async def server(
     tmp: Path,
     devices: DeviceSettings | None = None,
     relay: dict[str, Any] | None = None,
+    rooms: RoomSettings | None = None,
     **auth_settings: Any,
 ) -> AsyncIterator[Server]:
     defaults = {"session_check_seconds": 0.2, "require_mfa": "none", "backoff_base_seconds": 1e-6}
@@ -68,6 +78,8 @@ async def server(
     config = Config(relay=relay_settings, auth=settings, path=tmp / "chatd.toml")
     if devices is not None:
         config = dataclasses.replace(config, devices=devices)
+    if rooms is not None:
+        config = dataclasses.replace(config, rooms=rooms)
     async with trio.open_nursery() as nursery:
         store = await nursery.start(serve_store, tmp / "c.db", KEY, StoreSettings())
         services = await open_services(nursery, store, config)
@@ -76,7 +88,9 @@ async def server(
         )
         admin = AccountAdmin(services.auth, current=services.current)
         await create_once(admin, "alice", PASSWORD)
-        yield Server(relay, services.auth, admin, store, services.keys, services.queues)
+        yield Server(
+            relay, services.auth, admin, store, services.keys, services.queues, services.rooms
+        )
         nursery.cancel_scope.cancel()
 
 

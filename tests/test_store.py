@@ -308,6 +308,29 @@ def _sample_rows(conn: Any, version: int) -> dict[str, int]:
             rows["envelopes"] = rows["sends"] = 1
         if version >= 6:
             rows["queue_totals"] = 1  # made by a trigger for the envelope above
+        if version >= 8:
+            conn.execute(
+                "INSERT INTO rooms (kind, name, topic, invite_only, share_history, created_at,"
+                " epoch) VALUES ('group', 'ops', '', 1, 0, 1, 1)"
+            )
+            conn.execute(
+                "INSERT INTO room_members (room_id, user_id, role, joined_at)"
+                " VALUES (1, 1, 'owner', 1)"
+            )
+            conn.execute(
+                "INSERT INTO room_invites (room_id, user_id, by_user_id, invited_at)"
+                " VALUES (1, 1, 1, 1)"
+            )
+            conn.execute(
+                "INSERT INTO room_log (id, room_id, kind, message_id, sender_user_id,"
+                " sender_device_id, ciphertext, sent_at, expires_at)"
+                " VALUES (10, 1, 'room_message', 'r', 1, 'DEV', x'00', 1, 2)"
+            )
+            conn.execute(
+                "INSERT INTO room_devices (device_id, room_id, from_id) VALUES ('DEV', 1, 0)"
+            )
+            for table in ("rooms", "room_members", "room_invites", "room_log", "room_devices"):
+                rows[table] = 1
         for table in (
             "users",
             "recovery_codes",
@@ -472,7 +495,7 @@ def test_the_renaming_migration_keeps_rows_and_queue_totals(short_tmp: Path) -> 
     conn.close()
 
     conn = open_writer(path, KEY, busy_timeout_ms=1000)
-    assert schema_version(conn) == 7
+    assert schema_version(conn) == SCHEMA_VERSION
     assert conn.execute(
         "SELECT recipient_device_id, kind, sender_user_id, sender_device_id, device_id,"
         " ciphertext, sent_at FROM envelopes ORDER BY id"

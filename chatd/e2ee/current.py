@@ -8,9 +8,11 @@ is cached per user instead of read from the database per message.
 The services that change it say so when their write has committed:
 :class:`~chatd.e2ee.keys.KeyService` (identity keys published, a device
 removed) and :class:`~chatd.auth.accounts.AccountAdmin` (a user disabled or
-enabled) call :meth:`CurrentDevices.changed`. A read of the database that
-raced with such a change is used for the request that made it but not kept,
-so the cache never keeps a stale answer (a generation counter tells).
+enabled) call :meth:`CurrentDevices.changed`, which passes the news on to
+its event sink (the room service, whose rooms' member devices follow). A
+read of the database that raced with such a change is used for the request
+that made it but not kept, so the cache never keeps a stale answer (a
+generation counter tells).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Final
 
+from chatd.events import UNHEARD, DeviceEvents
 from chatd.store import Store
 
 MAX_CACHED_USERS: Final = 100_000  # users whose current devices are remembered
@@ -26,16 +29,19 @@ MAX_CACHED_USERS: Final = 100_000  # users whose current devices are remembered
 class CurrentDevices:
     """Current devices per user, read through from the store."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, events: DeviceEvents = UNHEARD) -> None:
         self.store = store
+        self.events = events
         self._current: dict[int, frozenset[str]] = {}
         self._generation = 0  # bumped by every change
 
     def changed(self, user_ids: Iterable[int]) -> None:
         """These users' current devices changed (called after the commit)."""
         self._generation += 1
-        for user_id in user_ids:
+        users = list(user_ids)
+        for user_id in users:
             self._current.pop(user_id, None)
+        self.events.devices_changed(users)
 
     def cached(self, user_ids: Iterable[int]) -> dict[int, frozenset[str]] | None:
         """The current devices of these users if all are cached, else None

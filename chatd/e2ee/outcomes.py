@@ -124,17 +124,28 @@ SendResult = Accepted | Repeated | Mismatch | QueueFull
 class QueueStats:
     """What the queue service did since it started (logged when it stops)."""
 
-    __slots__ = ("accepted", "cancelled", "written", "deleted", "batches", "kept")
+    __slots__ = (
+        "accepted",
+        "cancelled",
+        "written",
+        "deleted",
+        "room_accepted",
+        "room_written",
+        "room_deleted",
+        "batches",
+        "kept",
+    )
 
     def __init__(self) -> None:
         self.accepted = 0  # envelopes accepted (messages and receipts)
-        self.cancelled = 0  # acknowledged before they were written: never written
+        self.cancelled = 0  # envelopes and room entries acknowledged before any write
         self.written = 0  # envelopes inserted
         self.deleted = 0  # envelopes deleted (acknowledged or expired after their write)
+        self.room_accepted = 0  # room log entries accepted (messages and events)
+        self.room_written = 0  # room log entries inserted (each once, for all its devices)
+        self.room_deleted = 0  # room log entries deleted once nobody waited for them
         self.batches = 0  # write jobs
-        self.kept = 0  # hot envelopes a write job left for later (summed over jobs)
+        self.kept = 0  # hot entries a write job left for later (summed over jobs)
 
     def fields(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
-
-

@@ -59,6 +59,7 @@ import time
 from collections.abc import Callable, Container, Iterable, Sequence
 from typing import Any, Final, Protocol
 
+import msgspec
 import trio
 
 from chatd.config import DeviceSettings
@@ -73,11 +74,14 @@ from chatd.e2ee.outcomes import (
     SendOutcome,
     SendResult,
 )
+from chatd.e2ee.roomlog import ExpiredRow, RoomLog
+from chatd.e2ee.state import QueueState
 from chatd.e2ee.writes import Batch, Insert, QueueWriter, Written
 from chatd.errors import StoreError
 from chatd.log import fields
 from chatd.protocol import frames as f
 from chatd.protocol.delivery import Sent
+from chatd.protocol.rooms import RoomSend
 from chatd.store import Store, now_ms
 
 log = logging.getLogger("chatd.queues")
@@ -96,9 +100,13 @@ __all__ = [
 ]
 
 DAY_MS: Final = 86_400_000
+MESSAGE_KINDS: Final = frozenset(("message", "room_message"))  # acknowledged: a receipt
+ROOM_KINDS: Final = frozenset(("room_message", "room_event"))  # entries of the room log
 EXPIRED_RECEIPT_DAYS: Final = 30  # how long an expired receipt waits for its device
 MAX_RECENT_SENDS: Final = 65_536  # (device, message_id) answered from memory, at most
 
+
+_ExpiredEnvelope = tuple[int, str, str, str, "str | None", int]
 
 
 class QueueEvents(Protocol):
@@ -119,9 +127,18 @@ class QueueEvents(Protocol):
         """These envelopes left the queue without an ack (they expired)."""
 
 
+#: A device's queue after an id: its envelopes, and the entries of the room
+#: log its ranges cover past its cursor (chatd.e2ee.roomlog), in one order.
 _READ_QUEUE: Final = (
     "SELECT id, kind, message_id, sent_at, sender_user_id, sender_device_id, ciphertext,"
-    " device_id FROM envelopes WHERE recipient_device_id = ? AND id > ? ORDER BY id LIMIT ?"
+    " device_id, room_id, NULL FROM envelopes WHERE recipient_device_id = ?1 AND id > ?2"
+    " UNION ALL"
+    " SELECT m.id, m.kind, m.message_id, m.sent_at, m.sender_user_id, m.sender_device_id,"
+    " m.ciphertext, NULL, m.room_id, m.event"
+    " FROM room_devices s JOIN devices d ON d.id = s.device_id"
+    " JOIN room_log m ON m.room_id = s.room_id AND m.id > max(s.from_id, d.room_cursor, ?2)"
+    " AND (s.until_id IS NULL OR m.id <= s.until_id)"
+    " WHERE s.device_id = ?1 ORDER BY 1 LIMIT ?3"
 )
 
 
@@ -147,26 +164,33 @@ class QueueService:
         self.writer = QueueWriter(
             store, self.stats, written=self._written, failed=self._write_failed
         )
-        self._totals: dict[str, list[int]] = {}  # device -> [envelopes, bytes], accepted
-        self._tails: dict[str, dict[int, f.Envelope]] = {}  # device -> accepted, uncommitted
-        self._deleting: dict[str, set[int]] = {}  # device -> acknowledged, delete uncommitted
-        self._held: set[int] = set()  # accepted envelopes not handed out before their commit
+        self.state = QueueState()
+        self.rooms = RoomLog(
+            self.state,
+            self.writer,
+            self.stats,
+            events,
+            lifetime_ms=self._lifetime_ms,
+            ack_wait=self._ack_wait,
+        )
         self._recent: dict[tuple[str, str], SendOutcome] = {}
 
     async def open(self) -> None:
         """Load the queues' totals and the envelope id sequence."""
 
-        def load(conn: Any) -> tuple[dict[str, list[int]], int, bool]:
-            totals = {
-                d: [n, b]
-                for d, n, b in conn.execute("SELECT device_id, envelopes, bytes FROM queue_totals")
-            }
+        def load(conn: Any) -> tuple[int, bool]:
+            for d, n, b in conn.execute("SELECT device_id, envelopes, bytes FROM queue_totals"):
+                self.state.count(d, n, b)
+            self.rooms.load(conn)
             row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'envelopes'")
             seq = row.fetchone()
-            highest = conn.execute("SELECT max(id) FROM envelopes").fetchone()[0] or 0
-            return totals, max(highest, seq[0] if seq else 0), seq is not None
+            highest = conn.execute(
+                "SELECT max(coalesce((SELECT max(id) FROM envelopes), 0),"
+                " coalesce((SELECT max(id) FROM room_log), 0))"
+            ).fetchone()[0]
+            return max(highest, seq[0] if seq else 0), seq is not None
 
-        self._totals, last, has_sequence = await self.store.read(load)
+        last, has_sequence = await self.store.read(load)
         self.writer.load(last, has_sequence)
 
     # -- sending -----------------------------------------------------------------
@@ -206,7 +230,7 @@ class QueueService:
             )
         sizes = {}
         full = []
-        totals = self._totals
+        totals = self.state.totals
         max_count, max_bytes = self._max_count, self._max_bytes
         for (_, target), text in targets.items():
             size = sizes[target] = len(text) if text.isascii() else len(text.encode())
@@ -235,6 +259,64 @@ class QueueService:
         self._remember(key, outcome)
         outcome.when_done(self._send_done)
         self._offer(accepted)
+        return Accepted(outcome)
+
+    def full(self, device_id: str, size: int) -> bool:
+        """Whether this device's queue has no room for ``size`` more bytes."""
+        return self.state.full(device_id, size, self._max_count, self._max_bytes)
+
+    def has_room(self, device_id: str, share: float) -> bool:
+        """Whether this device's queue is below ``share`` of both caps."""
+        count, size = self.state.totals.get(device_id, (0, 0))
+        return count < share * self._max_count and size < share * self._max_bytes
+
+    def repeated(self, device_id: str, message_id: str) -> Outcome | None:
+        """The outcome of this device's recent send of this ``message_id``, if any."""
+        return self._recent.get((device_id, message_id))
+
+    def boundary(self) -> int:
+        """The last id handed out so far: what is accepted from now on gets a
+        higher one (the room service draws its ranges here)."""
+        return self.writer.next_id - 1
+
+    def room_ops(self, ops: list[tuple[str, tuple[Any, ...]]]) -> Outcome:
+        """Run these statements of the room service with the next write, in
+        order, after everything handed over before; the outcome settles once
+        they are durable."""
+        outcome = Outcome()
+        with self.writer.lock:
+            batch = self.writer.open
+            batch.ops.extend(ops)
+            batch.waiters.append(outcome)
+        self.writer.arm()
+        return outcome
+
+    def send_room(
+        self, user_id: int, device_id: str, frame: RoomSend, targets: list[str]
+    ) -> Accepted | Repeated:
+        """Accept a room message for these member devices (chosen by the room
+        service: the sending device and full queues left out). A repeated
+        ``message_id`` of this device is answered with the first answer."""
+        key = (device_id, frame.message_id)
+        repeat = self._recent.get(key)
+        if repeat is not None:
+            return Repeated(repeat)
+        text = frame.ciphertext
+        size = len(text) if text.isascii() else len(text.encode())
+        outcome = SendOutcome(device_id, frame.message_id, len(targets), now_ms())
+        self._remember(key, outcome)
+        outcome.when_done(self._send_done)
+        self.rooms.accept(
+            room_id=frame.room_id,
+            kind="room_message",
+            message_id=frame.message_id,
+            targets=targets,
+            size=size,
+            sender_user_id=user_id,
+            sender_device_id=device_id,
+            ciphertext=text,
+            outcome=outcome,
+        )
         return Accepted(outcome)
 
     async def flush(self) -> None:
@@ -267,11 +349,9 @@ class QueueService:
         writer.open.hot[envelope_id] = accepted  # until _offer says when it is due
         self.stats.accepted += 1
         if held:
-            self._held.add(envelope_id)
-        self._tails.setdefault(device_id, {})[envelope_id] = envelope
-        totals = self._totals.setdefault(device_id, [0, 0])
-        totals[0] += 1
-        totals[1] += size
+            self.state.held.add(envelope_id)
+        self.state.tail(device_id, envelope)
+        self.state.count(device_id, 1, size)
         return accepted
 
     def _offer(self, accepted: list[Insert]) -> None:
@@ -315,18 +395,25 @@ class QueueService:
         outcome = Outcome()
         receipts: list[Insert] = []
         settled: list[Outcome] = []  # sends one of whose envelopes was cancelled
+        rooms = self.rooms
         with self.writer.lock:
             batch = self.writer.open
-            deletes_before = len(batch.deletes)
+            writes_before = len(batch.deletes) + len(batch.room_acks)
             for envelope_id, sent in acked:
-                cancelled = batch.pop(envelope_id)
-                if cancelled is not None:
-                    self._unqueue(batch, cancelled)
-                    if cancelled.outcome is not None:
-                        settled.append(cancelled.outcome)
+                if sent.room_id is not None and sent.kind in ROOM_KINDS:
+                    unwritten, send = rooms.acknowledged(batch, device_id, envelope_id, sent)
+                    if send is not None:
+                        settled.append(send)
                 else:
-                    self._delete(device_id, envelope_id, sent.size)
-                if sent.kind == "message" and sent.sender_device_id:
+                    cancelled = batch.pop(envelope_id)
+                    unwritten = cancelled is not None
+                    if cancelled is not None:
+                        self._unqueue(cancelled)
+                        if cancelled.outcome is not None:
+                            settled.append(cancelled.outcome)
+                    else:
+                        self._delete(device_id, envelope_id, sent.size)
+                if sent.kind in MESSAGE_KINDS and sent.sender_device_id:
                     # The receipt says the envelope is gone from the server:
                     # at once if it was never written, else once its delete is.
                     receipt = f.Envelope(
@@ -335,18 +422,14 @@ class QueueService:
                         message_id=sent.message_id,
                         sent_at=now,
                         device_id=device_id,
+                        room_id=sent.room_id,
                     )
                     receipts.append(
                         self._queue(
-                            sent.sender_device_id,
-                            receipt,
-                            0,
-                            expires,
-                            None,
-                            held=cancelled is None,
+                            sent.sender_device_id, receipt, 0, expires, None, held=not unwritten
                         )
                     )
-            wrote = len(batch.deletes) > deletes_before
+            wrote = len(batch.deletes) + len(batch.room_acks) > writes_before
             if wrote:
                 batch.waiters.append(outcome)
         for send in settled:
@@ -356,28 +439,18 @@ class QueueService:
             outcome.settle()  # nothing it changed needs the disk
         return outcome
 
-    def _unqueue(self, batch: Batch, cancelled: Insert) -> None:
+    def _unqueue(self, cancelled: Insert) -> None:
         """An envelope's insert was cancelled before it was written (the lock is
         held; the caller settles its send's outcome once the lock is released,
         since an outcome's callbacks may take the lock)."""
         self.stats.cancelled += 1
-        tail = self._tails.get(cancelled.device_id)
-        if tail is not None:
-            tail.pop(cancelled.envelope.envelope_id, None)
-            if not tail:
-                del self._tails[cancelled.device_id]
-        self._count(cancelled.device_id, -1, -cancelled.size)
+        self.state.untail(cancelled.device_id, cancelled.envelope.envelope_id)
+        self.state.count(cancelled.device_id, -1, -cancelled.size)
 
     def _delete(self, device_id: str, envelope_id: int, size: int) -> None:
         self.writer.open.deletes.append((device_id, envelope_id, size))
-        self._deleting.setdefault(device_id, set()).add(envelope_id)
-        self._count(device_id, -1, -size)
-
-    def _count(self, device_id: str, envelopes: int, size: int) -> None:
-        totals = self._totals.get(device_id)
-        if totals is not None:
-            totals[0] = max(0, totals[0] + envelopes)
-            totals[1] = max(0, totals[1] + size)
+        self.state.deleting_now(device_id, envelope_id)
+        self.state.count(device_id, -1, -size)
 
     # -- reading (for delivery) ----------------------------------------------------------
 
@@ -410,6 +483,8 @@ class QueueService:
                     sender_device_id=r[5],
                     ciphertext=r[6].decode() if r[6] is not None else None,
                     device_id=r[7],
+                    room_id=r[8],
+                    event=msgspec.Raw(r[9].encode()) if r[9] is not None else None,
                 )
                 for r in conn.execute(_READ_QUEUE, (device_id, after, limit))
             ]
@@ -417,25 +492,27 @@ class QueueService:
         def committed(rows: list[f.Envelope]) -> None:
             through = rows[-1].envelope_id if rows else after
             complete = len(rows) < limit
-            deleting = self._deleting.get(device_id)
+            state = self.state
+            deleting = state.deleting.get(device_id)
             if deleting:
                 rows = [r for r in rows if r.envelope_id not in deleting]
-            done(rows, through, complete, self._tails.get(device_id, {}).values(), self._held)
+            done(rows, through, complete, state.tails.get(device_id, {}).values(), state.held)
 
         self.store.submit_nowait(read, committed, failed)
 
     # -- expiry (retention) --------------------------------------------------------------
 
     async def expire(self, *, now: int, limit: int) -> int:
-        """Delete up to ``limit`` expired envelopes; queue an ``expired`` receipt
-        for each expired message whose sender device still exists. Returns
-        how many were deleted, once that is durable."""
-        found: list[tuple[int, str, str, str, str | None, int]] = []
+        """Delete up to ``limit`` expired envelopes and as many expired room log
+        entries; queue an ``expired`` receipt for each device an expired
+        message was still waiting for, whose sender device still exists.
+        Returns how many were deleted, once that is durable."""
+        found: list[int] = []
         read_done = trio.Event()
         read_error: list[BaseException] = []
 
-        def read(conn: Any) -> list[tuple[int, str, str, str, str | None, int]]:
-            return [
+        def read(conn: Any) -> tuple[list[_ExpiredEnvelope], list[ExpiredRow]]:
+            envelopes = [
                 tuple(r)
                 for r in conn.execute(
                     "SELECT id, recipient_device_id, kind, message_id, sender_device_id,"
@@ -444,13 +521,14 @@ class QueueService:
                     (now, limit),
                 )
             ]
+            return envelopes, RoomLog.read_expired(conn, now, limit)
 
         outcome = Outcome()
 
-        def committed(rows: list[tuple[int, str, str, str, str | None, int]]) -> None:
+        def committed(rows: tuple[list[_ExpiredEnvelope], list[ExpiredRow]]) -> None:
             # On the loop, at the read's place in the writer's queue: nothing
             # acknowledged after the read was queued is expired again.
-            found.extend(self._expire_now(rows, outcome))
+            found.append(self._expire_now(*rows, outcome))
             read_done.set()
 
         def failed(exc: BaseException) -> None:
@@ -462,24 +540,23 @@ class QueueService:
         if read_error:
             raise StoreError(f"reading expired envelopes failed: {read_error[0]}")
         await outcome.wait()
-        return len(found)
+        return sum(found)
 
     def _expire_now(
-        self, rows: list[tuple[int, str, str, str, str | None, int]], outcome: Outcome
-    ) -> list[tuple[int, str, str, str, str | None, int]]:
+        self, rows: list[_ExpiredEnvelope], room_rows: list[ExpiredRow], outcome: Outcome
+    ) -> int:
         now = now_ms()
         expires = now + EXPIRED_RECEIPT_DAYS * DAY_MS
-        taken = []
+        taken = 0
         by_device: dict[str, list[int]] = {}
         receipts: list[Insert] = []
         with self.writer.lock:
-            for row in rows:
-                envelope_id, recipient, kind, message_id, sender, size = row
-                if envelope_id in self._deleting.get(recipient, ()):
+            for envelope_id, recipient, kind, message_id, sender, size in rows:
+                if envelope_id in self.state.deleting.get(recipient, ()):
                     continue  # acknowledged meanwhile
                 self._delete(recipient, envelope_id, size)
                 by_device.setdefault(recipient, []).append(envelope_id)
-                taken.append(row)
+                taken += 1
                 if kind == "message" and sender:
                     receipt = f.Envelope(
                         envelope_id=self.writer.next_id,
@@ -489,6 +566,10 @@ class QueueService:
                         device_id=recipient,
                     )
                     receipts.append(self._queue(sender, receipt, 0, expires, None, held=True))
+            entries, dropped = self.rooms.expire(room_rows, receipts, self._queue)
+            taken += entries
+            for device_id, ids in dropped.items():
+                by_device.setdefault(device_id, []).extend(ids)
             if taken:
                 self.writer.open.waiters.append(outcome)
         if not taken:
@@ -500,7 +581,7 @@ class QueueService:
 
     def forget_device(self, device_id: str) -> None:
         """A device was removed (its queue went with it)."""
-        self._totals.pop(device_id, None)
+        self.state.forget(device_id)
 
     # -- after a write -------------------------------------------------------------------
 
@@ -519,15 +600,16 @@ class QueueService:
             if ins.outcome is None:
                 continue
             if ins.outcome in repeats:
-                self._count(ins.device_id, -1, -ins.size)  # not written after all
+                self.state.count(ins.device_id, -1, -ins.size)  # not written after all
             else:
                 ins.outcome.written = True
                 ins.outcome.settle()
+        self.rooms.written(batch, repeats)
         for outcome, envelopes in repeats.items():
             outcome.envelopes = envelopes
             outcome.settle(outcome.remaining)
         for device_id, envelope_id, _ in batch.deletes:
-            self._undelete(device_id, envelope_id)
+            self.state.undelete(device_id, envelope_id)
         for waiter in batch.waiters:
             waiter.settle()
 
@@ -540,8 +622,9 @@ class QueueService:
             dropped = [i.envelope.envelope_id for i in batch.inserts() if i.outcome in gone]
             entries = [entry for i in dropped if (entry := batch.pop(i)) is not None]
         for entry in entries:
-            self._untail(entry)
-            self._count(entry.device_id, -1, -entry.size)
+            self.state.untail(entry.device_id, entry.envelope.envelope_id)
+            self.state.count(entry.device_id, -1, -entry.size)
+        self.rooms.drop_open(list(gone))
 
     def _untail_batch(self, batch: Batch, written: dict[SendOutcome, int] | None) -> None:
         """A batch is settled: its envelopes leave their tails (``written``: the
@@ -549,10 +632,11 @@ class QueueService:
         each device it held envelopes of, the relay gets the queue from the
         batch on, so that connections waiting at a held envelope go on."""
         devices: dict[str, list[f.Envelope]] = {}
+        state = self.state
         for ins in batch.inserts():
-            self._untail(ins)
+            state.untail(ins.device_id, ins.envelope.envelope_id)
             if ins.held:
-                self._held.discard(ins.envelope.envelope_id)
+                state.held.discard(ins.envelope.envelope_id)
                 devices.setdefault(ins.device_id, [])
         if not devices:
             return
@@ -562,15 +646,16 @@ class QueueService:
                 if entries is not None and (ins.outcome is None or ins.outcome not in written):
                     entries.append(ins.envelope)
         for device_id, entries in devices.items():
-            tail = self._tails.get(device_id, {}).values()
+            tail = state.tails.get(device_id, {}).values()
             queue = sorted(itertools.chain(entries, tail), key=_envelope_id)
-            self.events.released(device_id, queue, self._held)
+            self.events.released(device_id, queue, state.held)
 
     def _write_failed(self, batch: Batch, error: StoreError) -> None:
         """On the loop: a batch was not written. Its sends fail (their senders
         resend); its deletes are undone (the envelopes come again)."""
         log.warning("queues.write_failed", extra=fields(error=type(error).__name__))
         failed_sends = {ins.outcome for ins in batch.inserts() if ins.outcome is not None}
+        failed_sends.update(e.outcome for e in batch.room_inserts() if e.outcome is not None)
         for outcome in failed_sends:
             outcome.checked = False
             # A resend is a new send.
@@ -578,30 +663,17 @@ class QueueService:
         self._drop_open(failed_sends)
         self._untail_batch(batch, None)
         for ins in batch.inserts():
-            self._count(ins.device_id, -1, -ins.size)
+            self.state.count(ins.device_id, -1, -ins.size)
             if ins.outcome is not None:
                 ins.outcome.fail(error)
+        self.rooms.failed(batch, error)
         for device_id, envelope_id, size in batch.deletes:
-            self._undelete(device_id, envelope_id)
-            self._count(device_id, 1, size)
+            self.state.undelete(device_id, envelope_id)
+            self.state.count(device_id, 1, size)
         for waiter in batch.waiters:
             waiter.fail(error)
         for outcome in failed_sends:
             outcome.fail(error)
-
-    def _untail(self, ins: Insert) -> None:
-        tail = self._tails.get(ins.device_id)
-        if tail is not None:
-            tail.pop(ins.envelope.envelope_id, None)
-            if not tail:
-                del self._tails[ins.device_id]
-
-    def _undelete(self, device_id: str, envelope_id: int) -> None:
-        deleting = self._deleting.get(device_id)
-        if deleting is not None:
-            deleting.discard(envelope_id)
-            if not deleting:
-                del self._deleting[device_id]
 
 
 def _envelope_id(envelope: f.Envelope) -> int:

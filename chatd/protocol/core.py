@@ -32,6 +32,7 @@ from typing import Final
 
 import msgspec
 
+from chatd.protocol.catalog import ClientFrame, ServerFrame
 from chatd.protocol.frames import (
     AUTH_FRAMES,
     ENROLLMENT_FRAMES,
@@ -39,7 +40,6 @@ from chatd.protocol.frames import (
     PROTOCOL_VERSION,
     Ack,
     Bye,
-    ClientFrame,
     Error,
     Hello,
     Limits,
@@ -48,9 +48,9 @@ from chatd.protocol.frames import (
     Pong,
     Register,
     Resume,
-    ServerFrame,
 )
 from chatd.protocol.frames import Send as SendFrame
+from chatd.protocol.rooms import RoomSend
 from chatd.protocol.validation import ERR_BAD_FRAME, ERR_UNKNOWN_TYPE, Problem, explain
 
 __all__ = ["ERR_BAD_FRAME", "ERR_UNKNOWN_TYPE"]
@@ -114,7 +114,8 @@ class State(enum.Enum):
 
 
 _decoder: Final = msgspec.json.Decoder(ClientFrame)
-_MESSAGING: Final = frozenset((SendFrame, Ack))  # what an authenticated connection sends most
+#: What an authenticated connection sends most.
+_MESSAGING: Final = frozenset((SendFrame, Ack, RoomSend))
 _SESSION_STARTS: Final = (Login, Register, Resume)
 _encoder: Final = msgspec.json.Encoder()
 

@@ -86,12 +86,15 @@ class Sent(NamedTuple):
     message_id: str
     sender_device_id: str | None
     size: int  # bytes of ciphertext
+    room_id: int | None = None  # a room message or event: its room
 
 
 def sent_record(envelope: Envelope) -> Sent:
     text = envelope.ciphertext
     size = (len(text) if text.isascii() else len(text.encode())) if text else 0
-    return Sent(envelope.kind, envelope.message_id, envelope.sender_device_id, size)
+    return Sent(
+        envelope.kind, envelope.message_id, envelope.sender_device_id, size, envelope.room_id
+    )
 
 
 class Delivery:

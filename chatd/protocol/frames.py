@@ -248,32 +248,6 @@ class WhoIsOnline(Frame, tag="who_is_online"):
     user_ids: Annotated[list[UserId], msgspec.Meta(max_length=MAX_WATCH_USERS)] | None = None
 
 
-#: Every frame a client may send. Decoding a union makes ``type`` mandatory.
-ClientFrame = (
-    Ping
-    | Bye
-    | Login
-    | Register
-    | Resume
-    | Refresh
-    | Logout
-    | ListSessions
-    | RevokeSessions
-    | ChangePassword
-    | MfaEnroll
-    | MfaConfirm
-    | MfaDisable
-    | NewRecoveryCodes
-    | KeysUpload
-    | KeysClaim
-    | Directory
-    | Send
-    | Ack
-    | Typing
-    | WhoIsOnline
-    | RemoveDevice
-)
-
 #: Frames that start a session: only these (and ping, bye, refresh) before one.
 AUTH_FRAMES = (Login, Register, Resume, Refresh)
 #: Frames a session that must still enroll a second factor may send.
@@ -294,7 +268,7 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True):
 
 
 #: What this server supports beyond the protocol's first release (PROTOCOL §16).
-FEATURES: Final = ("who_is_online.user_ids",)
+FEATURES: Final = ("who_is_online.user_ids", "rooms")
 
 
 class Hello(Frame, tag="hello"):
@@ -458,6 +432,8 @@ class Sent(Frame, tag="sent"):
     id: str
     message_id: str
     envelopes: int
+    # room_send only: member devices whose queue was full, which do not get it
+    skipped: list[DeviceRef] = msgspec.field(default_factory=list)
 
 
 class DeviceMismatch(Frame, tag="device_mismatch"):
@@ -471,13 +447,15 @@ class DeviceMismatch(Frame, tag="device_mismatch"):
 
 class Envelope(msgspec.Struct, omit_defaults=True):
     envelope_id: int  # queue position: acknowledge with ack up_to
-    kind: str  # message | delivered | expired
+    kind: str  # message | delivered | expired | room_message | room_event
     message_id: str
     sent_at: int  # unix ms
     sender_user_id: int | None = None  # message
     sender_device_id: str | None = None  # message
     ciphertext: str | None = None  # message
     device_id: str | None = None  # receipt: the recipient device it is about
+    room_id: int | None = None  # room_message, room_event, and receipts about a room message
+    event: msgspec.Raw | None = None  # room_event: a RoomEvent, encoded once by the server
 
 
 class Deliver(Frame, tag="deliver"):
@@ -499,25 +477,3 @@ class Presence(Frame, tag="presence"):
     online: list[int]
     offline: list[int] = []
     id: str | None = None
-
-
-ServerFrame = (
-    Hello
-    | Pong
-    | Error
-    | Session
-    | Tokens
-    | Ok
-    | Sessions
-    | Revoked
-    | MfaEnrollment
-    | RecoveryCodes
-    | KeyCount
-    | KeysClaimed
-    | Members
-    | Sent
-    | DeviceMismatch
-    | Deliver
-    | TypingNotice
-    | Presence
-)

@@ -38,6 +38,7 @@ from chatd.auth.models import SessionGrant
 from chatd.log import fields, mask_ip
 from chatd.protocol import core
 from chatd.protocol import frames as f
+from chatd.protocol.catalog import ServerFrame
 from chatd.protocol.delivery import Delivery, Replies, deliver_batches
 from chatd.relay.ws import WebSocket
 
@@ -180,7 +181,7 @@ class Connection:
         self._pushes.append(self.ws.frame(frame.decode()))
         self.wake()
 
-    def push_frame(self, frame: f.ServerFrame) -> None:
+    def push_frame(self, frame: ServerFrame) -> None:
         self.push(core.encode(frame))
 
     def control(self, data: bytes) -> None:

@@ -31,10 +31,14 @@ from chatd.errors import StoreError
 from chatd.log import client_network, fields, mask_ip
 from chatd.protocol import core
 from chatd.protocol import frames as f
+from chatd.protocol import rooms as r
 from chatd.protocol.delivery import Phase
 from chatd.relay import delivery
 from chatd.relay.connection import Connection
 from chatd.relay.registry import Registry, close_with
+from chatd.relay.rooms import ROOM_REQUESTS, serve_room_request
+from chatd.rooms.model import RoomError
+from chatd.rooms.service import RoomService
 from chatd.store import now_ms
 
 log = logging.getLogger("chatd.relay")
@@ -86,11 +90,13 @@ class Dispatcher:
         auth: AuthService,
         keys: KeyService,
         queues: QueueService,
+        rooms: RoomService,
     ) -> None:
         self.registry = registry
         self.auth = auth
         self.keys = keys
         self.queues = queues
+        self.rooms = rooms
 
     async def carry_out(self, conn: Connection, actions: list[core.Action]) -> None:
         """Carry out the core's actions for one client message, in order."""
@@ -101,6 +107,8 @@ class Dispatcher:
                 await self._send(conn, action)
             elif isinstance(action, f.Ack):
                 await self._ack(conn, action)
+            elif isinstance(action, r.RoomSend):
+                await self._room_send(conn, action)
             elif isinstance(action, core.Send):
                 conn.answer([action.data])
             elif isinstance(action, core.Close):
@@ -155,6 +163,25 @@ class Dispatcher:
                     ),
                 )
 
+    async def _room_send(self, conn: Connection, frame: r.RoomSend) -> None:
+        grant = conn.grant
+        proto = conn.proto
+        if grant is None or not grant.device_id:
+            error = proto.error("no_device", "this session has no device", request_id=frame.id)
+            self._perform(conn, error)
+            return
+        if conn.waiting_answers >= PIPELINE_DEPTH:
+            await conn.wait_answers(below=PIPELINE_DEPTH)  # backpressure, not an error
+        try:
+            result, skipped = self.rooms.send(grant.user_id, grant.device_id, frame)
+        except RoomError as exc:
+            self._perform(conn, _refused(proto, frame.id, exc))
+            return
+        handle = conn.reserve()
+        if handle is None:
+            return
+        result.outcome.when_done(lambda o: conn.fill(handle, _sent(proto, frame, o, skipped)))
+
     async def _ack(self, conn: Connection, frame: f.Ack) -> None:
         if conn.waiting_answers >= PIPELINE_DEPTH:
             await conn.wait_answers(below=PIPELINE_DEPTH)  # backpressure, not an error
@@ -205,6 +232,8 @@ class Dispatcher:
                 field=exc.field,
                 retry_after=exc.retry_after,
             )
+        except RoomError as exc:
+            actions = _refused(proto, request_id, exc)
         except StoreError:
             log.warning("relay.storage_unavailable", extra=fields(request=type(frame).__name__))
             actions = _storage_error(proto, request_id)
@@ -367,6 +396,10 @@ class Dispatcher:
                     other.push(notice)
                 registry.watch_each_other(conn, frame.to_user_id)
                 return []
+            case _ if isinstance(frame, ROOM_REQUESTS):
+                if not grant.device_id:
+                    raise AuthError("no_device", "this session has no device")
+                return proto.reply(await serve_room_request(self.rooms, grant, frame))
             case f.WhoIsOnline():
                 if frame.user_ids is None:
                     online = registry.online_users()
@@ -378,14 +411,30 @@ class Dispatcher:
         return proto.internal_error()
 
 
-def _sent(proto: core.ServerConnection, frame: f.Send, outcome: Outcome) -> list[bytes]:
-    """The answer to a send once its outcome is known."""
+def _sent(
+    proto: core.ServerConnection,
+    frame: f.Send | r.RoomSend,
+    outcome: Outcome,
+    skipped: list[f.DeviceRef] | None = None,
+) -> list[bytes]:
+    """The answer to a send (or a room send) once its outcome is known."""
     if outcome.error is not None:
         actions = _storage_error(proto, frame.id, sending=True)
     else:
-        reply = f.Sent(id=frame.id, message_id=frame.message_id, envelopes=outcome.envelopes)
+        reply = f.Sent(
+            id=frame.id,
+            message_id=frame.message_id,
+            envelopes=outcome.envelopes,
+            skipped=skipped or [],
+        )
         actions = proto.reply(reply)
     return [a.data for a in actions if isinstance(a, core.Send)]
+
+
+def _refused(
+    proto: core.ServerConnection, request_id: str | None, exc: RoomError
+) -> list[core.Action]:
+    return proto.error(exc.code, exc.message, request_id=request_id, field=exc.field)
 
 
 def _acked(

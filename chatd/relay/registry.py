@@ -29,6 +29,7 @@ import trio
 from chatd.auth.models import SessionGrant
 from chatd.protocol import core
 from chatd.protocol import frames as f
+from chatd.protocol import rooms as r
 from chatd.protocol.delivery import DeviceLedger
 from chatd.store import now_ms
 
@@ -223,6 +224,15 @@ class Registry:
                     continue
                 for conn in list(self.by_device.get(device_id, DeviceState()).connections):
                     conn.push_frame(count)
+
+    # -- rooms ---------------------------------------------------------------------------
+
+    def room_invited(self, user_id: int, frame: r.RoomInvited) -> None:
+        """Tell the live connections of an invited user (not a restricted one)."""
+        data = core.encode(frame)
+        for conn in self.by_user.get(user_id, ()):
+            if conn.grant is not None and not conn.grant.mfa_enrollment_required:
+                conn.push(data)
 
     # -- queues (events from the queue service) -----------------------------------------
 

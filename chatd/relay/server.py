@@ -58,6 +58,7 @@ from chatd.relay.ws import (
     WebSocketClosed,
     serve_websockets,
 )
+from chatd.rooms.service import RoomService
 
 log = logging.getLogger("chatd.relay")
 
@@ -321,6 +322,7 @@ async def serve_relay(
     auth: AuthService,
     keys: KeyService,
     queues: QueueService,
+    rooms: RoomService,
     task_status: trio.TaskStatus[Relay] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the relay until ``stopping`` is set, then drain and return.
@@ -332,7 +334,7 @@ async def serve_relay(
     """
     s = config.relay
     listeners = await open_relay_listeners(config)
-    dispatcher = Dispatcher(registry, auth, keys, queues)
+    dispatcher = Dispatcher(registry, auth, keys, queues, rooms)
     async with trio.open_nursery() as services:
         services.start_soon(registry.serve_presence)
         services.start_soon(registry.serve_key_counts, keys)

@@ -209,6 +209,66 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     ALTER TABLE fallback_keys RENAME COLUMN curve25519_key TO curve25519;
     ALTER TABLE sessions RENAME COLUMN last_ip TO ip;
     """,
+    # 8: rooms. A room's messages and events are stored once, in room_log, and
+    # reach each member device through its room_devices ranges: a device gets
+    # the room's log entries with from_id < id <= until_id that are past its
+    # room_cursor (the highest room log id it acknowledged). room_log ids come
+    # from the envelopes' id sequence, so one device's queue (its envelopes
+    # and its room log entries) has one order. Neither room_log nor
+    # room_devices references rooms: what was queued before a room was
+    # deleted is still delivered, then purged like any envelope.
+    """
+    CREATE TABLE rooms (
+        id            INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: old entries name it
+        kind          TEXT    NOT NULL CHECK (kind IN ('channel', 'group')),
+        name          TEXT    NOT NULL,
+        topic         TEXT    NOT NULL,
+        invite_only   INTEGER NOT NULL,
+        share_history INTEGER NOT NULL,
+        created_at    INTEGER NOT NULL,
+        epoch         INTEGER NOT NULL               -- goes up when its member devices change
+    );
+    CREATE TABLE room_members (
+        room_id   INTEGER NOT NULL REFERENCES rooms (id) ON DELETE CASCADE,
+        user_id   INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+        role      TEXT    NOT NULL CHECK (role IN ('owner', 'moderator', 'member')),
+        joined_at INTEGER NOT NULL,
+        PRIMARY KEY (room_id, user_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX room_members_user ON room_members (user_id);
+    CREATE TABLE room_invites (
+        room_id    INTEGER NOT NULL REFERENCES rooms (id) ON DELETE CASCADE,
+        user_id    INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+        by_user_id INTEGER REFERENCES users (id) ON DELETE SET NULL,
+        invited_at INTEGER NOT NULL,
+        PRIMARY KEY (room_id, user_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX room_invites_user ON room_invites (user_id);
+    CREATE TABLE room_log (
+        id               INTEGER PRIMARY KEY,        -- from the envelopes' id sequence
+        room_id          INTEGER NOT NULL,
+        kind             TEXT    NOT NULL CHECK (kind IN ('room_message', 'room_event')),
+        message_id       TEXT    NOT NULL,
+        sender_user_id   INTEGER,                    -- room_message: who sent it
+        sender_device_id TEXT,                       -- room_message: from which device
+        ciphertext       BLOB,                       -- room_message: Megolm, opaque
+        event            TEXT,                       -- room_event: JSON, made by the server
+        sent_at          INTEGER NOT NULL,
+        expires_at       INTEGER NOT NULL
+    );
+    CREATE INDEX room_log_room ON room_log (room_id, id);
+    CREATE INDEX room_log_expires_at ON room_log (expires_at);
+    CREATE TABLE room_devices (
+        device_id TEXT    NOT NULL REFERENCES devices (id) ON DELETE CASCADE,
+        room_id   INTEGER NOT NULL,
+        from_id   INTEGER NOT NULL,                  -- gets room_log ids above this...
+        until_id  INTEGER,                           -- ...up to this one (NULL: no end yet)
+        PRIMARY KEY (device_id, room_id, from_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX room_devices_room ON room_devices (room_id);
+    ALTER TABLE devices ADD COLUMN room_cursor INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE envelopes ADD COLUMN room_id INTEGER;
+    """,
 )
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)
