@@ -58,7 +58,14 @@ from .errors import (
     VerificationError,
 )
 from .keys import MAX_ONE_TIME_KEYS, KeySupply
+from .megolm import MemberDevice, RoomSettings
 from .olm_send import OlmSender
+from .room_events import RoomEventItem, RoomInvitation, RoomMessage
+from .room_inbound import ROOM_KINDS, RoomInbound
+from .room_jobs import RoomJobs
+from .room_keys import RoomKeys
+from .room_store import OlmWrite, RoomInfo, RoomStore
+from .rooms import Rooms
 from .sas import KINDS as VERIFY_KINDS
 from .sas import Party
 from .store import DeviceRecord, HistoryEntry, LocalStore, now_ms
@@ -67,6 +74,7 @@ from .verification import Verification, Verifications
 log = logging.getLogger(__name__)
 
 INBOX_MESSAGES: Final = 1000  # received messages buffered for messages()
+ROOM_EVENTS: Final = 1000  # room messages and events buffered for room_events()
 KEYS_READY_TIMEOUT: Final = 30.0  # seconds open_client waits for the first key upload
 
 
@@ -117,6 +125,13 @@ class _Control:
     payload: Payload
 
 
+@dataclass(frozen=True)
+class _RoomKeyTaken:
+    """A ``room_key`` stored, with the held room messages it opened."""
+
+    released: list[RoomMessage]
+
+
 class Client:
     """A logged-in device. Get one from :func:`open_client`."""
 
@@ -128,6 +143,7 @@ class Client:
         *,
         one_time_keys: int = ONE_TIME_KEY_TARGET,
         fallback_key: str | None = None,
+        room_settings: RoomSettings | None = None,
     ) -> None:
         self._store = store
         self._olm = olm
@@ -146,6 +162,41 @@ class Client:
         self._changed = trio.Event()
         self._inbox_send, self._inbox = trio.open_memory_channel[ReceivedMessage](INBOX_MESSAGES)
         self._verifications = Verifications(self._party, self._send_control, self._mark_verified)
+        self._room_settings = room_settings or RoomSettings()
+        self._room_events_send, self._room_events = trio.open_memory_channel[RoomEventItem](
+            ROOM_EVENTS
+        )
+        self._rooms: Rooms | None = None
+        self._room_jobs: RoomJobs | None = None
+        self._room_inbound: RoomInbound | None = None
+
+    async def _open_rooms(self, pickle_key: bytes) -> RoomJobs:
+        """Load the Megolm state (once logged in: it needs our device id)."""
+        own = MemberDevice(self.user_id, self.device_id, self._olm.curve25519, self._olm.ed25519)
+        room_store = RoomStore(self._store)
+        keys = await RoomKeys.open(room_store, pickle_key, own, self._room_settings)
+        self._rooms = rooms = Rooms(self._conn, self._store, room_store, keys, self._olm_send)
+        rooms.on_sent = self._notify
+        self._room_jobs = RoomJobs(rooms, self._user_devices, self._room_events_send)
+        self._room_inbound = RoomInbound(self._store, rooms, self._room_jobs, self._sender_device)
+        return self._room_jobs
+
+    @property
+    def rooms(self) -> Rooms:
+        """Room requests and room messages (see :class:`chatd.client.rooms.Rooms`)."""
+        if self._rooms is None:  # pragma: no cover - open_client opens them before yielding
+            raise ClientError("the client is not open")
+        return self._rooms
+
+    def room_events(self) -> trio.MemoryReceiveChannel[RoomEventItem]:
+        """Room messages (decrypted, stored), undecryptable-message notices,
+        room events and invitations, in delivery order. One consumer; buffered
+        up to ROOM_EVENTS, then delivery waits."""
+        return self._room_events
+
+    async def _user_devices(self, user_id: int) -> list[DeviceRecord]:
+        members = await self.directory()
+        return next((m.devices for m in members if m.user_id == user_id), [])
 
     @property
     def user_id(self) -> int:
@@ -339,6 +390,9 @@ class Client:
             try:
                 if frame.get("type") == "deliver":
                     await self._deliver(frame["envelopes"])
+                elif frame.get("type") == "room_invited":
+                    room = RoomInfo.from_wire(frame["room"])
+                    await self._room_events_send.send(RoomInvitation(room, frame.get("by_user_id")))
                 elif frame.get("type") == "key_count":
                     await self._keys.top_up(frame)
             except (ClientError, trio.TooSlowError) as exc:
@@ -348,15 +402,25 @@ class Client:
     async def _deliver(self, envelopes: list[dict[str, Any]]) -> None:
         received: list[ReceivedMessage] = []
         controls: list[_Control] = []
+        room_items: list[RoomEventItem] = []
         ours: set[str] | None = None  # our own devices, read once per frame if needed
+        inbound = self._room_inbound
         for env in envelopes:
             if env["kind"] == "message":
                 result = await self._receive(env)
                 if isinstance(result, ReceivedMessage):
                     received.append(result)
+                elif isinstance(result, _RoomKeyTaken):
+                    room_items.extend(result.released)
                 elif result is not None:
                     controls.append(result)
+            elif inbound is not None and (
+                env["kind"] in ROOM_KINDS or env.get("room_id") is not None
+            ):
+                room_items.extend(await inbound.take(env))
             elif env["kind"] in ("delivered", "expired"):
+                if inbound is not None and env["kind"] == "expired":
+                    await inbound.take(env)  # a key share that expired is shared again
                 if ours is None:
                     ours = {
                         d.device_id
@@ -378,6 +442,8 @@ class Client:
             await self._guarded(self._handle_control(control))
         for message in received:
             await self._inbox_send.send(message)
+        for item in room_items:
+            await self._room_events_send.send(item)
 
     async def _guarded(self, work: Awaitable[None]) -> None:
         try:
@@ -390,6 +456,8 @@ class Client:
         if payload.kind in VERIFY_KINDS:
             them = Party(sender.user_id, sender.device_id, sender.ed25519)
             await self._verifications.handle(them, payload.to_user_id, payload.fields)
+        elif payload.kind == "room_key_request" and self._room_jobs is not None:
+            self._room_jobs.key_requested(sender, payload.fields)
 
     async def _sender_device(self, user_id: int, device_id: str) -> DeviceRecord | None:
         """The sending device as we know it; a device we have not seen yet
@@ -400,7 +468,9 @@ class Client:
             device = await self._store.device(user_id, device_id)
         return device
 
-    async def _receive(self, env: dict[str, Any]) -> ReceivedMessage | _Control | None:
+    async def _receive(
+        self, env: dict[str, Any]
+    ) -> ReceivedMessage | _Control | _RoomKeyTaken | None:
         """Decrypt and store one message envelope. Returns a chat message, or a
         payload of another kind (recorded, not in the history); None for a
         duplicate or a message that cannot be decrypted (stored as
@@ -434,6 +504,15 @@ class Client:
                 return None
             meta = self._keys.noticed(decrypted.one_time_key)
             account = self._olm.account_pickle()
+            if payload.kind == "room_key" and self._rooms is not None and device is not None:
+                released = await self._rooms.keys.take_room_key(
+                    message_id,
+                    device,
+                    payload.fields,
+                    OlmWrite(account, self._olm.take_dirty(), meta),
+                    self.user_id,
+                )
+                return _RoomKeyTaken(released)
             if payload.kind != "text":
                 new = await self._store.add_control(
                     message_id,
@@ -484,13 +563,16 @@ async def open_client(
     ssl_context: ssl.SSLContext | None = None,
     backoff_base: float = 1.0,
     one_time_keys: int = ONE_TIME_KEY_TARGET,
+    rooms: RoomSettings | None = None,
 ) -> AsyncIterator[Client]:
     """Open the store, connect, log in and publish keys; yield a :class:`Client`.
 
     Logs in as the device saved in the store, or as a new device the first
     time. ``one_time_keys`` is how many one-time keys the device keeps on the
     server (1 to MAX_ONE_TIME_KEYS; it tops up when fewer than half are left,
-    or when the server asks). Raises ClientStoreError (wrong key), LoginError
+    or when the server asks). ``rooms`` sets the room-key policy
+    (RoomSettings: rotation_messages=100, rotation_seconds=7 days,
+    key_wait_seconds=10). Raises ClientStoreError (wrong key), LoginError
     (refused), ConnectionLostError (cannot connect). On exit it says ``bye``,
     cancels its background tasks and closes the store.
     """
@@ -518,10 +600,17 @@ async def open_client(
             on_session=on_session,
         )
         client = Client(
-            store, olm, conn, one_time_keys=one_time_keys, fallback_key=meta.get("fallback_key")
+            store,
+            olm,
+            conn,
+            one_time_keys=one_time_keys,
+            fallback_key=meta.get("fallback_key"),
+            room_settings=rooms,
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(conn.serve)
+            jobs = await client._open_rooms(key)
+            await nursery.start(jobs.serve)
             nursery.start_soon(client._serve_inbound)
             with trio.fail_after(KEYS_READY_TIMEOUT):
                 await client._keys.ready.wait()

@@ -387,24 +387,28 @@ class RoomStore:
         )
         return [HeldMessage(*r) for r in rows]
 
-    async def mark_undecryptable(self, message_ids: list[str]) -> None:
+    async def mark_undecryptable(self, message_ids: list[str]) -> list[str]:
         """The key wait is over: shown as "cannot decrypt, ask the sender to
-        resend"; a key request goes out. Still held, for a late key."""
+        resend"; a key request goes out. Still held, for a late key. Returns
+        the ids that were still held (not released meanwhile)."""
         now = now_ms()
 
-        def write(conn: Any) -> None:
+        def write(conn: Any) -> list[str]:
+            marked = []
             for message_id in message_ids:
                 conn.execute(
                     "UPDATE held_messages SET requested_at = ? WHERE message_id = ?",
                     (now, message_id),
                 )
-                conn.execute(
+                if conn.execute(
                     "UPDATE messages SET state = 'undecryptable' WHERE message_id = ?"
                     " AND state = 'held'",
                     (message_id,),
-                )
+                ).rowcount:
+                    marked.append(message_id)
+            return marked
 
-        await self._store.write(write)
+        return await self._store.write(write)
 
     async def history_entries(self, message_ids: list[str]) -> list[HistoryEntry]:
         def read(conn: Any) -> list[HistoryEntry]:
