@@ -176,7 +176,7 @@ class Client:
         room_store = RoomStore(self._store)
         keys = await RoomKeys.open(room_store, pickle_key, own, self._room_settings)
         self._rooms = rooms = Rooms(self._conn, self._store, room_store, keys, self._olm_send)
-        rooms.on_sent = self._notify
+        rooms.on_change = self._notify
         self._room_jobs = RoomJobs(rooms, self._user_devices, self._room_events_send)
         self._room_inbound = RoomInbound(self._store, rooms, self._room_jobs, self._sender_device)
         return self._room_jobs

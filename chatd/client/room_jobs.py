@@ -180,7 +180,9 @@ class RoomJobs:
     async def _serve_key_wait(self) -> None:
         wait_ms = self._rooms.keys.settings.key_wait_seconds * 1000
         while True:
-            woken = self._held
+            if self._held.is_set():
+                self._held = trio.Event()
+            woken = self._held  # set by a message held from now on
             held = [h for h in await self._rooms.store.held() if h.requested_at is None]
             now = now_ms()
             due = [h for h in held if h.held_at + wait_ms <= now]
@@ -200,7 +202,6 @@ class RoomJobs:
                 except (ClientError, trio.TooSlowError) as exc:
                     log.warning("client.room_key_request_failed", extra={"error": str(exc)})
                 continue
-            self._held = trio.Event()
             if held:
                 earliest = min(h.held_at for h in held) + wait_ms
                 with trio.move_on_after(max(0.0, (earliest - now) / 1000)):

@@ -274,6 +274,17 @@ class RoomStore:
         )
         return None if row is None else Share(row[0], row[1])
 
+    async def share_message(self, session_id: str, user_id: int, device_id: str) -> str | None:
+        """The Olm message that last gave our session ``session_id`` to a device."""
+        row = await self._store.read(
+            lambda c: c.execute(
+                "SELECT message_id FROM megolm_shares"
+                " WHERE session_id = ? AND user_id = ? AND device_id = ?",
+                (session_id, user_id, device_id),
+            ).fetchone()
+        )
+        return None if row is None else str(row[0])
+
     async def shares_sent_in(self, message_id: str, device_id: str) -> list[tuple[int, str, int]]:
         """(room id, session id, user id) of the shares Olm message ``message_id``
         carried to ``device_id`` (an ``expired`` receipt names both)."""

@@ -106,7 +106,8 @@ class Rooms:
         self._members: dict[int, RoomMembers] = {}
         self._epochs: dict[int, int] = {}  # the latest epoch a room event told us
         self.send_lock = trio.Lock()  # one room message at a time: one share, one ratchet step
-        self.on_sent: Callable[[], None] = lambda: None
+        #: Called after each room message or key share the server accepted.
+        self.on_change: Callable[[], None] = lambda: None
 
     @property
     def _own(self) -> tuple[int, str]:
@@ -292,7 +293,7 @@ class Rooms:
         plaintext = encode_room_text(room_id, text, mentioned)
         async with self.send_lock:
             await self._send(room_id, message_id, plaintext)
-        self.on_sent()
+        self.on_change()
         return message_id
 
     async def _send(self, room_id: int, message_id: str, plaintext: bytes) -> None:
@@ -378,6 +379,7 @@ class Rooms:
                 if (d.user_id, d.device_id) in wanted
             ]
             await self.keys.shared(room_id, key, got, batch.message_id)
+            self.on_change()
 
     async def send_control(
         self,
