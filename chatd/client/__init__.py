@@ -8,7 +8,7 @@ verification (SAS emoji) in :mod:`chatd.client.sas` and
 :mod:`chatd.client.verification`.
 """
 
-from .client import Client, Member, ReceivedMessage, key_from_passphrase, open_client
+from .client import Client, Member, ReceivedMessage
 from .crypto import fingerprint
 from .errors import (
     ClientError,
@@ -22,6 +22,7 @@ from .errors import (
     ServerRefusedError,
     VerificationError,
 )
+from .opening import key_from_passphrase, open_client
 from .sas import SAS_EMOJI, ShortAuthString
 from .store import DeviceRecord, HistoryEntry
 from .verification import Verification

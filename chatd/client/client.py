@@ -1,9 +1,13 @@
-"""The chatd client: end-to-end encrypted one-to-one messages over the relay.
+"""The chatd client: end-to-end encrypted one-to-one messages and rooms over the relay.
 
-``open_client`` opens the local store, connects and logs in, publishes keys,
-and runs two background tasks in a nursery it owns: the connection
-(:mod:`chatd.client.connection`) and the inbound worker, which handles
-``deliver`` and pushed ``key_count`` frames one at a time.
+``open_client`` (:mod:`chatd.client.opening`) opens the local store, connects
+and logs in, publishes keys, and runs three background tasks in a nursery it
+owns: the connection (:mod:`chatd.client.connection`), the room jobs
+(:mod:`chatd.client.room_jobs`), and the inbound worker, which handles
+``deliver``, pushed ``key_count`` and ``room_invited`` frames one at a time.
+Room envelopes go to :mod:`chatd.client.room_inbound`, a ``room_key``
+payload to :meth:`chatd.client.room_keys.RoomKeys.take_room_key` (in the
+same transaction as the Olm state that decrypted it).
 
 Ordering guarantees
 -------------------
@@ -27,18 +31,14 @@ Ordering guarantees
 from __future__ import annotations
 
 import logging
-import ssl
 import uuid
-from collections.abc import AsyncIterator, Awaitable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final
 
 import trio
-from argon2.low_level import Type, hash_secret_raw
 
-from .connection import Connection, Credentials
+from .connection import Connection
 from .crypto import (
     ONE_TIME_KEY_TARGET,
     OlmMachine,
@@ -47,7 +47,6 @@ from .crypto import (
     encode_control,
     encode_payload,
     fingerprint,
-    pickle_key,
     verify_device_keys,
 )
 from .errors import (
@@ -57,7 +56,7 @@ from .errors import (
     SendError,
     VerificationError,
 )
-from .keys import MAX_ONE_TIME_KEYS, KeySupply
+from .keys import KeySupply
 from .megolm import MemberDevice, RoomSettings
 from .olm_send import OlmSender
 from .room_events import RoomEventItem, RoomInvitation, RoomMessage
@@ -76,26 +75,6 @@ log = logging.getLogger(__name__)
 INBOX_MESSAGES: Final = 1000  # received messages buffered for messages()
 ROOM_EVENTS: Final = 1000  # room messages and events buffered for room_events()
 KEYS_READY_TIMEOUT: Final = 30.0  # seconds open_client waits for the first key upload
-
-
-def key_from_passphrase(passphrase: str, salt: bytes) -> bytes:
-    """A 32-byte store key from a passphrase: Argon2id (t=3, m=64 MiB, p=4).
-
-    ``salt`` should be at least 16 random bytes kept next to the store. Slow on
-    purpose (tenths of a second): call it through ``trio.to_thread.run_sync``
-    inside async code.
-    """
-    if len(salt) < 16:
-        raise ClientError("the salt must be at least 16 bytes")
-    return hash_secret_raw(
-        passphrase.encode(),
-        salt,
-        time_cost=3,
-        memory_cost=64 * 1024,
-        parallelism=4,
-        hash_len=32,
-        type=Type.ID,
-    )
 
 
 @dataclass(frozen=True)
@@ -548,79 +527,3 @@ class Client:
             outgoing,
             device.verified,
         )
-
-
-@asynccontextmanager
-async def open_client(
-    url: str,
-    username: str,
-    password: str,
-    *,
-    device_name: str,
-    store_path: Path | str,
-    store_key: bytes,
-    totp: str | None = None,
-    ssl_context: ssl.SSLContext | None = None,
-    backoff_base: float = 1.0,
-    one_time_keys: int = ONE_TIME_KEY_TARGET,
-    rooms: RoomSettings | None = None,
-) -> AsyncIterator[Client]:
-    """Open the store, connect, log in and publish keys; yield a :class:`Client`.
-
-    Logs in as the device saved in the store, or as a new device the first
-    time. ``one_time_keys`` is how many one-time keys the device keeps on the
-    server (1 to MAX_ONE_TIME_KEYS; it tops up when fewer than half are left,
-    or when the server asks). ``rooms`` sets the room-key policy
-    (RoomSettings: rotation_messages=100, rotation_seconds=7 days,
-    key_wait_seconds=10). Raises ClientStoreError (wrong key), LoginError
-    (refused), ConnectionLostError (cannot connect). On exit it says ``bye``,
-    cancels its background tasks and closes the store.
-    """
-    if not 1 <= one_time_keys <= MAX_ONE_TIME_KEYS:
-        raise ClientError(f"one_time_keys must be 1 to {MAX_ONE_TIME_KEYS}")
-    store = await LocalStore.open(Path(store_path), store_key)
-    try:
-        meta = await store.meta()
-        key = pickle_key(store_key)
-        olm = OlmMachine.restore(meta.get("account"), await store.olm_channels(), key)
-        if "account" not in meta:
-            await store.save_olm(olm.account_pickle(), [])
-        credentials = Credentials(username, password, device_name, totp, meta.get("device_id"))
-
-        async def on_session(reply: dict[str, Any]) -> None:
-            if reply.get("device_id") and reply["device_id"] != meta.get("device_id"):
-                meta["device_id"] = reply["device_id"]
-                await store.set_meta(device_id=reply["device_id"], user_id=str(reply["user"]["id"]))
-
-        conn = Connection(
-            url,
-            credentials,
-            ssl_context=ssl_context,
-            backoff_base=backoff_base,
-            on_session=on_session,
-        )
-        client = Client(
-            store,
-            olm,
-            conn,
-            one_time_keys=one_time_keys,
-            fallback_key=meta.get("fallback_key"),
-            room_settings=rooms,
-        )
-        async with trio.open_nursery() as nursery:
-            await nursery.start(conn.serve)
-            jobs = await client._open_rooms(key)
-            await nursery.start(jobs.serve)
-            nursery.start_soon(client._serve_inbound)
-            with trio.fail_after(KEYS_READY_TIMEOUT):
-                await client._keys.ready.wait()
-            try:
-                yield client
-            finally:
-                with trio.move_on_after(2) as cleanup:
-                    cleanup.shield = True
-                    await conn.aclose()
-                nursery.cancel_scope.cancel()
-    finally:
-        with trio.CancelScope(shield=True):
-            await store.aclose()
