@@ -12,8 +12,8 @@ input with ``--password-stdin``.
 
 Exit codes: 0 ok, 1 the API answered with an error, 3 bad config, 4 token
 file missing or unsafe, 5 cannot reach the admin API, 64 bad command line
-(including an unconfirmed ``sessions revoke-all``, mismatched passwords, or no
-terminal to ask for one), 130 interrupted (Ctrl-C).
+(including an unconfirmed ``sessions revoke-all`` or ``rooms delete``,
+mismatched passwords, or no terminal to ask for one), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, get_args
 
 import httpx
 
@@ -35,6 +35,7 @@ from chatd.auth.models import ROLES
 from chatd.config import load_config
 from chatd.errors import ChatdError, ListenError, SecretFileError, UsageError
 from chatd.keyfiles import admin_token_path
+from chatd.protocol.rooms import Role as RoomRole
 
 DEFAULT_CONFIG = os.path.join("chatd-data", "chatd.toml")
 TIMEOUT = 30.0  # seconds for one admin request (a retention run can take a while)
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit = sub.add_parser("audit", help="the admin API audit log")
     audit.add_argument("--limit", type=int, default=20)
     _add_account_commands(sub)
+    _add_room_commands(sub)
     return p
 
 
@@ -145,6 +147,26 @@ def _add_account_commands(sub: Any) -> None:
     log.add_argument("--event", help="only this event, e.g. login")
     log.add_argument("--limit", type=_id, default=50, help="rows (default 50, at most 500)")
     log.add_argument("--before", type=_id, metavar="ID", help="only events older than this id")
+
+
+def _add_room_commands(sub: Any) -> None:
+    rooms = sub.add_parser("rooms", help="rooms: list, show, remove, set-role, delete")
+    r = rooms.add_subparsers(dest="action", metavar="ACTION", required=True)
+    ls = r.add_parser("list", help="rooms in id order, channels and groups")
+    ls.add_argument("--limit", type=_id, default=100, help="rows (default 100, at most 500)")
+    ls.add_argument("--after", type=_id, metavar="ID", help="start after this room id")
+    r.add_parser("show", help="a room's members and invitations").add_argument("room_id", type=_id)
+    user_help = "a user id, or the username of a member or invitee"
+    remove = r.add_parser("remove", help="remove a member from a room, or revoke their invitation")
+    remove.add_argument("room_id", type=_id)
+    remove.add_argument("user", help=user_help)
+    role = r.add_parser("set-role", help="give a member of a room another role")
+    role.add_argument("room_id", type=_id)
+    role.add_argument("user", help=user_help)
+    role.add_argument("role", choices=get_args(RoomRole))
+    delete = r.add_parser("delete", help="delete a room for all its members (needs --yes)")
+    delete.add_argument("room_id", type=_id)
+    delete.add_argument("--yes", action="store_true", help="yes, delete the room")
 
 
 _STDIN_HELP = "read the password from the first line of standard input instead of asking"
@@ -333,6 +355,70 @@ def _audit_table(events: list[dict[str, Any]]) -> str:
     return table(rows, ["id", "at", "event", "outcome", "user", "ip", "device", "session"])
 
 
+def _rooms_table(rooms: list[dict[str, Any]]) -> str:
+    rows = [
+        (
+            r["room_id"],
+            r["name"],
+            r["kind"],
+            r["member_count"],
+            r["invitation_count"],
+            _yes_no(r["invite_only"]),
+            _yes_no(r["share_history"]),
+            r["epoch"],
+            _when(r["created_at"]),
+        )
+        for r in rooms
+    ]
+    headers = ["id", "name", "kind", "members", "invited", "invite-only", "history", "epoch"]
+    return table(rows, [*headers, "created"])
+
+
+def _named(user_id: int | None, username: str | None) -> str:
+    if user_id is None:
+        return "server admin"
+    return f"{user_id} ({username})" if username else str(user_id)
+
+
+def _room_text(detail: dict[str, Any]) -> str:
+    room = detail["room"]
+    lines = [_rooms_table([room])]
+    if room["topic"]:
+        lines.append(f"topic: {room['topic']}")
+    members = [
+        (m["user_id"], m["username"], m["role"], len(m["device_ids"]), " ".join(m["device_ids"]))
+        for m in detail["members"]
+    ]
+    lines += ["", "members:", table(members, ["user", "username", "role", "devices", "ids"])]
+    if detail["invitations"]:
+        invited = [
+            (
+                i["user_id"],
+                i["username"],
+                _when(i["invited_at"]),
+                _named(i["by_user_id"], i["by_username"]),
+            )
+            for i in detail["invitations"]
+        ]
+        lines += ["", "invitations:", table(invited, ["user", "username", "invited", "by"])]
+    return "\n".join(lines)
+
+
+def _member_id(detail: dict[str, Any], user: str) -> int:
+    """USER on the command line: a user id, or a member's or invitee's username."""
+    if user.isascii() and user.isdigit() and int(user) >= 1:
+        return int(user)
+    wanted = user.casefold()
+    for person in detail["members"] + detail["invitations"]:
+        if person["username"].casefold() == wanted:
+            return int(person["user_id"])
+    room = detail["room"]
+    raise UsageError(
+        f"no member or invitee named {user!r} in room {room['room_id']} ({room['name']}); "
+        "give a user id"
+    )
+
+
 def _more(text: str, hint: str | None) -> str:
     return f"{text}\n(more: {hint})" if hint else text
 
@@ -403,11 +489,40 @@ def _auth_audit(args: argparse.Namespace, call: Call) -> tuple[Any, str]:
     return body, _more(_audit_table(body["events"]), before and f"--before {before}")
 
 
+def _rooms(args: argparse.Namespace, call: Call) -> tuple[Any, str]:
+    if args.action == "list":
+        params = {"limit": args.limit} | ({"after_id": args.after} if args.after else {})
+        body = call("GET", "/v1/rooms", params=params)
+        after = body["next_after_id"]
+        return body, _more(_rooms_table(body["rooms"]), after and f"--after {after}")
+    detail = call("GET", f"/v1/rooms/{args.room_id}")
+    if args.action == "show":
+        return detail, _room_text(detail)
+    room = f"room {args.room_id} ({detail['room']['name']})"
+    if args.action == "delete":  # --yes was checked before connecting
+        body = call("DELETE", f"/v1/rooms/{args.room_id}")
+        return body, (
+            f"deleted {room}; its {body['member_count']} member(s) were told "
+            f"and its {body['invitation_count']} invitation(s) are gone"
+        )
+    user_id = _member_id(detail, args.user)
+    path = f"/v1/rooms/{args.room_id}/members/{user_id}"
+    if args.action == "set-role":
+        body = call("PUT", f"{path}/role", json={"role": args.role})
+        return body, f"{_named(user_id, body['username'])} is now {body['role']} of {room}"
+    body = call("DELETE", path)  # remove
+    who = _named(user_id, body["username"])
+    if body["was"] == "invitation":
+        return body, f"revoked the invitation of {who} to {room}"
+    return body, f"removed {who} from {room}"
+
+
 _ACCOUNT_COMMANDS = {
     "users": _users,
     "invites": _invites,
     "sessions": _sessions,
     "auth-audit": _auth_audit,
+    "rooms": _rooms,
 }
 
 
@@ -447,6 +562,10 @@ def run(argv: Sequence[str] | None = None) -> int:
             raise UsageError(
                 "users reset-mfa removes a second factor; check the person's identity out of "
                 "band, then add --yes"
+            )
+        if args.command == "rooms" and args.action == "delete" and not args.yes:
+            raise UsageError(
+                "rooms delete removes the room for all its members; add --yes to do it"
             )
         client, token = _connection(args)
         with client:

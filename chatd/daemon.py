@@ -178,6 +178,7 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
                 retention=retention,
                 token_hash=token_hash,
                 accounts=AccountAdmin(auth, current=services.current),
+                rooms=services.rooms,
             )
             admin_bind = await nursery.start(
                 _until_done, admin_done, serve_admin, config, ctx, stopping

@@ -148,6 +148,13 @@ def queue_jobs(settings: DeviceSettings, queues: QueueService) -> list[Job]:
             run=queues.expire,
         ),
         Job(
+            "rooms",
+            "room log entries no device waits for any more (their devices left the "
+            "room or were removed), and the closed ranges of room log that devices "
+            "have fully read",
+            run=queues.sweep_rooms,
+        ),
+        Job(
             "sends",
             "message ids remembered for de-duplication, after devices.envelope_days",
             partial(purge_sends, days=settings.envelope_days),

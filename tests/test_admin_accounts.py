@@ -75,7 +75,6 @@ class Accounts:
         self.auth = auth
         self.revoked = events.revoked  # what the auth service told the relay
 
-
     async def call(self, method: str, path: str, **kw: Any) -> httpx.Response:
         headers = {"Authorization": f"Bearer {self.token}"}
         return await self.client.request(method, path, headers=headers, **kw)

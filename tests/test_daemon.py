@@ -264,6 +264,12 @@ async def test_chatctl_administers_the_running_daemon(data_dir: DataDir, short_t
         assert [r["job"] for r in json.loads(runs.stdout)["runs"]] == ["admin_audit"]
         audit = await trio.to_thread.run_sync(chatctl, "--config", config, "audit")
         assert "/v1/retention/run" in audit.stdout
+        # The daemon hands its room service to the admin API.
+        rooms = await trio.to_thread.run_sync(
+            chatctl, "--config", config, "--json", "rooms", "list"
+        )
+        assert rooms.returncode == 0, rooms.stderr
+        assert json.loads(rooms.stdout) == {"rooms": [], "next_after_id": None}
         bad_job = await trio.to_thread.run_sync(
             chatctl, "--config", config, "retention-run", "nope"
         )

@@ -106,6 +106,7 @@ async def create_once(admin: AccountAdmin, username: str, password: str) -> None
 class Client:
     def __init__(self, ws: Any) -> None:
         self.ws = ws
+        self.skipped: list[dict[str, Any]] = []  # frames request() read past, in order
 
     async def request(self, frame_type: str, **fields: Any) -> dict[str, Any]:
         request_id = f"r{next(_ids)}"
@@ -115,6 +116,7 @@ class Client:
                 reply = json.loads(await self.ws.get_message())
                 if reply.get("id") == request_id:
                     return reply  # type: ignore[no-any-return]
+                self.skipped.append(reply)
 
     async def login(
         self, username: str = "alice", password: str = PASSWORD, **kw: Any

@@ -13,8 +13,9 @@ integer, passed to the handler as the keyword-only argument ``name``
 checks that the handler's keyword-only arguments are exactly the path's
 parameters, so the two cannot drift either.
 
-Account administration lives in :mod:`chatd.admin.accounts_api`, imported at
-the bottom of this module so that :data:`ROUTES` always holds its routes.
+Account administration lives in :mod:`chatd.admin.accounts_api`, and room
+administration in :mod:`chatd.admin.rooms_api`, both imported at the bottom
+of this module so that :data:`ROUTES` always holds their routes.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from chatd.store import Store
 
 if TYPE_CHECKING:  # only a type here; the daemon builds it
     from chatd.auth.accounts import AccountAdmin
+    from chatd.rooms.service import RoomService
 
 
 @dataclass
@@ -48,6 +50,8 @@ class AdminContext:
     # Account administration; routes under /v1/users, /v1/invites, /v1/sessions
     # and /v1/auth-audit answer 503 service_unavailable while it is None.
     accounts: AccountAdmin | None = None
+    # Room administration; routes under /v1/rooms answer 503 while it is None.
+    rooms: RoomService | None = None
 
 
 # (ctx, query, body, **path_ids) -> response; see the module docstring.
@@ -287,3 +291,4 @@ async def list_admin_audit(ctx: AdminContext, query: AuditQuery, body: None) -> 
 # -- account administration (registers its routes in ROUTES) ------------------------------
 
 import chatd.admin.accounts_api  # noqa: E402, F401 - it imports the names above
+import chatd.admin.rooms_api  # noqa: E402, F401 - likewise

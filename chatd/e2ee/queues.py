@@ -138,6 +138,7 @@ _READ_QUEUE: Final = (
     " FROM room_devices s JOIN devices d ON d.id = s.device_id"
     " JOIN room_log m ON m.room_id = s.room_id AND m.id > max(s.from_id, d.room_cursor, ?2)"
     " AND (s.until_id IS NULL OR m.id <= s.until_id)"
+    " AND m.sender_device_id IS NOT s.device_id"
     " WHERE s.device_id = ?1 ORDER BY 1 LIMIT ?3"
 )
 
@@ -501,6 +502,10 @@ class QueueService:
         self.store.submit_nowait(read, committed, failed)
 
     # -- expiry (retention) --------------------------------------------------------------
+
+    async def sweep_rooms(self, *, now: int, limit: int) -> int:
+        """Retention: room log entries and closed ranges nobody needs any more."""
+        return await self.rooms.sweep(self.store, limit=limit)
 
     async def expire(self, *, now: int, limit: int) -> int:
         """Delete up to ``limit`` expired envelopes and as many expired room log

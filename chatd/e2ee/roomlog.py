@@ -9,16 +9,18 @@ for all of them. The database stores it once (``room_log``); which devices
 it is for is not stored per entry but as *ranges*: a device gets the
 entries of a room with ``from_id < id <= until_id`` of one of its
 ``room_devices`` rows (kept by :mod:`chatd.rooms.service` in step with
-membership), and only those above its ``room_cursor``, the highest room
+membership), except its own messages, and only those above its ``room_cursor``, the highest room
 entry it acknowledged. So the bytes stored per room message do not grow
 with the number of recipients.
 
 In memory an accepted entry is one :class:`~chatd.e2ee.writes.RoomInsert`
 shared by its targets: it joins each target's tail (one envelope object for
 all of them), is offered to their live connections, and waits in the open
-batch like an envelope. If every target took it at once it is *hot*: it
+batch like an envelope. A message every target took at once is *hot*: it
 waits up to the ack wait, and if every target acknowledges it in that time
-it is never written. Otherwise it is written once. Acknowledging a written
+it is never written. Otherwise it is written once. Events are always
+written at once: a client learns of membership changes only from them, and
+no sender would make one again after a crash. Acknowledging a written
 entry advances the device's cursor (with the next group commit); once no
 target waits for it any more, a guarded delete removes it (guarded: the
 statement checks the ranges and cursors again, so an entry read back after
@@ -40,7 +42,7 @@ import msgspec
 
 from chatd.e2ee.outcomes import Outcome, QueueStats, SendOutcome
 from chatd.e2ee.state import QueueState
-from chatd.e2ee.writes import Batch, Insert, QueueWriter, RoomInsert
+from chatd.e2ee.writes import WAITED_FOR, Batch, Insert, QueueWriter, RoomInsert
 from chatd.errors import StoreError
 from chatd.protocol import frames as f
 from chatd.protocol.delivery import Sent
@@ -51,7 +53,8 @@ ROOM_TOTALS: Final = (
     "SELECT s.device_id, count(*), coalesce(sum(length(m.ciphertext)), 0)"
     " FROM room_devices s JOIN devices d ON d.id = s.device_id"
     " JOIN room_log m ON m.room_id = s.room_id AND m.id > max(s.from_id, d.room_cursor)"
-    " AND (s.until_id IS NULL OR m.id <= s.until_id) GROUP BY s.device_id"
+    " AND (s.until_id IS NULL OR m.id <= s.until_id)"
+    " AND m.sender_device_id IS NOT s.device_id GROUP BY s.device_id"
 )
 #: Expired entries, each with every device still waiting for it (or NULL).
 _EXPIRED: Final = (
@@ -63,9 +66,28 @@ _EXPIRED: Final = (
     "            FROM room_devices s JOIN devices d ON d.id = s.device_id) AS w"
     " ON w.room_id = m.room_id AND w.from_id < m.id"
     " AND (w.until_id IS NULL OR m.id <= w.until_id) AND w.room_cursor < m.id"
+    " AND m.sender_device_id IS NOT w.device_id"
 )
 
 ExpiredRow = tuple[int, int, str, str, "str | None", int, "str | None"]
+
+#: Entries no device waits for any more (their targets were removed, or the
+#: guarded delete of their last ack came before a restart's count).
+_SWEEP_ENTRIES: Final = (
+    "DELETE FROM room_log WHERE id IN (SELECT m.id FROM room_log m"  # noqa: S608 - constants
+    f" WHERE NOT {WAITED_FOR} LIMIT ?) RETURNING id"
+)
+#: Closed ranges with nothing left in them for their device. Only ranges that
+#: end below ``?1``, the lowest room entry id not yet written: an entry still
+#: in memory may fall in a range that looks empty on disk.
+_SWEEP_RANGES: Final = (
+    "DELETE FROM room_devices WHERE (device_id, room_id, from_id) IN ("
+    " SELECT s.device_id, s.room_id, s.from_id FROM room_devices s"
+    " JOIN devices d ON d.id = s.device_id WHERE s.until_id IS NOT NULL AND s.until_id < ?1"
+    " AND NOT EXISTS (SELECT 1 FROM room_log m WHERE m.room_id = s.room_id"
+    " AND m.id > max(s.from_id, d.room_cursor) AND m.id <= s.until_id"
+    " AND m.sender_device_id IS NOT s.device_id) LIMIT ?2)"
+)
 
 
 class RoomLog:
@@ -150,7 +172,7 @@ class RoomLog:
         with writer.lock:
             batch = writer.open
             if entry_id in batch.rooms_hot:  # not acknowledged by all meanwhile
-                if taken == len(targets) and wait > 0:
+                if taken == len(targets) and wait > 0 and event is None:
                     entry.due = time.monotonic() + wait
                     if writer.armed or writer.timer_at is not None:
                         return entry_id  # a write or its timer is on its way
@@ -231,6 +253,24 @@ class RoomLog:
                 )
                 receipts.append(queue(sender, receipt, 0, now + self.lifetime_ms, None, held=True))
         return len(entries), dropped
+
+    # -- sweeping (retention) ------------------------------------------------------------
+
+    async def sweep(self, store: Any, *, limit: int) -> int:
+        """Delete up to ``limit`` room log entries nobody waits for, and as
+        many closed ranges with nothing left in them. Returns the rows deleted."""
+        below = self.writer.lowest_unwritten_room_entry()
+
+        def sweep(conn: Any) -> tuple[list[int], int]:
+            entries = [row[0] for row in conn.execute(_SWEEP_ENTRIES, (limit,))]
+            ranges = conn.execute(_SWEEP_RANGES, (below, limit)).rowcount
+            return entries, int(ranges)
+
+        entries, ranges = await store.write(sweep)
+        for entry_id in entries:
+            self._waiting.pop(entry_id, None)
+        self.stats.room_deleted += len(entries)
+        return len(entries) + int(ranges)
 
     # -- after a write (on the loop) ---------------------------------------------------------
 

@@ -244,7 +244,8 @@ _ADVANCE_CURSORS: Final = (
 WAITED_FOR: Final = (
     "EXISTS (SELECT 1 FROM room_devices s JOIN devices d ON d.id = s.device_id"
     " WHERE s.room_id = m.room_id AND s.from_id < m.id"
-    " AND (s.until_id IS NULL OR m.id <= s.until_id) AND d.room_cursor < m.id)"
+    " AND (s.until_id IS NULL OR m.id <= s.until_id) AND d.room_cursor < m.id"
+    " AND m.sender_device_id IS NOT s.device_id)"
 )
 _DELETE_ROOM_LOG: Final = (
     "DELETE FROM room_log WHERE id IN (SELECT m.id FROM room_log m"  # noqa: S608 - constants
@@ -320,6 +321,15 @@ class QueueWriter:
             self.open.waiters.append(waiter)
         self.arm(force=True)
         await waiter.wait()
+
+    def lowest_unwritten_room_entry(self) -> int:
+        """The lowest id of a room log entry in memory and not yet committed
+        (the next id to hand out if there is none)."""
+        with self.lock:
+            ids = [e.envelope.envelope_id for e in self.open.room_inserts()]
+            for batch in self._taken:
+                ids.extend(e.envelope.envelope_id for e in batch.room_inserts())
+            return min(ids, default=self.next_id)
 
     def arm(self, *, force: bool = False) -> None:
         """Make sure the open batch will be written: a job now if anything in it

@@ -246,6 +246,8 @@ class RoomService:
         if target not in room.members:
             self._uninvite(room, target)
             self.members.event(room, "invite_revoked", user_id=target, by_user_id=user_id)
+        elif len(room.members) == 1:
+            self._delete(room, user_id)  # an admin removed the last member: the room goes
         else:
             self._part(room, target, "removed", by_user_id=user_id)
         await self.members.commit().wait()
