@@ -3,6 +3,7 @@ real SQLCipher stores in a temporary directory."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -13,11 +14,16 @@ import trio
 
 from chatd.client import Client, ServerRefusedError
 from chatd.client.megolm import KeyMissing, RoomSettings
-from chatd.client.room_events import RoomMessage, RoomUndecryptable, RoomUpdate
+from chatd.client.room_events import (
+    RoomInvitation,
+    RoomMessage,
+    RoomUndecryptable,
+    RoomUpdate,
+)
 from chatd.client.store import now_ms
 
 from .test_client import ALICE_KEY, BOB_KEY, device, relay
-from .test_relay_auth import Server
+from .test_relay_auth import PASSWORD, Server
 
 T = TypeVar("T")
 BOB2_KEY = bytes([3]) * 32
@@ -397,3 +403,40 @@ async def test_rotation_after_the_message_limit(short_tmp: Path) -> None:
             sessions.append(alice.rooms.keys.machine.outbound[room_id].session_id)
             assert (await next_event(bob, RoomMessage)).text == f"m{n}"
         assert sessions[0] == sessions[1] != sessions[2]
+
+
+async def test_the_rooms_example_in_client_md_runs(short_tmp: Path, monkeypatch: Any) -> None:
+    """The rooms example of docs/CLIENT.md, run as written against the real
+    relay (address, password and store path swapped in; it stops after the
+    first room message instead of listening forever), with Bob joining and
+    answering."""
+    text = (Path(__file__).parent.parent / "docs" / "CLIENT.md").read_text()
+    code = re.search(r"## Rooms\n.*?### Example\n\n```python\n(.*?)```", text, re.S)
+    assert code is not None
+    source = code.group(1)
+    assert len(source.splitlines()) <= 25
+    swaps = {
+        '"correct horse battery staple"': repr(PASSWORD),
+        'store_path="alice.db"': f"store_path={str(short_tmp / 'alice.db')!r}",
+        "print(event.sender_user_id, event.text)": (
+            "print(event.sender_user_id, event.text); return"
+        ),
+        "trio.run(main)": "",
+    }
+    for old, new in swaps.items():
+        assert old in source, old
+        source = source.replace(old, new)
+    async with relay(short_tmp) as srv:
+        source = source.replace('"ws://127.0.0.1:7878/v1/ws"', repr(srv.url))
+        namespace: dict[str, Any] = {}
+        exec(compile(source, "CLIENT.md", "exec"), namespace)  # noqa: S102 - our own docs
+        printed: list[str] = []
+        monkeypatch.setattr("builtins.print", lambda *a: printed.append(" ".join(map(str, a))))
+        async with device(srv, short_tmp, "bob", "bob", BOB_KEY) as bob, trio.open_nursery() as n:
+            n.start_soon(namespace["main"])
+            invitation = await next_event(bob, RoomInvitation)
+            await bob.rooms.join(invitation.room.room_id)
+            welcome = await next_event(bob, RoomMessage)
+            assert (welcome.text, welcome.mentions) == ("welcome @bob", (bob.user_id,))
+            await bob.rooms.send(welcome.room_id, "thanks")
+        assert printed[-1].endswith(" thanks")
