@@ -440,3 +440,53 @@ async def test_the_rooms_example_in_client_md_runs(short_tmp: Path, monkeypatch:
             assert (welcome.text, welcome.mentions) == ("welcome @bob", (bob.user_id,))
             await bob.rooms.send(welcome.room_id, "thanks")
         assert printed[-1].endswith(" thanks")
+
+
+async def test_my_other_device_reads_what_i_send_and_counts_for_nobody(short_tmp: Path) -> None:
+    async with pair(short_tmp) as (srv, alice, bob):
+        room_id = await shared_room(alice, bob)
+        async with device(srv, short_tmp, "alice", "alice2", BOB2_KEY) as alice2:
+            sent = await alice.rooms.send(room_id, "from my laptop")
+            copy = await next_event(alice2, RoomMessage)
+            assert (copy.message_id, copy.text, copy.outgoing) == (sent, "from my laptop", True)
+            await next_event(bob, RoomMessage)
+            with trio.fail_after(10):
+                await alice.wait_state(sent, "delivered")
+            delivery = await alice.rooms.delivery(sent)
+            assert delivery is not None
+            assert (delivery.delivered, delivery.members, delivery.devices) == (1, 1, 2)
+
+
+async def test_sessions_and_held_messages_survive_a_restart(short_tmp: Path) -> None:
+    """Alice's outbound session and who has it, and a message a device holds
+    for its key, are in the stores: after a restart Alice's session goes on
+    without sharing again, and a late key still opens the held message."""
+    async with relay(short_tmp) as srv:
+        async with (
+            device(srv, short_tmp, "alice", "alice", ALICE_KEY) as alice,
+            device(srv, short_tmp, "bob", "bob", BOB_KEY) as bob,
+        ):
+            room_id = await shared_room(alice, bob)
+            await alice.rooms.send(room_id, "one")
+            await next_event(bob, RoomMessage)
+            session = alice.rooms.keys.machine.outbound[room_id].session_id
+        async with device(srv, short_tmp, "bob", "bob2", BOB2_KEY) as bob2:
+            bob2_id = bob2.device_id
+        async with device(srv, short_tmp, "alice", "alice", ALICE_KEY) as alice:
+            real_share = alice.rooms.share
+            shares: list[tuple[Any, ...]] = []
+
+            async def no_share(*args: Any) -> None:
+                shares.append(args)
+
+            alice.rooms.share = no_share  # type: ignore[method-assign]
+            sent = await alice.rooms.send(room_id, "two")
+            assert alice.rooms.keys.machine.outbound[room_id].session_id == session
+            # Only Bob's new device lacks the session; its share is held back.
+            assert [[d.device_id for d in s[2]] for s in shares] == [[bob2_id]]
+            async with device(srv, short_tmp, "bob", "bob2", BOB2_KEY) as bob2:
+                await wait_until(bob2, lambda: _is(room_state(bob2, room_id, sent), "held"))
+            await real_share(*shares[0])
+        async with device(srv, short_tmp, "bob", "bob2", BOB2_KEY) as bob2:
+            got = await next_event(bob2, RoomMessage)
+            assert (got.message_id, got.text, got.late) == (sent, "two", True)
