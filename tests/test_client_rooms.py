@@ -10,6 +10,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 import trio
 
 from chatd.client import Client, ServerRefusedError
@@ -310,16 +311,21 @@ async def test_a_device_back_after_expiry_reports_the_message_and_asks_the_sende
 # -- rotation -----------------------------------------------------------------------
 
 
-async def test_after_a_removal_the_removed_member_cannot_decrypt_later_messages(
-    short_tmp: Path,
+@pytest.mark.parametrize("how", ["removed", "left"])
+async def test_after_a_member_goes_they_cannot_decrypt_later_messages(
+    short_tmp: Path, how: str
 ) -> None:
     async with pair(short_tmp) as (_, alice, bob):
         room_id = await shared_room(alice, bob)
         await alice.rooms.send(room_id, "before")
         await next_event(bob, RoomMessage)
         first = alice.rooms.keys.machine.outbound[room_id].session_id
-        await alice.rooms.remove(room_id, bob.user_id)
-        await next_event(bob, RoomUpdate, type="removed", user_id=bob.user_id)
+        if how == "removed":
+            await alice.rooms.remove(room_id, bob.user_id)
+        else:
+            await bob.rooms.leave(room_id)
+        await next_event(bob, RoomUpdate, type=how, user_id=bob.user_id)
+        await next_event(alice, RoomUpdate, type=how, user_id=bob.user_id)
         sends = capture_room_sends(alice)
         await alice.rooms.send(room_id, "after")
         second = alice.rooms.keys.machine.outbound[room_id].session_id
@@ -490,3 +496,17 @@ async def test_sessions_and_held_messages_survive_a_restart(short_tmp: Path) -> 
         async with device(srv, short_tmp, "bob", "bob2", BOB2_KEY) as bob2:
             got = await next_event(bob2, RoomMessage)
             assert (got.message_id, got.text, got.late) == (sent, "two", True)
+
+
+async def test_a_room_message_that_expires_unread_is_reported_expired(short_tmp: Path) -> None:
+    async with relay(short_tmp) as srv:
+        async with device(srv, short_tmp, "alice", "alice", ALICE_KEY) as alice:
+            async with device(srv, short_tmp, "bob", "bob", BOB_KEY) as bob:
+                room_id = await shared_room(alice, bob)
+            sent = await alice.rooms.send(room_id, "nobody reads this")
+            await srv.queues.expire(now=now_ms() + 10**12, limit=100)
+            with trio.fail_after(10):
+                await alice.wait_state(sent, "expired")
+            delivery = await alice.rooms.delivery(sent)
+            assert delivery is not None
+            assert (delivery.delivered, delivery.expired, delivery.members) == (0, 1, 1)
