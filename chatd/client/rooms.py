@@ -82,8 +82,11 @@ class RoomList:
     channels: list[RoomInfo]  # channels we are not in (invite-only ones too)
 
 
-class _Changed(Exception):
+class _Changed(ClientError):
     """A share met ``device_mismatch``: the member devices changed; read them again."""
+
+    def __init__(self) -> None:
+        super().__init__("the room's member devices changed during a key share")
 
 
 class Rooms:
