@@ -22,8 +22,10 @@ from chatd.client.room_events import (
     RoomUpdate,
 )
 from chatd.client.store import now_ms
+from chatd.config import DeviceSettings
 
-from .test_client import ALICE_KEY, BOB_KEY, device, relay
+from .test_client import ALICE_KEY, BOB_KEY, RELAXED, device, relay
+from .test_keys import team
 from .test_relay_auth import PASSWORD, Server
 
 T = TypeVar("T")
@@ -510,3 +512,37 @@ async def test_a_room_message_that_expires_unread_is_reported_expired(short_tmp:
             delivery = await alice.rooms.delivery(sent)
             assert delivery is not None
             assert (delivery.delivered, delivery.expired, delivery.members) == (0, 1, 1)
+
+
+async def test_a_full_queue_holds_up_neither_the_key_share_nor_the_message(
+    short_tmp: Path,
+) -> None:
+    """Bob's second device is offline with a full queue. Alice's key share
+    leaves it out (``skip_full``) instead of failing, the room message reaches
+    Bob's other device, and the full device stays entitled to the key: it is
+    shared with it again on Alice's next message."""
+    limits = DeviceSettings(max_queued_envelopes=4)
+    async with team(short_tmp, devices=limits, **RELAXED) as srv:
+        async with device(srv, short_tmp, "bob", "bob2", BOB2_KEY) as bob2:
+            bob2_id = bob2.device_id
+        async with (
+            device(srv, short_tmp, "alice", "alice", ALICE_KEY) as alice,
+            device(srv, short_tmp, "bob", "bob", BOB_KEY) as bob,
+        ):
+            room_id = await shared_room(alice, bob)
+            refused = None
+            for n in range(5):  # the room's events and these fill bob2's queue
+                try:
+                    await alice.send_text(bob.user_id, f"filler {n}")
+                except ServerRefusedError as exc:
+                    refused = exc.code
+                    break
+            assert refused == "queue_full"
+            sent = await alice.rooms.send(room_id, "to whoever can take it")
+            got = await next_event(bob, RoomMessage)
+            assert got.message_id == sent
+            session = alice.rooms.keys.machine.outbound[room_id].session_id
+            outbound = alice.rooms.keys.machine.outbound[room_id]
+            assert (bob.user_id, bob2_id) not in outbound.shared  # it did not get it
+            entitled = await alice.rooms.store.share(session, bob.user_id, bob2_id)
+            assert entitled is not None and entitled.first_index == 0
