@@ -1,9 +1,13 @@
-"""The chatd client: end-to-end encrypted one-to-one messages over the relay.
+"""The chatd client: end-to-end encrypted one-to-one messages and rooms over the relay.
 
-``open_client`` opens the local store, connects and logs in, publishes keys,
-and runs two background tasks in a nursery it owns: the connection
-(:mod:`chatd.client.connection`) and the inbound worker, which handles
-``deliver`` and pushed ``key_count`` frames one at a time.
+``open_client`` (:mod:`chatd.client.opening`) opens the local store, connects
+and logs in, publishes keys, and runs three background tasks in a nursery it
+owns: the connection (:mod:`chatd.client.connection`), the room jobs
+(:mod:`chatd.client.room_jobs`), and the inbound worker, which handles
+``deliver``, pushed ``key_count`` and ``room_invited`` frames one at a time.
+Room envelopes go to :mod:`chatd.client.room_inbound`, a ``room_key``
+payload to :meth:`chatd.client.room_keys.RoomKeys.take_room_key` (in the
+same transaction as the Olm state that decrypted it).
 
 Ordering guarantees
 -------------------
@@ -27,18 +31,14 @@ Ordering guarantees
 from __future__ import annotations
 
 import logging
-import ssl
 import uuid
-from collections.abc import AsyncIterator, Awaitable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final
 
 import trio
-from argon2.low_level import Type, hash_secret_raw
 
-from .connection import Connection, Credentials
+from .connection import Connection
 from .crypto import (
     ONE_TIME_KEY_TARGET,
     OlmMachine,
@@ -47,18 +47,24 @@ from .crypto import (
     encode_control,
     encode_payload,
     fingerprint,
-    pickle_key,
     verify_device_keys,
 )
 from .errors import (
     ClientError,
     DecryptionError,
     IdentityChangedError,
-    KeyClaimError,
     SendError,
     VerificationError,
 )
-from .keys import MAX_ONE_TIME_KEYS, KeySupply
+from .keys import KeySupply
+from .megolm import MemberDevice, RoomSettings
+from .olm_send import OlmSender
+from .room_events import RoomEventItem, RoomInvitation, RoomMessage
+from .room_inbound import ROOM_KINDS, RoomInbound
+from .room_jobs import RoomJobs
+from .room_keys import RoomKeys
+from .room_store import OlmWrite, RoomInfo, RoomStore
+from .rooms import Rooms
 from .sas import KINDS as VERIFY_KINDS
 from .sas import Party
 from .store import DeviceRecord, HistoryEntry, LocalStore, now_ms
@@ -67,28 +73,8 @@ from .verification import Verification, Verifications
 log = logging.getLogger(__name__)
 
 INBOX_MESSAGES: Final = 1000  # received messages buffered for messages()
+ROOM_EVENTS: Final = 1000  # room messages and events buffered for room_events()
 KEYS_READY_TIMEOUT: Final = 30.0  # seconds open_client waits for the first key upload
-MAX_CLAIMS: Final = 100  # devices per keys_claim (the server's limit)
-
-
-def key_from_passphrase(passphrase: str, salt: bytes) -> bytes:
-    """A 32-byte store key from a passphrase: Argon2id (t=3, m=64 MiB, p=4).
-
-    ``salt`` should be at least 16 random bytes kept next to the store. Slow on
-    purpose (tenths of a second): call it through ``trio.to_thread.run_sync``
-    inside async code.
-    """
-    if len(salt) < 16:
-        raise ClientError("the salt must be at least 16 bytes")
-    return hash_secret_raw(
-        passphrase.encode(),
-        salt,
-        time_cost=3,
-        memory_cost=64 * 1024,
-        parallelism=4,
-        hash_len=32,
-        type=Type.ID,
-    )
 
 
 @dataclass(frozen=True)
@@ -118,6 +104,13 @@ class _Control:
     payload: Payload
 
 
+@dataclass(frozen=True)
+class _RoomKeyTaken:
+    """A ``room_key`` stored, with the held room messages it opened."""
+
+    released: list[RoomMessage]
+
+
 class Client:
     """A logged-in device. Get one from :func:`open_client`."""
 
@@ -129,6 +122,7 @@ class Client:
         *,
         one_time_keys: int = ONE_TIME_KEY_TARGET,
         fallback_key: str | None = None,
+        room_settings: RoomSettings | None = None,
     ) -> None:
         self._store = store
         self._olm = olm
@@ -142,10 +136,46 @@ class Client:
             one_time_keys=one_time_keys,
             fallback_key=fallback_key,
         )
+        self._olm_send = OlmSender(store, olm, conn, self._olm_lock)
         self._members: dict[int, Member] = {}
         self._changed = trio.Event()
         self._inbox_send, self._inbox = trio.open_memory_channel[ReceivedMessage](INBOX_MESSAGES)
         self._verifications = Verifications(self._party, self._send_control, self._mark_verified)
+        self._room_settings = room_settings or RoomSettings()
+        self._room_events_send, self._room_events = trio.open_memory_channel[RoomEventItem](
+            ROOM_EVENTS
+        )
+        self._rooms: Rooms | None = None
+        self._room_jobs: RoomJobs | None = None
+        self._room_inbound: RoomInbound | None = None
+
+    async def _open_rooms(self, pickle_key: bytes) -> RoomJobs:
+        """Load the Megolm state (once logged in: it needs our device id)."""
+        own = MemberDevice(self.user_id, self.device_id, self._olm.curve25519, self._olm.ed25519)
+        room_store = RoomStore(self._store)
+        keys = await RoomKeys.open(room_store, pickle_key, own, self._room_settings)
+        self._rooms = rooms = Rooms(self._conn, self._store, room_store, keys, self._olm_send)
+        rooms.on_change = self._notify
+        self._room_jobs = RoomJobs(rooms, self._user_devices, self._room_events_send)
+        self._room_inbound = RoomInbound(self._store, rooms, self._room_jobs, self._sender_device)
+        return self._room_jobs
+
+    @property
+    def rooms(self) -> Rooms:
+        """Room requests and room messages (see :class:`chatd.client.rooms.Rooms`)."""
+        if self._rooms is None:  # pragma: no cover - open_client opens them before yielding
+            raise ClientError("the client is not open")
+        return self._rooms
+
+    def room_events(self) -> trio.MemoryReceiveChannel[RoomEventItem]:
+        """Room messages (decrypted, stored), undecryptable-message notices,
+        room events and invitations, in delivery order. One consumer; buffered
+        up to ROOM_EVENTS, then delivery waits."""
+        return self._room_events
+
+    async def _user_devices(self, user_id: int) -> list[DeviceRecord]:
+        members = await self.directory()
+        return next((m.devices for m in members if m.user_id == user_id), [])
 
     @property
     def user_id(self) -> int:
@@ -301,46 +331,13 @@ class Client:
             targets = self._targets(user_id)
             if not any(d.user_id == user_id for d in targets) and user_id != self.user_id:
                 raise SendError(f"user {user_id} has no device with published keys")
-            async with self._olm_lock:
-                await self._open_channels(targets)
-                envelopes = [
-                    {
-                        "user_id": d.user_id,
-                        "device_id": d.device_id,
-                        "ciphertext": self._olm.encrypt(d.curve25519, payload),
-                    }
-                    for d in targets
-                ]
-                await self._store.save_olm(None, self._olm.take_dirty())
-            if not envelopes:
-                return  # a note to self on our only device: nothing to relay
-            reply = await self._conn.request("send", message_id=message_id, envelopes=envelopes)
-            if reply["type"] == "sent":
-                return
+            reply = await self._olm_send.send(message_id, targets, lambda _m, _d: payload)
+            if reply is None or reply["type"] == "sent":
+                return  # None: a note to self on our only device, nothing to relay
             if reply["type"] == "device_mismatch" and attempt == 0:
                 await self.directory()
                 continue
             raise SendError(f"the server refused the device list of message {message_id}")
-
-    async def _open_channels(self, targets: list[DeviceRecord]) -> None:
-        """Claim keys and open outbound Olm channels to devices we have none with.
-        Call with ``_olm_lock`` held."""
-        need = [d for d in targets if not self._olm.has_channel(d.curve25519)]
-        for i in range(0, len(need), MAX_CLAIMS):
-            batch = {(d.user_id, d.device_id): d for d in need[i : i + MAX_CLAIMS]}
-            reply = await self._conn.request(
-                "keys_claim",
-                devices=[{"user_id": u, "device_id": d} for u, d in batch],
-            )
-            for key in reply["keys"]:
-                device = batch.get((key["user_id"], key["device_id"]))
-                if device is not None:
-                    self._olm.open_channel(device.ed25519, device.curve25519, key)
-            if reply["missing"]:
-                names = ", ".join(m["device_id"] for m in reply["missing"])
-                raise KeyClaimError(f"no one-time or fallback key left for device(s) {names}")
-        if need:
-            await self._store.save_olm(self._olm.account_pickle(), self._olm.take_dirty())
 
     # -- receiving ------------------------------------------------------------
 
@@ -372,6 +369,9 @@ class Client:
             try:
                 if frame.get("type") == "deliver":
                     await self._deliver(frame["envelopes"])
+                elif frame.get("type") == "room_invited":
+                    room = RoomInfo.from_wire(frame["room"])
+                    await self._room_events_send.send(RoomInvitation(room, frame.get("by_user_id")))
                 elif frame.get("type") == "key_count":
                     await self._keys.top_up(frame)
             except (ClientError, trio.TooSlowError) as exc:
@@ -381,15 +381,25 @@ class Client:
     async def _deliver(self, envelopes: list[dict[str, Any]]) -> None:
         received: list[ReceivedMessage] = []
         controls: list[_Control] = []
+        room_items: list[RoomEventItem] = []
         ours: set[str] | None = None  # our own devices, read once per frame if needed
+        inbound = self._room_inbound
         for env in envelopes:
             if env["kind"] == "message":
                 result = await self._receive(env)
                 if isinstance(result, ReceivedMessage):
                     received.append(result)
+                elif isinstance(result, _RoomKeyTaken):
+                    room_items.extend(result.released)
                 elif result is not None:
                     controls.append(result)
+            elif inbound is not None and (
+                env["kind"] in ROOM_KINDS or env.get("room_id") is not None
+            ):
+                room_items.extend(await inbound.take(env))
             elif env["kind"] in ("delivered", "expired"):
+                if inbound is not None and env["kind"] == "expired":
+                    await inbound.take(env)  # a key share that expired is shared again
                 if ours is None:
                     ours = {
                         d.device_id
@@ -411,6 +421,8 @@ class Client:
             await self._guarded(self._handle_control(control))
         for message in received:
             await self._inbox_send.send(message)
+        for item in room_items:
+            await self._room_events_send.send(item)
 
     async def _guarded(self, work: Awaitable[None]) -> None:
         try:
@@ -423,6 +435,8 @@ class Client:
         if payload.kind in VERIFY_KINDS:
             them = Party(sender.user_id, sender.device_id, sender.ed25519)
             await self._verifications.handle(them, payload.to_user_id, payload.fields)
+        elif payload.kind == "room_key_request" and self._room_jobs is not None:
+            self._room_jobs.key_requested(sender, payload.fields)
 
     async def _sender_device(self, user_id: int, device_id: str) -> DeviceRecord | None:
         """The sending device as we know it; a device we have not seen yet
@@ -433,7 +447,9 @@ class Client:
             device = await self._store.device(user_id, device_id)
         return device
 
-    async def _receive(self, env: dict[str, Any]) -> ReceivedMessage | _Control | None:
+    async def _receive(
+        self, env: dict[str, Any]
+    ) -> ReceivedMessage | _Control | _RoomKeyTaken | None:
         """Decrypt and store one message envelope. Returns a chat message, or a
         payload of another kind (recorded, not in the history); None for a
         duplicate or a message that cannot be decrypted (stored as
@@ -467,6 +483,15 @@ class Client:
                 return None
             meta = self._keys.noticed(decrypted.one_time_key)
             account = self._olm.account_pickle()
+            if payload.kind == "room_key" and self._rooms is not None and device is not None:
+                released = await self._rooms.keys.take_room_key(
+                    message_id,
+                    device,
+                    payload.fields,
+                    OlmWrite(account, self._olm.take_dirty(), meta),
+                    self.user_id,
+                )
+                return _RoomKeyTaken(released)
             if payload.kind != "text":
                 new = await self._store.add_control(
                     message_id,
@@ -502,69 +527,3 @@ class Client:
             outgoing,
             device.verified,
         )
-
-
-@asynccontextmanager
-async def open_client(
-    url: str,
-    username: str,
-    password: str,
-    *,
-    device_name: str,
-    store_path: Path | str,
-    store_key: bytes,
-    totp: str | None = None,
-    ssl_context: ssl.SSLContext | None = None,
-    backoff_base: float = 1.0,
-    one_time_keys: int = ONE_TIME_KEY_TARGET,
-) -> AsyncIterator[Client]:
-    """Open the store, connect, log in and publish keys; yield a :class:`Client`.
-
-    Logs in as the device saved in the store, or as a new device the first
-    time. ``one_time_keys`` is how many one-time keys the device keeps on the
-    server (1 to MAX_ONE_TIME_KEYS; it tops up when fewer than half are left,
-    or when the server asks). Raises ClientStoreError (wrong key), LoginError
-    (refused), ConnectionLostError (cannot connect). On exit it says ``bye``,
-    cancels its background tasks and closes the store.
-    """
-    if not 1 <= one_time_keys <= MAX_ONE_TIME_KEYS:
-        raise ClientError(f"one_time_keys must be 1 to {MAX_ONE_TIME_KEYS}")
-    store = await LocalStore.open(Path(store_path), store_key)
-    try:
-        meta = await store.meta()
-        key = pickle_key(store_key)
-        olm = OlmMachine.restore(meta.get("account"), await store.olm_channels(), key)
-        if "account" not in meta:
-            await store.save_olm(olm.account_pickle(), [])
-        credentials = Credentials(username, password, device_name, totp, meta.get("device_id"))
-
-        async def on_session(reply: dict[str, Any]) -> None:
-            if reply.get("device_id") and reply["device_id"] != meta.get("device_id"):
-                meta["device_id"] = reply["device_id"]
-                await store.set_meta(device_id=reply["device_id"], user_id=str(reply["user"]["id"]))
-
-        conn = Connection(
-            url,
-            credentials,
-            ssl_context=ssl_context,
-            backoff_base=backoff_base,
-            on_session=on_session,
-        )
-        client = Client(
-            store, olm, conn, one_time_keys=one_time_keys, fallback_key=meta.get("fallback_key")
-        )
-        async with trio.open_nursery() as nursery:
-            await nursery.start(conn.serve)
-            nursery.start_soon(client._serve_inbound)
-            with trio.fail_after(KEYS_READY_TIMEOUT):
-                await client._keys.ready.wait()
-            try:
-                yield client
-            finally:
-                with trio.move_on_after(2) as cleanup:
-                    cleanup.shield = True
-                    await conn.aclose()
-                nursery.cancel_scope.cancel()
-    finally:
-        with trio.CancelScope(shield=True):
-            await store.aclose()

@@ -84,6 +84,9 @@ class Connection:
         self.on_session = on_session
         self.user_id = 0
         self.connects = 0  # successful authentications, for tests and status
+        #: From the last ``hello``: the server's limits and the features it lists.
+        self.limits: dict[str, Any] = {}
+        self.features: frozenset[str] = frozenset()
         self._ws: Any = None
         self._ids = (f"c{n}" for n in itertools.count(1))
         self._pending: dict[str, _Pending] = {}
@@ -170,6 +173,7 @@ class Connection:
                     self.url, self.ssl_context, max_message_size=MAX_FRAME_BYTES
                 ) as ws:
                     limits = await self._authenticate(ws)
+                    self.limits = limits
                     self._ws = ws
                     self._connected.set()
                     self.connects += 1
@@ -211,6 +215,7 @@ class Connection:
             hello = json.loads(await ws.get_message())
         if hello.get("type") != "hello" or hello.get("protocol") != 1:
             raise LoginError("unsupported_protocol", "the server does not speak protocol 1")
+        self.features = frozenset(f for f in hello.get("features", []) if isinstance(f, str))
         c = self.credentials
         with trio.fail_after(REQUEST_TIMEOUT):
             if c.access_token and c.access_expires_at > time.time() * 1000 + 5000:

@@ -2,17 +2,18 @@
 
 It holds the pickled Olm account and Olm channels (sealed again with a key
 derived from the store key), the device id, the devices seen in the directory with
-their ``verified`` flag, the message history, and the ids of received
-payloads that are not chat messages (device verification), so that a
-re-delivered one is recognised as a duplicate too. Every call runs in a worker
-thread (``trio.to_thread.run_sync``); a lock serialises them on the one
-connection, and each write is one transaction committed with
+their ``verified`` flag, the message history (direct and room messages), and the ids
+of received payloads that are not chat messages (device verification, room
+keys), so that a re-delivered one is recognised as a duplicate too. The rooms
+and their Megolm state (sessions, who each was shared with, messages held
+until their key comes) are read and written by :mod:`chatd.client.room_store`
+on the same connection, in the same transactions when they go together.
+
+Every call runs in a worker thread (``trio.to_thread.run_sync``); a lock
+serialises them on the one connection, and each write is one transaction committed with
 ``synchronous=FULL`` before the call returns.
 
-The schema version is ``PRAGMA user_version``. Opening a store first runs the
-steps of :data:`_MIGRATIONS` it has not had yet, each in one transaction with
-its version bump, and then ``_SCHEMA`` creates whatever table is missing (all
-of them in a new file). Steps are append-only, like the server's migrations.
+The schema and its migrations are in :mod:`chatd.client.schema`.
 """
 
 from __future__ import annotations
@@ -29,91 +30,12 @@ import sqlcipher3
 import trio
 
 from .errors import ClientStoreError
+from .schema import _SCHEMA, SCHEMA_VERSION, migrate
+
+__all__ = ["_SCHEMA", "SCHEMA_VERSION", "DeviceRecord", "HistoryEntry", "LocalStore", "now_ms"]
 
 T = TypeVar("T")
 STORE_KEY_BYTES: Final = 32
-
-_SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS olm_channels (
-    channel_id TEXT PRIMARY KEY,
-    peer_curve25519 TEXT NOT NULL,
-    pickle TEXT NOT NULL,
-    used_at INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS devices (
-    user_id INTEGER NOT NULL,
-    device_id TEXT NOT NULL,
-    name TEXT NOT NULL,
-    ed25519 TEXT NOT NULL,
-    curve25519 TEXT NOT NULL,
-    verified INTEGER NOT NULL DEFAULT 0,
-    first_seen_at INTEGER NOT NULL,
-    current INTEGER NOT NULL DEFAULT 1,
-    PRIMARY KEY (user_id, device_id)
-);
-CREATE TABLE IF NOT EXISTS messages (
-    message_id TEXT PRIMARY KEY,
-    peer_user_id INTEGER NOT NULL,
-    direction TEXT NOT NULL CHECK (direction IN ('in', 'out')),
-    sender_user_id INTEGER NOT NULL,
-    sender_device_id TEXT NOT NULL,
-    plaintext TEXT,
-    sent_at INTEGER NOT NULL,
-    state TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS control_messages (
-    message_id TEXT PRIMARY KEY,
-    kind TEXT NOT NULL,
-    sender_user_id INTEGER NOT NULL,
-    sender_device_id TEXT NOT NULL,
-    received_at INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS receipts (
-    message_id TEXT NOT NULL,
-    device_id TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    at INTEGER NOT NULL,
-    PRIMARY KEY (message_id, device_id)
-);
-"""
-
-
-def _rename_olm_sessions(conn: Any) -> None:
-    # 1: the Olm channels' table was olm_sessions, keyed by session_id. Version 0
-    # is also a new, empty file: then there is nothing to rename.
-    old = conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'olm_sessions'"
-    ).fetchone()
-    if old is not None:
-        conn.execute("ALTER TABLE olm_sessions RENAME TO olm_channels")
-        conn.execute("ALTER TABLE olm_channels RENAME COLUMN session_id TO channel_id")
-
-
-#: Step ``n`` takes a store from schema version ``n - 1`` to ``n``.
-_MIGRATIONS: Final[tuple[Callable[[Any], None], ...]] = (_rename_olm_sessions,)
-SCHEMA_VERSION: Final = len(_MIGRATIONS)
-
-
-def _migrate(conn: Any, path: Path) -> None:
-    """Bring a store to :data:`SCHEMA_VERSION`. Raises ClientStoreError for a
-    store from a newer client."""
-    found = int(conn.execute("PRAGMA user_version").fetchone()[0])
-    if found > SCHEMA_VERSION:
-        raise ClientStoreError(
-            f"{path}: the store has schema version {found}, but this client knows up to "
-            f"{SCHEMA_VERSION}; upgrade chatd"
-        )
-    for version in range(found + 1, SCHEMA_VERSION + 1):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            _MIGRATIONS[version - 1](conn)
-            conn.execute(f"PRAGMA user_version = {version}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-    conn.executescript(_SCHEMA)
 
 
 def now_ms() -> int:
@@ -140,7 +62,10 @@ class HistoryEntry:
     sender_device_id: str
     text: str | None  # None when it could not be decrypted
     sent_at: int  # unix ms
-    state: str  # out: sending | sent | delivered | expired; in: received | undecryptable
+    #: out: sending | sent | delivered | expired; in: received | held | undecryptable
+    state: str
+    room_id: int | None = None  # the room of a room message; None for a direct one
+    mentions: tuple[int, ...] = ()  # user ids a room message mentions
 
 
 class LocalStore:
@@ -172,7 +97,7 @@ class LocalStore:
                 ) from None
             try:
                 conn.execute("PRAGMA synchronous = FULL")
-                _migrate(conn, path)
+                migrate(conn, path)
             except BaseException:
                 conn.close()
                 raise
@@ -181,17 +106,20 @@ class LocalStore:
         return cls(await trio.to_thread.run_sync(connect))
 
     async def aclose(self) -> None:
-        await self._run(lambda c: c.close())
+        await self.read(lambda c: c.close())
 
-    async def _run(self, fn: Callable[[Any], T]) -> T:
+    async def read(self, fn: Callable[[Any], T]) -> T:
+        """Run ``fn(connection)`` in a worker thread (no transaction of its own)."""
+
         def locked() -> T:
             with self._lock:
                 return fn(self._conn)
 
         return await trio.to_thread.run_sync(locked)
 
-    async def _write(self, fn: Callable[[Any], T]) -> T:
-        """Run ``fn`` in one transaction; returns after the commit."""
+    async def write(self, fn: Callable[[Any], T]) -> T:
+        """Run ``fn(connection)`` in one transaction; returns after the commit.
+        The room store and the Olm writes below compose inside one ``fn``."""
 
         def tx(conn: Any) -> T:
             conn.execute("BEGIN IMMEDIATE")
@@ -203,15 +131,17 @@ class LocalStore:
             conn.execute("COMMIT")
             return result
 
-        return await self._run(tx)
+        return await self.read(tx)
+
+    _write = write  # its name before the room store shared it (tests use it)
 
     # -- meta and Olm state ---------------------------------------------------
 
     async def meta(self) -> dict[str, str]:
-        return dict(await self._run(lambda c: c.execute("SELECT name, value FROM meta").fetchall()))
+        return dict(await self.read(lambda c: c.execute("SELECT name, value FROM meta").fetchall()))
 
     async def set_meta(self, **values: str) -> None:
-        await self._write(
+        await self.write(
             lambda c: c.executemany(
                 "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", list(values.items())
             )
@@ -219,7 +149,7 @@ class LocalStore:
 
     async def olm_channels(self) -> list[tuple[str, str]]:
         """(peer curve25519, pickle), most recently used first."""
-        rows = await self._run(
+        rows = await self.read(
             lambda c: c.execute(
                 "SELECT peer_curve25519, pickle FROM olm_channels ORDER BY used_at DESC"
             ).fetchall()
@@ -227,7 +157,7 @@ class LocalStore:
         return [(r[0], r[1]) for r in rows]
 
     @staticmethod
-    def _save_olm(
+    def write_olm(
         conn: Any,
         account: str | None,
         channels: list[tuple[str, str, str]],
@@ -255,12 +185,12 @@ class LocalStore:
         meta: dict[str, str] | None = None,
     ) -> None:
         """Olm state (and ``meta`` values that go with it) in one transaction."""
-        await self._write(lambda c: self._save_olm(c, account, channels, meta))
+        await self.write(lambda c: self.write_olm(c, account, channels, meta))
 
     # -- devices --------------------------------------------------------------
 
     async def devices(self) -> list[DeviceRecord]:
-        rows = await self._run(
+        rows = await self.read(
             lambda c: c.execute(
                 "SELECT user_id, device_id, name, ed25519, curve25519, verified, current"
                 " FROM devices ORDER BY user_id, device_id"
@@ -270,7 +200,7 @@ class LocalStore:
 
     async def device(self, user_id: int, device_id: str) -> DeviceRecord | None:
         """One device, by its primary key (what each incoming message needs)."""
-        row = await self._run(
+        row = await self.read(
             lambda c: c.execute(
                 "SELECT user_id, device_id, name, ed25519, curve25519, verified, current"
                 " FROM devices WHERE user_id = ? AND device_id = ?",
@@ -287,27 +217,35 @@ class LocalStore:
 
         def write(conn: Any) -> None:
             conn.execute("UPDATE devices SET current = 0")
-            for d in seen:
-                conn.execute(
-                    "INSERT INTO devices (user_id, device_id, name, ed25519, curve25519,"
-                    " verified, first_seen_at, current) VALUES (?, ?, ?, ?, ?, ?, ?, 1)"
-                    " ON CONFLICT (user_id, device_id) DO UPDATE SET name = excluded.name,"
-                    " current = 1",
-                    (
-                        d.user_id,
-                        d.device_id,
-                        d.name,
-                        d.ed25519,
-                        d.curve25519,
-                        int(d.verified),
-                        now_ms(),
-                    ),
-                )
+            self.upsert_devices(conn, seen)
 
-        await self._write(write)
+        await self.write(write)
+
+    async def record_devices(self, seen: list[DeviceRecord]) -> None:
+        """Record devices seen outside the directory (a room's member list): new
+        ones start unverified, known ones are current again; others are left as
+        they are."""
+
+        def write(conn: Any) -> None:
+            self.upsert_devices(conn, seen)
+
+        await self.write(write)
+
+    @staticmethod
+    def upsert_devices(conn: Any, seen: list[DeviceRecord]) -> None:
+        conn.executemany(
+            "INSERT INTO devices (user_id, device_id, name, ed25519, curve25519,"
+            " verified, first_seen_at, current) VALUES (?, ?, ?, ?, ?, ?, ?, 1)"
+            " ON CONFLICT (user_id, device_id) DO UPDATE SET name = excluded.name,"
+            " current = 1",
+            [
+                (d.user_id, d.device_id, d.name, d.ed25519, d.curve25519, int(d.verified), now_ms())
+                for d in seen
+            ],
+        )
 
     async def set_verified(self, user_id: int, device_id: str, verified: bool) -> bool:
-        changed = await self._write(
+        changed = await self.write(
             lambda c: (
                 c.execute(
                     "UPDATE devices SET verified = ? WHERE user_id = ? AND device_id = ?",
@@ -320,7 +258,7 @@ class LocalStore:
     # -- history --------------------------------------------------------------
 
     async def has_message(self, message_id: str) -> bool:
-        row = await self._run(
+        row = await self.read(
             lambda c: c.execute(
                 "SELECT 1 FROM messages WHERE message_id = ?"
                 " UNION ALL SELECT 1 FROM control_messages WHERE message_id = ?",
@@ -330,12 +268,17 @@ class LocalStore:
         return row is not None
 
     @staticmethod
-    def _insert(conn: Any, e: HistoryEntry) -> bool:
+    def insert_message(conn: Any, e: HistoryEntry, **room: Any) -> bool:
+        """Insert a history entry; ``room`` sets the Megolm columns
+        (``megolm_session_id``, ``megolm_index``, ``recipients``, ``envelopes``).
+        False when the message id is there already."""
+        mentions = ",".join(map(str, e.mentions)) if e.room_id is not None else None
         return bool(
             conn.execute(
                 "INSERT OR IGNORE INTO messages (message_id, peer_user_id, direction,"
-                " sender_user_id, sender_device_id, plaintext, sent_at, state)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " sender_user_id, sender_device_id, plaintext, sent_at, state, room_id, mentions,"
+                " megolm_session_id, megolm_index, recipients, envelopes)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     e.message_id,
                     e.peer_user_id,
@@ -345,6 +288,12 @@ class LocalStore:
                     e.text,
                     e.sent_at,
                     e.state,
+                    e.room_id,
+                    mentions,
+                    room.get("megolm_session_id"),
+                    room.get("megolm_index"),
+                    room.get("recipients"),
+                    room.get("envelopes"),
                 ),
             ).rowcount
         )
@@ -360,10 +309,10 @@ class LocalStore:
         transaction. False when the message id was already in the history."""
 
         def write(conn: Any) -> bool:
-            self._save_olm(conn, account, channels or [], meta)
-            return self._insert(conn, entry)
+            self.write_olm(conn, account, channels or [], meta)
+            return self.insert_message(conn, entry)
 
-        return await self._write(write)
+        return await self.write(write)
 
     async def add_control(
         self,
@@ -379,21 +328,25 @@ class LocalStore:
         False when the message id was seen before."""
 
         def write(conn: Any) -> bool:
-            self._save_olm(conn, account, channels or [], meta)
-            return bool(
-                conn.execute(
-                    "INSERT OR IGNORE INTO control_messages (message_id, kind, sender_user_id,"
-                    " sender_device_id, received_at) VALUES (?, ?, ?, ?, ?)",
-                    (message_id, kind, sender[0], sender[1], now_ms()),
-                ).rowcount
-            )
+            self.write_olm(conn, account, channels or [], meta)
+            return self.insert_control(conn, message_id, kind, sender)
 
-        return await self._write(write)
+        return await self.write(write)
+
+    @staticmethod
+    def insert_control(conn: Any, message_id: str, kind: str, sender: tuple[int, str]) -> bool:
+        return bool(
+            conn.execute(
+                "INSERT OR IGNORE INTO control_messages (message_id, kind, sender_user_id,"
+                " sender_device_id, received_at) VALUES (?, ?, ?, ?, ?)",
+                (message_id, kind, sender[0], sender[1], now_ms()),
+            ).rowcount
+        )
 
     async def set_state(self, message_id: str, state: str, *, only_from: str | None = None) -> None:
         """Set a message's state; with ``only_from``, only if it is still in that state
         (a receipt may already have moved it on: ``sent`` must not undo ``delivered``)."""
-        await self._write(
+        await self.write(
             lambda c: c.execute(
                 "UPDATE messages SET state = ? WHERE message_id = ? AND coalesce(? = state, 1)",
                 (state, message_id, only_from),
@@ -417,13 +370,32 @@ class LocalStore:
                     (kind, message_id),
                 )
 
-        await self._write(write)
+        await self.write(write)
 
-    async def history(self, peer_user_id: int | None = None) -> list[HistoryEntry]:
+    async def history(
+        self, peer_user_id: int | None = None, *, room_id: int | None = None
+    ) -> list[HistoryEntry]:
+        """The conversation with one user (direct messages only), one room's
+        messages, or (neither given) everything; oldest first."""
         query = (
-            "SELECT message_id, peer_user_id, direction, sender_user_id, sender_device_id,"
-            " plaintext, sent_at, state FROM messages"
-            " WHERE ? IS NULL OR peer_user_id = ? ORDER BY sent_at, rowid"
+            f"SELECT {HISTORY_COLUMNS} FROM messages"  # noqa: S608 - a constant column list
+            " WHERE (? IS NULL OR (peer_user_id = ? AND room_id IS NULL))"
+            " AND (? IS NULL OR room_id = ?) ORDER BY sent_at, rowid"
         )
-        rows = await self._run(lambda c: c.execute(query, (peer_user_id, peer_user_id)).fetchall())
-        return [HistoryEntry(*r) for r in rows]
+        args = (peer_user_id, peer_user_id, room_id, room_id)
+        rows = await self.read(lambda c: c.execute(query, args).fetchall())
+        return [history_entry(r) for r in rows]
+
+
+HISTORY_COLUMNS: Final = (
+    "message_id, peer_user_id, direction, sender_user_id, sender_device_id,"
+    " plaintext, sent_at, state, room_id, mentions"
+)
+
+
+def history_entry(row: Any) -> HistoryEntry:
+    """A :class:`HistoryEntry` from a row of :data:`HISTORY_COLUMNS`."""
+    mentions = tuple(int(m) for m in row[9].split(",") if m) if row[9] else ()
+    return HistoryEntry(
+        row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], mentions
+    )

@@ -1,0 +1,120 @@
+"""Opening a client: the store, the connection, the login and the keys.
+
+:func:`open_client` is the way in (docs/CLIENT.md); it owns the nursery in
+which the connection, the inbound worker and the room jobs run.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+from argon2.low_level import Type, hash_secret_raw
+
+from .client import KEYS_READY_TIMEOUT, Client
+from .connection import Connection, Credentials
+from .crypto import ONE_TIME_KEY_TARGET, OlmMachine, pickle_key
+from .errors import ClientError
+from .keys import MAX_ONE_TIME_KEYS
+from .megolm import RoomSettings
+from .store import LocalStore
+
+
+def key_from_passphrase(passphrase: str, salt: bytes) -> bytes:
+    """A 32-byte store key from a passphrase: Argon2id (t=3, m=64 MiB, p=4).
+
+    ``salt`` should be at least 16 random bytes kept next to the store. Slow on
+    purpose (tenths of a second): call it through ``trio.to_thread.run_sync``
+    inside async code.
+    """
+    if len(salt) < 16:
+        raise ClientError("the salt must be at least 16 bytes")
+    return hash_secret_raw(
+        passphrase.encode(),
+        salt,
+        time_cost=3,
+        memory_cost=64 * 1024,
+        parallelism=4,
+        hash_len=32,
+        type=Type.ID,
+    )
+
+
+@asynccontextmanager
+async def open_client(
+    url: str,
+    username: str,
+    password: str,
+    *,
+    device_name: str,
+    store_path: Path | str,
+    store_key: bytes,
+    totp: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    backoff_base: float = 1.0,
+    one_time_keys: int = ONE_TIME_KEY_TARGET,
+    rooms: RoomSettings | None = None,
+) -> AsyncIterator[Client]:
+    """Open the store, connect, log in and publish keys; yield a :class:`Client`.
+
+    Logs in as the device saved in the store, or as a new device the first
+    time. ``one_time_keys`` is how many one-time keys the device keeps on the
+    server (1 to MAX_ONE_TIME_KEYS; it tops up when fewer than half are left,
+    or when the server asks). ``rooms`` sets the room-key policy
+    (RoomSettings: rotation_messages=100, rotation_seconds=7 days,
+    key_wait_seconds=10). Raises ClientStoreError (wrong key), LoginError
+    (refused), ConnectionLostError (cannot connect). On exit it says ``bye``,
+    cancels its background tasks and closes the store.
+    """
+    if not 1 <= one_time_keys <= MAX_ONE_TIME_KEYS:
+        raise ClientError(f"one_time_keys must be 1 to {MAX_ONE_TIME_KEYS}")
+    store = await LocalStore.open(Path(store_path), store_key)
+    try:
+        meta = await store.meta()
+        key = pickle_key(store_key)
+        olm = OlmMachine.restore(meta.get("account"), await store.olm_channels(), key)
+        if "account" not in meta:
+            await store.save_olm(olm.account_pickle(), [])
+        credentials = Credentials(username, password, device_name, totp, meta.get("device_id"))
+
+        async def on_session(reply: dict[str, Any]) -> None:
+            if reply.get("device_id") and reply["device_id"] != meta.get("device_id"):
+                meta["device_id"] = reply["device_id"]
+                await store.set_meta(device_id=reply["device_id"], user_id=str(reply["user"]["id"]))
+
+        conn = Connection(
+            url,
+            credentials,
+            ssl_context=ssl_context,
+            backoff_base=backoff_base,
+            on_session=on_session,
+        )
+        client = Client(
+            store,
+            olm,
+            conn,
+            one_time_keys=one_time_keys,
+            fallback_key=meta.get("fallback_key"),
+            room_settings=rooms,
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(conn.serve)
+            jobs = await client._open_rooms(key)
+            await nursery.start(jobs.serve)
+            nursery.start_soon(client._serve_inbound)
+            with trio.fail_after(KEYS_READY_TIMEOUT):
+                await client._keys.ready.wait()
+            try:
+                yield client
+            finally:
+                with trio.move_on_after(2) as cleanup:
+                    cleanup.shield = True
+                    await conn.aclose()
+                nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await store.aclose()
