@@ -108,12 +108,23 @@ async def test_two_people_talk_in_a_channel_and_refusals_are_explained(short_tmp
             await alice.type("/topic")
             await alice.expect("#general topic: launch on Thursday")
 
-            # Bob leaves: alice sees it, and bob can no longer send there.
+            # With another conversation open, room messages are counted as new.
+            await bob.type("/open alice")
+            await bob.expect("-- conversation with alice --")
+            await alice.type("one more thing")
+            await bob.expect("#general alice: one more thing")
+            await bob.type("/rooms")
+            await bob.expect("#general (id ")
+            assert (await bob.expect_line("you are moderator — launch on Thursday")) == (
+                "  [1 new]"
+            )
+            await bob.type("/room general")
+            await bob.expect("-- #general: messages 1–3 of 3 --")
+
+            # Bob leaves: alice sees it, and bob can no longer read the members.
             await bob.type("/leave")
             await bob.expect("-- you left #general --")
             await alice.expect("#general * bob left")
-            await bob.type("still there?")
-            await bob.expect("! no conversation open")
             await bob.type("/members general")
             await bob.expect(
                 "! /members failed: you are not a member of #general: /join general first"
