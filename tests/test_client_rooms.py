@@ -3,21 +3,30 @@ real SQLCipher stores in a temporary directory."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 import trio
 
 from chatd.client import Client, ServerRefusedError
 from chatd.client.megolm import KeyMissing, RoomSettings
-from chatd.client.room_events import RoomMessage, RoomUndecryptable, RoomUpdate
+from chatd.client.room_events import (
+    RoomInvitation,
+    RoomMessage,
+    RoomUndecryptable,
+    RoomUpdate,
+)
 from chatd.client.store import now_ms
+from chatd.config import DeviceSettings
 
-from .test_client import ALICE_KEY, BOB_KEY, device, relay
-from .test_relay_auth import Server
+from .test_client import ALICE_KEY, BOB_KEY, RELAXED, device, relay
+from .test_keys import team
+from .test_relay_auth import PASSWORD, Server
 
 T = TypeVar("T")
 BOB2_KEY = bytes([3]) * 32
@@ -304,16 +313,21 @@ async def test_a_device_back_after_expiry_reports_the_message_and_asks_the_sende
 # -- rotation -----------------------------------------------------------------------
 
 
-async def test_after_a_removal_the_removed_member_cannot_decrypt_later_messages(
-    short_tmp: Path,
+@pytest.mark.parametrize("how", ["removed", "left"])
+async def test_after_a_member_goes_they_cannot_decrypt_later_messages(
+    short_tmp: Path, how: str
 ) -> None:
     async with pair(short_tmp) as (_, alice, bob):
         room_id = await shared_room(alice, bob)
         await alice.rooms.send(room_id, "before")
         await next_event(bob, RoomMessage)
         first = alice.rooms.keys.machine.outbound[room_id].session_id
-        await alice.rooms.remove(room_id, bob.user_id)
-        await next_event(bob, RoomUpdate, type="removed", user_id=bob.user_id)
+        if how == "removed":
+            await alice.rooms.remove(room_id, bob.user_id)
+        else:
+            await bob.rooms.leave(room_id)
+        await next_event(bob, RoomUpdate, type=how, user_id=bob.user_id)
+        await next_event(alice, RoomUpdate, type=how, user_id=bob.user_id)
         sends = capture_room_sends(alice)
         await alice.rooms.send(room_id, "after")
         second = alice.rooms.keys.machine.outbound[room_id].session_id
@@ -397,3 +411,138 @@ async def test_rotation_after_the_message_limit(short_tmp: Path) -> None:
             sessions.append(alice.rooms.keys.machine.outbound[room_id].session_id)
             assert (await next_event(bob, RoomMessage)).text == f"m{n}"
         assert sessions[0] == sessions[1] != sessions[2]
+
+
+async def test_the_rooms_example_in_client_md_runs(short_tmp: Path, monkeypatch: Any) -> None:
+    """The rooms example of docs/CLIENT.md, run as written against the real
+    relay (address, password and store path swapped in; it stops after the
+    first room message instead of listening forever), with Bob joining and
+    answering."""
+    text = (Path(__file__).parent.parent / "docs" / "CLIENT.md").read_text()
+    code = re.search(r"## Rooms\n.*?### Example\n\n```python\n(.*?)```", text, re.S)
+    assert code is not None
+    source = code.group(1)
+    assert len(source.splitlines()) <= 25
+    swaps = {
+        '"correct horse battery staple"': repr(PASSWORD),
+        'store_path="alice.db"': f"store_path={str(short_tmp / 'alice.db')!r}",
+        "print(event.sender_user_id, event.text)": (
+            "print(event.sender_user_id, event.text); return"
+        ),
+        "trio.run(main)": "",
+    }
+    for old, new in swaps.items():
+        assert old in source, old
+        source = source.replace(old, new)
+    async with relay(short_tmp) as srv:
+        source = source.replace('"ws://127.0.0.1:7878/v1/ws"', repr(srv.url))
+        namespace: dict[str, Any] = {}
+        exec(compile(source, "CLIENT.md", "exec"), namespace)  # noqa: S102 - our own docs
+        printed: list[str] = []
+        monkeypatch.setattr("builtins.print", lambda *a: printed.append(" ".join(map(str, a))))
+        async with device(srv, short_tmp, "bob", "bob", BOB_KEY) as bob, trio.open_nursery() as n:
+            n.start_soon(namespace["main"])
+            invitation = await next_event(bob, RoomInvitation)
+            await bob.rooms.join(invitation.room.room_id)
+            welcome = await next_event(bob, RoomMessage)
+            assert (welcome.text, welcome.mentions) == ("welcome @bob", (bob.user_id,))
+            await bob.rooms.send(welcome.room_id, "thanks")
+        assert printed[-1].endswith(" thanks")
+
+
+async def test_my_other_device_reads_what_i_send_and_counts_for_nobody(short_tmp: Path) -> None:
+    async with pair(short_tmp) as (srv, alice, bob):
+        room_id = await shared_room(alice, bob)
+        async with device(srv, short_tmp, "alice", "alice2", BOB2_KEY) as alice2:
+            sent = await alice.rooms.send(room_id, "from my laptop")
+            copy = await next_event(alice2, RoomMessage)
+            assert (copy.message_id, copy.text, copy.outgoing) == (sent, "from my laptop", True)
+            await next_event(bob, RoomMessage)
+            with trio.fail_after(10):
+                await alice.wait_state(sent, "delivered")
+            delivery = await alice.rooms.delivery(sent)
+            assert delivery is not None
+            assert (delivery.delivered, delivery.members, delivery.devices) == (1, 1, 2)
+
+
+async def test_sessions_and_held_messages_survive_a_restart(short_tmp: Path) -> None:
+    """Alice's outbound session and who has it, and a message a device holds
+    for its key, are in the stores: after a restart Alice's session goes on
+    without sharing again, and a late key still opens the held message."""
+    async with relay(short_tmp) as srv:
+        async with (
+            device(srv, short_tmp, "alice", "alice", ALICE_KEY) as alice,
+            device(srv, short_tmp, "bob", "bob", BOB_KEY) as bob,
+        ):
+            room_id = await shared_room(alice, bob)
+            await alice.rooms.send(room_id, "one")
+            await next_event(bob, RoomMessage)
+            session = alice.rooms.keys.machine.outbound[room_id].session_id
+        async with device(srv, short_tmp, "bob", "bob2", BOB2_KEY) as bob2:
+            bob2_id = bob2.device_id
+        async with device(srv, short_tmp, "alice", "alice", ALICE_KEY) as alice:
+            real_share = alice.rooms.share
+            shares: list[tuple[Any, ...]] = []
+
+            async def no_share(*args: Any) -> None:
+                shares.append(args)
+
+            alice.rooms.share = no_share  # type: ignore[method-assign]
+            sent = await alice.rooms.send(room_id, "two")
+            assert alice.rooms.keys.machine.outbound[room_id].session_id == session
+            # Only Bob's new device lacks the session; its share is held back.
+            assert [[d.device_id for d in s[2]] for s in shares] == [[bob2_id]]
+            async with device(srv, short_tmp, "bob", "bob2", BOB2_KEY) as bob2:
+                await wait_until(bob2, lambda: _is(room_state(bob2, room_id, sent), "held"))
+            await real_share(*shares[0])
+        async with device(srv, short_tmp, "bob", "bob2", BOB2_KEY) as bob2:
+            got = await next_event(bob2, RoomMessage)
+            assert (got.message_id, got.text, got.late) == (sent, "two", True)
+
+
+async def test_a_room_message_that_expires_unread_is_reported_expired(short_tmp: Path) -> None:
+    async with relay(short_tmp) as srv:
+        async with device(srv, short_tmp, "alice", "alice", ALICE_KEY) as alice:
+            async with device(srv, short_tmp, "bob", "bob", BOB_KEY) as bob:
+                room_id = await shared_room(alice, bob)
+            sent = await alice.rooms.send(room_id, "nobody reads this")
+            await srv.queues.expire(now=now_ms() + 10**12, limit=100)
+            with trio.fail_after(10):
+                await alice.wait_state(sent, "expired")
+            delivery = await alice.rooms.delivery(sent)
+            assert delivery is not None
+            assert (delivery.delivered, delivery.expired, delivery.members) == (0, 1, 1)
+
+
+async def test_a_full_queue_holds_up_neither_the_key_share_nor_the_message(
+    short_tmp: Path,
+) -> None:
+    """Bob's second device is offline with a full queue. Alice's key share
+    leaves it out (``skip_full``) instead of failing, the room message reaches
+    Bob's other device, and the full device stays entitled to the key: it is
+    shared with it again on Alice's next message."""
+    limits = DeviceSettings(max_queued_envelopes=4)
+    async with team(short_tmp, devices=limits, **RELAXED) as srv:
+        async with device(srv, short_tmp, "bob", "bob2", BOB2_KEY) as bob2:
+            bob2_id = bob2.device_id
+        async with (
+            device(srv, short_tmp, "alice", "alice", ALICE_KEY) as alice,
+            device(srv, short_tmp, "bob", "bob", BOB_KEY) as bob,
+        ):
+            room_id = await shared_room(alice, bob)
+            refused = None
+            for n in range(5):  # the room's events and these fill bob2's queue
+                try:
+                    await alice.send_text(bob.user_id, f"filler {n}")
+                except ServerRefusedError as exc:
+                    refused = exc.code
+                    break
+            assert refused == "queue_full"
+            sent = await alice.rooms.send(room_id, "to whoever can take it")
+            got = await next_event(bob, RoomMessage)
+            assert got.message_id == sent
+            session = alice.rooms.keys.machine.outbound[room_id].session_id
+            outbound = alice.rooms.keys.machine.outbound[room_id]
+            assert (bob.user_id, bob2_id) not in outbound.shared  # it did not get it
+            entitled = await alice.rooms.store.share(session, bob.user_id, bob2_id)
+            assert entitled is not None and entitled.first_index == 0

@@ -40,3 +40,19 @@ def test_every_exit_code_is_in_the_operations_doc() -> None:
     for cls in classes:
         code = str(cls.exit_code)
         assert re.search(rf"\|\s*`?{code}`?\s*\|", OPERATIONS), f"exit code {code} ({cls.__name__})"
+
+
+def test_every_room_error_code_and_frame_type_is_in_the_protocol_doc() -> None:
+    import typing
+
+    from chatd.protocol import catalog
+    from chatd.rooms import model
+
+    codes = [getattr(model, n) for n in dir(model) if n.startswith("ERR_")]
+    assert "room_changed" in codes
+    for code in codes:
+        assert f"| `{code}` |" in PROTOCOL, f"docs/PROTOCOL.md has no row for error {code}"
+    for union in (catalog.ClientFrame, catalog.ServerFrame):
+        for frame in typing.get_args(union):
+            tag = frame.__struct_config__.tag
+            assert f"`{tag}`" in PROTOCOL, f"docs/PROTOCOL.md does not mention frame {tag}"

@@ -738,3 +738,42 @@ async def test_the_sends_row_is_written_only_once_every_envelope_is_safe(short_t
         assert (await next_frame(c.alice1.client, "sent"))["id"] == "both"
         await c.srv.store.write(lambda conn: None)  # the row's write went before this one
         assert await c.srv.store.read(rows) == (1, 1)
+
+
+async def test_a_send_with_skip_full_leaves_out_full_devices_and_names_them(
+    short_tmp: Path,
+) -> None:
+    """Key shares must reach every device that can take them: with skip_full
+    a full queue is skipped (and named) instead of refusing the whole send."""
+    async with cast(short_tmp, DeviceSettings(max_queued_envelopes=1)) as c:
+        await c.bob.client.ws.aclose()
+        assert (await send(c.alice1, c.to_everyone(c.alice1, "fill")))["type"] == "sent"
+        await next_frame(c.alice2.client, "deliver")  # alice2 is live but never acks
+        envelopes = c.to_everyone(c.alice1, "key share")
+        plain = await send(c.alice1, envelopes)
+        assert plain["code"] == "queue_full"
+        message_id = str(uuid.uuid4())
+        everyone_full = await c.alice1.client.request(
+            "send", message_id=message_id, envelopes=envelopes, skip_full=True
+        )
+        assert everyone_full["code"] == "queue_full"  # nothing could be queued at all
+        async with connect(c.srv) as phone:  # bob's second device has room
+            bob2 = await login_device(phone, "bob", BOB_PASSWORD)
+            await bob2.publish(1)
+            envelopes.append(
+                {"user_id": bob2.user_id, "device_id": bob2.device_id, "ciphertext": "for bob2"}
+            )
+            sent = await c.alice1.client.request(
+                "send", message_id=message_id, envelopes=envelopes, skip_full=True
+            )
+            assert sent["type"] == "sent" and sent["envelopes"] == 1, sent
+            assert sent["skipped"] == sorted(
+                [
+                    {"user_id": c.alice2.user_id, "device_id": c.alice2.device_id},
+                    {"user_id": c.bob.user_id, "device_id": c.bob.device_id},
+                ],
+                key=lambda r: (r["user_id"], r["device_id"]),
+            )
+            delivered = await next_frame(phone, "deliver")
+            assert [e["ciphertext"] for e in delivered["envelopes"]] == ["for bob2"]
+        await assert_queue_totals_exact(c)

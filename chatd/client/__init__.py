@@ -5,7 +5,8 @@ cryptography lives in :mod:`chatd.client.crypto`, the encrypted local store in
 :mod:`chatd.client.store`, and the connection (login, keepalive, token refresh,
 reconnects) in :mod:`chatd.client.connection`, and interactive device
 verification (SAS emoji) in :mod:`chatd.client.sas` and
-:mod:`chatd.client.verification`.
+:mod:`chatd.client.verification`. Rooms (Megolm) are ``client.rooms``
+(:mod:`chatd.client.rooms`) and ``client.room_events()``.
 """
 
 from .client import Client, Member, ReceivedMessage
@@ -22,12 +23,24 @@ from .errors import (
     ServerRefusedError,
     VerificationError,
 )
+from .megolm import RoomSettings
 from .opening import key_from_passphrase, open_client
+from .room_delivery import RoomDelivery
+from .room_events import (
+    CANNOT_DECRYPT,
+    RoomInvitation,
+    RoomMessage,
+    RoomUndecryptable,
+    RoomUpdate,
+)
+from .room_store import RoomInfo
+from .rooms import RoomList, RoomMember, RoomMembers, Rooms
 from .sas import SAS_EMOJI, ShortAuthString
 from .store import DeviceRecord, HistoryEntry
 from .verification import Verification
 
 __all__ = [
+    "CANNOT_DECRYPT",
     "Client",
     "ClientError",
     "ClientStoreError",
@@ -40,6 +53,17 @@ __all__ = [
     "LoginError",
     "Member",
     "ReceivedMessage",
+    "RoomDelivery",
+    "RoomInfo",
+    "RoomInvitation",
+    "RoomList",
+    "RoomMember",
+    "RoomMembers",
+    "RoomMessage",
+    "RoomSettings",
+    "RoomUndecryptable",
+    "RoomUpdate",
+    "Rooms",
     "SAS_EMOJI",
     "SendError",
     "ServerRefusedError",

@@ -111,12 +111,18 @@ class OlmSender:
         self._lock = lock
 
     async def send(
-        self, message_id: str, targets: Sequence[OlmPeer], payload: PayloadFor
+        self,
+        message_id: str,
+        targets: Sequence[OlmPeer],
+        payload: PayloadFor,
+        *,
+        skip_full: bool = False,
     ) -> dict[str, Any] | None:
         """One ``send`` of ``payload`` to ``targets`` (which must be exactly what
         the relay expects). Returns its reply (``sent`` or ``device_mismatch``),
-        or None when there is nobody to send to. Raises KeyClaimError and the
-        connection's errors."""
+        or None when there is nobody to send to. With ``skip_full`` the server
+        leaves out devices whose queue is full (``sent.skipped``) rather than
+        refusing the send. Raises KeyClaimError and the connection's errors."""
         async with self._lock:
             await self.open_channels(targets)
             envelopes = [
@@ -130,10 +136,16 @@ class OlmSender:
             await self._store.save_olm(None, self._olm.take_dirty())
         if not envelopes:
             return None
-        return await self._conn.request("send", message_id=message_id, envelopes=envelopes)
+        extra = {"skip_full": True} if skip_full else {}
+        return await self._conn.request("send", message_id=message_id, envelopes=envelopes, **extra)
 
     async def send_split(
-        self, targets: Sequence[OlmPeer], payload: PayloadFor, sample: bytes
+        self,
+        targets: Sequence[OlmPeer],
+        payload: PayloadFor,
+        sample: bytes,
+        *,
+        skip_full: bool = False,
     ) -> list[Batch]:
         """Send ``payload`` to ``targets`` in as many sends as it takes (see
         :func:`plan_batches`; ``sample`` is a payload as large as any). Stops at
@@ -146,7 +158,7 @@ class OlmSender:
         done: list[Batch] = []
         for devices in batches:
             message_id = str(uuid.uuid4())
-            reply = await self.send(message_id, devices, payload)
+            reply = await self.send(message_id, devices, payload, skip_full=skip_full)
             if reply is None:
                 continue
             done.append(Batch(message_id, devices, reply))

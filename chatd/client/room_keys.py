@@ -94,12 +94,17 @@ class RoomKeys:
         key: RoomKey,
         devices: Sequence[MemberDevice],
         message_id: str,
+        skipped: Sequence[MemberDevice] = (),
     ) -> None:
-        """``key`` went to ``devices`` in Olm message ``message_id`` (the server accepted it)."""
+        """``key`` went to ``devices`` in Olm message ``message_id`` (the server
+        accepted it). ``skipped`` devices were meant to get it but their queue
+        was full: they are recorded as entitled to it (a key request of theirs
+        is answered from that index) but not as having it (our next message
+        shares it with them again)."""
         async with self.lock:
             self.machine.mark_shared(room_id, key.session_id, devices, key.first_index)
             await self.store.add_shares(
-                room_id, key.session_id, list(devices), key.first_index, message_id
+                room_id, key.session_id, [*devices, *skipped], key.first_index, message_id
             )
 
     async def encrypt(self, room_id: int, session_id: str, plaintext: bytes) -> str | None:

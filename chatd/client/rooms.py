@@ -82,8 +82,11 @@ class RoomList:
     channels: list[RoomInfo]  # channels we are not in (invite-only ones too)
 
 
-class _Changed(Exception):
+class _Changed(ClientError):
     """A share met ``device_mismatch``: the member devices changed; read them again."""
+
+    def __init__(self) -> None:
+        super().__init__("the room's member devices changed during a key share")
 
 
 class Rooms:
@@ -367,18 +370,22 @@ class Rooms:
     ) -> None:
         fields = key.fields()
         batches = await self._olm_send.send_split(
-            named, control_for(fields, wanted), largest_payload(fields)
+            named, control_for(fields, wanted), largest_payload(fields), skip_full=True
         )
         for batch in batches:
             if batch.reply["type"] != "sent":
                 self.changed(room_id)
                 raise _Changed
-            got = [
+            # A device whose queue was full did not get it: the next send shares again.
+            skipped = {(d["user_id"], d["device_id"]) for d in batch.reply.get("skipped", [])}
+            meant = [
                 member_device(d)  # type: ignore[arg-type]  # MemberDevices went in
                 for d in batch.devices
                 if (d.user_id, d.device_id) in wanted
             ]
-            await self.keys.shared(room_id, key, got, batch.message_id)
+            got = [d for d in meant if (d.user_id, d.device_id) not in skipped]
+            missed = [d for d in meant if (d.user_id, d.device_id) in skipped]
+            await self.keys.shared(room_id, key, got, batch.message_id, missed)
             self.on_change()
 
     async def send_control(

@@ -91,9 +91,11 @@ class SendOutcome(Outcome):
 
 @dataclass(frozen=True, slots=True)
 class Accepted:
-    """The send is accepted; ``outcome`` settles once it is durable or delivered."""
+    """The send is accepted; ``outcome`` settles once it is durable or delivered.
+    ``skipped``: target devices left out because their queues are full."""
 
     outcome: Outcome
+    skipped: tuple[f.DeviceRef, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -233,13 +233,18 @@ class QueueService:
         full = []
         totals = self.state.totals
         max_count, max_bytes = self._max_count, self._max_bytes
-        for (_, target), text in targets.items():
+        for (user, target), text in targets.items():
             size = sizes[target] = len(text) if text.isascii() else len(text.encode())
             count, total = totals.get(target, (0, 0))
             if count >= max_count or total + size > max_bytes:
-                full.append(target)
+                full.append((user, target))
+        skipped: tuple[f.DeviceRef, ...] = ()
         if full:
-            return QueueFull(sorted(full))
+            if not frame.skip_full or len(full) == len(targets):
+                return QueueFull(sorted(d for _, d in full))
+            for ref in full:
+                del targets[ref]
+            skipped = tuple(f.DeviceRef(user_id=u, device_id=d) for u, d in sorted(full))
         now = now_ms()
         expires = now + self._lifetime_ms
         outcome = SendOutcome(device_id, frame.message_id, len(targets), now)
@@ -260,7 +265,7 @@ class QueueService:
         self._remember(key, outcome)
         outcome.when_done(self._send_done)
         self._offer(accepted)
-        return Accepted(outcome)
+        return Accepted(outcome, skipped)
 
     def full(self, device_id: str, size: int) -> bool:
         """Whether this device's queue has no room for ``size`` more bytes."""

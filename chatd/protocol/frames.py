@@ -205,13 +205,16 @@ class OutgoingEnvelope(msgspec.Struct, forbid_unknown_fields=True):
 
 class Send(Frame, tag="send"):
     """One message: a ciphertext for every current device of every recipient
-    (and for the sender's own other devices)."""
+    (and for the sender's own other devices). With ``skip_full``, devices whose
+    queue is full are left out (listed in ``sent.skipped``) instead of the
+    whole send being refused: for key shares, which must reach everyone else."""
 
     id: RequestId
     message_id: MessageId
     envelopes: Annotated[
         list[OutgoingEnvelope], msgspec.Meta(min_length=1, max_length=MAX_ENVELOPES_PER_SEND)
     ]
+    skip_full: bool = False
 
 
 class Ack(Frame, tag="ack"):
@@ -432,7 +435,7 @@ class Sent(Frame, tag="sent"):
     id: str
     message_id: str
     envelopes: int
-    # room_send only: member devices whose queue was full, which do not get it
+    # room_send, or send with skip_full: devices whose queue was full, which do not get it
     skipped: list[DeviceRef] = msgspec.field(default_factory=list)
 
 

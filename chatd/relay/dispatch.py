@@ -142,7 +142,8 @@ class Dispatcher:
                 handle = conn.reserve()
                 if handle is None:
                     return
-                outcome.when_done(lambda o: conn.fill(handle, _sent(proto, frame, o)))
+                skipped = list(result.skipped) if isinstance(result, Accepted) else None
+                outcome.when_done(lambda o: conn.fill(handle, _sent(proto, frame, o, skipped)))
                 watching = conn.watching or ()
                 if any(
                     e.user_id not in watching and e.user_id != grant.user_id
