@@ -178,7 +178,7 @@ async def test_an_invitation_to_a_group_is_shown_and_joined(short_tmp: Path) -> 
                 await alice.expect("#party * bob declined the invitation")
 
                 # A line typed in the group reaches the other member.
-                await alice.type("/room plans")
+                await alice.type("/open #plans")
                 await alice.expect("-- room #plans")
                 await alice.type("welcome @bob")
                 assert await bob.expect_line("#plans alice: welcome @bob") == (
