@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("config-template", help="print the annotated example config")
     p = sub.add_parser(
         "demo",
-        help="run a throwaway server and two scripted clients; show what each side sees",
+        help="run a throwaway server and three scripted clients; show what each side sees",
         description=DEMO_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -81,11 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 DEMO_DESCRIPTION = """\
 Start a throwaway chatd (a temporary data dir made like 'chatd init', the real
-daemon on a free loopback port) and two scripted clients, alice and bob, with
-random passwords. Alice writes to Bob while he is offline, Bob comes online,
-reads and replies, and Alice reads the reply. Side by side it prints what the
-clients see (plaintext) and what the server stored (read from its SQLCipher
-file with its key: ciphertext, public keys, password hashes).
+daemon on a free loopback port) and three scripted clients, alice, bob and
+carol, with random passwords. Alice writes to Bob while he is offline, Bob
+comes online, reads and replies, and Alice reads the reply. Then Alice makes a
+channel, Bob and Carol join it and go offline, Alice writes to it, they read
+and Bob replies. Side by side it prints what the clients see (plaintext) and
+what the server stored (read from its SQLCipher file with its key:
+ciphertext, public keys, password hashes, the room log where each room
+message is stored once).
 
 At the end it searches every server file (database, -wal, -shm, key files,
 log) byte for byte, and every value of the decrypted database, for the message

@@ -1,4 +1,4 @@
-"""``chatd demo``: a throwaway server, two scripted clients, and what each side sees.
+"""``chatd demo``: a throwaway server, scripted clients, and what each side sees.
 
 Theory of operation
 -------------------
@@ -11,11 +11,12 @@ itself; the ``STATUS=`` line of that datagram names the relay URL and so the
 port the kernel picked. A daemon that exits or stays silent is reported with
 the tail of its log.
 
-Two accounts (alice, bob) with random passwords are created through the admin
-API on its unix socket, and two scripted clients of :mod:`chatd.client` (each
-with its own encrypted store and a random store key) play a conversation in
-which each side is offline at some point, so that ciphertext waits in the
-server's queues. After each step the demo opens the server's SQLCipher file
+Three accounts (alice, bob, carol) with random passwords are created through
+the admin API on its unix socket, and scripted clients of :mod:`chatd.client`
+(each with its own encrypted store and a random store key) play a one-to-one
+conversation, then one in a channel (:mod:`chatd.demo_rooms`), in which each
+side is offline at some point, so that ciphertext waits in the server's
+queues. After each step the demo opens the server's SQLCipher file
 read-only with the database key (WAL lets a reader in while the daemon
 writes) and prints, beside what the clients saw, what the server stored.
 
@@ -54,6 +55,7 @@ import trio
 
 from chatd.client import Client, open_client
 from chatd.config import CONFIG_FILE_NAME, Config, load_config
+from chatd.demo_rooms import ROOM_TEXTS, RoomScript
 from chatd.errors import ChatdError, exception_leaves
 from chatd.inspection import (
     EnvelopeRow,
@@ -401,6 +403,7 @@ class _Demo:
     passwords: dict[str, str]
     store_keys: dict[str, bytes] = field(default_factory=dict)
     sent: list[str] = field(default_factory=list)  # alice's message ids
+    needles: list[str] = field(default_factory=lambda: [*ALICE_MESSAGES, BOB_REPLY, *ROOM_TEXTS])
 
     @asynccontextmanager
     async def client(self, name: str) -> AsyncIterator[Client]:
@@ -507,7 +510,7 @@ class _Demo:
 
     async def scan(self) -> ScanReport:
         report = ScanReport()
-        needles = [*ALICE_MESSAGES, BOB_REPLY]
+        needles = self.needles
         await trio.to_thread.run_sync(
             scan_files, [self.config.data_dir, self.daemon.log_path], needles, report
         )
@@ -527,7 +530,7 @@ async def _play(screen: Screen, workdir: Path, keep: bool) -> ScanReport:
         )
     db_key = bytes.fromhex(_read_secret(config.in_data_dir(config.store.key_file)))
     token = _read_secret(config.in_data_dir(config.admin.token_file))
-    screen.line("chatd demo: a throwaway server and two scripted clients, alice and bob")
+    screen.line("chatd demo: a throwaway server and three scripted clients: alice, bob, carol")
     after = "kept at the end (--keep)" if keep else "removed at the end; --keep keeps it"
     screen.line(f"  temp dir   {workdir} ({after})")
     screen.line(f"  data dir   {config.data_dir} (made by 'chatd init')")
@@ -538,17 +541,19 @@ async def _play(screen: Screen, workdir: Path, keep: bool) -> ScanReport:
             f" t={config.auth.argon2_time_cost}, rate limits as shipped) except relay.port = 0"
         )
         with _step_deadline("creating the accounts"):
-            passwords = await _create_users(socket_path, token, ["alice", "bob"])
-        screen.line("  accounts   alice and bob, random passwords, made over the admin API")
+            passwords = await _create_users(socket_path, token, ["alice", "bob", "carol"])
+        screen.line("  accounts   alice, bob, carol: random passwords, made over the admin API")
         screen.line("  the server's view is read from its SQLCipher file (read-only, with its key)")
         screen.line()
         screen.table_header()
         demo = _Demo(screen, workdir, config, daemon, db_key, passwords)
+        rooms = RoomScript(demo)
         for what, step in (
             ("bob's first sign-in", demo.step_bob_registers),
             ("alice's messages", demo.step_alice_sends),
             ("bob's turn", demo.step_bob_reads_and_replies),
             ("alice's turn", demo.step_alice_reads),
+            *rooms.steps(),
         ):
             with _step_deadline(what):
                 await step()
@@ -558,7 +563,7 @@ async def _play(screen: Screen, workdir: Path, keep: bool) -> ScanReport:
         )
         with _step_deadline("the plaintext scan"):
             report = await demo.scan()
-        screen.line(f"searching the server for the {len(ALICE_MESSAGES) + 1} message texts:")
+        screen.line(f"searching the server for the {len(demo.needles)} message texts:")
         screen.wrapped(
             f"  {len(report.files)} files, {report.file_bytes:,} bytes raw:"
             f" {', '.join(report.files)}"

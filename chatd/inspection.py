@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import sqlcipher3
 
@@ -29,12 +29,40 @@ class EnvelopeRow:
 
 
 @dataclass(frozen=True)
+class RoomLogRow:
+    """One entry of the room log: stored once, whatever the number of members."""
+
+    id: int
+    room: str  # the room's name (not end-to-end encrypted)
+    kind: str  # room_message | room_event
+    sender: str | None  # the sender's username, for a room message
+    ciphertext: bytes | None  # a room message's Megolm ciphertext
+    event: str | None  # a room event's JSON, made by the server
+    waiting: int  # devices it is still queued for
+
+
+@dataclass(frozen=True)
 class ServerView:
     """What the server's database holds, as far as a person is shown it."""
 
     users: list[tuple[str, str]]  # (username, password hash)
     devices: list[tuple[str, str, str, int]]  # (device id, owner, curve25519 key, one-time keys)
     envelopes: list[EnvelopeRow]
+    rooms: list[tuple[int, str, str, int]] = field(default_factory=list)  # id, name, kind, members
+    room_log: list[RoomLogRow] = field(default_factory=list)
+
+
+#: Each room log entry with the number of devices still waiting for it: those
+#: with a range of the room that holds it, past their cursor, but not its sender.
+_ROOM_LOG: Final = (
+    "SELECT m.id, coalesce(r.name, '#' || m.room_id), m.kind, u.username, m.ciphertext, m.event,"
+    " (SELECT count(*) FROM room_devices s JOIN devices d ON d.id = s.device_id"
+    "  WHERE s.room_id = m.room_id AND m.id > max(s.from_id, d.room_cursor)"
+    "  AND (s.until_id IS NULL OR m.id <= s.until_id)"
+    "  AND m.sender_device_id IS NOT s.device_id)"
+    " FROM room_log m LEFT JOIN rooms r ON r.id = m.room_id"
+    " LEFT JOIN users u ON u.id = m.sender_user_id ORDER BY m.id"
+)
 
 
 @contextmanager
@@ -71,10 +99,19 @@ def read_server_view(path: Path, key: bytes) -> ServerView:
             "SELECT e.id, e.recipient_device_id, e.kind, u.username, e.ciphertext"
             " FROM envelopes e LEFT JOIN users u ON u.id = e.sender_user_id ORDER BY e.id"
         ).fetchall()
+        rooms = conn.execute(
+            "SELECT r.id, r.name, r.kind, (SELECT count(*) FROM room_members m"
+            " WHERE m.room_id = r.id) FROM rooms r ORDER BY r.id"
+        ).fetchall()
+        room_log = conn.execute(_ROOM_LOG).fetchall()
     return ServerView(
         users=[(str(name), str(hashed)) for name, hashed in users],
         devices=[(str(d), str(owner), str(key or ""), int(n)) for d, owner, key, n in devices],
         envelopes=[EnvelopeRow(int(i), str(r), str(k), s, c) for i, r, k, s, c in envelopes],
+        rooms=[(int(i), str(n), str(k), int(c)) for i, n, k, c in rooms],
+        room_log=[
+            RoomLogRow(int(i), str(r), str(k), s, c, e, int(w)) for i, r, k, s, c, e, w in room_log
+        ],
     )
 
 

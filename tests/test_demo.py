@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from chatd.demo import ALICE_MESSAGES, BOB_REPLY, DemoError, open_daemon
+from chatd.demo_rooms import ROOM_MESSAGES, ROOM_NAME, ROOM_REPLY
 from chatd.inspection import ScanReport, scan_database, scan_files
 from chatd.store.db import PLAINTEXT_HEADER, connect
 
@@ -68,6 +69,38 @@ async def test_the_demo_shows_plaintext_to_clients_and_only_ciphertext_on_the_se
         assert not any(text in r for r in right)
     assert "plaintext found in server files: none" in stdout.splitlines()
     assert "daemon stopped by SIGTERM, exit code 0" in stdout
+    workdir = temp_dir_of(stdout)
+    assert f"removed {workdir}" in stdout
+    assert not workdir.exists()
+
+
+async def test_the_demo_shows_a_room_message_stored_once_as_ciphertext() -> None:
+    result = await chatd_demo(columns=120)
+    stdout, stderr = result.stdout.decode(), result.stderr.decode()
+    assert result.returncode == 0, stdout + stderr
+    left, right = split_columns(stdout)
+    # The client cells, wrapped ones joined again (a row whose right cell is
+    # empty ends in "│" without the separator's space).
+    cells = [line.split(" │", 1)[0] for line in stdout.splitlines() if " │" in line]
+    said = " ".join(cell.strip() for cell in cells)
+    for text in ROOM_MESSAGES:
+        assert f"alice → #{ROOM_NAME}: {text}" in said
+        for reader in ("bob", "carol"):
+            assert f"{reader} reads alice → #{ROOM_NAME}: {text}" in said, stdout
+    assert f"carol reads bob → #{ROOM_NAME}: {ROOM_REPLY}" in said
+    assert f"alice reads bob → #{ROOM_NAME}: {ROOM_REPLY}" in said
+    assert "alice: each of her room messages delivered to 2 of 2 members ✓" in said
+    # Each of alice's room messages is one row of the room log, for both
+    # members' devices: Megolm ciphertext, never the text.
+    rows = [r for r in right if re.match(r' *\d+ msg +alice +2 \{"v": 1, "session_id": "', r)]
+    assert len(rows) == len(ROOM_MESSAGES), stdout
+    assert f"room log: {len(ROOM_MESSAGES)} messages stored once each" in " ".join(right)
+    assert any(re.match(r' *\d+ msg +bob +1 \{"v": 1, "session_id": "', r) for r in right)
+    assert any('{"type":"joined"' in r for r in right)  # room events: server-made metadata
+    for text in (*ROOM_MESSAGES, ROOM_REPLY):
+        assert not any(text in r for r in right)
+    assert "searching the server for the 7 message texts:" in stdout
+    assert "plaintext found in server files: none" in stdout.splitlines()
     workdir = temp_dir_of(stdout)
     assert f"removed {workdir}" in stdout
     assert not workdir.exists()

@@ -11,6 +11,9 @@
   ``✓✓ delivered`` or ``✗ expired`` when the message reaches that state;
 * the **incoming printer**: prints received messages as they arrive, marking
   those from unverified devices;
+* the **room printer**: prints room messages, room events and invitations
+  (see :mod:`chatd.chat.rooms`, which also has the room commands and follows
+  the delivery of room messages);
 * the **connection watcher**: says when the connection drops and comes back;
 * the **verification requests** taker, and one follower for the emoji (SAS)
   verification in progress, if any (see :mod:`chatd.chat.verifying`).
@@ -23,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Final
 
 import trio
@@ -38,8 +40,9 @@ from chatd.client import (
     ReceivedMessage,
     ServerRefusedError,
 )
-from chatd.errors import ChatdError
+from chatd.client.room_store import RoomInfo
 
+from .commands import Command, Refused, UsageError
 from .display import (
     clean,
     clock,
@@ -49,6 +52,7 @@ from .display import (
     message_lines,
     normalize_fingerprint,
 )
+from .rooms import ROOM_COMMANDS, People, RoomsView
 from .terminal import LineReader
 from .verifying import SasVerifier
 
@@ -62,22 +66,17 @@ CONNECTION_POLL: Final = 1.0  # seconds between connection state checks
 Say = Callable[[str], None]
 
 
-@dataclass(frozen=True)
-class Command:
-    """One command: its usage line and one sentence of help (shown by /help
-    and checked against docs/CHAT.md by the tests)."""
-
-    name: str
-    usage: str
-    help: str
-
-
 COMMANDS: Final = (
     Command("help", "/help", "list the commands"),
     Command("who", "/who", "the people on the server, online or not, and their devices"),
-    Command("open", "/open <username>", "chat with someone: shows your last messages with them"),
+    Command(
+        "open",
+        "/open <username>",
+        "chat with someone: shows your last messages with them (/open #room opens a room)",
+    ),
     Command("history", "/history [N]", f"the last N messages of this conversation ({PAGE})"),
     Command("more", "/more", "the page of older messages before the one shown last"),
+    *ROOM_COMMANDS,
     Command("devices", "/devices", "every device seen so far and whether you verified it"),
     Command("fingerprint", "/fingerprint", "this device's fingerprint, to read out to others"),
     Command(
@@ -97,14 +96,18 @@ COMMANDS: Final = (
 )
 
 
-class UsageError(ChatdError):
-    """A command was typed wrongly; the message says how to type it."""
-
-
 class ChatApp:
     """The terminal client running on one logged-in device."""
 
-    def __init__(self, client: Client, say: Say, *, username: str, device_name: str = "") -> None:
+    def __init__(
+        self,
+        client: Client,
+        say: Say,
+        *,
+        username: str,
+        device_name: str = "",
+        bold: bool = False,
+    ) -> None:
         self.client = client
         self.say = say
         self.username = username
@@ -119,10 +122,20 @@ class ChatApp:
         self._cursor = 0  # index in the conversation of the oldest message shown
         self._page = PAGE
         self._watched = 0
-        self._outbox_send, self._outbox = trio.open_memory_channel[tuple[Member, str]](OUTBOX)
+        self._outbox_send, self._outbox = trio.open_memory_channel[tuple[Member | RoomInfo, str]](
+            OUTBOX
+        )
         self._sender_done = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._sas = SasVerifier(client, say, self.describe_device)
+        self.rooms = RoomsView(
+            client,
+            say,
+            People(self.name_of, self.find_member, self.refresh_directory),
+            opened=self._room_opened,
+            idle=lambda: self.peer is None and self.rooms.current is None,
+            bold=bold,
+        )
 
     # -- the app --------------------------------------------------------------
 
@@ -139,9 +152,14 @@ class ChatApp:
             await self.refresh_directory()
         except (ClientError, trio.TooSlowError) as exc:
             self.say(f"! the directory could not be fetched: {_reason(exc)}; try /who")
+        try:
+            await self.rooms.start()
+        except (ClientError, trio.TooSlowError) as exc:
+            self.say(f"! the rooms could not be listed: {_reason(exc)}; try /rooms")
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._show_incoming)
+            nursery.start_soon(self._show_room_events)
             nursery.start_soon(self._send_outbox)
             nursery.start_soon(self._watch_connection)
             nursery.start_soon(self._sas.serve_requests, nursery)
@@ -167,22 +185,27 @@ class ChatApp:
             if command is None:
                 self.say(f"! unknown command /{clean(name)}; type /help for the list")
                 return True
-            handler: Callable[[list[str]], Awaitable[None]] = getattr(self, f"_cmd_{command.name}")
+            handler: Callable[[list[str]], Awaitable[None]] = getattr(
+                self, f"_cmd_{command.name}", None
+            ) or getattr(self.rooms, f"cmd_{command.name}")
             try:
                 await handler(args)
             except UsageError as exc:
                 self.say(f"! {exc}")
+            except Refused as exc:
+                self.say(f"! /{command.name} failed: {exc}")
             except IdentityChangedError as exc:
                 self.say(f"!! WARNING: {clean(str(exc))}")
             except (ClientError, trio.TooSlowError) as exc:
                 self.say(f"! /{command.name} failed: {_reason(exc)}")
             return True
         text = line[1:] if line.startswith("//") else line
-        if self.peer is None:
-            self.say("! no conversation open: /open <username> first (see /who)")
+        target: Member | RoomInfo | None = self.rooms.current or self.peer
+        if target is None:
+            self.say("! no conversation open: /open <username> first (see /who), or /room <room>")
             return True
         try:
-            self._outbox_send.send_nowait((self.peer, text))
+            self._outbox_send.send_nowait((target, text))
         except trio.WouldBlock:
             self.say(f"! not sent {excerpt(text)}: {OUTBOX} messages are already waiting")
         return True
@@ -275,6 +298,7 @@ class ChatApp:
         for c in COMMANDS:
             self.say(f"  {c.usage.ljust(width)}  {c.help}")
         self.say("Anything else you type is sent to the open conversation (// sends a /).")
+        self.say("A <room> is #name, name, or the room's id (see /rooms).")
         self.say("Marks: ✓ sent to the server, ✓✓ delivered to a device of theirs, ✗ expired.")
 
     async def _cmd_who(self, args: list[str]) -> None:
@@ -299,10 +323,17 @@ class ChatApp:
                 known = devices.get((d.user_id, d.device_id), d)
                 self.say(device_line(known, self.client.device_id))
 
+    def _room_opened(self) -> None:
+        self.peer = None
+
     async def _cmd_open(self, args: list[str]) -> None:
         if len(args) != 1:
             raise UsageError("usage: /open <username>")
+        if args[0].startswith("#"):
+            await self.rooms.cmd_room(args)
+            return
         self.peer = await self.find_member(args[0])
+        self.rooms.current = None
         self._page = PAGE
         entries = await self.client.history(self.peer.user_id)
         self._cursor = len(entries)
@@ -327,12 +358,15 @@ class ChatApp:
             )
 
     async def _cmd_history(self, args: list[str]) -> None:
-        peer = self._need_peer()
         count = PAGE
         if args:
             if len(args) != 1 or not args[0].isdigit() or not 1 <= int(args[0]) <= MAX_PAGE:
                 raise UsageError(f"usage: /history [N], N from 1 to {MAX_PAGE}")
             count = int(args[0])
+        if self.rooms.current is not None:
+            await self.rooms.history(count)
+            return
+        peer = self._need_peer()
         self._page = count
         entries = await self.client.history(peer.user_id)
         self._cursor = len(entries)
@@ -342,6 +376,9 @@ class ChatApp:
         await self._show_page(peer, self._cursor - count, self._cursor)
 
     async def _cmd_more(self, args: list[str]) -> None:
+        if self.rooms.current is not None:
+            await self.rooms.more()
+            return
         peer = self._need_peer()
         if self._cursor <= 0:
             self.say("-- no older messages --")
@@ -431,7 +468,7 @@ class ChatApp:
 
     def _need_peer(self) -> Member:
         if self.peer is None:
-            raise UsageError("no conversation open: /open <username> first")
+            raise UsageError("no conversation open: /open <username> or /room <room> first")
         return self.peer
 
     # -- background tasks -----------------------------------------------------
@@ -439,7 +476,11 @@ class ChatApp:
     async def _send_outbox(self) -> None:
         """Send typed messages in order; start a delivery watcher for each."""
         try:
-            async for peer, text in self._outbox:
+            async for target, text in self._outbox:
+                if isinstance(target, RoomInfo):
+                    await self.rooms.send(target, text, self._nursery)
+                    continue
+                peer = target
                 try:
                     if not await self._has_devices(peer):
                         self.say(
@@ -506,6 +547,10 @@ class ChatApp:
         async for message in self.client.messages():
             await self._show_message(message)
 
+    async def _show_room_events(self) -> None:
+        async for item in self.client.room_events():
+            await self.rooms.show(item)
+
     async def _show_message(self, message: ReceivedMessage) -> None:
         """Print a received message. Never raises ClientError: a message is
         shown even if the directory or the store cannot be read just now."""
@@ -520,7 +565,8 @@ class ChatApp:
         suffix = "" if message.sender_verified else " (unverified device)"
         for line in message_lines(prefix, message.text, suffix):
             self.say(line)
-        if self.peer is None and message.peer_user_id in self._by_id:
+        idle = self.peer is None and self.rooms.current is None
+        if idle and message.peer_user_id in self._by_id:
             self.peer = self._by_id[message.peer_user_id]
             name = self.name_of(self.peer.user_id)
             self.say(f"-- conversation with {name} (what you type goes there) --")

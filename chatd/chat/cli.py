@@ -275,6 +275,15 @@ LIBRARY_WARNINGS: Final = {
     "client.refresh_refused": "the server refused to refresh the session",
     "client.after_ack_failed": "a received message could not be handled (a verification step?)",
     "client.verification_cancel_unsent": "the other device could not be told of the cancel",
+    "client.room_undecryptable": (
+        "a room message cannot be decrypted — ask the sender to resend"
+        " (it is in the room's /history, marked)"
+    ),
+    "client.room_key_refused": "a room key from another device was unusable and was ignored",
+    "client.room_key_request_refused": "a malformed room key request was ignored",
+    "client.room_key_request_failed": "a missing room key could not be asked for",
+    "client.room_job_failed": "a room key could not be shared or asked for",
+    "client.room_job_dropped": "too much room key work at once: some of it was dropped",
 }
 
 
@@ -287,6 +296,11 @@ class WarningLines(logging.Handler):
         detail = getattr(record, "error", None)
         text = LIBRARY_WARNINGS.get(event, event)
         say(f"! {clean(text)}" + (f" ({clean(str(detail))})" if detail else ""))
+
+
+def can_highlight() -> bool:
+    """Whether the terminal shows bold text (for ``@you`` in room messages)."""
+    return sys.stdout.isatty() and os.environ.get("TERM", "dumb") not in ("", "dumb")
 
 
 @dataclass
@@ -312,7 +326,10 @@ async def run_app(
         open_terminal_lines() as lines,
     ):
         progress.logged_in = True
-        await ChatApp(client, say, username=opts.user, device_name=opts.device).run(lines)
+        app = ChatApp(
+            client, say, username=opts.user, device_name=opts.device, bold=can_highlight()
+        )
+        await app.run(lines)
 
 
 def _failure(exc: BaseException, opts: Options, logged_in: bool) -> tuple[str, int]:
