@@ -572,6 +572,7 @@ async def test_a_server_bug_in_the_sender_task_closes_with_1011_and_ends_cleanly
 
     monkeypatch.setattr(WebSocket, "send_all", broken)
     monkeypatch.setattr(WebSocket, "try_send", broken_at_once)
+    through_the_flusher(monkeypatch)
     async with relay_running() as (relay, _):
         client = await RawClient.connect(relay)
         await client.stream.send_all(ws_frame(0x1, b'{"type":"ping","id":"p"}'))
@@ -797,6 +798,7 @@ async def test_a_frame_the_socket_took_only_in_part_is_finished_by_a_writer_task
         return try_send(self, data[: max(1, len(data) // 2)])
 
     monkeypatch.setattr(WebSocket, "try_send", half)
+    through_the_flusher(monkeypatch)
     async with relay_running() as (relay, _), open_websocket_url(url(relay)) as ws:
         await hello_of(ws)
         for n in range(5):
@@ -805,3 +807,15 @@ async def test_a_frame_the_socket_took_only_in_part_is_finished_by_a_writer_task
             assert json.loads(await ws.get_message()) == {"type": "pong", "id": f"p{n}"}
         await trio.testing.wait_all_tasks_blocked()
         assert relay_tasks(relay) == ([1], [])  # the writer task ended
+
+
+def through_the_flusher(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every wake goes to the flusher (as a room entry's does), not to a writer task."""
+    from chatd.relay.connection import Connection
+
+    wake = Connection.wake
+
+    def fanned_out(self: Connection, *, fan_out: bool = False) -> None:
+        wake(self, fan_out=True)
+
+    monkeypatch.setattr(Connection, "wake", fanned_out)

@@ -249,7 +249,7 @@ class Registry:
                 if not taken:
                     state.ledger.handed((envelope,))
                     taken = True
-                conn.wake()
+                conn.wake(fan_out=envelope.room_id is not None)
                 watching = conn.watching
                 if sender is not None and (watching is None or sender not in watching):
                     self.watch(conn, (sender,))  # they share a conversation
