@@ -802,3 +802,36 @@ async def test_rooms_and_members_are_capped(short_tmp: Path) -> None:
         assert await refused(c.alice1, "room_invite", room_id=1, user_id=c.carol.user_id) == (
             "room_full"
         )
+
+
+async def test_membership_of_one_room_gives_nothing_in_another(short_tmp: Path) -> None:
+    """Bob is a member of #general; that lets him do nothing in Alice's group,
+    whatever room id, epoch or device he tries, and nothing of it reaches him."""
+    async with crew(short_tmp) as c:
+        general = await create(c.alice1)
+        joined = await c.bob.client.request("room_join", room_id=general["room_id"])
+        group = await create(c.alice1, "board", kind="group")
+        await c.alice1.client.request("room_invite", room_id=group["room_id"], user_id=3)
+        await c.carol.client.request("room_join", room_id=group["room_id"])
+        members = await c.alice1.client.request("room_members", room_id=group["room_id"])
+        for epoch in (joined["room"]["epoch"], members["epoch"]):
+            fields = send_fields(group["room_id"], epoch)
+            assert await refused(c.bob, "room_send", **fields) == "room_not_found"
+        assert await refused(c.bob, "room_members", room_id=group["room_id"]) == "room_not_found"
+        assert await refused(c.bob, "room_join", room_id=group["room_id"]) == "room_not_found"
+        listing = await c.bob.client.request("list_rooms")
+        assert [r["room_id"] for r in listing["joined"]] == [general["room_id"]]
+        assert listing["channels"] == listing["invited"] == []
+        # Bob's second device is a member device of #general only.
+        async with connect(c.srv) as phone:
+            bob2 = await login_device(phone, "bob", BOB_PASSWORD)
+            await bob2.publish(1)
+            assert await refused(bob2, "room_members", room_id=group["room_id"]) == (
+                "room_not_found"
+            )
+            sent = await room_send(c.alice1, group["room_id"], members["epoch"], "board only")
+            assert sent["envelopes"] == 2  # alice2 and carol
+            await settle(c.srv)
+            for device in (c.bob, bob2):
+                queued = await queue_of(c.srv, device)
+                assert {e.room_id for e in queued if e.room_id is not None} <= {1}
