@@ -633,31 +633,38 @@ async def test_a_device_acknowledging_on_two_connections_makes_one_receipt(
         ]
 
 
+class FailingWrites:
+    """The queue writer's writes fail (and roll back) while ``failing`` is set."""
+
+    def __init__(self, monkeypatch: Any) -> None:
+        from chatd.e2ee import writes
+        from chatd.errors import StoreError
+
+        self.failing = True
+        write = writes.QueueWriter._write
+
+        def flaky(writer: Any, conn: Any) -> Any:
+            result = write(writer, conn)
+            if self.failing:
+                raise StoreError("database or disk is full")
+            return result
+
+        monkeypatch.setattr(writes.QueueWriter, "_write", flaky)
+
+
 async def test_a_failed_write_is_refused_with_storage_unavailable_and_the_connection_stays(
     short_tmp: Path, monkeypatch: Any
 ) -> None:
     """A write that fails gets an error frame with retry_after (not a closed
     connection); nothing was acknowledged, and the next send goes through."""
-    from chatd.e2ee import writes
-    from chatd.errors import StoreError
-
     async with cast(short_tmp) as c:
         await c.bob.client.ws.aclose()
         await c.alice2.client.ws.aclose()
-        write = writes.QueueWriter._write
-        failing = True
-
-        def flaky(self: Any, conn: Any) -> Any:
-            result = write(self, conn)
-            if failing:
-                raise StoreError("database or disk is full")
-            return result
-
-        monkeypatch.setattr(writes.QueueWriter, "_write", flaky)
+        disk = FailingWrites(monkeypatch)
         refused = await send(c.alice1, c.to_everyone(c.alice1, "lost"))
         assert refused["type"] == "error" and refused["code"] == "storage_unavailable"
         assert refused["retry_after"] > 0
-        failing = False
+        disk.failing = False
         message_id = refused_id = None
         sent = await send(c.alice1, c.to_everyone(c.alice1, "kept"))
         assert sent["type"] == "sent"

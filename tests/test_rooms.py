@@ -23,6 +23,7 @@ from chatd.retention import Retention, queue_jobs
 from chatd.store import now_ms
 
 from .test_keys import BOB_PASSWORD, Device, login_device, team
+from .test_messaging import FailingWrites
 from .test_relay_auth import PASSWORD, Server, connect, create_once
 
 CAROL_PASSWORD = "carol keeps a long password"
@@ -572,25 +573,13 @@ async def test_a_room_change_whose_write_failed_is_written_with_its_event_later(
 ) -> None:
     """storage_unavailable on a room change: its statements and its event are
     tried again with the next write, so members still hear of what took effect."""
-    from chatd.e2ee import writes
-    from chatd.errors import StoreError
-
     async with crew(short_tmp) as c:
         await create(c.alice1)
         await c.alice2.client.ws.aclose()
-        write = writes.QueueWriter._write
-        failing = True
-
-        def flaky(self: Any, conn: Any) -> Any:
-            result = write(self, conn)
-            if failing:
-                raise StoreError("database or disk is full")
-            return result
-
-        monkeypatch.setattr(writes.QueueWriter, "_write", flaky)
+        disk = FailingWrites(monkeypatch)
         refused = await c.bob.client.request("room_join", room_id=1)
         assert refused["code"] == "storage_unavailable"
-        failing = False
+        disk.failing = False
         with trio.fail_after(10):  # the retry is armed at the failure; a flush may pass it
             while await count(c.srv, "SELECT count(*) FROM room_members") != 2:
                 await settle(c.srv)

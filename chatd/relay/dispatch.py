@@ -123,15 +123,25 @@ class Dispatcher:
 
     # -- pipelined: send and ack -------------------------------------------------------
 
-    async def _send(self, conn: Connection, frame: f.Send) -> None:
+    async def _sender(self, conn: Connection, request_id: str) -> SessionGrant | None:
+        """The grant of a connection that may send (its session has a device),
+        once the pipeline has room; None if it was refused with ``no_device``."""
         grant = conn.grant
-        proto = conn.proto
         if grant is None or not grant.device_id:
-            error = proto.error("no_device", "this session has no device", request_id=frame.id)
+            error = conn.proto.error(
+                "no_device", "this session has no device", request_id=request_id
+            )
             self._perform(conn, error)
-            return
+            return None
         if conn.waiting_answers >= PIPELINE_DEPTH:
             await conn.wait_answers(below=PIPELINE_DEPTH)  # backpressure, not an error
+        return grant
+
+    async def _send(self, conn: Connection, frame: f.Send) -> None:
+        grant = await self._sender(conn, frame.id)
+        if grant is None:
+            return
+        proto = conn.proto
         try:
             result = await self.queues.send(grant.user_id, grant.device_id, frame)
         except StoreError:
@@ -165,14 +175,10 @@ class Dispatcher:
                 )
 
     async def _room_send(self, conn: Connection, frame: r.RoomSend) -> None:
-        grant = conn.grant
-        proto = conn.proto
-        if grant is None or not grant.device_id:
-            error = proto.error("no_device", "this session has no device", request_id=frame.id)
-            self._perform(conn, error)
+        grant = await self._sender(conn, frame.id)
+        if grant is None:
             return
-        if conn.waiting_answers >= PIPELINE_DEPTH:
-            await conn.wait_answers(below=PIPELINE_DEPTH)  # backpressure, not an error
+        proto = conn.proto
         try:
             result, skipped = self.rooms.send(grant.user_id, grant.device_id, frame)
         except RoomError as exc:
