@@ -21,6 +21,7 @@ from chatd.client.room_events import (
     RoomUndecryptable,
     RoomUpdate,
 )
+from chatd.client.rooms import RoomMember, mentioned_users
 from chatd.client.store import now_ms
 from chatd.config import DeviceSettings
 
@@ -546,3 +547,18 @@ async def test_a_full_queue_holds_up_neither_the_key_share_nor_the_message(
             assert (bob.user_id, bob2_id) not in outbound.shared  # it did not get it
             entitled = await alice.rooms.store.share(session, bob.user_id, bob2_id)
             assert entitled is not None and entitled.first_index == 0
+
+
+def test_mentions_match_usernames_in_any_case() -> None:
+    members = [RoomMember(1, "alice", "owner", []), RoomMember(2, "bob.", "member", [])]
+    members.append(RoomMember(3, "carol", "member", []))
+    assert mentioned_users("hi @Alice and @BOB. and @carol.", members) == [1, 2, 3]
+    assert mentioned_users("mail@alice.org, @alicex, @ali", members) == []
+
+
+async def test_a_mention_typed_in_another_case_reaches_the_member(short_tmp: Path) -> None:
+    async with pair(short_tmp) as (_, alice, bob):
+        room_id = await shared_room(alice, bob)
+        await alice.rooms.send(room_id, "ping @Bob")
+        got = await next_event(bob, RoomMessage)
+        assert got.mentions == (bob.user_id,)

@@ -82,6 +82,22 @@ class RoomList:
     channels: list[RoomInfo]  # channels we are not in (invite-only ones too)
 
 
+def mentioned_users(text: str, members: Iterable[RoomMember]) -> list[int]:
+    """The user ids of the ``members`` whose ``@username`` is in ``text``.
+    Usernames are case-insensitive, as on the server (``@Alice`` is
+    ``alice``), and a sentence's full stop after one does not count
+    (``@bob.`` is ``bob`` unless a member is called ``bob.``)."""
+    names = {m.username.casefold(): m.user_id for m in members}
+    found = []
+    for typed in MENTION.findall(text):
+        key = typed.casefold()
+        if key not in names:
+            key = key.rstrip("._-")
+        if key in names:
+            found.append(names[key])
+    return found
+
+
 class _Changed(ClientError):
     """A share met ``device_mismatch``: the member devices changed; read them again."""
 
@@ -279,13 +295,13 @@ class Rooms:
         """Encrypt ``text`` once with our Megolm session for the room and send
         it; returns the message id once the server has queued it. ``mentions``
         (user ids) travel inside the ciphertext; if None they are the members
-        whose ``@username`` is in the text. Raises SendError (the room kept
-        changing), ServerRefusedError (``not_member``, ...), KeyClaimError,
+        whose ``@username`` is in the text, in any case (:func:`mentioned_users`).
+        Raises SendError (the room kept changing), ServerRefusedError
+        (``not_member``, ...), KeyClaimError,
         ConnectionLostError; the message then stays ``sending``."""
         members = await self.current_members(room_id)
         if mentions is None:
-            names = {m.username: m.user_id for m in members.members}
-            mentions = [names[n] for n in MENTION.findall(text) if n in names]
+            mentions = mentioned_users(text, members.members)
         mentioned = tuple(sorted(set(mentions)))
         me, my_device = self._own
         message_id = str(uuid.uuid4())
