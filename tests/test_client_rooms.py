@@ -3,7 +3,10 @@ real SQLCipher stores in a temporary directory."""
 
 from __future__ import annotations
 
+import base64
+import json
 import re
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -16,11 +19,16 @@ import trio
 from chatd.client import Client, ServerRefusedError
 from chatd.client.megolm import KeyMissing, RoomSettings
 from chatd.client.room_events import (
+    BAD_CIPHERTEXT,
+    CANNOT_DECRYPT,
+    REPLAY,
+    WRONG_ROOM,
     RoomInvitation,
     RoomMessage,
     RoomUndecryptable,
     RoomUpdate,
 )
+from chatd.client.room_payloads import encode_room_text
 from chatd.client.rooms import RoomMember, mentioned_users
 from chatd.client.store import now_ms
 from chatd.config import DeviceSettings
@@ -562,3 +570,55 @@ async def test_a_mention_typed_in_another_case_reaches_the_member(short_tmp: Pat
         await alice.rooms.send(room_id, "ping @Bob")
         got = await next_event(bob, RoomMessage)
         assert got.mentions == (bob.user_id,)
+
+
+async def test_a_room_message_that_no_key_opens_is_reported_in_its_room(
+    short_tmp: Path,
+) -> None:
+    """A damaged ciphertext, one whose plaintext names another room, and a
+    replay of another message's Megolm index each reach the application as
+    RoomUndecryptable (room, sender, message id, cause), never only a log line."""
+    async with pair(short_tmp) as (_, alice, bob):
+        room_id = await shared_room(alice, bob)
+        first = await alice.rooms.send(room_id, "a real one")
+        await next_event(bob, RoomMessage, message_id=first)
+        sends = capture_room_sends(alice)
+        await alice.rooms.send(room_id, "another real one")
+        original = sends[-1]["ciphertext"]
+        session = alice.rooms.keys.machine.outbound[room_id].session_id
+        moved = await alice.rooms.keys.encrypt(
+            room_id, session, encode_room_text(room_id + 1, "meant for another room")
+        )
+        outer = json.loads(original)
+        body = bytearray(base64.b64decode(outer["body"] + "=" * (-len(outer["body"]) % 4)))
+        body[-1] ^= 1  # the signature no longer matches
+        outer["body"] = base64.b64encode(bytes(body)).decode().rstrip("=")
+        epoch = (await alice.rooms.current_members(room_id)).epoch
+        crafted = {
+            BAD_CIPHERTEXT: "not a room ciphertext",
+            WRONG_ROOM: moved,
+            REPLAY: original,
+        }
+        crafted_ids = {}
+        for cause, ciphertext in [*crafted.items(), ("tampered", json.dumps(outer))]:
+            message_id = str(uuid.uuid4())
+            crafted_ids[message_id] = BAD_CIPHERTEXT if cause == "tampered" else cause
+            await alice.connection.request(
+                "room_send",
+                room_id=room_id,
+                message_id=message_id,
+                epoch=epoch,
+                ciphertext=ciphertext,
+            )
+        await next_event(bob, RoomMessage, text="another real one")
+        for message_id, cause in crafted_ids.items():
+            got = await next_event(bob, RoomUndecryptable, message_id=message_id)
+            assert (got.room_id, got.sender_user_id, got.sender_device_id, got.cause) == (
+                room_id,
+                alice.user_id,
+                alice.device_id,
+                cause,
+            )
+            assert got.reason == CANNOT_DECRYPT and not got.may_decrypt_later
+        states = {e.message_id: e.state for e in await bob.rooms.history(room_id)}
+        assert all(states[m] == "undecryptable" for m in crafted_ids)

@@ -15,13 +15,19 @@ from typing import Final
 
 from chatd.client import ServerRefusedError
 from chatd.client.room_delivery import RoomDelivery
-from chatd.client.room_events import RoomUpdate
+from chatd.client.room_events import BAD_CIPHERTEXT, REPLAY, WRONG_ROOM, RoomUpdate
 from chatd.client.room_store import RoomInfo
 
 from .commands import Refused
 from .display import clean, message_lines
 
 CANNOT_DECRYPT: Final = "✗ cannot decrypt — ask the sender to resend"
+#: Why a message no key will open could not be decrypted (RoomUndecryptable.cause).
+UNDECRYPTABLE_WHY: Final = {
+    BAD_CIPHERTEXT: "it arrived damaged, or was forged",
+    WRONG_ROOM: "it was written for another room",
+    REPLAY: "it repeats an earlier message",
+}
 HELD: Final = "… waiting for its key (it shows once the key comes)"
 MENTIONS_YOU: Final = " (mentions you)"
 BOLD: Final = "\x1b[1m"
@@ -68,6 +74,13 @@ def room_message_lines(
     if mentioned and bold:
         lines = [highlight(line, me) for line in lines]
     return lines
+
+
+def undecryptable_text(cause: str) -> str:
+    """What a room message that cannot be decrypted shows, with why when no
+    key will change it (a missing key may still come: no reason is given)."""
+    why = UNDECRYPTABLE_WHY.get(cause)
+    return CANNOT_DECRYPT + (f" ({why})" if why else "")
 
 
 def room_mark(state: str, delivery: RoomDelivery | None) -> str:

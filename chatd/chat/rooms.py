@@ -50,6 +50,7 @@ from .room_display import (
     room_mark,
     room_message_lines,
     room_summary,
+    undecryptable_text,
 )
 
 PAGE: Final = 20  # room messages per history page
@@ -517,7 +518,7 @@ class RoomsView:
         sender = self.people.name_of(item.sender_user_id)
         prefix = f"{clock(item.sent_at)} {room} {sender}: "
         if isinstance(item, RoomUndecryptable):
-            self.say(prefix + CANNOT_DECRYPT)
+            self.say(prefix + undecryptable_text(item.cause))
         else:
             self._message(item, prefix)
         await self._arrived(item.room_id, room)
