@@ -240,6 +240,20 @@ def test_room_lines_say_what_happened() -> None:
     assert delivery_notice(RoomDelivery(3, 1, 2, 4), "expired", '"hi"') == (
         '✗ delivered to 1 of 3 "hi": expired for the others (dropped unread)'
     )
+    # Members whose every device had a full queue are not "expired".
+    full = RoomDelivery(2, 1, 0, 1, unreachable=1, state="expired")
+    assert delivery_notice(full, "expired", '"hi"') == (
+        '✗ delivered to 1 of 2 "hi" (1 not reachable: queue full)'
+    )
+    assert room_mark("expired", full) == "✗ 1 of 2 (1 not reachable: queue full)"
+    both = RoomDelivery(4, 1, 2, 3, unreachable=1, state="expired")
+    assert delivery_notice(both, "expired", '"hi"') == (
+        '✗ delivered to 1 of 4 "hi": expired for 2 (dropped unread) (1 not reachable: queue full)'
+    )
+    waiting = RoomDelivery(3, 1, 0, 2, unreachable=1)
+    assert delivery_notice(waiting, "sent", '"hi"') == (
+        '✓✓ delivered to 1 of 3 "hi" (1 not reachable: queue full)'
+    )
     room = RoomInfo(7, "channel", "ops", "", False, False, 0, 2)
     assert refusal(ServerRefusedError("not_member", "x"), room) == (
         "you are not a member of #ops: /join ops first"

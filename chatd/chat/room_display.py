@@ -83,6 +83,14 @@ def undecryptable_text(cause: str) -> str:
     return CANNOT_DECRYPT + (f" ({why})" if why else "")
 
 
+def unreachable_note(delivery: RoomDelivery) -> str:
+    """`` (2 not reachable: queue full)`` for members none of whose devices
+    could take the message, or nothing."""
+    if not delivery.unreachable:
+        return ""
+    return f" ({delivery.unreachable} not reachable: queue full)"
+
+
 def room_mark(state: str, delivery: RoomDelivery | None) -> str:
     """The delivery mark of our room message in the history."""
     if state == "sending":
@@ -90,19 +98,24 @@ def room_mark(state: str, delivery: RoomDelivery | None) -> str:
     if delivery is None or not delivery.members:
         return "✓"
     got = f"{delivery.delivered} of {delivery.members}"
+    note = unreachable_note(delivery)
     if state == "expired":
-        return f"✗ expired, delivered to {got}"
+        return (f"✗ expired, delivered to {got}" if delivery.expired else f"✗ {got}") + note
     if delivery.delivered:
-        return f"✓✓ {got}"
-    return "✓"
+        return f"✓✓ {got}{note}"
+    return "✓" + note
 
 
 def delivery_notice(delivery: RoomDelivery, state: str | None, quoted: str) -> str:
     """The live line about how far our room message got."""
     got = f"{delivery.delivered} of {delivery.members}"
+    note = unreachable_note(delivery)
+    if state == "expired" and delivery.expired:
+        who = "the others" if not delivery.unreachable else str(delivery.expired)
+        return f"✗ delivered to {got} {quoted}: expired for {who} (dropped unread){note}"
     if state == "expired":
-        return f"✗ delivered to {got} {quoted}: expired for the others (dropped unread)"
-    return f"✓✓ delivered to {got} {quoted}"
+        return f"✗ delivered to {got} {quoted}{note}"
+    return f"✓✓ delivered to {got} {quoted}{note}"
 
 
 def event_text(update: RoomUpdate, name_of: Callable[[int | None], str]) -> str:

@@ -18,6 +18,8 @@ Each is a frozen dataclass; the channel carries them in delivery order:
   room was created or deleted), and the room's epoch after it.
 * :class:`RoomInvitation`: someone invited us (a live push; ``list_rooms``
   shows invitations made while we were offline).
+* :class:`RoomDeliveryChanged`: a receipt changed how far one of our room
+  messages got (its counts or its state), once the message is ``sent``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
+from .room_delivery import RoomDelivery
 from .room_store import RoomInfo
 
 CANNOT_DECRYPT: Final = "cannot decrypt, ask the sender to resend"
@@ -114,4 +117,17 @@ class RoomInvitation:
     by_user_id: int | None
 
 
-RoomEventItem = RoomMessage | RoomUndecryptable | RoomUpdate | RoomInvitation
+@dataclass(frozen=True)
+class RoomDeliveryChanged:
+    """One of our room messages got further: ``delivery`` is its new count
+    ("delivered to ``delivery.delivered`` of ``delivery.members``") and
+    state (``delivery.state``: ``sent``, or the final ``delivered`` or
+    ``expired``). Comes only for a message whose ``send`` returned: read
+    :meth:`Rooms.delivery` then for how far it got up to that point."""
+
+    room_id: int
+    message_id: str
+    delivery: RoomDelivery
+
+
+RoomEventItem = RoomMessage | RoomUndecryptable | RoomUpdate | RoomInvitation | RoomDeliveryChanged

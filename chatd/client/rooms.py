@@ -20,9 +20,11 @@ Sending a room message (:meth:`Rooms.send`)
    same ``message_id``; the same ciphertext is sent again unless the session
    rotated, and new devices get the session from that ciphertext's index, so a
    device that joined while the message was in flight can read it.
-5. ``sent`` records for how many member users (and devices) it was queued;
-   ``delivered`` receipts, each naming a device and the room, move it on
-   (:mod:`chatd.client.room_delivery`).
+5. ``sent`` records for how many member users (and devices) it was queued,
+   and which member devices it skipped because their queues were full (a
+   member all of whose devices were skipped is *unreachable*: not waited
+   for); ``delivered`` receipts, each naming a device and the room, move it
+   on (:mod:`chatd.client.room_delivery`).
 
 The background work (re-shares, history keys, key requests) is in
 :mod:`chatd.client.room_jobs`; receiving in :mod:`chatd.client.room_inbound`.
@@ -348,8 +350,16 @@ class Rooms:
                 if exc.code == "room_changed":
                     continue
                 raise
+            skipped = {(d["user_id"], d["device_id"]) for d in reply.get("skipped", [])}
             users = {d.user_id for d in others if d.user_id != self._own[0]}
-            await self.deliveries.set_sent(message_id, len(users), int(reply["envelopes"]))
+            reached = {d.user_id for d in others if (d.user_id, d.device_id) not in skipped}
+            await self.deliveries.set_sent(
+                message_id,
+                len(users),
+                int(reply["envelopes"]),
+                sorted(skipped),
+                unreachable=len(users - reached),
+            )
             return
         raise SendError(
             f"room {room_id} kept changing while message {message_id} was sent; send it again"
