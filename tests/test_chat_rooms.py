@@ -7,9 +7,13 @@ text on the screen (never a sleep).
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
+import pytest
+
+from chatd.chat.cli import WarningLines
 from chatd.chat.room_display import (
     BOLD,
     CANNOT_DECRYPT,
@@ -20,10 +24,11 @@ from chatd.chat.room_display import (
     refusal,
     room_mark,
     room_message_lines,
+    undecryptable_text,
 )
 from chatd.client import ServerRefusedError
 from chatd.client.room_delivery import RoomDelivery
-from chatd.client.room_events import RoomUpdate
+from chatd.client.room_events import BAD_CIPHERTEXT, KEY_MISSING, REPLAY, WRONG_ROOM, RoomUpdate
 from chatd.client.room_store import RoomInfo
 
 from .test_chat import chat, log_in, user_args
@@ -235,8 +240,38 @@ def test_room_lines_say_what_happened() -> None:
     assert delivery_notice(RoomDelivery(3, 1, 2, 4), "expired", '"hi"') == (
         '✗ delivered to 1 of 3 "hi": expired for the others (dropped unread)'
     )
+    # Members whose every device had a full queue are not "expired".
+    full = RoomDelivery(2, 1, 0, 1, unreachable=1, state="expired")
+    assert delivery_notice(full, "expired", '"hi"') == (
+        '✗ delivered to 1 of 2 "hi" (1 not reachable: queue full)'
+    )
+    assert room_mark("expired", full) == "✗ 1 of 2 (1 not reachable: queue full)"
+    both = RoomDelivery(4, 1, 2, 3, unreachable=1, state="expired")
+    assert delivery_notice(both, "expired", '"hi"') == (
+        '✗ delivered to 1 of 4 "hi": expired for 2 (dropped unread) (1 not reachable: queue full)'
+    )
+    waiting = RoomDelivery(3, 1, 0, 2, unreachable=1)
+    assert delivery_notice(waiting, "sent", '"hi"') == (
+        '✓✓ delivered to 1 of 3 "hi" (1 not reachable: queue full)'
+    )
     room = RoomInfo(7, "channel", "ops", "", False, False, 0, 2)
     assert refusal(ServerRefusedError("not_member", "x"), room) == (
         "you are not a member of #ops: /join ops first"
     )
     assert refusal(ServerRefusedError("bad_frame", "x"), room) is None
+
+
+def test_a_room_message_no_key_opens_says_why_in_its_room(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert undecryptable_text(KEY_MISSING) == CANNOT_DECRYPT
+    assert undecryptable_text(BAD_CIPHERTEXT) == (
+        "✗ cannot decrypt — ask the sender to resend (it arrived damaged, or was forged)"
+    )
+    assert undecryptable_text(WRONG_ROOM).endswith("(it was written for another room)")
+    assert undecryptable_text(REPLAY).endswith("(it repeats an earlier message)")
+    # The library's warning about it is not printed again as a "!" line.
+    record = logging.LogRecord("x", logging.WARNING, "", 0, "client.room_undecryptable", (), None)
+    record.error = "malformed room ciphertext"
+    WarningLines().emit(record)
+    assert capsys.readouterr().out == ""

@@ -3,7 +3,10 @@ real SQLCipher stores in a temporary directory."""
 
 from __future__ import annotations
 
+import base64
+import json
 import re
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -14,22 +17,30 @@ import pytest
 import trio
 
 from chatd.client import Client, ServerRefusedError
-from chatd.client.megolm import KeyMissing, RoomSettings
+from chatd.client.megolm import KeyMissing, MemberDevice, RoomSettings
 from chatd.client.room_events import (
+    BAD_CIPHERTEXT,
+    CANNOT_DECRYPT,
+    REPLAY,
+    WRONG_ROOM,
+    RoomDeliveryChanged,
     RoomInvitation,
     RoomMessage,
     RoomUndecryptable,
     RoomUpdate,
 )
+from chatd.client.room_payloads import RoomKeyRequest, encode_room_text
+from chatd.client.rooms import RoomMember, mentioned_users
 from chatd.client.store import now_ms
 from chatd.config import DeviceSettings
 
 from .test_client import ALICE_KEY, BOB_KEY, RELAXED, device, relay
-from .test_keys import team
+from .test_keys import BOB_PASSWORD, create_once, team
 from .test_relay_auth import PASSWORD, Server
 
 T = TypeVar("T")
 BOB2_KEY = bytes([3]) * 32
+CAROL_KEY = bytes([4]) * 32
 
 
 async def next_event(client: Client, kind: type[T], **match: Any) -> T:
@@ -530,14 +541,15 @@ async def test_a_full_queue_holds_up_neither_the_key_share_nor_the_message(
             device(srv, short_tmp, "bob", "bob", BOB_KEY) as bob,
         ):
             room_id = await shared_room(alice, bob)
-            refused = None
+            refused, fillers = None, 0
             for n in range(5):  # the room's events and these fill bob2's queue
                 try:
                     await alice.send_text(bob.user_id, f"filler {n}")
                 except ServerRefusedError as exc:
                     refused = exc.code
                     break
-            assert refused == "queue_full"
+                fillers += 1
+            assert refused == "queue_full" and fillers
             sent = await alice.rooms.send(room_id, "to whoever can take it")
             got = await next_event(bob, RoomMessage)
             assert got.message_id == sent
@@ -546,3 +558,143 @@ async def test_a_full_queue_holds_up_neither_the_key_share_nor_the_message(
             assert (bob.user_id, bob2_id) not in outbound.shared  # it did not get it
             entitled = await alice.rooms.store.share(session, bob.user_id, bob2_id)
             assert entitled is not None and entitled.first_index == 0
+            # Back with room in its queue, bob2 asks for the session: it was
+            # entitled to it all along, so alice shares it.
+            async with device(srv, short_tmp, "bob", "bob2", BOB2_KEY) as bob2:
+                with trio.fail_after(10):  # its queue's last entry: all are acknowledged
+                    while (await bob2.messages().receive()).text != f"filler {fillers - 1}":
+                        pass
+                assert not await _has_session(bob2, session)
+                members = await bob2.rooms.members(room_id)
+                named = [
+                    d
+                    for d in members.devices()
+                    if d.user_id in (alice.user_id, bob.user_id) and d.device_id != bob2_id
+                ]
+                request = RoomKeyRequest(room_id, session).fields()
+                wanted = {(alice.user_id, alice.device_id)}
+
+                async def again() -> list[MemberDevice]:
+                    return named
+
+                await bob2.rooms.send_control(request, named, wanted, again)
+                await wait_until(bob2, partial(_has_session, bob2, session))
+
+
+def test_mentions_match_usernames_in_any_case() -> None:
+    members = [RoomMember(1, "alice", "owner", []), RoomMember(2, "bob.", "member", [])]
+    members.append(RoomMember(3, "carol", "member", []))
+    assert mentioned_users("hi @Alice and @BOB. and @carol.", members) == [1, 2, 3]
+    assert mentioned_users("mail@alice.org, @alicex, @ali", members) == []
+
+
+async def test_a_mention_typed_in_another_case_reaches_the_member(short_tmp: Path) -> None:
+    async with pair(short_tmp) as (_, alice, bob):
+        room_id = await shared_room(alice, bob)
+        await alice.rooms.send(room_id, "ping @Bob")
+        got = await next_event(bob, RoomMessage)
+        assert got.mentions == (bob.user_id,)
+
+
+async def test_a_room_message_that_no_key_opens_is_reported_in_its_room(
+    short_tmp: Path,
+) -> None:
+    """A damaged ciphertext, one whose plaintext names another room, and a
+    replay of another message's Megolm index each reach the application as
+    RoomUndecryptable (room, sender, message id, cause), never only a log line."""
+    async with pair(short_tmp) as (_, alice, bob):
+        room_id = await shared_room(alice, bob)
+        first = await alice.rooms.send(room_id, "a real one")
+        await next_event(bob, RoomMessage, message_id=first)
+        sends = capture_room_sends(alice)
+        await alice.rooms.send(room_id, "another real one")
+        original = sends[-1]["ciphertext"]
+        session = alice.rooms.keys.machine.outbound[room_id].session_id
+        moved = await alice.rooms.keys.encrypt(
+            room_id, session, encode_room_text(room_id + 1, "meant for another room")
+        )
+        outer = json.loads(original)
+        body = bytearray(base64.b64decode(outer["body"] + "=" * (-len(outer["body"]) % 4)))
+        body[-1] ^= 1  # the signature no longer matches
+        outer["body"] = base64.b64encode(bytes(body)).decode().rstrip("=")
+        epoch = (await alice.rooms.current_members(room_id)).epoch
+        crafted = {
+            BAD_CIPHERTEXT: "not a room ciphertext",
+            WRONG_ROOM: moved,
+            REPLAY: original,
+        }
+        crafted_ids = {}
+        for cause, ciphertext in [*crafted.items(), ("tampered", json.dumps(outer))]:
+            message_id = str(uuid.uuid4())
+            crafted_ids[message_id] = BAD_CIPHERTEXT if cause == "tampered" else cause
+            await alice.connection.request(
+                "room_send",
+                room_id=room_id,
+                message_id=message_id,
+                epoch=epoch,
+                ciphertext=ciphertext,
+            )
+        await next_event(bob, RoomMessage, text="another real one")
+        for message_id, cause in crafted_ids.items():
+            got = await next_event(bob, RoomUndecryptable, message_id=message_id)
+            assert (got.room_id, got.sender_user_id, got.sender_device_id, got.cause) == (
+                room_id,
+                alice.user_id,
+                alice.device_id,
+                cause,
+            )
+            assert got.reason == CANNOT_DECRYPT and not got.may_decrypt_later
+        states = {e.message_id: e.state for e in await bob.rooms.history(room_id)}
+        assert all(states[m] == "undecryptable" for m in crafted_ids)
+
+
+async def test_a_member_whose_queues_are_full_is_unreachable_not_waited_for(
+    short_tmp: Path,
+) -> None:
+    """Bob's only device is offline with a full queue: alice's room message
+    skips it. The delivery says so (bob is unreachable, not waiting), and
+    once carol has it the message is final: 1 of 2, 1 unreachable, none
+    expired."""
+    limits = DeviceSettings(max_queued_envelopes=4)
+    async with team(short_tmp, devices=limits, **RELAXED) as srv:
+        await create_once(srv.admin, "carol", BOB_PASSWORD)
+        async with device(srv, short_tmp, "alice", "alice", ALICE_KEY) as alice:
+            async with device(srv, short_tmp, "bob", "bob", BOB_KEY) as bob:
+                room_id = await shared_room(alice, bob)
+                bob_device = (bob.user_id, bob.device_id)
+            async with device(srv, short_tmp, "carol", "carol", CAROL_KEY) as carol:
+                await alice.rooms.invite(room_id, carol.user_id)
+                await carol.rooms.join(room_id)
+                for n in range(10):
+                    try:
+                        await alice.send_text(bob.user_id, f"filler {n}")
+                    except ServerRefusedError as exc:
+                        assert exc.code == "queue_full"
+                        break
+                sent = await alice.rooms.send(room_id, "who gets this?")
+                delivery = await alice.rooms.delivery(sent)
+                assert delivery is not None
+                assert (delivery.members, delivery.unreachable, delivery.devices) == (2, 1, 1)
+                assert delivery.skipped == (bob_device,)
+                assert delivery.waiting == (0 if delivery.delivered else 1)
+                if not delivery.final:
+                    changed = await next_event(alice, RoomDeliveryChanged, message_id=sent)
+                    delivery = changed.delivery
+                assert (delivery.delivered, delivery.expired, delivery.unreachable) == (1, 0, 1)
+                assert (delivery.state, delivery.waiting) == ("expired", 0)
+                assert await room_state(alice, room_id, sent) == "expired"
+
+
+async def test_a_receipt_after_the_send_is_a_delivery_changed_event(short_tmp: Path) -> None:
+    async with relay(short_tmp) as srv:
+        async with device(srv, short_tmp, "alice", "alice", ALICE_KEY) as alice:
+            async with device(srv, short_tmp, "bob", "bob", BOB_KEY) as bob:
+                room_id = await shared_room(alice, bob)
+            sent = await alice.rooms.send(room_id, "read this when you are back")
+            delivery = await alice.rooms.delivery(sent)
+            assert delivery is not None and (delivery.state, delivery.waiting) == ("sent", 1)
+            async with device(srv, short_tmp, "bob", "bob", BOB_KEY):
+                changed = await next_event(alice, RoomDeliveryChanged, message_id=sent)
+            assert changed.room_id == room_id
+            assert (changed.delivery.delivered, changed.delivery.members) == (1, 1)
+            assert changed.delivery.state == "delivered" and changed.delivery.final

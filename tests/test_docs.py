@@ -56,3 +56,15 @@ def test_every_room_error_code_and_frame_type_is_in_the_protocol_doc() -> None:
         for frame in typing.get_args(union):
             tag = frame.__struct_config__.tag
             assert f"`{tag}`" in PROTOCOL, f"docs/PROTOCOL.md does not mention frame {tag}"
+
+
+def test_every_room_type_chatd_client_exports_is_listed_in_client_md() -> None:
+    import chatd.client
+
+    text = (REPO / "docs" / "CLIENT.md").read_text()
+    section = text[text.index("## Rooms") : text.index("## Keys")]
+    listed = section[section.index("`chatd.client` exports") : section.index("| Name |")]
+    names = set(re.findall(r"`(\w+)`", listed)) - {"room_events", "reason"}
+    assert names <= set(chatd.client.__all__), names - set(chatd.client.__all__)
+    rooms = {n for n in chatd.client.__all__ if n.startswith("Room") or n.isupper()}
+    assert rooms - {"SAS_EMOJI"} <= names, rooms - names

@@ -478,7 +478,7 @@ class ChatApp:
         try:
             async for target, text in self._outbox:
                 if isinstance(target, RoomInfo):
-                    await self.rooms.send(target, text, self._nursery)
+                    await self.rooms.send(target, text)
                     continue
                 peer = target
                 try:

@@ -269,16 +269,14 @@ def say(line: str) -> None:
 
 
 #: What the client library's warnings mean to the person at the terminal.
-LIBRARY_WARNINGS: Final = {
+#: None: the warning is shown another way (not as a ``!`` line).
+LIBRARY_WARNINGS: Final[dict[str, str | None]] = {
     "client.undecryptable": "a message could not be decrypted (it is in /history, marked)",
     "client.inbound_failed": "a delivery could not be handled; the server will send it again",
     "client.refresh_refused": "the server refused to refresh the session",
     "client.after_ack_failed": "a received message could not be handled (a verification step?)",
     "client.verification_cancel_unsent": "the other device could not be told of the cancel",
-    "client.room_undecryptable": (
-        "a room message cannot be decrypted — ask the sender to resend"
-        " (it is in the room's /history, marked)"
-    ),
+    "client.room_undecryptable": None,  # shown in its room (RoomUndecryptable)
     "client.room_key_refused": "a room key from another device was unusable and was ignored",
     "client.room_key_request_refused": "a malformed room key request was ignored",
     "client.room_key_request_failed": "a missing room key could not be asked for",
@@ -295,6 +293,8 @@ class WarningLines(logging.Handler):
         event = record.getMessage()
         detail = getattr(record, "error", None)
         text = LIBRARY_WARNINGS.get(event, event)
+        if text is None:
+            return
         say(f"! {clean(text)}" + (f" ({clean(str(detail))})" if detail else ""))
 
 

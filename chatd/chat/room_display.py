@@ -15,13 +15,19 @@ from typing import Final
 
 from chatd.client import ServerRefusedError
 from chatd.client.room_delivery import RoomDelivery
-from chatd.client.room_events import RoomUpdate
+from chatd.client.room_events import BAD_CIPHERTEXT, REPLAY, WRONG_ROOM, RoomUpdate
 from chatd.client.room_store import RoomInfo
 
 from .commands import Refused
 from .display import clean, message_lines
 
 CANNOT_DECRYPT: Final = "✗ cannot decrypt — ask the sender to resend"
+#: Why a message no key will open could not be decrypted (RoomUndecryptable.cause).
+UNDECRYPTABLE_WHY: Final = {
+    BAD_CIPHERTEXT: "it arrived damaged, or was forged",
+    WRONG_ROOM: "it was written for another room",
+    REPLAY: "it repeats an earlier message",
+}
 HELD: Final = "… waiting for its key (it shows once the key comes)"
 MENTIONS_YOU: Final = " (mentions you)"
 BOLD: Final = "\x1b[1m"
@@ -70,6 +76,21 @@ def room_message_lines(
     return lines
 
 
+def undecryptable_text(cause: str) -> str:
+    """What a room message that cannot be decrypted shows, with why when no
+    key will change it (a missing key may still come: no reason is given)."""
+    why = UNDECRYPTABLE_WHY.get(cause)
+    return CANNOT_DECRYPT + (f" ({why})" if why else "")
+
+
+def unreachable_note(delivery: RoomDelivery) -> str:
+    """`` (2 not reachable: queue full)`` for members none of whose devices
+    could take the message, or nothing."""
+    if not delivery.unreachable:
+        return ""
+    return f" ({delivery.unreachable} not reachable: queue full)"
+
+
 def room_mark(state: str, delivery: RoomDelivery | None) -> str:
     """The delivery mark of our room message in the history."""
     if state == "sending":
@@ -77,19 +98,24 @@ def room_mark(state: str, delivery: RoomDelivery | None) -> str:
     if delivery is None or not delivery.members:
         return "✓"
     got = f"{delivery.delivered} of {delivery.members}"
+    note = unreachable_note(delivery)
     if state == "expired":
-        return f"✗ expired, delivered to {got}"
+        return (f"✗ expired, delivered to {got}" if delivery.expired else f"✗ {got}") + note
     if delivery.delivered:
-        return f"✓✓ {got}"
-    return "✓"
+        return f"✓✓ {got}{note}"
+    return "✓" + note
 
 
 def delivery_notice(delivery: RoomDelivery, state: str | None, quoted: str) -> str:
     """The live line about how far our room message got."""
     got = f"{delivery.delivered} of {delivery.members}"
+    note = unreachable_note(delivery)
+    if state == "expired" and delivery.expired:
+        who = "the others" if not delivery.unreachable else str(delivery.expired)
+        return f"✗ delivered to {got} {quoted}: expired for {who} (dropped unread){note}"
     if state == "expired":
-        return f"✗ delivered to {got} {quoted}: expired for the others (dropped unread)"
-    return f"✓✓ delivered to {got} {quoted}"
+        return f"✗ delivered to {got} {quoted}{note}"
+    return f"✓✓ delivered to {got} {quoted}{note}"
 
 
 def event_text(update: RoomUpdate, name_of: Callable[[int | None], str]) -> str:

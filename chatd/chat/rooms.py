@@ -29,6 +29,7 @@ import trio
 from chatd.client import Client, ClientError, Member
 from chatd.client.room_delivery import RoomDelivery
 from chatd.client.room_events import (
+    RoomDeliveryChanged,
     RoomEventItem,
     RoomInvitation,
     RoomMessage,
@@ -50,13 +51,13 @@ from .room_display import (
     room_mark,
     room_message_lines,
     room_summary,
+    undecryptable_text,
 )
 
 PAGE: Final = 20  # room messages per history page
 MAX_NAME: Final = 64  # characters in a room name (the server's limit)
 MAX_TOPIC: Final = 512  # characters in a topic (the server's limit)
 MAX_WATCHED: Final = 100  # sent room messages whose delivery is followed live
-DELIVERY_POLL: Final = 1.0  # seconds between looks at a room message's delivery counts
 ROLES: Final = ("owner", "moderator", "member")
 
 ROOM_COMMANDS: Final = (
@@ -85,6 +86,15 @@ ROOM_COMMANDS: Final = (
         "leave", "/leave [<room>]", "leave the open room (or <room>), or decline an invitation"
     ),
 )
+
+
+@dataclass
+class _Followed:
+    """One of our room messages whose delivery is said as it grows."""
+
+    quoted: str  # its text, as quoted in the lines about it
+    shown: int = 0  # the "delivered to" count said last
+    announced: bool = False  # "✓ sent" is out: changes may be said now
 
 
 @dataclass(frozen=True)
@@ -120,7 +130,7 @@ class RoomsView:
         self._unread: dict[int, int] = {}
         self._cursor = 0
         self._page = PAGE
-        self._watched = 0
+        self._following: dict[str, _Followed] = {}  # our room messages, by message id
 
     # -- rooms and names ------------------------------------------------------
 
@@ -422,9 +432,10 @@ class RoomsView:
 
     # -- sending --------------------------------------------------------------
 
-    async def send(self, room: RoomInfo, text: str, nursery: trio.Nursery | None) -> None:
-        """Send ``text`` to ``room`` and say so; follow its delivery. Never
-        raises ClientError: a failure is said as ``! not sent``."""
+    async def send(self, room: RoomInfo, text: str) -> None:
+        """Send ``text`` to ``room`` and say so; follow its delivery (the
+        RoomDeliveryChanged events :meth:`show` gets). Never raises
+        ClientError: a failure is said as ``! not sent``."""
         try:
             with refusals(room):
                 message_id = await self.client.rooms.send(room.room_id, text)
@@ -439,59 +450,40 @@ class RoomsView:
             )
             self.say(f"! not sent {excerpt(text)}: {reason}")
             return
+        # Followed from now: a change that comes while the line below is not
+        # printed yet is read again after it.
+        followed = _Followed(excerpt(text))
+        if len(self._following) < MAX_WATCHED:
+            self._following[message_id] = followed
         delivery = await self._delivery(message_id)
         if delivery is not None and not delivery.members:
+            self._following.pop(message_id, None)
             self.say(f"✓ sent {excerpt(text)} (nobody else is in {label(room.name)} yet)")
             return
         self.say(f"✓ sent {excerpt(text)}")
-        if nursery is not None and self._watched < MAX_WATCHED:
-            nursery.start_soon(self._follow, message_id, excerpt(text))
+        followed.announced = True
+        delivery = await self._delivery(message_id)
+        if delivery is not None:
+            self._progress(message_id, delivery)
 
     async def _delivery(self, message_id: str) -> RoomDelivery | None:
         with contextlib.suppress(ClientError):
             return await self.client.rooms.delivery(message_id)
         return None
 
-    async def _follow(self, message_id: str, quoted: str) -> None:
-        """Say how many members have the message, as the count grows (at
-        most once per DELIVERY_POLL), until all have it or it expired."""
-        self._watched += 1
-        shown = 0
-        try:
-            while True:
-                state = await self._wait_final(message_id)
-                delivery = await self.client.rooms.delivery(message_id)
-                if delivery is None or not delivery.members:
-                    return
-                if state == "expired":
-                    self.say(delivery_notice(delivery, state, quoted))
-                    return
-                if delivery.delivered > shown:
-                    shown = delivery.delivered
-                    self.say(delivery_notice(delivery, state, quoted))
-                if state == "delivered":
-                    return
-        except ClientError:
-            return  # the store failed; /history shows the state once it works
-        finally:
-            self._watched -= 1
-
-    async def _wait_final(self, message_id: str) -> str | None:
-        """``delivered`` or ``expired`` once the message reaches it, or None
-        after DELIVERY_POLL seconds (a receipt may have come meanwhile)."""
-        reached: str | None = None
-        with trio.move_on_after(DELIVERY_POLL):
-            async with trio.open_nursery() as nursery:
-
-                async def wait(state: str) -> None:
-                    nonlocal reached
-                    await self.client.wait_state(message_id, state)
-                    reached = state
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(wait, "delivered")
-                nursery.start_soon(wait, "expired")
-        return reached
+    def _progress(self, message_id: str, delivery: RoomDelivery) -> None:
+        """Say how many members have a followed message, as the count grows,
+        until all have it or it expired."""
+        followed = self._following.get(message_id)
+        if followed is None or not followed.announced:
+            return  # not followed, or send() reads it again once "✓ sent" is out
+        if delivery.state == "expired":
+            self.say(delivery_notice(delivery, "expired", followed.quoted))
+        elif delivery.delivered > followed.shown:
+            followed.shown = delivery.delivered
+            self.say(delivery_notice(delivery, delivery.state, followed.quoted))
+        if delivery.final:
+            del self._following[message_id]
 
     # -- what arrives ---------------------------------------------------------
 
@@ -508,6 +500,9 @@ class RoomsView:
                 f" /join {name} to accept, /leave {name} to decline --"
             )
             return
+        if isinstance(item, RoomDeliveryChanged):
+            self._progress(item.message_id, item.delivery)
+            return
         await self._learn(item.room_id)
         room = self.room_name(item.room_id)
         if isinstance(item, RoomUpdate):
@@ -517,7 +512,7 @@ class RoomsView:
         sender = self.people.name_of(item.sender_user_id)
         prefix = f"{clock(item.sent_at)} {room} {sender}: "
         if isinstance(item, RoomUndecryptable):
-            self.say(prefix + CANNOT_DECRYPT)
+            self.say(prefix + undecryptable_text(item.cause))
         else:
             self._message(item, prefix)
         await self._arrived(item.room_id, room)

@@ -7,6 +7,7 @@ ChatdError
     │   └── LoginError          login/resume/refresh refused: log in again
     ├── ConnectionLostError     the connection dropped before the reply came
     ├── DecryptionError         a ciphertext could not be decrypted or parsed
+    │   └── RoomMismatchError   a room message's plaintext names another room
     ├── KeyClaimError           a peer device's keys could not be claimed or checked
     ├── IdentityChangedError    a known device now shows different identity keys
     ├── SendError               a message could not be sent to every device
@@ -45,6 +46,11 @@ class ConnectionLostError(ClientError):
 
 class DecryptionError(ClientError):
     pass
+
+
+class RoomMismatchError(DecryptionError):
+    """A room message decrypted, but its plaintext names another room than
+    its envelope: it was moved (by the server, or a member replaying it)."""
 
 
 class KeyClaimError(ClientError):

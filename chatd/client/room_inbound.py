@@ -15,7 +15,8 @@ on the network: work that needs it (key shares, key requests) goes to
   again (and so rotate or share); our own leaving, removal, or the room's
   deletion forgets our outbound session; with ``share_history`` a join or a
   device change sends history keys.
-* ``delivered`` / ``expired`` with ``room_id``: counted for our message;
+* ``delivered`` / ``expired`` with ``room_id``: counted for our message
+  (a :class:`RoomDeliveryChanged` when the counts or the state moved);
   an ``expired`` receipt of an Olm message that carried one of our sessions
   makes it shared again.
 """
@@ -25,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .room_events import RoomEventItem, RoomUpdate
+from .room_events import RoomDeliveryChanged, RoomEventItem, RoomUpdate
 from .room_jobs import RoomJobs
 from .room_keys import Held
 from .rooms import Rooms
@@ -60,7 +61,7 @@ class RoomInbound:
         if kind == "room_event":
             return await self._event(env)
         if kind in ("delivered", "expired"):
-            await self._receipt(env)
+            return await self._receipt(env)
         return []
 
     async def _message(self, env: dict[str, Any]) -> list[RoomEventItem]:
@@ -95,11 +96,17 @@ class RoomInbound:
             self._jobs.member_changed(room_id, update.user_id)
         return [update]
 
-    async def _receipt(self, env: dict[str, Any]) -> None:
+    async def _receipt(self, env: dict[str, Any]) -> list[RoomEventItem]:
         device_id = env.get("device_id") or ""
         if env.get("room_id") is not None:
-            await self._rooms.deliveries.add_room_receipt(env["message_id"], device_id, env["kind"])
+            changed = await self._rooms.deliveries.add_room_receipt(
+                env["message_id"], device_id, env["kind"]
+            )
+            if changed is not None:
+                room_id, delivery = changed
+                return [RoomDeliveryChanged(room_id, env["message_id"], delivery)]
         elif env["kind"] == "expired" and await self._rooms.store.shares_sent_in(
             env["message_id"], device_id
         ):
             self._jobs.share_expired(env["message_id"], device_id)
+        return []

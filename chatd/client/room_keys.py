@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import trio
 
-from .errors import DecryptionError
+from .errors import DecryptionError, RoomMismatchError
 from .megolm import (
     InboundSession,
     KeyMissing,
@@ -34,7 +34,7 @@ from .megolm import (
     OutboundSession,
     RoomSettings,
 )
-from .room_events import RoomMessage
+from .room_events import BAD_CIPHERTEXT, REPLAY, WRONG_ROOM, RoomMessage, RoomUndecryptable
 from .room_payloads import RoomKey, decode_room_text, room_ciphertext_session
 from .room_store import HeldMessage, OlmWrite, Released, RoomStore
 from .store import DeviceRecord, HistoryEntry, now_ms
@@ -140,10 +140,12 @@ class RoomKeys:
 
     async def receive(
         self, env: dict[str, Any], sender: DeviceRecord | None, outgoing: bool
-    ) -> RoomMessage | Held | None:
+    ) -> RoomMessage | RoomUndecryptable | Held | None:
         """Decrypt and store one ``room_message`` envelope: the message, Held
-        (stored without text until its key comes), or None for a duplicate, a
-        replay or a forgery (logged; a forgery is stored as undecryptable)."""
+        (stored without text until its key comes), RoomUndecryptable for one
+        no key will open (malformed, damaged or forged, for another room, or a
+        replay of another message's Megolm index: logged, and stored as
+        ``undecryptable``), or None for a duplicate."""
         room_id, message_id = int(env["room_id"]), str(env["message_id"])
         sender_user, sender_device = int(env["sender_user_id"]), str(env["sender_device_id"])
         base = HistoryEntry(
@@ -173,8 +175,8 @@ class RoomKeys:
             except DecryptionError as exc:
                 log.warning("client.room_undecryptable", extra={"error": str(exc)})
                 self.machine.take_dirty()  # nothing worth keeping from a failed decryption
-                await self.store.add_room_message(replace(base, state="undecryptable"))
-                return None
+                cause = WRONG_ROOM if isinstance(exc, RoomMismatchError) else BAD_CIPHERTEXT
+                return await self._undecryptable(room_id, base, cause)
             entry = replace(
                 base,
                 text=text.text,
@@ -187,6 +189,10 @@ class RoomKeys:
                 megolm_session_id=decrypted.session_id,
                 megolm_index=decrypted.message_index,
             )
+            if not new and not await self.store.has_message(message_id):
+                # Not a duplicate: another message holds its session and index.
+                log.warning("client.room_undecryptable", extra={"error": "a replayed index"})
+                return await self._undecryptable(room_id, base, REPLAY)
         if not new:
             return None
         return RoomMessage(
@@ -199,6 +205,22 @@ class RoomKeys:
             entry.sent_at,
             bool(sender and sender.verified),
             outgoing,
+        )
+
+    async def _undecryptable(
+        self, room_id: int, base: HistoryEntry, cause: str
+    ) -> RoomUndecryptable | None:
+        """Store a room message no key will open as ``undecryptable`` (no text);
+        None if its message id is stored already (a duplicate)."""
+        if not await self.store.add_room_message(replace(base, state="undecryptable")):
+            return None
+        return RoomUndecryptable(
+            room_id,
+            base.message_id,
+            base.sender_user_id,
+            base.sender_device_id,
+            base.sent_at,
+            cause=cause,
         )
 
     async def take_room_key(

@@ -22,7 +22,7 @@ from typing import Any, Final
 
 import vodozemac
 
-from .errors import DecryptionError
+from .errors import DecryptionError, RoomMismatchError
 
 PAYLOAD_VERSION: Final = 1
 MAX_MENTIONS: Final = 1000  # user ids in one message's mentions (rooms.max_members)
@@ -110,7 +110,8 @@ def encode_room_text(room_id: int, text: str, mentions: Iterable[int] = ()) -> b
 
 def decode_room_text(plaintext: bytes, room_id: int) -> RoomText:
     """Parse the plaintext of a room message and check it belongs to ``room_id``.
-    Raises DecryptionError (also for kinds other than ``text``)."""
+    Raises RoomMismatchError when it names another room, DecryptionError for
+    anything else (also for kinds other than ``text``)."""
     try:
         obj = json.loads(plaintext)
         if not isinstance(obj, dict) or obj.get("v") != PAYLOAD_VERSION:
@@ -128,7 +129,7 @@ def decode_room_text(plaintext: bytes, room_id: int) -> RoomText:
     except (ValueError, KeyError, TypeError) as exc:
         raise DecryptionError(f"malformed room payload: {exc}") from None
     if claimed != room_id:
-        raise DecryptionError("the payload's room id differs from the envelope's")
+        raise RoomMismatchError("the payload's room id differs from the envelope's")
     return RoomText(text, tuple(mentions))
 
 

@@ -299,6 +299,9 @@ class RoomStore:
 
     # -- room messages ----------------------------------------------------------
 
+    async def has_message(self, message_id: str) -> bool:
+        return await self._store.has_message(message_id)
+
     async def add_room_message(
         self,
         entry: HistoryEntry,

@@ -20,9 +20,11 @@ Sending a room message (:meth:`Rooms.send`)
    same ``message_id``; the same ciphertext is sent again unless the session
    rotated, and new devices get the session from that ciphertext's index, so a
    device that joined while the message was in flight can read it.
-5. ``sent`` records for how many member users (and devices) it was queued;
-   ``delivered`` receipts, each naming a device and the room, move it on
-   (:mod:`chatd.client.room_delivery`).
+5. ``sent`` records for how many member users (and devices) it was queued,
+   and which member devices it skipped because their queues were full (a
+   member all of whose devices were skipped is *unreachable*: not waited
+   for); ``delivered`` receipts, each naming a device and the room, move it
+   on (:mod:`chatd.client.room_delivery`).
 
 The background work (re-shares, history keys, key requests) is in
 :mod:`chatd.client.room_jobs`; receiving in :mod:`chatd.client.room_inbound`.
@@ -80,6 +82,22 @@ class RoomList:
     joined: list[RoomInfo]
     invited: list[RoomInvitation]
     channels: list[RoomInfo]  # channels we are not in (invite-only ones too)
+
+
+def mentioned_users(text: str, members: Iterable[RoomMember]) -> list[int]:
+    """The user ids of the ``members`` whose ``@username`` is in ``text``.
+    Usernames are case-insensitive, as on the server (``@Alice`` is
+    ``alice``), and a sentence's full stop after one does not count
+    (``@bob.`` is ``bob`` unless a member is called ``bob.``)."""
+    names = {m.username.casefold(): m.user_id for m in members}
+    found = []
+    for typed in MENTION.findall(text):
+        key = typed.casefold()
+        if key not in names:
+            key = key.rstrip("._-")
+        if key in names:
+            found.append(names[key])
+    return found
 
 
 class _Changed(ClientError):
@@ -279,13 +297,13 @@ class Rooms:
         """Encrypt ``text`` once with our Megolm session for the room and send
         it; returns the message id once the server has queued it. ``mentions``
         (user ids) travel inside the ciphertext; if None they are the members
-        whose ``@username`` is in the text. Raises SendError (the room kept
-        changing), ServerRefusedError (``not_member``, ...), KeyClaimError,
+        whose ``@username`` is in the text, in any case (:func:`mentioned_users`).
+        Raises SendError (the room kept changing), ServerRefusedError
+        (``not_member``, ...), KeyClaimError,
         ConnectionLostError; the message then stays ``sending``."""
         members = await self.current_members(room_id)
         if mentions is None:
-            names = {m.username: m.user_id for m in members.members}
-            mentions = [names[n] for n in MENTION.findall(text) if n in names]
+            mentions = mentioned_users(text, members.members)
         mentioned = tuple(sorted(set(mentions)))
         me, my_device = self._own
         message_id = str(uuid.uuid4())
@@ -332,8 +350,16 @@ class Rooms:
                 if exc.code == "room_changed":
                     continue
                 raise
+            skipped = {(d["user_id"], d["device_id"]) for d in reply.get("skipped", [])}
             users = {d.user_id for d in others if d.user_id != self._own[0]}
-            await self.deliveries.set_sent(message_id, len(users), int(reply["envelopes"]))
+            reached = {d.user_id for d in others if (d.user_id, d.device_id) not in skipped}
+            await self.deliveries.set_sent(
+                message_id,
+                len(users),
+                int(reply["envelopes"]),
+                sorted(skipped),
+                unreachable=len(users - reached),
+            )
             return
         raise SendError(
             f"room {room_id} kept changing while message {message_id} was sent; send it again"

@@ -47,7 +47,8 @@ CREATE TABLE IF NOT EXISTS messages (
     megolm_session_id TEXT,
     megolm_index INTEGER,
     recipients INTEGER,
-    envelopes INTEGER
+    envelopes INTEGER,
+    unreachable INTEGER
 );
 CREATE INDEX IF NOT EXISTS messages_room ON messages (room_id, sent_at);
 CREATE UNIQUE INDEX IF NOT EXISTS messages_megolm ON messages (megolm_session_id, megolm_index);
@@ -159,8 +160,25 @@ ROOM_COLUMNS: Final = (
     "envelopes INTEGER",
 )
 
+
+def _add_unreachable(conn: Any) -> None:
+    # 3: for our own room messages, how many member users the server could not
+    # queue them for (every device of theirs had a full queue: sent.skipped).
+    old = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'messages'"
+    ).fetchone()
+    if old is not None:
+        have = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+        if "unreachable" not in have:
+            conn.execute("ALTER TABLE messages ADD COLUMN unreachable INTEGER")
+
+
 #: Step ``n`` takes a store from schema version ``n - 1`` to ``n``.
-_MIGRATIONS: Final[tuple[Callable[[Any], None], ...]] = (_rename_olm_sessions, _add_room_columns)
+_MIGRATIONS: Final[tuple[Callable[[Any], None], ...]] = (
+    _rename_olm_sessions,
+    _add_room_columns,
+    _add_unreachable,
+)
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
 
