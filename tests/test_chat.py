@@ -72,6 +72,18 @@ class Terminal:
         self._seen = found + len(text)
         return chunk
 
+    async def expect_all(self, *texts: str) -> None:
+        """Wait until every one of ``texts`` appears after what earlier calls
+        consumed, in any order (a request's answer and the event it made
+        race); consume up to the last of them."""
+        seen = self._seen
+        ends = []
+        for text in texts:
+            self._seen = seen
+            await self.expect(text)
+            ends.append(self._seen)
+        self._seen = max(ends)
+
     async def expect_line(self, start: str) -> str:
         """The rest of the line that begins with ``start``."""
         await self.expect(start)

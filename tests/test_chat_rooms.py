@@ -155,8 +155,7 @@ async def test_an_invitation_to_a_group_is_shown_and_joined(short_tmp: Path) -> 
             await alice.type("/create plans --group")
             await alice.expect("-- created the group #plans (id ")
             await alice.type("/invite bob")
-            await alice.expect("-- invited bob to #plans --")
-            await alice.expect("#plans * you invited bob")
+            await alice.expect_all("-- invited bob to #plans --", "#plans * you invited bob")
             await alice.type("secret plans for @bob")
             await alice.expect('✓ sent "secret plans for @bob" (nobody else is in #plans yet)')
 
