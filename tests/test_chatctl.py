@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from chatd.auth.models import AuthError
 from chatd.chatctl import ConfigNotFound, find_config
 
 from .conftest import DataDir
@@ -153,3 +154,59 @@ async def test_chatctl_finds_the_config_from_any_directory(
             assert "looked in $CHATD_CONFIG (not set)" in lost.stderr
             assert str(tmp_path / "chatd-data" / "chatd.toml") in lost.stderr
             assert "/etc/chatd/chatd.toml" in lost.stderr
+
+
+async def test_auth_audit_by_user_finds_a_reused_token_and_admin_revocations(
+    data_dir: DataDir, short_tmp: Path
+) -> None:
+    async with accounts_running(data_dir) as admin:
+        alice = await admin.create("alice")
+        first = await login(admin, "alice")
+        await admin.auth.refresh(first.refresh_token or "", PEER)
+        with pytest.raises(AuthError) as reused:  # the old refresh token, stolen and replayed
+            await admin.auth.refresh(first.refresh_token or "", PEER)
+        assert reused.value.code == "invalid_token"
+        second, third = await login(admin, "alice"), await login(admin, "alice")
+        await admin.ok("DELETE", f"/v1/sessions/{second.session_id}")
+        await admin.ok("POST", f"/v1/users/{alice}/sessions/revoke")
+        await login(admin, "alice")
+        await admin.ok("POST", "/v1/sessions/revoke-all", json={"confirm": True})
+
+        base = ["--socket", str(data_dir.path / "a.sock")]
+        base += ["--token-file", str(data_dir.path / "admin-token")]
+        found = await trio.to_thread.run_sync(
+            lambda: chatctl_in(short_tmp, *base, "--json", "auth-audit", "--user", "alice")
+        )
+        assert found.returncode == 0, found.stderr
+        events = json.loads(found.stdout)["events"]
+        assert {e["user_id"] for e in events} == {alice}
+        assert {e["username"] for e in events} == {"alice"}
+        revocations = [e["session_id"] for e in events if e["event"] == "admin_revoke_session"]
+        assert len(revocations) == 3 and second.session_id in revocations
+        assert third.session_id in revocations
+        reuses = [(e["event"], e["session_id"]) for e in events if e["outcome"] == "token_reused"]
+        assert reuses == [("refresh", first.session_id)]
+        # Nothing about this user is left with a null user id.
+        rows = await admin.ctx.store.read(
+            lambda conn: conn.execute(
+                "SELECT event, outcome FROM auth_audit WHERE user_id IS NULL"
+            ).fetchall()
+        )
+        assert [tuple(r) for r in rows] == []
+
+
+async def test_admin_usernames_follow_the_register_rules_the_docs_give(data_dir: DataDir) -> None:
+    """docs/OPERATIONS.md section 6: POST /v1/users checks names like register."""
+    from .test_admin import assert_error
+
+    async with accounts_running(data_dir) as admin:
+        for name in ("t1", "ann marie", "a..b", "-ann"):
+            body = {"username": name, "password": PASSWORD}
+            error = assert_error(
+                await admin.call("POST", "/v1/users", json=body), 400, "invalid_username"
+            )
+            assert error["field"] == "$.username"
+            assert "3 to 32 characters from a-z, 0-9" in error["message"]
+        await admin.create("Alice")
+        taken = {"username": "ａｌｉｃｅ", "password": PASSWORD}  # fullwidth: the same name
+        assert_error(await admin.call("POST", "/v1/users", json=taken), 409, "username_taken")

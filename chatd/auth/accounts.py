@@ -260,9 +260,31 @@ class AccountAdmin:
             )
             ids = [r[0] for r in rows]
         revoked = await self.auth.revoke_sessions(ids, "revoked by admin")
+        owners = await self._session_owners(revoked)
         for sid in revoked:
-            await self.auth.audit("admin_revoke_session", "ok", ADMIN_PEER, session_id=sid)
+            await self.auth.audit(
+                "admin_revoke_session", "ok", ADMIN_PEER, user_id=owners.get(sid), session_id=sid
+            )
         return revoked
+
+    async def _session_owners(self, session_ids: list[int]) -> dict[int, int]:
+        """The user id of each of these sessions (for their audit rows)."""
+        if not session_ids:
+            return {}
+
+        def read(conn: Any) -> dict[int, int]:
+            owners: dict[int, int] = {}
+            for start in range(0, len(session_ids), 500):  # bound-parameter limits
+                chunk = session_ids[start : start + 500]
+                marks = ", ".join("?" * len(chunk))
+                rows = conn.execute(
+                    f"SELECT id, user_id FROM sessions WHERE id IN ({marks})",  # noqa: S608 - only ? marks
+                    chunk,
+                ).fetchall()
+                owners.update((row[0], row[1]) for row in rows)
+            return owners
+
+        return await self.store.read(read)
 
     # -- audit --------------------------------------------------------------------------------
 
