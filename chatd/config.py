@@ -349,7 +349,8 @@ class AuthSettings:
     )
     login_rate_per_ip: float = setting(
         20.0,
-        "Login attempts per minute from one IP address (/24 or /48 network).",
+        "Login attempts per minute from one client network: an IPv4 address, or an "
+        "IPv6 /64 (not the /24 or /48 the logs mask addresses to).",
         minimum=0.1,
         maximum=100_000,
     )
@@ -357,10 +358,18 @@ class AuthSettings:
         10.0, "Login attempts per minute for one username.", minimum=0.1, maximum=100_000
     )
     refresh_rate_per_ip: float = setting(
-        60.0, "Token refreshes per minute from one IP network.", minimum=0.1, maximum=100_000
+        60.0,
+        "Token refreshes and resumes per minute from one client network (IPv4 address "
+        "or IPv6 /64).",
+        minimum=0.1,
+        maximum=100_000,
     )
     invite_rate_per_ip: float = setting(
-        10.0, "Invite redemptions per minute from one IP network.", minimum=0.1, maximum=100_000
+        10.0,
+        "Invite redemptions (register) per minute from one client network (IPv4 "
+        "address or IPv6 /64).",
+        minimum=0.1,
+        maximum=100_000,
     )
     totp_rate_per_account: float = setting(
         10.0, "Second-factor attempts per minute for one account.", minimum=0.1, maximum=100_000
