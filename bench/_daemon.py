@@ -61,6 +61,18 @@ RELAXED_AUTH: dict[str, Any] = {
 }
 
 
+#: [relay] per-account request rates for load generators: a few accounts send
+#: thousands of messages a second, far past the defaults meant for people.
+RELAXED_RELAY: dict[str, Any] = {
+    "send_rate_per_user": 10_000_000.0,
+    "send_burst": 10_000_000,
+    "keys_claim_rate_per_user": 10_000_000.0,
+    "keys_claim_burst": 10_000_000,
+    "directory_rate_per_user": 10_000_000.0,
+    "directory_burst": 10_000_000,
+}
+
+
 def set_settings(config: Path, section: str, values: dict[str, Any]) -> None:
     """Replace ``key = ...`` lines inside ``[section]`` of the config file.
 

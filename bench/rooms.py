@@ -3,10 +3,12 @@
 One run of the real daemon (``chatd init`` into a temp dir, ``chatd serve``
 with NOTIFY_SOCKET, as systemd would; the helpers of ``bench/_daemon.py``
 and the relay settings of ``bench/relay.py``: port 0, 10-minute idle
-timeout, no MFA, login limits out of the way). ``relay.max_frame_bytes`` is
-raised to --max-frame-bytes (default 262,144) so that one direct ``send``
-can carry a ciphertext for every member device (199 x ~460 characters is
-about 100 KB, above the default 65,536); the frame size is printed.
+timeout, no MFA, login limits and the per-account request rates
+(``RELAXED_RELAY``: sends, key claims, directory reads) out of the way).
+``relay.max_frame_bytes`` is raised to --max-frame-bytes (default 262,144)
+so that one direct ``send`` can carry a ciphertext for every member device
+(199 x ~460 characters is about 100 KB, above the default 65,536); the frame
+size is printed.
 
 **Devices.** --members users (default 200), one device each, seeded with the
 daemon stopped (``seed_users``: one Argon2id hash, one row per account).

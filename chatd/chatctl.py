@@ -1,9 +1,15 @@
 """``chatctl``: the admin CLI, a client of the admin API over its unix socket.
 
 It finds the socket and the admin token through the same config file as
-``chatd`` (``--config``), or takes them directly (``--socket``,
-``--token-file``, ``--url``). Output is a readable table, or the API's JSON
-with ``--json``.
+``chatd``, or takes them directly (``--socket``, ``--token-file``,
+``--url``). The config is ``--config PATH`` if given, else the first that
+exists of ``$CHATD_CONFIG``, ``./chatd-data/chatd.toml`` and
+``/etc/chatd/chatd.toml`` (:func:`find_config`), so chatctl works from any
+directory. Output is a readable table, or the API's JSON with ``--json``.
+
+Wherever a command takes a user it takes a user id or a username
+(``users show bob``); a username made only of digits is written ``@123``.
+Tables show the username next to each user id.
 
 Passwords are never command-line arguments, which any local user can read
 (``ps``, ``/proc``): ``users create`` and ``users reset-password`` ask for
@@ -25,24 +31,63 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, get_args
 
 import httpx
 
 from chatd.auth.models import ROLES
+from chatd.auth.usernames import USERNAME_INPUT_MAX
 from chatd.config import load_config
 from chatd.errors import ChatdError, ListenError, SecretFileError, UsageError
 from chatd.keyfiles import admin_token_path
 from chatd.protocol.rooms import Role as RoomRole
 
 DEFAULT_CONFIG = os.path.join("chatd-data", "chatd.toml")
+SYSTEM_CONFIG = Path("/etc/chatd/chatd.toml")
 TIMEOUT = 30.0  # seconds for one admin request (a retention run can take a while)
 
 
 class ApiFailure(ChatdError):
     exit_code = 1
+
+
+class ConfigNotFound(ChatdError):
+    """No config file where chatctl looks; the message lists the places."""
+
+    exit_code = 3
+
+
+def find_config(
+    explicit: str | None, environ: Mapping[str, str], cwd: Path, system: Path = SYSTEM_CONFIG
+) -> Path:
+    """The config file to read: ``explicit`` (``--config``) as given, else the
+    first that exists of ``$CHATD_CONFIG``, ``./chatd-data/chatd.toml`` and
+    ``system``. A ``$CHATD_CONFIG`` naming a missing file is an error, not a
+    reason to try the next place (it could be another server's config).
+
+    Raises :class:`ConfigNotFound` listing every place looked at.
+    """
+    if explicit is not None:
+        return Path(explicit)
+    from_env = environ.get("CHATD_CONFIG")
+    if from_env:
+        if not Path(from_env).is_file():
+            raise ConfigNotFound(
+                f"$CHATD_CONFIG names {from_env}, which is not a file; fix or unset "
+                "CHATD_CONFIG, or pass --config PATH"
+            )
+        return Path(from_env)
+    places = [cwd / DEFAULT_CONFIG, system]
+    for place in places:
+        if place.is_file():
+            return place
+    looked = ", ".join(["$CHATD_CONFIG (not set)", *map(str, places)])
+    raise ConfigNotFound(
+        f"no chatd config found; looked in {looked}. Pass --config PATH, set "
+        "CHATD_CONFIG, or give --socket (or --url) and --token-file"
+    )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,9 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config",
         "-c",
-        default=os.environ.get("CHATD_CONFIG", DEFAULT_CONFIG),
-        help="chatd config, to find the socket and token "
-        f"(default: $CHATD_CONFIG or {DEFAULT_CONFIG})",
+        help="chatd config, to find the socket and token (default: the first of "
+        f"$CHATD_CONFIG, ./{DEFAULT_CONFIG}, {SYSTEM_CONFIG})",
     )
     p.add_argument("--socket", help="admin unix socket (overrides the config)")
     p.add_argument(
@@ -73,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("jobs", nargs="*", help="job names (default: all)")
     audit = sub.add_parser("audit", help="the admin API audit log")
     audit.add_argument("--limit", type=int, default=20)
+    sub.add_parser("online", help="devices connected now (no message metadata)")
     _add_account_commands(sub)
     _add_room_commands(sub)
     return p
@@ -87,6 +132,19 @@ def _id(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} is not a positive number")
     return value
+
+
+def _user(text: str) -> str:
+    """An argparse type: a user id, a username, or ``@username`` (resolved later)."""
+    name = text.removeprefix("@")
+    if text.isascii() and text.isdigit():
+        _id(text)
+    elif not name or len(name) > USERNAME_INPUT_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a user id nor a username")
+    return text
+
+
+_USER_HELP = "a user id or a username (@NAME for a name of digits)"
 
 
 def _add_account_commands(sub: Any) -> None:
@@ -104,21 +162,21 @@ def _add_account_commands(sub: Any) -> None:
         ("disable", "disable an account and end its sessions"),
         ("enable", "enable a disabled account"),
     ):
-        u.add_parser(action, help=text).add_argument("user_id", type=_id)
+        u.add_parser(action, help=text).add_argument("user", type=_user, help=_USER_HELP)
     role = u.add_parser("set-role", help="change an account's role")
-    role.add_argument("user_id", type=_id)
+    role.add_argument("user", type=_user, help=_USER_HELP)
     role.add_argument("role", choices=ROLES)
     reset = u.add_parser(
         "reset-password", help="set a new password and end its sessions (MFA stays)"
     )
-    reset.add_argument("user_id", type=_id)
+    reset.add_argument("user", type=_user, help=_USER_HELP)
     reset.add_argument("--password-stdin", action="store_true", help=_STDIN_HELP)
     mfa = u.add_parser(
         "reset-mfa",
         help="remove a lost second factor after checking the person's identity; ends its "
         "sessions (needs --yes)",
     )
-    mfa.add_argument("user_id", type=_id)
+    mfa.add_argument("user", type=_user, help=_USER_HELP)
     mfa.add_argument("--yes", action="store_true", help="you checked the person's identity")
 
     invites = sub.add_parser("invites", help="invite codes: list, create, revoke")
@@ -133,17 +191,17 @@ def _add_account_commands(sub: Any) -> None:
     sessions = sub.add_parser("sessions", help="sessions: list, revoke, revoke-user, revoke-all")
     s = sessions.add_subparsers(dest="action", metavar="ACTION", required=True)
     sl = s.add_parser("list", help="live sessions, or all of one user's")
-    sl.add_argument("--user", type=_id, metavar="ID", help="only this user's (revoked too)")
+    sl.add_argument("--user", type=_user, metavar="USER", help="only this user's (revoked too)")
     s.add_parser("revoke", help="revoke one session").add_argument("session_id", type=_id)
     s.add_parser("revoke-user", help="revoke all of a user's sessions").add_argument(
-        "user_id", type=_id
+        "user", type=_user, help=_USER_HELP
     )
     s.add_parser("revoke-all", help="log every user out (needs --yes)").add_argument(
         "--yes", action="store_true", help="yes, revoke every session of every user"
     )
 
     log = sub.add_parser("auth-audit", help="the authentication audit log, newest first")
-    log.add_argument("--user", type=_id, metavar="ID", help="only this user's events")
+    log.add_argument("--user", type=_user, metavar="USER", help="only this user's events")
     log.add_argument("--event", help="only this event, e.g. login")
     log.add_argument("--limit", type=_id, default=50, help="rows (default 50, at most 500)")
     log.add_argument("--before", type=_id, metavar="ID", help="only events older than this id")
@@ -156,7 +214,7 @@ def _add_room_commands(sub: Any) -> None:
     ls.add_argument("--limit", type=_id, default=100, help="rows (default 100, at most 500)")
     ls.add_argument("--after", type=_id, metavar="ID", help="start after this room id")
     r.add_parser("show", help="a room's members and invitations").add_argument("room_id", type=_id)
-    user_help = "a user id, or the username of a member or invitee"
+    user_help = "a user id, or the username of a member or invitee (@NAME for digits)"
     remove = r.add_parser("remove", help="remove a member from a room, or revoke their invitation")
     remove.add_argument("room_id", type=_id)
     remove.add_argument("user", help=user_help)
@@ -177,7 +235,7 @@ def _connection(args: argparse.Namespace) -> tuple[httpx.Client, str | None]:
     url = args.url
     token_file: Path | None = Path(args.token_file) if args.token_file else None
     if (socket_path is None and url is None) or token_file is None:
-        config = load_config(args.config)
+        config = load_config(find_config(args.config, os.environ, Path.cwd()))
         if socket_path is None and url is None:
             socket_path = config.admin_unix_socket
             if socket_path is None and config.admin_tcp is not None:
@@ -291,7 +349,9 @@ def _users_table(users: list[dict[str, Any]]) -> str:
 
 def _invite_state(invite: dict[str, Any]) -> str:
     if invite["used_at"] is not None:
-        return f"used by user {invite['used_by']}" if invite["used_by"] else "used"
+        if not invite["used_by"]:
+            return "used"
+        return f"used by user {_named(invite['used_by'], invite.get('used_by_username'))}"
     if invite["revoked_at"] is not None:
         return "revoked"
     return "expired" if invite["expires_at"] <= time.time() * 1000 else "open"
@@ -318,6 +378,7 @@ def _sessions_table(sessions: list[dict[str, Any]]) -> str:
         (
             s["session_id"],
             s["user_id"],
+            s.get("username") or "",
             s["device_name"],
             s["ip"],
             _when(s["created_at"]),
@@ -327,7 +388,8 @@ def _sessions_table(sessions: list[dict[str, Any]]) -> str:
         )
         for s in sessions
     ]
-    headers = ["id", "user", "device", "ip", "created", "last seen", "expires", "state"]
+    headers = ["id", "user", "username", "device", "ip", "created", "last seen", "expires"]
+    headers.append("state")
     return table(rows, headers)
 
 
@@ -346,13 +408,15 @@ def _audit_table(events: list[dict[str, Any]]) -> str:
             e["event"],
             e["outcome"],
             "" if e["user_id"] is None else e["user_id"],
+            e.get("username") or "",
             e["ip"],
             e["device_name"] or "",
             "" if e["session_id"] is None else e["session_id"],
         )
         for e in events
     ]
-    return table(rows, ["id", "at", "event", "outcome", "user", "ip", "device", "session"])
+    headers = ["id", "at", "event", "outcome", "user", "username", "ip", "device", "session"]
+    return table(rows, headers)
 
 
 def _rooms_table(rooms: list[dict[str, Any]]) -> str:
@@ -408,7 +472,7 @@ def _member_id(detail: dict[str, Any], user: str) -> int:
     """USER on the command line: a user id, or a member's or invitee's username."""
     if user.isascii() and user.isdigit() and int(user) >= 1:
         return int(user)
-    wanted = user.casefold()
+    wanted = user.removeprefix("@").casefold()
     for person in detail["members"] + detail["invitations"]:
         if person["username"].casefold() == wanted:
             return int(person["user_id"])
@@ -426,6 +490,18 @@ def _more(text: str, hint: str | None) -> str:
 Call = Callable[..., Any]
 
 
+def _user_id(call: Call, user: str) -> int:
+    """USER on the command line (see :func:`_user`) as a user id: digits are an
+    id, anything else (or ``@`` and digits) a username, looked up by the API."""
+    if user.isascii() and user.isdigit():
+        return int(user)
+    name = user.removeprefix("@")
+    found = call("GET", "/v1/users", params={"username": name, "limit": 1})["users"]
+    if not found:
+        raise ApiFailure(f"not_found: no user named {name!r} (list them with 'users list')")
+    return int(found[0]["id"])
+
+
 def _users(args: argparse.Namespace, call: Call) -> tuple[Any, str]:
     if args.action == "list":
         params = {"limit": args.limit} | ({"after_id": args.after} if args.after else {})
@@ -436,17 +512,19 @@ def _users(args: argparse.Namespace, call: Call) -> tuple[Any, str]:
         password = _read_password(args, f"Password for {args.username}: ")
         payload = {"username": args.username, "password": password, "role": args.role}
         body = call("POST", "/v1/users", json=payload)
-    elif args.action == "show":
-        body = call("GET", f"/v1/users/{args.user_id}")
+        return body, _users_table([body])
+    user_id = _user_id(call, args.user)
+    if args.action == "show":
+        body = call("GET", f"/v1/users/{user_id}")
     elif args.action in ("disable", "enable"):
-        body = call("POST", f"/v1/users/{args.user_id}/{args.action}")
+        body = call("POST", f"/v1/users/{user_id}/{args.action}")
     elif args.action == "set-role":
-        body = call("PUT", f"/v1/users/{args.user_id}/role", json={"role": args.role})
+        body = call("PUT", f"/v1/users/{user_id}/role", json={"role": args.role})
     elif args.action == "reset-mfa":  # --yes was checked before connecting
-        body = call("POST", f"/v1/users/{args.user_id}/mfa/reset", json={"confirm": True})
+        body = call("POST", f"/v1/users/{user_id}/mfa/reset", json={"confirm": True})
     else:  # reset-password
-        password = _read_password(args, f"New password for user {args.user_id}: ")
-        body = call("POST", f"/v1/users/{args.user_id}/password", json={"password": password})
+        password = _read_password(args, f"New password for user {args.user}: ")
+        body = call("POST", f"/v1/users/{user_id}/password", json={"password": password})
     return body, _users_table([body])
 
 
@@ -467,13 +545,13 @@ def _invites(args: argparse.Namespace, call: Call) -> tuple[Any, str]:
 
 def _sessions(args: argparse.Namespace, call: Call) -> tuple[Any, str]:
     if args.action == "list":
-        params = {"user_id": args.user} if args.user else {}
+        params = {"user_id": _user_id(call, args.user)} if args.user else {}
         body = call("GET", "/v1/sessions", params=params)
         return body, _sessions_table(body["sessions"])
     if args.action == "revoke":
         body = call("DELETE", f"/v1/sessions/{args.session_id}")
     elif args.action == "revoke-user":
-        body = call("POST", f"/v1/users/{args.user_id}/sessions/revoke")
+        body = call("POST", f"/v1/users/{_user_id(call, args.user)}/sessions/revoke")
     else:  # revoke-all; --yes was checked before connecting
         body = call("POST", "/v1/sessions/revoke-all", json={"confirm": True})
     return body, _revoked_text(body)
@@ -481,7 +559,8 @@ def _sessions(args: argparse.Namespace, call: Call) -> tuple[Any, str]:
 
 def _auth_audit(args: argparse.Namespace, call: Call) -> tuple[Any, str]:
     params: dict[str, Any] = {"limit": args.limit}
-    for name, value in (("user_id", args.user), ("event", args.event), ("before_id", args.before)):
+    user_id = _user_id(call, args.user) if args.user is not None else None
+    for name, value in (("user_id", user_id), ("event", args.event), ("before_id", args.before)):
         if value is not None:
             params[name] = value
     body = call("GET", "/v1/auth-audit", params=params)
@@ -517,7 +596,26 @@ def _rooms(args: argparse.Namespace, call: Call) -> tuple[Any, str]:
     return body, f"removed {who} from {room}"
 
 
+def _online(args: argparse.Namespace, call: Call) -> tuple[Any, str]:
+    body = call("GET", "/v1/online")
+    rows = [
+        (
+            d["user_id"],
+            d["username"],
+            d["device_id"] or "",
+            d["device_name"] or "",
+            _when(d["since"]),
+            d["connections"],
+        )
+        for d in body["devices"]
+    ]
+    text = table(rows, ["user", "username", "device", "name", "online since", "connections"])
+    users = len({d["user_id"] for d in body["devices"]})
+    return body, f"{text}\n{len(rows)} device(s) of {users} user(s) online"
+
+
 _ACCOUNT_COMMANDS = {
+    "online": _online,
     "users": _users,
     "invites": _invites,
     "sessions": _sessions,

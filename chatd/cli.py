@@ -119,7 +119,9 @@ def cmd_init(data_dir: Path) -> int:
     print(f"chatd data dir: {data_dir}")
     for path, made in results:
         print(f"  {'created' if made else 'kept   '} {path}")
-    print(f"  database      {config.database_path} (created by 'chatd serve')")
+    db = config.database_path
+    made_by = "kept" if db.exists() else "will be created by 'chatd serve'"
+    print(f"  database      {db} ({made_by})")
     print(f"  admin socket  {config.admin_unix_socket or config.admin.listen}")
     print(f"  relay         ws://{config.relay.host}:{config.relay.port}/v1/ws")
     print(f"start it with:  chatd serve --config {config_path}")

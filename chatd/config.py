@@ -190,6 +190,51 @@ class RelaySettings:
         minimum=1,
         maximum=10_000,
     )
+    send_rate_per_user: float = setting(
+        600.0,
+        "Messages (send and room_send requests) one account may make per minute, over "
+        "all its devices and connections, once its burst (send_burst) is used up. More "
+        "are refused with rate_limited and retry_after; nothing of a refused one is "
+        "queued. Raise it for bots and load tests.",
+        minimum=1,
+        maximum=10_000_000,
+    )
+    send_burst: int = setting(
+        300,
+        "Messages one account may send at once before send_rate_per_user applies: room "
+        "for an offline backlog sent on reconnect, or a room key shared with 10,000 "
+        "devices (50 sends).",
+        minimum=1,
+        maximum=10_000_000,
+    )
+    keys_claim_rate_per_user: float = setting(
+        120.0,
+        "keys_claim requests one account may make per minute once keys_claim_burst is "
+        "used up; each claims one-time keys of up to 100 devices, which their owners "
+        "must replace.",
+        minimum=1,
+        maximum=10_000_000,
+    )
+    keys_claim_burst: int = setting(
+        100,
+        "keys_claim requests one account may make at once (100 claim the keys of "
+        "10,000 devices: a whole team).",
+        minimum=1,
+        maximum=10_000_000,
+    )
+    directory_rate_per_user: float = setting(
+        30.0,
+        "directory requests (the whole team's member and device list) one account may "
+        "make per minute once directory_burst is used up.",
+        minimum=1,
+        maximum=10_000_000,
+    )
+    directory_burst: int = setting(
+        10,
+        "directory requests one account may make at once.",
+        minimum=1,
+        maximum=10_000_000,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,7 +349,8 @@ class AuthSettings:
     )
     login_rate_per_ip: float = setting(
         20.0,
-        "Login attempts per minute from one IP address (/24 or /48 network).",
+        "Login attempts per minute from one client network: an IPv4 address, or an "
+        "IPv6 /64 (not the /24 or /48 the logs mask addresses to).",
         minimum=0.1,
         maximum=100_000,
     )
@@ -312,10 +358,18 @@ class AuthSettings:
         10.0, "Login attempts per minute for one username.", minimum=0.1, maximum=100_000
     )
     refresh_rate_per_ip: float = setting(
-        60.0, "Token refreshes per minute from one IP network.", minimum=0.1, maximum=100_000
+        60.0,
+        "Token refreshes and resumes per minute from one client network (IPv4 address "
+        "or IPv6 /64).",
+        minimum=0.1,
+        maximum=100_000,
     )
     invite_rate_per_ip: float = setting(
-        10.0, "Invite redemptions per minute from one IP network.", minimum=0.1, maximum=100_000
+        10.0,
+        "Invite redemptions (register) per minute from one client network (IPv4 "
+        "address or IPv6 /64).",
+        minimum=0.1,
+        maximum=100_000,
     )
     totp_rate_per_account: float = setting(
         10.0, "Second-factor attempts per minute for one account.", minimum=0.1, maximum=100_000

@@ -179,6 +179,7 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
                 token_hash=token_hash,
                 accounts=AccountAdmin(auth, current=services.current),
                 rooms=services.rooms,
+                online=services.registry.online_devices,
             )
             admin_bind = await nursery.start(
                 _until_done, admin_done, serve_admin, config, ctx, stopping

@@ -614,7 +614,9 @@ async def test_chatctl_administers_accounts(data_dir: DataDir, short_tmp: Path) 
         assert "field $.password" in weak.stderr
         missing = await ctl("users", "show", "999")
         assert missing.returncode == 1 and "not_found" in missing.stderr
-        assert (await ctl("users", "show", "abc")).returncode == 64
+        assert (await ctl("users", "show", "0")).returncode == 64
+        unknown = await ctl("users", "show", "abc")  # a username: none by that name
+        assert unknown.returncode == 1 and "no user named 'abc'" in unknown.stderr
 
         invite = await ctl("--json", "invites", "create", "--days", "1", "--note", "for dave")
         created = json.loads(invite.stdout)

@@ -43,7 +43,8 @@ def test_secrets_are_never_config_values() -> None:
     # Settings may point at secret files but never hold a secret.
     for section, key, _f in iter_settings():
         if any(word in key for word in ("token", "key", "password", "secret")):
-            allowed = ("_file", "_private_key", "_minutes", "_days", "_per_account")
+            allowed = ("_file", "_private_key", "_minutes", "_days", "_per_account", "_per_user")
+            allowed += ("_burst",)  # rates: relay.keys_claim_rate_per_user, keys_claim_burst
             is_count = key.startswith("max_") or key.endswith("_threshold")
             assert key.endswith(allowed) or is_count, f"{section}.{key} looks like a secret"
 

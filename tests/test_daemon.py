@@ -220,9 +220,16 @@ def test_init_creates_private_files_and_never_overwrites(short_tmp: Path) -> Non
     for name in files:
         assert (target / name).stat().st_mode & 0o777 == 0o600
     assert target.stat().st_mode & 0o777 == 0o700
+    assert "(will be created by 'chatd serve')" in first.stdout
+    from chatd.store.db import open_writer
+
+    key = bytes.fromhex(files["db.key"].strip())
+    open_writer(target / "chatd.db", key, busy_timeout_ms=1000).close()
     second = run_chatd("init", "--data-dir", str(target))
     assert second.returncode == 0
     assert "kept" in second.stdout
+    assert f"database      {target / 'chatd.db'} (kept)" in second.stdout
+    assert "will be created" not in second.stdout
     assert {name: (target / name).read_text() for name in files} == files
     check = run_chatd("check-config", "--config", str(target / "chatd.toml"))
     assert check.returncode == 0, check.stderr

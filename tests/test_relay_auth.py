@@ -640,3 +640,57 @@ async def test_a_lost_authenticator_is_replaced_with_a_recovery_code(short_tmp: 
             assert (await e.login(totp=stale))["code"] == "mfa_failed"
             fresh = pyotp.TOTP(new_secret).at(time.time() + 30)
             assert (await e.login(totp=fresh))["type"] == "session"
+
+
+async def test_after_a_refresh_the_old_access_token_stops_working(short_tmp: Path) -> None:
+    """PROTOCOL section 6.7: both tokens are replaced; connections go on."""
+    async with server(short_tmp) as srv, connect(srv) as c:
+        session = await c.login()
+        tokens = await c.request("refresh", refresh_token=session["refresh_token"])
+        assert tokens["type"] == "tokens"
+        await only_the_new_token_resumes(srv, [session["access_token"]], tokens["access_token"])
+        assert (await c.request("list_sessions"))["type"] == "sessions"  # this one goes on
+
+
+async def test_second_factor_and_reauthentication_errors_name_the_fields_the_docs_give(
+    short_tmp: Path,
+) -> None:
+    """PROTOCOL sections 6.10 and 6.13: which field each refusal names."""
+    async with server(short_tmp) as srv, connect(srv) as c:
+        await c.login()
+        wrong = await c.request("mfa_enroll", password="not the password")
+        assert (wrong["code"], wrong["field"]) == ("reauth_failed", "$.password")
+        await enroll(c)
+        fields = []
+        for frame, kw in (
+            ("mfa_disable", {"password": PASSWORD, "code": "000000"}),
+            ("new_recovery_codes", {"password": PASSWORD, "code": "000000"}),
+            ("mfa_disable", {"password": "not the password", "code": "000000"}),
+            ("mfa_confirm", {"code": "000000"}),
+            ("mfa_enroll", {"password": PASSWORD}),
+            ("mfa_enroll", {"password": PASSWORD, "totp": "000000"}),
+            (
+                "change_password",
+                {"current_password": PASSWORD, "new_password": "a brand new passphrase"},
+            ),
+            (
+                "change_password",
+                {
+                    "current_password": PASSWORD,
+                    "new_password": "a brand new passphrase",
+                    "totp": "000000",
+                },
+            ),
+        ):
+            reply = await c.request(frame, **kw)
+            fields.append((frame, reply["code"], reply.get("field")))
+        assert fields == [
+            ("mfa_disable", "mfa_failed", "$.code"),
+            ("new_recovery_codes", "mfa_failed", "$.code"),
+            ("mfa_disable", "reauth_failed", "$.password"),
+            ("mfa_confirm", "mfa_not_enrolling", None),
+            ("mfa_enroll", "mfa_required", "$.totp"),
+            ("mfa_enroll", "mfa_failed", "$.totp"),
+            ("change_password", "mfa_required", "$.totp"),
+            ("change_password", "mfa_failed", "$.totp"),
+        ]

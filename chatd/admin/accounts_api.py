@@ -62,6 +62,18 @@ class UsersQuery(msgspec.Struct, forbid_unknown_fields=True):
         Annotated[int, msgspec.Meta(ge=0, description="Return users with an id above this one.")]
         | None
     ) = None
+    username: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                min_length=1,
+                max_length=64,
+                description="Only the account of this name (case-free, as at login): "
+                "one user or none.",
+            ),
+        ]
+        | None
+    ) = None
 
 
 class UsersPage(msgspec.Struct):
@@ -81,8 +93,10 @@ class UsersPage(msgspec.Struct):
     errors=(_UNAVAILABLE,),
 )
 async def list_users(ctx: AdminContext, query: UsersQuery, body: None) -> UsersPage:
-    users = await _accounts(ctx).list_users(limit=query.limit, after_id=query.after_id)
-    more = len(users) == query.limit
+    users = await _accounts(ctx).list_users(
+        limit=query.limit, after_id=query.after_id, username=query.username
+    )
+    more = len(users) == query.limit and query.username is None
     return UsersPage(users=users, next_after_id=users[-1].id if more else None)
 
 

@@ -13,9 +13,10 @@ integer, passed to the handler as the keyword-only argument ``name``
 checks that the handler's keyword-only arguments are exactly the path's
 parameters, so the two cannot drift either.
 
-Account administration lives in :mod:`chatd.admin.accounts_api`, and room
-administration in :mod:`chatd.admin.rooms_api`, both imported at the bottom
-of this module so that :data:`ROUTES` always holds their routes.
+Account administration lives in :mod:`chatd.admin.accounts_api`, room
+administration in :mod:`chatd.admin.rooms_api` and who is online in
+:mod:`chatd.admin.online_api`, all imported at the bottom of this module so
+that :data:`ROUTES` always holds their routes.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 import inspect
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Final
 
@@ -36,6 +37,7 @@ from chatd.store import Store
 
 if TYPE_CHECKING:  # only a type here; the daemon builds it
     from chatd.auth.accounts import AccountAdmin
+    from chatd.relay.registry import OnlineDevice
     from chatd.rooms.service import RoomService
 
 
@@ -52,6 +54,9 @@ class AdminContext:
     accounts: AccountAdmin | None = None
     # Room administration; routes under /v1/rooms answer 503 while it is None.
     rooms: RoomService | None = None
+    # The relay registry's list of connected devices (Registry.online_devices);
+    # GET /v1/online answers 503 while it is None.
+    online: Callable[[], Sequence[OnlineDevice]] | None = None
 
 
 # (ctx, query, body, **path_ids) -> response; see the module docstring.
@@ -291,4 +296,5 @@ async def list_admin_audit(ctx: AdminContext, query: AuditQuery, body: None) -> 
 # -- account administration (registers its routes in ROUTES) ------------------------------
 
 import chatd.admin.accounts_api  # noqa: E402, F401 - it imports the names above
+import chatd.admin.online_api  # noqa: E402, F401 - likewise
 import chatd.admin.rooms_api  # noqa: E402, F401 - likewise

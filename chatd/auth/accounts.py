@@ -16,7 +16,7 @@ from chatd.auth.passwords import PasswordPolicyError, check_password_policy
 from chatd.auth.queries import list_sessions_where
 from chatd.auth.service import AuthService
 from chatd.auth.tokens import new_invite_code, token_hash
-from chatd.auth.usernames import normalize_username
+from chatd.auth.usernames import UsernameError, normalize_username
 from chatd.e2ee.current import CurrentDevices
 from chatd.store import now_ms
 
@@ -27,7 +27,8 @@ _USER_SELECT: Final = (
     " created_at, password_changed_at FROM users"
 )
 _INVITE_SELECT: Final = (
-    "SELECT id, role, note, created_at, expires_at, used_at, used_by, revoked_at FROM invites"
+    "SELECT id, role, note, created_at, expires_at, used_at, used_by, revoked_at,"
+    " (SELECT username FROM users WHERE users.id = invites.used_by) FROM invites"
 )
 
 
@@ -95,7 +96,22 @@ class AccountAdmin:
             raise NotFound("user")
         return _user_info(row)
 
-    async def list_users(self, *, limit: int, after_id: int | None) -> list[UserInfo]:
+    async def list_users(
+        self, *, limit: int, after_id: int | None, username: str | None = None
+    ) -> list[UserInfo]:
+        """Users in id order; with ``username``, only the account of that name
+        (case and lookalikes fold as at login), or none."""
+        if username is not None:
+            try:
+                key = normalize_username(username)
+            except UsernameError:
+                return []  # no account can have a name that breaks the rules
+            row = await self.store.read(
+                lambda conn: conn.execute(
+                    f"{_USER_SELECT} WHERE username_key = ? AND id > ?", (key, after_id or 0)
+                ).fetchone()
+            )
+            return [_user_info(row)] if row is not None and limit >= 1 else []
         rows = await self.store.read(
             lambda conn: conn.execute(
                 f"{_USER_SELECT} WHERE id > ? ORDER BY id LIMIT ?", (after_id or 0, limit)
@@ -244,9 +260,31 @@ class AccountAdmin:
             )
             ids = [r[0] for r in rows]
         revoked = await self.auth.revoke_sessions(ids, "revoked by admin")
+        owners = await self._session_owners(revoked)
         for sid in revoked:
-            await self.auth.audit("admin_revoke_session", "ok", ADMIN_PEER, session_id=sid)
+            await self.auth.audit(
+                "admin_revoke_session", "ok", ADMIN_PEER, user_id=owners.get(sid), session_id=sid
+            )
         return revoked
+
+    async def _session_owners(self, session_ids: list[int]) -> dict[int, int]:
+        """The user id of each of these sessions (for their audit rows)."""
+        if not session_ids:
+            return {}
+
+        def read(conn: Any) -> dict[int, int]:
+            owners: dict[int, int] = {}
+            for start in range(0, len(session_ids), 500):  # bound-parameter limits
+                chunk = session_ids[start : start + 500]
+                marks = ", ".join("?" * len(chunk))
+                rows = conn.execute(
+                    f"SELECT id, user_id FROM sessions WHERE id IN ({marks})",  # noqa: S608 - only ? marks
+                    chunk,
+                ).fetchall()
+                owners.update((row[0], row[1]) for row in rows)
+            return owners
+
+        return await self.store.read(read)
 
     # -- audit --------------------------------------------------------------------------------
 
@@ -266,7 +304,8 @@ class AccountAdmin:
                 clauses.append(clause)
                 args.append(value)
         sql = (
-            "SELECT id, at, event, outcome, user_id, ip, device_name, session_id FROM auth_audit"  # noqa: S608 - constant clauses, values bound
+            "SELECT id, at, event, outcome, user_id, ip, device_name, session_id,"  # noqa: S608 - constant clauses, values bound
+            " (SELECT username FROM users WHERE users.id = auth_audit.user_id) FROM auth_audit"
             f" WHERE {' AND '.join(clauses)} ORDER BY id DESC LIMIT ?"
         )
         rows = await self.store.read(lambda conn: conn.execute(sql, (*args, limit)).fetchall())

@@ -68,6 +68,7 @@ class SessionInfo(msgspec.Struct, frozen=True):
     ip: str  # masked
     expires_at: int
     revoked: bool
+    username: str = ""  # the user's, for people reading the list
 
 
 class UserInfo(msgspec.Struct, frozen=True):
@@ -89,6 +90,7 @@ class InviteInfo(msgspec.Struct, frozen=True):
     used_at: int | None
     used_by: int | None
     revoked_at: int | None
+    used_by_username: str | None = None
 
 
 class AuditEvent(msgspec.Struct, frozen=True):
@@ -100,3 +102,4 @@ class AuditEvent(msgspec.Struct, frozen=True):
     ip: str
     device_name: str | None
     session_id: int | None
+    username: str | None = None  # the user's (null when no user, or the account is gone)

@@ -56,7 +56,8 @@ def select_session(conn: Any, where: str, value: object, now: int) -> dict[str, 
 def list_sessions_where(where: str, args: tuple[object, ...], conn: Any) -> list[SessionInfo]:
     rows = conn.execute(
         "SELECT id, user_id, device_name, created_at, last_seen_at, ip, expires_at,"  # noqa: S608
-        f" revoked_at IS NOT NULL FROM sessions WHERE {where} ORDER BY id DESC LIMIT 1000",
+        " revoked_at IS NOT NULL, (SELECT username FROM users WHERE users.id = sessions.user_id)"
+        f" FROM sessions WHERE {where} ORDER BY id DESC LIMIT 1000",
         args,
     ).fetchall()
     return [
@@ -69,6 +70,7 @@ def list_sessions_where(where: str, args: tuple[object, ...], conn: Any) -> list
             ip=r[5],
             expires_at=r[6],
             revoked=bool(r[7]),
+            username=r[8],
         )
         for r in rows
     ]

@@ -254,7 +254,9 @@ class AuthService(CredentialFlows):
             session = select_session(conn, "s.refresh_hash = ?", digest, now)
             if session is None:
                 spent = conn.execute(
-                    "SELECT session_id FROM spent_refresh_tokens WHERE token_hash = ?", (digest,)
+                    "SELECT t.session_id, s.user_id FROM spent_refresh_tokens t"
+                    " LEFT JOIN sessions s ON s.id = t.session_id WHERE t.token_hash = ?",
+                    (digest,),
                 ).fetchone()
                 if spent is None:
                     return "invalid_token", None
@@ -263,7 +265,7 @@ class AuthService(CredentialFlows):
                     " WHERE id = ? AND revoked_at IS NULL",
                     (now, spent[0]),
                 )
-                return "token_reused", {"id": spent[0]}
+                return "token_reused", {"id": spent[0], "user_id": spent[1]}
             access_expires = self._access_expiry(now, session["expires_at"])
             rotate_session_tokens(
                 conn,
@@ -281,7 +283,15 @@ class AuthService(CredentialFlows):
         outcome, session = await self.store.write(rotate)
         if outcome == "token_reused" and session is not None:
             self.events.sessions_revoked([session["id"]])
-            await self.audit("refresh", "token_reused", peer, session_id=session["id"])
+            # The account is known: recorded, so that an admin who looks for this
+            # user's events after a theft finds it (chatctl auth-audit --user).
+            await self.audit(
+                "refresh",
+                "token_reused",
+                peer,
+                user_id=session["user_id"],
+                session_id=session["id"],
+            )
             raise fail(
                 "invalid_token",
                 "this refresh token was already used; the session is revoked, log in again",

@@ -35,6 +35,7 @@ from chatd.protocol import rooms as r
 from chatd.protocol.delivery import Phase
 from chatd.relay import delivery
 from chatd.relay.connection import Connection
+from chatd.relay.ratelimits import RequestLimits
 from chatd.relay.registry import Registry, close_with
 from chatd.relay.rooms import ROOM_REQUESTS, serve_room_request
 from chatd.rooms.model import RoomError
@@ -91,12 +92,14 @@ class Dispatcher:
         keys: KeyService,
         queues: QueueService,
         rooms: RoomService,
+        limits: RequestLimits,
     ) -> None:
         self.registry = registry
         self.auth = auth
         self.keys = keys
         self.queues = queues
         self.rooms = rooms
+        self.limits = limits  # per-account rates of send, keys_claim, directory
 
     async def carry_out(self, conn: Connection, actions: list[core.Action]) -> None:
         """Carry out the core's actions for one client message, in order."""
@@ -125,7 +128,8 @@ class Dispatcher:
 
     async def _sender(self, conn: Connection, request_id: str) -> SessionGrant | None:
         """The grant of a connection that may send (its session has a device),
-        once the pipeline has room; None if it was refused with ``no_device``."""
+        once the pipeline has room; None if it was refused with ``no_device``
+        or ``rate_limited`` (the account's send rate, relay.send_rate_per_user)."""
         grant = conn.grant
         if grant is None or not grant.device_id:
             error = conn.proto.error(
@@ -135,6 +139,10 @@ class Dispatcher:
             return None
         if conn.waiting_answers >= PIPELINE_DEPTH:
             await conn.wait_answers(below=PIPELINE_DEPTH)  # backpressure, not an error
+        refused = self.limits.refuse(conn.proto, "send", grant.user_id, request_id)
+        if refused is not None:
+            self._perform(conn, refused)
+            return None
         return grant
 
     async def _send(self, conn: Connection, frame: f.Send) -> None:
@@ -378,9 +386,15 @@ class Dispatcher:
             case f.KeysUpload():
                 return proto.reply(await self.keys.upload(grant.user_id, grant.device_id, frame))
             case f.KeysClaim():
+                refused = self.limits.refuse(proto, "keys_claim", grant.user_id, frame.id)
+                if refused is not None:
+                    return refused
                 claimed, missing = await self.keys.claim(frame.devices)
                 return proto.reply(f.KeysClaimed(id=frame.id, keys=claimed, missing=missing))
             case f.Directory():
+                refused = self.limits.refuse(proto, "directory", grant.user_id, frame.id)
+                if refused is not None:
+                    return refused
                 members = await self.keys.directory()
                 return proto.reply(f.Members(id=frame.id, members=members))
             case f.RemoveDevice():

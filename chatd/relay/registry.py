@@ -16,12 +16,16 @@ notice) or asked about them with ``who_is_online``. A connection *watches*
 those users; a change of a user's presence is pushed to the connections
 watching them, coalesced to one frame per connection per interval. So a
 login costs the same however many people are online.
+
+For admins, :meth:`Registry.online_devices` lists who is connected now, by
+device, with no message metadata (``GET /v1/online``, ``chatctl online``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Container, Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 import trio
@@ -54,6 +58,17 @@ class DeviceState:
         self.ledger = DeviceLedger()
 
 
+@dataclass(frozen=True, slots=True)
+class OnlineDevice:
+    """One device with live connections, as an admin sees it."""
+
+    user_id: int
+    username: str
+    device_id: str  # "" for a session without a device
+    since: int  # unix ms: when the oldest of its live connections got its session
+    connections: int
+
+
 class Registry:
     """Live connections and the events that concern them."""
 
@@ -67,6 +82,7 @@ class Registry:
         self._presence_due = trio.Event()
         self._keys_low: set[str] = set()
         self._keys_due = trio.Event()
+        self._since: dict[Connection, int] = {}  # unix ms each got its session
 
     # -- sessions --------------------------------------------------------------------
 
@@ -75,6 +91,8 @@ class Registry:
         first = conn.grant is None
         if not first:
             self._unindex(conn)
+        else:
+            self._since[conn] = now_ms()
         conn.grant = grant
         self.by_session.setdefault(grant.session_id, []).append(conn)
         users = self.by_user.setdefault(grant.user_id, [])
@@ -97,6 +115,7 @@ class Registry:
             return
         self._unindex(conn)
         conn.grant = None
+        self._since.pop(conn, None)
         state, conn.device = conn.device, None
         if state is not None:
             others = [c.delivery.held() for c in state.connections]
@@ -152,6 +171,25 @@ class Registry:
 
     def is_online(self, user_id: int) -> bool:
         return user_id in self.by_user
+
+    def online_devices(self) -> list[OnlineDevice]:
+        """Devices with live connections now, by user id then device id."""
+        devices: dict[tuple[int, str], OnlineDevice] = {}
+        for conns in self.by_user.values():
+            for conn in conns:
+                grant = conn.grant
+                if grant is None:  # pragma: no cover - by_user holds sessions only
+                    continue
+                since = self._since.get(conn, 0)
+                key = (grant.user_id, grant.device_id)
+                seen = devices.get(key)
+                if seen is not None:
+                    since = min(since, seen.since)
+                count = 1 if seen is None else seen.connections + 1
+                devices[key] = OnlineDevice(
+                    grant.user_id, grant.username, grant.device_id, since, count
+                )
+        return [devices[key] for key in sorted(devices)]
 
     def watch(self, conn: Connection, user_ids: Iterable[int]) -> None:
         """From now on, tell ``conn`` when these users come online or go offline."""

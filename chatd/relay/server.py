@@ -50,6 +50,7 @@ from chatd.protocol import delivery as rules
 from chatd.protocol.frames import Limits
 from chatd.relay.connection import Connection, Flusher
 from chatd.relay.dispatch import Dispatcher
+from chatd.relay.ratelimits import RequestLimits
 from chatd.relay.registry import Registry
 from chatd.relay.ws import (
     Control,
@@ -337,7 +338,7 @@ async def serve_relay(
     """
     s = config.relay
     listeners = await open_relay_listeners(config)
-    dispatcher = Dispatcher(registry, auth, keys, queues, rooms)
+    dispatcher = Dispatcher(registry, auth, keys, queues, rooms, RequestLimits(config.relay))
     async with trio.open_nursery() as services:
         flusher = Flusher()
         services.start_soon(flusher.flush_forever)
