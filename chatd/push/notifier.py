@@ -53,6 +53,7 @@ import math
 import random
 from collections import deque
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -80,6 +81,18 @@ WAKING_KINDS: Final = frozenset(("message", "room_message", "room_event"))
 ERR_PUSH_DISABLED: Final = "push_disabled"
 USER_AGENT: Final = "chatd-push"
 JITTER: Final = 0.1  # retry delays vary by up to this share, so retries spread
+#: HTTP clients the POSTs are spread over. httpcore's pool scans its
+#: connections for every request, so one pool of push.concurrency (1,000+)
+#: connections costs O(n) per wake-up on the event loop; shards keep n small.
+POOL_SHARDS: Final = 16
+
+
+@dataclass(slots=True)
+class Pool:
+    """One HTTP client (connection pool) and the POSTs running on it."""
+
+    client: httpx.AsyncClient
+    busy: int = 0
 
 
 class Result(enum.Enum):
@@ -256,23 +269,30 @@ class Notifier:
 
         ``is_live`` says whether a device has a live connection now: a
         wake-up that falls due after its device came back is not sent.
-        Owns one HTTP client (no proxies from the environment, no redirects)
-        and one task per POST in flight, at most ``push.concurrency``.
+        Owns the HTTP clients (POOL_SHARDS connection pools; no proxies from
+        the environment, no redirects) and one task per POST in flight, at
+        most ``push.concurrency``.
         """
         s = self.settings
-        limits = httpx.Limits(
-            max_connections=s.concurrency, max_keepalive_connections=s.concurrency
-        )
-        async with (
-            httpx.AsyncClient(
-                timeout=httpx.Timeout(s.timeout_seconds),
-                limits=limits,
-                follow_redirects=False,
-                trust_env=False,
-                headers={"User-Agent": USER_AGENT},
-            ) as client,
-            trio.open_nursery() as nursery,
-        ):
+        shards = min(POOL_SHARDS, s.concurrency)
+        per_shard = -(-s.concurrency // shards)  # ceil: the shards hold every slot
+        limits = httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard)
+        async with AsyncExitStack() as stack:
+            pools = [
+                Pool(
+                    await stack.enter_async_context(
+                        httpx.AsyncClient(
+                            timeout=httpx.Timeout(s.timeout_seconds),
+                            limits=limits,
+                            follow_redirects=False,
+                            trust_env=False,
+                            headers={"User-Agent": USER_AGENT},
+                        )
+                    )
+                )
+                for _ in range(shards)
+            ]
+            nursery = await stack.enter_async_context(trio.open_nursery())
             slots = trio.Semaphore(s.concurrency)
             task_status.started()
             while True:
@@ -285,7 +305,9 @@ class Notifier:
                 self._in_flight.add(device_id)  # before waiting: new envelopes coalesce
                 self.stats.in_flight += 1
                 await slots.acquire()
-                nursery.start_soon(self._attempt, client, device_id, endpoint, slots)
+                pool = min(pools, key=lambda p: p.busy)  # never over its share of slots
+                pool.busy += 1
+                nursery.start_soon(self._attempt, pool, device_id, endpoint, slots)
 
     async def _next_due(self) -> str:
         while True:
@@ -304,15 +326,16 @@ class Notifier:
 
     async def _attempt(
         self,
-        client: httpx.AsyncClient,
+        pool: Pool,
         device_id: str,
         endpoint: Endpoint,
         slots: trio.Semaphore,
     ) -> None:
         self._last_sent[device_id] = trio.current_time()
         try:
-            result = await self.post(client, endpoint)
+            result = await self.post(pool.client, endpoint)
         finally:
+            pool.busy -= 1
             slots.release()
             self._in_flight.discard(device_id)
             self.stats.in_flight -= 1
