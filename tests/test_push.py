@@ -544,3 +544,20 @@ async def test_the_check_is_made_again_at_send_time(short_tmp: Path) -> None:
             await strict.wait_settled()
             nursery.cancel_scope.cancel()
         assert len(rx.received) == 1 and strict.stats.refused == 1
+
+
+async def test_the_client_library_registers_and_removes_an_endpoint(short_tmp: Path) -> None:
+    from chatd.client import ServerRefusedError
+
+    from .test_client import ALICE_KEY, device
+
+    async with team(short_tmp, allowed_networks=()) as t:
+        async with device(t.srv, short_tmp, "alice", "alice", ALICE_KEY) as alice:
+            with pytest.raises(ServerRefusedError) as refused:
+                await alice.register_push("https://127.0.0.1/up")
+            assert (refused.value.code, refused.value.field) == ("push_url_refused", "$.url")
+            url = "https://93.184.216.34/up/topic?up=1"  # public: no DNS, nothing sent
+            await alice.register_push(url)
+            assert await t.endpoints() == [(alice.device_id, url, None, None)]
+            await alice.remove_push()
+            assert await t.endpoints() == []
