@@ -474,6 +474,79 @@ class RoomSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class PushSettings:
+    """[push]: content-free wake-ups to devices without a live connection
+    (UnifiedPush endpoints such as a self-hosted ntfy; docs/OPERATIONS.md)."""
+
+    enabled: bool = setting(
+        True,
+        "Accept push endpoints from devices and send them wake-ups. false refuses "
+        "push_register (push_disabled) and sends nothing; stored endpoints are kept.",
+    )
+    interval_seconds: float = setting(
+        15.0,
+        "Coalescing: at most one wake-up per device per this many seconds. Envelopes "
+        "queued meanwhile make one more wake-up when the interval ends.",
+        minimum=0,
+        maximum=3_600,
+    )
+    timeout_seconds: float = setting(
+        10.0,
+        "Time allowed for one wake-up: resolving the host, connecting and the "
+        "endpoint's answer. A slower endpoint counts as failed (retried).",
+        minimum=0.1,
+        maximum=120,
+    )
+    concurrency: int = setting(
+        64,
+        "Wake-ups being sent at once, at most; the rest wait in the queue.",
+        minimum=1,
+        maximum=4_096,
+    )
+    max_queued: int = setting(
+        10_000,
+        "Wake-ups waiting to be sent or retried, at most; beyond it new ones are "
+        "dropped (and counted) instead of growing memory.",
+        minimum=1,
+        maximum=1_000_000,
+    )
+    retry_attempts: int = setting(
+        5,
+        "Retries of a wake-up that failed (no connection, timeout, 5xx or 429) "
+        "before it is given up. 404 and 410 drop the endpoint instead.",
+        minimum=0,
+        maximum=20,
+    )
+    retry_base_seconds: float = setting(
+        2.0,
+        "Delay before the first retry; each further retry waits twice as long "
+        "(exponential backoff, with up to 10% jitter).",
+        minimum=0.001,
+        maximum=3_600,
+    )
+    retry_max_seconds: float = setting(
+        300.0,
+        "Longest delay between two retries.",
+        minimum=0.001,
+        maximum=86_400,
+    )
+    ttl_seconds: int = setting(
+        86_400,
+        "TTL header of each wake-up: how long a distributor may keep it for an unreachable device.",
+        minimum=0,
+        maximum=2_419_200,
+    )
+    allowed_networks: tuple[str, ...] = setting(
+        (),
+        "Networks (CIDR) that push endpoints may be in although they are private, "
+        'loopback or link-local, such as ["127.0.0.1/32"] for an ntfy on this '
+        "host. Every other such address is refused (SSRF guard), at registration "
+        "and again after each DNS resolution. Plain http:// is accepted only for "
+        "endpoints in these networks.",
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class LogSettings:
     """[log]: structured logs on stderr (journald picks them up)."""
 
@@ -501,6 +574,7 @@ class Config:
     auth: AuthSettings = field(default_factory=AuthSettings)
     devices: DeviceSettings = field(default_factory=DeviceSettings)
     rooms: RoomSettings = field(default_factory=RoomSettings)
+    push: PushSettings = field(default_factory=PushSettings)
     log: LogSettings = field(default_factory=LogSettings)
     path: Path = field(default=Path("chatd.toml"), metadata={"internal": True})
 
@@ -545,6 +619,7 @@ SECTIONS: Final[dict[str, type]] = {
     "auth": AuthSettings,
     "devices": DeviceSettings,
     "rooms": RoomSettings,
+    "push": PushSettings,
     "log": LogSettings,
 }
 
@@ -644,6 +719,15 @@ def _check_cross(config: Config) -> None:
                 path,
                 f"{network!r} is not a network like 10.0.0.0/8 or ::1/128",
                 key="relay.trusted_proxies",
+            ) from None
+    for network in config.push.allowed_networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(
+                path,
+                f"{network!r} is not a network like 127.0.0.1/32 or fd00::/8",
+                key="push.allowed_networks",
             ) from None
     listen = config.admin.listen
     if not listen.startswith("unix:"):

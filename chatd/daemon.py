@@ -36,6 +36,7 @@ from chatd.e2ee.queues import QueueService
 from chatd.errors import StoreError
 from chatd.keyfiles import check_data_dir, load_admin_token_hash, load_db_key
 from chatd.log import fields
+from chatd.push import Notifier as PushNotifier
 from chatd.relay import Registry, serve_relay
 from chatd.retention import auth_jobs, default_jobs, queue_jobs, serve_retention
 from chatd.rooms.members import DeviceChanges
@@ -85,6 +86,7 @@ class Services:
     keys: KeyService
     queues: QueueService
     rooms: RoomService
+    push: PushNotifier  # wake-ups for devices without a live connection
 
     def for_relay(self) -> dict[str, Any]:
         """The keyword arguments of :func:`serve_relay`."""
@@ -94,6 +96,7 @@ class Services:
             "keys": self.keys,
             "queues": self.queues,
             "rooms": self.rooms,
+            "push": self.push,
         }
 
 
@@ -104,10 +107,14 @@ async def open_services(nursery: trio.Nursery, store: Store, config: Config) -> 
     The relay's registry hears what the services have to tell it (revoked
     sessions, devices low on keys, envelopes accepted, invitations), so it is
     made first and handed to each service as it is made; the room service
-    hears which users' current devices changed through ``changes``. Reads
-    the queue totals and the rooms.
+    hears which users' current devices changed through ``changes``. The
+    push notifier is the registry's offline sink (envelopes queued for a
+    device with no live connection) and asks it which devices are live.
+    Reads the queue totals, the rooms and the push endpoints.
     """
-    registry = Registry()
+    push = PushNotifier(store, config.push)
+    await push.open()
+    registry = Registry(offline=push)
     changes = DeviceChanges()
     current = CurrentDevices(store, events=changes)
     auth = AuthService(store, config.auth, config.devices, events=registry)
@@ -118,7 +125,8 @@ async def open_services(nursery: trio.Nursery, store: Store, config: Config) -> 
     rooms = RoomService(store, queues, current, changes, registry, config.rooms)
     await rooms.open()
     await nursery.start(rooms.serve)
-    return Services(registry, current, auth, keys, queues, rooms)
+    await nursery.start(partial(push.serve, is_live=registry.has_device))
+    return Services(registry, current, auth, keys, queues, rooms, push)
 
 
 async def _flush_queues(queues: QueueService) -> None:

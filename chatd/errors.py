@@ -17,6 +17,7 @@ to a documented process exit code (see ``docs/OPERATIONS.md``)::
     ├── RefusedError                (no exit) a request refused; its code and
     │   │                           message go to the client as they are
     │   ├── AuthError               chatd.auth.models: sessions, keys, accounts
+    │   ├── PushRefused             chatd.push.guard: push endpoints (SSRF guard, keys)
     │   └── ApiError                chatd.admin.api: an admin API answer (HTTP status)
     ├── InputError                  (no exit) a value fails a rule, said in the message
     │   ├── UsernameError, PasswordPolicyError, MalformedTokenError  (chatd.auth)

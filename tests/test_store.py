@@ -331,6 +331,12 @@ def _sample_rows(conn: Any, version: int) -> dict[str, int]:
             )
             for table in ("rooms", "room_members", "room_invites", "room_log", "room_devices"):
                 rows[table] = 1
+        if version >= 9:
+            conn.execute(
+                "INSERT INTO push_endpoints (device_id, url, p256dh, auth, created_at)"
+                " VALUES ('DEV', 'https://push.example/up', NULL, NULL, 1)"
+            )
+            rows["push_endpoints"] = 1
         for table in (
             "users",
             "recovery_codes",

@@ -299,6 +299,33 @@ class Client:
             if (d.user_id, d.device_id) != (self.user_id, self.device_id)
         ]
 
+    # -- push wake-ups ---------------------------------------------------------------
+
+    async def register_push(
+        self, url: str, *, p256dh: str | None = None, auth: str | None = None
+    ) -> None:
+        """Have the server send this device content-free wake-ups at ``url``
+        (a UnifiedPush endpoint, e.g. an ntfy topic URL) while it has no live
+        connection; replaces an earlier endpoint. With ``p256dh`` and
+        ``auth`` (RFC 8291, base64url, both or neither) each wake-up's body is
+        encrypted to them. Raises ServerRefusedError (``push_url_refused``,
+        ``bad_push_key``, ``push_disabled``, ``bad_frame`` naming the field)
+        or ClientError when the server does not offer push."""
+        if "push" not in self._conn.features:
+            raise ClientError("this server does not offer push wake-ups")
+        fields: dict[str, str] = {"url": url}
+        if p256dh is not None:
+            fields["p256dh"] = p256dh
+        if auth is not None:
+            fields["auth"] = auth
+        await self._conn.request("push_register", **fields)
+
+    async def remove_push(self) -> None:
+        """Send this device no more wake-ups (fine with none registered)."""
+        if "push" not in self._conn.features:
+            raise ClientError("this server does not offer push wake-ups")
+        await self._conn.request("push_remove")
+
     async def send_text(self, user_id: int, text: str) -> str:
         """Send ``text`` to every device of ``user_id`` and to our own other
         devices, each encrypted with Olm. Returns the message id once the

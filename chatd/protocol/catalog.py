@@ -2,12 +2,13 @@
 
 Decoding a union makes ``type`` mandatory and picks the frame by it. The
 frames themselves live in :mod:`chatd.protocol.frames` (sessions, keys,
-messages) and :mod:`chatd.protocol.rooms`.
+messages), :mod:`chatd.protocol.rooms` and :mod:`chatd.protocol.push`.
 """
 
 from __future__ import annotations
 
 from chatd.protocol import frames as f
+from chatd.protocol import push as p
 from chatd.protocol import rooms as r
 
 #: Every frame a client may send.
@@ -45,6 +46,8 @@ ClientFrame = (
     | r.RoomSetTopic
     | r.RoomDelete
     | r.RoomSend
+    | p.PushRegister
+    | p.PushRemove
 )
 
 #: Every frame the server may send.

@@ -271,7 +271,7 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True):
 
 
 #: What this server supports beyond the protocol's first release (PROTOCOL §16).
-FEATURES: Final = ("who_is_online.user_ids", "rooms")
+FEATURES: Final = ("who_is_online.user_ids", "rooms", "push")
 
 
 class Hello(Frame, tag="hello"):

@@ -33,8 +33,10 @@ from chatd.protocol import core
 from chatd.protocol import frames as f
 from chatd.protocol import rooms as r
 from chatd.protocol.delivery import Phase
+from chatd.push import Notifier, PushRefused
 from chatd.relay import delivery
 from chatd.relay.connection import Connection
+from chatd.relay.push import PUSH_REQUESTS, serve_push_request
 from chatd.relay.ratelimits import RequestLimits
 from chatd.relay.registry import Registry, close_with
 from chatd.relay.rooms import ROOM_REQUESTS, serve_room_request
@@ -93,6 +95,7 @@ class Dispatcher:
         queues: QueueService,
         rooms: RoomService,
         limits: RequestLimits,
+        push: Notifier,
     ) -> None:
         self.registry = registry
         self.auth = auth
@@ -100,6 +103,7 @@ class Dispatcher:
         self.queues = queues
         self.rooms = rooms
         self.limits = limits  # per-account rates of send, keys_claim, directory
+        self.push = push
 
     async def carry_out(self, conn: Connection, actions: list[core.Action]) -> None:
         """Carry out the core's actions for one client message, in order."""
@@ -247,7 +251,7 @@ class Dispatcher:
                 field=exc.field,
                 retry_after=exc.retry_after,
             )
-        except RoomError as exc:
+        except (RoomError, PushRefused) as exc:
             actions = _refused(proto, request_id, exc)
         except StoreError:
             log.warning("relay.storage_unavailable", extra=fields(request=type(frame).__name__))
@@ -407,6 +411,7 @@ class Dispatcher:
                 ended = await self.keys.remove_device(grant.user_id, frame.device_id)
                 registry.sessions_revoked(ended)
                 self.queues.forget_device(frame.device_id)
+                self.push.forget_device(frame.device_id)
                 await auth.audit(
                     "remove_device", "ok", peer, user_id=grant.user_id, session_id=grant.session_id
                 )
@@ -421,6 +426,10 @@ class Dispatcher:
                 if not grant.device_id:
                     raise AuthError("no_device", "this session has no device")
                 return proto.reply(await serve_room_request(self.rooms, grant, frame))
+            case _ if isinstance(frame, PUSH_REQUESTS):
+                if not grant.device_id:
+                    raise AuthError("no_device", "this session has no device")
+                return proto.reply(await serve_push_request(self.push, grant, frame))
             case f.WhoIsOnline():
                 if frame.user_ids is None:
                     online = registry.online_users()
@@ -453,7 +462,7 @@ def _sent(
 
 
 def _refused(
-    proto: core.ServerConnection, request_id: str | None, exc: RoomError
+    proto: core.ServerConnection, request_id: str | None, exc: RoomError | PushRefused
 ) -> list[core.Action]:
     return proto.error(exc.code, exc.message, request_id=request_id, field=exc.field)
 

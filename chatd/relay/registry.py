@@ -6,6 +6,8 @@ sessions were revoked (:meth:`Registry.sessions_revoked`), the key service
 which devices run low on one-time keys (:meth:`Registry.keys_low`), and the
 queue service which envelopes were accepted for which device
 (:meth:`Registry.queued`) or left a queue unacknowledged (:meth:`Registry.dropped`).
+An envelope for a device with no live connection goes on to the registry's
+offline sink (the push notifier, given to it at construction).
 Each of these runs on the event loop and only records or hands over; work
 that needs a service (a key count to read) is done by the relay's own tasks
 (:meth:`Registry.serve_key_counts`).
@@ -26,7 +28,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 import trio
 
@@ -46,6 +48,14 @@ log = logging.getLogger("chatd.relay")
 
 PRESENCE_INTERVAL: Final = 1.0  # seconds between two coalesced presence pushes
 MAX_WATCHED: Final = 1_000  # users one connection may watch the presence of
+
+
+class OfflineSink(Protocol):
+    """Hears of envelopes queued for devices with no live connection (the push
+    notifier, :class:`chatd.push.Notifier`). Called on the event loop in the
+    queue service's hot path: it must only record, in O(1), and never block."""
+
+    def queued_offline(self, device_id: str, envelope: f.Envelope) -> None: ...
 
 
 class DeviceState:
@@ -72,7 +82,8 @@ class OnlineDevice:
 class Registry:
     """Live connections and the events that concern them."""
 
-    def __init__(self) -> None:
+    def __init__(self, offline: OfflineSink | None = None) -> None:
+        self._offline = offline  # told of envelopes for devices with no live connection
         self.connections: set[Connection] = set()  # every open one, with or without a session
         self.by_session: dict[int, list[Connection]] = {}
         self.by_user: dict[int, list[Connection]] = {}
@@ -191,6 +202,10 @@ class Registry:
                 )
         return [devices[key] for key in sorted(devices)]
 
+    def has_device(self, device_id: str) -> bool:
+        """Whether this device has a live connection (with a session)."""
+        return device_id in self.by_device
+
     def watch(self, conn: Connection, user_ids: Iterable[int]) -> None:
         """From now on, tell ``conn`` when these users come online or go offline."""
         grant = conn.grant
@@ -276,9 +291,12 @@ class Registry:
 
     def queued(self, device_id: str, envelope: f.Envelope, held: bool) -> bool:
         """An envelope was accepted for this device: offer it to its live
-        connections. True if one took it."""
+        connections. True if one took it. With none, the offline sink hears
+        of it (a push wake-up)."""
         state = self.by_device.get(device_id)
         if state is None:
+            if self._offline is not None:
+                self._offline.queued_offline(device_id, envelope)
             return False
         sender = envelope.sender_user_id
         taken = False

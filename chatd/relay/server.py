@@ -48,6 +48,7 @@ from chatd.log import fields, mask_ip
 from chatd.protocol import core
 from chatd.protocol import delivery as rules
 from chatd.protocol.frames import Limits
+from chatd.push import Notifier
 from chatd.relay.connection import Connection, Flusher
 from chatd.relay.dispatch import Dispatcher
 from chatd.relay.ratelimits import RequestLimits
@@ -327,6 +328,7 @@ async def serve_relay(
     keys: KeyService,
     queues: QueueService,
     rooms: RoomService,
+    push: Notifier,
     task_status: trio.TaskStatus[Relay] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the relay until ``stopping`` is set, then drain and return.
@@ -338,7 +340,7 @@ async def serve_relay(
     """
     s = config.relay
     listeners = await open_relay_listeners(config)
-    dispatcher = Dispatcher(registry, auth, keys, queues, rooms, RequestLimits(config.relay))
+    dispatcher = Dispatcher(registry, auth, keys, queues, rooms, RequestLimits(config.relay), push)
     async with trio.open_nursery() as services:
         flusher = Flusher()
         services.start_soon(flusher.flush_forever)

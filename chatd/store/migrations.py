@@ -269,6 +269,17 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     ALTER TABLE devices ADD COLUMN room_cursor INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE envelopes ADD COLUMN room_id INTEGER;
     """,
+    # 9: push endpoints: where to send a device's content-free wake-ups
+    # (chatd.push). One per device, gone with the device.
+    """
+    CREATE TABLE push_endpoints (
+        device_id  TEXT    PRIMARY KEY REFERENCES devices (id) ON DELETE CASCADE,
+        url        TEXT    NOT NULL,                -- UnifiedPush endpoint, checked
+        p256dh     TEXT,                            -- RFC 8291 key of the device (base64url)
+        auth       TEXT,                            -- RFC 8291 auth secret (base64url)
+        created_at INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    """,
 )
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)

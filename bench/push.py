@@ -1,0 +1,438 @@
+"""Push wake-ups under load: does a slow push endpoint slow the relay?
+
+While about 1,000 wake-ups a second go to a receiver that answers each one
+after 1 s, the relay's p99 send->deliver latency for live messages must stay
+within 1.5x of the same run without push.
+
+Each run starts the real daemon (``chatd init`` + ``chatd serve`` with
+NOTIFY_SOCKET, bench/_daemon.py) on one data dir, seeded before the first
+start with --devices offline devices (10 per user, with identity-key
+columns set so they are current devices) and a push endpoint each, on an
+allowlisted loopback receiver (``[push] allowed_networks =
+["127.0.0.1/32"]``). The receiver is its own process (raw h11 on Trio): it
+answers every POST with 201 after --answer-after seconds (default 1.0), and
+counts them.
+
+The two kinds of run differ only in ``push.enabled``, and are interleaved
+(off, on, off, on ... for --rounds): in both, a *loader* client sends
+``send`` frames of 200 envelopes (20 users x 10 devices) at --devices/200
+frames a second, so every offline device gets about one envelope a second
+and (push on, ``push.interval_seconds = 1``, ``push.concurrency`` raised to
+--concurrency so that 1,000 one-second POSTs fit) one wake-up a second. Meanwhile
+a live pair (alice -> bob, window 1, bob acks each delivery) measures
+send->deliver latency for --seconds after a 2 s warm-up. Figures per run
+and the medians are printed; the target is p99(on) <= 1.5 x p99(off).
+
+Usage: ``.venv/bin/python bench/push.py [--devices 1000] [--seconds 15]
+[--rounds 1]``. ``--quick`` is a smoke run (200 devices, 4 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import h11
+import trio
+import vodozemac
+from trio_websocket import open_websocket_url
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _daemon import (  # noqa: E402 - after the path tweak
+    RELAXED_AUTH,
+    Daemon,
+    init_data_dir,
+    ms,
+    percentile,
+    raise_nofile,
+    seed_users,
+    set_settings,
+)
+from relay import PASSWORD, keys_upload, login, reply_to  # noqa: E402
+
+PER_USER = 10  # devices per seeded user
+PER_SEND = 200  # envelopes per load frame (the protocol's maximum)
+WARMUP = 2.0  # seconds of load before latencies count
+
+
+# -- the slow receiver (its own process) -------------------------------------------------------
+
+
+def receiver_main(stats_path: Path, answer_after: float) -> None:
+    count = 0
+    most_open = 0
+    open_now = 0
+
+    async def handle(stream: trio.SocketStream) -> None:
+        nonlocal count, most_open, open_now
+        open_now += 1
+        most_open = max(most_open, open_now)
+        conn = h11.Connection(h11.SERVER)
+        try:
+            async with stream:
+                while True:
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        data = await stream.receive_some(65536)
+                        if not data:
+                            return
+                        conn.receive_data(data)
+                    elif isinstance(event, h11.EndOfMessage):
+                        count += 1
+                        await trio.sleep(answer_after)
+                        await stream.send_all(
+                            conn.send(
+                                h11.Response(status_code=201, headers=[("content-length", "0")])
+                            )
+                            + conn.send(h11.EndOfMessage())
+                        )
+                        if conn.our_state is h11.MUST_CLOSE:
+                            return
+                        conn.start_next_cycle()
+                    elif isinstance(event, h11.ConnectionClosed):
+                        return
+        except (trio.BrokenResourceError, h11.RemoteProtocolError):
+            return
+        finally:
+            open_now -= 1
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(
+                partial(trio.serve_tcp, handle, 0, host="127.0.0.1", backlog=4096)
+            )
+            port = listeners[0].socket.getsockname()[1]
+            with trio.open_signal_receiver(signal.SIGTERM) as signals:
+                stats_path.write_text(json.dumps({"port": port, "requests": 0, "most_open": 0}))
+                while True:
+                    with trio.move_on_after(0.25):
+                        async for _ in signals:
+                            nursery.cancel_scope.cancel()
+                            return
+                    tmp = stats_path.with_suffix(".tmp")
+                    tmp.write_text(
+                        json.dumps({"port": port, "requests": count, "most_open": most_open})
+                    )
+                    tmp.replace(stats_path)
+
+    trio.run(main)
+
+
+def read_stats(path: Path) -> dict[str, int]:
+    for _ in range(100):
+        try:
+            return json.loads(path.read_text())  # type: ignore[no-any-return]
+        except (OSError, ValueError):
+            time.sleep(0.05)
+    raise SystemExit(f"no receiver stats in {path}")
+
+
+# -- seeding -------------------------------------------------------------------------------
+
+
+def device_id(n: int) -> str:
+    return "PB" + base64.b32encode(n.to_bytes(5, "big")).decode()
+
+
+def seed_devices(config: Path, users: list[str], port: int) -> dict[int, list[str]]:
+    """Offline devices with keys and a push endpoint each, written with the
+    daemon stopped (as bench/_daemon.py seed_users writes accounts)."""
+    from chatd.config import load_config
+    from chatd.keyfiles import load_db_key
+    from chatd.store import now_ms
+    from chatd.store.db import close_quietly, open_writer
+
+    settings = load_config(config)
+    conn = open_writer(settings.database_path, load_db_key(settings), busy_timeout_ms=5000)
+    now = now_ms()
+    out: dict[int, list[str]] = {}
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        ids = dict(
+            conn.execute(
+                f"SELECT username, id FROM users WHERE username IN ({','.join('?' * len(users))})",  # noqa: S608
+                users,
+            ).fetchall()
+        )
+        n = 0
+        for name in users:
+            user_id = ids[name]
+            for _ in range(PER_USER):
+                device = device_id(n)
+                n += 1
+                out.setdefault(user_id, []).append(device)
+                conn.execute(
+                    "INSERT INTO devices (id, user_id, name, ed25519, curve25519, signature,"
+                    " created_at, last_seen_at) VALUES (?, ?, 'sink', 'k', 'k', 's', ?, ?)",
+                    (device, user_id, now, now),
+                )
+                conn.execute(
+                    "INSERT INTO push_endpoints (device_id, url, created_at) VALUES (?, ?, ?)",
+                    (device, f"http://127.0.0.1:{port}/up/{device}?up=1", now),
+                )
+        conn.execute("COMMIT")
+    finally:
+        close_quietly(conn)
+    return out
+
+
+# -- one run -----------------------------------------------------------------------------------
+
+
+async def connect_device(
+    url: str, username: str, stack: Any, *, keys: bool
+) -> tuple[Any, dict[str, Any]]:
+    ws = await stack.enter_async_context(open_websocket_url(url, max_message_size=1 << 22))
+    session = await login(ws, username, "bench")
+    if keys:
+        frame = keys_upload(session["user"]["id"], session["device_id"], vodozemac.Account())
+        await ws.send_message(json.dumps(frame))
+        await reply_to(ws, "keys")
+    return ws, session
+
+
+async def run_once(
+    url: str, names: tuple[str, str, str], sinks: dict[int, list[str]], seconds: float
+) -> dict[str, Any]:
+    from contextlib import AsyncExitStack
+
+    latencies: list[float] = []
+    loader_sent = loader_errors = 0
+    async with AsyncExitStack() as stack:
+        alice, _ = await connect_device(url, names[0], stack, keys=True)
+        bob, bob_session = await connect_device(url, names[1], stack, keys=True)
+        loader, _ = await connect_device(url, names[2], stack, keys=False)
+        bob_ref = {"user_id": bob_session["user"]["id"], "device_id": bob_session["device_id"]}
+        users = list(sinks.items())
+        groups = [
+            users[i : i + PER_SEND // PER_USER] for i in range(0, len(users), PER_SEND // PER_USER)
+        ]
+        interval = 1.0 / max(1, len(sinks) * PER_USER / PER_SEND)
+        measuring = False
+        done = trio.Event()
+        delivered = trio.Event()
+        sent_at: dict[str, float] = {}
+
+        async def load() -> None:
+            n = 0
+            next_at = trio.current_time()
+            while not done.is_set():
+                group = groups[n % len(groups)]
+                envelopes = [
+                    {"user_id": u, "device_id": d, "ciphertext": "x" * 64}
+                    for u, devices in group
+                    for d in devices
+                ]
+                frame = {
+                    "type": "send",
+                    "id": f"l{n}",
+                    "message_id": str(uuid.uuid4()),
+                    "envelopes": envelopes,
+                }
+                await loader.send_message(json.dumps(frame))
+                n += 1
+                next_at += interval
+                await trio.sleep_until(next_at)
+
+        async def loader_replies() -> None:
+            nonlocal loader_sent, loader_errors
+            while True:
+                reply = json.loads(await loader.get_message())
+                if reply.get("type") == "sent":
+                    loader_sent += 1
+                elif reply.get("id", "").startswith("l"):
+                    loader_errors += 1
+
+        async def bob_reads() -> None:
+            nonlocal delivered
+            while True:
+                frame = json.loads(await bob.get_message())
+                if frame.get("type") != "deliver":
+                    continue
+                now = time.perf_counter()
+                for e in frame["envelopes"]:
+                    started = sent_at.pop(e["message_id"], None)
+                    if started is not None and measuring:
+                        latencies.append(now - started)
+                await bob.send_message(
+                    json.dumps({"type": "ack", "up_to": frame["envelopes"][-1]["envelope_id"]})
+                )
+                delivered.set()
+
+        async def alice_replies() -> None:
+            while True:
+                await alice.get_message()  # sent, receipts: drained
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loader_replies)
+            nursery.start_soon(bob_reads)
+            nursery.start_soon(alice_replies)
+            nursery.start_soon(load)
+            started = trio.current_time()
+            n = 0
+            while trio.current_time() - started < WARMUP + seconds:
+                measuring = trio.current_time() - started >= WARMUP
+                message_id = str(uuid.uuid4())
+                delivered = trio.Event()
+                sent_at[message_id] = time.perf_counter()
+                await alice.send_message(
+                    json.dumps(
+                        {
+                            "type": "send",
+                            "id": f"a{n}",
+                            "message_id": message_id,
+                            "envelopes": [{**bob_ref, "ciphertext": "y" * 64}],
+                        }
+                    )
+                )
+                n += 1
+                with trio.fail_after(30):
+                    await delivered.wait()
+            done.set()
+            nursery.cancel_scope.cancel()
+    return {"latencies": latencies, "loader_sent": loader_sent, "loader_errors": loader_errors}
+
+
+def one_run(
+    config: Path,
+    work: Path,
+    push_on: bool,
+    names: tuple[str, str, str],
+    sinks: dict[int, list[str]],
+    seconds: float,
+    stats_path: Path,
+) -> dict[str, Any]:
+    set_settings(config, "push", {"enabled": push_on})
+    daemon = Daemon(config, work)
+    daemon.start()
+    try:
+        daemon.wait_ready()
+        url, _port = daemon.relay_url()
+        before = read_stats(stats_path)["requests"]
+        t0 = time.monotonic()
+        result = trio.run(run_once, url, names, sinks, seconds)
+        elapsed = time.monotonic() - t0
+        after = read_stats(stats_path)["requests"]
+    finally:
+        daemon.stop()
+    result["wakeups_per_s"] = (after - before) / elapsed
+    result["elapsed"] = elapsed
+    result["push"] = push_on
+    return result
+
+
+def report(label: str, r: dict[str, Any], seconds: float) -> None:
+    lat = r["latencies"]
+    print(
+        f"  {label:<9} live messages {len(lat):>6}  p50 {ms(percentile(lat, 50)):>9}"
+        f"  p99 {ms(percentile(lat, 99)):>9}  max {ms(max(lat)):>9}"
+        f"  | load frames sent {r['loader_sent']} ({r['loader_errors']} refused)"
+        f"  | wake-ups received {r['wakeups_per_s']:.0f}/s"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--devices", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--answer-after", type=float, default=1.0)
+    parser.add_argument("--concurrency", type=int, default=1536)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--receiver", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.receiver is not None:
+        receiver_main(args.receiver, args.answer_after)
+        return
+    if args.quick:
+        args.devices, args.seconds = 200, 4.0
+    raise_nofile(65_536)
+    devices = max(PER_SEND, args.devices // PER_SEND * PER_SEND)
+    with tempfile.TemporaryDirectory(prefix="chatd-push-bench-") as tmp:
+        work = Path(tmp)
+        data = work / "data"
+        data.mkdir(mode=0o700)
+        stats_path = work / "receiver.json"
+        rx = subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--receiver",
+                str(stats_path),
+                "--answer-after",
+                str(args.answer_after),
+            ],
+            stdin=subprocess.DEVNULL,
+        )
+        try:
+            port = read_stats(stats_path)["port"]
+            config = init_data_dir(data)
+            set_settings(config, "auth", RELAXED_AUTH)
+            set_settings(config, "relay", {"idle_timeout_seconds": 600.0})
+            set_settings(
+                config,
+                "push",
+                {
+                    "interval_seconds": 1.0,
+                    "concurrency": args.concurrency,
+                    "timeout_seconds": 10.0,
+                },
+            )
+            # set_settings writes scalars only: the allowlist by hand.
+            text = config.read_text()
+            assert "\nallowed_networks = []\n" in text
+            config.write_text(
+                text.replace(
+                    "\nallowed_networks = []\n", '\nallowed_networks = ["127.0.0.1/32"]\n'
+                )
+            )
+            sink_users = [f"sink{i}" for i in range(devices // PER_USER)]
+            rounds = [(r, on) for r in range(args.rounds) for on in (False, True)]
+            live = [
+                (f"alice{r}{int(on)}", f"bob{r}{int(on)}", f"loader{r}{int(on)}")
+                for r, on in rounds
+            ]
+            seed_users(config, sink_users + [n for trio_ in live for n in trio_], PASSWORD)
+            sinks = seed_devices(config, sink_users, port)
+            print(
+                f"push bench: {devices} offline devices with endpoints, load {devices} envelopes/s"
+                f" to them ({devices // PER_SEND} send frames/s), receiver answers after"
+                f" {args.answer_after:.1f} s; push.interval_seconds 1, push.concurrency"
+                f" {args.concurrency}; live pair window 1, {args.seconds:.0f} s after"
+                f" {WARMUP:.0f} s warm-up; os.cpu_count() {os.cpu_count()}"
+            )
+            results: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
+            for (r, on), names in zip(rounds, live, strict=True):
+                res = one_run(config, work, on, names, sinks, args.seconds, stats_path)
+                results[on].append(res)
+                report(f"r{r} {'push on' if on else 'push off'}", res, args.seconds)
+            off = sorted(percentile(x["latencies"], 99) for x in results[False])
+            on_ = sorted(percentile(x["latencies"], 99) for x in results[True])
+            p99_off, p99_on = off[len(off) // 2], on_[len(on_) // 2]
+            wake = sorted(x["wakeups_per_s"] for x in results[True])[len(on_) // 2]
+            ratio = p99_on / p99_off if p99_off > 0 else math.inf
+            verdict = "ok" if ratio <= 1.5 else "OVER TARGET"
+            print(
+                f"median p99 live latency: push off {ms(p99_off)}, push on {ms(p99_on)}"
+                f" ({wake:.0f} wake-ups/s): ratio {ratio:.2f}x (target <= 1.5x: {verdict})"
+            )
+        finally:
+            rx.send_signal(signal.SIGTERM)
+            rx.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    main()
