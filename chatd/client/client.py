@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 import trio
 
+from .attachments import Attachment, Attachments
 from .connection import Connection
 from .crypto import (
     ONE_TIME_KEY_TARGET,
@@ -87,6 +89,7 @@ class ReceivedMessage:
     sent_at: int  # unix ms, as the server recorded it
     outgoing: bool  # a copy of a message we sent from another of our devices
     sender_verified: bool = False  # the sending device was verified when it arrived
+    attachment: Attachment | None = None  # a file the message carries (save it with save_file)
 
 
 @dataclass(frozen=True)
@@ -123,8 +126,10 @@ class Client:
         one_time_keys: int = ONE_TIME_KEY_TARGET,
         fallback_key: str | None = None,
         room_settings: RoomSettings | None = None,
+        attachments: Attachments | None = None,
     ) -> None:
         self._store = store
+        self._attachments = attachments
         self._olm = olm
         self._conn = conn
         self._olm_lock = trio.Lock()
@@ -317,12 +322,50 @@ class Client:
         await self._store.set_state(message_id, "sent", only_from="sending")
         return message_id
 
+    async def send_file(
+        self, user_id: int, path: Path, *, media_type: str | None = None, text: str | None = None
+    ) -> tuple[str, Attachment]:
+        """Encrypt the file at ``path`` here, upload its ciphertext, and send
+        ``user_id`` (and our other devices) a message carrying its key, as
+        :meth:`send_text` does. ``media_type`` defaults to a guess from the
+        name and must be in the allowlist. Returns the message id and the
+        attachment. Raises AttachmentError, ServerRefusedError (too_large,
+        quota_exceeded) and what send_text raises."""
+        attachments = self._need_attachments()
+        attachment = await attachments.upload(path, media_type)
+        message_id = str(uuid.uuid4())
+        shown = text if text is not None else f"[file] {attachment.name}"
+        await self._store.add_message(
+            HistoryEntry(
+                message_id, user_id, "out", self.user_id, self.device_id, shown, now_ms(), "sending"
+            )
+        )
+        payload = encode_payload(message_id, user_id, shown, attachment=attachment.fields())
+        await self._send_payload(message_id, user_id, payload, blob_ids=[attachment.blob_id])
+        await self._store.set_state(message_id, "sent", only_from="sending")
+        return message_id, attachment
+
+    async def save_file(self, attachment: Attachment, target: Path) -> Path:
+        """Download ``attachment`` (from a received message), check its
+        SHA-256 and size, decrypt it and write it to ``target`` (a new file,
+        or a directory to save it in under the sender's file name). Returns
+        the path written. Raises AttachmentError, DecryptionError,
+        ServerRefusedError (blob_not_found: expired, or not sent to us)."""
+        return await self._need_attachments().download(attachment, target)
+
+    def _need_attachments(self) -> Attachments:
+        if self._attachments is None:
+            raise ClientError("this client was opened without attachments")
+        return self._attachments
+
     async def _send_control(self, user_id: int, fields: dict[str, Any]) -> None:
         """Send a payload that is not a chat message (kept out of the history)."""
         message_id = str(uuid.uuid4())
         await self._send_payload(message_id, user_id, encode_control(message_id, user_id, fields))
 
-    async def _send_payload(self, message_id: str, user_id: int, payload: bytes) -> None:
+    async def _send_payload(
+        self, message_id: str, user_id: int, payload: bytes, *, blob_ids: Sequence[str] = ()
+    ) -> None:
         """Encrypt ``payload`` for every device of ``user_id`` and our own other
         devices, and send it as message ``message_id``."""
         if user_id not in self._members or self.user_id not in self._members:
@@ -331,7 +374,9 @@ class Client:
             targets = self._targets(user_id)
             if not any(d.user_id == user_id for d in targets) and user_id != self.user_id:
                 raise SendError(f"user {user_id} has no device with published keys")
-            reply = await self._olm_send.send(message_id, targets, lambda _m, _d: payload)
+            reply = await self._olm_send.send(
+                message_id, targets, lambda _m, _d: payload, blob_ids=blob_ids
+            )
             if reply is None or reply["type"] == "sent":
                 return  # None: a note to self on our only device, nothing to relay
             if reply["type"] == "device_mismatch" and attempt == 0:
@@ -465,6 +510,9 @@ class Client:
                     raise DecryptionError(f"unknown sender device {sender_device_id}")
                 decrypted = self._olm.decrypt(device.curve25519, env["ciphertext"])
                 payload = decode_payload(decrypted.plaintext, message_id)
+                attachment = None
+                if payload.kind == "text" and "attachment" in payload.fields:
+                    attachment = Attachment.parse(payload.fields["attachment"])
             except DecryptionError as exc:
                 log.warning("client.undecryptable", extra={"error": str(exc)})
                 entry = HistoryEntry(
@@ -526,4 +574,5 @@ class Client:
             env["sent_at"],
             outgoing,
             device.verified,
+            attachment,
         )

@@ -7,6 +7,7 @@ messages) and :mod:`chatd.protocol.rooms`.
 
 from __future__ import annotations
 
+from chatd.protocol import blobs as b
 from chatd.protocol import frames as f
 from chatd.protocol import rooms as r
 
@@ -45,6 +46,8 @@ ClientFrame = (
     | r.RoomSetTopic
     | r.RoomDelete
     | r.RoomSend
+    | b.BlobUpload
+    | b.BlobDownload
 )
 
 #: Every frame the server may send.
@@ -71,4 +74,5 @@ ServerFrame = (
     | r.Rooms
     | r.RoomMembers
     | r.RoomInvited
+    | b.BlobUrl
 )

@@ -25,6 +25,7 @@ import trio
 
 from chatd.auth.models import AuthError, Peer, SessionGrant
 from chatd.auth.service import AuthService
+from chatd.blobs.service import BlobError, BlobService
 from chatd.e2ee.keys import KeyService
 from chatd.e2ee.queues import Accepted, Mismatch, Outcome, QueueFull, QueueService, Repeated
 from chatd.errors import StoreError
@@ -34,6 +35,7 @@ from chatd.protocol import frames as f
 from chatd.protocol import rooms as r
 from chatd.protocol.delivery import Phase
 from chatd.relay import delivery
+from chatd.relay.blobs import BLOB_REQUESTS, serve_blob_request, unavailable
 from chatd.relay.connection import Connection
 from chatd.relay.registry import Registry, close_with
 from chatd.relay.rooms import ROOM_REQUESTS, serve_room_request
@@ -91,12 +93,14 @@ class Dispatcher:
         keys: KeyService,
         queues: QueueService,
         rooms: RoomService,
+        blobs: BlobService | None = None,
     ) -> None:
         self.registry = registry
         self.auth = auth
         self.keys = keys
         self.queues = queues
         self.rooms = rooms
+        self.blobs = blobs  # None: no blob listener, attachment requests are refused
 
     async def carry_out(self, conn: Connection, actions: list[core.Action]) -> None:
         """Carry out the core's actions for one client message, in order."""
@@ -137,9 +141,42 @@ class Dispatcher:
             await conn.wait_answers(below=PIPELINE_DEPTH)  # backpressure, not an error
         return grant
 
+    async def _refer(
+        self,
+        conn: Connection,
+        grant: SessionGrant,
+        frame: f.Send | r.RoomSend,
+        *,
+        device_ids: list[str] | None = None,
+        room_id: int | None = None,
+    ) -> bool:
+        """Record the references of a message's ``blob_ids`` before it is
+        queued; False (and the error answered) when one is refused."""
+        try:
+            if self.blobs is None:
+                raise unavailable("$.blob_ids")
+            await self.blobs.refer(
+                grant.user_id,
+                grant.device_id,
+                frame.blob_ids,
+                device_ids=device_ids or (),
+                room_id=room_id,
+            )
+        except BlobError as exc:
+            self._perform(conn, _refused(conn.proto, frame.id, exc))
+            return False
+        except StoreError:
+            self._perform(conn, _storage_error(conn.proto, frame.id, sending=True))
+            return False
+        return True
+
     async def _send(self, conn: Connection, frame: f.Send) -> None:
         grant = await self._sender(conn, frame.id)
         if grant is None:
+            return
+        if frame.blob_ids and not await self._refer(
+            conn, grant, frame, device_ids=[e.device_id for e in frame.envelopes]
+        ):
             return
         proto = conn.proto
         try:
@@ -177,6 +214,8 @@ class Dispatcher:
     async def _room_send(self, conn: Connection, frame: r.RoomSend) -> None:
         grant = await self._sender(conn, frame.id)
         if grant is None:
+            return
+        if frame.blob_ids and not await self._refer(conn, grant, frame, room_id=frame.room_id):
             return
         proto = conn.proto
         try:
@@ -239,7 +278,7 @@ class Dispatcher:
                 field=exc.field,
                 retry_after=exc.retry_after,
             )
-        except RoomError as exc:
+        except (RoomError, BlobError) as exc:
             actions = _refused(proto, request_id, exc)
         except StoreError:
             log.warning("relay.storage_unavailable", extra=fields(request=type(frame).__name__))
@@ -407,6 +446,10 @@ class Dispatcher:
                 if not grant.device_id:
                     raise AuthError("no_device", "this session has no device")
                 return proto.reply(await serve_room_request(self.rooms, grant, frame))
+            case _ if isinstance(frame, BLOB_REQUESTS):
+                if not grant.device_id:
+                    raise AuthError("no_device", "this session has no device")
+                return proto.reply(await serve_blob_request(self.blobs, grant, frame))
             case f.WhoIsOnline():
                 if frame.user_ids is None:
                     online = registry.online_users()
@@ -439,7 +482,7 @@ def _sent(
 
 
 def _refused(
-    proto: core.ServerConnection, request_id: str | None, exc: RoomError
+    proto: core.ServerConnection, request_id: str | None, exc: RoomError | BlobError
 ) -> list[core.Action]:
     return proto.error(exc.code, exc.message, request_id=request_id, field=exc.field)
 
