@@ -32,6 +32,7 @@ from chatd.config import (
     AttachmentSettings,
     AuthSettings,
     Config,
+    DeviceSettings,
     RelaySettings,
     RetentionSettings,
     StoreSettings,
@@ -67,7 +68,9 @@ class BlobServer:
 
 
 @asynccontextmanager
-async def blob_server(tmp: Path, **attachments: Any) -> AsyncIterator[BlobServer]:
+async def blob_server(
+    tmp: Path, devices: DeviceSettings | None = None, **attachments: Any
+) -> AsyncIterator[BlobServer]:
     auth = AuthSettings(
         session_check_seconds=0.2,
         require_mfa="none",
@@ -80,6 +83,7 @@ async def blob_server(tmp: Path, **attachments: Any) -> AsyncIterator[BlobServer
         relay=RelaySettings(port=0),
         auth=auth,
         attachments=AttachmentSettings(**{"port": 0, **attachments}),
+        devices=devices or DeviceSettings(),
         path=tmp / "chatd.toml",
     )
     async with trio.open_nursery() as nursery:
@@ -203,6 +207,82 @@ async def test_a_send_may_name_only_blobs_the_sender_may_read(short_tmp: Path) -
         assert (await carol.client.request("blob_download", blob_id=blob_of(DATA)))["type"] == (
             "blob_url"
         )
+
+
+async def test_a_refused_send_grants_no_read_access(short_tmp: Path) -> None:
+    """A send refused after its references were recorded (a device mismatch,
+    a full queue) takes them back; a send that skips a full device grants
+    that device nothing."""
+    async with blob_server(short_tmp, DeviceSettings(max_queued_envelopes=1)) as srv:
+        async with people(srv) as (alice, bob, carol):
+            await put((await upload_url(alice, DATA))["url"], DATA)
+            blob = blob_of(DATA)
+
+            def to(*devices: Device) -> list[dict[str, Any]]:
+                return [
+                    {"user_id": d.user_id, "device_id": d.device_id, "ciphertext": "x"}
+                    for d in devices
+                ]
+
+            async def send(envelopes: list[dict[str, Any]], **more: Any) -> dict[str, Any]:
+                return await alice.client.request(
+                    "send",
+                    message_id=str(uuid.uuid4()),
+                    envelopes=envelopes,
+                    blob_ids=[blob],
+                    **more,
+                )
+
+            async def may_read(device: Device) -> bool:
+                answer = await device.client.request("blob_download", blob_id=blob)
+                return bool(answer["type"] == "blob_url")
+
+            # Bob's device is named, but Carol's is missing: nothing is sent.
+            stale = {"user_id": carol.user_id, "device_id": "NOTADEVICE", "ciphertext": "x"}
+            mismatch = await send([*to(bob), stale])
+            assert mismatch["type"] == "device_mismatch", mismatch
+            assert not await may_read(bob)
+            # The blob counts as never named, so the unreferenced purge still applies.
+            assert (
+                await srv.store.read(
+                    lambda conn: conn.execute(
+                        "SELECT referenced_at FROM blobs WHERE blob_id = ?", (blob,)
+                    ).fetchone()[0]
+                )
+                is None
+            )
+
+            # Carol's queue is full (she is offline and one envelope waits).
+            await carol.client.ws.aclose()
+            assert (
+                await alice.client.request(
+                    "send", message_id=str(uuid.uuid4()), envelopes=to(carol)
+                )
+            )["type"] == "sent"
+            full = await send(to(bob, carol))
+            assert full["code"] == "queue_full", full
+            assert not await may_read(bob)
+
+            # With skip_full, Bob gets it and may read it; Carol, skipped, may not.
+            sent = await send(to(bob, carol), skip_full=True)
+            assert sent["type"] == "sent" and [s["device_id"] for s in sent["skipped"]] == [
+                carol.device_id
+            ]
+            assert await may_read(bob)
+            granted = await srv.store.read(
+                lambda conn: sorted(
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT device_id FROM blob_devices WHERE blob_id = ?", (blob,)
+                    )
+                )
+            )
+            assert granted == sorted([alice.device_id, bob.device_id])
+
+            # A refused send leaves a grant that existed before it alone.
+            again = await send([*to(bob), stale])
+            assert again["type"] == "device_mismatch"
+            assert await may_read(bob)
 
 
 async def test_a_room_message_lets_the_rooms_members_download(short_tmp: Path) -> None:

@@ -9,6 +9,11 @@ enough to decide who may fetch the ciphertext:
 * a ``send`` naming the blob in ``blob_ids`` gives a reference to every
   device it names; a ``room_send`` gives one to the room, whose members at
   download time may fetch it. Only a device that may read a blob may name it.
+  The references are recorded before the message is queued (a recipient must
+  never see it before it may fetch the blob); a message then refused
+  (``device_mismatch``, ``queue_full``, a room refusal) has them withdrawn,
+  as have the devices a ``skip_full`` send left out. Grants that existed
+  before the message stay.
 
 A download URL is issued only to a device with a reference (directly, or
 through a room its user is a member of); anyone else, and a blob that does
@@ -27,6 +32,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final
 
@@ -76,6 +82,17 @@ def _used(conn: Any, user_id: int) -> int:
         "SELECT COALESCE(SUM(size), 0) FROM blobs WHERE owner_user_id = ?", (user_id,)
     ).fetchone()
     return int(row[0])
+
+
+@dataclass(frozen=True, slots=True)
+class Referral:
+    """What one message's :meth:`BlobService.refer` added: blobs named for
+    the first time, (blob, device) read grants and (blob, room) grants that
+    did not exist before."""
+
+    first: tuple[str, ...] = ()
+    readers: tuple[tuple[str, str], ...] = ()
+    rooms: tuple[tuple[str, int], ...] = ()
 
 
 class BlobService:
@@ -201,11 +218,13 @@ class BlobService:
         *,
         device_ids: Sequence[str] = (),
         room_id: int | None = None,
-    ) -> None:
+    ) -> Referral:
         """Record that a message naming ``blob_ids`` goes to ``device_ids`` (a
-        send) or to ``room_id`` (a room send), before it is queued. Raises
-        BlobError blob_not_found (field ``$.blob_ids[i]``) when this device may
-        not read one of them; then nothing is recorded."""
+        send) or to ``room_id`` (a room send), before it is queued, so that a
+        recipient never sees the message before it may fetch the blob. Returns
+        what was new, for :meth:`withdraw` if the message is then refused.
+        Raises BlobError blob_not_found (field ``$.blob_ids[i]``) when this
+        device may not read one of them; then nothing is recorded."""
         for i, blob_id in enumerate(blob_ids):
             if await self._readable(user_id, device_id, blob_id) is None:
                 raise BlobError(
@@ -218,24 +237,63 @@ class BlobService:
         unique = sorted(set(blob_ids))
         devices = sorted(set(device_ids))
 
-        def write(conn: Any) -> None:
+        def write(conn: Any) -> Referral:
+            first: list[str] = []
+            readers: list[tuple[str, str]] = []
+            rooms: list[tuple[str, int]] = []
             for blob_id in unique:
-                conn.execute(
+                cur = conn.execute(
                     "UPDATE blobs SET referenced_at = ?"
                     " WHERE blob_id = ? AND referenced_at IS NULL",
                     (now, blob_id),
                 )
-                conn.executemany(
-                    "INSERT OR IGNORE INTO blob_devices (blob_id, device_id)"
-                    " SELECT blob_id, ? FROM blobs WHERE blob_id = ?",
-                    [(d, blob_id) for d in devices],
-                )
+                if cur.rowcount > 0:
+                    first.append(blob_id)
+                for device in devices:
+                    cur = conn.execute(
+                        "INSERT OR IGNORE INTO blob_devices (blob_id, device_id)"
+                        " SELECT blob_id, ? FROM blobs WHERE blob_id = ?",
+                        (device, blob_id),
+                    )
+                    if cur.rowcount > 0:
+                        readers.append((blob_id, device))
                 if room_id is not None:
-                    conn.execute(
+                    cur = conn.execute(
                         "INSERT OR IGNORE INTO blob_rooms (blob_id, room_id)"
                         " SELECT blob_id, ? FROM blobs WHERE blob_id = ?",
                         (room_id, blob_id),
                     )
+                    if cur.rowcount > 0:
+                        rooms.append((blob_id, room_id))
+            return Referral(tuple(first), tuple(readers), tuple(rooms))
+
+        return await self.store.write(write)
+
+    async def withdraw(
+        self, referral: Referral, *, device_ids: Sequence[str] | None = None
+    ) -> None:
+        """Undo what :meth:`refer` recorded for a message that was then refused
+        (all of it), or that left some devices out (``device_ids``: only their
+        read access). References that existed before the message are kept."""
+        if device_ids is not None:
+            gone = set(device_ids)
+            readers = [r for r in referral.readers if r[1] in gone]
+            first: tuple[str, ...] = ()
+            rooms: tuple[tuple[str, int], ...] = ()
+        else:
+            readers = list(referral.readers)
+            first, rooms = referral.first, referral.rooms
+        if not (readers or first or rooms):
+            return
+
+        def write(conn: Any) -> None:
+            conn.executemany(
+                "DELETE FROM blob_devices WHERE blob_id = ? AND device_id = ?", readers
+            )
+            conn.executemany("DELETE FROM blob_rooms WHERE blob_id = ? AND room_id = ?", rooms)
+            conn.executemany(
+                "UPDATE blobs SET referenced_at = NULL WHERE blob_id = ?", [(b,) for b in first]
+            )
 
         await self.store.write(write)
 

@@ -25,7 +25,7 @@ import trio
 
 from chatd.auth.models import AuthError, Peer, SessionGrant
 from chatd.auth.service import AuthService
-from chatd.blobs.service import BlobError, BlobService
+from chatd.blobs.service import BlobError, BlobService, Referral
 from chatd.e2ee.keys import KeyService
 from chatd.e2ee.queues import Accepted, Mismatch, Outcome, QueueFull, QueueService, Repeated
 from chatd.errors import StoreError
@@ -149,13 +149,17 @@ class Dispatcher:
         *,
         device_ids: list[str] | None = None,
         room_id: int | None = None,
-    ) -> bool:
+    ) -> Referral | None:
         """Record the references of a message's ``blob_ids`` before it is
-        queued; False (and the error answered) when one is refused."""
+        queued (so no recipient sees it before it may fetch them); what was
+        new, to withdraw if the message is refused. None (and the error
+        answered) when one is refused."""
+        if not frame.blob_ids:
+            return Referral()
         try:
             if self.blobs is None:
                 raise unavailable("$.blob_ids")
-            await self.blobs.refer(
+            return await self.blobs.refer(
                 grant.user_id,
                 grant.device_id,
                 frame.blob_ids,
@@ -164,32 +168,45 @@ class Dispatcher:
             )
         except BlobError as exc:
             self._perform(conn, _refused(conn.proto, frame.id, exc))
-            return False
         except StoreError:
             self._perform(conn, _storage_error(conn.proto, frame.id, sending=True))
-            return False
-        return True
+        return None
+
+    async def _withdraw(self, referral: Referral, device_ids: list[str] | None = None) -> None:
+        """Take back the references of a refused message (or of the devices a
+        send left out), so that they grant no read access."""
+        if self.blobs is None:
+            return
+        try:
+            with trio.CancelScope(shield=True):
+                await self.blobs.withdraw(referral, device_ids=device_ids)
+        except StoreError:
+            log.warning("relay.blob_references_kept", extra=fields(grants=len(referral.readers)))
 
     async def _send(self, conn: Connection, frame: f.Send) -> None:
         grant = await self._sender(conn, frame.id)
         if grant is None:
             return
-        if frame.blob_ids and not await self._refer(
+        referral = await self._refer(
             conn, grant, frame, device_ids=[e.device_id for e in frame.envelopes]
-        ):
+        )
+        if referral is None:
             return
         proto = conn.proto
         try:
             result = await self.queues.send(grant.user_id, grant.device_id, frame)
         except StoreError:
+            await self._withdraw(referral)
             self._perform(conn, _storage_error(proto, frame.id, sending=True))
             return
         match result:
             case Accepted(outcome) | Repeated(outcome):
+                skipped = list(result.skipped) if isinstance(result, Accepted) else None
+                if skipped:
+                    await self._withdraw(referral, [d.device_id for d in skipped])
                 handle = conn.reserve()
                 if handle is None:
                     return
-                skipped = list(result.skipped) if isinstance(result, Accepted) else None
                 outcome.when_done(lambda o: conn.fill(handle, _sent(proto, frame, o, skipped)))
                 watching = conn.watching or ()
                 if any(
@@ -198,8 +215,10 @@ class Dispatcher:
                 ):
                     self.registry.watch(conn, {e.user_id for e in frame.envelopes})
             case Mismatch(mismatch):
+                await self._withdraw(referral)
                 self._perform(conn, proto.reply(mismatch))
             case QueueFull(device_ids):
+                await self._withdraw(referral)
                 self._perform(
                     conn,
                     proto.error(
@@ -215,12 +234,14 @@ class Dispatcher:
         grant = await self._sender(conn, frame.id)
         if grant is None:
             return
-        if frame.blob_ids and not await self._refer(conn, grant, frame, room_id=frame.room_id):
+        referral = await self._refer(conn, grant, frame, room_id=frame.room_id)
+        if referral is None:
             return
         proto = conn.proto
         try:
             result, skipped = self.rooms.send(grant.user_id, grant.device_id, frame)
         except RoomError as exc:
+            await self._withdraw(referral)
             self._perform(conn, _refused(proto, frame.id, exc))
             return
         handle = conn.reserve()
