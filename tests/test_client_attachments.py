@@ -87,6 +87,36 @@ async def test_a_file_goes_encrypted_and_bob_saves_it_after_the_hash_check(
         assert not (short_tmp / "bob" / "x").exists()
 
 
+async def test_an_attachment_in_the_history_can_be_saved_after_a_restart(
+    short_tmp: Path,
+) -> None:
+    secret = os.urandom(100_000)
+    source = short_tmp / "notes.txt"
+    source.write_bytes(secret)
+    async with blob_server(short_tmp) as srv:
+        async with (
+            device(srv, short_tmp, "alice", ALICE_KEY) as alice,
+            device(srv, short_tmp, "bob", BOB_KEY) as bob,
+        ):
+            message_id, attachment = await alice.send_file(bob.user_id, source)
+            with trio.fail_after(10):
+                await bob.messages().receive()
+            [mine] = await alice.history(bob.user_id)
+            assert mine.attachment is not None and mine.attachment.key == attachment.key
+        # Both devices restart: the history still says what the file was.
+        async with device(srv, short_tmp, "bob", BOB_KEY) as bob:
+            [entry] = await bob.history()
+            assert entry.message_id == message_id and entry.attachment is not None
+            assert entry.attachment.blob_id == attachment.blob_id
+            saved = await bob.save_file(entry.attachment, short_tmp / "bob")
+            assert saved.read_bytes() == secret
+        async with device(srv, short_tmp, "alice", ALICE_KEY) as alice:
+            [entry] = await alice.history()
+            assert entry.attachment is not None
+            mine_saved = await alice.save_file(entry.attachment, short_tmp / "alice")
+            assert mine_saved.read_bytes() == secret
+
+
 async def test_the_media_type_allowlist_is_checked_by_the_client(short_tmp: Path) -> None:
     source = short_tmp / "tool.exe"
     source.write_bytes(b"MZ")

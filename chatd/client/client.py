@@ -337,7 +337,15 @@ class Client:
         shown = text if text is not None else f"[file] {attachment.name}"
         await self._store.add_message(
             HistoryEntry(
-                message_id, user_id, "out", self.user_id, self.device_id, shown, now_ms(), "sending"
+                message_id,
+                user_id,
+                "out",
+                self.user_id,
+                self.device_id,
+                shown,
+                now_ms(),
+                "sending",
+                attachment=attachment,
             )
         )
         payload = encode_payload(message_id, user_id, shown, attachment=attachment.fields())
@@ -561,6 +569,7 @@ class Client:
                 payload.text,
                 env["sent_at"],
                 "sent" if outgoing else "received",
+                attachment=attachment,
             )
             new = await self._store.add_message(entry, account, self._olm.take_dirty(), meta)
         if not new:

@@ -47,7 +47,8 @@ CREATE TABLE IF NOT EXISTS messages (
     megolm_session_id TEXT,
     megolm_index INTEGER,
     recipients INTEGER,
-    envelopes INTEGER
+    envelopes INTEGER,
+    attachment TEXT
 );
 CREATE INDEX IF NOT EXISTS messages_room ON messages (room_id, sent_at);
 CREATE UNIQUE INDEX IF NOT EXISTS messages_megolm ON messages (megolm_session_id, megolm_index);
@@ -159,8 +160,27 @@ ROOM_COLUMNS: Final = (
     "envelopes INTEGER",
 )
 
+
+def _add_attachment_column(conn: Any) -> None:
+    # 3: attachments. A message that carries a file keeps what its payload
+    # said about it (blob id, key, sizes, media type, name: JSON), so that it
+    # can be saved after a restart. The key is as secret as the plaintext and
+    # lives, like it, only inside the encrypted store.
+    old = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'messages'"
+    ).fetchone()
+    if old is not None:
+        have = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+        if "attachment" not in have:
+            conn.execute("ALTER TABLE messages ADD COLUMN attachment TEXT")
+
+
 #: Step ``n`` takes a store from schema version ``n - 1`` to ``n``.
-_MIGRATIONS: Final[tuple[Callable[[Any], None], ...]] = (_rename_olm_sessions, _add_room_columns)
+_MIGRATIONS: Final[tuple[Callable[[Any], None], ...]] = (
+    _rename_olm_sessions,
+    _add_room_columns,
+    _add_attachment_column,
+)
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
 
