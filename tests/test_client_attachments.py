@@ -13,13 +13,23 @@ from typing import Any
 import pytest
 import trio
 
-from chatd.client import Attachment, AttachmentError, Client, DecryptionError, open_client
+from chatd.client import (
+    Attachment,
+    AttachmentError,
+    Client,
+    DecryptionError,
+    RoomMessage,
+    ServerRefusedError,
+    open_client,
+)
 from chatd.client.attachments import decrypt_file, encrypt_file, safe_name
 
 from .test_blobs import TEAM, BlobServer, blob_server
+from .test_client_rooms import next_event
 
 ALICE_KEY = bytes([1]) * 32
 BOB_KEY = bytes([2]) * 32
+CAROL_KEY = bytes([4]) * 32
 
 
 @asynccontextmanager
@@ -115,6 +125,39 @@ async def test_an_attachment_in_the_history_can_be_saved_after_a_restart(
             assert entry.attachment is not None
             mine_saved = await alice.save_file(entry.attachment, short_tmp / "alice")
             assert mine_saved.read_bytes() == secret
+
+
+async def test_a_file_sent_to_a_room_is_saved_by_a_member_and_not_by_others(
+    short_tmp: Path,
+) -> None:
+    secret = b"room minutes " + os.urandom(150_000)
+    source = short_tmp / "minutes.md"
+    source.write_bytes(secret)
+    async with (
+        blob_server(short_tmp) as srv,
+        device(srv, short_tmp, "alice", ALICE_KEY) as alice,
+        device(srv, short_tmp, "bob", BOB_KEY) as bob,
+        device(srv, short_tmp, "carol", CAROL_KEY) as carol,
+    ):
+        room = await alice.rooms.create("plans", "group")
+        await alice.rooms.invite(room.room_id, bob.user_id)
+        await bob.rooms.join(room.room_id)
+        message_id, attachment = await alice.rooms.send_file(room.room_id, source)
+        assert attachment.media_type == "text/markdown"
+        stored = (srv.directory / attachment.blob_id).read_bytes()
+        assert b"room minutes" not in stored
+
+        got = await next_event(bob, RoomMessage, message_id=message_id)
+        assert got.text == "[file] minutes.md" and got.attachment is not None
+        assert got.attachment.blob_id == attachment.blob_id
+        saved = await bob.save_file(got.attachment, short_tmp / "bob")
+        assert saved.read_bytes() == secret
+        [entry] = await bob.rooms.history(room.room_id)
+        assert entry.attachment is not None and entry.attachment.key == attachment.key
+        # Carol is not in the room: the server will not give her the ciphertext.
+        with pytest.raises(ServerRefusedError) as refused:
+            await carol.save_file(got.attachment, short_tmp / "carol")
+        assert refused.value.code == "blob_not_found"
 
 
 async def test_the_media_type_allowlist_is_checked_by_the_client(short_tmp: Path) -> None:

@@ -159,7 +159,9 @@ class Client:
         own = MemberDevice(self.user_id, self.device_id, self._olm.curve25519, self._olm.ed25519)
         room_store = RoomStore(self._store)
         keys = await RoomKeys.open(room_store, pickle_key, own, self._room_settings)
-        self._rooms = rooms = Rooms(self._conn, self._store, room_store, keys, self._olm_send)
+        self._rooms = rooms = Rooms(
+            self._conn, self._store, room_store, keys, self._olm_send, self._attachments
+        )
         rooms.on_change = self._notify
         self._room_jobs = RoomJobs(rooms, self._user_devices, self._room_events_send)
         self._room_inbound = RoomInbound(self._store, rooms, self._room_jobs, self._sender_device)

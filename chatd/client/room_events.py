@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
+from .attachments import Attachment
 from .room_store import RoomInfo
 
 CANNOT_DECRYPT: Final = "cannot decrypt, ask the sender to resend"
@@ -37,6 +38,7 @@ class RoomMessage:
     sender_verified: bool = False  # the sending device was verified when it arrived
     outgoing: bool = False  # sent by another of our own devices
     late: bool = False  # held until its key came
+    attachment: Attachment | None = None  # a file it carries (save it with save_file)
 
 
 @dataclass(frozen=True)
