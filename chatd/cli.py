@@ -29,6 +29,7 @@ from chatd.keyfiles import (
     load_admin_token_hash,
     load_db_key,
     new_admin_token,
+    new_blob_key,
     new_db_key,
     write_private_file,
 )
@@ -112,6 +113,7 @@ def cmd_init(data_dir: Path) -> int:
     for path, make in (
         (data_dir / "db.key", new_db_key),
         (data_dir / "admin-token", new_admin_token),
+        (data_dir / "blob-url.key", new_blob_key),
     ):
         results.append((path, write_private_file(path, make())))
     results.append((config_path, write_private_file(config_path, render_template().rstrip("\n"))))

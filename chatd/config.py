@@ -547,6 +547,70 @@ class PushSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AttachmentSettings:
+    """[attachments]: the blob listener for attachment ciphertext (path /v1/blobs/)."""
+
+    host: str = setting(
+        "127.0.0.1",
+        "Address the blob listener binds. It serves only attachment ciphertext behind "
+        "signed URLs. With relay.tls_certificate set it speaks TLS 1.3 with the same "
+        "certificate; otherwise put it behind the reverse proxy with the relay.",
+    )
+    port: int = setting(
+        7880, "TCP port of the blob listener; 0 picks a free port.", minimum=0, maximum=65535
+    )
+    public_url: str = setting(
+        "",
+        "Base URL clients reach the blob listener at (e.g. https://chat.example.org), "
+        "used in the signed URLs. Empty: http(s)://host:port of the listener itself.",
+    )
+    key_file: str = setting(
+        "blob-url.key",
+        "File holding the 256-bit key that signs blob URLs (HMAC-SHA256) as 64 hex "
+        "digits, relative to server.data_dir, mode 0600; made by 'chatd init' or at "
+        "first start. Ignored when systemd passes the credential 'chatd-blob-key'.",
+    )
+    max_file_bytes: int = setting(
+        100 * 1_048_576,
+        "Largest attachment (ciphertext bytes); a bigger upload is refused (413).",
+        minimum=1_024,
+        maximum=1 << 40,
+    )
+    quota_bytes_per_user: int = setting(
+        1_073_741_824,
+        "Attachment ciphertext one user may have stored at once; an upload beyond it "
+        "is refused (quota_exceeded) until retention purges older attachments.",
+        minimum=1_024,
+        maximum=1 << 50,
+    )
+    url_seconds: float = setting(
+        300.0,
+        "Lifetime of a signed upload or download URL.",
+        minimum=1,
+        maximum=86_400,
+    )
+    blob_days: float = setting(
+        30.0,
+        "Attachments are deleted this long after their upload, referenced or not.",
+        minimum=0.001,
+        maximum=3_650,
+    )
+    unreferenced_minutes: float = setting(
+        60.0,
+        "An uploaded attachment that no message names within this long is deleted.",
+        minimum=1,
+        maximum=525_600,
+    )
+    read_timeout_seconds: float = setting(
+        30.0,
+        "An upload or download connection that moves no byte for this long is closed "
+        "(and a partial upload discarded).",
+        minimum=1,
+        maximum=3_600,
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class LogSettings:
     """[log]: structured logs on stderr (journald picks them up)."""
 
@@ -575,6 +639,7 @@ class Config:
     devices: DeviceSettings = field(default_factory=DeviceSettings)
     rooms: RoomSettings = field(default_factory=RoomSettings)
     push: PushSettings = field(default_factory=PushSettings)
+    attachments: AttachmentSettings = field(default_factory=AttachmentSettings)
     log: LogSettings = field(default_factory=LogSettings)
     path: Path = field(default=Path("chatd.toml"), metadata={"internal": True})
 
@@ -608,6 +673,11 @@ class Config:
     def relay_tls(self) -> bool:
         return bool(self.relay.tls_certificate)
 
+    @property
+    def blobs_dir(self) -> Path:
+        """Where attachment ciphertext is stored, content-addressed."""
+        return self.in_data_dir("blobs")
+
 
 #: Config sections in file order: the TOML table name and its settings class.
 SECTIONS: Final[dict[str, type]] = {
@@ -620,6 +690,7 @@ SECTIONS: Final[dict[str, type]] = {
     "devices": DeviceSettings,
     "rooms": RoomSettings,
     "push": PushSettings,
+    "attachments": AttachmentSettings,
     "log": LogSettings,
 }
 
@@ -694,8 +765,20 @@ def parse_config(path: Path, data: Mapping[str, Any]) -> Config:
     return config
 
 
+def _check_attachments(config: Config) -> None:
+    url = config.attachments.public_url
+    scheme, sep, rest = url.partition("://")
+    if url and (scheme not in ("http", "https") or not sep or not rest or "?" in rest):
+        raise ConfigError(
+            config.path,
+            f"{url!r} is not a base URL like https://chat.example.org",
+            key="attachments.public_url",
+        )
+
+
 def _check_cross(config: Config) -> None:
     path = config.path
+    _check_attachments(config)
     relay = config.relay
     if bool(relay.tls_certificate) != bool(relay.tls_private_key):
         raise ConfigError(

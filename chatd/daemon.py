@@ -1,7 +1,8 @@
 """``chatd serve``: the one process and its one top-level nursery.
 
 Start order (each via ``await nursery.start``, so each is truly up before the
-next): store, retention, relay, admin. Only then does systemd hear
+next): store, retention, blobs (the attachment listener, so the relay can
+hand out its URLs), relay, admin. Only then does systemd hear
 ``READY=1``. While serving, ``WATCHDOG=1`` goes out at half of
 ``WatchdogSec`` as long as the store writer is alive.
 
@@ -29,16 +30,20 @@ from chatd.admin.api import AdminContext
 from chatd.admin.service import serve_admin
 from chatd.auth.accounts import AccountAdmin
 from chatd.auth.service import AuthService
+from chatd.blobs.files import BlobFiles
+from chatd.blobs.http import serve_blobs
+from chatd.blobs.service import BlobService
+from chatd.blobs.signing import UrlSigner
 from chatd.config import Config
 from chatd.e2ee.current import CurrentDevices
 from chatd.e2ee.keys import KeyService
 from chatd.e2ee.queues import QueueService
 from chatd.errors import StoreError
-from chatd.keyfiles import check_data_dir, load_admin_token_hash, load_db_key
+from chatd.keyfiles import check_data_dir, load_admin_token_hash, load_blob_key, load_db_key
 from chatd.log import fields
 from chatd.push import Notifier as PushNotifier
 from chatd.relay import Registry, serve_relay
-from chatd.retention import auth_jobs, default_jobs, queue_jobs, serve_retention
+from chatd.retention import auth_jobs, blob_jobs, default_jobs, queue_jobs, serve_retention
 from chatd.rooms.members import DeviceChanges
 from chatd.rooms.service import RoomService
 from chatd.sdnotify import Notifier, watchdog_interval
@@ -129,6 +134,18 @@ async def open_services(nursery: trio.Nursery, store: Store, config: Config) -> 
     return Services(registry, current, auth, keys, queues, rooms, push)
 
 
+def open_blobs(store: Store, config: Config, rooms: RoomService, key: bytes) -> BlobService:
+    """The attachment rules, on ``store``, signing with ``key``; room
+    references are checked against the room service's members."""
+
+    def is_member(room_id: int, user_id: int) -> bool:
+        room = rooms.rooms.get(room_id)
+        return room is not None and user_id in room.members
+
+    files = BlobFiles(config.blobs_dir)
+    return BlobService(store, config.attachments, UrlSigner(key), files, is_member)
+
+
 async def _flush_queues(queues: QueueService) -> None:
     try:
         await queues.flush()
@@ -155,7 +172,7 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
     token_hash = load_admin_token_hash(config)
     notifier = notifier or Notifier()
     stopping = trio.Event()
-    relay_done, admin_done = trio.Event(), trio.Event()
+    relay_done, admin_done, blobs_done = trio.Event(), trio.Event(), trio.Event()
     grace = config.server.shutdown_grace_seconds
     try:
         async with trio.open_nursery() as nursery:
@@ -165,19 +182,24 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
             del key
             services = await open_services(nursery, store, config)
             auth, queues = services.auth, services.queues
+            # Made at first start, once the store opened: a wrong database key
+            # leaves the data dir as it was.
+            blobs = open_blobs(store, config, services.rooms, load_blob_key(config))
             jobs = (
                 default_jobs(config.retention)
                 + auth_jobs(config.auth)
                 + queue_jobs(config.devices, queues)
+                + blob_jobs(config.attachments, blobs)
             )
             retention = await nursery.start(
                 partial(serve_retention, store, config.retention, jobs=jobs)
             )
             nursery.start_soon(auth.warm_up)  # dummy hash, password list: off the start path
+            await nursery.start(_until_done, blobs_done, serve_blobs, config, blobs, stopping)
             relay = await nursery.start(
                 _until_done,
                 relay_done,
-                partial(serve_relay, **services.for_relay()),
+                partial(serve_relay, **services.for_relay(), blobs=blobs),
                 config,
                 stopping,
             )
@@ -194,7 +216,7 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
             )
             scheme = "wss" if config.relay_tls else "ws"
             relay_url = f"{scheme}://{config.relay.host}:{relay.port}/v1/ws"
-            status = f"serving relay {relay_url}, admin {admin_bind}"
+            status = f"serving relay {relay_url}, admin {admin_bind}, blobs {blobs.base_url}"
             notifier.notify(READY="1", STATUS=status, MAINPID=str(os.getpid()))
             log.info(
                 "daemon.ready", extra=fields(version=__version__, relay=relay_url, admin=admin_bind)
@@ -207,6 +229,7 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
             with trio.move_on_after(grace) as drain:
                 await relay_done.wait()
                 await admin_done.wait()
+                await blobs_done.wait()
                 # With no connection left, what the queues hold in memory
                 # (envelopes waiting for acks, receipts) is written before
                 # the store closes.

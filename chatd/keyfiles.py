@@ -158,3 +158,44 @@ def check_data_dir(path: Path) -> None:
             f"data dir {path} is writable by group or others "
             f"(mode {stat.S_IMODE(info.st_mode):04o}); run: chmod 700 {path}"
         )
+
+
+# -- the blob URL signing key ([attachments]) ----------------------------------------
+
+BLOB_KEY_CREDENTIAL: Final = "chatd-blob-key"
+BLOB_KEY_BYTES: Final = 32  # HMAC-SHA256 key: 256 bits from the CSPRNG
+
+
+def blob_key_path(config: Config) -> tuple[Path, bool]:
+    """Where the blob URL key comes from, and whether it is a systemd credential."""
+    cred = _credential(BLOB_KEY_CREDENTIAL)
+    if cred is not None:
+        return cred, True
+    return config.in_data_dir(config.attachments.key_file), False
+
+
+def new_blob_key() -> str:
+    return secrets.token_bytes(BLOB_KEY_BYTES).hex()
+
+
+def load_blob_key(config: Config) -> bytes:
+    """Return the 32-byte key that signs blob URLs, making the file (mode
+    0600) at first start when neither it nor the credential exists.
+
+    Raises :class:`SecretFileError` when the file is unsafe or not exactly 64
+    hex digits.
+    """
+    path, from_cred = blob_key_path(config)
+    if not from_cred:
+        write_private_file(path, new_blob_key())  # no-op when it exists
+    text = _read_private(path, "blob URL key", from_credential=from_cred)
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != BLOB_KEY_BYTES:
+        raise SecretFileError(
+            f"blob URL key file {path} must hold exactly {BLOB_KEY_BYTES * 2} hex digits "
+            "(delete it and restart chatd to make a new one; issued URLs stop working)"
+        )
+    return key

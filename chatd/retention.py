@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING, Any, Final
 import msgspec
 import trio
 
-from chatd.config import AuthSettings, DeviceSettings, RetentionSettings
+from chatd.config import AttachmentSettings, AuthSettings, DeviceSettings, RetentionSettings
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only (import cycle)
+    from chatd.blobs.service import BlobService
     from chatd.e2ee.queues import QueueService
 from chatd.log import fields
 from chatd.store import Store, now_ms
@@ -44,12 +45,15 @@ _jitter = random.SystemRandom()
 class Job:
     """A purge job. One batch is ``purge(conn, now=, limit=) -> rows deleted``
     (at most ``limit``), run as one write; or, for a service that writes
-    through its own path, ``await run(now=, limit=) -> rows deleted``."""
+    through its own path, ``await run(now=, limit=) -> rows deleted``; or,
+    for one that also frees files, ``await sweep(now=, limit=) -> (rows
+    deleted, bytes freed)``."""
 
     name: str
     description: str
     purge: Callable[..., int] | None = None
     run: Callable[..., Awaitable[int]] | None = None
+    sweep: Callable[..., Awaitable[tuple[int, int]]] | None = None
 
 
 class Report(msgspec.Struct, frozen=True):
@@ -168,6 +172,20 @@ def queue_jobs(settings: DeviceSettings, queues: QueueService) -> list[Job]:
     ]
 
 
+def blob_jobs(settings: AttachmentSettings, blobs: BlobService) -> list[Job]:
+    """The attachments purge: blobs and their files (bytes freed are reported)."""
+    return [
+        Job(
+            "blobs",
+            f"attachments older than attachments.blob_days ({settings.blob_days}) or not "
+            f"named by any message within attachments.unreferenced_minutes "
+            f"({settings.unreferenced_minutes}), with their files; files left without a "
+            "row by a crash",
+            sweep=blobs.purge,
+        )
+    ]
+
+
 def _page_count(conn: Any) -> int:
     return int(conn.execute("PRAGMA page_count").fetchone()[0])
 
@@ -236,7 +254,10 @@ class Retention:
         limit = self.settings.batch_size
         try:
             for _ in range(self.settings.max_batches_per_run):
-                if job.run is not None:
+                if job.sweep is not None:
+                    deleted, freed = await job.sweep(now=now_ms(), limit=limit)
+                    reclaimed += freed
+                elif job.run is not None:
                     deleted = await job.run(now=now_ms(), limit=limit)
                 elif job.purge is not None:
                     deleted = await self.store.write(partial(job.purge, now=now_ms(), limit=limit))
@@ -246,7 +267,7 @@ class Retention:
                 if deleted < limit:
                     break
             if rows:
-                reclaimed = await self.store.write(_vacuum)
+                reclaimed += await self.store.write(_vacuum)
         except trio.Cancelled:
             raise
         except Exception as exc:

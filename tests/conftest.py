@@ -58,6 +58,7 @@ class DataDir:
             "relay": {"port": 0},
             "admin": {"listen": "unix:a.sock"},
             "retention": {"interval_seconds": 3600.0, "jitter_seconds": 0.0},
+            "attachments": {"port": 0},
         }
         for name, values in sections.items():
             settings.setdefault(name, {}).update(values)

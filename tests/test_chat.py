@@ -589,3 +589,47 @@ def test_every_command_and_exit_code_is_documented() -> None:
         assert f"`{command.usage}`" in doc, command.usage
     for code in re.findall(r"^\s+(\d+)\s", EXIT_CODES, re.M):
         assert f"| {code} |" in doc, code
+
+
+async def test_a_file_is_sent_and_saved_by_number_also_after_a_restart(short_tmp: Path) -> None:
+    from .test_blobs import blob_server
+
+    source = short_tmp / "plan.txt"
+    source.write_bytes(b"the plan, in plaintext\n" * 1000)
+    (short_tmp / "tool.exe").write_bytes(b"MZ")
+    saved_dir = short_tmp / "saved"
+    saved_dir.mkdir()
+    async with blob_server(short_tmp) as srv:
+        alice_args = user_args(srv.url, short_tmp, "alice", key=bytes([1]) * 32)
+        bob_args = user_args(srv.url, short_tmp, "bob", key=bytes([2]) * 32)
+        async with chat(short_tmp, *bob_args) as bob:
+            await log_in(bob, "bob", BOB_PASSWORD)
+            async with chat(short_tmp, *alice_args) as alice:
+                await log_in(alice, "alice", PASSWORD)
+                await alice.type("/open bob")
+                await alice.expect("-- conversation with bob --")
+                await alice.type(f"/send-file {short_tmp / 'missing.txt'}")
+                await alice.expect("! no such file: ")
+                await alice.type(f"/send-file {short_tmp / 'tool.exe'}")
+                await alice.expect("! /send-file failed: media type")
+                await alice.type(f"/send-file {source}")
+                await alice.expect("✓ sent file plan.txt (23000 bytes)")
+                await bob.expect("alice: [file] plan.txt")
+                await alice.type("/quit")
+                assert await alice.exit_code() == 0
+            await bob.type("/quit")
+            assert await bob.exit_code() == 0
+        # Bob starts again: /save finds the file by its number in /history.
+        async with chat(short_tmp, *bob_args) as bob:
+            await log_in(bob, "bob", BOB_PASSWORD)
+            await bob.type("/open alice")
+            await bob.expect("-- conversation with alice --")
+            await bob.type("/save 2")
+            await bob.expect("! there is no message 2 here (1 to 1)")
+            await bob.type(f"/save 1 {saved_dir}")
+            await bob.expect(f"✓ saved {saved_dir / 'plan.txt'} (23000 bytes)")
+            assert (saved_dir / "plan.txt").read_bytes() == source.read_bytes()
+            await bob.type(f"/save 1 {saved_dir}")
+            await bob.expect("exists already")
+            await bob.type("/quit")
+            assert await bob.exit_code() == 0

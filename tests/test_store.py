@@ -346,6 +346,15 @@ def _sample_rows(conn: Any, version: int) -> dict[str, int]:
             "auth_audit",
         ):
             rows[table] = 1
+    if version >= 10:
+        conn.execute(
+            "INSERT INTO blobs (blob_id, owner_user_id, size, created_at, expires_at)"
+            " VALUES ('" + "ab" * 32 + "', 1, 10, 1, 2)"
+        )
+        conn.execute("INSERT INTO blob_devices VALUES ('" + "ab" * 32 + "', 'DEV')")
+        conn.execute("INSERT INTO blob_rooms VALUES ('" + "ab" * 32 + "', 1)")
+        for table in ("blobs", "blob_devices", "blob_rooms"):
+            rows[table] = 1
     return rows
 
 

@@ -52,6 +52,7 @@ from .display import (
     message_lines,
     normalize_fingerprint,
 )
+from .files import FILE_COMMANDS, FileCommands
 from .rooms import ROOM_COMMANDS, People, RoomsView
 from .terminal import LineReader
 from .verifying import SasVerifier
@@ -77,6 +78,7 @@ COMMANDS: Final = (
     Command("history", "/history [N]", f"the last N messages of this conversation ({PAGE})"),
     Command("more", "/more", "the page of older messages before the one shown last"),
     *ROOM_COMMANDS,
+    *FILE_COMMANDS,
     Command("devices", "/devices", "every device seen so far and whether you verified it"),
     Command("fingerprint", "/fingerprint", "this device's fingerprint, to read out to others"),
     Command(
@@ -136,6 +138,12 @@ class ChatApp:
             idle=lambda: self.peer is None and self.rooms.current is None,
             bold=bold,
         )
+        self.files = FileCommands(client, say, self._file_target)
+
+    def _file_target(self) -> int | RoomInfo | None:
+        if self.rooms.current is not None:
+            return self.rooms.current
+        return None if self.peer is None else self.peer.user_id
 
     # -- the app --------------------------------------------------------------
 
@@ -185,9 +193,12 @@ class ChatApp:
             if command is None:
                 self.say(f"! unknown command /{clean(name)}; type /help for the list")
                 return True
-            handler: Callable[[list[str]], Awaitable[None]] = getattr(
-                self, f"_cmd_{command.name}", None
-            ) or getattr(self.rooms, f"cmd_{command.name}")
+            method = command.name.replace("-", "_")
+            handler: Callable[[list[str]], Awaitable[None]] = (
+                getattr(self, f"_cmd_{method}", None)
+                or getattr(self.files, f"cmd_{method}", None)
+                or getattr(self.rooms, f"cmd_{method}")
+            )
             try:
                 await handler(args)
             except UsageError as exc:

@@ -6,9 +6,12 @@ cryptography lives in :mod:`chatd.client.crypto`, the encrypted local store in
 reconnects) in :mod:`chatd.client.connection`, and interactive device
 verification (SAS emoji) in :mod:`chatd.client.sas` and
 :mod:`chatd.client.verification`. Rooms (Megolm) are ``client.rooms``
-(:mod:`chatd.client.rooms`) and ``client.room_events()``.
+(:mod:`chatd.client.rooms`) and ``client.room_events()``. Attachments
+(files encrypted here, uploaded as ciphertext) are ``client.send_file`` and
+``client.save_file`` (:mod:`chatd.client.attachments`).
 """
 
+from .attachments import DEFAULT_MEDIA_TYPES, Attachment, AttachmentError
 from .client import Client, Member, ReceivedMessage
 from .crypto import fingerprint
 from .errors import (
@@ -47,8 +50,11 @@ from .store import DeviceRecord, HistoryEntry
 from .verification import Verification
 
 __all__ = [
+    "Attachment",
+    "AttachmentError",
     "BAD_CIPHERTEXT",
     "CANNOT_DECRYPT",
+    "DEFAULT_MEDIA_TYPES",
     "Client",
     "ClientError",
     "ClientStoreError",

@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 import trio
 
+from .attachments import Attachment, Attachments
 from .connection import Connection
 from .crypto import (
     ONE_TIME_KEY_TARGET,
@@ -87,6 +89,7 @@ class ReceivedMessage:
     sent_at: int  # unix ms, as the server recorded it
     outgoing: bool  # a copy of a message we sent from another of our devices
     sender_verified: bool = False  # the sending device was verified when it arrived
+    attachment: Attachment | None = None  # a file the message carries (save it with save_file)
 
 
 @dataclass(frozen=True)
@@ -123,8 +126,10 @@ class Client:
         one_time_keys: int = ONE_TIME_KEY_TARGET,
         fallback_key: str | None = None,
         room_settings: RoomSettings | None = None,
+        attachments: Attachments | None = None,
     ) -> None:
         self._store = store
+        self._attachments = attachments
         self._olm = olm
         self._conn = conn
         self._olm_lock = trio.Lock()
@@ -154,7 +159,9 @@ class Client:
         own = MemberDevice(self.user_id, self.device_id, self._olm.curve25519, self._olm.ed25519)
         room_store = RoomStore(self._store)
         keys = await RoomKeys.open(room_store, pickle_key, own, self._room_settings)
-        self._rooms = rooms = Rooms(self._conn, self._store, room_store, keys, self._olm_send)
+        self._rooms = rooms = Rooms(
+            self._conn, self._store, room_store, keys, self._olm_send, self._attachments
+        )
         rooms.on_change = self._notify
         self._room_jobs = RoomJobs(rooms, self._user_devices, self._room_events_send)
         self._room_inbound = RoomInbound(self._store, rooms, self._room_jobs, self._sender_device)
@@ -344,12 +351,58 @@ class Client:
         await self._store.set_state(message_id, "sent", only_from="sending")
         return message_id
 
+    async def send_file(
+        self, user_id: int, path: Path, *, media_type: str | None = None, text: str | None = None
+    ) -> tuple[str, Attachment]:
+        """Encrypt the file at ``path`` here, upload its ciphertext, and send
+        ``user_id`` (and our other devices) a message carrying its key, as
+        :meth:`send_text` does. ``media_type`` defaults to a guess from the
+        name and must be in the allowlist. Returns the message id and the
+        attachment. Raises AttachmentError, ServerRefusedError (too_large,
+        quota_exceeded) and what send_text raises."""
+        attachments = self._need_attachments()
+        attachment = await attachments.upload(path, media_type)
+        message_id = str(uuid.uuid4())
+        shown = text if text is not None else f"[file] {attachment.name}"
+        await self._store.add_message(
+            HistoryEntry(
+                message_id,
+                user_id,
+                "out",
+                self.user_id,
+                self.device_id,
+                shown,
+                now_ms(),
+                "sending",
+                attachment=attachment,
+            )
+        )
+        payload = encode_payload(message_id, user_id, shown, attachment=attachment.fields())
+        await self._send_payload(message_id, user_id, payload, blob_ids=[attachment.blob_id])
+        await self._store.set_state(message_id, "sent", only_from="sending")
+        return message_id, attachment
+
+    async def save_file(self, attachment: Attachment, target: Path) -> Path:
+        """Download ``attachment`` (from a received message), check its
+        SHA-256 and size, decrypt it and write it to ``target`` (a new file,
+        or a directory to save it in under the sender's file name). Returns
+        the path written. Raises AttachmentError, DecryptionError,
+        ServerRefusedError (blob_not_found: expired, or not sent to us)."""
+        return await self._need_attachments().download(attachment, target)
+
+    def _need_attachments(self) -> Attachments:
+        if self._attachments is None:
+            raise ClientError("this client was opened without attachments")
+        return self._attachments
+
     async def _send_control(self, user_id: int, fields: dict[str, Any]) -> None:
         """Send a payload that is not a chat message (kept out of the history)."""
         message_id = str(uuid.uuid4())
         await self._send_payload(message_id, user_id, encode_control(message_id, user_id, fields))
 
-    async def _send_payload(self, message_id: str, user_id: int, payload: bytes) -> None:
+    async def _send_payload(
+        self, message_id: str, user_id: int, payload: bytes, *, blob_ids: Sequence[str] = ()
+    ) -> None:
         """Encrypt ``payload`` for every device of ``user_id`` and our own other
         devices, and send it as message ``message_id``."""
         if user_id not in self._members or self.user_id not in self._members:
@@ -358,7 +411,9 @@ class Client:
             targets = self._targets(user_id)
             if not any(d.user_id == user_id for d in targets) and user_id != self.user_id:
                 raise SendError(f"user {user_id} has no device with published keys")
-            reply = await self._olm_send.send(message_id, targets, lambda _m, _d: payload)
+            reply = await self._olm_send.send(
+                message_id, targets, lambda _m, _d: payload, blob_ids=blob_ids
+            )
             if reply is None or reply["type"] == "sent":
                 return  # None: a note to self on our only device, nothing to relay
             if reply["type"] == "device_mismatch" and attempt == 0:
@@ -492,6 +547,9 @@ class Client:
                     raise DecryptionError(f"unknown sender device {sender_device_id}")
                 decrypted = self._olm.decrypt(device.curve25519, env["ciphertext"])
                 payload = decode_payload(decrypted.plaintext, message_id)
+                attachment = None
+                if payload.kind == "text" and "attachment" in payload.fields:
+                    attachment = Attachment.parse(payload.fields["attachment"])
             except DecryptionError as exc:
                 log.warning("client.undecryptable", extra={"error": str(exc)})
                 entry = HistoryEntry(
@@ -540,6 +598,7 @@ class Client:
                 payload.text,
                 env["sent_at"],
                 "sent" if outgoing else "received",
+                attachment=attachment,
             )
             new = await self._store.add_message(entry, account, self._olm.take_dirty(), meta)
         if not new:
@@ -553,4 +612,5 @@ class Client:
             env["sent_at"],
             outgoing,
             device.verified,
+            attachment,
         )

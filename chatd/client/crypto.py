@@ -93,14 +93,18 @@ def decode_ciphertext(ciphertext: str) -> tuple[int, bytes]:
         raise DecryptionError(f"malformed ciphertext: {exc}") from None
 
 
-def encode_payload(message_id: str, to_user_id: int, text: str) -> bytes:
-    payload = {
+def encode_payload(
+    message_id: str, to_user_id: int, text: str, *, attachment: dict[str, Any] | None = None
+) -> bytes:
+    payload: dict[str, Any] = {
         "v": PAYLOAD_VERSION,
         "kind": "text",
         "message_id": message_id,
         "to_user_id": to_user_id,
         "text": text,
     }
+    if attachment is not None:
+        payload["attachment"] = attachment  # chatd.client.attachments.Attachment.fields()
     return json.dumps(payload, ensure_ascii=False).encode()
 
 

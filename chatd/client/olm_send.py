@@ -117,6 +117,7 @@ class OlmSender:
         payload: PayloadFor,
         *,
         skip_full: bool = False,
+        blob_ids: Sequence[str] = (),
     ) -> dict[str, Any] | None:
         """One ``send`` of ``payload`` to ``targets`` (which must be exactly what
         the relay expects). Returns its reply (``sent`` or ``device_mismatch``),
@@ -136,7 +137,9 @@ class OlmSender:
             await self._store.save_olm(None, self._olm.take_dirty())
         if not envelopes:
             return None
-        extra = {"skip_full": True} if skip_full else {}
+        extra: dict[str, Any] = {"skip_full": True} if skip_full else {}
+        if blob_ids:
+            extra["blob_ids"] = list(blob_ids)  # the attachments it carries (their keys inside)
         return await self._conn.request("send", message_id=message_id, envelopes=envelopes, **extra)
 
     async def send_split(

@@ -15,6 +15,7 @@ from typing import Any
 import trio
 from argon2.low_level import Type, hash_secret_raw
 
+from .attachments import DEFAULT_MEDIA_TYPES, Attachments
 from .client import KEYS_READY_TIMEOUT, Client
 from .connection import Connection, Credentials
 from .crypto import ONE_TIME_KEY_TARGET, OlmMachine, pickle_key
@@ -58,6 +59,7 @@ async def open_client(
     backoff_base: float = 1.0,
     one_time_keys: int = ONE_TIME_KEY_TARGET,
     rooms: RoomSettings | None = None,
+    media_types: tuple[str, ...] = DEFAULT_MEDIA_TYPES,
 ) -> AsyncIterator[Client]:
     """Open the store, connect, log in and publish keys; yield a :class:`Client`.
 
@@ -66,9 +68,11 @@ async def open_client(
     server (1 to MAX_ONE_TIME_KEYS; it tops up when fewer than half are left,
     or when the server asks). ``rooms`` sets the room-key policy
     (RoomSettings: rotation_messages=100, rotation_seconds=7 days,
-    key_wait_seconds=10). Raises ClientStoreError (wrong key), LoginError
-    (refused), ConnectionLostError (cannot connect). On exit it says ``bye``,
-    cancels its background tasks and closes the store.
+    key_wait_seconds=10). ``media_types`` is the attachment allowlist (sent
+    and saved files); temporary attachment files live next to the store.
+    Raises ClientStoreError (wrong key), LoginError (refused),
+    ConnectionLostError (cannot connect). On exit it says ``bye``, cancels its
+    background tasks and closes the store.
     """
     if not 1 <= one_time_keys <= MAX_ONE_TIME_KEYS:
         raise ClientError(f"one_time_keys must be 1 to {MAX_ONE_TIME_KEYS}")
@@ -100,6 +104,12 @@ async def open_client(
             one_time_keys=one_time_keys,
             fallback_key=meta.get("fallback_key"),
             room_settings=rooms,
+            attachments=Attachments(
+                conn,
+                Path(store_path).parent,
+                media_types=media_types,
+                ssl_context=ssl_context,
+            ),
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(conn.serve)

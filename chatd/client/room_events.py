@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
+from .attachments import Attachment
 from .room_delivery import RoomDelivery
 from .room_store import RoomInfo
 
@@ -51,6 +52,7 @@ class RoomMessage:
     sender_verified: bool = False  # the sending device was verified when it arrived
     outgoing: bool = False  # sent by another of our own devices
     late: bool = False  # held until its key came
+    attachment: Attachment | None = None  # a file it carries (save it with save_file)
 
 
 @dataclass(frozen=True)

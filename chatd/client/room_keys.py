@@ -182,6 +182,7 @@ class RoomKeys:
                 text=text.text,
                 mentions=text.mentions,
                 state="sent" if outgoing else "received",
+                attachment=text.attachment,
             )
             new = await self.store.add_room_message(
                 entry,
@@ -205,6 +206,7 @@ class RoomKeys:
             entry.sent_at,
             bool(sender and sender.verified),
             outgoing,
+            attachment=text.attachment,
         )
 
     async def _undecryptable(
@@ -282,6 +284,7 @@ class RoomKeys:
                 text.mentions,
                 decrypted.session_id,
                 decrypted.message_index,
+                text.attachment,
             )
             out.append((released, h))
         return out
@@ -299,4 +302,5 @@ def _message(h: HeldMessage, r: Released, verified: bool, own_user_id: int) -> R
         verified,
         h.sender_user_id == own_user_id,
         late=True,
+        attachment=r.attachment,
     )

@@ -22,6 +22,7 @@ from typing import Any, Final
 
 import vodozemac
 
+from .attachments import Attachment
 from .errors import DecryptionError, RoomMismatchError
 
 PAYLOAD_VERSION: Final = 1
@@ -95,16 +96,25 @@ def _room_and_session(fields: dict[str, Any]) -> tuple[int, str]:
 class RoomText:
     text: str
     mentions: tuple[int, ...]
+    attachment: Attachment | None = None  # a file the message carries
 
 
-def encode_room_text(room_id: int, text: str, mentions: Iterable[int] = ()) -> bytes:
-    payload = {
+def encode_room_text(
+    room_id: int,
+    text: str,
+    mentions: Iterable[int] = (),
+    *,
+    attachment: Attachment | None = None,
+) -> bytes:
+    payload: dict[str, Any] = {
         "v": PAYLOAD_VERSION,
         "kind": "text",
         "room_id": room_id,
         "text": text,
         "mentions": sorted(set(mentions)),
     }
+    if attachment is not None:
+        payload["attachment"] = attachment.fields()
     return json.dumps(payload, ensure_ascii=False).encode()
 
 
@@ -126,11 +136,13 @@ def decode_room_text(plaintext: bytes, room_id: int) -> RoomText:
         ):
             raise ValueError("mentions must be at most 1000 user ids")
         claimed = obj["room_id"]
+        raw_attachment = obj.get("attachment")
     except (ValueError, KeyError, TypeError) as exc:
         raise DecryptionError(f"malformed room payload: {exc}") from None
     if claimed != room_id:
         raise RoomMismatchError("the payload's room id differs from the envelope's")
-    return RoomText(text, tuple(mentions))
+    attachment = None if raw_attachment is None else Attachment.parse(raw_attachment)
+    return RoomText(text, tuple(mentions), attachment)
 
 
 def encode_room_ciphertext(session_id: str, message: vodozemac.MegolmMessage) -> str:

@@ -21,8 +21,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from .attachments import Attachment
 from .megolm import InboundRow, MemberDevice, OutboundRow, Share
-from .store import HISTORY_COLUMNS, HistoryEntry, LocalStore, history_entry, now_ms
+from .store import (
+    HISTORY_COLUMNS,
+    HistoryEntry,
+    LocalStore,
+    attachment_column,
+    history_entry,
+    now_ms,
+)
 
 #: (room id, pickle, created_at, messages, shares) as MegolmMachine.restore takes them
 OutboundState = tuple[int, str, int, int, dict[tuple[int, str], Share]]
@@ -447,6 +455,7 @@ class Released(NamedTuple):
     mentions: tuple[int, ...]
     session_id: str
     megolm_index: int
+    attachment: Attachment | None = None
 
 
 def release(conn: Any, r: Released) -> bool:
@@ -461,8 +470,16 @@ def release(conn: Any, r: Released) -> bool:
         return False
     conn.execute(
         "UPDATE messages SET plaintext = ?, mentions = ?, state = 'received',"
-        " megolm_session_id = ?, megolm_index = ? WHERE message_id = ? AND state != 'received'",
-        (r.text, ",".join(map(str, r.mentions)), r.session_id, r.megolm_index, r.message_id),
+        " megolm_session_id = ?, megolm_index = ?, attachment = ?"
+        " WHERE message_id = ? AND state != 'received'",
+        (
+            r.text,
+            ",".join(map(str, r.mentions)),
+            r.session_id,
+            r.megolm_index,
+            attachment_column(r.attachment),
+            r.message_id,
+        ),
     )
     deleted = conn.execute("DELETE FROM held_messages WHERE message_id = ?", (r.message_id,))
     return bool(deleted.rowcount)

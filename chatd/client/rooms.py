@@ -35,11 +35,13 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Final
 
 import trio
 
+from .attachments import Attachment, Attachments
 from .connection import Connection
 from .crypto import verify_device_keys
 from .errors import ClientError, IdentityChangedError, SendError, ServerRefusedError
@@ -117,8 +119,10 @@ class Rooms:
         room_store: RoomStore,
         keys: RoomKeys,
         olm_send: OlmSender,
+        attachments: Attachments | None = None,
     ) -> None:
         self._conn = conn
+        self._attachments = attachments
         self._store = store
         self.store = room_store
         self.keys = keys
@@ -317,7 +321,40 @@ class Rooms:
         self.on_change()
         return message_id
 
-    async def _send(self, room_id: int, message_id: str, plaintext: bytes) -> None:
+    async def send_file(
+        self,
+        room_id: int,
+        path: Path,
+        *,
+        media_type: str | None = None,
+        text: str | None = None,
+    ) -> tuple[str, Attachment]:
+        """Encrypt the file at ``path`` here, upload its ciphertext, and send
+        the room a Megolm message carrying its key (``room_send`` names the
+        blob, so the room's members may download it). ``media_type`` defaults
+        to a guess from the name and must be in the allowlist. Returns the
+        message id and the attachment. Raises AttachmentError,
+        ServerRefusedError (too_large, quota_exceeded, not_member, ...) and
+        what :meth:`send` raises."""
+        if self._attachments is None:
+            raise ClientError("this client was opened without attachments")
+        attachment = await self._attachments.upload(path, media_type)
+        shown = text if text is not None else f"[file] {attachment.name}"
+        me, my_device = self._own
+        message_id = str(uuid.uuid4())
+        entry = HistoryEntry(
+            message_id, me, "out", me, my_device, shown, now_ms(), "sending", room_id
+        )
+        await self._store.add_message(replace(entry, attachment=attachment))
+        plaintext = encode_room_text(room_id, shown, (), attachment=attachment)
+        async with self.send_lock:
+            await self._send(room_id, message_id, plaintext, blob_ids=[attachment.blob_id])
+        self.on_change()
+        return message_id, attachment
+
+    async def _send(
+        self, room_id: int, message_id: str, plaintext: bytes, *, blob_ids: Sequence[str] = ()
+    ) -> None:
         sealed: tuple[str, str, int] | None = None  # session id, ciphertext, its index
         for attempt in range(MAX_SEND_ATTEMPTS):
             members = await self.current_members(room_id, fresh=attempt > 0)
@@ -345,6 +382,7 @@ class Rooms:
                     message_id=message_id,
                     epoch=members.epoch,
                     ciphertext=sealed[1],
+                    **({"blob_ids": list(blob_ids)} if blob_ids else {}),
                 )
             except ServerRefusedError as exc:
                 if exc.code == "room_changed":

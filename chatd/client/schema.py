@@ -48,7 +48,8 @@ CREATE TABLE IF NOT EXISTS messages (
     megolm_index INTEGER,
     recipients INTEGER,
     envelopes INTEGER,
-    unreachable INTEGER
+    unreachable INTEGER,
+    attachment TEXT
 );
 CREATE INDEX IF NOT EXISTS messages_room ON messages (room_id, sent_at);
 CREATE UNIQUE INDEX IF NOT EXISTS messages_megolm ON messages (megolm_session_id, megolm_index);
@@ -164,13 +165,26 @@ ROOM_COLUMNS: Final = (
 def _add_unreachable(conn: Any) -> None:
     # 3: for our own room messages, how many member users the server could not
     # queue them for (every device of theirs had a full queue: sent.skipped).
+    _add_message_column(conn, "unreachable", "INTEGER")
+
+
+def _add_attachment_column(conn: Any) -> None:
+    # 4: attachments. A message that carries a file keeps what its payload
+    # said about it (blob id, key, sizes, media type, name: JSON), so that it
+    # can be saved after a restart. The key is as secret as the plaintext and
+    # lives, like it, only inside the encrypted store.
+    _add_message_column(conn, "attachment", "TEXT")
+
+
+def _add_message_column(conn: Any, name: str, kind: str) -> None:
+    """Add a column to an existing messages table (a new one is made with it)."""
     old = conn.execute(
         "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'messages'"
     ).fetchone()
     if old is not None:
         have = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
-        if "unreachable" not in have:
-            conn.execute("ALTER TABLE messages ADD COLUMN unreachable INTEGER")
+        if name not in have:
+            conn.execute(f"ALTER TABLE messages ADD COLUMN {name} {kind}")  # noqa: S608 - constants
 
 
 #: Step ``n`` takes a store from schema version ``n - 1`` to ``n``.
@@ -178,6 +192,7 @@ _MIGRATIONS: Final[tuple[Callable[[Any], None], ...]] = (
     _rename_olm_sessions,
     _add_room_columns,
     _add_unreachable,
+    _add_attachment_column,
 )
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 

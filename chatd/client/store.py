@@ -18,6 +18,7 @@ The schema and its migrations are in :mod:`chatd.client.schema`.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -29,6 +30,7 @@ from typing import Any, Final, TypeVar
 import sqlcipher3
 import trio
 
+from .attachments import Attachment
 from .errors import ClientStoreError
 from .schema import _SCHEMA, SCHEMA_VERSION, migrate
 
@@ -66,6 +68,7 @@ class HistoryEntry:
     state: str
     room_id: int | None = None  # the room of a room message; None for a direct one
     mentions: tuple[int, ...] = ()  # user ids a room message mentions
+    attachment: Attachment | None = None  # a file it carries (save it with save_file)
 
 
 class LocalStore:
@@ -277,8 +280,8 @@ class LocalStore:
             conn.execute(
                 "INSERT OR IGNORE INTO messages (message_id, peer_user_id, direction,"
                 " sender_user_id, sender_device_id, plaintext, sent_at, state, room_id, mentions,"
-                " megolm_session_id, megolm_index, recipients, envelopes)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " megolm_session_id, megolm_index, recipients, envelopes, attachment)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     e.message_id,
                     e.peer_user_id,
@@ -294,6 +297,7 @@ class LocalStore:
                     room.get("megolm_index"),
                     room.get("recipients"),
                     room.get("envelopes"),
+                    attachment_column(e.attachment),
                 ),
             ).rowcount
         )
@@ -389,13 +393,19 @@ class LocalStore:
 
 HISTORY_COLUMNS: Final = (
     "message_id, peer_user_id, direction, sender_user_id, sender_device_id,"
-    " plaintext, sent_at, state, room_id, mentions"
+    " plaintext, sent_at, state, room_id, mentions, attachment"
 )
 
 
 def history_entry(row: Any) -> HistoryEntry:
     """A :class:`HistoryEntry` from a row of :data:`HISTORY_COLUMNS`."""
     mentions = tuple(int(m) for m in row[9].split(",") if m) if row[9] else ()
+    attachment = Attachment.parse(json.loads(row[10])) if row[10] else None
     return HistoryEntry(
-        row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], mentions
+        row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], mentions, attachment
     )
+
+
+def attachment_column(attachment: Attachment | None) -> str | None:
+    """The ``attachment`` column of a message (its payload form, as JSON)."""
+    return None if attachment is None else json.dumps(attachment.fields())

@@ -7,6 +7,7 @@ messages), :mod:`chatd.protocol.rooms` and :mod:`chatd.protocol.push`.
 
 from __future__ import annotations
 
+from chatd.protocol import blobs as b
 from chatd.protocol import frames as f
 from chatd.protocol import push as p
 from chatd.protocol import rooms as r
@@ -48,6 +49,8 @@ ClientFrame = (
     | r.RoomSend
     | p.PushRegister
     | p.PushRemove
+    | b.BlobUpload
+    | b.BlobDownload
 )
 
 #: Every frame the server may send.
@@ -74,4 +77,5 @@ ServerFrame = (
     | r.Rooms
     | r.RoomMembers
     | r.RoomInvited
+    | b.BlobUrl
 )

@@ -215,6 +215,11 @@ class Send(Frame, tag="send"):
         list[OutgoingEnvelope], msgspec.Meta(min_length=1, max_length=MAX_ENVELOPES_PER_SEND)
     ]
     skip_full: bool = False
+    # Attachments (chatd.protocol.blobs): the blobs this message carries the keys of.
+    blob_ids: Annotated[
+        list[Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]],
+        msgspec.Meta(max_length=16),
+    ] = []
 
 
 class Ack(Frame, tag="ack"):
@@ -271,7 +276,7 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True):
 
 
 #: What this server supports beyond the protocol's first release (PROTOCOL §16).
-FEATURES: Final = ("who_is_online.user_ids", "rooms", "push")
+FEATURES: Final = ("who_is_online.user_ids", "rooms", "push", "attachments")
 
 
 class Hello(Frame, tag="hello"):

@@ -120,6 +120,11 @@ class RoomSend(Frame, tag="room_send"):
     message_id: MessageId
     epoch: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
     ciphertext: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_CIPHERTEXT_CHARS)]
+    # Attachments (chatd.protocol.blobs): the blobs this message carries the keys of.
+    blob_ids: Annotated[
+        list[Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]],
+        msgspec.Meta(max_length=16),
+    ] = []
 
 
 #: Every room frame a client may send.

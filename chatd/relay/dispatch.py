@@ -25,6 +25,7 @@ import trio
 
 from chatd.auth.models import AuthError, Peer, SessionGrant
 from chatd.auth.service import AuthService
+from chatd.blobs.service import BlobError, BlobService, Referral
 from chatd.e2ee.keys import KeyService
 from chatd.e2ee.queues import Accepted, Mismatch, Outcome, QueueFull, QueueService, Repeated
 from chatd.errors import StoreError
@@ -35,6 +36,7 @@ from chatd.protocol import rooms as r
 from chatd.protocol.delivery import Phase
 from chatd.push import Notifier, PushRefused
 from chatd.relay import delivery
+from chatd.relay.blobs import BLOB_REQUESTS, serve_blob_request, unavailable
 from chatd.relay.connection import Connection
 from chatd.relay.push import PUSH_REQUESTS, serve_push_request
 from chatd.relay.ratelimits import RequestLimits
@@ -96,6 +98,7 @@ class Dispatcher:
         rooms: RoomService,
         limits: RequestLimits,
         push: Notifier,
+        blobs: BlobService | None = None,
     ) -> None:
         self.registry = registry
         self.auth = auth
@@ -104,6 +107,7 @@ class Dispatcher:
         self.rooms = rooms
         self.limits = limits  # per-account rates of send, keys_claim, directory
         self.push = push
+        self.blobs = blobs  # None: no blob listener, attachment requests are refused
 
     async def carry_out(self, conn: Connection, actions: list[core.Action]) -> None:
         """Carry out the core's actions for one client message, in order."""
@@ -149,22 +153,72 @@ class Dispatcher:
             return None
         return grant
 
+    async def _refer(
+        self,
+        conn: Connection,
+        grant: SessionGrant,
+        frame: f.Send | r.RoomSend,
+        *,
+        device_ids: list[str] | None = None,
+        room_id: int | None = None,
+    ) -> Referral | None:
+        """Record the references of a message's ``blob_ids`` before it is
+        queued (so no recipient sees it before it may fetch them); what was
+        new, to withdraw if the message is refused. None (and the error
+        answered) when one is refused."""
+        if not frame.blob_ids:
+            return Referral()
+        try:
+            if self.blobs is None:
+                raise unavailable("$.blob_ids")
+            return await self.blobs.refer(
+                grant.user_id,
+                grant.device_id,
+                frame.blob_ids,
+                device_ids=device_ids or (),
+                room_id=room_id,
+            )
+        except BlobError as exc:
+            self._perform(conn, _refused(conn.proto, frame.id, exc))
+        except StoreError:
+            self._perform(conn, _storage_error(conn.proto, frame.id, sending=True))
+        return None
+
+    async def _withdraw(self, referral: Referral, device_ids: list[str] | None = None) -> None:
+        """Take back the references of a refused message (or of the devices a
+        send left out), so that they grant no read access."""
+        if self.blobs is None:
+            return
+        try:
+            with trio.CancelScope(shield=True):
+                await self.blobs.withdraw(referral, device_ids=device_ids)
+        except StoreError:
+            log.warning("relay.blob_references_kept", extra=fields(grants=len(referral.readers)))
+
     async def _send(self, conn: Connection, frame: f.Send) -> None:
         grant = await self._sender(conn, frame.id)
         if grant is None:
+            return
+        referral = await self._refer(
+            conn, grant, frame, device_ids=[e.device_id for e in frame.envelopes]
+        )
+        if referral is None:
             return
         proto = conn.proto
         try:
             result = await self.queues.send(grant.user_id, grant.device_id, frame)
         except StoreError:
+            await self._withdraw(referral)
             self._perform(conn, _storage_error(proto, frame.id, sending=True))
             return
         match result:
             case Accepted(outcome) | Repeated(outcome):
+                skipped = list(result.skipped) if isinstance(result, Accepted) else None
+                if skipped:
+                    await self._withdraw(referral, [d.device_id for d in skipped])
                 handle = conn.reserve()
                 if handle is None:
                     return
-                skipped = list(result.skipped) if isinstance(result, Accepted) else None
                 outcome.when_done(lambda o: conn.fill(handle, _sent(proto, frame, o, skipped)))
                 watching = conn.watching or ()
                 if any(
@@ -173,8 +227,10 @@ class Dispatcher:
                 ):
                     self.registry.watch(conn, {e.user_id for e in frame.envelopes})
             case Mismatch(mismatch):
+                await self._withdraw(referral)
                 self._perform(conn, proto.reply(mismatch))
             case QueueFull(device_ids):
+                await self._withdraw(referral)
                 self._perform(
                     conn,
                     proto.error(
@@ -190,10 +246,14 @@ class Dispatcher:
         grant = await self._sender(conn, frame.id)
         if grant is None:
             return
+        referral = await self._refer(conn, grant, frame, room_id=frame.room_id)
+        if referral is None:
+            return
         proto = conn.proto
         try:
             result, skipped = self.rooms.send(grant.user_id, grant.device_id, frame)
         except RoomError as exc:
+            await self._withdraw(referral)
             self._perform(conn, _refused(proto, frame.id, exc))
             return
         handle = conn.reserve()
@@ -251,7 +311,7 @@ class Dispatcher:
                 field=exc.field,
                 retry_after=exc.retry_after,
             )
-        except (RoomError, PushRefused) as exc:
+        except (RoomError, PushRefused, BlobError) as exc:
             actions = _refused(proto, request_id, exc)
         except StoreError:
             log.warning("relay.storage_unavailable", extra=fields(request=type(frame).__name__))
@@ -430,6 +490,10 @@ class Dispatcher:
                 if not grant.device_id:
                     raise AuthError("no_device", "this session has no device")
                 return proto.reply(await serve_push_request(self.push, grant, frame))
+            case _ if isinstance(frame, BLOB_REQUESTS):
+                if not grant.device_id:
+                    raise AuthError("no_device", "this session has no device")
+                return proto.reply(await serve_blob_request(self.blobs, grant, frame))
             case f.WhoIsOnline():
                 if frame.user_ids is None:
                     online = registry.online_users()
@@ -462,7 +526,9 @@ def _sent(
 
 
 def _refused(
-    proto: core.ServerConnection, request_id: str | None, exc: RoomError | PushRefused
+    proto: core.ServerConnection,
+    request_id: str | None,
+    exc: RoomError | PushRefused | BlobError,
 ) -> list[core.Action]:
     return proto.error(exc.code, exc.message, request_id=request_id, field=exc.field)
 

@@ -40,6 +40,7 @@ from typing import Any, Final
 import trio
 
 from chatd.auth.service import AuthService
+from chatd.blobs.service import BlobService
 from chatd.config import Config, RelaySettings
 from chatd.e2ee.keys import KeyService
 from chatd.e2ee.queues import QueueService
@@ -329,18 +330,23 @@ async def serve_relay(
     queues: QueueService,
     rooms: RoomService,
     push: Notifier,
+    blobs: BlobService | None = None,
     task_status: trio.TaskStatus[Relay] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the relay until ``stopping`` is set, then drain and return.
 
     ``registry`` is the event sink the daemon gave the services. Reports the
     :class:`Relay` once listening (``relay.port`` tells the bound port when
-    the setting is 0). Raises :class:`ListenError` if the address cannot be
-    bound. Cancellation drops every connection at once.
+    the setting is 0). ``blobs`` (the attachment rules) is None when no blob
+    listener runs: attachment requests are then refused. Raises
+    :class:`ListenError` if the address cannot be bound. Cancellation drops
+    every connection at once.
     """
     s = config.relay
     listeners = await open_relay_listeners(config)
-    dispatcher = Dispatcher(registry, auth, keys, queues, rooms, RequestLimits(config.relay), push)
+    dispatcher = Dispatcher(
+        registry, auth, keys, queues, rooms, RequestLimits(config.relay), push, blobs
+    )
     async with trio.open_nursery() as services:
         flusher = Flusher()
         services.start_soon(flusher.flush_forever)

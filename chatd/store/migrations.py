@@ -280,6 +280,32 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         created_at INTEGER NOT NULL
     ) WITHOUT ROWID;
     """,
+    # 10: attachments. The ciphertext lives in files under <data_dir>/blobs,
+    # named by its SHA-256 (blob_id); these rows say whose it is, until when,
+    # and which devices and rooms a message naming it went to.
+    """
+    CREATE TABLE blobs (
+        blob_id       TEXT    PRIMARY KEY,  -- hex SHA-256 of the ciphertext: the file name
+        owner_user_id INTEGER NOT NULL,     -- the uploader; counts against their quota
+        size          INTEGER NOT NULL,     -- ciphertext bytes
+        created_at    INTEGER NOT NULL,     -- unix ms, upload finished
+        referenced_at INTEGER,              -- first message naming it; NULL: none yet
+        expires_at    INTEGER NOT NULL      -- unix ms; purged after
+    ) WITHOUT ROWID;
+    CREATE INDEX blobs_owner ON blobs (owner_user_id);
+    CREATE INDEX blobs_expires ON blobs (expires_at);
+    CREATE TABLE blob_devices (
+        blob_id   TEXT NOT NULL REFERENCES blobs (blob_id) ON DELETE CASCADE,
+        device_id TEXT NOT NULL,            -- may download: uploaded it or was sent it
+        PRIMARY KEY (blob_id, device_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX blob_devices_device ON blob_devices (device_id);
+    CREATE TABLE blob_rooms (
+        blob_id TEXT    NOT NULL REFERENCES blobs (blob_id) ON DELETE CASCADE,
+        room_id INTEGER NOT NULL,           -- members of the room may download
+        PRIMARY KEY (blob_id, room_id)
+    ) WITHOUT ROWID;
+    """,
 )
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)
