@@ -9,9 +9,11 @@ verification (SAS emoji) in :mod:`chatd.client.sas` and
 (:mod:`chatd.client.rooms`) and ``client.room_events()``.
 """
 
+from .account import Account, SessionInfo, TotpSecret
 from .client import Client, Member, ReceivedMessage
 from .crypto import fingerprint
 from .errors import (
+    CertificateError,
     ClientError,
     ClientStoreError,
     ConnectionLostError,
@@ -25,7 +27,7 @@ from .errors import (
     VerificationError,
 )
 from .megolm import RoomSettings
-from .opening import key_from_passphrase, open_client
+from .opening import EnrollTotp, check_transport, key_from_passphrase, open_client
 from .room_delivery import RoomDelivery
 from .room_events import (
     BAD_CIPHERTEXT,
@@ -47,14 +49,17 @@ from .store import DeviceRecord, HistoryEntry
 from .verification import Verification
 
 __all__ = [
+    "Account",
     "BAD_CIPHERTEXT",
     "CANNOT_DECRYPT",
+    "CertificateError",
     "Client",
     "ClientError",
     "ClientStoreError",
     "ConnectionLostError",
     "DecryptionError",
     "DeviceRecord",
+    "EnrollTotp",
     "HistoryEntry",
     "IdentityChangedError",
     "KEY_MISSING",
@@ -79,11 +84,14 @@ __all__ = [
     "Rooms",
     "SAS_EMOJI",
     "SendError",
+    "SessionInfo",
     "ServerRefusedError",
     "ShortAuthString",
+    "TotpSecret",
     "Verification",
     "VerificationError",
     "WRONG_ROOM",
+    "check_transport",
     "fingerprint",
     "key_from_passphrase",
     "open_client",

@@ -33,11 +33,13 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Awaitable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Final
 
 import trio
 
+from .account import Account
 from .connection import Connection
 from .crypto import (
     ONE_TIME_KEY_TARGET,
@@ -148,6 +150,23 @@ class Client:
         self._rooms: Rooms | None = None
         self._room_jobs: RoomJobs | None = None
         self._room_inbound: RoomInbound | None = None
+        #: Password, TOTP, sessions and devices of this user (docs/CLIENT.md).
+        self.account = Account(conn, self.directory)
+
+    @staticmethod
+    def register(
+        url: str, invite_code: str, username: str, password: str, **options: Any
+    ) -> AbstractAsyncContextManager[Client]:
+        """Create an account with an invite code (``chatctl invites create``)
+        and open it on a new device: ``async with Client.register(url, code,
+        "bob", "bob's own password", device_name=..., store_path=...,
+        store_key=...) as client``. The same as ``open_client(...,
+        invite_code=...)``; takes its other options. Refusals are LoginError
+        with ``invalid_invite``, ``username_taken``, ``invalid_username`` or
+        ``weak_password``."""
+        from .opening import open_client  # opening imports this module
+
+        return open_client(url, username, password, invite_code=invite_code, **options)
 
     async def _open_rooms(self, pickle_key: bytes) -> RoomJobs:
         """Load the Megolm state (once logged in: it needs our device id)."""
