@@ -42,6 +42,7 @@ from chatd.client import (
 )
 from chatd.client.room_store import RoomInfo
 
+from .account import ACCOUNT_COMMANDS, AccountCommands
 from .commands import Command, Refused, UsageError
 from .display import (
     clean,
@@ -92,7 +93,8 @@ COMMANDS: Final = (
     Command("accept", "/accept", "go ahead with a verification another device asked for"),
     Command("yes", "/yes", "the emoji match the other screen: verify the device"),
     Command("no", "/no", "the emoji differ, or decline or cancel the verification"),
-    Command("quit", "/quit", "leave (Ctrl-D does the same)"),
+    *ACCOUNT_COMMANDS,
+    Command("quit", "/quit", "leave; you stay logged in (Ctrl-D does the same)"),
 )
 
 
@@ -128,6 +130,7 @@ class ChatApp:
         self._sender_done = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._sas = SasVerifier(client, say, self.describe_device)
+        self.account = AccountCommands(client, say)
         self.rooms = RoomsView(
             client,
             say,
@@ -156,6 +159,7 @@ class ChatApp:
             await self.rooms.start()
         except (ClientError, trio.TooSlowError) as exc:
             self.say(f"! the rooms could not be listed: {_reason(exc)}; try /rooms")
+        self.account.lines = lines
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._show_incoming)
@@ -185,9 +189,12 @@ class ChatApp:
             if command is None:
                 self.say(f"! unknown command /{clean(name)}; type /help for the list")
                 return True
-            handler: Callable[[list[str]], Awaitable[None]] = getattr(
-                self, f"_cmd_{command.name}", None
-            ) or getattr(self.rooms, f"cmd_{command.name}")
+            attr = command.name.replace("-", "_")
+            handler: Callable[[list[str]], Awaitable[None]] = (
+                getattr(self, f"_cmd_{attr}", None)
+                or getattr(self.account, f"cmd_{attr}", None)
+                or getattr(self.rooms, f"cmd_{attr}")
+            )
             try:
                 await handler(args)
             except UsageError as exc:
@@ -198,7 +205,7 @@ class ChatApp:
                 self.say(f"!! WARNING: {clean(str(exc))}")
             except (ClientError, trio.TooSlowError) as exc:
                 self.say(f"! /{command.name} failed: {_reason(exc)}")
-            return True
+            return not self.account.ended
         text = line[1:] if line.startswith("//") else line
         target: Member | RoomInfo | None = self.rooms.current or self.peer
         if target is None:

@@ -33,6 +33,7 @@ class ServerRefusedError(ClientError):
 
     def __init__(self, code: str, message: str, field: str | None = None) -> None:
         self.code = code
+        self.message = message  # the server's text for people (never a secret)
         self.field = field
         super().__init__(f"{code}: {message}" + (f" ({field})" if field else ""))
 
