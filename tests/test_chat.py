@@ -382,7 +382,7 @@ async def test_history_scrolls_page_by_page_and_bad_commands_are_explained(
                     ("/sas bob X", "! bob has no device X (see /who)"),
                     ("/yes", "! no verification is in progress"),
                     ("/open carol", "-- no messages yet"),
-                    ("hi carol", '! not sent "hi carol": carol has no device yet'),
+                    ("hi carol", '! not sent yet "hi carol": carol has no device yet'),
                     ("/open bob", "-- conversation with bob --"),
                 ]:
                     await alice.type(typed)
@@ -426,6 +426,8 @@ async def test_the_totp_code_is_asked_for_when_the_account_needs_one(short_tmp: 
             await alice.expect("Logged in as alice")
             await alice.type("/quit")
             assert await alice.exit_code() == 0
+        # Another device of alice's (this store's session would just continue).
+        args[args.index("--store") + 1] = str(short_tmp / "alice-phone.db")
         async with chat(short_tmp, *args, "--totp") as alice:
             await alice.expect("Password for alice: ")
             await alice.type(PASSWORD)

@@ -14,11 +14,13 @@ from pathlib import Path
 import pyotp
 import trio
 
+from chatd.client import open_client
+
 from .conftest import REPO
 from .test_chat import chat, log_in, user_args
-from .test_client import ALICE_KEY, RELAXED, device, relay
+from .test_client import ALICE_KEY, RELAXED, device, next_message, relay
 from .test_client_account import ADMIN_PASSWORD, CAROL_PASSWORD, NEW_PASSWORD, make_certificate
-from .test_relay_auth import PASSWORD, server
+from .test_relay_auth import PASSWORD, create_once, server
 
 
 async def test_a_new_user_registers_with_an_invite_and_chooses_the_password(
@@ -100,7 +102,14 @@ async def test_an_admin_sets_up_totp_on_first_login(short_tmp: Path) -> None:
             await root.type("/quit")
             assert await root.exit_code() == 0
 
-        # The next login asks for a code from the app.
+        # The next run continues the session; another device asks for a code.
+        async with chat(short_tmp, *args) as root:
+            await root.expect("Password for root: ")
+            await root.type(ADMIN_PASSWORD)
+            await root.expect("Logged in as root")
+            await root.type("/quit")
+            assert await root.exit_code() == 0
+        args[args.index("--store") + 1] = str(short_tmp / "root-phone.db")
         async with chat(short_tmp, *args) as root:
             await root.expect("Password for root: ")
             await root.type(ADMIN_PASSWORD)
@@ -227,3 +236,43 @@ async def test_plain_ws_to_another_host_is_refused_without_insecure(short_tmp: P
     assert result.returncode == 2
     assert "refusing unencrypted ws:// to chat.example.org" in result.stderr.decode()
     assert "--insecure" in result.stderr.decode()
+
+
+async def test_a_message_to_someone_without_a_device_waits_and_is_offered_again(
+    short_tmp: Path,
+) -> None:
+    async with relay(short_tmp) as srv:
+        await create_once(srv.admin, "carol", CAROL_PASSWORD)
+        args = user_args(srv.url, short_tmp, "alice", key=ALICE_KEY)
+        async with chat(short_tmp, *args) as alice:
+            await log_in(alice, "alice", PASSWORD)
+            await alice.type("/open carol")
+            await alice.expect("-- no messages yet")
+            await alice.type("hi carol")
+            await alice.expect('! not sent yet "hi carol": carol has no device yet')
+            await alice.expect("It is kept in /history")
+            await alice.type("/history")
+            assert (await alice.expect_line("] alice: hi carol")).endswith("… not sent yet")
+            await alice.type("/resend")
+            await alice.expect('! not sent "hi carol": ')  # still no device
+
+            async with open_client(
+                srv.url,
+                "carol",
+                CAROL_PASSWORD,
+                device_name="carol",
+                store_path=short_tmp / "carol.db",
+                store_key=bytes([3]) * 32,
+            ) as carol:
+                await alice.expect(
+                    "-- carol has a device now: /open carol, then /resend sends your"
+                    " 1 message(s) not sent yet --"
+                )
+                await alice.type("/resend")
+                await alice.expect('✓ sent "hi carol"')
+                message = await next_message(carol)
+                assert message.text == "hi carol"
+                await alice.type("/history")
+                assert (await alice.expect_line("] alice: hi carol")).endswith("✓")  # or ✓✓
+            await alice.type("/quit")
+            assert await alice.exit_code() == 0

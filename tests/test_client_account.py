@@ -144,7 +144,11 @@ async def test_an_admin_is_walked_through_totp_enrolment(short_tmp: Path) -> Non
             # The rotated tokens were kept: a reconnect resumes the session.
             await reconnect(c)
             await c.directory()
-        # Next time the account has TOTP: the login asks for a code, as usual.
+        # The store kept the session: the next run continues it.
+        async with open_client(srv.url, "root", ADMIN_PASSWORD, **options) as c:
+            assert c.device_id and not c.account.enrollment_required
+        # Another device of the account logs in with a code, as usual.
+        options["store_path"] = short_tmp / "root-phone.db"
         with raises_leaf(LoginError) as need:
             async with open_client(srv.url, "root", ADMIN_PASSWORD, **options):
                 pass  # pragma: no cover - refused
@@ -285,3 +289,33 @@ async def test_an_untrusted_certificate_is_named_at_once(short_tmp: Path) -> Non
                 pass  # pragma: no cover - refused
         assert "certificate is not trusted" in str(untrusted[0])
         assert "self-signed" in str(untrusted[0])
+
+
+async def test_a_restart_continues_the_session_until_logout(short_tmp: Path) -> None:
+    async with relay(short_tmp) as srv:
+
+        async def live() -> list[int]:
+            sessions = await srv.admin.list_sessions(None)
+            return [s.session_id for s in sessions if not s.revoked and s.device_name == "laptop"]
+
+        async with device(srv, short_tmp, "alice", "laptop", ALICE_KEY) as a:
+            first = a.device_id
+        assert len(await live()) == 1
+        for _ in range(2):
+            async with device(srv, short_tmp, "alice", "laptop", ALICE_KEY) as a:
+                assert a.device_id == first
+                await a.directory()
+        assert len(await live()) == 1  # no new session per run
+        # Past its access token's life, the session is refreshed, and keys still flow.
+        async with device(srv, short_tmp, "alice", "laptop", ALICE_KEY) as a:
+            a.connection.credentials.access_expires_at = 0
+        async with device(srv, short_tmp, "alice", "laptop", ALICE_KEY) as a:
+            await a.directory()
+        assert len(await live()) == 1
+        async with device(srv, short_tmp, "alice", "laptop", ALICE_KEY) as a:
+            await a.account.logout()
+        assert await live() == []
+        # After a logout the password logs in again (same device, new session).
+        async with device(srv, short_tmp, "alice", "laptop", ALICE_KEY) as a:
+            assert a.device_id == first
+        assert len(await live()) == 1

@@ -38,6 +38,7 @@ from chatd.client import (
     IdentityChangedError,
     Member,
     ReceivedMessage,
+    SendError,
     ServerRefusedError,
 )
 from chatd.client.room_store import RoomInfo
@@ -56,6 +57,7 @@ from .display import (
 from .rooms import ROOM_COMMANDS, People, RoomsView
 from .terminal import LineReader
 from .verifying import SasVerifier
+from .waiting import WAITING_COMMANDS, WaitingMessages
 
 PAGE: Final = 20  # messages per history page
 MAX_PAGE: Final = 1000  # the largest /history N
@@ -77,6 +79,7 @@ COMMANDS: Final = (
     ),
     Command("history", "/history [N]", f"the last N messages of this conversation ({PAGE})"),
     Command("more", "/more", "the page of older messages before the one shown last"),
+    *WAITING_COMMANDS,
     *ROOM_COMMANDS,
     Command("devices", "/devices", "every device seen so far and whether you verified it"),
     Command("fingerprint", "/fingerprint", "this device's fingerprint, to read out to others"),
@@ -131,6 +134,13 @@ class ChatApp:
         self._nursery: trio.Nursery | None = None
         self._sas = SasVerifier(client, say, self.describe_device)
         self.account = AccountCommands(client, say)
+        self.waiting = WaitingMessages(
+            client,
+            say,
+            member=lambda user_id: self._by_id.get(user_id),
+            refresh_directory=self.refresh_directory,
+            peer=lambda: self.peer,
+        )
         self.rooms = RoomsView(
             client,
             say,
@@ -166,6 +176,7 @@ class ChatApp:
             nursery.start_soon(self._show_room_events)
             nursery.start_soon(self._send_outbox)
             nursery.start_soon(self._watch_connection)
+            nursery.start_soon(self.waiting.serve)
             nursery.start_soon(self._sas.serve_requests, nursery)
             while True:
                 line = await lines.readline()
@@ -193,6 +204,7 @@ class ChatApp:
             handler: Callable[[list[str]], Awaitable[None]] = (
                 getattr(self, f"_cmd_{attr}", None)
                 or getattr(self.account, f"cmd_{attr}", None)
+                or getattr(self.waiting, f"cmd_{attr}", None)
                 or getattr(self.rooms, f"cmd_{attr}")
             )
             try:
@@ -489,13 +501,18 @@ class ChatApp:
                     continue
                 peer = target
                 try:
-                    if not await self._has_devices(peer):
-                        self.say(
-                            f"! not sent {excerpt(text)}: {clean(peer.username)} has no device"
-                            " yet (they must log in once before you can write to them)"
-                        )
-                        continue
                     message_id = await self.client.send_text(peer.user_id, text)
+                except SendError as exc:
+                    # Kept in the history as "sending" either way.
+                    try:
+                        no_device = not await self._has_devices(peer)
+                    except (ClientError, trio.TooSlowError):
+                        no_device = False
+                    if no_device:
+                        await self.waiting.kept(peer, text)
+                    else:
+                        self.say(f"! not sent {excerpt(text)}: {_reason(exc)}")
+                    continue
                 except (ClientError, trio.TooSlowError) as exc:
                     self.say(f"! not sent {excerpt(text)}: {_reason(exc)}")
                     continue

@@ -10,7 +10,7 @@ verification (SAS emoji) in :mod:`chatd.client.sas` and
 """
 
 from .account import Account, SessionInfo, TotpSecret
-from .client import Client, Member, ReceivedMessage
+from .client import Client, Member, PresenceChange, ReceivedMessage
 from .crypto import fingerprint
 from .errors import (
     CertificateError,
@@ -66,6 +66,7 @@ __all__ = [
     "KeyClaimError",
     "LoginError",
     "Member",
+    "PresenceChange",
     "REPLAY",
     "ReceivedMessage",
     "RoomDelivery",

@@ -85,7 +85,7 @@ class Account:
         if totp:
             fields["totp"] = totp
         reply = await self._conn.request("change_password", **fields)
-        self._conn.take_tokens(reply["tokens"])
+        await self._conn.take_tokens(reply["tokens"])
         self._conn.credentials.password = new_password
 
     async def enroll_totp(self, password: str, *, totp: str | None = None) -> TotpSecret:
@@ -104,7 +104,7 @@ class Account:
         one. Raises ServerRefusedError ``mfa_failed`` for a wrong code (check
         the clock) or ``mfa_not_enrolling``."""
         reply = await self._conn.request("mfa_confirm", code=code)
-        self._conn.take_tokens(reply["tokens"])
+        await self._conn.take_tokens(reply["tokens"])
         self._conn.restricted = False
         return list(reply["codes"])
 
@@ -112,12 +112,12 @@ class Account:
         """Turn TOTP off (``code``: a TOTP or recovery code). Refused with
         ``mfa_required_by_policy`` when the user's role must keep it."""
         reply = await self._conn.request("mfa_disable", password=password, code=code)
-        self._conn.take_tokens(reply["tokens"])
+        await self._conn.take_tokens(reply["tokens"])
 
     async def new_recovery_codes(self, password: str, code: str) -> list[str]:
         """Replace the recovery codes; returns the ten new ones."""
         reply = await self._conn.request("new_recovery_codes", password=password, code=code)
-        self._conn.take_tokens(reply["tokens"])
+        await self._conn.take_tokens(reply["tokens"])
         return list(reply["codes"])
 
     # -- sessions -------------------------------------------------------------

@@ -30,6 +30,7 @@ Ordering guarantees
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable
@@ -75,6 +76,7 @@ from .verification import Verification, Verifications
 log = logging.getLogger(__name__)
 
 INBOX_MESSAGES: Final = 1000  # received messages buffered for messages()
+PRESENCE_PUSHES: Final = 100  # pushed presence changes buffered; later ones are dropped
 ROOM_EVENTS: Final = 1000  # room messages and events buffered for room_events()
 KEYS_READY_TIMEOUT: Final = 30.0  # seconds open_client waits for the first key upload
 
@@ -89,6 +91,14 @@ class ReceivedMessage:
     sent_at: int  # unix ms, as the server recorded it
     outgoing: bool  # a copy of a message we sent from another of our devices
     sender_verified: bool = False  # the sending device was verified when it arrived
+
+
+@dataclass(frozen=True)
+class PresenceChange:
+    """A pushed ``presence``: watched users who came online, and who went offline."""
+
+    online: tuple[int, ...]
+    offline: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -146,6 +156,9 @@ class Client:
         self._room_settings = room_settings or RoomSettings()
         self._room_events_send, self._room_events = trio.open_memory_channel[RoomEventItem](
             ROOM_EVENTS
+        )
+        self._presence_send, self._presence = trio.open_memory_channel[PresenceChange](
+            PRESENCE_PUSHES
         )
         self._rooms: Rooms | None = None
         self._room_jobs: RoomJobs | None = None
@@ -336,6 +349,28 @@ class Client:
         await self._store.set_state(message_id, "sent", only_from="sending")
         return message_id
 
+    async def resend(self, message_id: str) -> None:
+        """Send again a message of ours that is still ``sending`` (it did not
+        reach the server: the recipient had no device yet, or the connection
+        was down), under the same message id, so the server takes it at most
+        once. Raises ClientError if there is no such message, and the errors
+        of :meth:`send_text`."""
+        entry = next((e for e in await self.history() if e.message_id == message_id), None)
+        if entry is None or entry.direction != "out" or entry.state != "sending":
+            raise ClientError(f"no unsent message {message_id}")
+        if entry.text is None or entry.room_id is not None:  # pragma: no cover - not ours
+            raise ClientError(f"message {message_id} is not a direct text message")
+        peer = entry.peer_user_id
+        await self._send_payload(message_id, peer, encode_payload(message_id, peer, entry.text))
+        await self._store.set_state(message_id, "sent", only_from="sending")
+
+    def presence_changes(self) -> trio.MemoryReceiveChannel[PresenceChange]:
+        """Presence pushed by the server for the users this connection watches
+        (the people it exchanged messages with, or asked about with
+        ``who_is_online`` and ``user_ids``): who came online, who went offline.
+        One consumer; at most PRESENCE_PUSHES wait, later ones are dropped."""
+        return self._presence
+
     async def _send_control(self, user_id: int, fields: dict[str, Any]) -> None:
         """Send a payload that is not a chat message (kept out of the history)."""
         message_id = str(uuid.uuid4())
@@ -393,6 +428,12 @@ class Client:
                     await self._room_events_send.send(RoomInvitation(room, frame.get("by_user_id")))
                 elif frame.get("type") == "key_count":
                     await self._keys.top_up(frame)
+                elif frame.get("type") == "presence":
+                    change = PresenceChange(
+                        tuple(frame.get("online", [])), tuple(frame.get("offline", []))
+                    )
+                    with contextlib.suppress(trio.WouldBlock):
+                        self._presence_send.send_nowait(change)
             except (ClientError, trio.TooSlowError) as exc:
                 # The server re-delivers what we did not acknowledge.
                 log.warning("client.inbound_failed", extra={"error": str(exc)})

@@ -13,12 +13,16 @@ Replies are matched to requests by ``id``. Frames that are not replies
 bounded channel that the client's inbound worker drains; the reader waits
 when it is full, which is the backpressure the protocol asks for.
 
-A session that ended on the server before its ``expires_at`` (a logout
-elsewhere, a removed device, an admin resetting the password) is not
-replaced by logging in again with the password the client still holds: that
-password may be the old one, and each try would be a failed login in the
-server's audit log. ``serve`` raises LoginError instead (``session_revoked``,
-or ``password_reset`` when the server says so), and the user logs in again.
+The first connection of a process resumes the session whose tokens the
+caller passed in (``on_tokens`` lets it keep them, e.g. in the encrypted
+store, so that a restart continues the session instead of opening another),
+and logs in with the password only if they no longer work. Later, a session
+that ended on the server before its ``expires_at`` (a logout elsewhere, a
+removed device, an admin resetting the password) is not replaced by logging
+in again with the password the client still holds: that password may be the
+old one, and each try would be a failed login in the server's audit log.
+``serve`` raises LoginError instead (``session_revoked``, or
+``password_reset`` when the server says so), and the user logs in again.
 Only a session that simply ran out is replaced by a fresh login.
 
 A certificate the client does not trust fails at once with
@@ -91,12 +95,14 @@ class Connection:
         ssl_context: ssl.SSLContext | None = None,
         backoff_base: float = 1.0,
         on_session: Callable[[dict[str, Any]], Awaitable[None]],
+        on_tokens: Callable[[Credentials], Awaitable[None]] | None = None,
     ) -> None:
         self.url = url
         self.credentials = credentials
         self.ssl_context = ssl_context
         self.backoff_base = backoff_base
         self.on_session = on_session
+        self.on_tokens = on_tokens  # called after the tokens changed, to keep them
         self.user_id = 0
         self.connects = 0  # successful authentications, for tests and status
         #: From the last ``hello``: the server's limits and the features it lists.
@@ -166,6 +172,7 @@ class Connection:
             self._closing = False
             raise
         self.credentials.access_token = self.credentials.refresh_token = None
+        await self._tokens_changed()
         ws, self._ws = self._ws, None  # the server closes it too (1000 logged out)
         if ws is not None:
             await ws.aclose()
@@ -205,7 +212,7 @@ class Connection:
                 async with open_websocket_url(
                     self.url, self.ssl_context, max_message_size=MAX_FRAME_BYTES
                 ) as ws:
-                    limits = await self._authenticate(ws)
+                    limits = await self._authenticate(ws, first=not started)
                     self.limits = limits
                     self._ws = ws
                     self._connected.set()
@@ -264,8 +271,9 @@ class Connection:
             if frame.get("id") == request_id:
                 return frame  # type: ignore[no-any-return]
 
-    async def _authenticate(self, ws: Any) -> dict[str, Any]:
-        """hello, then resume / refresh / login. Returns hello's limits."""
+    async def _authenticate(self, ws: Any, *, first: bool) -> dict[str, Any]:
+        """hello, then resume / refresh / login (on a ``first`` connection,
+        or when the session ran out). Returns hello's limits."""
         with trio.fail_after(HELLO_TIMEOUT):
             hello = json.loads(await ws.get_message())
         if hello.get("type") != "hello" or hello.get("protocol") != 1:
@@ -283,14 +291,18 @@ class Connection:
             if c.refresh_token:
                 reply = await self._direct(ws, "refresh", refresh_token=c.refresh_token)
                 if reply["type"] == "tokens":
-                    self.take_tokens(reply)
+                    await self.take_tokens(reply)
+                    if first:
+                        await self._first_key_count(ws)
                     return dict(hello["limits"])
                 if reply.get("code") == "rate_limited":
                     raise trio.TooSlowError  # transient: back off and retry
                 ended = reply
-            if ended is not None and c.session_expires_at > time.time() * 1000:
-                # Ended early, so someone ended it: never retry the password.
+            if ended is not None:
                 c.access_token = c.refresh_token = None
+                await self._tokens_changed()
+            if ended is not None and not first and c.session_expires_at > time.time() * 1000:
+                # Ended early, so someone ended it: never retry the password.
                 if ended.get("code") == "password_reset":
                     raise LoginError("password_reset", ended.get("message", ""))
                 raise LoginError("session_revoked", "the server ended this session")
@@ -316,6 +328,18 @@ class Connection:
         await self._session(reply)
         return dict(hello["limits"])
 
+    async def _first_key_count(self, ws: Any) -> None:
+        """After ``refresh`` attached the first connection of a process (no
+        ``session`` frame, so no ``key_count`` follows): ask for the key count
+        with an empty ``keys_upload``, and hand it to the inbound worker as if
+        pushed. A restricted session refuses it: then TOTP must be set up."""
+        reply = await self._direct(ws, "keys_upload")
+        if reply.get("type") == "key_count":
+            reply.pop("id", None)
+            self._send.send_nowait(reply)
+        elif reply.get("code") == "mfa_enrollment_required":
+            self.restricted = True
+
     async def _session(self, reply: dict[str, Any]) -> None:
         c = self.credentials
         self.user_id = reply["user"]["id"]
@@ -326,14 +350,21 @@ class Connection:
             c.access_expires_at = reply["access_expires_at"]
         c.device_id = reply.get("device_id") or c.device_id
         await self.on_session(reply)
+        if reply.get("access_token"):
+            await self._tokens_changed()
 
-    def take_tokens(self, tokens: dict[str, Any]) -> None:
+    async def take_tokens(self, tokens: dict[str, Any]) -> None:
         """Store a new token pair (a ``tokens`` frame, or the ``tokens`` field
-        of a reply to a change that rotated them)."""
+        of a reply to a change that rotated them), and hand it to ``on_tokens``."""
         c = self.credentials
         c.access_token, c.refresh_token = tokens["access_token"], tokens["refresh_token"]
         c.access_expires_at = tokens["access_expires_at"]
         c.session_expires_at = int(tokens.get("expires_at", c.session_expires_at))
+        await self._tokens_changed()
+
+    async def _tokens_changed(self) -> None:
+        if self.on_tokens is not None:
+            await self.on_tokens(self.credentials)
 
     async def _run_connection(self, ws: Any, limits: dict[str, Any]) -> None:
         async with trio.open_nursery() as nursery:
@@ -374,7 +405,7 @@ class Connection:
             if token is None:
                 continue
             try:
-                self.take_tokens(await self.request("refresh", refresh_token=token))
+                await self.take_tokens(await self.request("refresh", refresh_token=token))
             except ServerRefusedError as exc:
                 log.warning("client.refresh_refused", extra={"code": exc.code})
             except (ConnectionLostError, trio.TooSlowError):

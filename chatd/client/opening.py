@@ -130,6 +130,22 @@ async def open_client(
         credentials = Credentials(
             username, password, device_name, totp, meta.get("device_id"), invite_code=invite_code
         )
+        if meta.get("device_id") and meta.get("refresh_token"):
+            # The session of the last run, kept by save_tokens: resume it.
+            credentials.access_token = meta.get("access_token") or None
+            credentials.refresh_token = meta["refresh_token"]
+            credentials.access_expires_at = int(meta.get("access_expires_at") or 0)
+            credentials.session_expires_at = int(meta.get("session_expires_at") or 0)
+
+        async def save_tokens(c: Credentials) -> None:
+            """Keep the session's tokens in the (encrypted) store, so the next
+            run continues this session instead of opening another."""
+            await store.set_meta(
+                access_token=c.access_token or "",
+                refresh_token=c.refresh_token or "",
+                access_expires_at=str(c.access_expires_at),
+                session_expires_at=str(c.session_expires_at),
+            )
 
         async def on_session(reply: dict[str, Any]) -> None:
             if reply.get("device_id") and reply["device_id"] != meta.get("device_id"):
@@ -142,7 +158,10 @@ async def open_client(
             ssl_context=ssl_context,
             backoff_base=backoff_base,
             on_session=on_session,
+            on_tokens=save_tokens,
         )
+        if meta.get("user_id"):
+            conn.user_id = int(meta["user_id"])
         client = Client(
             store,
             olm,
