@@ -198,6 +198,18 @@ async def test_a_password_reset_by_an_admin_is_said_so_and_not_retried(short_tmp
             )
             assert await alice.exit_code() == 3
         assert ("login", "bad_password") not in await srv.audit()
+        # Typing the old password again is answered the same way; the new one works.
+        async with chat(short_tmp, *args) as alice:
+            await alice.expect("Password for alice: ")
+            await alice.type(PASSWORD)
+            await alice.expect(
+                "chat: login refused: your password was reset by an admin; log in again"
+            )
+            assert await alice.exit_code() == 3
+        async with chat(short_tmp, *args) as alice:
+            await log_in(alice, "alice", NEW_PASSWORD)
+            await alice.type("/quit")
+            assert await alice.exit_code() == 0
 
 
 async def test_an_untrusted_certificate_is_named_and_ca_trusts_it(short_tmp: Path) -> None:

@@ -193,7 +193,7 @@ def parse_options(argv: list[str] | None) -> Options:
     try:
         check_transport(args.server, insecure=args.insecure)
     except ClientError as exc:
-        raise SetupError(f"{exc} (--insecure)" if "insecure" in str(exc) else str(exc)) from None
+        raise SetupError(str(exc)) from None
     return Options(
         server=args.server,
         user=user,

@@ -59,6 +59,8 @@ BACKOFF_CAP: Final = 60.0  # seconds
 STABLE_AFTER: Final = 30.0  # seconds connected before the backoff resets
 REFRESH_AT: Final = 0.8  # of the access token's remaining lifetime
 MAX_FRAME_BYTES: Final = 1 << 20  # what we accept from the server
+#: Answers to resume/refresh that mean the session is over (not "try later").
+SESSION_OVER: Final = frozenset({"invalid_token", "password_reset"})
 
 
 @dataclass
@@ -287,7 +289,10 @@ class Connection:
                 if reply["type"] == "session":
                     await self._session(reply)
                     return dict(hello["limits"])
-                ended = reply
+                if reply.get("code") == "rate_limited":
+                    raise trio.TooSlowError  # transient: back off and retry
+                if reply.get("code") in SESSION_OVER:
+                    ended = reply
             if c.refresh_token:
                 reply = await self._direct(ws, "refresh", refresh_token=c.refresh_token)
                 if reply["type"] == "tokens":
@@ -297,10 +302,11 @@ class Connection:
                     return dict(hello["limits"])
                 if reply.get("code") == "rate_limited":
                     raise trio.TooSlowError  # transient: back off and retry
-                ended = reply
+                ended = reply if reply.get("code") in SESSION_OVER else ended
             if ended is not None:
+                # Forgotten here, but left in the caller's keeping until a new
+                # login replaces them: the next run learns why they ended.
                 c.access_token = c.refresh_token = None
-                await self._tokens_changed()
             if ended is not None and not first and c.session_expires_at > time.time() * 1000:
                 # Ended early, so someone ended it: never retry the password.
                 if ended.get("code") == "password_reset":
@@ -323,6 +329,9 @@ class Connection:
                 **fields,
             )
         if reply["type"] != "session":
+            if reply.get("code") == "login_failed" and ended and ended["code"] == "password_reset":
+                # The old password, typed again: say why it no longer works.
+                raise LoginError("password_reset", ended.get("message", ""))
             raise LoginError(reply.get("code", "?"), reply.get("message", ""), reply.get("field"))
         c.totp = c.invite_code = None  # one-time: a later login after a drop cannot reuse them
         await self._session(reply)
