@@ -18,7 +18,7 @@ from chatd.client import open_client
 
 from .conftest import REPO
 from .test_chat import chat, log_in, user_args
-from .test_client import ALICE_KEY, RELAXED, device, next_message, relay
+from .test_client import ALICE_KEY, BOB_KEY, RELAXED, device, next_message, relay
 from .test_client_account import ADMIN_PASSWORD, CAROL_PASSWORD, NEW_PASSWORD, make_certificate
 from .test_relay_auth import PASSWORD, create_once, server
 
@@ -286,5 +286,40 @@ async def test_a_message_to_someone_without_a_device_waits_and_is_offered_again(
                 assert message.text == "hi carol"
                 await alice.type("/history")
                 assert (await alice.expect_line("] alice: hi carol")).endswith("✓")  # or ✓✓
+            await alice.type("/quit")
+            assert await alice.exit_code() == 0
+
+
+async def test_presence_typing_unread_counts_and_the_last_conversation(short_tmp: Path) -> None:
+    async with relay(short_tmp) as srv:
+        args = user_args(srv.url, short_tmp, "alice", key=ALICE_KEY)
+        async with chat(short_tmp, *args) as alice:
+            await log_in(alice, "alice", PASSWORD)
+            async with device(srv, short_tmp, "bob", "bob", BOB_KEY) as bob:
+                alice_id = next(m.user_id for m in await bob.directory() if m.username == "alice")
+                await alice.type("/open alice")
+                await alice.expect("-- conversation with alice --")
+                for n in range(2):
+                    await bob.send_text(alice_id, f"note {n}")
+                await alice.expect("bob: note 1")
+                await alice.type("/who")
+                await alice.expect("bob (online, 2 unread)")
+
+                await alice.type("/open bob")
+                await alice.expect("-- bob is online --")
+                await alice.type("/who")
+                assert "unread" not in await alice.expect("bob (online)")
+                await bob.send_typing(alice_id, True)
+                await alice.expect("-- bob is typing… --")
+            await alice.expect("-- bob went offline --")
+            await alice.type("/quit")
+            assert await alice.exit_code() == 0
+        # The next start opens the conversation that was open.
+        async with chat(short_tmp, *args) as alice:
+            await log_in(alice, "alice", PASSWORD)
+            await alice.expect("-- conversation with bob --")
+            await alice.expect("-- bob is offline --")
+            await alice.type("hello again")
+            await alice.expect('✓ sent "hello again"')
             await alice.type("/quit")
             assert await alice.exit_code() == 0

@@ -44,6 +44,7 @@ from chatd.client import (
 from chatd.client.room_store import RoomInfo
 
 from .account import ACCOUNT_COMMANDS, AccountCommands
+from .activity import ActivityView
 from .commands import Command, Refused, UsageError
 from .display import (
     clean,
@@ -65,6 +66,7 @@ OUTBOX: Final = 100  # typed messages waiting to be sent
 MAX_WATCHED: Final = 100  # sent messages whose delivery is followed live
 QUIT_GRACE: Final = 10.0  # seconds /quit waits for the outbox to be sent
 CONNECTION_POLL: Final = 1.0  # seconds between connection state checks
+LAST_CONVERSATION: Final = "chat.last_conversation"  # kept in the store: user:ID or room:ID
 
 Say = Callable[[str], None]
 
@@ -141,6 +143,9 @@ class ChatApp:
             refresh_directory=self.refresh_directory,
             peer=lambda: self.peer,
         )
+        self.activity = ActivityView(
+            client, say, peer=lambda: self.peer, on_online=self.waiting.on_online
+        )
         self.rooms = RoomsView(
             client,
             say,
@@ -176,7 +181,8 @@ class ChatApp:
             nursery.start_soon(self._show_room_events)
             nursery.start_soon(self._send_outbox)
             nursery.start_soon(self._watch_connection)
-            nursery.start_soon(self.waiting.serve)
+            nursery.start_soon(self.activity.serve)
+            await self._reopen_last()
             nursery.start_soon(self._sas.serve_requests, nursery)
             while True:
                 line = await lines.readline()
@@ -184,8 +190,24 @@ class ChatApp:
                     break
             await self._sas.close()
             await self._finish_outbox()
+            await self._remember_last()
             nursery.cancel_scope.cancel()
         self.say("Bye.")
+
+    async def _reopen_last(self) -> None:
+        """Open the conversation that was open when chat last ended."""
+        with contextlib.suppress(ClientError, trio.TooSlowError, UsageError, Refused):
+            kind, _, ident = (await self.client.app_value(LAST_CONVERSATION) or "").partition(":")
+            if kind == "user" and ident.isdigit() and int(ident) in self._by_id:
+                await self._cmd_open([self._by_id[int(ident)].username])
+            elif kind == "room" and ident.isdigit():
+                await self.rooms.cmd_room([ident])
+
+    async def _remember_last(self) -> None:
+        room, peer = self.rooms.current, self.peer
+        value = f"room:{room.room_id}" if room else f"user:{peer.user_id}" if peer else ""
+        with contextlib.suppress(ClientError, trio.TooSlowError):
+            await self.client.set_app_value(LAST_CONVERSATION, value)
 
     async def handle(self, line: str) -> bool:
         """Run one typed line; False when the app should stop."""
@@ -335,6 +357,8 @@ class ChatApp:
             notes = ["you"] if m.user_id == self.client.user_id else []
             if online is not None:
                 notes.append("online" if m.user_id in online else "offline")
+            if self.activity.unread.get(m.user_id):
+                notes.append(f"{self.activity.unread[m.user_id]} unread")
             self.say(f"{clean(m.username)} ({', '.join(notes)})" if notes else clean(m.username))
             if not m.devices:
                 self.say("    (no device yet)")
@@ -357,6 +381,7 @@ class ChatApp:
         entries = await self.client.history(self.peer.user_id)
         self._cursor = len(entries)
         self.say(f"-- conversation with {clean(self.peer.username)} --")
+        await self.activity.opened(self.peer)
         if not entries:
             self.say("-- no messages yet: type a line to send it --")
         else:
@@ -590,6 +615,10 @@ class ChatApp:
         for line in message_lines(prefix, message.text, suffix):
             self.say(line)
         idle = self.peer is None and self.rooms.current is None
+        if not message.outgoing:
+            peer = self.peer if self.rooms.current is None else None
+            seen = idle or (peer is not None and peer.user_id == message.peer_user_id)
+            self.activity.received(message.sender_user_id, seen=seen)
         if idle and message.peer_user_id in self._by_id:
             self.peer = self._by_id[message.peer_user_id]
             name = self.name_of(self.peer.user_id)

@@ -3,11 +3,12 @@
 A message to someone who has never logged in (so has no device to encrypt
 to) stays in the history as ``sending`` (``… not sent yet`` in ``/history``).
 :class:`WaitingMessages` asks the server to tell this connection when that
-person comes online (``who_is_online`` with their id makes the connection
-watch them), and when they do and their device has published its keys, it
-says so and offers ``/resend``. ``/resend`` sends every message of the open
-conversation that is still ``sending``, under its own message id (so one
-that did reach the server after all is not queued twice).
+person comes online (``watch_presence``), and when they do
+(:mod:`chatd.chat.activity` calls :meth:`WaitingMessages.on_online`) and
+their device has published its keys, it says so and offers ``/resend``.
+``/resend`` sends every message of the open conversation that is still
+``sending``, under its own message id (so one that did reach the server
+after all is not queued twice).
 """
 
 from __future__ import annotations
@@ -66,18 +67,14 @@ class WaitingMessages:
         if peer.user_id in self._waiting:
             return
         self._waiting.add(peer.user_id)
-        if "who_is_online.user_ids" in self.client.connection.features:
-            with contextlib.suppress(ClientError, trio.TooSlowError):
-                await self.client.connection.request("who_is_online", user_ids=[peer.user_id])
+        with contextlib.suppress(ClientError, trio.TooSlowError):
+            await self.client.watch_presence([peer.user_id])  # to hear when they log in
 
-    async def serve(self) -> None:
-        """Watch presence pushes for the people with waiting messages."""
-        async for change in self.client.presence_changes():
-            for user_id in change.online:
-                if user_id in self._waiting:
-                    await self._check(user_id)
-
-    async def _check(self, user_id: int) -> None:
+    async def on_online(self, user_id: int) -> None:
+        """``user_id`` came online: once their device's keys are in the
+        directory, offer /resend for what waits for them."""
+        if user_id not in self._waiting:
+            return
         for attempt in range(KEYS_CHECKS):
             if attempt:
                 await trio.sleep(KEYS_CHECK_EVERY)

@@ -10,7 +10,7 @@ verification (SAS emoji) in :mod:`chatd.client.sas` and
 """
 
 from .account import Account, SessionInfo, TotpSecret
-from .client import Client, Member, PresenceChange, ReceivedMessage
+from .client import Activity, Client, Member, PresenceChange, ReceivedMessage, TypingNotice
 from .crypto import fingerprint
 from .errors import (
     CertificateError,
@@ -50,6 +50,7 @@ from .verification import Verification
 
 __all__ = [
     "Account",
+    "Activity",
     "BAD_CIPHERTEXT",
     "CANNOT_DECRYPT",
     "CertificateError",
@@ -89,6 +90,7 @@ __all__ = [
     "ServerRefusedError",
     "ShortAuthString",
     "TotpSecret",
+    "TypingNotice",
     "Verification",
     "VerificationError",
     "WRONG_ROOM",

@@ -76,7 +76,7 @@ from .verification import Verification, Verifications
 log = logging.getLogger(__name__)
 
 INBOX_MESSAGES: Final = 1000  # received messages buffered for messages()
-PRESENCE_PUSHES: Final = 100  # pushed presence changes buffered; later ones are dropped
+ACTIVITY_PUSHES: Final = 100  # pushed presence and typing buffered; later ones are dropped
 ROOM_EVENTS: Final = 1000  # room messages and events buffered for room_events()
 KEYS_READY_TIMEOUT: Final = 30.0  # seconds open_client waits for the first key upload
 
@@ -99,6 +99,17 @@ class PresenceChange:
 
     online: tuple[int, ...]
     offline: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TypingNotice:
+    """A pushed ``typing_notice``: ``user_id`` started (or stopped) typing to us."""
+
+    user_id: int
+    active: bool
+
+
+Activity = PresenceChange | TypingNotice
 
 
 @dataclass(frozen=True)
@@ -157,9 +168,7 @@ class Client:
         self._room_events_send, self._room_events = trio.open_memory_channel[RoomEventItem](
             ROOM_EVENTS
         )
-        self._presence_send, self._presence = trio.open_memory_channel[PresenceChange](
-            PRESENCE_PUSHES
-        )
+        self._activity_send, self._activity = trio.open_memory_channel[Activity](ACTIVITY_PUSHES)
         self._rooms: Rooms | None = None
         self._room_jobs: RoomJobs | None = None
         self._room_inbound: RoomInbound | None = None
@@ -364,12 +373,38 @@ class Client:
         await self._send_payload(message_id, peer, encode_payload(message_id, peer, entry.text))
         await self._store.set_state(message_id, "sent", only_from="sending")
 
-    def presence_changes(self) -> trio.MemoryReceiveChannel[PresenceChange]:
-        """Presence pushed by the server for the users this connection watches
-        (the people it exchanged messages with, or asked about with
-        ``who_is_online`` and ``user_ids``): who came online, who went offline.
-        One consumer; at most PRESENCE_PUSHES wait, later ones are dropped."""
-        return self._presence
+    def activity(self) -> trio.MemoryReceiveChannel[Activity]:
+        """What the server pushes about people, never stored: PresenceChange
+        for the users this connection watches (the people it exchanged
+        messages or typing notices with, or named in :meth:`watch_presence`),
+        and TypingNotice when someone types to us. One consumer; at most
+        ACTIVITY_PUSHES wait, later ones are dropped."""
+        return self._activity
+
+    async def watch_presence(self, user_ids: list[int]) -> set[int]:
+        """Which of ``user_ids`` are online now; the connection then watches
+        them (their changes come as PresenceChange in :meth:`activity`). On a
+        server without ``who_is_online.user_ids``: every online user, and
+        nobody is watched."""
+        if "who_is_online.user_ids" in self._conn.features:
+            reply = await self._conn.request("who_is_online", user_ids=user_ids)
+        else:  # pragma: no cover - every chatd server lists the feature
+            reply = await self._conn.request("who_is_online")
+        return set(reply.get("online", []))
+
+    async def app_value(self, name: str) -> str | None:
+        """A value the application kept in the encrypted store with
+        :meth:`set_app_value` (for example the conversation open last)."""
+        return (await self._store.meta()).get(f"app.{name}")
+
+    async def set_app_value(self, name: str, value: str) -> None:
+        """Keep a short value of the application's in the encrypted store."""
+        await self._store.set_meta(**{f"app.{name}": value})
+
+    async def send_typing(self, user_id: int, active: bool) -> None:
+        """Tell ``user_id``'s online devices that we started (or stopped)
+        typing to them. Best effort: no reply, dropped while disconnected."""
+        await self._conn.send_frame("typing", to_user_id=user_id, active=active)
 
     async def _send_control(self, user_id: int, fields: dict[str, Any]) -> None:
         """Send a payload that is not a chat message (kept out of the history)."""
@@ -428,12 +463,16 @@ class Client:
                     await self._room_events_send.send(RoomInvitation(room, frame.get("by_user_id")))
                 elif frame.get("type") == "key_count":
                     await self._keys.top_up(frame)
-                elif frame.get("type") == "presence":
-                    change = PresenceChange(
-                        tuple(frame.get("online", [])), tuple(frame.get("offline", []))
+                elif frame.get("type") in ("presence", "typing_notice"):
+                    item: Activity = (
+                        PresenceChange(
+                            tuple(frame.get("online", [])), tuple(frame.get("offline", []))
+                        )
+                        if frame["type"] == "presence"
+                        else TypingNotice(frame["user_id"], bool(frame["active"]))
                     )
                     with contextlib.suppress(trio.WouldBlock):
-                        self._presence_send.send_nowait(change)
+                        self._activity_send.send_nowait(item)
             except (ClientError, trio.TooSlowError) as exc:
                 # The server re-delivers what we did not acknowledge.
                 log.warning("client.inbound_failed", extra={"error": str(exc)})
