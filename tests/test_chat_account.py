@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pyotp
+import pytest
 import trio
 
 from chatd.client import open_client
@@ -323,3 +324,51 @@ async def test_presence_typing_unread_counts_and_the_last_conversation(short_tmp
             await alice.expect('✓ sent "hello again"')
             await alice.type("/quit")
             assert await alice.exit_code() == 0
+
+
+async def test_the_store_passphrase_can_be_kept_in_the_system_keyring(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYTHON_KEYRING_BACKEND", "tests.fake_keyring.FileKeyring")
+    monkeypatch.setenv("CHATD_TEST_KEYRING", str(short_tmp / "keyring.json"))
+    passphrase = "a store passphrase for the keyring"
+    async with relay(short_tmp) as srv:
+        args = user_args(srv.url, short_tmp, "alice")
+        async with chat(short_tmp, *args, "--keyring") as alice:
+            await alice.expect("Password for alice: ")
+            await alice.type(PASSWORD)
+            await alice.expect("New store passphrase")
+            await alice.type(passphrase)
+            await alice.expect("Repeat the store passphrase: ")
+            await alice.type(passphrase)
+            await alice.expect("The store passphrase is now kept in the system keyring")
+            await alice.type("/quit")
+            assert await alice.exit_code() == 0
+        assert passphrase in (short_tmp / "keyring.json").read_text()
+
+        async with chat(short_tmp, *args, "--keyring") as alice:
+            await alice.expect("Password for alice: ")
+            await alice.type(PASSWORD)
+            await alice.expect("The store passphrase comes from the system keyring.")
+            await alice.expect("Logged in as alice")
+            await alice.type("/quit")
+            assert await alice.exit_code() == 0
+        assert "Store passphrase: " not in alice.output
+
+        # Without --keyring nothing changes: it is typed.
+        async with chat(short_tmp, *args) as alice:
+            await alice.expect("Password for alice: ")
+            await alice.type(PASSWORD)
+            await alice.expect("Store passphrase: ")
+            await alice.type(passphrase)
+            await alice.expect("Logged in as alice")
+            await alice.type("/quit")
+            assert await alice.exit_code() == 0
+
+        # A keyring that cannot be used is said so (exit 2).
+        monkeypatch.setenv("PYTHON_KEYRING_BACKEND", "keyring.backends.fail.Keyring")
+        async with chat(short_tmp, *args, "--keyring") as alice:
+            await alice.expect("Password for alice: ")
+            await alice.type(PASSWORD)
+            await alice.expect("chat: --keyring: the system keyring cannot be used")
+            assert await alice.exit_code() == 2

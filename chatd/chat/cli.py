@@ -48,6 +48,7 @@ from chatd.errors import ChatdError, exception_leaves
 from .app import ChatApp
 from .display import clean
 from .enrol import enrol_at_login
+from .keyrings import KeyringUnavailable, keep_passphrase, stored_passphrase
 from .terminal import LineReader, open_terminal_lines
 
 DEFAULT_SERVER: Final = "ws://127.0.0.1:7878/v1/ws"
@@ -120,6 +121,7 @@ class Options:
     invite: str | None = None  # "" means: ask for it
     ca: Path | None = None
     insecure: bool = False
+    keyring: bool = False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
         " certificate) in this PEM file",
     )
     parser.add_argument(
+        "--keyring",
+        action="store_true",
+        help="keep the store passphrase in the system keyring: typed once, then read from there",
+    )
+    parser.add_argument(
         "--insecure",
         action="store_true",
         help="allow unencrypted ws:// to a host other than this machine",
@@ -204,6 +211,7 @@ def parse_options(argv: list[str] | None) -> Options:
         invite=args.invite,
         ca=args.ca,
         insecure=args.insecure,
+        keyring=args.keyring,
     )
 
 
@@ -382,6 +390,8 @@ def can_highlight() -> bool:
 class Progress:
     logged_in: bool = False
     registering: bool = False  # the first run with --invite
+    from_keyring: bool = False  # the store passphrase came from the system keyring
+    keep_passphrase: str | None = None  # to save in the keyring once the store opened
 
 
 async def run_app(
@@ -412,6 +422,13 @@ async def run_app(
         ) as client,
     ):
         progress.logged_in = True
+        if progress.keep_passphrase is not None:
+            try:
+                await trio.to_thread.run_sync(keep_passphrase, opts.store, progress.keep_passphrase)
+                say("The store passphrase is now kept in the system keyring (--keyring).")
+            except KeyringUnavailable as exc:
+                say(f"! the store passphrase was not saved: {exc}")
+            progress.keep_passphrase = None
         app = ChatApp(
             client, say, username=opts.user, device_name=opts.device, bold=can_highlight()
         )
@@ -419,7 +436,11 @@ async def run_app(
 
 
 def _failure(
-    exc: BaseException, opts: Options, logged_in: bool, registering: bool = False
+    exc: BaseException,
+    opts: Options,
+    logged_in: bool,
+    registering: bool = False,
+    from_keyring: bool = False,
 ) -> tuple[str, int]:
     """The message and exit code for what ended the app."""
     leaves = list(exception_leaves(exc))
@@ -436,8 +457,9 @@ def _failure(
         if isinstance(leaf, KeyboardInterrupt):
             return "interrupted", EXIT_INTERRUPTED
         if isinstance(leaf, ClientStoreError):
+            where = " (it came from the system keyring)" if from_keyring else ""
             return (
-                f"the local store did not open: {leaf}. Check the store passphrase"
+                f"the local store did not open: {leaf}. Check the store passphrase{where}"
                 " (or --key-file); the store was left unchanged",
                 EXIT_STORE,
             )
@@ -506,12 +528,24 @@ def _main(opts: Options) -> int:
         raise SetupError("no password given")
     totp = ask_totp() if opts.totp else None
     new = prepare_store(opts.store)
+    progress = Progress(registering=invite is not None)
     if key is None:
-        passphrase = ask_passphrase(opts.store, new=new)
+        kept = None
+        if opts.keyring:
+            try:
+                kept = None if new else stored_passphrase(opts.store)
+            except KeyringUnavailable as exc:
+                raise SetupError(f"--keyring: {exc}; leave out --keyring to type it") from None
+        if kept:
+            say("The store passphrase comes from the system keyring.")
+            passphrase, progress.from_keyring = kept, True
+        else:
+            passphrase = ask_passphrase(opts.store, new=new)
+            if opts.keyring:
+                progress.keep_passphrase = passphrase
         salt = read_salt(opts.store, new=new)
         say("Unlocking the store…")
         key = key_from_passphrase(passphrase, salt)
-    progress = Progress(registering=invite is not None)
     while True:
         try:
             trio.run(run_app, opts, password, key, totp, progress)
@@ -523,6 +557,8 @@ def _main(opts: Options) -> int:
                 say("This account has a second factor.")
                 totp = ask_totp()
                 continue
-            message, code = _failure(exc, opts, progress.logged_in, progress.registering)
+            message, code = _failure(
+                exc, opts, progress.logged_in, progress.registering, progress.from_keyring
+            )
             print(f"chat: {message}", file=sys.stderr)
             return code
