@@ -372,3 +372,52 @@ async def test_the_store_passphrase_can_be_kept_in_the_system_keyring(
             await alice.type(PASSWORD)
             await alice.expect("chat: --keyring: the system keyring cannot be used")
             assert await alice.exit_code() == 2
+
+
+async def test_a_user_turns_totp_on_gets_new_codes_and_turns_it_off(short_tmp: Path) -> None:
+    async with relay(short_tmp) as srv:
+        args = user_args(srv.url, short_tmp, "alice", key=ALICE_KEY)
+        async with chat(short_tmp, *args) as alice:
+            await log_in(alice, "alice", PASSWORD)
+            await alice.type("/totp maybe")
+            await alice.expect("! usage: /totp on/off/codes")
+            await alice.type("/totp codes")
+            await alice.expect("Your current password (not shown):")
+            await alice.type(PASSWORD)
+            await alice.expect("TOTP code from your app (or a recovery code):")
+            await alice.type("123456")
+            await alice.expect("! /totp failed: TOTP is not on for this account")
+
+            await alice.type("/totp on")
+            await alice.expect("Your current password (not shown):")
+            await alice.type(PASSWORD)
+            await alice.expect("Scan this QR code with your authenticator app:")
+            secret = (await alice.expect_line(" (TOTP, 6 digits, 30 s): ")).replace(" ", "")
+            await alice.expect("Type the 6-digit code the app shows now")
+            await alice.type(pyotp.TOTP(secret).now())
+            await alice.expect("✓ TOTP is on")
+            await alice.expect("not shown again")
+            await alice.type("/totp codes")
+            await alice.expect("Your current password (not shown):")
+            await alice.type(PASSWORD)
+            await alice.expect("TOTP code from your app (or a recovery code):")
+            await alice.type(pyotp.TOTP(secret).at(time.time() + 30))
+            await alice.expect("✓ new recovery codes; the old ones no longer work.")
+            await alice.expect("not shown again.")
+            codes = [(await alice.expect_line("    ")).strip() for _ in range(10)]
+            assert all(re.fullmatch(r"[a-z2-7]{4}(-[a-z2-7]{4}){5}", c) for c in codes)
+            await alice.type("/totp off")
+            await alice.expect("Your current password (not shown):")
+            await alice.type(PASSWORD)
+            await alice.expect("TOTP code from your app (or a recovery code):")
+            await alice.type("aaaa-aaaa-aaaa-aaaa-aaaa-aaaa")
+            await alice.expect("! /totp failed: the code is wrong or was already used")
+            await alice.type("/totp off")
+            await alice.expect("Your current password (not shown):")
+            await alice.type(PASSWORD)
+            await alice.expect("TOTP code from your app (or a recovery code):")
+            await alice.type(codes[0])  # a recovery code works too
+            await alice.expect("✓ TOTP is off")
+            await alice.type("/quit")
+            assert await alice.exit_code() == 0
+        assert PASSWORD not in alice.output

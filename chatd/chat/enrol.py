@@ -63,6 +63,9 @@ async def confirm_with_code(say: Say, ask: Ask, account: Account) -> list[str] |
         try:
             return await account.confirm_totp(code.strip())
         except ServerRefusedError as exc:
+            if exc.code == "rate_limited":  # wrong codes make the server wait longer
+                say("! too many tries just now: wait a few seconds, then type the next code")
+                continue
             if exc.code != "mfa_failed":
                 raise
             say("! that code is not right: check the app (and this machine's clock), then again")
