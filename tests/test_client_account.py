@@ -308,9 +308,12 @@ async def test_a_restart_continues_the_session_until_logout(short_tmp: Path) -> 
         assert len(await live()) == 1  # no new session per run
         # Past its access token's life, the session is refreshed, and keys still flow.
         async with device(srv, short_tmp, "alice", "laptop", ALICE_KEY) as a:
-            a.connection.credentials.access_expires_at = 0
+            assert a.connection.on_tokens is not None
+            a.connection.credentials.access_expires_at = 0  # kept as if it ran out
+            await a.connection.on_tokens(a.connection.credentials)
         async with device(srv, short_tmp, "alice", "laptop", ALICE_KEY) as a:
             await a.directory()
+        assert ("refresh", "ok") in await srv.audit()
         assert len(await live()) == 1
         async with device(srv, short_tmp, "alice", "laptop", ALICE_KEY) as a:
             await a.account.logout()
