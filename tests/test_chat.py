@@ -382,7 +382,7 @@ async def test_history_scrolls_page_by_page_and_bad_commands_are_explained(
                     ("/sas bob X", "! bob has no device X (see /who)"),
                     ("/yes", "! no verification is in progress"),
                     ("/open carol", "-- no messages yet"),
-                    ("hi carol", '! not sent "hi carol": carol has no device yet'),
+                    ("hi carol", '! not sent yet "hi carol": carol has no device yet'),
                     ("/open bob", "-- conversation with bob --"),
                 ]:
                     await alice.type(typed)
@@ -426,6 +426,8 @@ async def test_the_totp_code_is_asked_for_when_the_account_needs_one(short_tmp: 
             await alice.expect("Logged in as alice")
             await alice.type("/quit")
             assert await alice.exit_code() == 0
+        # Another device of alice's (this store's session would just continue).
+        args[args.index("--store") + 1] = str(short_tmp / "alice-phone.db")
         async with chat(short_tmp, *args, "--totp") as alice:
             await alice.expect("Password for alice: ")
             await alice.type(PASSWORD)
@@ -469,6 +471,8 @@ async def test_a_store_passphrase_protects_the_store_and_a_wrong_one_changes_not
             await alice.expect("chat: the local store did not open:")
             await alice.expect("the store was left unchanged")
             assert await alice.exit_code() == 4
+        # Only the helpful message: not SQLCipher's own log lines.
+        assert "hmac check failed" not in alice.output and "ERROR CORE" not in alice.output
         assert hashlib.sha256(store.read_bytes()).digest() == before
 
         async with chat(short_tmp, *args) as alice:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any, Final
 
-from chatd.auth.base import DAY_MS
+from chatd.auth.base import DAY_MS, RESET_REASON
 from chatd.auth.models import ROLES, AuditEvent, AuthError, InviteInfo, Peer, SessionInfo, UserInfo
 from chatd.auth.passwords import PasswordPolicyError, check_password_policy
 from chatd.auth.queries import list_sessions_where
@@ -158,7 +158,7 @@ class AccountAdmin:
             "UPDATE users SET password_hash = ?, password_changed_at = ? WHERE id = ?",
             (password_hash, now_ms()),
         )
-        await self.auth.revoke_sessions(await self.auth.user_session_ids(user_id), "password reset")
+        await self.auth.revoke_sessions(await self.auth.user_session_ids(user_id), RESET_REASON)
         await self.auth.audit("admin_reset_password", "ok", ADMIN_PEER, user_id=user_id)
         return await self.get_user(user_id)
 

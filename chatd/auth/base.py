@@ -39,6 +39,16 @@ def fail(code: str, message: str, **kw: Any) -> AuthError:
     return AuthError(code, message, **kw)
 
 
+#: The ``revoked_reason`` of the sessions an admin's password reset ended.
+RESET_REASON: Final = "password reset"
+
+
+def password_reset() -> AuthError:
+    """What ``resume`` and ``refresh`` answer for a token of a session that an
+    admin's password reset ended (instead of ``invalid_token``)."""
+    return fail("password_reset", "your password was reset by an admin; log in with the new one")
+
+
 class AuthBase:
     """State and helpers every auth flow uses. See :class:`chatd.auth.service.AuthService`."""
 

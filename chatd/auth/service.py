@@ -34,7 +34,7 @@ from dataclasses import replace
 from functools import partial
 from typing import Any, Final
 
-from chatd.auth.base import DAY_MS, fail
+from chatd.auth.base import DAY_MS, RESET_REASON, fail, password_reset
 from chatd.auth.credentials import CredentialFlows
 from chatd.auth.models import Peer, SessionGrant, SessionInfo
 from chatd.auth.queries import list_sessions_where, rotate_session_tokens, select_session
@@ -227,6 +227,8 @@ class AuthService(CredentialFlows):
             if session is None:
                 self._failed(f"resume:{peer.network}")
             await self.audit("resume", code, peer, user_id=session["user_id"] if session else None)
+            if session is None and await self._reset_by_admin("access_hash", access_token):
+                raise password_reset()
             raise fail(
                 code,
                 "the access token is expired; refresh it"
@@ -299,6 +301,8 @@ class AuthService(CredentialFlows):
             )
         if session is None:
             await self.audit("refresh", outcome, peer)
+            if await self._reset_by_admin("refresh_hash", refresh_token):
+                raise password_reset()
             raise fail(
                 "invalid_token",
                 "unknown, expired or revoked refresh token",
@@ -364,6 +368,22 @@ class AuthService(CredentialFlows):
         return await self.store.read(query)
 
     # -- helpers ------------------------------------------------------------------------------
+
+    async def _reset_by_admin(self, column: str, token: str) -> bool:
+        """Whether ``token`` is the current token of a session that ended
+        because an admin reset the password (so the client can say so rather
+        than try its old password)."""
+        if not 0 < len(token) <= TOKEN_MAX_CHARS or column not in ("access_hash", "refresh_hash"):
+            return False
+        digest = token_hash(token)
+        row = await self.store.read(
+            lambda conn: conn.execute(
+                # ``column`` is one of the two constant names checked above.
+                f"SELECT revoked_reason FROM sessions WHERE {column} = ?",  # noqa: S608
+                (digest,),
+            ).fetchone()
+        )
+        return row is not None and row[0] == RESET_REASON
 
     async def _session_by(self, column: str, token: str) -> dict[str, Any] | None:
         if not 0 < len(token) <= TOKEN_MAX_CHARS:

@@ -38,10 +38,13 @@ from chatd.client import (
     IdentityChangedError,
     Member,
     ReceivedMessage,
+    SendError,
     ServerRefusedError,
 )
 from chatd.client.room_store import RoomInfo
 
+from .account import ACCOUNT_COMMANDS, AccountCommands
+from .activity import ActivityView
 from .commands import Command, Refused, UsageError
 from .display import (
     clean,
@@ -56,6 +59,7 @@ from .files import FILE_COMMANDS, FileCommands
 from .rooms import ROOM_COMMANDS, People, RoomsView
 from .terminal import LineReader
 from .verifying import SasVerifier
+from .waiting import WAITING_COMMANDS, WaitingMessages
 
 PAGE: Final = 20  # messages per history page
 MAX_PAGE: Final = 1000  # the largest /history N
@@ -63,6 +67,7 @@ OUTBOX: Final = 100  # typed messages waiting to be sent
 MAX_WATCHED: Final = 100  # sent messages whose delivery is followed live
 QUIT_GRACE: Final = 10.0  # seconds /quit waits for the outbox to be sent
 CONNECTION_POLL: Final = 1.0  # seconds between connection state checks
+LAST_CONVERSATION: Final = "chat.last_conversation"  # kept in the store: user:ID or room:ID
 
 Say = Callable[[str], None]
 
@@ -77,6 +82,7 @@ COMMANDS: Final = (
     ),
     Command("history", "/history [N]", f"the last N messages of this conversation ({PAGE})"),
     Command("more", "/more", "the page of older messages before the one shown last"),
+    *WAITING_COMMANDS,
     *ROOM_COMMANDS,
     *FILE_COMMANDS,
     Command("devices", "/devices", "every device seen so far and whether you verified it"),
@@ -94,7 +100,8 @@ COMMANDS: Final = (
     Command("accept", "/accept", "go ahead with a verification another device asked for"),
     Command("yes", "/yes", "the emoji match the other screen: verify the device"),
     Command("no", "/no", "the emoji differ, or decline or cancel the verification"),
-    Command("quit", "/quit", "leave (Ctrl-D does the same)"),
+    *ACCOUNT_COMMANDS,
+    Command("quit", "/quit", "leave; you stay logged in (Ctrl-D does the same)"),
 )
 
 
@@ -130,6 +137,17 @@ class ChatApp:
         self._sender_done = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._sas = SasVerifier(client, say, self.describe_device)
+        self.account = AccountCommands(client, say)
+        self.waiting = WaitingMessages(
+            client,
+            say,
+            member=lambda user_id: self._by_id.get(user_id),
+            refresh_directory=self.refresh_directory,
+            peer=lambda: self.peer,
+        )
+        self.activity = ActivityView(
+            client, say, peer=lambda: self.peer, on_online=self.waiting.on_online
+        )
         self.rooms = RoomsView(
             client,
             say,
@@ -164,12 +182,15 @@ class ChatApp:
             await self.rooms.start()
         except (ClientError, trio.TooSlowError) as exc:
             self.say(f"! the rooms could not be listed: {_reason(exc)}; try /rooms")
+        self.account.lines = lines
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._show_incoming)
             nursery.start_soon(self._show_room_events)
             nursery.start_soon(self._send_outbox)
             nursery.start_soon(self._watch_connection)
+            nursery.start_soon(self.activity.serve)
+            await self._reopen_last()
             nursery.start_soon(self._sas.serve_requests, nursery)
             while True:
                 line = await lines.readline()
@@ -177,8 +198,24 @@ class ChatApp:
                     break
             await self._sas.close()
             await self._finish_outbox()
+            await self._remember_last()
             nursery.cancel_scope.cancel()
         self.say("Bye.")
+
+    async def _reopen_last(self) -> None:
+        """Open the conversation that was open when chat last ended."""
+        with contextlib.suppress(ClientError, trio.TooSlowError, UsageError, Refused):
+            kind, _, ident = (await self.client.app_value(LAST_CONVERSATION) or "").partition(":")
+            if kind == "user" and ident.isdigit() and int(ident) in self._by_id:
+                await self._cmd_open([self._by_id[int(ident)].username])
+            elif kind == "room" and ident.isdigit():
+                await self.rooms.cmd_room([ident])
+
+    async def _remember_last(self) -> None:
+        room, peer = self.rooms.current, self.peer
+        value = f"room:{room.room_id}" if room else f"user:{peer.user_id}" if peer else ""
+        with contextlib.suppress(ClientError, trio.TooSlowError):
+            await self.client.set_app_value(LAST_CONVERSATION, value)
 
     async def handle(self, line: str) -> bool:
         """Run one typed line; False when the app should stop."""
@@ -193,11 +230,13 @@ class ChatApp:
             if command is None:
                 self.say(f"! unknown command /{clean(name)}; type /help for the list")
                 return True
-            method = command.name.replace("-", "_")
+            attr = command.name.replace("-", "_")
             handler: Callable[[list[str]], Awaitable[None]] = (
-                getattr(self, f"_cmd_{method}", None)
-                or getattr(self.files, f"cmd_{method}", None)
-                or getattr(self.rooms, f"cmd_{method}")
+                getattr(self, f"_cmd_{attr}", None)
+                or getattr(self.files, f"cmd_{attr}", None)
+                or getattr(self.account, f"cmd_{attr}", None)
+                or getattr(self.waiting, f"cmd_{attr}", None)
+                or getattr(self.rooms, f"cmd_{attr}")
             )
             try:
                 await handler(args)
@@ -209,7 +248,7 @@ class ChatApp:
                 self.say(f"!! WARNING: {clean(str(exc))}")
             except (ClientError, trio.TooSlowError) as exc:
                 self.say(f"! /{command.name} failed: {_reason(exc)}")
-            return True
+            return not self.account.ended
         text = line[1:] if line.startswith("//") else line
         target: Member | RoomInfo | None = self.rooms.current or self.peer
         if target is None:
@@ -327,6 +366,8 @@ class ChatApp:
             notes = ["you"] if m.user_id == self.client.user_id else []
             if online is not None:
                 notes.append("online" if m.user_id in online else "offline")
+            if self.activity.unread.get(m.user_id):
+                notes.append(f"{self.activity.unread[m.user_id]} unread")
             self.say(f"{clean(m.username)} ({', '.join(notes)})" if notes else clean(m.username))
             if not m.devices:
                 self.say("    (no device yet)")
@@ -349,6 +390,7 @@ class ChatApp:
         entries = await self.client.history(self.peer.user_id)
         self._cursor = len(entries)
         self.say(f"-- conversation with {clean(self.peer.username)} --")
+        await self.activity.opened(self.peer)
         if not entries:
             self.say("-- no messages yet: type a line to send it --")
         else:
@@ -493,13 +535,18 @@ class ChatApp:
                     continue
                 peer = target
                 try:
-                    if not await self._has_devices(peer):
-                        self.say(
-                            f"! not sent {excerpt(text)}: {clean(peer.username)} has no device"
-                            " yet (they must log in once before you can write to them)"
-                        )
-                        continue
                     message_id = await self.client.send_text(peer.user_id, text)
+                except SendError as exc:
+                    # Kept in the history as "sending" either way.
+                    try:
+                        no_device = not await self._has_devices(peer)
+                    except (ClientError, trio.TooSlowError):
+                        no_device = False
+                    if no_device:
+                        await self.waiting.kept(peer, text)
+                    else:
+                        self.say(f"! not sent {excerpt(text)}: {_reason(exc)}")
+                    continue
                 except (ClientError, trio.TooSlowError) as exc:
                     self.say(f"! not sent {excerpt(text)}: {_reason(exc)}")
                     continue
@@ -577,6 +624,10 @@ class ChatApp:
         for line in message_lines(prefix, message.text, suffix):
             self.say(line)
         idle = self.peer is None and self.rooms.current is None
+        if not message.outgoing:
+            peer = self.peer if self.rooms.current is None else None
+            seen = idle or (peer is not None and peer.user_id == message.peer_user_id)
+            self.activity.received(message.sender_user_id, seen=seen)
         if idle and message.peer_user_id in self._by_id:
             self.peer = self._by_id[message.peer_user_id]
             name = self.name_of(self.peer.user_id)

@@ -4,9 +4,13 @@ Secrets never come from the command line or the environment: the password
 (and a TOTP code, when asked for) are read with :func:`getpass.getpass` from
 the terminal, and the store key comes from ``--key-file`` or from a store
 passphrase typed at the terminal (Argon2id with a random salt kept in
-``<store>.salt``). All prompts happen before Trio starts; when the server
-says the account needs a TOTP code, ``main`` asks for it and runs the
-client again.
+``<store>.salt``). The prompts for logging in happen before Trio starts; when
+the server says the account needs a TOTP code, ``main`` asks for it and runs
+the client again. (An invite code is single-use and may be given as
+``--invite CODE``; ``--invite`` alone asks for it.) When the server requires
+the account to set up TOTP first, the client walks the person through it
+inside Trio (:mod:`chatd.chat.enrol`), reading the typed code from the
+terminal.
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ import logging
 import os
 import secrets
 import socket
+import ssl
 import stat
 import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
 
@@ -29,10 +34,12 @@ import trio
 
 from chatd.auth.usernames import UsernameError, normalize_username
 from chatd.client import (
+    CertificateError,
     ClientError,
     ClientStoreError,
     ConnectionLostError,
     LoginError,
+    check_transport,
     key_from_passphrase,
     open_client,
 )
@@ -40,7 +47,9 @@ from chatd.errors import ChatdError, exception_leaves
 
 from .app import ChatApp
 from .display import clean
-from .terminal import open_terminal_lines
+from .enrol import enrol_at_login
+from .keyrings import KeyringUnavailable, keep_passphrase, stored_passphrase
+from .terminal import LineReader, open_terminal_lines
 
 DEFAULT_SERVER: Final = "ws://127.0.0.1:7878/v1/ws"
 SALT_BYTES: Final = 16  # random salt for the store passphrase
@@ -79,6 +88,17 @@ LOGIN_REFUSED: Final = {
         "the server no longer knows this store's device (was it removed?);"
         " start again with a new --store"
     ),
+    "mfa_enrollment_required": (
+        "this account must set up a second factor (TOTP) before it can chat;"
+        " run chat again and follow the steps"
+    ),
+    "password_reset": "your password was reset by an admin; log in again",
+    "session_revoked": (
+        "this session was ended (logged out from another device, or this device"
+        " was removed); log in again"
+    ),
+    "invalid_invite": "the invite code is unknown, used, revoked or expired; ask for a new one",
+    "username_taken": "that username is taken; choose another with --user",
 }
 
 
@@ -98,6 +118,10 @@ class Options:
     store: Path
     key_file: Path | None
     totp: bool
+    invite: str | None = None  # "" means: ask for it
+    ca: Path | None = None
+    insecure: bool = False
+    keyring: bool = False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,6 +160,33 @@ def build_parser() -> argparse.ArgumentParser:
         " without it you are asked for a store passphrase",
     )
     parser.add_argument("--totp", action="store_true", help="ask for a TOTP code before logging in")
+    parser.add_argument(
+        "--invite",
+        metavar="CODE",
+        nargs="?",
+        const="",
+        default=None,
+        help="create your account with an invite code from an admin (you choose the"
+        " password); --invite alone asks for the code",
+    )
+    parser.add_argument(
+        "--ca",
+        metavar="FILE",
+        type=Path,
+        default=None,
+        help="trust the server certificates signed by the CA (or the self-signed"
+        " certificate) in this PEM file",
+    )
+    parser.add_argument(
+        "--keyring",
+        action="store_true",
+        help="keep the store passphrase in the system keyring: typed once, then read from there",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow unencrypted ws:// to a host other than this machine",
+    )
     return parser
 
 
@@ -146,6 +197,10 @@ def parse_options(argv: list[str] | None) -> Options:
     except UsernameError as exc:
         raise SetupError(str(exc)) from None
     store = args.store if args.store is not None else default_store(user)
+    try:
+        check_transport(args.server, insecure=args.insecure)
+    except ClientError as exc:
+        raise SetupError(str(exc)) from None
     return Options(
         server=args.server,
         user=user,
@@ -153,7 +208,22 @@ def parse_options(argv: list[str] | None) -> Options:
         store=store,
         key_file=args.key_file,
         totp=args.totp,
+        invite=args.invite,
+        ca=args.ca,
+        insecure=args.insecure,
+        keyring=args.keyring,
     )
+
+
+def tls_context(ca: Path | None) -> ssl.SSLContext | None:
+    """The TLS context for ``--ca FILE`` (the system's trusted CAs otherwise)."""
+    if ca is None:
+        return None
+    try:
+        return ssl.create_default_context(cafile=str(ca))
+    except (OSError, ssl.SSLError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise SetupError(f"cannot use --ca {ca}: {reason}") from None
 
 
 def default_store(user: str) -> Path:
@@ -257,6 +327,19 @@ def ask_passphrase(store: Path, *, new: bool) -> str:
     raise SetupError("no store passphrase was set")
 
 
+def ask_new_password(user: str) -> str:
+    """The password of a new account, typed twice."""
+    for _ in range(PASSPHRASE_TRIES):
+        first = ask(f"Choose a password for {user} (12 to 128 characters): ")
+        if not first:
+            print("The password must not be empty.", file=sys.stderr)
+        elif ask("Repeat the password: ") == first:
+            return first
+        else:
+            print("The two passwords differ; again.", file=sys.stderr)
+    raise SetupError("no password was chosen")
+
+
 def ask_totp() -> str:
     code = ask("TOTP code: ").strip()
     if not code:
@@ -306,6 +389,9 @@ def can_highlight() -> bool:
 @dataclass
 class Progress:
     logged_in: bool = False
+    registering: bool = False  # the first run with --invite
+    from_keyring: bool = False  # the store passphrase came from the system keyring
+    keep_passphrase: str | None = None  # to save in the keyring once the store opened
 
 
 async def run_app(
@@ -313,7 +399,14 @@ async def run_app(
 ) -> None:
     """Open the client, then run the chat app until /quit."""
     say(f"Connecting to {opts.server} as {opts.user}…")
+
+    async def ask_line(prompt: str) -> str | None:
+        say(prompt)
+        return await lines.readline()
+
+    lines: LineReader
     async with (
+        open_terminal_lines() as lines,
         open_client(
             opts.server,
             opts.user,
@@ -322,36 +415,67 @@ async def run_app(
             store_path=opts.store,
             store_key=key,
             totp=totp,
+            ssl_context=tls_context(opts.ca),
+            invite_code=opts.invite if progress.registering else None,
+            enroll_totp=enrol_at_login(say, ask_line, password),
+            insecure=opts.insecure,
         ) as client,
-        open_terminal_lines() as lines,
     ):
         progress.logged_in = True
+        if progress.keep_passphrase is not None:
+            try:
+                await trio.to_thread.run_sync(keep_passphrase, opts.store, progress.keep_passphrase)
+                say("The store passphrase is now kept in the system keyring (--keyring).")
+            except KeyringUnavailable as exc:
+                say(f"! the store passphrase was not saved: {exc}")
+            progress.keep_passphrase = None
         app = ChatApp(
             client, say, username=opts.user, device_name=opts.device, bold=can_highlight()
         )
         await app.run(lines)
 
 
-def _failure(exc: BaseException, opts: Options, logged_in: bool) -> tuple[str, int]:
+def _failure(
+    exc: BaseException,
+    opts: Options,
+    logged_in: bool,
+    registering: bool = False,
+    from_keyring: bool = False,
+) -> tuple[str, int]:
     """The message and exit code for what ended the app."""
     leaves = list(exception_leaves(exc))
-    for kind in (KeyboardInterrupt, ClientStoreError, LoginError, ConnectionLostError):
+    for kind in (
+        KeyboardInterrupt,
+        ClientStoreError,
+        LoginError,
+        CertificateError,
+        ConnectionLostError,
+    ):
         leaf = next((e for e in leaves if isinstance(e, kind)), None)
         if leaf is None:
             continue
         if isinstance(leaf, KeyboardInterrupt):
             return "interrupted", EXIT_INTERRUPTED
         if isinstance(leaf, ClientStoreError):
+            where = " (it came from the system keyring)" if from_keyring else ""
             return (
-                f"the local store did not open: {leaf}. Check the store passphrase"
+                f"the local store did not open: {leaf}. Check the store passphrase{where}"
                 " (or --key-file); the store was left unchanged",
                 EXIT_STORE,
             )
         if isinstance(leaf, LoginError):
-            reason = LOGIN_REFUSED.get(leaf.code, str(leaf))
+            reason = LOGIN_REFUSED.get(leaf.code, clean(leaf.message or leaf.code))
             if logged_in:
                 return f"the server ended the session: {reason}", EXIT_LOGIN
+            if registering:
+                return f"registration refused: {reason}", EXIT_LOGIN
             return f"login refused: {reason}", EXIT_LOGIN
+        if isinstance(leaf, CertificateError):
+            return (
+                f"cannot connect securely to {opts.server}: {leaf}. If the server uses"
+                " its own CA or a self-signed certificate, pass it with --ca FILE",
+                EXIT_UNREACHABLE,
+            )
         return (
             f"cannot reach the server at {opts.server} (is it running, and is the URL right?)",
             EXIT_UNREACHABLE,
@@ -391,17 +515,37 @@ def _main(opts: Options) -> int:
     key = read_key_file(opts.key_file) if opts.key_file is not None else None
     if not os.isatty(0):
         raise SetupError("chat is interactive: run it in a terminal")
-    password = ask(f"Password for {opts.user}: ")
+    invite = opts.invite
+    if invite is not None:
+        invite = invite or ask("Invite code: ").strip()
+        if not invite:
+            raise SetupError("no invite code given")
+        opts = replace(opts, invite=invite)
+        password = ask_new_password(opts.user)
+    else:
+        password = ask(f"Password for {opts.user}: ")
     if not password:
         raise SetupError("no password given")
     totp = ask_totp() if opts.totp else None
     new = prepare_store(opts.store)
+    progress = Progress(registering=invite is not None)
     if key is None:
-        passphrase = ask_passphrase(opts.store, new=new)
+        kept = None
+        if opts.keyring:
+            try:
+                kept = None if new else stored_passphrase(opts.store)
+            except KeyringUnavailable as exc:
+                raise SetupError(f"--keyring: {exc}; leave out --keyring to type it") from None
+        if kept:
+            say("The store passphrase comes from the system keyring.")
+            passphrase, progress.from_keyring = kept, True
+        else:
+            passphrase = ask_passphrase(opts.store, new=new)
+            if opts.keyring:
+                progress.keep_passphrase = passphrase
         salt = read_salt(opts.store, new=new)
         say("Unlocking the store…")
         key = key_from_passphrase(passphrase, salt)
-    progress = Progress()
     while True:
         try:
             trio.run(run_app, opts, password, key, totp, progress)
@@ -413,6 +557,8 @@ def _main(opts: Options) -> int:
                 say("This account has a second factor.")
                 totp = ask_totp()
                 continue
-            message, code = _failure(exc, opts, progress.logged_in)
+            message, code = _failure(
+                exc, opts, progress.logged_in, progress.registering, progress.from_keyring
+            )
             print(f"chat: {message}", file=sys.stderr)
             return code

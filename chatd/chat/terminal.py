@@ -14,8 +14,10 @@ Trio checkpoint, so cancelling it is clean.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import os
-from collections.abc import AsyncIterator
+import termios
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Final
 
@@ -69,3 +71,21 @@ async def open_terminal_lines(fd: int = 0) -> AsyncIterator[LineReader]:
         yield LineReader(stream)
     finally:
         await stream.aclose()
+
+
+@contextlib.contextmanager
+def echo_off(fd: int = 0) -> Iterator[None]:
+    """Typed characters are not shown (for a password) until the block ends.
+    Does nothing if ``fd`` is not a terminal."""
+    try:
+        before = termios.tcgetattr(fd)
+    except termios.error:
+        yield
+        return
+    quiet = list(before)
+    quiet[3] &= ~termios.ECHO  # lflag
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, before)

@@ -11,10 +11,12 @@ verification (SAS emoji) in :mod:`chatd.client.sas` and
 ``client.save_file`` (:mod:`chatd.client.attachments`).
 """
 
+from .account import Account, SessionInfo, TotpSecret
 from .attachments import DEFAULT_MEDIA_TYPES, Attachment, AttachmentError
-from .client import Client, Member, ReceivedMessage
+from .client import Activity, Client, Member, PresenceChange, ReceivedMessage, TypingNotice
 from .crypto import fingerprint
 from .errors import (
+    CertificateError,
     ClientError,
     ClientStoreError,
     ConnectionLostError,
@@ -28,7 +30,7 @@ from .errors import (
     VerificationError,
 )
 from .megolm import RoomSettings
-from .opening import key_from_passphrase, open_client
+from .opening import EnrollTotp, check_transport, key_from_passphrase, open_client
 from .room_delivery import RoomDelivery
 from .room_events import (
     BAD_CIPHERTEXT,
@@ -50,10 +52,13 @@ from .store import DeviceRecord, HistoryEntry
 from .verification import Verification
 
 __all__ = [
+    "Account",
+    "Activity",
     "Attachment",
     "AttachmentError",
     "BAD_CIPHERTEXT",
     "CANNOT_DECRYPT",
+    "CertificateError",
     "DEFAULT_MEDIA_TYPES",
     "Client",
     "ClientError",
@@ -61,12 +66,14 @@ __all__ = [
     "ConnectionLostError",
     "DecryptionError",
     "DeviceRecord",
+    "EnrollTotp",
     "HistoryEntry",
     "IdentityChangedError",
     "KEY_MISSING",
     "KeyClaimError",
     "LoginError",
     "Member",
+    "PresenceChange",
     "REPLAY",
     "ReceivedMessage",
     "RoomDelivery",
@@ -85,11 +92,15 @@ __all__ = [
     "Rooms",
     "SAS_EMOJI",
     "SendError",
+    "SessionInfo",
     "ServerRefusedError",
     "ShortAuthString",
+    "TotpSecret",
+    "TypingNotice",
     "Verification",
     "VerificationError",
     "WRONG_ROOM",
+    "check_transport",
     "fingerprint",
     "key_from_passphrase",
     "open_client",

@@ -30,15 +30,18 @@ Ordering guarantees
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 import trio
 
+from .account import Account
 from .attachments import Attachment, Attachments
 from .connection import Connection
 from .crypto import (
@@ -75,6 +78,7 @@ from .verification import Verification, Verifications
 log = logging.getLogger(__name__)
 
 INBOX_MESSAGES: Final = 1000  # received messages buffered for messages()
+ACTIVITY_PUSHES: Final = 100  # pushed presence and typing buffered; later ones are dropped
 ROOM_EVENTS: Final = 1000  # room messages and events buffered for room_events()
 KEYS_READY_TIMEOUT: Final = 30.0  # seconds open_client waits for the first key upload
 
@@ -90,6 +94,25 @@ class ReceivedMessage:
     outgoing: bool  # a copy of a message we sent from another of our devices
     sender_verified: bool = False  # the sending device was verified when it arrived
     attachment: Attachment | None = None  # a file the message carries (save it with save_file)
+
+
+@dataclass(frozen=True)
+class PresenceChange:
+    """A pushed ``presence``: watched users who came online, and who went offline."""
+
+    online: tuple[int, ...]
+    offline: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TypingNotice:
+    """A pushed ``typing_notice``: ``user_id`` started (or stopped) typing to us."""
+
+    user_id: int
+    active: bool
+
+
+Activity = PresenceChange | TypingNotice
 
 
 @dataclass(frozen=True)
@@ -150,9 +173,27 @@ class Client:
         self._room_events_send, self._room_events = trio.open_memory_channel[RoomEventItem](
             ROOM_EVENTS
         )
+        self._activity_send, self._activity = trio.open_memory_channel[Activity](ACTIVITY_PUSHES)
         self._rooms: Rooms | None = None
         self._room_jobs: RoomJobs | None = None
         self._room_inbound: RoomInbound | None = None
+        #: Password, TOTP, sessions and devices of this user (docs/CLIENT.md).
+        self.account = Account(conn, self.directory)
+
+    @staticmethod
+    def register(
+        url: str, invite_code: str, username: str, password: str, **options: Any
+    ) -> AbstractAsyncContextManager[Client]:
+        """Create an account with an invite code (``chatctl invites create``)
+        and open it on a new device: ``async with Client.register(url, code,
+        "bob", "bob's own password", device_name=..., store_path=...,
+        store_key=...) as client``. The same as ``open_client(...,
+        invite_code=...)``; takes its other options. Refusals are LoginError
+        with ``invalid_invite``, ``username_taken``, ``invalid_username`` or
+        ``weak_password``."""
+        from .opening import open_client  # opening imports this module
+
+        return open_client(url, username, password, invite_code=invite_code, **options)
 
     async def _open_rooms(self, pickle_key: bytes) -> RoomJobs:
         """Load the Megolm state (once logged in: it needs our device id)."""
@@ -395,6 +436,54 @@ class Client:
             raise ClientError("this client was opened without attachments")
         return self._attachments
 
+    async def resend(self, message_id: str) -> None:
+        """Send again a message of ours that is still ``sending`` (it did not
+        reach the server: the recipient had no device yet, or the connection
+        was down), under the same message id, so the server takes it at most
+        once. Raises ClientError if there is no such message, and the errors
+        of :meth:`send_text`."""
+        entry = next((e for e in await self.history() if e.message_id == message_id), None)
+        if entry is None or entry.direction != "out" or entry.state != "sending":
+            raise ClientError(f"no unsent message {message_id}")
+        if entry.text is None or entry.room_id is not None:  # pragma: no cover - not ours
+            raise ClientError(f"message {message_id} is not a direct text message")
+        peer = entry.peer_user_id
+        await self._send_payload(message_id, peer, encode_payload(message_id, peer, entry.text))
+        await self._store.set_state(message_id, "sent", only_from="sending")
+
+    def activity(self) -> trio.MemoryReceiveChannel[Activity]:
+        """What the server pushes about people, never stored: PresenceChange
+        for the users this connection watches (the people it exchanged
+        messages or typing notices with, or named in :meth:`watch_presence`),
+        and TypingNotice when someone types to us. One consumer; at most
+        ACTIVITY_PUSHES wait, later ones are dropped."""
+        return self._activity
+
+    async def watch_presence(self, user_ids: list[int]) -> set[int]:
+        """Which of ``user_ids`` are online now; the connection then watches
+        them (their changes come as PresenceChange in :meth:`activity`). On a
+        server without ``who_is_online.user_ids``: every online user, and
+        nobody is watched."""
+        if "who_is_online.user_ids" in self._conn.features:
+            reply = await self._conn.request("who_is_online", user_ids=user_ids)
+        else:  # pragma: no cover - every chatd server lists the feature
+            reply = await self._conn.request("who_is_online")
+        return set(reply.get("online", []))
+
+    async def app_value(self, name: str) -> str | None:
+        """A value the application kept in the encrypted store with
+        :meth:`set_app_value` (for example the conversation open last)."""
+        return (await self._store.meta()).get(f"app.{name}")
+
+    async def set_app_value(self, name: str, value: str) -> None:
+        """Keep a short value of the application's in the encrypted store."""
+        await self._store.set_meta(**{f"app.{name}": value})
+
+    async def send_typing(self, user_id: int, active: bool) -> None:
+        """Tell ``user_id``'s online devices that we started (or stopped)
+        typing to them. Best effort: no reply, dropped while disconnected."""
+        await self._conn.send_frame("typing", to_user_id=user_id, active=active)
+
     async def _send_control(self, user_id: int, fields: dict[str, Any]) -> None:
         """Send a payload that is not a chat message (kept out of the history)."""
         message_id = str(uuid.uuid4())
@@ -456,6 +545,16 @@ class Client:
                     await self._room_events_send.send(RoomInvitation(room, frame.get("by_user_id")))
                 elif frame.get("type") == "key_count":
                     await self._keys.top_up(frame)
+                elif frame.get("type") in ("presence", "typing_notice"):
+                    item: Activity = (
+                        PresenceChange(
+                            tuple(frame.get("online", [])), tuple(frame.get("offline", []))
+                        )
+                        if frame["type"] == "presence"
+                        else TypingNotice(frame["user_id"], bool(frame["active"]))
+                    )
+                    with contextlib.suppress(trio.WouldBlock):
+                        self._activity_send.send_nowait(item)
             except (ClientError, trio.TooSlowError) as exc:
                 # The server re-delivers what we did not acknowledge.
                 log.warning("client.inbound_failed", extra={"error": str(exc)})

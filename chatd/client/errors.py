@@ -6,6 +6,7 @@ ChatdError
     ├── ServerRefusedError      the server answered a request with an error frame
     │   └── LoginError          login/resume/refresh refused: log in again
     ├── ConnectionLostError     the connection dropped before the reply came
+    │   └── CertificateError    the server's TLS certificate is not trusted (not retried)
     ├── DecryptionError         a ciphertext could not be decrypted or parsed
     │   └── RoomMismatchError   a room message's plaintext names another room
     ├── KeyClaimError           a peer device's keys could not be claimed or checked
@@ -32,6 +33,7 @@ class ServerRefusedError(ClientError):
 
     def __init__(self, code: str, message: str, field: str | None = None) -> None:
         self.code = code
+        self.message = message  # the server's text for people (never a secret)
         self.field = field
         super().__init__(f"{code}: {message}" + (f" ({field})" if field else ""))
 
@@ -42,6 +44,12 @@ class LoginError(ServerRefusedError):
 
 class ConnectionLostError(ClientError):
     pass
+
+
+class CertificateError(ConnectionLostError):
+    """The server's TLS certificate failed verification (unknown issuer,
+    expired, another host name...). The message names the problem; trust the
+    server's CA with ``ssl_context`` (``chat --ca FILE``) if it is right."""
 
 
 class DecryptionError(ClientError):

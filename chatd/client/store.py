@@ -18,6 +18,7 @@ The schema and its migrations are in :mod:`chatd.client.schema`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -90,14 +91,27 @@ class LocalStore:
                 # same mode); an empty file is an empty database.
                 os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
             conn = sqlcipher3.connect(str(path), check_same_thread=False, isolation_level=None)
+            # SQLCipher logs a wrong key to stderr itself ("ERROR CORE
+            # sqlcipher_page_cipher: hmac check failed"), in the middle of
+            # the terminal; the ClientStoreError below says it better. Its
+            # log level is process-wide: quiet it for the check only.
+            level = conn.execute("PRAGMA cipher_log_level").fetchone()
+            conn.execute("PRAGMA cipher_log_level = NONE")
             try:
                 conn.execute(f"PRAGMA key = \"x'{key.hex()}'\"")
                 conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                opened = True
             except sqlcipher3.DatabaseError:
+                opened = False
+            finally:
+                if level and str(level[0]).isalpha():
+                    with contextlib.suppress(sqlcipher3.Error):
+                        conn.execute(f"PRAGMA cipher_log_level = {level[0]}")
+            if not opened:
                 conn.close()
                 raise ClientStoreError(
                     f"{path}: the store key does not open this file (wrong key or not a store)"
-                ) from None
+                )
             try:
                 conn.execute("PRAGMA synchronous = FULL")
                 migrate(conn, path)
