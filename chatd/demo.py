@@ -453,8 +453,7 @@ async def _play(screen: Screen, workdir: Path, keep: bool) -> ScanReport:
         screen.line(f"  daemon     pid {daemon.proc.pid}, relay {daemon.relay_url}")
         screen.line(
             f"  settings   defaults (Argon2id m={config.auth.argon2_memory_kib} KiB"
-            f" t={config.auth.argon2_time_cost}, rate limits as shipped)"
-            " except free ports (relay.port = attachments.port = 0)"
+            f" t={config.auth.argon2_time_cost}, rate limits as shipped), free ports"
         )
         with _step_deadline("creating the accounts"):
             passwords = await _create_users(socket_path, token, ["alice", "bob", "carol"])
