@@ -52,6 +52,7 @@ import trio
 
 from chatd.client import Client, open_client
 from chatd.config import CONFIG_FILE_NAME, Config, load_config
+from chatd.demo_files import FILE_LINES, FILE_NAME, short_blob
 from chatd.demo_rooms import ROOM_TEXTS, RoomScript
 from chatd.demo_screen import CIPHERTEXT_CHARS, Screen, envelope_header, envelope_row
 from chatd.errors import ChatdError, exception_leaves
@@ -318,7 +319,9 @@ class _Demo:
     passwords: dict[str, str]
     store_keys: dict[str, bytes] = field(default_factory=dict)
     sent: list[str] = field(default_factory=list)  # alice's message ids
-    needles: list[str] = field(default_factory=lambda: [*ALICE_MESSAGES, BOB_REPLY, *ROOM_TEXTS])
+    needles: list[str] = field(
+        default_factory=lambda: [*ALICE_MESSAGES, BOB_REPLY, *ROOM_TEXTS, *FILE_LINES]
+    )
 
     @asynccontextmanager
     async def client(self, name: str) -> AsyncIterator[Client]:
@@ -478,10 +481,14 @@ async def _play(screen: Screen, workdir: Path, keep: bool) -> ScanReport:
         )
         with _step_deadline("the plaintext scan"):
             report = await demo.scan()
-        screen.line(f"searching the server for the {len(demo.needles)} message texts:")
+        texts = len(demo.needles) - len(FILE_LINES)
+        screen.line(
+            f"searching the server for the {texts} message texts and the"
+            f" {len(FILE_LINES)} lines of {FILE_NAME}:"
+        )
         screen.wrapped(
             f"  {len(report.files)} files, {report.file_bytes:,} bytes raw:"
-            f" {', '.join(report.files)}"
+            f" {', '.join(map(short_blob, report.files))}"
         )
         screen.wrapped(
             f"  {report.values:,} text and blob values in {report.tables} tables"

@@ -66,7 +66,9 @@ class Screen:
 
     def wrapped(self, text: str) -> None:
         """Full-width text, wrapped rather than cut (for lists that must show whole)."""
-        for piece in textwrap.wrap(text, self.width, subsequent_indent="    "):
+        for piece in textwrap.wrap(
+            text, self.width, subsequent_indent="    ", break_on_hyphens=False
+        ):
             print(piece, file=self.out, flush=True)
 
     def columns(self, left: Sequence[str], right: Sequence[str]) -> None:
