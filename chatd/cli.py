@@ -86,16 +86,19 @@ daemon on a free loopback port) and three scripted clients, alice, bob and
 carol, with random passwords. Alice writes to Bob while he is offline, Bob
 comes online, reads and replies, and Alice reads the reply. Then Alice makes a
 channel, Bob and Carol join it and go offline, Alice writes to it, they read
-and Bob replies. Side by side it prints what the clients see (plaintext) and
-what the server stored (read from its SQLCipher file with its key:
-ciphertext, public keys, password hashes, the room log where each room
-message is stored once).
+and Bob replies; Alice also sends a small text file to the channel, and Bob
+saves it (checked and decrypted on his side: the same bytes). Side by side it
+prints what the clients see (plaintext) and what the server stored (read from
+its SQLCipher file with its key: ciphertext, public keys, password hashes, the
+room log where each room message is stored once; and the file as it is in
+blobs/: ciphertext named by its SHA-256).
 
 At the end it searches every server file (database, -wal, -shm, key files,
-log) byte for byte, and every value of the decrypted database, for the message
-texts, and prints "plaintext found in server files: none". It then stops the
-daemon with SIGTERM. Uses only loopback and changes nothing outside the
-temporary directory, which is removed unless --keep is given.
+log, blobs/) byte for byte, and every value of the decrypted database, for the
+message texts and the file's lines, and prints
+"plaintext found in server files: none". It then stops the daemon with
+SIGTERM. Uses only loopback and changes nothing outside the temporary
+directory, which is removed unless --keep is given.
 
 Exit codes: 0 ok; 1 a step failed, the daemon misbehaved (its log's tail is
 shown), or plaintext was found; 64 bad command line."""

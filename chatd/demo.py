@@ -33,17 +33,14 @@ from __future__ import annotations
 
 import contextlib
 import io
-import itertools
 import os
 import re
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -55,10 +52,11 @@ import trio
 
 from chatd.client import Client, open_client
 from chatd.config import CONFIG_FILE_NAME, Config, load_config
+from chatd.demo_files import FILE_LINES, FILE_NAME, short_blob
 from chatd.demo_rooms import ROOM_TEXTS, RoomScript
+from chatd.demo_screen import CIPHERTEXT_CHARS, Screen, envelope_header, envelope_row
 from chatd.errors import ChatdError, exception_leaves
 from chatd.inspection import (
-    EnvelopeRow,
     ScanReport,
     ServerView,
     read_server_view,
@@ -71,9 +69,6 @@ READY_TIMEOUT: Final = 30.0  # seconds the daemon may take to report READY=1
 STEP_TIMEOUT: Final = 30.0  # seconds one scripted step may take
 STOP_TIMEOUT: Final = 30.0  # seconds the daemon may take to exit after SIGTERM
 LOG_TAIL_LINES: Final = 20  # daemon log lines shown when something fails
-MIN_WIDTH: Final = 100  # columns of the side-by-side view, at least...
-MAX_WIDTH: Final = 120  # ...and at most, whatever the terminal says
-CIPHERTEXT_CHARS: Final = 40  # characters of each stored ciphertext shown
 MAX_SOCKET_PATH: Final = 100  # bytes; AF_UNIX paths are limited to about 108
 
 ALICE_MESSAGES: Final = (
@@ -96,7 +91,7 @@ _FOREIGN_ENV: Final = (
 )
 
 DEMO_CONFIG: Final = """\
-# A throwaway config written by `chatd demo`: the defaults, except a free port.
+# A throwaway config written by `chatd demo`: the defaults, except free ports.
 [server]
 data_dir = "."
 
@@ -105,6 +100,9 @@ port = 0
 
 [admin]
 listen = "unix:admin.sock"
+
+[attachments]
+port = 0
 """
 
 
@@ -113,88 +111,6 @@ class DemoError(ChatdError):
 
     exit_code = 1
     shows_log = False  # the message already holds the tail of the daemon's log
-
-
-# -- the side-by-side view ---------------------------------------------------------------------
-
-
-def fit(text: str, width: int) -> str:
-    """``text`` cut to ``width`` columns (ending in ``…`` when cut) and padded to it.
-
-    One character counts as one column: the demo prints only such characters.
-    """
-    if len(text) > width:
-        text = text[: width - 1] + "…"
-    return text.ljust(width)
-
-
-class Screen:
-    """Plain-text output in two columns: the clients' view and the server's."""
-
-    def __init__(self, width: int, out: IO[str] | None = None) -> None:
-        self.width = max(MIN_WIDTH, min(MAX_WIDTH, width))
-        # The right column wants room for one envelope row (see envelope_row).
-        self.left = max(38, self.width - 3 - (ENVELOPE_ROW_FIXED + CIPHERTEXT_CHARS))
-        self.right = self.width - 3 - self.left
-        self.out = out if out is not None else sys.stdout
-
-    @classmethod
-    def for_terminal(cls) -> Screen:
-        return cls(shutil.get_terminal_size((MAX_WIDTH, 24)).columns)
-
-    def line(self, text: str = "") -> None:
-        print(fit(text, self.width).rstrip(), file=self.out, flush=True)
-
-    def table_header(self) -> None:
-        self.columns(["what the clients see"], ["what the server stored (ciphertext only)"])
-        print(f"{'═' * self.left}═╪═{'═' * self.right}", file=self.out, flush=True)
-
-    def step(self, title: str) -> None:
-        head = f"── {title} "
-        if len(head) <= self.left:
-            text = f"{head.ljust(self.left, '─')}─┼─{'─' * self.right}"
-        else:
-            text = fit(head, self.width).rstrip() + " "
-            text = text.ljust(self.width, "─")
-        print(text, file=self.out, flush=True)
-
-    def wrapped(self, text: str) -> None:
-        """Full-width text, wrapped rather than cut (for lists that must show whole)."""
-        for piece in textwrap.wrap(text, self.width, subsequent_indent="    "):
-            print(piece, file=self.out, flush=True)
-
-    def columns(self, left: Sequence[str], right: Sequence[str]) -> None:
-        """Print ``left`` (wrapped, so no message text is cut) beside ``right`` (cut with …)."""
-        wrapped = [
-            piece
-            for text in left
-            for piece in (textwrap.wrap(text, self.left, subsequent_indent="    ") or [""])
-        ]
-        for a, b in itertools.zip_longest(wrapped, right, fillvalue=""):
-            row = f"{fit(a, self.left)} │ {fit(b, self.right)}"
-            print(row.rstrip(), file=self.out, flush=True)
-
-
-# -- showing the server's database -----------------------------------------------------------
-
-
-ENVELOPE_ROW_FIXED: Final = 31  # columns of an envelope row besides the ciphertext
-
-
-def envelope_header(width: int) -> str:
-    chars = max(10, width - ENVELOPE_ROW_FIXED)
-    title = "ciphertext, as stored"
-    return f"{'id':>3} {'recipient':<13} {'from':<6} {title:<{chars}} {'bytes':>5}"
-
-
-def envelope_row(row: EnvelopeRow, width: int) -> str:
-    chars = max(10, width - ENVELOPE_ROW_FIXED)
-    if row.ciphertext is None:
-        shown, size = f"({row.kind} receipt: no content)", "-"
-    else:
-        shown, size = row.ciphertext.decode("ascii", "replace"), str(len(row.ciphertext))
-    sender = row.sender or "-"
-    return f"{row.id:>3} {row.recipient_device_id:<13} {sender:<6} {fit(shown, chars)} {size:>5}"
 
 
 # -- the throwaway daemon ---------------------------------------------------------------------
@@ -403,7 +319,9 @@ class _Demo:
     passwords: dict[str, str]
     store_keys: dict[str, bytes] = field(default_factory=dict)
     sent: list[str] = field(default_factory=list)  # alice's message ids
-    needles: list[str] = field(default_factory=lambda: [*ALICE_MESSAGES, BOB_REPLY, *ROOM_TEXTS])
+    needles: list[str] = field(
+        default_factory=lambda: [*ALICE_MESSAGES, BOB_REPLY, *ROOM_TEXTS, *FILE_LINES]
+    )
 
     @asynccontextmanager
     async def client(self, name: str) -> AsyncIterator[Client]:
@@ -538,7 +456,7 @@ async def _play(screen: Screen, workdir: Path, keep: bool) -> ScanReport:
         screen.line(f"  daemon     pid {daemon.proc.pid}, relay {daemon.relay_url}")
         screen.line(
             f"  settings   defaults (Argon2id m={config.auth.argon2_memory_kib} KiB"
-            f" t={config.auth.argon2_time_cost}, rate limits as shipped) except relay.port = 0"
+            f" t={config.auth.argon2_time_cost}, rate limits as shipped), free ports"
         )
         with _step_deadline("creating the accounts"):
             passwords = await _create_users(socket_path, token, ["alice", "bob", "carol"])
@@ -563,10 +481,14 @@ async def _play(screen: Screen, workdir: Path, keep: bool) -> ScanReport:
         )
         with _step_deadline("the plaintext scan"):
             report = await demo.scan()
-        screen.line(f"searching the server for the {len(demo.needles)} message texts:")
+        texts = len(demo.needles) - len(FILE_LINES)
+        screen.line(
+            f"searching the server for the {texts} message texts and the"
+            f" {len(FILE_LINES)} lines of {FILE_NAME}:"
+        )
         screen.wrapped(
             f"  {len(report.files)} files, {report.file_bytes:,} bytes raw:"
-            f" {', '.join(report.files)}"
+            f" {', '.join(map(short_blob, report.files))}"
         )
         screen.wrapped(
             f"  {report.values:,} text and blob values in {report.tables} tables"

@@ -11,8 +11,11 @@ and the same client stores play a conversation in a channel:
    *once* with her Megolm session, whose key went first to bob's and carol's
    devices over Olm (ordinary envelopes). The server stores each room message
    once, in its room log, however many devices it is queued for;
-7. bob, then carol, come online, decrypt and acknowledge them; bob replies;
-8. alice comes back, reads the reply and sees her messages delivered to
+7. in the same session alice sends a file to the channel (:mod:`chatd.demo_files`):
+   the server stores its ciphertext only;
+8. bob, then carol, come online, decrypt and acknowledge them; bob saves the
+   file and checks it is alice's; bob replies;
+9. alice comes back, reads the reply and sees her messages delivered to
    every member.
 
 After each step the server's room log is shown: room messages as stored
@@ -28,6 +31,7 @@ from typing import TYPE_CHECKING, Final
 
 from chatd.client import Client
 from chatd.client.room_events import RoomMessage, RoomUndecryptable
+from chatd.demo_files import FileScript
 from chatd.inspection import RoomLogRow, ServerView
 
 from .errors import ChatdError
@@ -88,12 +92,13 @@ async def next_room_messages(client: Client, count: int) -> list[RoomMessage]:
 
 
 class RoomScript:
-    """Steps 5 to 8 of the demo, on the demo's server and client stores."""
+    """Steps 5 to 9 of the demo, on the demo's server and client stores."""
 
     def __init__(self, demo: _Demo) -> None:
         self.demo = demo
         self.room_id = 0
         self.sent: list[str] = []  # alice's room message ids
+        self.files = FileScript(demo)
 
     def room_lines(self, title: str, view: ServerView) -> list[str]:
         width = self.demo.screen.right
@@ -107,7 +112,7 @@ class RoomScript:
         return lines
 
     async def step_channel(self) -> None:
-        """Steps 5 and 6, in one session of alice's (the demo stays within the
+        """Steps 5, 6 and 7, in one session of alice's (the demo stays within the
         default login rate: 10 logins at once)."""
         screen = self.demo.screen
         screen.step(f"5. alice makes the channel #{ROOM_NAME}; bob and carol join it")
@@ -136,26 +141,32 @@ class RoomScript:
             delivery = await alice.rooms.delivery(self.sent[-1])
             devices = delivery.devices if delivery is not None else 0
             left.append(f"alice: each encrypted once, queued for {devices} devices")
-        left.append("alice: offline")
-        view = await self.demo.server_view()
-        once = sum(1 for r in view.room_log if r.kind == "room_message")
-        right = self.room_lines(f"{once} messages stored once each (devs: still waiting)", view)
-        keys = [e for e in view.envelopes if e.ciphertext is not None]
-        right.append(f"envelopes: {len(keys)} Olm messages carrying alice's room key")
-        screen.columns(left, right)
+            view = await self.demo.server_view()
+            once = sum(1 for r in view.room_log if r.kind == "room_message")
+            title = f"{once} messages stored once each (devs: still waiting)"
+            right = self.room_lines(title, view)
+            keys = [e for e in view.envelopes if e.ciphertext is not None]
+            right.append(f"envelopes: {len(keys)} Olm messages carrying alice's room key")
+            screen.columns(left, right)
+            await self.files.step_alice_sends(alice, self.room_id, ROOM_NAME)
 
     async def step_members_read(self) -> None:
-        self.demo.screen.step("7. bob, then carol, come online: decrypt, acknowledge; bob replies")
+        self.demo.screen.step(
+            "8. bob, then carol, come online: read, acknowledge; bob saves the file, replies"
+        )
         left: list[str] = []
         for name in ROOM_MEMBERS:
             async with self.demo.client(name) as member:
-                expected = len(ROOM_MESSAGES) + (1 if name == "carol" else 0)
+                # alice's messages and her file; carol also gets bob's reply
+                expected = len(ROOM_MESSAGES) + 1 + (1 if name == "carol" else 0)
                 messages = await next_room_messages(member, expected)
                 members = await member.rooms.members(self.room_id)
                 names = {m.user_id: m.username for m in members.members}
                 for message in messages:
                     who = names.get(message.sender_user_id, "?")
                     left.append(f"{name} reads {who} → #{ROOM_NAME}: {message.text}")
+                    if name == "bob" and message.attachment is not None:
+                        left += await self.files.bob_saves(member, message)
                 if name == "bob":
                     await member.rooms.send(self.room_id, ROOM_REPLY)
                     left.append(f"bob → #{ROOM_NAME}: {ROOM_REPLY}")
@@ -164,10 +175,11 @@ class RoomScript:
             left.append(f"{name}: offline")
         view = await self.demo.server_view()
         title = "read ones deleted; bob's reply waits for alice"
-        self.demo.screen.columns(left, self.room_lines(title, view))
+        right = [*self.room_lines(title, view), self.files.retention_line()]
+        self.demo.screen.columns(left, right)
 
     async def step_alice_reads(self) -> None:
-        self.demo.screen.step("8. alice comes back: the reply, and her messages delivered")
+        self.demo.screen.step("9. alice comes back: the reply, and her messages delivered")
         async with self.demo.client("alice") as alice:
             (reply,) = await next_room_messages(alice, 1)
             left = [f"alice reads bob → #{ROOM_NAME}: {reply.text}"]

@@ -8,6 +8,7 @@ texts, to prove that message plaintext is nowhere on the server.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -65,6 +66,29 @@ _ROOM_LOG: Final = (
 )
 
 
+@dataclass(frozen=True)
+class BlobRow:
+    """What the database says about one attachment: whose, how big, until when."""
+
+    blob_id: str  # hex SHA-256 of the ciphertext: the file name under blobs/
+    owner: str | None  # the uploader's username
+    size: int  # ciphertext bytes
+    expires_at: int  # unix ms
+    referenced: bool  # a message named it
+    devices: int  # devices that may download it (the uploader's, direct recipients')
+    rooms: list[str]  # rooms whose members may download it
+
+
+@dataclass(frozen=True)
+class BlobFile:
+    """One file under ``<data_dir>/blobs/``, as its bytes are on disk."""
+
+    name: str
+    size: int
+    sha256: str  # hex, computed here from the bytes
+    head: bytes  # the first bytes
+
+
 @contextmanager
 def open_server_db(path: Path, key: bytes) -> Iterator[Any]:
     """A read-only connection to the server's SQLCipher file (blocking: use a thread).
@@ -115,6 +139,32 @@ def read_server_view(path: Path, key: bytes) -> ServerView:
     )
 
 
+def read_blobs(path: Path, key: bytes) -> list[BlobRow]:
+    with open_server_db(path, key) as conn:
+        rows = conn.execute(
+            "SELECT b.blob_id, u.username, b.size, b.expires_at, b.referenced_at IS NOT NULL,"
+            " (SELECT count(*) FROM blob_devices d WHERE d.blob_id = b.blob_id),"
+            " (SELECT group_concat(coalesce(r.name, '#' || x.room_id), ', ') FROM blob_rooms x"
+            "  LEFT JOIN rooms r ON r.id = x.room_id WHERE x.blob_id = b.blob_id)"
+            " FROM blobs b LEFT JOIN users u ON u.id = b.owner_user_id ORDER BY b.created_at"
+        ).fetchall()
+    return [
+        BlobRow(str(b), o, int(s), int(e), bool(r), int(d), str(rooms).split(", ") if rooms else [])
+        for b, o, s, e, r, d, rooms in rows
+    ]
+
+
+def read_blob_files(directory: Path, head: int = 16) -> list[BlobFile]:
+    """The blob files (uploads in progress, ``.part-*``, left out), by name."""
+    found = []
+    for path in sorted(directory.glob("*")) if directory.is_dir() else []:
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        data = path.read_bytes()  # the demo's files are small
+        found.append(BlobFile(path.name, len(data), hashlib.sha256(data).hexdigest(), data[:head]))
+    return found
+
+
 # -- looking for plaintext --------------------------------------------------------------------
 
 
@@ -136,9 +186,9 @@ def scan_files(paths: Sequence[Path], needles: Sequence[str], report: ScanReport
             if not path.is_file():
                 continue  # the admin socket, subdirectories
             data = path.read_bytes()
-            report.files.append(path.name)
+            report.files.append(str(path.relative_to(top)) if top.is_dir() else path.name)
             report.file_bytes += len(data)
-            report.found += [f"{path.name}: {n!r}" for n, raw in encoded if raw in data]
+            report.found += [f"{report.files[-1]}: {n!r}" for n, raw in encoded if raw in data]
 
 
 def scan_database(path: Path, key: bytes, needles: Sequence[str], report: ScanReport) -> None:

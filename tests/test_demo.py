@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -13,6 +14,7 @@ import pytest
 import trio
 
 from chatd.demo import ALICE_MESSAGES, BOB_REPLY, DemoError, open_daemon
+from chatd.demo_files import FILE_LINES, FILE_NAME, FILE_TEXT
 from chatd.demo_rooms import ROOM_MESSAGES, ROOM_NAME, ROOM_REPLY
 from chatd.inspection import ScanReport, scan_database, scan_files
 from chatd.store.db import PLAINTEXT_HEADER, connect
@@ -99,7 +101,7 @@ async def test_the_demo_shows_a_room_message_stored_once_as_ciphertext() -> None
     assert any('{"type":"joined"' in r for r in right)  # room events: server-made metadata
     for text in (*ROOM_MESSAGES, ROOM_REPLY):
         assert not any(text in r for r in right)
-    assert "searching the server for the 7 message texts:" in stdout
+    assert "searching the server for the 7 message texts and the 2 lines of budget.txt:" in stdout
     assert "plaintext found in server files: none" in stdout.splitlines()
     workdir = temp_dir_of(stdout)
     assert f"removed {workdir}" in stdout
@@ -119,6 +121,38 @@ async def test_keep_leaves_the_temp_dir_and_a_narrow_terminal_gets_100_columns()
         assert (workdir / "server" / "db.key").stat().st_mode & 0o777 == 0o600
         assert (workdir / "clients" / "alice.db").exists()
         assert "plaintext found in server files: none" in stdout
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def test_the_demo_shows_a_file_the_server_stores_only_as_ciphertext() -> None:
+    result = await chatd_demo("--keep", columns=120)
+    stdout = result.stdout.decode()
+    workdir = temp_dir_of(stdout)
+    try:
+        assert result.returncode == 0, stdout + result.stderr.decode()
+        cells = [line.split(" │", 1)[0] for line in stdout.splitlines() if " │" in line]
+        said = " ".join(cell.strip() for cell in cells)
+        assert f"alice → #{ROOM_NAME}: [file] {FILE_NAME}" in said
+        assert "the same as alice's file ✓" in said
+        assert f"carol reads alice → #{ROOM_NAME}: [file] {FILE_NAME}" in said
+        # The one blob file on the server: ciphertext named by its SHA-256,
+        # shown with its size, and none of the file's text in it.
+        (blob,) = (workdir / "server" / "blobs").iterdir()
+        data = blob.read_bytes()
+        assert hashlib.sha256(data).hexdigest() == blob.name
+        assert not any(line.encode() in data for line in FILE_LINES)
+        right = split_columns(stdout)[1]
+        assert f"  {blob.name[:16]}…  {len(data)} bytes" in right
+        assert "  SHA-256 of its bytes = its name ✓" in right
+        assert f"  first bytes: {data[:12].hex(' ')}" in right
+        assert f"  {FILE_NAME}'s text in it: none: ciphertext only ✓" in right
+        assert any(r.startswith(f"  blobs row: owner alice, {len(data)} bytes") for r in right)
+        assert not any(line in r for r in right for line in FILE_LINES)
+        # Bob's copy, decrypted on his side, is alice's file; the scan looked in blobs/.
+        assert (workdir / "clients" / "bob-saved" / FILE_NAME).read_text() == FILE_TEXT
+        assert f"blobs/{blob.name[:16]}…" in stdout
+        assert "plaintext found in server files: none" in stdout.splitlines()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -55,7 +55,7 @@ from .display import (
     message_lines,
     normalize_fingerprint,
 )
-from .files import FILE_COMMANDS, FileCommands
+from .files import FILE_COMMANDS, FileCommands, arrival_hint
 from .rooms import ROOM_COMMANDS, People, RoomsView
 from .terminal import LineReader
 from .verifying import SasVerifier
@@ -447,8 +447,8 @@ class ChatApp:
         self.say(
             f"-- {clean(peer.username)}: messages {start + 1}–{end} of {len(entries)}{more} --"
         )
-        for entry in entries[start:end]:
-            for line in history_lines(entry, self.name_of(entry.sender_user_id)):
+        for number, entry in enumerate(entries[start:end], start + 1):
+            for line in history_lines(entry, self.name_of(entry.sender_user_id), number):
                 self.say(line)
         self._cursor = start
 
@@ -620,10 +620,21 @@ class ChatApp:
             prefix = f"{clock(message.sent_at)} {sender} → {self.name_of(message.peer_user_id)}: "
         else:
             prefix = f"{clock(message.sent_at)} {sender}: "
-        suffix = "" if message.sender_verified else " (unverified device)"
+        idle = self.peer is None and self.rooms.current is None
+        suffix = ""
+        if message.attachment is not None:
+            here = idle or (self.peer is not None and self.peer.user_id == message.peer_user_id)
+            other = f"/open {self.name_of(message.peer_user_id)}"
+            suffix = await arrival_hint(
+                self.client,
+                message.message_id,
+                peer_user_id=message.peer_user_id,
+                room_id=None,
+                open_first="" if here else other,
+            )
+        suffix += "" if message.sender_verified else " (unverified device)"
         for line in message_lines(prefix, message.text, suffix):
             self.say(line)
-        idle = self.peer is None and self.rooms.current is None
         if not message.outgoing:
             peer = self.peer if self.rooms.current is None else None
             seen = idle or (peer is not None and peer.user_id == message.peer_user_id)

@@ -79,11 +79,20 @@ def excerpt(text: str) -> str:
     return f'"{shown}"'
 
 
-def history_lines(entry: HistoryEntry, sender: str) -> list[str]:
-    """One history entry; outgoing messages end with their delivery mark."""
-    suffix = ""
+def save_hint(number: int, open_first: str = "") -> str:
+    """`` (/save N)``, the end of a line that shows a message carrying a file;
+    ``open_first`` (``/open bob``) when N is in another conversation."""
+    then = f"{open_first}, then " if open_first else ""
+    return f" ({then}/save {number})"
+
+
+def history_lines(entry: HistoryEntry, sender: str, number: int | None = None) -> list[str]:
+    """One history entry (message ``number`` of its conversation); one that
+    carries a file ends with `` (/save N)``, outgoing ones with their
+    delivery mark."""
+    suffix = save_hint(number) if entry.attachment is not None and number else ""
     if entry.direction == "out":
-        suffix = "  " + MARKS.get(entry.state, entry.state)
+        suffix += "  " + MARKS.get(entry.state, entry.state)
     return message_lines(f"{stamp(entry.sent_at)} {sender}: ", entry.text, suffix)
 
 

@@ -7,6 +7,11 @@ file of message N of the open conversation, numbered as ``/history`` shows
 them (1 is the oldest), checks its SHA-256 and size, decrypts it and writes
 it: into the current directory under the sender's file name, or to PATH.
 The history keeps the attachment, so ``/save`` works after a restart.
+
+So that nobody has to count, a message that carries a file ends with what to
+type to save it: `` (/save N)`` in ``/history`` and when it arrives (with
+``/open NAME, then`` or ``/room #NAME, then`` first when it arrives in a
+conversation that is not the open one).
 """
 
 from __future__ import annotations
@@ -17,12 +22,18 @@ from typing import Final
 
 import trio
 
-from chatd.client import AttachmentError, Client, DecryptionError, ServerRefusedError
+from chatd.client import (
+    AttachmentError,
+    Client,
+    ClientError,
+    DecryptionError,
+    ServerRefusedError,
+)
 from chatd.client.room_store import RoomInfo
 from chatd.client.store import HistoryEntry
 
 from .commands import Command, Refused, UsageError
-from .display import clean
+from .display import clean, save_hint
 
 FILE_COMMANDS: Final = (
     Command(
@@ -46,6 +57,30 @@ _REFUSALS: Final = {
     "to this device",
     "attachments_unavailable": "this server does not take attachments",
 }
+
+
+async def arrival_hint(
+    client: Client,
+    message_id: str,
+    *,
+    peer_user_id: int | None,
+    room_id: int | None,
+    open_first: str = "",
+) -> str:
+    """The save hint for a file message that just arrived: its number in the
+    history of its conversation (a room when ``room_id`` is set). Nothing
+    when the store cannot say (the message is shown anyway)."""
+    try:
+        if room_id is not None:
+            entries = await client.rooms.history(room_id)
+        else:
+            entries = await client.history(peer_user_id)
+    except ClientError:
+        return ""
+    for number, entry in enumerate(entries, 1):
+        if entry.message_id == message_id:
+            return save_hint(number, open_first)
+    return ""
 
 
 def _expand(typed: str) -> Path:

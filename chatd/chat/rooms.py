@@ -40,7 +40,8 @@ from chatd.client.room_store import RoomInfo
 from chatd.client.rooms import RoomList
 
 from .commands import Command, Refused, UsageError
-from .display import clean, clock, device_line, excerpt, stamp
+from .display import clean, clock, device_line, excerpt, save_hint, stamp
+from .files import arrival_hint
 from .room_display import (
     CANNOT_DECRYPT,
     HELD,
@@ -407,11 +408,11 @@ class RoomsView:
         self.say(f"-- {label(room.name)}: messages {start + 1}–{end} of {len(entries)}{more} --")
         await self._known([e.sender_user_id for e in entries[start:end]])
         me = self.people.name_of(self.client.user_id)
-        for entry in entries[start:end]:
-            suffix = ""
+        for number, entry in enumerate(entries[start:end], start + 1):
+            suffix = save_hint(number) if entry.attachment is not None else ""
             if entry.direction == "out":
                 delivery = await self.client.rooms.delivery(entry.message_id)
-                suffix = "  " + room_mark(entry.state, delivery)
+                suffix += "  " + room_mark(entry.state, delivery)
             text = entry.text
             if text is None:
                 suffix = ""
@@ -514,11 +515,25 @@ class RoomsView:
         if isinstance(item, RoomUndecryptable):
             self.say(prefix + undecryptable_text(item.cause))
         else:
-            self._message(item, prefix)
+            hint = ""
+            if item.attachment is not None:
+                here = self._idle() or (
+                    self.current is not None and self.current.room_id == item.room_id
+                )
+                hint = await arrival_hint(
+                    self.client,
+                    item.message_id,
+                    peer_user_id=None,
+                    room_id=item.room_id,
+                    open_first=""
+                    if here
+                    else f"/room {room if room.startswith('#') else item.room_id}",
+                )
+            self._message(item, prefix, hint)
         await self._arrived(item.room_id, room)
 
-    def _message(self, item: RoomMessage, prefix: str) -> None:
-        suffix = "" if item.sender_verified else " (unverified device)"
+    def _message(self, item: RoomMessage, prefix: str, hint: str = "") -> None:
+        suffix = hint + ("" if item.sender_verified else " (unverified device)")
         if item.late:
             suffix += " (its key came late)"
         me = self.people.name_of(self.client.user_id)
