@@ -398,9 +398,7 @@ def main() -> None:
             text = config.read_text()
             assert "\nallowed_networks = []\n" in text
             config.write_text(
-                text.replace(
-                    "\nallowed_networks = []\n", '\nallowed_networks = ["127.0.0.1/32"]\n'
-                )
+                text.replace("\nallowed_networks = []\n", '\nallowed_networks = ["127.0.0.1/32"]\n')
             )
             sink_users = [f"sink{i}" for i in range(devices // PER_USER)]
             rounds = [(r, on) for r in range(args.rounds) for on in (False, True)]

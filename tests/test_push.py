@@ -28,6 +28,8 @@ from chatd.config import AuthSettings, Config, PushSettings, RelaySettings, Stor
 from chatd.daemon import Services, open_services
 from chatd.push import Notifier, PushRefused
 from chatd.push.guard import checked_addresses, parse_target
+from chatd.push.notifier import OpenSender, SenderLink
+from chatd.push.sender import LineReader, Setup, serve_sender
 from chatd.relay import serve_relay
 from chatd.store import serve_store
 
@@ -510,6 +512,23 @@ async def test_a_host_name_resolving_to_a_private_address_is_refused() -> None:
     assert good == ["93.184.216.34", "2606:2800:220:1::1"]
 
 
+def sender_in_task(resolve: FakeDNS) -> OpenSender:
+    """The sender's code in a task of this test, over memory streams, with
+    the fake resolver (the real one runs in its own process)."""
+
+    @asynccontextmanager
+    async def open_sender(setup: Setup) -> AsyncIterator[SenderLink]:
+        jobs_in, jobs_out = trio.testing.memory_stream_one_way_pair()
+        outcomes_in, outcomes_out = trio.testing.memory_stream_one_way_pair()
+        run = partial(serve_sender, setup, LineReader(jobs_out), outcomes_in, resolve=resolve)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            yield jobs_in, outcomes_out
+            nursery.cancel_scope.cancel()
+
+    return open_sender
+
+
 async def test_the_check_is_made_again_at_send_time(short_tmp: Path) -> None:
     """A name that resolved to an allowed address at registration and to a
     private one later (DNS rebinding) gets nothing; the POST goes to the
@@ -521,7 +540,7 @@ async def test_the_check_is_made_again_at_send_time(short_tmp: Path) -> None:
             pass
         dns = FakeDNS({"push.test": ["127.0.0.1"]})
         settings = PushSettings(allowed_networks=LOOPBACK, retry_attempts=0, interval_seconds=0)
-        notifier = Notifier(t.srv.store, settings, resolve=dns)
+        notifier = Notifier(t.srv.store, settings, resolve=dns, open_sender=sender_in_task(dns))
         async with trio.open_nursery() as nursery:
             await nursery.start(notifier.serve)
             await notifier.register(bob.device_id, rx.url(host="push.test"))
@@ -535,7 +554,12 @@ async def test_the_check_is_made_again_at_send_time(short_tmp: Path) -> None:
             nursery.cancel_scope.cancel()
         assert len(rx.received) == 1 and notifier.stats.refused == 1
         dns.answers["push.test"] = ["127.0.0.1"]
-        strict = Notifier(t.srv.store, PushSettings(retry_attempts=0), resolve=dns)
+        strict = Notifier(
+            t.srv.store,
+            PushSettings(retry_attempts=0),
+            resolve=dns,
+            open_sender=sender_in_task(dns),
+        )
         await strict.open()
         assert strict.endpoint(bob.device_id) is not None
         async with trio.open_nursery() as nursery:
