@@ -37,7 +37,9 @@ def cpu_seconds(pid: int) -> float:
 
 async def run(port: int, args: argparse.Namespace) -> None:
     setup = Setup(
-        timeout_seconds=10.0, ttl_seconds=60, concurrency=args.concurrency,
+        timeout_seconds=10.0,
+        ttl_seconds=60,
+        concurrency=args.concurrency,
         allowed_networks=("127.0.0.1/32",),
     )
     outcomes: dict[str, int] = {}
@@ -107,8 +109,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="chatd-sender-bench-") as tmp:
         stats_path = Path(tmp) / "receiver.json"
         rx = subprocess.Popen(
-            [sys.executable, str(Path(__file__).parent / "push.py"), "--receiver",
-             str(stats_path), "--answer-after", str(args.answer_after)],
+            [
+                sys.executable,
+                str(Path(__file__).parent / "push.py"),
+                "--receiver",
+                str(stats_path),
+                "--answer-after",
+                str(args.answer_after),
+            ],
             stdin=subprocess.DEVNULL,
         )
         try:

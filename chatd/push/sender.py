@@ -41,11 +41,8 @@ import logging
 import os
 import signal
 import sys
-from contextlib import AsyncExitStack
-from dataclasses import dataclass
 from typing import Final
 
-import httpx
 import msgspec
 import trio
 
@@ -60,6 +57,7 @@ from chatd.push.guard import (
     parse_target,
     resolve_host,
 )
+from chatd.push.http11 import Client, PostError
 from chatd.push.wakeup import Endpoint, wake_up_request
 
 log = logging.getLogger("chatd.push.sender")
@@ -68,10 +66,6 @@ USER_AGENT: Final = "chatd-push"
 SENDER_NICE: Final = 10  # added niceness: the relay's live traffic comes first
 MAX_LINE: Final = 64 * 1024  # bytes of one link line, at most (a job is < 3 KiB)
 READ_SIZE: Final = 65_536  # bytes read from the link at a time
-#: HTTP clients the POSTs are spread over. httpcore's pool scans its
-#: connections for every request, so one pool of push.concurrency (1,000+)
-#: connections costs O(n) per wake-up; shards keep n small.
-POOL_SHARDS: Final = 16
 
 
 class Result(enum.Enum):
@@ -179,16 +173,8 @@ class Outbox:
             await stream.send_all(data)
 
 
-@dataclass(slots=True)
-class Pool:
-    """One HTTP client (connection pool) and the POSTs running on it."""
-
-    client: httpx.AsyncClient
-    busy: int = 0
-
-
 async def post(
-    client: httpx.AsyncClient,
+    client: Client,
     endpoint: Endpoint,
     setup: Setup,
     allowed: tuple[Network, ...],
@@ -206,18 +192,12 @@ async def post(
         except OSError:
             return Result.RETRY  # no DNS answer now
         headers, body = wake_up_request(endpoint, setup.ttl_seconds)
-        headers["Host"] = target.host_header
-        extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
+        key = (target.scheme, addresses[0], target.port, target.host)
         try:
-            async with client.stream(
-                "POST",
-                target.url_for(addresses[0]),
-                headers=headers,
-                content=body,
-                extensions=extensions,
-            ) as response:
-                status = response.status_code  # the body is never read
-        except httpx.HTTPError:
+            status = await client.post(
+                key, target.target, [("Host", target.host_header), *headers.items()], body
+            )
+        except PostError:
             return Result.RETRY
         if 200 <= status < 300:
             return Result.SENT
@@ -241,56 +221,39 @@ async def serve_sender(
     to ``outcomes``, until end of file on ``jobs`` (then the POSTs still in
     flight are cancelled). Raises LinkError for a line that is not a job.
 
-    Owns the HTTP clients (POOL_SHARDS connection pools; no proxies from the
-    environment, no redirects) and one task per POST, at most
+    Owns the HTTP client (:mod:`chatd.push.http11`: keep-alive connections,
+    no proxies, no redirects) and one task per POST, at most
     ``setup.concurrency``."""
     decoder = msgspec.json.Decoder(ToSender)
     allowed = parse_networks(setup.allowed_networks)
-    shards = min(POOL_SHARDS, setup.concurrency)
-    per_shard = -(-setup.concurrency // shards)  # ceil: the shards hold every slot
-    limits = httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard)
+    client = Client(user_agent=USER_AGENT, max_idle=setup.concurrency)
     outbox = Outbox()
     slots = trio.Semaphore(setup.concurrency)
 
-    async def run(pool: Pool, job: Job) -> None:
+    async def run(job: Job) -> None:
         endpoint = Endpoint(job.url, job.p256dh, job.auth)
         try:
-            result = await post(pool.client, endpoint, setup, allowed, resolve)
+            result = await post(client, endpoint, setup, allowed, resolve)
         finally:
-            pool.busy -= 1
             slots.release()
         outbox.put(encode(Outcome(job.id, result.value)))
 
-    async with AsyncExitStack() as stack:
-        pools = [
-            Pool(
-                await stack.enter_async_context(
-                    httpx.AsyncClient(
-                        timeout=httpx.Timeout(setup.timeout_seconds),
-                        limits=limits,
-                        follow_redirects=False,
-                        trust_env=False,
-                        headers={"User-Agent": USER_AGENT},
-                    )
-                )
-            )
-            for _ in range(shards)
-        ]
-        nursery = await stack.enter_async_context(trio.open_nursery())
-        nursery.start_soon(outbox.serve, outcomes)
-        while lines := await jobs.receive_lines():
-            for line in lines:
-                try:
-                    job = decoder.decode(line)
-                except msgspec.ValidationError:
-                    raise LinkError("a line that is not a job") from None
-                if not isinstance(job, Job):
-                    raise LinkError("a second setup line")
-                await slots.acquire()
-                pool = min(pools, key=lambda p: p.busy)  # never over its share of slots
-                pool.busy += 1
-                nursery.start_soon(run, pool, job)
-        nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(outbox.serve, outcomes)
+            while lines := await jobs.receive_lines():
+                for line in lines:
+                    try:
+                        job = decoder.decode(line)
+                    except msgspec.ValidationError:
+                        raise LinkError("a line that is not a job") from None
+                    if not isinstance(job, Job):
+                        raise LinkError("a second setup line")
+                    await slots.acquire()
+                    nursery.start_soon(run, job)
+            nursery.cancel_scope.cancel()
+    finally:
+        await client.aclose()
 
 
 async def _main() -> None:
