@@ -97,6 +97,7 @@ log = logging.getLogger("chatd.push")
 #: Envelope kinds that wake a device (receipts do not).
 WAKING_KINDS: Final = frozenset(("message", "room_message", "room_event"))
 ERR_PUSH_DISABLED: Final = "push_disabled"
+YIELD_EVERY: Final = 64  # due wake-ups taken between two checkpoints, at most
 JITTER: Final = 0.1  # retry delays vary by up to this share, so retries spread
 STOP_GRACE: Final = 5.0  # seconds the sender has to exit after its stdin closes
 RESTART_BASE: Final = 0.5  # seconds before restarting a sender that died; doubles
@@ -332,8 +333,12 @@ class Notifier:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._supervise_sender, nursery)
             task_status.started()
+            handed = 0
             while True:
-                device_id = await self._next_due()
+                device_id = await self._next_due()  # no checkpoint if one is due
+                handed += 1
+                if handed % YIELD_EVERY == 0:
+                    await trio.lowlevel.checkpoint()  # a long burst lets the relay in
                 endpoint = self._endpoints.get(device_id)
                 if endpoint is None or is_live(device_id):
                     self._attempts.pop(device_id, None)
@@ -341,7 +346,10 @@ class Notifier:
                     continue
                 self._in_flight.add(device_id)  # before waiting: new envelopes coalesce
                 self.stats.in_flight += 1
-                await self._slots.acquire()
+                try:
+                    self._slots.acquire_nowait()
+                except trio.WouldBlock:
+                    await self._slots.acquire()
                 self._last_sent[device_id] = trio.current_time()
                 job_id = next(self._job_ids)
                 self._jobs[job_id] = (device_id, endpoint)
