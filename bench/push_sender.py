@@ -1,7 +1,7 @@
 """The sender's CPU per wake-up, alone: no relay, no load clients.
 
 Starts bench/push.py's slow receiver (its own process, answers after
---answer-after s) and one sender process (``python -m chatd.push.sender``,
+--answer-after s) and one sender process (``python -m chatd.push sender``,
 as the notifier starts it), feeds it --rate jobs a second for --seconds to
 --devices distinct endpoints, and prints the sender's CPU time (user+sys,
 from /proc) per wake-up and the wake-ups the receiver counted.
@@ -95,7 +95,7 @@ def _is_sender(pid: int) -> bool:
         stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return False
-    return b"chatd.push.sender" in cmd and int(stat[1]) == os.getpid()
+    return b"-m\x00chatd.push\x00sender" in cmd and int(stat[1]) == os.getpid()
 
 
 def main() -> None:

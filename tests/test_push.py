@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import os
+import signal
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -585,3 +587,74 @@ async def test_the_client_library_registers_and_removes_an_endpoint(short_tmp: P
             assert await t.endpoints() == [(alice.device_id, url, None, None)]
             await alice.remove_push()
             assert await t.endpoints() == []
+
+
+# -- the sender process ------------------------------------------------------------------------
+
+
+def sender_pids() -> list[int]:
+    """This test process's children that run the push sender (Linux /proc)."""
+    pids = []
+    for task in Path(f"/proc/{os.getpid()}/task").glob("*/children"):
+        for pid in task.read_text().split():
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"-m\x00chatd.push\x00sender" in cmdline:
+                pids.append(int(pid))
+    return pids
+
+
+async def test_the_sender_is_a_process_restarted_when_it_dies_and_stopped_at_shutdown(
+    short_tmp: Path,
+) -> None:
+    async with team(short_tmp, interval_seconds=0) as t, receiver() as rx:
+        assert sender_pids() == []  # started with the first wake-up, not before
+        async with alice_and_offline_bob(t, rx.url()) as (alice, bob):
+            await send_to(alice, bob, "one")
+            await rx.wait_count(1)
+            await t.push.wait_settled()
+            [first] = sender_pids()
+            os.kill(first, signal.SIGKILL)
+            await send_to(alice, bob, "two")  # a new sender takes it, after a short backoff
+            await rx.wait_count(2)
+            await t.push.wait_settled()
+            [second] = sender_pids()
+        assert second != first
+        assert (t.push.stats.sender_starts, t.push.stats.sent) == (2, 2)
+    assert sender_pids() == []  # the daemon's shutdown stopped (and reaped) it
+
+
+async def test_wake_ups_a_dying_sender_had_taken_are_retried(short_tmp: Path) -> None:
+    """The first sender dies (closes its end) once it has read a job; the
+    job counts as a failed POST and its retry goes out through the next."""
+    starts = 0
+
+    @asynccontextmanager
+    async def open_sender(setup: Setup) -> AsyncIterator[SenderLink]:
+        nonlocal starts
+        starts += 1
+        jobs_in, jobs_out = trio.testing.memory_stream_one_way_pair()
+        outcomes_in, outcomes_out = trio.testing.memory_stream_one_way_pair()
+
+        async def dies_after_one_job() -> None:
+            await LineReader(jobs_out).receive_lines()
+            await outcomes_in.aclose()
+
+        run = partial(serve_sender, setup, LineReader(jobs_out), outcomes_in)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(dies_after_one_job if starts == 1 else run)
+            yield jobs_in, outcomes_out
+            nursery.cancel_scope.cancel()
+
+    async with team(short_tmp) as t, receiver() as rx:
+        async with alice_and_offline_bob(t, rx.url()) as (_alice, bob):
+            pass
+        settings = PushSettings(allowed_networks=LOOPBACK, retry_base_seconds=0.01)
+        notifier = Notifier(t.srv.store, settings, open_sender=open_sender)
+        await notifier.open()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(notifier.serve)
+            notifier.wake(bob.device_id)
+            await rx.wait_count(1)
+            await notifier.wait_settled()
+            nursery.cancel_scope.cancel()
+        assert (starts, notifier.stats.retried, notifier.stats.sent) == (2, 1, 1)

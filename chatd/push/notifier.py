@@ -113,12 +113,12 @@ OpenSender = Callable[[Setup], AbstractAsyncContextManager[SenderLink]]
 
 
 def sender_command() -> list[str]:
-    return [sys.executable, "-m", "chatd.push.sender"]
+    return [sys.executable, "-m", "chatd.push", "sender"]
 
 
 @asynccontextmanager
 async def open_sender_process(setup: Setup) -> AsyncIterator[SenderLink]:
-    """Start ``python -m chatd.push.sender`` (same interpreter, same
+    """Start ``python -m chatd.push sender`` (same interpreter, same
     sandbox, none of the daemon's descriptors, none of PRIVATE_ENV), send it
     ``setup``, and yield its stdin and stdout. On exit, closing its stdin
     tells it to stop; it is killed if it has not within STOP_GRACE seconds.

@@ -9,7 +9,7 @@ with bench/push.py). On the relay's event loop that CPU competed with live
 messages, so the notifier (:mod:`chatd.push.notifier`, in the daemon)
 keeps only the cheap part, which devices to wake and when (coalescing,
 retries, the bounded queue, the endpoints), and hands each due wake-up to
-this process, ``python -m chatd.push.sender``, as a *job*. The sender runs
+this process, ``python -m chatd.push sender``, as a *job*. The sender runs
 under its own interpreter and GIL, at a lower CPU priority (nice
 ``SENDER_NICE``) than the relay: live messages come first, wake-ups take
 what CPU is left.
@@ -283,9 +283,5 @@ async def _main() -> None:
 
 
 def main() -> None:
-    """``python -m chatd.push.sender``: started by the notifier, never by hand."""
+    """``python -m chatd.push sender``: started by the notifier, never by hand."""
     trio.run(_main)
-
-
-if __name__ == "__main__":
-    main()
