@@ -65,7 +65,10 @@ class Receiver:
         self.location = b""
         self.hold: trio.Event | None = None
         self.port = 0
+        self.connections = 0
+        self.close_after_answer = False  # close the connection after the next answer
         self._changed = trio.Event()
+        self._closed = trio.Event()
 
     def url(self, path: str = "/up/topic?up=1", host: str = "127.0.0.1") -> str:
         return f"http://{host}:{self.port}{path}"
@@ -76,7 +79,13 @@ class Receiver:
                 await self._changed.wait()
         return self.received
 
-    async def handle(self, stream: trio.SocketStream) -> None:
+    async def wait_closed(self) -> None:
+        """Until a connection closed because of ``close_after_answer``."""
+        with trio.fail_after(10):
+            await self._closed.wait()
+
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        self.connections += 1
         conn = h11.Connection(h11.SERVER)
         async with stream:
             while True:
@@ -116,12 +125,25 @@ class Receiver:
                 if self.hold is not None:
                     await self.hold.wait()
                 answer = [(b"content-length", b"0")]
+                closing, self.close_after_answer = self.close_after_answer, False
+                if closing:
+                    answer.append((b"connection", b"close"))
                 if 300 <= status < 400:
                     answer.append((b"location", self.location))
                 await stream.send_all(
                     conn.send(h11.Response(status_code=status, headers=answer))
                     + conn.send(h11.EndOfMessage())
                 )
+                if closing:
+                    # Half-close, and wait for the client to close its end:
+                    # a full close at once could reset the connection (RST)
+                    # before the client has read the answer.
+                    assert isinstance(stream, trio.SocketStream)
+                    await stream.send_eof()
+                    while await stream.receive_some(65536):
+                        pass
+                    self._closed.set()
+                    return
                 if conn.our_state is h11.MUST_CLOSE:
                     return
                 conn.start_next_cycle()
@@ -226,6 +248,15 @@ async def test_an_offline_device_gets_a_wake_up_that_carries_nothing_about_the_m
         assert got.headers[b"host"] == f"127.0.0.1:{rx.port}".encode()
         assert got.headers[b"ttl"] == b"86400"
         assert got.headers[b"content-type"] == b"application/json"
+        assert set(got.headers) == {  # exactly PROTOCOL 8.14's table, nothing more
+            b"host",
+            b"user-agent",
+            b"ttl",
+            b"urgency",
+            b"content-type",
+            b"content-length",
+        }
+        assert got.headers[b"user-agent"] == b"chatd-push"
         body = json.loads(got.body)
         assert set(body) == {"type", "id"} and body["type"] == "wake_up"
         assert len(body["id"]) == 32 and int(body["id"], 16) >= 0

@@ -42,13 +42,18 @@ class PostError(Exception):
     """The POST failed: no connection, TLS, a broken or malformed answer."""
 
 
+class _NoAnswer(Exception):
+    """The connection failed before any byte of an answer came."""
+
+
 class _Connection:
-    __slots__ = ("stream", "h11", "idle_since")
+    __slots__ = ("stream", "h11", "idle_since", "answering")
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.h11 = h11.Connection(h11.CLIENT)
         self.idle_since = 0.0
+        self.answering = False  # a byte of the current answer has come
 
     def looks_closed(self) -> bool:
         """Readable while idle: the peer closed it (or sent what it must not)."""
@@ -69,12 +74,14 @@ class Client:
     """Keep-alive connections and POSTs over them. Not a service: no tasks of
     its own; :meth:`aclose` closes the idle connections."""
 
-    def __init__(self, *, user_agent: str, max_idle: int) -> None:
+    def __init__(
+        self, *, user_agent: str, max_idle: int, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.user_agent = user_agent
         self.max_idle = max_idle
         self._idle: dict[Key, deque[_Connection]] = {}
         self._idle_count = 0
-        self._tls: ssl.SSLContext | None = None
+        self._tls = tls  # None: the system's default verification, made when first needed
 
     def _tls_context(self) -> ssl.SSLContext:
         if self._tls is None:
@@ -117,8 +124,9 @@ class Client:
 
     async def post(self, key: Key, target: str, headers: list[tuple[str, str]], body: bytes) -> int:
         """POST ``body`` to ``target`` (path and query) over a connection to
-        ``key``; the answer's status code. Raises PostError."""
-        conn = self._take_idle(key) or await self._connect(key)
+        ``key``; the answer's status code. A kept-alive connection that the
+        peer closed just as it was reused (no answer at all) is replaced by a
+        new one, once. Raises PostError."""
         request = h11.Request(
             method="POST",
             target=target,
@@ -128,15 +136,32 @@ class Client:
                 ("Content-Length", str(len(body))),
             ],
         )
+        conn = self._take_idle(key)
+        if conn is not None:
+            try:
+                return await self._exchange(key, conn, request, body)
+            except _NoAnswer:
+                pass  # closed by the peer while idle: a new connection below
+        try:
+            return await self._exchange(key, await self._connect(key), request, body)
+        except _NoAnswer as exc:
+            raise PostError(str(exc)) from None
+
+    async def _exchange(
+        self, key: Key, conn: _Connection, request: h11.Request, body: bytes
+    ) -> int:
         reusable = False
         try:
             try:
+                conn.answering = False
                 data = conn.h11.send(request) or b""
                 data += conn.h11.send(h11.Data(data=body)) or b""
                 data += conn.h11.send(h11.EndOfMessage()) or b""
                 await conn.stream.send_all(data)
                 status, reusable = await _read_answer(conn)
             except (h11.ProtocolError, OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
+                if not conn.answering:  # not one byte of an answer
+                    raise _NoAnswer(type(exc).__name__) from None
                 raise PostError(type(exc).__name__) from None
         finally:
             if reusable:
@@ -162,6 +187,7 @@ async def _read_answer(conn: _Connection) -> tuple[int, bool]:
         event = conn.h11.next_event()
         if event is h11.NEED_DATA:
             data = await conn.stream.receive_some(READ_SIZE)
+            conn.answering = conn.answering or bool(data)
             conn.h11.receive_data(bytes(data))  # b"" is the end of the stream
         elif isinstance(event, h11.Response):
             status = event.status_code
@@ -177,7 +203,9 @@ async def _read_answer(conn: _Connection) -> tuple[int, bool]:
         elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
             if status:
                 return status, False
-            raise PostError("the connection closed before an answer")
+            if conn.answering:
+                raise PostError("the connection closed during the answer")
+            raise _NoAnswer("the connection closed before an answer")
         # h11.InformationalResponse (1xx): keep reading
 
 

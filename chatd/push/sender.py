@@ -30,8 +30,10 @@ parent never sends more outstanding jobs than that either), each bounded by
 parent decides (retry later, drop the endpoint, give up).
 
 Stopping: end of file on stdin (the parent closed the pipe, or died)
-cancels the POSTs in flight and exits with status 0; so does SIGTERM or
-SIGINT. Its log lines go to stderr, which it shares with the daemon.
+cancels the POSTs in flight and exits with status 0. SIGTERM and SIGINT
+are ignored: a stop signal for the whole process group (systemd, Ctrl-C in
+a terminal) is the daemon's to act on, and the daemon closes the pipe when
+it stops. Its log lines go to stderr, which it shares with the daemon.
 """
 
 from __future__ import annotations
@@ -269,19 +271,15 @@ async def _main() -> None:
     except OSError:  # e.g. a seccomp filter without setpriority
         log.warning("push.sender_nice_refused")
     log.info("push.sender_started", extra=fields(pid=os.getpid()))
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-
-            async def stop_on_signal() -> None:
-                async for _ in signals:
-                    nursery.cancel_scope.cancel()
-
-            nursery.start_soon(stop_on_signal)
-            await serve_sender(setup, jobs, outcomes)
-            nursery.cancel_scope.cancel()
+    await serve_sender(setup, jobs, outcomes)
     log.info("push.sender_stopped")
 
 
 def main() -> None:
     """``python -m chatd.push sender``: started by the notifier, never by hand."""
+    # The daemon owns this process's lifetime: a SIGTERM or Ctrl-C for the
+    # whole process group (systemd's stop, a terminal) is the daemon's to
+    # handle; it closes our stdin when it is done with us.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     trio.run(_main)
