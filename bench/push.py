@@ -77,17 +77,17 @@ from relay import PASSWORD, keys_upload, login, reply_to  # noqa: E402
 PER_USER = 10  # devices per seeded user
 PER_SEND = 200  # envelopes per load frame (the protocol's maximum)
 WARMUP = 2.0  # seconds of load before latencies count
-RECEIVER_NICE = 19  # the receiver's niceness (see receiver_main)
 ANSWER = b"HTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n"
 
 
 # -- the slow receiver (its own process) -------------------------------------------------------
 
 
-def receiver_main(stats_path: Path, answer_after: float) -> None:
-    # The receiver stands in for a distributor on another machine: it takes
-    # the CPU the daemon and the load clients leave, not theirs.
-    os.nice(RECEIVER_NICE)
+def receiver_main(stats_path: Path, answer_after: float, nice: int) -> None:
+    # The receiver stands in for a distributor on another machine: by
+    # default (--receiver-nice 19) it takes the CPU the daemon and the load
+    # clients leave, not theirs.
+    os.nice(nice)
     count = 0
     most_open = 0
     open_now = 0
@@ -425,11 +425,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--answer-after", type=float, default=1.0)
     parser.add_argument("--concurrency", type=int, default=1536)
+    parser.add_argument("--receiver-nice", type=int, default=19)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--receiver", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.receiver is not None:
-        receiver_main(args.receiver, args.answer_after)
+        receiver_main(args.receiver, args.answer_after, args.receiver_nice)
         return
     if args.quick:
         args.devices, args.rate, args.seconds = 400, 200, 4.0
@@ -449,6 +450,8 @@ def main() -> None:
                 str(stats_path),
                 "--answer-after",
                 str(args.answer_after),
+                "--receiver-nice",
+                str(args.receiver_nice),
             ],
             stdin=subprocess.DEVNULL,
         )
@@ -487,7 +490,8 @@ def main() -> None:
                 f" to them ({rate // PER_SEND} send frames/s), receiver answers after"
                 f" {args.answer_after:.1f} s; push.interval_seconds 1, push.concurrency"
                 f" {args.concurrency}; live pair window 1, {args.seconds:.0f} s after"
-                f" {WARMUP:.0f} s warm-up; os.cpu_count() {os.cpu_count()}"
+                f" {WARMUP:.0f} s warm-up; receiver niceness {args.receiver_nice};"
+                f" os.cpu_count() {os.cpu_count()}"
             )
             results: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
             for (r, on), names in zip(rounds, live, strict=True):
