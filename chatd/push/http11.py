@@ -12,8 +12,8 @@ h11, the HTTP/1.1 state machine httpcore itself uses.
   name) and reused while idle for less than ``IDLE_SECONDS`` and not
   readable (a readable idle connection was closed by the peer); at most
   ``max_idle`` of them stay open.
-* TLS: the system's default verification (``ssl.create_default_context``),
-  the server name is the URL's host, HTTP/1.1 only.
+* TLS: verified against certifi's CA bundle (as httpx does), the server
+  name is the URL's host, HTTP/1.1 only.
 * The answer's body is read and discarded up to ``MAX_BODY`` bytes so the
   connection can be reused; a longer one closes the connection.
 * Errors: every failure of the network or the peer's HTTP raises
@@ -28,6 +28,7 @@ import ssl
 from collections import deque
 from typing import Final
 
+import certifi
 import h11
 import trio
 
@@ -81,11 +82,12 @@ class Client:
         self.max_idle = max_idle
         self._idle: dict[Key, deque[_Connection]] = {}
         self._idle_count = 0
-        self._tls = tls  # None: the system's default verification, made when first needed
+        self._tls = tls  # None: certifi's CAs, made when first needed
 
     def _tls_context(self) -> ssl.SSLContext:
         if self._tls is None:
-            self._tls = ssl.create_default_context()
+            # certifi's CA bundle, as httpx (which sent wake-ups before) uses.
+            self._tls = ssl.create_default_context(cafile=certifi.where())
             self._tls.set_alpn_protocols(["http/1.1"])
         return self._tls
 

@@ -4,15 +4,15 @@ Theory of operation
 -------------------
 Sending a wake-up costs CPU: the SSRF guard's checks, the RFC 8291
 encryption (a new P-256 key pair each time) and above all the HTTP client's
-own work per request (httpx and httpcore: about 1 ms of CPU each, measured
-with bench/push.py). On the relay's event loop that CPU competed with live
-messages, so the notifier (:mod:`chatd.push.notifier`, in the daemon)
-keeps only the cheap part, which devices to wake and when (coalescing,
-retries, the bounded queue, the endpoints), and hands each due wake-up to
-this process, ``python -m chatd.push sender``, as a *job*. The sender runs
-under its own interpreter and GIL, at a lower CPU priority (nice
-``SENDER_NICE``) than the relay: live messages come first, wake-ups take
-what CPU is left.
+own work per request (with httpx and httpcore about 1.3 ms of CPU each,
+measured with bench/push_sender.py; see :mod:`chatd.push.http11`). On the
+relay's event loop that CPU competed with live messages, so the notifier
+(:mod:`chatd.push.notifier`, in the daemon) keeps only the cheap part,
+which devices to wake and when (coalescing, retries, the bounded queue, the
+endpoints), and hands each due wake-up to this process, ``python -m
+chatd.push sender``, as a *job*. The sender runs under its own interpreter
+and GIL, at a lower CPU priority (nice ``SENDER_NICE``) than the relay:
+live messages come first, wake-ups take what CPU is left.
 
 The link is the child's stdin and stdout, one JSON object a line (msgspec
 structs, strict):
@@ -24,7 +24,8 @@ structs, strict):
 For each job the sender checks the target again (resolving the host with
 its own DNS lookup, :func:`chatd.push.guard.checked_addresses`), builds the
 wake-up (:func:`chatd.push.wakeup.wake_up_request`) and POSTs it to the
-checked address with httpx, at most ``Setup.concurrency`` at once (the
+checked address (:mod:`chatd.push.http11`: h11, keep-alive connections),
+at most ``Setup.concurrency`` at once (the
 parent never sends more outstanding jobs than that either), each bounded by
 ``Setup.timeout_seconds``. It never retries: the outcome goes back, and the
 parent decides (retry later, drop the endpoint, give up).
