@@ -117,7 +117,7 @@ async def open_services(nursery: trio.Nursery, store: Store, config: Config) -> 
     device with no live connection) and asks it which devices are live.
     Reads the queue totals, the rooms and the push endpoints.
     """
-    push = PushNotifier(store, config.push)
+    push = PushNotifier(store, config.push, log_settings=config.log)
     await push.open()
     registry = Registry(offline=push)
     changes = DeviceChanges()

@@ -128,6 +128,7 @@ def configure(settings: LogSettings, stream: TextIO | None = None) -> None:
     root.setLevel(settings.level.upper())
     # Library loggers that are chatty at info, or that log peer data we mask
     # ourselves (hypercorn's access log carries full client addresses).
-    for name in ("hypercorn.access", "trio-websocket", "quart.serving"):
+    # httpx logs every request (with its URL: a push endpoint's topic) at info.
+    for name in ("hypercorn.access", "trio-websocket", "quart.serving", "httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("hypercorn.error").setLevel(max(logging.WARNING, root.level))

@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import os
+import signal
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,6 +30,8 @@ from chatd.config import AuthSettings, Config, PushSettings, RelaySettings, Stor
 from chatd.daemon import Services, open_services
 from chatd.push import Notifier, PushRefused
 from chatd.push.guard import checked_addresses, parse_target
+from chatd.push.notifier import OpenSender, SenderLink
+from chatd.push.sender import LineReader, Setup, serve_sender
 from chatd.relay import serve_relay
 from chatd.store import serve_store
 
@@ -61,7 +65,10 @@ class Receiver:
         self.location = b""
         self.hold: trio.Event | None = None
         self.port = 0
+        self.connections = 0
+        self.close_after_answer = False  # close the connection after the next answer
         self._changed = trio.Event()
+        self._closed = trio.Event()
 
     def url(self, path: str = "/up/topic?up=1", host: str = "127.0.0.1") -> str:
         return f"http://{host}:{self.port}{path}"
@@ -72,7 +79,13 @@ class Receiver:
                 await self._changed.wait()
         return self.received
 
-    async def handle(self, stream: trio.SocketStream) -> None:
+    async def wait_closed(self) -> None:
+        """Until a connection closed because of ``close_after_answer``."""
+        with trio.fail_after(10):
+            await self._closed.wait()
+
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        self.connections += 1
         conn = h11.Connection(h11.SERVER)
         async with stream:
             while True:
@@ -112,12 +125,25 @@ class Receiver:
                 if self.hold is not None:
                     await self.hold.wait()
                 answer = [(b"content-length", b"0")]
+                closing, self.close_after_answer = self.close_after_answer, False
+                if closing:
+                    answer.append((b"connection", b"close"))
                 if 300 <= status < 400:
                     answer.append((b"location", self.location))
                 await stream.send_all(
                     conn.send(h11.Response(status_code=status, headers=answer))
                     + conn.send(h11.EndOfMessage())
                 )
+                if closing:
+                    # Half-close, and wait for the client to close its end:
+                    # a full close at once could reset the connection (RST)
+                    # before the client has read the answer.
+                    assert isinstance(stream, trio.SocketStream)
+                    await stream.send_eof()
+                    while await stream.receive_some(65536):
+                        pass
+                    self._closed.set()
+                    return
                 if conn.our_state is h11.MUST_CLOSE:
                     return
                 conn.start_next_cycle()
@@ -222,6 +248,15 @@ async def test_an_offline_device_gets_a_wake_up_that_carries_nothing_about_the_m
         assert got.headers[b"host"] == f"127.0.0.1:{rx.port}".encode()
         assert got.headers[b"ttl"] == b"86400"
         assert got.headers[b"content-type"] == b"application/json"
+        assert set(got.headers) == {  # exactly PROTOCOL 8.14's table, nothing more
+            b"host",
+            b"user-agent",
+            b"ttl",
+            b"urgency",
+            b"content-type",
+            b"content-length",
+        }
+        assert got.headers[b"user-agent"] == b"chatd-push"
         body = json.loads(got.body)
         assert set(body) == {"type", "id"} and body["type"] == "wake_up"
         assert len(body["id"]) == 32 and int(body["id"], 16) >= 0
@@ -510,6 +545,23 @@ async def test_a_host_name_resolving_to_a_private_address_is_refused() -> None:
     assert good == ["93.184.216.34", "2606:2800:220:1::1"]
 
 
+def sender_in_task(resolve: FakeDNS) -> OpenSender:
+    """The sender's code in a task of this test, over memory streams, with
+    the fake resolver (the real one runs in its own process)."""
+
+    @asynccontextmanager
+    async def open_sender(setup: Setup) -> AsyncIterator[SenderLink]:
+        jobs_in, jobs_out = trio.testing.memory_stream_one_way_pair()
+        outcomes_in, outcomes_out = trio.testing.memory_stream_one_way_pair()
+        run = partial(serve_sender, setup, LineReader(jobs_out), outcomes_in, resolve=resolve)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            yield jobs_in, outcomes_out
+            nursery.cancel_scope.cancel()
+
+    return open_sender
+
+
 async def test_the_check_is_made_again_at_send_time(short_tmp: Path) -> None:
     """A name that resolved to an allowed address at registration and to a
     private one later (DNS rebinding) gets nothing; the POST goes to the
@@ -521,7 +573,7 @@ async def test_the_check_is_made_again_at_send_time(short_tmp: Path) -> None:
             pass
         dns = FakeDNS({"push.test": ["127.0.0.1"]})
         settings = PushSettings(allowed_networks=LOOPBACK, retry_attempts=0, interval_seconds=0)
-        notifier = Notifier(t.srv.store, settings, resolve=dns)
+        notifier = Notifier(t.srv.store, settings, resolve=dns, open_sender=sender_in_task(dns))
         async with trio.open_nursery() as nursery:
             await nursery.start(notifier.serve)
             await notifier.register(bob.device_id, rx.url(host="push.test"))
@@ -535,7 +587,12 @@ async def test_the_check_is_made_again_at_send_time(short_tmp: Path) -> None:
             nursery.cancel_scope.cancel()
         assert len(rx.received) == 1 and notifier.stats.refused == 1
         dns.answers["push.test"] = ["127.0.0.1"]
-        strict = Notifier(t.srv.store, PushSettings(retry_attempts=0), resolve=dns)
+        strict = Notifier(
+            t.srv.store,
+            PushSettings(retry_attempts=0),
+            resolve=dns,
+            open_sender=sender_in_task(dns),
+        )
         await strict.open()
         assert strict.endpoint(bob.device_id) is not None
         async with trio.open_nursery() as nursery:
@@ -561,3 +618,74 @@ async def test_the_client_library_registers_and_removes_an_endpoint(short_tmp: P
             assert await t.endpoints() == [(alice.device_id, url, None, None)]
             await alice.remove_push()
             assert await t.endpoints() == []
+
+
+# -- the sender process ------------------------------------------------------------------------
+
+
+def sender_pids() -> list[int]:
+    """This test process's children that run the push sender (Linux /proc)."""
+    pids = []
+    for task in Path(f"/proc/{os.getpid()}/task").glob("*/children"):
+        for pid in task.read_text().split():
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"-m\x00chatd.push\x00sender" in cmdline:
+                pids.append(int(pid))
+    return pids
+
+
+async def test_the_sender_is_a_process_restarted_when_it_dies_and_stopped_at_shutdown(
+    short_tmp: Path,
+) -> None:
+    async with team(short_tmp, interval_seconds=0) as t, receiver() as rx:
+        assert sender_pids() == []  # started with the first wake-up, not before
+        async with alice_and_offline_bob(t, rx.url()) as (alice, bob):
+            await send_to(alice, bob, "one")
+            await rx.wait_count(1)
+            await t.push.wait_settled()
+            [first] = sender_pids()
+            os.kill(first, signal.SIGKILL)
+            await send_to(alice, bob, "two")  # a new sender takes it, after a short backoff
+            await rx.wait_count(2)
+            await t.push.wait_settled()
+            [second] = sender_pids()
+        assert second != first
+        assert (t.push.stats.sender_starts, t.push.stats.sent) == (2, 2)
+    assert sender_pids() == []  # the daemon's shutdown stopped (and reaped) it
+
+
+async def test_wake_ups_a_dying_sender_had_taken_are_retried(short_tmp: Path) -> None:
+    """The first sender dies (closes its end) once it has read a job; the
+    job counts as a failed POST and its retry goes out through the next."""
+    starts = 0
+
+    @asynccontextmanager
+    async def open_sender(setup: Setup) -> AsyncIterator[SenderLink]:
+        nonlocal starts
+        starts += 1
+        jobs_in, jobs_out = trio.testing.memory_stream_one_way_pair()
+        outcomes_in, outcomes_out = trio.testing.memory_stream_one_way_pair()
+
+        async def dies_after_one_job() -> None:
+            await LineReader(jobs_out).receive_lines()
+            await outcomes_in.aclose()
+
+        run = partial(serve_sender, setup, LineReader(jobs_out), outcomes_in)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(dies_after_one_job if starts == 1 else run)
+            yield jobs_in, outcomes_out
+            nursery.cancel_scope.cancel()
+
+    async with team(short_tmp) as t, receiver() as rx:
+        async with alice_and_offline_bob(t, rx.url()) as (_alice, bob):
+            pass
+        settings = PushSettings(allowed_networks=LOOPBACK, retry_base_seconds=0.01)
+        notifier = Notifier(t.srv.store, settings, open_sender=open_sender)
+        await notifier.open()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(notifier.serve)
+            notifier.wake(bob.device_id)
+            await rx.wait_count(1)
+            await notifier.wait_settled()
+            nursery.cancel_scope.cancel()
+        assert (starts, notifier.stats.retried, notifier.stats.sent) == (2, 1, 1)

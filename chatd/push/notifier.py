@@ -27,40 +27,57 @@ queued is never left without one. At most ``push.max_queued`` devices wait;
 beyond that wake-ups are dropped and counted.
 
 :meth:`Notifier.serve` (a service in the daemon's nursery) takes due
-devices in order and POSTs each one's wake-up in its own task, at most
-``push.concurrency`` at once, each bounded by ``push.timeout_seconds``
-(resolving, connecting, the answer; the answer's body is never read). A
-slow or dead endpoint thus holds one slot for at most the timeout, and the
-relay never waits for any of it. The outcome of a POST is a tagged
-:class:`Result`: 2xx sent; 404 or 410 drops the endpoint (memory and
-store); a connection error, a timeout, 408, 429 or 5xx retries after
+devices in order and hands each one's wake-up, as a job (job id, URL,
+keys), to the **sender**, a child process (:mod:`chatd.push.sender`) that
+does the CPU-heavy part: the SSRF guard's check with its own DNS lookup
+(:mod:`chatd.push.guard`, before every POST), the RFC 8291 encryption and
+the POST (:mod:`chatd.push.http11`), each bounded by
+``push.timeout_seconds`` (resolving, connecting, the answer). So
+handing a wake-up over costs the event loop one encoded line, and the
+relay never waits for any of it. At most ``push.concurrency`` jobs are
+outstanding; a slow or dead endpoint holds one slot for at most the
+timeout. The sender answers each job with its tagged :class:`Result`: 2xx
+sent; 404 or 410 drops the endpoint (memory and store); a connection
+error, a timeout, 408, 429 or 5xx retries after
 ``retry_base_seconds * 2**n`` (capped, jittered) for up to
 ``retry_attempts`` retries, the device waiting in the heap meanwhile; a
-redirect, a target the SSRF guard refuses (:mod:`chatd.push.guard`, checked
-again before every POST) or another 4xx gives the wake-up up.
+redirect, a target the SSRF guard refuses or another 4xx gives the wake-up
+up. The retries are decided here, where the coalescing state lives, so a
+device is never both waiting here and retried there.
 
-Cancellation: cancelling :meth:`serve` cancels the POSTs in flight; nothing
-is persisted about wake-ups (after a restart, only envelopes queued from
+The sender is started when the first job is made (a server whose devices
+register no endpoint never runs it), restarted with backoff
+(``RESTART_BASE`` doubling to ``RESTART_MAX``) if it dies, its unanswered
+jobs counting as failed POSTs (retried).
+
+Cancellation: cancelling :meth:`serve` closes the sender's stdin, which
+stops it (the POSTs in flight are cancelled; it is killed after
+``STOP_GRACE`` seconds if it has not exited); nothing is persisted about
+wake-ups (after a restart, only envelopes queued from
 then on wake devices).
 """
 
 from __future__ import annotations
 
-import enum
 import heapq
+import itertools
 import logging
 import math
+import os
 import random
+import subprocess
+import sys
 from collections import deque
-from collections.abc import Callable
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
-import httpx
+import msgspec
 import trio
 
-from chatd.config import PushSettings
+from chatd.config import LogSettings, PushSettings
 from chatd.log import fields
 from chatd.protocol import frames as f
 from chatd.push.guard import (
@@ -71,7 +88,8 @@ from chatd.push.guard import (
     parse_target,
     resolve_host,
 )
-from chatd.push.wakeup import Endpoint, check_keys, wake_up_request
+from chatd.push.sender import Job, LineReader, LinkError, Outbox, Outcome, Result, Setup, encode
+from chatd.push.wakeup import Endpoint, check_keys
 from chatd.store import Store, now_ms
 
 log = logging.getLogger("chatd.push")
@@ -79,30 +97,55 @@ log = logging.getLogger("chatd.push")
 #: Envelope kinds that wake a device (receipts do not).
 WAKING_KINDS: Final = frozenset(("message", "room_message", "room_event"))
 ERR_PUSH_DISABLED: Final = "push_disabled"
-USER_AGENT: Final = "chatd-push"
+YIELD_EVERY: Final = 64  # due wake-ups taken between two checkpoints, at most
 JITTER: Final = 0.1  # retry delays vary by up to this share, so retries spread
-#: HTTP clients the POSTs are spread over. httpcore's pool scans its
-#: connections for every request, so one pool of push.concurrency (1,000+)
-#: connections costs O(n) per wake-up on the event loop; shards keep n small.
-POOL_SHARDS: Final = 16
+STOP_GRACE: Final = 5.0  # seconds the sender has to exit after its stdin closes
+RESTART_BASE: Final = 0.5  # seconds before restarting a sender that died; doubles
+RESTART_MAX: Final = 60.0  # seconds between restarts, at most
+HEALTHY_AFTER: Final = 60.0  # seconds a sender ran before its death resets the backoff
+#: Variables of the daemon's environment the sender does not get.
+PRIVATE_ENV: Final = ("NOTIFY_SOCKET", "WATCHDOG_PID", "WATCHDOG_USEC", "CREDENTIALS_DIRECTORY")
+
+PACKAGE_ROOT: Final = str(Path(__file__).resolve().parent.parent.parent)  # chatd imports from here
+#: Opens a link to a sender set up with the given Setup: (its jobs, its outcomes).
+SenderLink = tuple[trio.abc.SendStream, trio.abc.ReceiveStream]
+OpenSender = Callable[[Setup], AbstractAsyncContextManager[SenderLink]]
 
 
-@dataclass(slots=True)
-class Pool:
-    """One HTTP client (connection pool) and the POSTs running on it."""
-
-    client: httpx.AsyncClient
-    busy: int = 0
+def sender_command() -> list[str]:
+    return [sys.executable, "-m", "chatd.push", "sender"]
 
 
-class Result(enum.Enum):
-    """The outcome of one wake-up POST."""
-
-    SENT = "sent"  # 2xx
-    GONE = "gone"  # 404 or 410: the endpoint is dropped
-    RETRY = "retry"  # no connection, timeout, 408, 429, 5xx
-    REFUSED = "refused"  # the SSRF guard, a redirect, another 4xx: given up
-    SKIPPED = "skipped"  # the endpoint went away, or the device came back
+@asynccontextmanager
+async def open_sender_process(setup: Setup) -> AsyncIterator[SenderLink]:
+    """Start ``python -m chatd.push sender`` (same interpreter, same
+    sandbox, none of the daemon's descriptors, none of PRIVATE_ENV), send it
+    ``setup``, and yield its stdin and stdout. On exit, closing its stdin
+    tells it to stop; it is killed if it has not within STOP_GRACE seconds.
+    Raises OSError if it cannot be started."""
+    env = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV}
+    root = PACKAGE_ROOT
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    process = await trio.lowlevel.open_process(
+        sender_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+    )
+    assert process.stdin is not None and process.stdout is not None  # noqa: S101 - PIPE asked
+    try:
+        await process.stdin.send_all(encode(setup) + b"\n")
+        yield process.stdin, process.stdout
+    finally:
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(STOP_GRACE):
+                try:
+                    await process.stdin.aclose()
+                finally:
+                    await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            await process.stdout.aclose()
+        if process.returncode != 0:
+            log.warning("push.sender_exited", extra=fields(status=process.returncode))
 
 
 @dataclass(slots=True)
@@ -118,6 +161,7 @@ class PushStats:
     refused: int = 0
     gone: int = 0  # endpoints dropped on 404/410
     in_flight: int = 0
+    sender_starts: int = 0  # sender processes started
 
 
 class Notifier:
@@ -129,12 +173,16 @@ class Notifier:
         store: Store,
         settings: PushSettings,
         *,
+        log_settings: LogSettings | None = None,
         resolve: Resolver = resolve_host,
+        open_sender: OpenSender = open_sender_process,
     ) -> None:
         self.store = store
         self.settings = settings
         self.stats = PushStats()
-        self._resolve = resolve
+        self._log_settings = log_settings or LogSettings()
+        self._resolve = resolve  # at registration; the sender resolves for itself
+        self._open_sender = open_sender
         self._allowed = parse_networks(settings.allowed_networks)
         self._endpoints: dict[str, Endpoint] = {}
         self._now: deque[str] = deque()  # waiting devices due at once, in order
@@ -144,6 +192,12 @@ class Notifier:
         self._again: set[str] = set()  # in flight, and another wake-up is wanted
         self._last_sent: dict[str, float] = {}  # device -> trio time of its last POST
         self._attempts: dict[str, int] = {}  # device -> failed POSTs of its wake-up
+        self._jobs: dict[int, tuple[str, Endpoint]] = {}  # job id -> (device, endpoint)
+        self._job_ids = itertools.count(1)
+        self._outbox = Outbox()  # job lines for the sender
+        self._has_jobs = trio.Event()
+        self._slots = trio.Semaphore(settings.concurrency)
+        self._dropping = 0  # endpoints being deleted from the store
         self._due = trio.Event()
         self._settled = trio.Event()
         self._settled.set()
@@ -256,7 +310,7 @@ class Notifier:
         await self._settled.wait()
 
     def _check_settled(self) -> None:
-        if not self._waiting and not self._in_flight:
+        if not self._waiting and not self._in_flight and not self._dropping:
             self._settled.set()
 
     async def serve(
@@ -269,34 +323,22 @@ class Notifier:
 
         ``is_live`` says whether a device has a live connection now: a
         wake-up that falls due after its device came back is not sent.
-        Owns the HTTP clients (POOL_SHARDS connection pools; no proxies from
-        the environment, no redirects) and one task per POST in flight, at
-        most ``push.concurrency``.
+        Each due wake-up becomes a job for the sender process
+        (:mod:`chatd.push.sender`), at most ``push.concurrency`` outstanding.
+        The sender is started when the first job is made, restarted with
+        backoff if it dies (its outstanding jobs count as failed: retried),
+        and stopped when this is cancelled (stdin closed, killed after
+        STOP_GRACE seconds).
         """
-        s = self.settings
-        shards = min(POOL_SHARDS, s.concurrency)
-        per_shard = -(-s.concurrency // shards)  # ceil: the shards hold every slot
-        limits = httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard)
-        async with AsyncExitStack() as stack:
-            pools = [
-                Pool(
-                    await stack.enter_async_context(
-                        httpx.AsyncClient(
-                            timeout=httpx.Timeout(s.timeout_seconds),
-                            limits=limits,
-                            follow_redirects=False,
-                            trust_env=False,
-                            headers={"User-Agent": USER_AGENT},
-                        )
-                    )
-                )
-                for _ in range(shards)
-            ]
-            nursery = await stack.enter_async_context(trio.open_nursery())
-            slots = trio.Semaphore(s.concurrency)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._supervise_sender, nursery)
             task_status.started()
+            handed = 0
             while True:
-                device_id = await self._next_due()
+                device_id = await self._next_due()  # no checkpoint if one is due
+                handed += 1
+                if handed % YIELD_EVERY == 0:
+                    await trio.lowlevel.checkpoint()  # a long burst lets the relay in
                 endpoint = self._endpoints.get(device_id)
                 if endpoint is None or is_live(device_id):
                     self._attempts.pop(device_id, None)
@@ -304,10 +346,15 @@ class Notifier:
                     continue
                 self._in_flight.add(device_id)  # before waiting: new envelopes coalesce
                 self.stats.in_flight += 1
-                await slots.acquire()
-                pool = min(pools, key=lambda p: p.busy)  # never over its share of slots
-                pool.busy += 1
-                nursery.start_soon(self._attempt, pool, device_id, endpoint, slots)
+                try:
+                    self._slots.acquire_nowait()
+                except trio.WouldBlock:
+                    await self._slots.acquire()
+                self._last_sent[device_id] = trio.current_time()
+                job_id = next(self._job_ids)
+                self._jobs[job_id] = (device_id, endpoint)
+                self._outbox.put(encode(Job(job_id, endpoint.url, endpoint.p256dh, endpoint.auth)))
+                self._has_jobs.set()
 
     async def _next_due(self) -> str:
         while True:
@@ -324,21 +371,71 @@ class Notifier:
             with trio.move_on_at(deadline):
                 await self._due.wait()
 
-    async def _attempt(
-        self,
-        pool: Pool,
-        device_id: str,
-        endpoint: Endpoint,
-        slots: trio.Semaphore,
+    # -- the sender process ---------------------------------------------------------------
+
+    def _setup(self) -> Setup:
+        s = self.settings
+        return Setup(
+            timeout_seconds=s.timeout_seconds,
+            ttl_seconds=s.ttl_seconds,
+            concurrency=s.concurrency,
+            allowed_networks=tuple(s.allowed_networks),
+            log_level=self._log_settings.level,
+            log_format=self._log_settings.format,
+        )
+
+    async def _supervise_sender(self, nursery: trio.Nursery) -> None:
+        """Run a sender while there are jobs; restart it with backoff if it dies."""
+        failures = 0
+        while True:
+            while not self._jobs:
+                self._has_jobs = trio.Event()
+                await self._has_jobs.wait()
+            started = trio.current_time()
+            self.stats.sender_starts += 1
+            try:
+                async with self._open_sender(self._setup()) as (jobs, outcomes):
+                    await self._exchange(jobs, outcomes, nursery)
+                log.warning("push.sender_ended")
+            except (OSError, trio.BrokenResourceError, LinkError) as exc:
+                log.warning("push.sender_failed", extra=fields(error=type(exc).__name__))
+            # Whatever the sender had not answered counts as a failed POST.
+            self._outbox.clear()
+            for job_id in list(self._jobs):
+                self._finish(job_id, Result.RETRY, nursery)
+            if trio.current_time() - started >= HEALTHY_AFTER:
+                failures = 0
+            await trio.sleep(min(RESTART_BASE * 2**failures, RESTART_MAX))
+            failures += 1
+
+    async def _exchange(
+        self, jobs: trio.abc.SendStream, outcomes: trio.abc.ReceiveStream, nursery: trio.Nursery
     ) -> None:
-        self._last_sent[device_id] = trio.current_time()
-        try:
-            result = await self.post(pool.client, endpoint)
-        finally:
-            pool.busy -= 1
-            slots.release()
-            self._in_flight.discard(device_id)
-            self.stats.in_flight -= 1
+        """Write jobs, read outcomes, until the sender closes its stdout."""
+        decoder = msgspec.json.Decoder(Outcome)
+        reader = LineReader(outcomes)
+        async with trio.open_nursery() as link:
+            link.start_soon(self._outbox.serve, jobs)
+            while lines := await reader.receive_lines():
+                for line in lines:
+                    try:
+                        outcome = decoder.decode(line)
+                        result = Result(outcome.result)
+                    except (msgspec.ValidationError, ValueError):
+                        raise LinkError("not an outcome from the sender") from None
+                    self._finish(outcome.id, result, nursery)
+            link.cancel_scope.cancel()
+
+    def _finish(self, job_id: int, result: Result, nursery: trio.Nursery) -> None:
+        """Job ``job_id`` ended with ``result``: count it, and retry, drop or
+        wake again as it says."""
+        job = self._jobs.pop(job_id, None)
+        if job is None:
+            return  # not ours (a sender answering twice): ignored
+        device_id, endpoint = job
+        self._slots.release()
+        self._in_flight.discard(device_id)
+        self.stats.in_flight -= 1
         again = device_id in self._again
         self._again.discard(device_id)
         if result is Result.SENT:
@@ -347,7 +444,10 @@ class Notifier:
         elif result is Result.GONE:
             self.stats.gone += 1
             log.info("push.endpoint_gone")
-            await self._drop(device_id, endpoint)
+            if self._endpoints.get(device_id) == endpoint:  # not replaced meanwhile
+                self._forget(device_id)
+                self._dropping += 1
+                nursery.start_soon(self._drop, device_id, endpoint)
             again = False
         elif result is Result.RETRY:
             failures = self._attempts.get(device_id, 0) + 1
@@ -374,11 +474,7 @@ class Notifier:
         self._check_settled()
 
     async def _drop(self, device_id: str, endpoint: Endpoint) -> None:
-        """The endpoint answered 404/410: forget it, unless the device
-        registered another meanwhile."""
-        if self._endpoints.get(device_id) != endpoint:
-            return
-        self._forget(device_id)
+        """Delete an endpoint that answered 404/410 from the store."""
 
         def delete(conn: Any) -> None:
             conn.execute(
@@ -390,40 +486,6 @@ class Notifier:
             await self.store.write(delete)
         except Exception:
             log.warning("push.endpoint_not_deleted")  # it answers 404/410 again next time
-
-    async def post(self, client: httpx.AsyncClient, endpoint: Endpoint) -> Result:
-        """POST one wake-up to ``endpoint`` through the SSRF guard; never raises
-        for anything the endpoint or the network does."""
-        s = self.settings
-        with trio.move_on_after(s.timeout_seconds):
-            try:
-                target = parse_target(endpoint.url)
-                addresses = await checked_addresses(target, self._allowed, self._resolve)
-            except PushRefused:
-                log.warning("push.target_refused")
-                return Result.REFUSED
-            except OSError:
-                return Result.RETRY  # no DNS answer now
-            headers, body = wake_up_request(endpoint, s.ttl_seconds)
-            headers["Host"] = target.host_header
-            extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
-            try:
-                async with client.stream(
-                    "POST",
-                    target.url_for(addresses[0]),
-                    headers=headers,
-                    content=body,
-                    extensions=extensions,
-                ) as response:
-                    status = response.status_code  # the body is never read
-            except httpx.HTTPError:
-                return Result.RETRY
-            if 200 <= status < 300:
-                return Result.SENT
-            if status in (404, 410):
-                return Result.GONE
-            if status in (408, 429) or status >= 500:
-                return Result.RETRY
-            log.warning("push.refused_by_endpoint", extra=fields(status=status))
-            return Result.REFUSED  # a redirect (never followed) or another 4xx
-        return Result.RETRY  # timed out
+        finally:
+            self._dropping -= 1
+            self._check_settled()

@@ -1,0 +1,286 @@
+"""The push sender: the child process that POSTs wake-ups.
+
+Theory of operation
+-------------------
+Sending a wake-up costs CPU: the SSRF guard's checks, the RFC 8291
+encryption (a new P-256 key pair each time) and above all the HTTP client's
+own work per request (with httpx and httpcore about 1.3 ms of CPU each,
+measured with bench/push_sender.py; see :mod:`chatd.push.http11`). On the
+relay's event loop that CPU competed with live messages, so the notifier
+(:mod:`chatd.push.notifier`, in the daemon) keeps only the cheap part,
+which devices to wake and when (coalescing, retries, the bounded queue, the
+endpoints), and hands each due wake-up to this process, ``python -m
+chatd.push sender``, as a *job*. The sender runs under its own interpreter
+and GIL, at a lower CPU priority (nice ``SENDER_NICE``) than the relay:
+live messages come first, wake-ups take what CPU is left.
+
+The link is the child's stdin and stdout, one JSON object a line (msgspec
+structs, strict):
+
+* parent -> sender: one :class:`Setup` first, then :class:`Job` lines
+  (a job id, the endpoint's URL and keys, nothing else);
+* sender -> parent: one :class:`Outcome` per job, in the order they finish.
+
+For each job the sender checks the target again (resolving the host with
+its own DNS lookup, :func:`chatd.push.guard.checked_addresses`), builds the
+wake-up (:func:`chatd.push.wakeup.wake_up_request`) and POSTs it to the
+checked address (:mod:`chatd.push.http11`: h11, keep-alive connections),
+at most ``Setup.concurrency`` at once (the
+parent never sends more outstanding jobs than that either), each bounded by
+``Setup.timeout_seconds``. It never retries: the outcome goes back, and the
+parent decides (retry later, drop the endpoint, give up).
+
+Stopping: end of file on stdin (the parent closed the pipe, or died)
+cancels the POSTs in flight and exits with status 0. SIGTERM and SIGINT
+are ignored: a stop signal for the whole process group (systemd, Ctrl-C in
+a terminal) is the daemon's to act on, and the daemon closes the pipe when
+it stops. Its log lines go to stderr, which it shares with the daemon.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import signal
+import sys
+from typing import Final
+
+import msgspec
+import trio
+
+from chatd.config import LogSettings
+from chatd.log import configure, fields
+from chatd.push.guard import (
+    Network,
+    PushRefused,
+    Resolver,
+    checked_addresses,
+    parse_networks,
+    parse_target,
+    resolve_host,
+)
+from chatd.push.http11 import Client, PostError
+from chatd.push.wakeup import Endpoint, wake_up_request
+
+log = logging.getLogger("chatd.push.sender")
+
+USER_AGENT: Final = "chatd-push"
+SENDER_NICE: Final = 10  # added niceness: the relay's live traffic comes first
+MAX_LINE: Final = 64 * 1024  # bytes of one link line, at most (a job is < 3 KiB)
+READ_SIZE: Final = 65_536  # bytes read from the link at a time
+
+
+class Result(enum.Enum):
+    """The outcome of one wake-up POST."""
+
+    SENT = "sent"  # 2xx
+    GONE = "gone"  # 404 or 410: the endpoint is dropped
+    RETRY = "retry"  # no connection, timeout, 408, 429, 5xx
+    REFUSED = "refused"  # the SSRF guard, a redirect, another 4xx: given up
+    SKIPPED = "skipped"  # the endpoint went away, or the device came back
+
+
+class Setup(msgspec.Struct, forbid_unknown_fields=True, tag="setup"):
+    """The first line to the sender: what it needs of the config."""
+
+    timeout_seconds: float
+    ttl_seconds: int
+    concurrency: int
+    allowed_networks: tuple[str, ...]
+    log_level: str = "info"
+    log_format: str = "logfmt"
+
+
+class Job(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, tag="job"):
+    """One wake-up to send: the endpoint, and an id the outcome names."""
+
+    id: int
+    url: str
+    p256dh: str | None = None
+    auth: str | None = None
+
+
+class Outcome(msgspec.Struct, forbid_unknown_fields=True, tag="outcome"):
+    """What became of job ``id``: a :class:`Result` value."""
+
+    id: int
+    result: str
+
+
+ToSender = Setup | Job
+encode = msgspec.json.Encoder().encode
+
+
+class LinkError(Exception):
+    """The other end of the link wrote something that is not a message."""
+
+
+class LineReader:
+    """Splits a byte stream into lines (without the newline), at most MAX_LINE long."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self.stream = stream
+        self._buffer = bytearray()
+        self._unread: list[bytes] = []
+
+    async def receive_line(self) -> bytes | None:
+        """The next line; None at end of file."""
+        if not self._unread:
+            self._unread = await self.receive_lines()
+            if not self._unread:
+                return None
+        return self._unread.pop(0)
+
+    async def receive_lines(self) -> list[bytes]:
+        """The complete lines that have come, at least one; [] at end of file."""
+        if self._unread:
+            lines, self._unread = self._unread, []
+            return lines
+        while True:
+            end = self._buffer.rfind(b"\n")
+            if end >= 0:
+                lines = bytes(self._buffer[:end]).split(b"\n")
+                del self._buffer[: end + 1]
+                return lines
+            if len(self._buffer) > MAX_LINE:
+                raise LinkError("a line longer than MAX_LINE")
+            data = await self.stream.receive_some(READ_SIZE)
+            if not data:
+                return []
+            self._buffer += data
+
+
+class Outbox:
+    """Lines waiting to be written, written together by :meth:`serve`."""
+
+    def __init__(self) -> None:
+        self._lines: list[bytes] = []
+        self._ready = trio.Event()
+
+    def put(self, line: bytes) -> None:
+        self._lines.append(line)
+        self._lines.append(b"\n")
+        self._ready.set()
+
+    def clear(self) -> None:
+        self._lines.clear()
+
+    async def serve(self, stream: trio.abc.SendStream) -> None:
+        """Write what is put, until cancelled or the stream breaks."""
+        while True:
+            await self._ready.wait()
+            self._ready = trio.Event()
+            data = b"".join(self._lines)
+            self._lines.clear()
+            await stream.send_all(data)
+
+
+async def post(
+    client: Client,
+    endpoint: Endpoint,
+    setup: Setup,
+    allowed: tuple[Network, ...],
+    resolve: Resolver,
+) -> Result:
+    """POST one wake-up to ``endpoint`` through the SSRF guard; never raises
+    for anything the endpoint or the network does."""
+    with trio.move_on_after(setup.timeout_seconds):
+        try:
+            target = parse_target(endpoint.url)
+            addresses = await checked_addresses(target, allowed, resolve)
+        except PushRefused:
+            log.warning("push.target_refused")
+            return Result.REFUSED
+        except OSError:
+            return Result.RETRY  # no DNS answer now
+        headers, body = wake_up_request(endpoint, setup.ttl_seconds)
+        key = (target.scheme, addresses[0], target.port, target.host)
+        try:
+            status = await client.post(
+                key, target.target, [("Host", target.host_header), *headers.items()], body
+            )
+        except PostError:
+            return Result.RETRY
+        if 200 <= status < 300:
+            return Result.SENT
+        if status in (404, 410):
+            return Result.GONE
+        if status in (408, 429) or status >= 500:
+            return Result.RETRY
+        log.warning("push.refused_by_endpoint", extra=fields(status=status))
+        return Result.REFUSED  # a redirect (never followed) or another 4xx
+    return Result.RETRY  # timed out
+
+
+async def serve_sender(
+    setup: Setup,
+    jobs: LineReader,
+    outcomes: trio.abc.SendStream,
+    *,
+    resolve: Resolver = resolve_host,
+) -> None:
+    """Run the jobs read from ``jobs`` and write each one's :class:`Outcome`
+    to ``outcomes``, until end of file on ``jobs`` (then the POSTs still in
+    flight are cancelled). Raises LinkError for a line that is not a job.
+
+    Owns the HTTP client (:mod:`chatd.push.http11`: keep-alive connections,
+    no proxies, no redirects) and one task per POST, at most
+    ``setup.concurrency``."""
+    decoder = msgspec.json.Decoder(ToSender)
+    allowed = parse_networks(setup.allowed_networks)
+    client = Client(user_agent=USER_AGENT, max_idle=setup.concurrency)
+    outbox = Outbox()
+    slots = trio.Semaphore(setup.concurrency)
+
+    async def run(job: Job) -> None:
+        endpoint = Endpoint(job.url, job.p256dh, job.auth)
+        try:
+            result = await post(client, endpoint, setup, allowed, resolve)
+        finally:
+            slots.release()
+        outbox.put(encode(Outcome(job.id, result.value)))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(outbox.serve, outcomes)
+            while lines := await jobs.receive_lines():
+                for line in lines:
+                    try:
+                        job = decoder.decode(line)
+                    except msgspec.ValidationError:
+                        raise LinkError("a line that is not a job") from None
+                    if not isinstance(job, Job):
+                        raise LinkError("a second setup line")
+                    await slots.acquire()
+                    nursery.start_soon(run, job)
+            nursery.cancel_scope.cancel()
+    finally:
+        await client.aclose()
+
+
+async def _main() -> None:
+    jobs = LineReader(trio.lowlevel.FdStream(os.dup(sys.stdin.fileno())))
+    outcomes = trio.lowlevel.FdStream(os.dup(sys.stdout.fileno()))
+    first = await jobs.receive_line()
+    if first is None:
+        return  # the parent went away before it set us up
+    setup = msgspec.json.decode(first, type=Setup)
+    configure(LogSettings(level=setup.log_level, format=setup.log_format))
+    try:
+        os.nice(SENDER_NICE)
+    except OSError:  # e.g. a seccomp filter without setpriority
+        log.warning("push.sender_nice_refused")
+    log.info("push.sender_started", extra=fields(pid=os.getpid()))
+    await serve_sender(setup, jobs, outcomes)
+    log.info("push.sender_stopped")
+
+
+def main() -> None:
+    """``python -m chatd.push sender``: started by the notifier, never by hand."""
+    # The daemon owns this process's lifetime: a SIGTERM or Ctrl-C for the
+    # whole process group (systemd's stop, a terminal) is the daemon's to
+    # handle; it closes our stdin when it is done with us.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    trio.run(_main)
