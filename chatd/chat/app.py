@@ -18,6 +18,9 @@
 * the **verification requests** taker, and one follower for the emoji (SAS)
   verification in progress, if any (see :mod:`chatd.chat.verifying`).
 
+The directory (who is on the server, their devices, ``/who``, ``/devices``,
+``/fingerprint``, ``/verify``) is :mod:`chatd.chat.directory`.
+
 Everything prints through one ``say`` callable, whole lines at a time; all
 tasks share the one Trio thread, so lines never interleave.
 """
@@ -30,11 +33,9 @@ from typing import Final
 
 import trio
 
-from chatd.auth.usernames import UsernameError, normalize_username
 from chatd.client import (
     Client,
     ClientError,
-    DeviceRecord,
     IdentityChangedError,
     Member,
     ReceivedMessage,
@@ -46,14 +47,13 @@ from chatd.client.room_store import RoomInfo
 from .account import ACCOUNT_COMMANDS, AccountCommands
 from .activity import ActivityView
 from .commands import Command, Refused, UsageError
+from .directory import Directory
 from .display import (
     clean,
     clock,
-    device_line,
     excerpt,
     history_lines,
     message_lines,
-    normalize_fingerprint,
 )
 from .files import FILE_COMMANDS, FileCommands, arrival_hint
 from .rooms import ROOM_COMMANDS, People, RoomsView
@@ -122,12 +122,9 @@ class ChatApp:
         self.username = username
         self.device_name = device_name
         self.peer: Member | None = None  # the open conversation
-        self._by_id: dict[int, Member] = {}
-        self._by_name: dict[str, Member] = {}
-        # Devices this app has shown (or found in the store at start): the
-        # library adds devices to the store on its own, so the store cannot
-        # tell which ones the person has not been told about yet.
-        self._shown: set[tuple[int, str]] | None = None
+        self.directory = Directory(
+            client, say, unread=lambda user_id: self.activity.unread.get(user_id, 0)
+        )
         self._cursor = 0  # index in the conversation of the oldest message shown
         self._page = PAGE
         self._watched = 0
@@ -136,13 +133,13 @@ class ChatApp:
         )
         self._sender_done = trio.Event()
         self._nursery: trio.Nursery | None = None
-        self._sas = SasVerifier(client, say, self.describe_device)
+        self._sas = SasVerifier(client, say, self.directory.describe_device)
         self.account = AccountCommands(client, say)
         self.waiting = WaitingMessages(
             client,
             say,
-            member=lambda user_id: self._by_id.get(user_id),
-            refresh_directory=self.refresh_directory,
+            member=self.directory.member,
+            refresh_directory=self.directory.refresh,
             peer=lambda: self.peer,
         )
         self.activity = ActivityView(
@@ -151,7 +148,7 @@ class ChatApp:
         self.rooms = RoomsView(
             client,
             say,
-            People(self.name_of, self.find_member, self.refresh_directory),
+            People(self.directory.name_of, self.directory.find_member, self.directory.refresh),
             opened=self._room_opened,
             idle=lambda: self.peer is None and self.rooms.current is None,
             bold=bold,
@@ -175,7 +172,7 @@ class ChatApp:
         self.say(f"Logged in as {clean(self.username)} on device {device}.")
         self.say("Type /help for the commands, /open <username> to start chatting.")
         try:
-            await self.refresh_directory()
+            await self.directory.refresh()
         except (ClientError, trio.TooSlowError) as exc:
             self.say(f"! the directory could not be fetched: {_reason(exc)}; try /who")
         try:
@@ -206,8 +203,10 @@ class ChatApp:
         """Open the conversation that was open when chat last ended."""
         with contextlib.suppress(ClientError, trio.TooSlowError, UsageError, Refused):
             kind, _, ident = (await self.client.app_value(LAST_CONVERSATION) or "").partition(":")
-            if kind == "user" and ident.isdigit() and int(ident) in self._by_id:
-                await self._cmd_open([self._by_id[int(ident)].username])
+            user = kind == "user" and ident.isdigit()
+            member = self.directory.member(int(ident)) if user else None
+            if member is not None:
+                await self._cmd_open([member.username])
             elif kind == "room" and ident.isdigit():
                 await self.rooms.cmd_room([ident])
 
@@ -233,6 +232,7 @@ class ChatApp:
             attr = command.name.replace("-", "_")
             handler: Callable[[list[str]], Awaitable[None]] = (
                 getattr(self, f"_cmd_{attr}", None)
+                or getattr(self.directory, f"cmd_{attr}", None)
                 or getattr(self.files, f"cmd_{attr}", None)
                 or getattr(self.account, f"cmd_{attr}", None)
                 or getattr(self.waiting, f"cmd_{attr}", None)
@@ -260,86 +260,6 @@ class ChatApp:
             self.say(f"! not sent {excerpt(text)}: {OUTBOX} messages are already waiting")
         return True
 
-    # -- the directory --------------------------------------------------------
-
-    async def refresh_directory(self) -> None:
-        """Fetch the directory; announce devices not seen before (unverified)."""
-        if self._shown is None:
-            self._shown = {(d.user_id, d.device_id) for d in await self.client.devices()}
-        before = set(self._shown)
-        try:
-            members = await self.client.directory()
-        except IdentityChangedError as exc:
-            self.say(f"!! WARNING: {clean(str(exc))}")
-            return
-        self._by_id = {m.user_id: m for m in members}
-        self._by_name = {}
-        for m in members:
-            try:
-                self._by_name[normalize_username(m.username)] = m
-            except UsernameError:
-                self._by_name[m.username] = m
-        new = [
-            d
-            for m in members
-            for d in m.devices
-            if (d.user_id, d.device_id) not in before
-            and (d.user_id, d.device_id) != (self.client.user_id, self.client.device_id)
-        ]
-        self._shown |= {(d.user_id, d.device_id) for m in members for d in m.devices}
-        if not before:  # the first run of this store: everything is new
-            if new:
-                self.say(
-                    f"! {len(new)} device(s) of other people are not verified yet:"
-                    " see /who, and verify them with /sas"
-                )
-            return
-        for d in new:
-            self.say(
-                f"! new device for {self.name_of(d.user_id)}: {clean(d.device_id)}"
-                f' "{clean(d.name)}", UNVERIFIED (to verify it: /sas {self.name_of(d.user_id)}'
-                f" {clean(d.device_id)})"
-            )
-
-    def name_of(self, user_id: int) -> str:
-        member = self._by_id.get(user_id)
-        return clean(member.username) if member else f"user#{user_id}"
-
-    async def describe_device(self, user_id: int, device_id: str) -> str:
-        """``bob's device ABC ("phone")``, cleaned; refreshes the directory if
-        the user is not known yet. Never raises ClientError."""
-        name = ""
-        with contextlib.suppress(ClientError, trio.TooSlowError):
-            if user_id not in self._by_id:
-                await self.refresh_directory()
-            for d in await self.client.devices():
-                if (d.user_id, d.device_id) == (user_id, device_id) and d.name:
-                    name = f' ("{clean(d.name)}")'
-        return f"{self.name_of(user_id)}'s device {clean(device_id)}{name}"
-
-    async def find_member(self, typed: str) -> Member:
-        """The member called ``typed`` (any case); refreshes the directory once
-        if it is not known yet. Raises UsageError."""
-        try:
-            key = normalize_username(typed)
-        except UsernameError:
-            raise UsageError(f"{clean(typed[:40])!r} is not a valid username") from None
-        if key not in self._by_name:
-            await self.refresh_directory()
-        member = self._by_name.get(key)
-        if member is None:
-            raise UsageError(f"no user named {key!r} on this server (see /who)")
-        return member
-
-    async def _device(self, member: Member, typed: str) -> DeviceRecord | None:
-        for refresh in (False, True):
-            if refresh:
-                await self.refresh_directory()
-            for d in await self.client.devices():
-                if d.user_id == member.user_id and d.device_id.upper() == typed.upper():
-                    return d
-        return None
-
     # -- commands -------------------------------------------------------------
 
     async def _cmd_help(self, args: list[str]) -> None:
@@ -351,30 +271,6 @@ class ChatApp:
         self.say("A <room> is #name, name, or the room's id (see /rooms).")
         self.say("Marks: ✓ sent to the server, ✓✓ delivered to a device of theirs, ✗ expired.")
 
-    async def _cmd_who(self, args: list[str]) -> None:
-        await self.refresh_directory()
-        online: set[int] | None
-        try:
-            reply = await self.client.connection.request("who_is_online")
-            online = set(reply.get("online", []))
-        except (ClientError, trio.TooSlowError):
-            online = None
-        devices = {(d.user_id, d.device_id): d for d in await self.client.devices()}
-        members = sorted(self._by_id.values(), key=lambda m: m.username)
-        self.say(f"{len(members)} people:")
-        for m in members:
-            notes = ["you"] if m.user_id == self.client.user_id else []
-            if online is not None:
-                notes.append("online" if m.user_id in online else "offline")
-            if self.activity.unread.get(m.user_id):
-                notes.append(f"{self.activity.unread[m.user_id]} unread")
-            self.say(f"{clean(m.username)} ({', '.join(notes)})" if notes else clean(m.username))
-            if not m.devices:
-                self.say("    (no device yet)")
-            for d in m.devices:
-                known = devices.get((d.user_id, d.device_id), d)
-                self.say(device_line(known, self.client.device_id))
-
     def _room_opened(self) -> None:
         self.peer = None
 
@@ -384,7 +280,7 @@ class ChatApp:
         if args[0].startswith("#"):
             await self.rooms.cmd_room(args)
             return
-        self.peer = await self.find_member(args[0])
+        self.peer = await self.directory.find_member(args[0])
         self.rooms.current = None
         self._page = PAGE
         entries = await self.client.history(self.peer.user_id)
@@ -448,60 +344,17 @@ class ChatApp:
             f"-- {clean(peer.username)}: messages {start + 1}–{end} of {len(entries)}{more} --"
         )
         for number, entry in enumerate(entries[start:end], start + 1):
-            for line in history_lines(entry, self.name_of(entry.sender_user_id), number):
+            for line in history_lines(entry, self.directory.name_of(entry.sender_user_id), number):
                 self.say(line)
         self._cursor = start
-
-    async def _cmd_devices(self, args: list[str]) -> None:
-        devices = await self.client.devices()
-        if not devices:
-            self.say("-- no devices seen yet: try /who --")
-        for user_id in sorted({d.user_id for d in devices}, key=self.name_of):
-            self.say(self.name_of(user_id))
-            for d in devices:
-                if d.user_id == user_id:
-                    self.say(device_line(d, self.client.device_id))
-
-    async def _cmd_fingerprint(self, args: list[str]) -> None:
-        me = self.name_of(self.client.user_id)
-        self.say(f"This device: {me} {self.client.device_id}")
-        self.say(f"Fingerprint: {self.client.fingerprint}")
-        self.say(
-            f"Read it to the people who want to verify you; they type"
-            f" /verify {me} {self.client.device_id} <fingerprint>"
-        )
-
-    async def _cmd_verify(self, args: list[str]) -> None:
-        if len(args) < 3:
-            raise UsageError("usage: /verify <username> <device> <fingerprint>")
-        member = await self.find_member(args[0])
-        typed = normalize_fingerprint(" ".join(args[2:]))
-        if typed is None:
-            raise UsageError(
-                "a fingerprint is 64 hex digits (16 groups of 4), as /fingerprint shows it"
-            )
-        device = await self._device(member, args[1])
-        if device is None:
-            raise UsageError(f"{clean(member.username)} has no device {clean(args[1])} (see /who)")
-        who = f"{clean(member.username)}'s device {clean(device.device_id)}"
-        try:
-            await self.client.verify_device(member.user_id, device.device_id, typed)
-        except ClientError:
-            self.say(
-                f"! the fingerprint does not match {who}: it is NOT verified."
-                " Check that you both look at the same device, and that nobody"
-                " else's key is in the middle."
-            )
-            return
-        self.say(f'✓ {who} ("{clean(device.name)}") is now verified.')
 
     async def _cmd_sas(self, args: list[str]) -> None:
         if len(args) != 2:
             raise UsageError("usage: /sas <username> <device> (the device id is in /who)")
         if self._nursery is None:
             raise UsageError("/sas needs the chat to be running")
-        member = await self.find_member(args[0])
-        device = await self._device(member, args[1])
+        member = await self.directory.find_member(args[0])
+        device = await self.directory.device(member, args[1])
         if device is None:
             raise UsageError(f"{clean(member.username)} has no device {clean(args[1])} (see /who)")
         if (device.user_id, device.device_id) == (self.client.user_id, self.client.device_id):
@@ -539,7 +392,7 @@ class ChatApp:
                 except SendError as exc:
                     # Kept in the history as "sending" either way.
                     try:
-                        no_device = not await self._has_devices(peer)
+                        no_device = not await self.directory.has_devices(peer)
                     except (ClientError, trio.TooSlowError):
                         no_device = False
                     if no_device:
@@ -559,15 +412,6 @@ class ChatApp:
                     self._nursery.start_soon(self._watch_delivery, message_id, text)
         finally:
             self._sender_done.set()
-
-    async def _has_devices(self, peer: Member) -> bool:
-        if peer.user_id == self.client.user_id:
-            return True  # a note to self is kept even without other devices
-        member = self._by_id.get(peer.user_id, peer)
-        if not member.devices:
-            await self.refresh_directory()
-            member = self._by_id.get(peer.user_id, peer)
-        return bool(member.devices)
 
     async def _finish_outbox(self) -> None:
         """Let the sender finish what was typed before /quit."""
@@ -612,19 +456,20 @@ class ChatApp:
     async def _show_message(self, message: ReceivedMessage) -> None:
         """Print a received message. Never raises ClientError: a message is
         shown even if the directory or the store cannot be read just now."""
-        if message.sender_user_id not in self._by_id or message.peer_user_id not in self._by_id:
+        name_of, member = self.directory.name_of, self.directory.member
+        if member(message.sender_user_id) is None or member(message.peer_user_id) is None:
             with contextlib.suppress(ClientError, trio.TooSlowError):
-                await self.refresh_directory()
-        sender = self.name_of(message.sender_user_id)
+                await self.directory.refresh()
+        sender = name_of(message.sender_user_id)
         if message.outgoing:
-            prefix = f"{clock(message.sent_at)} {sender} → {self.name_of(message.peer_user_id)}: "
+            prefix = f"{clock(message.sent_at)} {sender} → {name_of(message.peer_user_id)}: "
         else:
             prefix = f"{clock(message.sent_at)} {sender}: "
         idle = self.peer is None and self.rooms.current is None
         suffix = ""
         if message.attachment is not None:
             here = idle or (self.peer is not None and self.peer.user_id == message.peer_user_id)
-            other = f"/open {self.name_of(message.peer_user_id)}"
+            other = f"/open {name_of(message.peer_user_id)}"
             suffix = await arrival_hint(
                 self.client,
                 message.message_id,
@@ -639,9 +484,10 @@ class ChatApp:
             peer = self.peer if self.rooms.current is None else None
             seen = idle or (peer is not None and peer.user_id == message.peer_user_id)
             self.activity.received(message.sender_user_id, seen=seen)
-        if idle and message.peer_user_id in self._by_id:
-            self.peer = self._by_id[message.peer_user_id]
-            name = self.name_of(self.peer.user_id)
+        peer_member = member(message.peer_user_id)
+        if idle and peer_member is not None:
+            self.peer = peer_member
+            name = name_of(self.peer.user_id)
             self.say(f"-- conversation with {name} (what you type goes there) --")
 
     async def _watch_connection(self) -> None:

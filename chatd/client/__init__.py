@@ -13,7 +13,7 @@ verification (SAS emoji) in :mod:`chatd.client.sas` and
 
 from .account import Account, SessionInfo, TotpSecret
 from .attachments import DEFAULT_MEDIA_TYPES, Attachment, AttachmentError
-from .client import Activity, Client, Member, PresenceChange, ReceivedMessage, TypingNotice
+from .client import Client, Member
 from .crypto import fingerprint
 from .errors import (
     CertificateError,
@@ -29,6 +29,7 @@ from .errors import (
     ServerRefusedError,
     VerificationError,
 )
+from .inbound import Activity, PresenceChange, ReceivedMessage, TypingNotice
 from .megolm import RoomSettings
 from .opening import EnrollTotp, check_transport, key_from_passphrase, open_client
 from .room_delivery import RoomDelivery

@@ -3,37 +3,29 @@
 ``open_client`` (:mod:`chatd.client.opening`) opens the local store, connects
 and logs in, publishes keys, and runs three background tasks in a nursery it
 owns: the connection (:mod:`chatd.client.connection`), the room jobs
-(:mod:`chatd.client.room_jobs`), and the inbound worker, which handles
-``deliver``, pushed ``key_count`` and ``room_invited`` frames one at a time.
-Room envelopes go to :mod:`chatd.client.room_inbound`, a ``room_key``
-payload to :meth:`chatd.client.room_keys.RoomKeys.take_room_key` (in the
-same transaction as the Olm state that decrypted it).
+(:mod:`chatd.client.room_jobs`), and the inbound worker
+(:mod:`chatd.client.inbound`), which handles ``deliver``, pushed
+``key_count`` and ``room_invited`` frames one at a time. This module is the
+:class:`Client` itself: the directory and device verification, sending
+direct messages and files, the history, and the channels the application
+reads (``messages()``, ``room_events()``, ``activity()``).
 
 Ordering guarantees
 -------------------
 * Olm state is written to the store *before* the ciphertext it produced
-  leaves the device, so a crash can never reuse a message key.
-* A received message, and the Olm state its decryption changed, are written
-  in one transaction; only after that commit does the client send
-  ``ack up_to``. Delivery is at least once, so the client skips envelopes
-  whose message id is already in the history *before* decrypting (a repeated
-  Olm message could not be decrypted twice anyway).
+  leaves the device (:mod:`chatd.client.olm_send`), so a crash can never
+  reuse a message key.
 * One lock (``_olm_lock``) serialises every use of the Olm account and
   channels, so sending and receiving never interleave inside the ratchet.
-* Payloads that are not chat messages (device verification) are recorded by
-  message id in their own table, with the Olm state, before the ack; they
-  never enter the history. Their replies are sent after the ack.
-* Keys are published by :mod:`chatd.client.keys`. When a pre-key message used
-  our published fallback key, that is recorded with the message, and a new
-  fallback key is uploaded after the ack.
+* What is received is stored before it is acknowledged, and handed on after
+  (see :mod:`chatd.client.inbound`). Keys are published by
+  :mod:`chatd.client.keys`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import uuid
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,35 +39,25 @@ from .connection import Connection
 from .crypto import (
     ONE_TIME_KEY_TARGET,
     OlmMachine,
-    Payload,
-    decode_payload,
     encode_control,
     encode_payload,
     fingerprint,
     verify_device_keys,
 )
-from .errors import (
-    ClientError,
-    DecryptionError,
-    IdentityChangedError,
-    SendError,
-    VerificationError,
-)
+from .errors import ClientError, IdentityChangedError, SendError, VerificationError
+from .inbound import Activity, Inbound, ReceivedMessage
 from .keys import KeySupply
 from .megolm import MemberDevice, RoomSettings
 from .olm_send import OlmSender
-from .room_events import RoomEventItem, RoomInvitation, RoomMessage
-from .room_inbound import ROOM_KINDS, RoomInbound
+from .room_events import RoomEventItem
+from .room_inbound import RoomInbound
 from .room_jobs import RoomJobs
 from .room_keys import RoomKeys
-from .room_store import OlmWrite, RoomInfo, RoomStore
+from .room_store import RoomStore
 from .rooms import Rooms
-from .sas import KINDS as VERIFY_KINDS
 from .sas import Party
 from .store import DeviceRecord, HistoryEntry, LocalStore, now_ms
 from .verification import Verification, Verifications
-
-log = logging.getLogger(__name__)
 
 INBOX_MESSAGES: Final = 1000  # received messages buffered for messages()
 ACTIVITY_PUSHES: Final = 100  # pushed presence and typing buffered; later ones are dropped
@@ -84,57 +66,10 @@ KEYS_READY_TIMEOUT: Final = 30.0  # seconds open_client waits for the first key 
 
 
 @dataclass(frozen=True)
-class ReceivedMessage:
-    message_id: str
-    sender_user_id: int
-    sender_device_id: str
-    peer_user_id: int  # the conversation: the sender, or for our own copies the recipient
-    text: str
-    sent_at: int  # unix ms, as the server recorded it
-    outgoing: bool  # a copy of a message we sent from another of our devices
-    sender_verified: bool = False  # the sending device was verified when it arrived
-    attachment: Attachment | None = None  # a file the message carries (save it with save_file)
-
-
-@dataclass(frozen=True)
-class PresenceChange:
-    """A pushed ``presence``: watched users who came online, and who went offline."""
-
-    online: tuple[int, ...]
-    offline: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class TypingNotice:
-    """A pushed ``typing_notice``: ``user_id`` started (or stopped) typing to us."""
-
-    user_id: int
-    active: bool
-
-
-Activity = PresenceChange | TypingNotice
-
-
-@dataclass(frozen=True)
 class Member:
     user_id: int
     username: str
     devices: list[DeviceRecord]  # devices with published keys
-
-
-@dataclass(frozen=True)
-class _Control:
-    """A received payload that is not a chat message, handled after the ack."""
-
-    sender: DeviceRecord
-    payload: Payload
-
-
-@dataclass(frozen=True)
-class _RoomKeyTaken:
-    """A ``room_key`` stored, with the held room messages it opened."""
-
-    released: list[RoomMessage]
 
 
 class Client:
@@ -175,8 +110,7 @@ class Client:
         )
         self._activity_send, self._activity = trio.open_memory_channel[Activity](ACTIVITY_PUSHES)
         self._rooms: Rooms | None = None
-        self._room_jobs: RoomJobs | None = None
-        self._room_inbound: RoomInbound | None = None
+        self._inbound: Inbound | None = None
         #: Password, TOTP, sessions and devices of this user (docs/CLIENT.md).
         self.account = Account(conn, self.directory)
 
@@ -204,9 +138,24 @@ class Client:
             self._conn, self._store, room_store, keys, self._olm_send, self._attachments
         )
         rooms.on_change = self._notify
-        self._room_jobs = RoomJobs(rooms, self._user_devices, self._room_events_send)
-        self._room_inbound = RoomInbound(self._store, rooms, self._room_jobs, self._sender_device)
-        return self._room_jobs
+        jobs = RoomJobs(rooms, self._user_devices, self._room_events_send)
+        self._inbound = Inbound(
+            self._store,
+            self._olm,
+            self._conn,
+            self._olm_lock,
+            self._keys,
+            self._verifications,
+            rooms,
+            jobs,
+            RoomInbound(self._store, rooms, jobs, self._sender_device),
+            sender_device=self._sender_device,
+            notify=self._notify,
+            inbox=self._inbox_send,
+            room_events=self._room_events_send,
+            activity=self._activity_send,
+        )
+        return jobs
 
     @property
     def rooms(self) -> Rooms:
@@ -535,89 +484,10 @@ class Client:
         self._changed = trio.Event()
 
     async def _serve_inbound(self) -> None:
-        """Handle deliver and key_count frames, one at a time, until cancelled."""
-        async for frame in self._conn.unsolicited:
-            try:
-                if frame.get("type") == "deliver":
-                    await self._deliver(frame["envelopes"])
-                elif frame.get("type") == "room_invited":
-                    room = RoomInfo.from_wire(frame["room"])
-                    await self._room_events_send.send(RoomInvitation(room, frame.get("by_user_id")))
-                elif frame.get("type") == "key_count":
-                    await self._keys.top_up(frame)
-                elif frame.get("type") in ("presence", "typing_notice"):
-                    item: Activity = (
-                        PresenceChange(
-                            tuple(frame.get("online", [])), tuple(frame.get("offline", []))
-                        )
-                        if frame["type"] == "presence"
-                        else TypingNotice(frame["user_id"], bool(frame["active"]))
-                    )
-                    with contextlib.suppress(trio.WouldBlock):
-                        self._activity_send.send_nowait(item)
-            except (ClientError, trio.TooSlowError) as exc:
-                # The server re-delivers what we did not acknowledge.
-                log.warning("client.inbound_failed", extra={"error": str(exc)})
-
-    async def _deliver(self, envelopes: list[dict[str, Any]]) -> None:
-        received: list[ReceivedMessage] = []
-        controls: list[_Control] = []
-        room_items: list[RoomEventItem] = []
-        ours: set[str] | None = None  # our own devices, read once per frame if needed
-        inbound = self._room_inbound
-        for env in envelopes:
-            if env["kind"] == "message":
-                result = await self._receive(env)
-                if isinstance(result, ReceivedMessage):
-                    received.append(result)
-                elif isinstance(result, _RoomKeyTaken):
-                    room_items.extend(result.released)
-                elif result is not None:
-                    controls.append(result)
-            elif inbound is not None and (
-                env["kind"] in ROOM_KINDS or env.get("room_id") is not None
-            ):
-                room_items.extend(await inbound.take(env))
-            elif env["kind"] in ("delivered", "expired"):
-                if inbound is not None and env["kind"] == "expired":
-                    await inbound.take(env)  # a key share that expired is shared again
-                if ours is None:
-                    ours = {
-                        d.device_id
-                        for d in await self._store.devices()
-                        if d.user_id == self.user_id
-                    }
-                counts = env.get("device_id") not in ours
-                await self._store.add_receipt(
-                    env["message_id"], env.get("device_id") or "", env["kind"], counts
-                )
-        if envelopes:
-            await self._conn.send_frame("ack", up_to=envelopes[-1]["envelope_id"])
-        self._notify()
-        # Everything below is stored and acknowledged already: a failure here
-        # loses nothing (a fallback rotation is retried on the next key_count).
-        if self._keys.rotation_due:
-            await self._guarded(self._keys.rotate_fallback())
-        for control in controls:
-            await self._guarded(self._handle_control(control))
-        for message in received:
-            await self._inbox_send.send(message)
-        for item in room_items:
-            await self._room_events_send.send(item)
-
-    async def _guarded(self, work: Awaitable[None]) -> None:
-        try:
-            await work
-        except (ClientError, trio.TooSlowError) as exc:
-            log.warning("client.after_ack_failed", extra={"error": str(exc)})
-
-    async def _handle_control(self, control: _Control) -> None:
-        payload, sender = control.payload, control.sender
-        if payload.kind in VERIFY_KINDS:
-            them = Party(sender.user_id, sender.device_id, sender.ed25519)
-            await self._verifications.handle(them, payload.to_user_id, payload.fields)
-        elif payload.kind == "room_key_request" and self._room_jobs is not None:
-            self._room_jobs.key_requested(sender, payload.fields)
+        """Run the inbound worker (:mod:`chatd.client.inbound`) until cancelled."""
+        if self._inbound is None:  # pragma: no cover - open_client opens the rooms first
+            raise ClientError("the client is not open")
+        await self._inbound.serve()
 
     async def _sender_device(self, user_id: int, device_id: str) -> DeviceRecord | None:
         """The sending device as we know it; a device we have not seen yet
@@ -627,89 +497,3 @@ class Client:
             await self.directory()
             device = await self._store.device(user_id, device_id)
         return device
-
-    async def _receive(
-        self, env: dict[str, Any]
-    ) -> ReceivedMessage | _Control | _RoomKeyTaken | None:
-        """Decrypt and store one message envelope. Returns a chat message, or a
-        payload of another kind (recorded, not in the history); None for a
-        duplicate or a message that cannot be decrypted (stored as
-        ``undecryptable``)."""
-        message_id = env["message_id"]
-        if await self._store.has_message(message_id):
-            return None
-        sender_user_id, sender_device_id = env["sender_user_id"], env["sender_device_id"]
-        device = await self._sender_device(sender_user_id, sender_device_id)
-        async with self._olm_lock:
-            try:
-                if device is None:
-                    raise DecryptionError(f"unknown sender device {sender_device_id}")
-                decrypted = self._olm.decrypt(device.curve25519, env["ciphertext"])
-                payload = decode_payload(decrypted.plaintext, message_id)
-                attachment = None
-                if payload.kind == "text" and "attachment" in payload.fields:
-                    attachment = Attachment.parse(payload.fields["attachment"])
-            except DecryptionError as exc:
-                log.warning("client.undecryptable", extra={"error": str(exc)})
-                entry = HistoryEntry(
-                    message_id,
-                    sender_user_id,
-                    "in",
-                    sender_user_id,
-                    sender_device_id,
-                    None,
-                    env["sent_at"],
-                    "undecryptable",
-                )
-                dirty = self._olm.take_dirty()
-                account = self._olm.account_pickle() if dirty else None
-                await self._store.add_message(entry, account, dirty)
-                return None
-            meta = self._keys.noticed(decrypted.one_time_key)
-            account = self._olm.account_pickle()
-            if payload.kind == "room_key" and self._rooms is not None and device is not None:
-                released = await self._rooms.keys.take_room_key(
-                    message_id,
-                    device,
-                    payload.fields,
-                    OlmWrite(account, self._olm.take_dirty(), meta),
-                    self.user_id,
-                )
-                return _RoomKeyTaken(released)
-            if payload.kind != "text":
-                new = await self._store.add_control(
-                    message_id,
-                    payload.kind,
-                    (sender_user_id, sender_device_id),
-                    account,
-                    self._olm.take_dirty(),
-                    meta,
-                )
-                return _Control(device, payload) if new else None
-            outgoing = sender_user_id == self.user_id
-            peer = payload.to_user_id if outgoing else sender_user_id
-            entry = HistoryEntry(
-                message_id,
-                peer,
-                "out" if outgoing else "in",
-                sender_user_id,
-                sender_device_id,
-                payload.text,
-                env["sent_at"],
-                "sent" if outgoing else "received",
-                attachment=attachment,
-            )
-            new = await self._store.add_message(entry, account, self._olm.take_dirty(), meta)
-        if not new:
-            return None
-        return ReceivedMessage(
-            message_id,
-            sender_user_id,
-            sender_device_id,
-            peer,
-            payload.text,
-            env["sent_at"],
-            outgoing,
-            device.verified,
-            attachment,
-        )
