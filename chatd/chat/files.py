@@ -24,6 +24,7 @@ import trio
 
 from chatd.client import (
     AttachmentError,
+    AttachmentMismatchError,
     Client,
     ClientError,
     DecryptionError,
@@ -148,12 +149,12 @@ class FileCommands:
             saved = await self.client.save_file(attachment, where)
         except ServerRefusedError as exc:
             raise _refusal(exc) from None
+        except AttachmentMismatchError:
+            raise Refused(
+                "hash mismatch: the downloaded file is not the one the message names;"
+                " nothing was saved"
+            ) from None
         except AttachmentError as exc:
-            if "does not match" in str(exc):
-                raise Refused(
-                    "hash mismatch: the downloaded file is not the one the message names;"
-                    " nothing was saved"
-                ) from None
             raise Refused(clean(str(exc))) from None
         except DecryptionError:
             raise Refused("the file does not decrypt; nothing was saved") from None

@@ -12,7 +12,12 @@ verification (SAS emoji) in :mod:`chatd.client.sas` and
 """
 
 from .account import Account, SessionInfo, TotpSecret
-from .attachments import DEFAULT_MEDIA_TYPES, Attachment, AttachmentError
+from .attachments import (
+    DEFAULT_MEDIA_TYPES,
+    Attachment,
+    AttachmentError,
+    AttachmentMismatchError,
+)
 from .client import Client, Member
 from .crypto import fingerprint
 from .errors import (
@@ -57,6 +62,7 @@ __all__ = [
     "Activity",
     "Attachment",
     "AttachmentError",
+    "AttachmentMismatchError",
     "BAD_CIPHERTEXT",
     "CANNOT_DECRYPT",
     "CertificateError",

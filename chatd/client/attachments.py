@@ -78,6 +78,11 @@ class AttachmentError(ClientError):
     upload or download refused, or a ciphertext that does not match."""
 
 
+class AttachmentMismatchError(AttachmentError):
+    """The downloaded ciphertext is not the one the message names (its
+    SHA-256 or size differ): nothing was saved."""
+
+
 def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii").rstrip("=")
 
@@ -289,7 +294,7 @@ class Attachments:
             await self._get(signed["url"], sealed)
             digest, size = await trio.to_thread.run_sync(_sha256_of, sealed)
             if digest != attachment.blob_id or size != attachment.size:
-                raise AttachmentError(
+                raise AttachmentMismatchError(
                     "the downloaded ciphertext does not match the message (SHA-256 or size)"
                 )
             await trio.to_thread.run_sync(decrypt_file, sealed, opened, attachment.key)
