@@ -39,12 +39,12 @@ from .connection import Connection
 from .crypto import (
     ONE_TIME_KEY_TARGET,
     OlmMachine,
+    checked_devices,
     encode_control,
     encode_payload,
     fingerprint,
-    verify_device_keys,
 )
-from .errors import ClientError, IdentityChangedError, SendError, VerificationError
+from .errors import ClientError, SendError, VerificationError
 from .inbound import Activity, Inbound, ReceivedMessage
 from .keys import KeySupply
 from .megolm import MemberDevice, RoomSettings
@@ -196,32 +196,10 @@ class Client:
         reply = await self._conn.request("directory")
         known = {(d.user_id, d.device_id): d for d in await self._store.devices()}
         members, seen = [], []
+        own = (self.user_id, self.device_id)
         for m in reply["members"]:
-            devices = []
-            for d in m["devices"]:
-                if d.get("ed25519") is None or not verify_device_keys(m["user_id"], d):
-                    continue
-                old = known.get((m["user_id"], d["device_id"]))
-                if old is not None and (old.ed25519, old.curve25519) != (
-                    d["ed25519"],
-                    d["curve25519"],
-                ):
-                    raise IdentityChangedError(
-                        f"device {d['device_id']} of user {m['user_id']} shows new identity keys;"
-                        " refusing to use it (verify the device again)"
-                    )
-                mine = (m["user_id"], d["device_id"]) == (self.user_id, self.device_id)
-                record = DeviceRecord(
-                    m["user_id"],
-                    d["device_id"],
-                    d["name"],
-                    d["ed25519"],
-                    d["curve25519"],
-                    verified=old.verified if old else mine,
-                    current=True,
-                )
-                devices.append(record)
-                seen.append(record)
+            devices = checked_devices(m["user_id"], m["devices"], known, own)
+            seen.extend(devices)
             members.append(Member(m["user_id"], m["username"], devices))
         await self._store.replace_devices(seen)
         self._members = {m.user_id: m for m in members}

@@ -53,7 +53,8 @@ import vodozemac
 
 from chatd.e2ee.signing import canonical_json, verify
 
-from .errors import DecryptionError, KeyClaimError
+from .errors import DecryptionError, IdentityChangedError, KeyClaimError
+from .store import DeviceRecord
 
 PAYLOAD_VERSION: Final = 1
 #: One-time keys a device tries to keep on the server (vodozemac's recommended
@@ -204,6 +205,41 @@ def verify_device_keys(user_id: int, device: dict[str, Any]) -> bool:
     if not (isinstance(ed, str) and isinstance(curve, str) and isinstance(sig, str)):
         return False
     return verify(ed, device_keys_object(user_id, device["device_id"], ed, curve), sig)
+
+
+def checked_devices(
+    user_id: int,
+    listed: list[dict[str, Any]],
+    known: dict[tuple[int, str], DeviceRecord],
+    own: tuple[int, str],
+) -> list[DeviceRecord]:
+    """One user's devices as the server listed them (``directory`` or
+    ``room_members``): those whose keys carry their own valid signature, as
+    records; one not in ``known`` is unverified (but ``own``, this device).
+    Raises IdentityChangedError if a known device shows new identity keys."""
+    records = []
+    for d in listed:
+        if d.get("ed25519") is None or not verify_device_keys(user_id, d):
+            continue
+        old = known.get((user_id, d["device_id"]))
+        if old is not None and (old.ed25519, old.curve25519) != (d["ed25519"], d["curve25519"]):
+            raise IdentityChangedError(
+                f"device {d['device_id']} of user {user_id} shows new identity keys;"
+                " refusing to use it (verify the device again)"
+            )
+        mine = (user_id, d["device_id"]) == own
+        records.append(
+            DeviceRecord(
+                user_id,
+                d["device_id"],
+                d["name"],
+                d["ed25519"],
+                d["curve25519"],
+                verified=old.verified if old else mine,
+                current=True,
+            )
+        )
+    return records
 
 
 class OlmMachine:

@@ -43,8 +43,8 @@ import trio
 
 from .attachments import Attachment, Attachments
 from .connection import Connection
-from .crypto import verify_device_keys
-from .errors import ClientError, IdentityChangedError, SendError, ServerRefusedError
+from .crypto import checked_devices
+from .errors import ClientError, SendError, ServerRefusedError
 from .megolm import MemberDevice
 from .olm_send import OlmSender, control_for, largest_payload
 from .room_delivery import RoomDeliveries, RoomDelivery
@@ -182,31 +182,8 @@ class Rooms:
         known = {(d.user_id, d.device_id): d for d in await self._store.devices()}
         members, seen = [], []
         for m in reply["members"]:
-            devices = []
-            for d in m["devices"]:
-                if d.get("ed25519") is None or not verify_device_keys(m["user_id"], d):
-                    continue
-                old = known.get((m["user_id"], d["device_id"]))
-                if old is not None and (old.ed25519, old.curve25519) != (
-                    d["ed25519"],
-                    d["curve25519"],
-                ):
-                    raise IdentityChangedError(
-                        f"device {d['device_id']} of user {m['user_id']} shows new identity keys;"
-                        " refusing to use it (verify the device again)"
-                    )
-                mine = (m["user_id"], d["device_id"]) == self._own
-                device = DeviceRecord(
-                    m["user_id"],
-                    d["device_id"],
-                    d["name"],
-                    d["ed25519"],
-                    d["curve25519"],
-                    verified=old.verified if old else mine,
-                    current=True,
-                )
-                devices.append(device)
-                seen.append(device)
+            devices = checked_devices(m["user_id"], m["devices"], known, self._own)
+            seen.extend(devices)
             members.append(RoomMember(m["user_id"], m["username"], m["role"], devices))
         await self._store.record_devices(seen)
         result = RoomMembers(room_id, int(reply["epoch"]), members, list(reply["invited"]))
