@@ -349,6 +349,7 @@ async def test_wake_ups_are_coalesced_to_one_per_interval(
     short_tmp: Path, mock_clock: trio.testing.MockClock
 ) -> None:
     async with team(short_tmp, interval_seconds=20.0) as t, receiver() as rx:
+        t.push.due_linger = 0.0  # the clock moves only when the test jumps it
         rx.hold = trio.Event()  # the first POST stays in flight while more come
         async with alice_and_offline_bob(t, rx.url()) as (alice, bob):
             await send_to(alice, bob, "one")
@@ -644,6 +645,8 @@ async def test_the_sender_is_a_process_restarted_when_it_dies_and_stopped_at_shu
             await rx.wait_count(1)
             await t.push.wait_settled()
             [first] = sender_pids()
+            # It took the lowest CPU priority for itself: the relay comes first.
+            assert os.sched_getscheduler(first) == os.SCHED_IDLE
             os.kill(first, signal.SIGKILL)
             await send_to(alice, bob, "two")  # a new sender takes it, after a short backoff
             await rx.wait_count(2)

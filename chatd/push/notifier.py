@@ -98,6 +98,10 @@ log = logging.getLogger("chatd.push")
 WAKING_KINDS: Final = frozenset(("message", "room_message", "room_event"))
 ERR_PUSH_DISABLED: Final = "push_disabled"
 YIELD_EVERY: Final = 64  # due wake-ups taken between two checkpoints, at most
+#: Seconds the service waits, once woken, for more wake-ups to fall due, so
+#: that under load it hands jobs to the sender tens at a time (one wake of
+#: this task and one pipe write for all) instead of one by one.
+DUE_LINGER: Final = 0.01
 JITTER: Final = 0.1  # retry delays vary by up to this share, so retries spread
 STOP_GRACE: Final = 5.0  # seconds the sender has to exit after its stdin closes
 RESTART_BASE: Final = 0.5  # seconds before restarting a sender that died; doubles
@@ -201,6 +205,7 @@ class Notifier:
         self._due = trio.Event()
         self._settled = trio.Event()
         self._settled.set()
+        self.due_linger = DUE_LINGER  # 0 for tests that drive a MockClock by hand
 
     async def open(self) -> None:
         """Load every registered endpoint into memory."""
@@ -370,6 +375,8 @@ class Notifier:
             deadline = self._later[0][0] if self._later else math.inf
             with trio.move_on_at(deadline):
                 await self._due.wait()
+                if self.due_linger:
+                    await trio.sleep(self.due_linger)
 
     # -- the sender process ---------------------------------------------------------------
 

@@ -11,8 +11,11 @@ relay's event loop that CPU competed with live messages, so the notifier
 which devices to wake and when (coalescing, retries, the bounded queue, the
 endpoints), and hands each due wake-up to this process, ``python -m
 chatd.push sender``, as a *job*. The sender runs under its own interpreter
-and GIL, at a lower CPU priority (nice ``SENDER_NICE``) than the relay:
-live messages come first, wake-ups take what CPU is left.
+and GIL, at a lower CPU priority than the relay (``SCHED_IDLE``, or
+nice ``SENDER_NICE`` where that is refused): live messages come first,
+wake-ups take what CPU is left. Its outcomes go back in batches (each
+waits ``OUTCOME_LINGER`` for others), so under load the daemon reads them
+tens at a time.
 
 The link is the child's stdin and stdout, one JSON object a line (msgspec
 structs, strict):
@@ -69,6 +72,9 @@ USER_AGENT: Final = "chatd-push"
 SENDER_NICE: Final = 10  # added niceness: the relay's live traffic comes first
 MAX_LINE: Final = 64 * 1024  # bytes of one link line, at most (a job is < 3 KiB)
 READ_SIZE: Final = 65_536  # bytes read from the link at a time
+#: Seconds an outcome waits for others to go with it: the daemon then reads
+#: outcomes tens at a time under load instead of waking for each one.
+OUTCOME_LINGER: Final = 0.01
 
 
 class Result(enum.Enum):
@@ -154,9 +160,10 @@ class LineReader:
 class Outbox:
     """Lines waiting to be written, written together by :meth:`serve`."""
 
-    def __init__(self) -> None:
+    def __init__(self, linger: float = 0.0) -> None:
         self._lines: list[bytes] = []
         self._ready = trio.Event()
+        self._linger = linger  # seconds to wait after the first line, for more
 
     def put(self, line: bytes) -> None:
         self._lines.append(line)
@@ -170,6 +177,8 @@ class Outbox:
         """Write what is put, until cancelled or the stream breaks."""
         while True:
             await self._ready.wait()
+            if self._linger:
+                await trio.sleep(self._linger)
             self._ready = trio.Event()
             data = b"".join(self._lines)
             self._lines.clear()
@@ -230,7 +239,7 @@ async def serve_sender(
     decoder = msgspec.json.Decoder(ToSender)
     allowed = parse_networks(setup.allowed_networks)
     client = Client(user_agent=USER_AGENT, max_idle=setup.concurrency)
-    outbox = Outbox()
+    outbox = Outbox(linger=OUTCOME_LINGER)
     slots = trio.Semaphore(setup.concurrency)
 
     async def run(job: Job) -> None:
@@ -259,6 +268,22 @@ async def serve_sender(
         await client.aclose()
 
 
+def lower_priority() -> None:
+    """Give the relay's live traffic the CPU first: SCHED_IDLE (the sender
+    runs only on CPU time nothing else at normal priority wants), or, where
+    that is refused, nice ``SENDER_NICE``. Both only lower the priority, so
+    no privilege is needed; a seccomp filter may still refuse them."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        return
+    except (OSError, AttributeError):  # AttributeError: no SCHED_IDLE on this OS
+        pass
+    try:
+        os.nice(SENDER_NICE)
+    except OSError:
+        log.warning("push.sender_nice_refused")
+
+
 async def _main() -> None:
     jobs = LineReader(trio.lowlevel.FdStream(os.dup(sys.stdin.fileno())))
     outcomes = trio.lowlevel.FdStream(os.dup(sys.stdout.fileno()))
@@ -267,10 +292,7 @@ async def _main() -> None:
         return  # the parent went away before it set us up
     setup = msgspec.json.decode(first, type=Setup)
     configure(LogSettings(level=setup.log_level, format=setup.log_format))
-    try:
-        os.nice(SENDER_NICE)
-    except OSError:  # e.g. a seccomp filter without setpriority
-        log.warning("push.sender_nice_refused")
+    lower_priority()
     log.info("push.sender_started", extra=fields(pid=os.getpid()))
     await serve_sender(setup, jobs, outcomes)
     log.info("push.sender_stopped")
