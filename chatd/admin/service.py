@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import stat
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
@@ -51,6 +52,7 @@ async def serve_admin(
     ctx: AdminContext,
     stopping: trio.Event,
     *,
+    sockets: Sequence[socket.socket] = (),
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the admin API until ``stopping`` is set, then drain and return.
@@ -58,10 +60,17 @@ async def serve_admin(
     Reports the bound address (``unix:/path`` or ``http://host:port``) once
     listening. In-flight requests get ``server.shutdown_grace_seconds`` to
     finish. Raises :class:`ListenError` when the address is taken.
+
+    ``sockets`` are listening sockets from systemd (socket activation),
+    served instead of ``admin.listen``: hypercorn takes them over, and the
+    socket file, which systemd made and keeps, is left in place.
     """
     hc = HypercornConfig()
     unix_path = config.admin_unix_socket
-    if unix_path is not None:
+    if sockets:
+        hc.bind = [f"fd://{sock.detach()}" for sock in sockets]  # hypercorn owns them now
+        unix_path = None  # systemd's file: neither checked nor removed here
+    elif unix_path is not None:
         _check_unix_socket_free(unix_path)
         hc.bind = [f"unix:{unix_path}"]
         hc.umask = 0o177  # socket file mode 0600: only the chatd user (and root)
