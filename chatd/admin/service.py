@@ -47,6 +47,23 @@ def _check_unix_socket_free(path: Path) -> None:
     )
 
 
+def _warn_if_elsewhere(config: Config, sockets: Sequence[socket.socket]) -> None:
+    """chatctl finds the admin API through admin.listen: say so when the
+    socket systemd passed is not there."""
+    expected = config.admin_unix_socket
+    for sock in sockets:
+        name = sock.getsockname()
+        if sock.family == socket.AF_UNIX and expected is not None and name != str(expected):
+            log.warning(
+                "admin.socket_elsewhere",
+                extra=fields(
+                    passed=name,
+                    configured=str(expected),
+                    hint="set admin.listen to the socket unit's ListenStream= for chatctl",
+                ),
+            )
+
+
 async def serve_admin(
     config: Config,
     ctx: AdminContext,
@@ -68,6 +85,7 @@ async def serve_admin(
     hc = HypercornConfig()
     unix_path = config.admin_unix_socket
     if sockets:
+        _warn_if_elsewhere(config, sockets)
         hc.bind = [f"fd://{sock.detach()}" for sock in sockets]  # hypercorn owns them now
         unix_path = None  # systemd's file: neither checked nor removed here
     elif unix_path is not None:
