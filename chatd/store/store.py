@@ -119,7 +119,7 @@ class Buckets:
 
 
 #: Jobs per writer batch: the group commit at work (bounded by store.max_batch_writes).
-BATCH_SIZE_BUCKETS: Final = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0)
+BATCH_SIZE_BUCKETS: Final = tuple(float(2**n) for n in range(13))  # 1 .. 4096
 #: Seconds per writer batch, BEGIN to a durable COMMIT (one fsync and the jobs).
 COMMIT_SECONDS_BUCKETS: Final = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
