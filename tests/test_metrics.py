@@ -5,25 +5,28 @@ from __future__ import annotations
 import json
 import signal
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import trio
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import open_websocket_url
 
-from chatd.config import load_config
+from chatd.config import RetentionSettings
 from chatd.errors import ConfigError
-from chatd.metrics import ALLOWED_LABELS, LAG_WINDOW, LoopLag
+from chatd.metrics import ALLOWED_LABELS, LAG_WINDOW, LoopLag, Metrics, Sources, serve_loop_lag
+from chatd.retention import Retention
 from chatd.store.store import Buckets
 
 from .conftest import DataDir
 from .test_daemon import daemon
 from .test_daemon_messaging import PASSWORDS, create_users
 from .test_keys import login_device
-from .test_relay_auth import Client
+from .test_relay_auth import Client, Server, connect, server
 
 SENDS = 5  # messages alice sends bob; the burst lets SENDS - 1 through
 
@@ -171,7 +174,47 @@ def test_a_bad_metrics_listen_is_refused_naming_the_key(data_dir: DataDir, liste
 
 
 def test_the_metrics_listener_is_off_by_default(data_dir: DataDir) -> None:
-    assert load_config(data_dir.config_path).metrics_tcp is None
+    assert data_dir.config.metrics_tcp is None
+
+
+def metrics_of(srv: Server) -> Metrics:
+    return Metrics(
+        Sources(
+            store=srv.store,
+            registry=srv.relay.registry,
+            auth=srv.auth,
+            queues=srv.queues,
+            retention=Retention(srv.store, RetentionSettings(), []),
+            relay_limits=srv.relay.dispatcher.limits,
+            low_key_threshold=20,
+        )
+    )
+
+
+async def test_two_servers_in_one_process_keep_their_metrics_apart(short_tmp: Path) -> None:
+    (short_tmp / "a").mkdir()
+    (short_tmp / "b").mkdir()
+    async with server(short_tmp / "a") as a, server(short_tmp / "b") as b:
+        metrics_a, metrics_b = metrics_of(a), metrics_of(b)
+        async with connect(a) as c:
+            failed = await c.login("alice", "not the password")
+            assert failed["code"] == "login_failed"
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(serve_loop_lag, metrics_a, 0.0))
+            probes = "chatd_event_loop_lag_seconds_count"
+            while not metrics_a.registry.get_sample_value(probes):
+                await trio.sleep(0)  # a checkpoint: the probe (interval 0) wakes at each
+            nursery.cancel_scope.cancel()
+        scraped_a = samples((await metrics_a.scrape()).decode())
+        scraped_b = samples((await metrics_b.scrape()).decode())
+    assert value(scraped_a, "chatd_login_failures_total", reason="bad_password") == 1
+    assert ("chatd_login_failures_total", (("reason", "bad_password"),)) not in scraped_b
+    assert value(scraped_a, "chatd_event_loop_lag_seconds_count") >= 1
+    assert value(scraped_b, "chatd_event_loop_lag_seconds_count") == 0
+    # Nothing went to prometheus_client's process-wide default registry.
+    assert (
+        REGISTRY.get_sample_value("chatd_login_failures_total", {"reason": "bad_password"}) is None
+    )
 
 
 def test_buckets_count_each_value_once_by_upper_bound() -> None:
