@@ -1,8 +1,9 @@
 """systemd socket activation: chatd serves the sockets it is passed, and a
 restart on the same sockets loses no connection attempt.
 
-The test plays systemd: it binds the relay port and the admin socket, keeps
-them open for the whole test, and starts each chatd with them as fds 3 and 4
+The test plays systemd: it binds the relay port, the admin socket and the
+metrics port, keeps
+them open for the whole test, and starts each chatd with them as fds 3, 4, ...
 and ``LISTEN_PID`` set to chatd's own pid (a small launcher moves the fds
 and execs chatd, so the pid stays the same).
 """
@@ -125,9 +126,10 @@ async def test_a_restart_on_the_same_sockets_loses_no_connection_attempt(
     data_dir: DataDir, short_tmp: Path
 ) -> None:
     relay, admin = systemd_sockets(data_dir)
+    scrape = socket.create_server(("127.0.0.1", 0))  # the token-free metrics listener
     port = relay.getsockname()[1]
-    sockets = [("relay", relay), ("admin", admin)]
-    with relay, admin:
+    sockets = [("relay", relay), ("admin", admin), ("metrics", scrape)]
+    with relay, admin, scrape:
         async with activated(data_dir, short_tmp, sockets, run=1) as first:
             ready = await first.wait_notify("READY")
             assert f"serving relay ws://127.0.0.1:{port}/v1/ws" in ready
@@ -142,11 +144,15 @@ async def test_a_restart_on_the_same_sockets_loses_no_connection_attempt(
         await waiting_relay.send_all(upgrade_request(port))
         waiting_admin = await trio.open_unix_socket(str(data_dir.path / "a.sock"))
         await waiting_admin.send_all(b"GET /v1/health HTTP/1.1\r\nHost: chatd\r\n\r\n")
+        waiting_scrape = await trio.open_tcp_stream("127.0.0.1", scrape.getsockname()[1])
+        await waiting_scrape.send_all(b"GET /metrics HTTP/1.1\r\nHost: chatd\r\n\r\n")
         async with activated(data_dir, short_tmp, sockets, run=2) as second:
             await second.wait_notify("READY")
             assert (await read_head(waiting_relay)).startswith(b"HTTP/1.1 101")
             health = await read_head(waiting_admin)
             assert health.startswith(b"HTTP/1.1 200"), health
+            assert (await read_head(waiting_scrape)).startswith(b"HTTP/1.1 200")
+            await waiting_scrape.aclose()
             await waiting_relay.aclose()
             await waiting_admin.aclose()
             await stop(second)
