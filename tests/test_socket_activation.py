@@ -2,10 +2,9 @@
 restart on the same sockets loses no connection attempt.
 
 The test plays systemd: it binds the relay port, the admin socket and the
-metrics port, keeps
-them open for the whole test, and starts each chatd with them as fds 3, 4, ...
-and ``LISTEN_PID`` set to chatd's own pid (a small launcher moves the fds
-and execs chatd, so the pid stays the same).
+metrics port, keeps them open for the whole test, and starts each chatd with
+them as fds 3, 4, ... and ``LISTEN_PID`` set to chatd's own pid (a small
+launcher moves the fds and execs chatd, so the pid stays the same).
 """
 
 from __future__ import annotations
