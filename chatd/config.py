@@ -261,6 +261,21 @@ class AdminSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    """[metrics]: Prometheus metrics. GET /metrics on the admin API always serves
+    them (admin token required); this optional listener serves them without one."""
+
+    listen: str = setting(
+        "",
+        "A plain HTTP listener that serves only GET /metrics, without the admin token, "
+        "for a Prometheus that cannot reach the admin socket: 'HOST:PORT' with a literal "
+        "IP address, such as 127.0.0.1:9464. Empty: off. The metrics name no user, device "
+        "or address, but they do show activity: bind to loopback or a monitoring network. "
+        "Under systemd socket activation a socket named 'metrics' takes its place.",
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class RetentionSettings:
     """[retention]: periodic purge jobs."""
 
@@ -634,6 +649,7 @@ class Config:
     store: StoreSettings = field(default_factory=StoreSettings)
     relay: RelaySettings = field(default_factory=RelaySettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     devices: DeviceSettings = field(default_factory=DeviceSettings)
@@ -670,6 +686,14 @@ class Config:
         return host.strip("[]"), int(port)
 
     @property
+    def metrics_tcp(self) -> tuple[str, int] | None:
+        """The plain metrics listener's (host, port); None when it is off."""
+        if not self.metrics.listen:
+            return None
+        host, _, port = self.metrics.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    @property
     def relay_tls(self) -> bool:
         return bool(self.relay.tls_certificate)
 
@@ -685,6 +709,7 @@ SECTIONS: Final[dict[str, type]] = {
     "store": StoreSettings,
     "relay": RelaySettings,
     "admin": AdminSettings,
+    "metrics": MetricsSettings,
     "retention": RetentionSettings,
     "auth": AuthSettings,
     "devices": DeviceSettings,
@@ -829,6 +854,21 @@ def _check_cross(config: Config) -> None:
             )
     elif listen == "unix:":
         raise ConfigError(path, "'unix:' needs a socket path", key="admin.listen")
+    metrics_listen = config.metrics.listen
+    if metrics_listen:
+        host, sep, port = metrics_listen.rpartition(":")
+        try:
+            ok = bool(sep) and 0 <= int(port) <= 65535
+            ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(
+                path,
+                f"{metrics_listen!r} must be empty (off) or 'HOST:PORT' with a literal IP "
+                "address, such as 127.0.0.1:9464",
+                key="metrics.listen",
+            )
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -2,7 +2,10 @@
 
 Start order (each via ``await nursery.start``, so each is truly up before the
 next): store, retention, blobs (the attachment listener, so the relay can
-hand out its URLs), relay, admin. Only then does systemd hear
+hand out its URLs), relay, the metrics (the event-loop lag probe), admin,
+and the token-free metrics listener when configured. Under systemd socket
+activation the relay, admin and metrics listeners serve the sockets systemd
+passed (:mod:`chatd.sdlisten`) instead of binding their own. Only then does systemd hear
 ``READY=1``. While serving, ``WATCHDOG=1`` goes out at half of
 ``WatchdogSec`` as long as the store writer is alive.
 
@@ -41,11 +44,14 @@ from chatd.e2ee.queues import QueueService
 from chatd.errors import StoreError
 from chatd.keyfiles import check_data_dir, load_admin_token_hash, load_blob_key, load_db_key
 from chatd.log import fields
+from chatd.metrics import Metrics, Sources, serve_loop_lag
+from chatd.metrics_http import serve_metrics_http
 from chatd.push import Notifier as PushNotifier
 from chatd.relay import Registry, serve_relay
 from chatd.retention import auth_jobs, blob_jobs, default_jobs, queue_jobs, serve_retention
 from chatd.rooms.members import DeviceChanges
 from chatd.rooms.service import RoomService
+from chatd.sdlisten import ADMIN, METRICS, RELAY, take_listen_fds
 from chatd.sdnotify import Notifier, watchdog_interval
 from chatd.store import Store, serve_store
 
@@ -167,12 +173,14 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
     the nursery) when a service cannot start: a wrong key, an address in use.
     """
     os.umask(0o077)  # everything chatd creates is private to its user
+    activated = take_listen_fds()  # systemd's sockets, if socket-activated
     check_data_dir(config.data_dir)
     key = load_db_key(config)
     token_hash = load_admin_token_hash(config)
     notifier = notifier or Notifier()
     stopping = trio.Event()
     relay_done, admin_done, blobs_done = trio.Event(), trio.Event(), trio.Event()
+    metrics_done = trio.Event()
     grace = config.server.shutdown_grace_seconds
     try:
         async with trio.open_nursery() as nursery:
@@ -199,10 +207,24 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
             relay = await nursery.start(
                 _until_done,
                 relay_done,
-                partial(serve_relay, **services.for_relay(), blobs=blobs),
+                partial(
+                    serve_relay, **services.for_relay(), blobs=blobs, sockets=activated.take(RELAY)
+                ),
                 config,
                 stopping,
             )
+            metrics = Metrics(
+                Sources(
+                    store=store,
+                    registry=services.registry,
+                    auth=auth,
+                    queues=queues,
+                    retention=retention,
+                    relay_limits=relay.dispatcher.limits,
+                    low_key_threshold=config.devices.one_time_key_threshold,
+                )
+            )
+            await nursery.start(serve_loop_lag, metrics)
             ctx = AdminContext(
                 store=store,
                 retention=retention,
@@ -210,13 +232,34 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
                 accounts=AccountAdmin(auth, current=services.current),
                 rooms=services.rooms,
                 online=services.registry.online_devices,
+                metrics=metrics,
             )
             admin_bind = await nursery.start(
-                _until_done, admin_done, serve_admin, config, ctx, stopping
+                _until_done,
+                admin_done,
+                partial(serve_admin, sockets=activated.take(ADMIN)),
+                config,
+                ctx,
+                stopping,
             )
+            metrics_bind = ""
+            metrics_sockets = activated.take(METRICS)
+            if metrics_sockets or config.metrics_tcp is not None:
+                metrics_bind = await nursery.start(
+                    _until_done,
+                    metrics_done,
+                    partial(serve_metrics_http, sockets=metrics_sockets),
+                    config,
+                    metrics,
+                    stopping,
+                )
+            else:
+                metrics_done.set()
             scheme = "wss" if config.relay_tls else "ws"
             relay_url = f"{scheme}://{config.relay.host}:{relay.port}/v1/ws"
             status = f"serving relay {relay_url}, admin {admin_bind}, blobs {blobs.base_url}"
+            if metrics_bind:
+                status += f", metrics {metrics_bind}"
             notifier.notify(READY="1", STATUS=status, MAINPID=str(os.getpid()))
             log.info(
                 "daemon.ready", extra=fields(version=__version__, relay=relay_url, admin=admin_bind)
@@ -230,6 +273,7 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
                 await relay_done.wait()
                 await admin_done.wait()
                 await blobs_done.wait()
+                await metrics_done.wait()
                 # With no connection left, what the queues hold in memory
                 # (envelopes waiting for acks, receipts) is written before
                 # the store closes.
@@ -238,5 +282,6 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
                 log.warning("daemon.grace_expired", extra=fields(grace_seconds=grace))
             nursery.cancel_scope.cancel()
     finally:
+        activated.close_rest()
         notifier.close()
     log.info("daemon.stopped")

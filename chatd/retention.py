@@ -215,6 +215,22 @@ def _insert_report(conn: Any, report: Report) -> int:
     return int(cur.lastrowid)
 
 
+class JobTotals:
+    """One job's results summed over the runs since start."""
+
+    __slots__ = ("rows_purged", "bytes_reclaimed", "failures")
+
+    def __init__(self) -> None:
+        self.rows_purged = 0
+        self.bytes_reclaimed = 0
+        self.failures = 0
+
+    def add(self, report: Report) -> None:
+        self.rows_purged += report.rows_purged
+        self.bytes_reclaimed += report.bytes_reclaimed
+        self.failures += report.error is not None
+
+
 class Retention:
     """Runs the jobs; one instance per retention service."""
 
@@ -225,6 +241,10 @@ class Retention:
         self._lock = trio.Lock()
         self._run_done = trio.Event()
         self.runs_completed = 0
+        # Per job since start, for chatd.metrics: the latest report, and
+        # totals of rows purged, bytes reclaimed and failed runs.
+        self.latest: dict[str, Report] = {}
+        self.totals: dict[str, JobTotals] = {job.name: JobTotals() for job in self.jobs}
 
     @property
     def job_names(self) -> list[str]:
@@ -281,6 +301,8 @@ class Retention:
             bytes_reclaimed=reclaimed,
             error=error,
         )
+        self.latest[job.name] = report
+        self.totals.setdefault(job.name, JobTotals()).add(report)
         row_id: int | None = None
         try:
             row_id = await self.store.write(lambda conn: _insert_report(conn, report))

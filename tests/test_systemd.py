@@ -17,9 +17,12 @@ import pytest
 
 from chatd.config import RelaySettings, ServerSettings
 from chatd.keyfiles import ADMIN_TOKEN_CREDENTIAL, DB_KEY_CREDENTIAL
+from chatd.sdlisten import ADMIN, RELAY
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "chatd.service"
+RELAY_SOCKET = ROOT / "systemd" / "chatd.socket"
+ADMIN_SOCKET = ROOT / "systemd" / "chatd-admin.socket"
 SHIPPED_EXEC_START = "/opt/chatd/venv/bin/chatd serve --config /etc/chatd/chatd.toml"
 MAX_EXPOSURE = 1.5
 TIMEOUT = 60  # seconds per systemd-analyze call; each takes well under one
@@ -94,6 +97,8 @@ def runnable_copy(directory: Path) -> Path:
     exe = chatd if chatd.exists() else Path(sys.executable)
     text = UNIT.read_text(encoding="utf-8")
     assert f"ExecStart={SHIPPED_EXEC_START}\n" in text
+    for socket_unit in (RELAY_SOCKET, ADMIN_SOCKET):  # the service requires them
+        (directory / socket_unit.name).write_text(socket_unit.read_text(encoding="utf-8"))
     copy = directory / UNIT.name  # the name matters: verify checks the unit type
     copy.write_text(
         text.replace(
@@ -151,6 +156,30 @@ def test_unit_allows_enough_descriptors_for_the_relay(service: list[tuple[str, s
     assert int(only(service, "LimitNOFILE")) > RelaySettings().max_connections
 
 
+def test_unit_is_socket_activated_by_both_socket_units(service: list[tuple[str, str]]) -> None:
+    sockets = f"{RELAY_SOCKET.name} {ADMIN_SOCKET.name}"
+    assert only(service, "Sockets") == sockets
+    unit = parse_unit(UNIT.read_text(encoding="utf-8"))["Unit"]
+    assert only(unit, "Requires") == sockets
+    assert sockets in values(unit, "After")
+
+
+def test_socket_units_name_their_sockets_as_chatd_expects() -> None:
+    relay = parse_unit(RELAY_SOCKET.read_text(encoding="utf-8"))["Socket"]
+    assert only(relay, "FileDescriptorName") == RELAY
+    assert only(relay, "ListenStream") == f"127.0.0.1:{RelaySettings().port}"
+    assert only(relay, "Accept") == "no"  # one chatd accepts every connection
+    assert only(relay, "Service") == UNIT.name
+    admin = parse_unit(ADMIN_SOCKET.read_text(encoding="utf-8"))["Socket"]
+    assert only(admin, "FileDescriptorName") == ADMIN
+    assert only(admin, "ListenStream").startswith("/run/chatd/")
+    # The admin API answers to whoever reaches the socket: root only.
+    assert only(admin, "SocketMode") == "0600"
+    assert only(admin, "DirectoryMode") == "0700"
+    assert only(admin, "SocketUser") == "root"
+    assert only(admin, "Service") == UNIT.name
+
+
 # -- systemd-analyze ------------------------------------------------------------------------
 
 
@@ -176,6 +205,16 @@ def test_verify_is_clean(tmp_path: Path) -> None:
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert mentions_unit(output) == [], output
+
+
+@needs_systemd_analyze
+def test_verify_the_socket_units_is_clean(tmp_path: Path) -> None:
+    runnable_copy(tmp_path)
+    for name in (RELAY_SOCKET.name, ADMIN_SOCKET.name):
+        result = run_analyze("verify", "--man=no", str(tmp_path / name))
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output
+        assert mentions_unit(output) == [], output
 
 
 @needs_systemd_analyze

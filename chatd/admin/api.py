@@ -37,6 +37,7 @@ from chatd.store import Store
 
 if TYPE_CHECKING:  # only a type here; the daemon builds it
     from chatd.auth.accounts import AccountAdmin
+    from chatd.metrics import Metrics
     from chatd.relay.registry import OnlineDevice
     from chatd.rooms.service import RoomService
 
@@ -57,6 +58,8 @@ class AdminContext:
     # The relay registry's list of connected devices (Registry.online_devices);
     # GET /v1/online answers 503 while it is None.
     online: Callable[[], Sequence[OnlineDevice]] | None = None
+    # The daemon's metrics; GET /metrics answers 503 while it is None.
+    metrics: Metrics | None = None
 
 
 # (ctx, query, body, **path_ids) -> response; see the module docstring.
@@ -91,6 +94,9 @@ class Route:
     audit: bool = True
     # Route-specific error answers, (status, description), for the OpenAPI document.
     errors: tuple[tuple[int, str], ...] = ()
+    # The 200 answer's media type. JSON bodies are encoded from ``response``;
+    # for any other type the handler returns the body as text (``response=str``).
+    media_type: str = "application/json"
 
     @property
     def endpoint(self) -> str:
@@ -296,5 +302,6 @@ async def list_admin_audit(ctx: AdminContext, query: AuditQuery, body: None) -> 
 # -- account administration (registers its routes in ROUTES) ------------------------------
 
 import chatd.admin.accounts_api  # noqa: E402, F401 - it imports the names above
+import chatd.admin.metrics_api  # noqa: E402, F401 - likewise
 import chatd.admin.online_api  # noqa: E402, F401 - likewise
 import chatd.admin.rooms_api  # noqa: E402, F401 - likewise

@@ -171,6 +171,8 @@ def create_app(ctx: AdminContext, *, max_body_bytes: int) -> QuartTrio:
                 return error_response(status, exc.code, exc.message, exc.field)
             except UnknownJob as exc:
                 return error_response(400, "invalid_request", str(exc), "$.jobs")
+            if r.media_type != "application/json":
+                return Response(result, status=200, content_type=r.media_type)
             status = 200
             if r.endpoint == "health" and getattr(result, "status", "ok") != "ok":
                 status = 503

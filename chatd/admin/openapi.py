@@ -80,10 +80,11 @@ def openapi_document() -> dict[str, Any]:
                 "required": False,
                 "content": {"application/json": {"schema": ref_of[r.body]}},
             }
+        media_type = r.media_type.partition(";")[0]
         responses: dict[str, Any] = {
             "200": {
                 "description": "Success.",
-                "content": {"application/json": {"schema": ref_of[r.response]}},
+                "content": {media_type: {"schema": ref_of[r.response]}},
             },
         }
         errors = dict(_COMMON_ERRORS)

@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import stat
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
@@ -46,11 +47,29 @@ def _check_unix_socket_free(path: Path) -> None:
     )
 
 
+def _warn_if_elsewhere(config: Config, sockets: Sequence[socket.socket]) -> None:
+    """chatctl finds the admin API through admin.listen: say so when the
+    socket systemd passed is not there."""
+    expected = config.admin_unix_socket
+    for sock in sockets:
+        name = sock.getsockname()
+        if sock.family == socket.AF_UNIX and expected is not None and name != str(expected):
+            log.warning(
+                "admin.socket_elsewhere",
+                extra=fields(
+                    passed=name,
+                    configured=str(expected),
+                    hint="set admin.listen to the socket unit's ListenStream= for chatctl",
+                ),
+            )
+
+
 async def serve_admin(
     config: Config,
     ctx: AdminContext,
     stopping: trio.Event,
     *,
+    sockets: Sequence[socket.socket] = (),
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the admin API until ``stopping`` is set, then drain and return.
@@ -58,10 +77,18 @@ async def serve_admin(
     Reports the bound address (``unix:/path`` or ``http://host:port``) once
     listening. In-flight requests get ``server.shutdown_grace_seconds`` to
     finish. Raises :class:`ListenError` when the address is taken.
+
+    ``sockets`` are listening sockets from systemd (socket activation),
+    served instead of ``admin.listen``: hypercorn takes them over, and the
+    socket file, which systemd made and keeps, is left in place.
     """
     hc = HypercornConfig()
     unix_path = config.admin_unix_socket
-    if unix_path is not None:
+    if sockets:
+        _warn_if_elsewhere(config, sockets)
+        hc.bind = [f"fd://{sock.detach()}" for sock in sockets]  # hypercorn owns them now
+        unix_path = None  # systemd's file: neither checked nor removed here
+    elif unix_path is not None:
         _check_unix_socket_free(unix_path)
         hc.bind = [f"unix:{unix_path}"]
         hc.umask = 0o177  # socket file mode 0600: only the chatd user (and root)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from dataclasses import replace
 from functools import partial
 from typing import Any, Final
@@ -82,6 +83,9 @@ class AuthBase:
         #: user id -> (TOTP secret waiting for its confirming code, deadline)
         self._pending_totp: dict[int, tuple[str, float]] = {}
         self.backoff = FailureBackoff(settings.backoff_base_seconds, settings.backoff_max_seconds)
+        # For chatd.metrics, by fixed reason only (never a user or an address):
+        self.login_failures: Counter[str] = Counter()  # failed logins by audit outcome
+        self.rate_limited: Counter[str] = Counter()  # refusals by event (login, refresh, ...)
 
     # -- blocking work, off the loop -------------------------------------------
 
@@ -114,6 +118,8 @@ class AuthBase:
         user_id: int | None = None,
         session_id: int | None = None,
     ) -> None:
+        if event == "login" and outcome not in ("ok", "rate_limited"):
+            self.login_failures[outcome] += 1
         row = (now_ms(), event, outcome, user_id, peer.ip, peer.device_name or None, session_id)
         await self.store.write(
             lambda conn: conn.execute(
@@ -144,6 +150,7 @@ class AuthBase:
     async def _rate_limited(
         self, event: str, peer: Peer, wait: float, user_id: int | None
     ) -> AuthError:
+        self.rate_limited[event] += 1
         # One audit row per client network and event per minute is evidence
         # enough; a flood must not become a flood of rows.
         if not self._audit_throttle.check(f"{event}:{peer.network}", trio.current_time()):

@@ -52,7 +52,7 @@ from chatd.protocol.delivery import Delivery, Replies, deliver_batches
 from chatd.relay.ws import WebSocket
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only
-    from chatd.relay.registry import DeviceState
+    from chatd.relay.registry import DeviceState, RelayStats
 
 log = logging.getLogger("chatd.relay")
 
@@ -111,6 +111,7 @@ class Connection:
         "_cut_off",
         "_finished",
         "_echo",
+        "_stats",
     )
 
     def __init__(
@@ -124,6 +125,7 @@ class Connection:
         send_queue_frames: int,
         send_timeout: float,
         window: int,
+        stats: RelayStats | None = None,
     ) -> None:
         self.ws = ws
         self.proto = proto
@@ -138,6 +140,7 @@ class Connection:
         self._flusher = flusher
         self._queue_limit = send_queue_frames
         self._send_timeout = send_timeout
+        self._stats = stats  # counts the envelopes it delivers
         self._replies: Replies | None = None  # made on the first answer
         self._pushes: list[bytes] = []
         self._writer: trio.CancelScope | None = None  # the writer task's scope while it runs
@@ -277,6 +280,8 @@ class Connection:
             self._pushes = []
         if self.delivery.ready and self.device is not None:
             envelopes = self.delivery.take_ready(self.device.ledger.outstanding)
+            if self._stats is not None:
+                self._stats.delivered += len(envelopes)
             for batch in deliver_batches(envelopes):
                 out.append(frame(core.encode(f.Deliver(envelopes=batch)).decode()))
         return b"".join(out)

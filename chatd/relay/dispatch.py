@@ -115,10 +115,13 @@ class Dispatcher:
             if conn.closing is not None:
                 return
             if isinstance(action, f.Send):  # the common cases first
+                self.registry.stats.sends += 1
                 await self._send(conn, action)
             elif isinstance(action, f.Ack):
+                self.registry.stats.acks += 1
                 await self._ack(conn, action)
             elif isinstance(action, r.RoomSend):
+                self.registry.stats.room_sends += 1
                 await self._room_send(conn, action)
             elif isinstance(action, core.Send):
                 conn.answer([action.data])

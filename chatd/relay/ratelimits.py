@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from typing import Final, Literal
 
 import trio
@@ -46,6 +47,7 @@ class RequestLimits:
             "directory": RateLimiter(settings.directory_rate_per_user, settings.directory_burst),
         }
         self._logged = RateLimiter(LOG_PER_MINUTE, 1)
+        self.refused: Counter[str] = Counter()  # refusals by kind, for chatd.metrics
 
     def refuse(
         self, proto: core.ServerConnection, kind: Kind, user_id: int, request_id: str | None
@@ -56,6 +58,7 @@ class RequestLimits:
         wait = self._buckets[kind].check(str(user_id), now)
         if not wait:
             return None
+        self.refused[kind] += 1
         if not self._logged.check(f"{kind}:{user_id}", now):
             log.warning(
                 "relay.rate_limited",

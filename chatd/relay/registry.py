@@ -68,6 +68,19 @@ class DeviceState:
         self.ledger = DeviceLedger()
 
 
+class RelayStats:
+    """What the relay did since it started, for :mod:`chatd.metrics`: plain
+    counters bumped on the event loop, read at scrape time."""
+
+    __slots__ = ("sends", "room_sends", "acks", "delivered")
+
+    def __init__(self) -> None:
+        self.sends = 0  # send requests received
+        self.room_sends = 0  # room_send requests received
+        self.acks = 0  # ack requests received
+        self.delivered = 0  # envelopes written to connections in deliver frames
+
+
 @dataclass(frozen=True, slots=True)
 class OnlineDevice:
     """One device with live connections, as an admin sees it."""
@@ -94,6 +107,7 @@ class Registry:
         self._keys_low: set[str] = set()
         self._keys_due = trio.Event()
         self._since: dict[Connection, int] = {}  # unix ms each got its session
+        self.stats = RelayStats()
 
     # -- sessions --------------------------------------------------------------------
 

@@ -33,7 +33,9 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import socket
 import ssl
+from collections.abc import Sequence
 from functools import partial
 from typing import Any, Final
 
@@ -160,6 +162,7 @@ class Relay:
                 send_queue_frames=self.settings.send_queue_frames,
                 send_timeout=self.settings.send_timeout_seconds,
                 window=rules.DELIVERY_WINDOW,
+                stats=self.registry.stats,
             )
             self.registry.connections.add(conn)
             self.connections_served += 1
@@ -297,11 +300,16 @@ def tls_context(config: Config) -> ssl.SSLContext:
     return ctx
 
 
-async def open_relay_listeners(config: Config) -> list[Any]:
-    """Bind the relay's TCP listeners (wrapped in TLS when configured)."""
+async def open_relay_listeners(config: Config, sockets: Sequence[socket.socket] = ()) -> list[Any]:
+    """The relay's TCP listeners (wrapped in TLS when configured): on
+    ``sockets`` when systemd passed them (socket activation), else bound here."""
     relay = config.relay
+    listeners: list[Any]
     try:
-        listeners: list[Any] = list(await trio.open_tcp_listeners(relay.port, host=relay.host))
+        if sockets:
+            listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
+        else:
+            listeners = list(await trio.open_tcp_listeners(relay.port, host=relay.host))
     except OSError as exc:
         where = f"{relay.host}:{relay.port}"
         if exc.errno == errno.EADDRINUSE:
@@ -331,6 +339,7 @@ async def serve_relay(
     rooms: RoomService,
     push: Notifier,
     blobs: BlobService | None = None,
+    sockets: Sequence[socket.socket] = (),
     task_status: trio.TaskStatus[Relay] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the relay until ``stopping`` is set, then drain and return.
@@ -339,11 +348,14 @@ async def serve_relay(
     :class:`Relay` once listening (``relay.port`` tells the bound port when
     the setting is 0). ``blobs`` (the attachment rules) is None when no blob
     listener runs: attachment requests are then refused. Raises
-    :class:`ListenError` if the address cannot be bound. Cancellation drops
-    every connection at once.
+    :class:`ListenError` if the address cannot be bound. ``sockets`` are
+    listening sockets from systemd (socket activation) to serve instead of
+    binding ``relay.host``/``relay.port``; they are closed on return like
+    our own (systemd keeps its copies). Cancellation drops every connection
+    at once.
     """
     s = config.relay
-    listeners = await open_relay_listeners(config)
+    listeners = await open_relay_listeners(config, sockets)
     dispatcher = Dispatcher(
         registry, auth, keys, queues, rooms, RequestLimits(config.relay), push, blobs
     )
@@ -369,7 +381,9 @@ async def serve_relay(
                 )
                 log.info(
                     "relay.listening",
-                    extra=fields(host=s.host, port=relay.port, tls=config.relay_tls),
+                    extra=fields(
+                        host=s.host, port=relay.port, tls=config.relay_tls, activated=bool(sockets)
+                    ),
                 )
                 task_status.started(relay)
                 await stopping.wait()

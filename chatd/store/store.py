@@ -33,6 +33,7 @@ import logging
 import queue
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, Generic, TypeVar
@@ -96,15 +97,46 @@ class PendingWrite(Generic[T]):
         return self._job.result  # type: ignore[return-value]  # set when error is None
 
 
-class StoreStats:
-    """Counters for benchmarks and health: commits and jobs seen by the writer."""
+class Buckets:
+    """A histogram kept by one thread: the count of observations per bucket.
 
-    __slots__ = ("commits", "jobs", "largest_batch")
+    ``counts[i]`` holds the values in ``(bounds[i-1], bounds[i]]``; the last
+    one those above every bound. Only the writer thread observes; a scrape
+    reads the lists as they are (a value or two behind at worst), so the
+    writer takes no lock. :mod:`chatd.metrics` exports it cumulatively.
+    """
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+#: Jobs per writer batch: the group commit at work (bounded by store.max_batch_writes).
+BATCH_SIZE_BUCKETS: Final = tuple(float(2**n) for n in range(13))  # 1 .. 4096
+#: Seconds per writer batch, BEGIN to a durable COMMIT (one fsync and the jobs).
+COMMIT_SECONDS_BUCKETS: Final = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)  # fmt: skip
+
+
+class StoreStats:
+    """Counters for benchmarks, health and metrics: what the writer did."""
+
+    __slots__ = ("commits", "jobs", "largest_batch", "batch_sizes", "commit_seconds")
 
     def __init__(self) -> None:
         self.commits = 0
         self.jobs = 0
         self.largest_batch = 0
+        self.batch_sizes = Buckets(BATCH_SIZE_BUCKETS)
+        self.commit_seconds = Buckets(COMMIT_SECONDS_BUCKETS)
 
 
 class Store:
@@ -287,6 +319,7 @@ class Store:
             close_quietly(conn)
 
     def _run_batch(self, conn: Connection, batch: list[_Job[Any]]) -> None:
+        started = time.perf_counter()
         try:
             conn.execute("BEGIN IMMEDIATE")
             for job in batch:
@@ -307,9 +340,12 @@ class Store:
             for job in batch:
                 if job.error is None:
                     job.error = failure
-        self.stats.commits += 1
-        self.stats.jobs += len(batch)
-        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        stats = self.stats
+        stats.commit_seconds.observe(time.perf_counter() - started)
+        stats.batch_sizes.observe(len(batch))
+        stats.commits += 1
+        stats.jobs += len(batch)
+        stats.largest_batch = max(stats.largest_batch, len(batch))
         try:
             self._token.run_sync_soon(self._complete, batch)  # type: ignore[union-attr]  # set by start()
         except trio.RunFinishedError:  # pragma: no cover - loop gone; nobody to wake
