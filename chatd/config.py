@@ -235,6 +235,19 @@ class RelaySettings:
         minimum=1,
         maximum=10_000_000,
     )
+    push_rate_per_user: float = setting(
+        10.0,
+        "push_register and push_remove requests (each a DNS lookup and a database "
+        "write) one account may make per minute once push_burst is used up.",
+        minimum=1,
+        maximum=10_000_000,
+    )
+    push_burst: int = setting(
+        20,
+        "push_register and push_remove requests one account may make at once.",
+        minimum=1,
+        maximum=10_000_000,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -133,6 +133,17 @@ async def test_key_claims_and_directory_reads_are_limited_per_account(short_tmp:
         assert (await bob.client.request("directory"))["type"] == "members"
 
 
+async def test_push_endpoint_requests_are_limited_per_account(short_tmp: Path) -> None:
+    async with people(short_tmp, push_rate_per_user=SLOW, push_burst=1) as (srv, devices):
+        alice1, alice2, bob = devices
+        assert (await alice1.client.request("push_remove"))["type"] == "ok"
+        url = "https://push.example.org/up1"
+        refused = await alice2.client.request("push_register", url=url)
+        assert_rate_limited(refused, "push requests")
+        assert await rows(srv, "SELECT count(*) FROM push_endpoints") == 0  # nothing stored
+        assert (await bob.client.request("push_remove"))["type"] == "ok"  # bob's own bucket
+
+
 async def test_a_refusal_is_logged_once_a_minute_per_account_and_request(
     short_tmp: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -165,6 +176,8 @@ def test_the_defaults_allow_bursts_and_are_documented() -> None:
         "keys_claim_burst",
         "directory_rate_per_user",
         "directory_burst",
+        "push_rate_per_user",
+        "push_burst",
     ):
         assert f"`relay.{name}`" in protocol, name
         assert f"\n{name} = " in render_template()

@@ -492,6 +492,9 @@ class Dispatcher:
             case _ if isinstance(frame, PUSH_REQUESTS):
                 if not grant.device_id:
                     raise AuthError("no_device", "this session has no device")
+                refused = self.limits.refuse(proto, "push", grant.user_id, frame.id)
+                if refused is not None:
+                    return refused
                 return proto.reply(await serve_push_request(self.push, grant, frame))
             case _ if isinstance(frame, BLOB_REQUESTS):
                 if not grant.device_id:

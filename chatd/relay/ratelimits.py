@@ -3,7 +3,8 @@
 One account must not be able to flood the server, or the other users through
 it: ``send`` and ``room_send`` (queue space, disk writes and deliveries to
 every recipient device), ``keys_claim`` (it uses up other devices' one-time
-keys) and ``directory`` (it reads the whole team). Each has a token bucket
+keys), ``directory`` (it reads the whole team) and ``push_register`` /
+``push_remove`` (a DNS lookup and a database write each). Each has a token bucket
 per user id (:class:`chatd.auth.ratelimit.RateLimiter`, the one the login
 limits use): ``relay.*_burst`` requests at once, then ``relay.*_rate_per_user``
 a minute, summed over all the account's devices and connections. A refused
@@ -34,7 +35,7 @@ log = logging.getLogger("chatd.relay")
 ERR_RATE_LIMITED: Final = "rate_limited"
 LOG_PER_MINUTE: Final = 1.0  # relay.rate_limited lines per user and kind, a minute
 
-Kind = Literal["send", "keys_claim", "directory"]
+Kind = Literal["send", "keys_claim", "directory", "push"]
 
 
 class RequestLimits:
@@ -45,6 +46,7 @@ class RequestLimits:
             "send": RateLimiter(settings.send_rate_per_user, settings.send_burst),
             "keys_claim": RateLimiter(settings.keys_claim_rate_per_user, settings.keys_claim_burst),
             "directory": RateLimiter(settings.directory_rate_per_user, settings.directory_burst),
+            "push": RateLimiter(settings.push_rate_per_user, settings.push_burst),
         }
         self._logged = RateLimiter(LOG_PER_MINUTE, 1)
         self.refused: Counter[str] = Counter()  # refusals by kind, for chatd.metrics
