@@ -26,7 +26,7 @@ import trio
 
 from chatd.auth.accounts import AccountAdmin
 from chatd.blobs.http import BlobApp, serve_blobs
-from chatd.blobs.service import BlobService
+from chatd.blobs.service import BlobService, Referral
 from chatd.blobs.signing import SignedGrant
 from chatd.config import (
     AttachmentSettings,
@@ -283,6 +283,70 @@ async def test_a_refused_send_grants_no_read_access(short_tmp: Path) -> None:
             again = await send([*to(bob), stale])
             assert again["type"] == "device_mismatch"
             assert await may_read(bob)
+
+
+async def test_a_refused_send_does_not_take_back_a_grant_another_send_needs(
+    short_tmp: Path,
+) -> None:
+    """Two messages name one blob for Bob at once; the first one recorded
+    the grant. Whichever order the outcomes come in, a refusal of one
+    does not withdraw what the other was (or may yet be) accepted with,
+    and the grant goes only when every message that needed it was refused."""
+    async with blob_server(short_tmp) as srv:
+        async with people(srv) as (alice, bob, _carol):
+            await put((await upload_url(alice, DATA))["url"], DATA)
+            blob = blob_of(DATA)
+            blobs = srv.blobs
+
+            async def granted() -> bool:
+                sql = "SELECT count(*) FROM blob_devices WHERE blob_id = ? AND device_id = ?"
+                found = await srv.store.read(
+                    lambda conn: conn.execute(sql, (blob, bob.device_id)).fetchone()[0]
+                )
+                return bool(found)
+
+            async def refer() -> Referral:
+                return await blobs.refer(
+                    alice.user_id, alice.device_id, [blob], device_ids=[bob.device_id]
+                )
+
+            # The second is accepted first, then the first is refused.
+            first, second = await refer(), await refer()
+            assert first.readers and not second.readers  # only the first made it
+            blobs.confirm(second)
+            blobs.release(second)
+            await blobs.withdraw(first)
+            blobs.release(first)
+            assert await granted()
+            await srv.store.write(
+                lambda conn: conn.execute(
+                    "DELETE FROM blob_devices WHERE device_id = ?", (bob.device_id,)
+                )
+            )
+
+            # The first is refused while the second is still pending, which
+            # is then accepted.
+            first, second = await refer(), await refer()
+            await blobs.withdraw(first)
+            blobs.release(first)
+            assert await granted()  # the second may still be accepted
+            blobs.confirm(second)
+            blobs.release(second)
+            assert await granted()
+            await srv.store.write(
+                lambda conn: conn.execute(
+                    "DELETE FROM blob_devices WHERE device_id = ?", (bob.device_id,)
+                )
+            )
+
+            # Both refused: the grant goes with the last of them.
+            first, second = await refer(), await refer()
+            await blobs.withdraw(first)
+            blobs.release(first)
+            await blobs.withdraw(second)
+            blobs.release(second)
+            assert not await granted()
+            assert not (blobs._needs or blobs._made_by or blobs._doomed)  # nothing left over
 
 
 async def test_a_room_message_lets_the_rooms_members_download(short_tmp: Path) -> None:

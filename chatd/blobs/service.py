@@ -13,7 +13,13 @@ enough to decide who may fetch the ciphertext:
   never see it before it may fetch the blob); a message then refused
   (``device_mismatch``, ``queue_full``, a room refusal) has them withdrawn,
   as have the devices a ``skip_full`` send left out. Grants that existed
-  before the message stay.
+  before the message stay, and so do grants another message needs: two
+  sends naming one blob for one device may run at once, and one refused
+  must not take back what the other was accepted with. So the service
+  counts, in memory, the pending messages that need each grant and which
+  one created it; a refused message withdraws a grant only when it created
+  it (or its creator was refused too) and no other pending message needs
+  it, and a message accepted with a grant makes it nobody's to withdraw.
 
 A download URL is issued only to a device with a reference (directly, or
 through a room its user is a member of); anyone else, and a blob that does
@@ -31,8 +37,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Final
 
@@ -84,15 +91,30 @@ def _used(conn: Any, user_id: int) -> int:
     return int(row[0])
 
 
-@dataclass(frozen=True, slots=True)
+#: A reference a message may make: ("first", blob, None) (the blob named at
+#: all), ("device", blob, device_id) or ("room", blob, room_id).
+Grant = tuple[str, str, str | int | None]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class Referral:
     """What one message's :meth:`BlobService.refer` added: blobs named for
     the first time, (blob, device) read grants and (blob, room) grants that
-    did not exist before."""
+    did not exist before; and every grant the message needs (``touched``),
+    new or not. Compared by identity: each is one message's."""
 
     first: tuple[str, ...] = ()
     readers: tuple[tuple[str, str], ...] = ()
     rooms: tuple[tuple[str, int], ...] = ()
+    touched: tuple[Grant, ...] = ()
+
+    def made(self) -> list[Grant]:
+        """The grants this message's references created."""
+        return [
+            *(("first", b, None) for b in self.first),
+            *(("device", b, d) for b, d in self.readers),
+            *(("room", b, r) for b, r in self.rooms),
+        ]
 
 
 class BlobService:
@@ -115,6 +137,12 @@ class BlobService:
         self.is_member = is_member
         self.base_url = settings.public_url.rstrip("/")
         self._locks: dict[str, trio.Lock] = {}
+        # Grants created by a message not yet accepted or refused: its to
+        # withdraw if refused, unless another message that needs them was
+        # accepted meanwhile (then they are not its any more).
+        self._made_by: dict[Grant, Referral] = {}
+        self._needs: Counter[Grant] = Counter()  # pending messages needing each grant
+        self._doomed: set[Grant] = set()  # made by a refused message; see withdraw
 
     # -- URLs (relay) --------------------------------------------------------------
 
@@ -225,6 +253,35 @@ class BlobService:
         what was new, for :meth:`withdraw` if the message is then refused.
         Raises BlobError blob_not_found (field ``$.blob_ids[i]``) when this
         device may not read one of them; then nothing is recorded."""
+        unique = sorted(set(blob_ids))
+        devices = sorted(set(device_ids))
+        needs: list[Grant] = [("first", b, None) for b in unique]
+        needs += [("device", b, d) for b in unique for d in devices]
+        if room_id is not None:
+            needs += [("room", b, room_id) for b in unique]
+        touched = tuple(needs)
+        # Counted before the first await: a refused message deciding what to
+        # withdraw from now on sees that this one needs these grants.
+        self._needs.update(touched)
+        try:
+            referral = await self._record(user_id, device_id, blob_ids, unique, devices, room_id)
+        except BaseException:
+            self._forget_needs(touched)
+            raise
+        referral = replace(referral, touched=touched)
+        for grant in referral.made():
+            self._made_by[grant] = referral
+        return referral
+
+    async def _record(
+        self,
+        user_id: int,
+        device_id: str,
+        blob_ids: Sequence[str],
+        unique: list[str],
+        devices: list[str],
+        room_id: int | None,
+    ) -> Referral:
         for i, blob_id in enumerate(blob_ids):
             if await self._readable(user_id, device_id, blob_id) is None:
                 raise BlobError(
@@ -234,8 +291,6 @@ class BlobService:
                     field=f"$.blob_ids[{i}]",
                 )
         now = now_ms()
-        unique = sorted(set(blob_ids))
-        devices = sorted(set(device_ids))
 
         def write(conn: Any) -> Referral:
             first: list[str] = []
@@ -269,20 +324,65 @@ class BlobService:
 
         return await self.store.write(write)
 
+    def confirm(self, referral: Referral, *, except_devices: Sequence[str] = ()) -> None:
+        """The message of ``referral`` was accepted (but for ``except_devices``,
+        whose grants were withdrawn): the grants it needs stay, even those
+        another message, still pending or refused, created."""
+        left_out = set(except_devices)
+        for grant in referral.touched:
+            if grant[0] == "device" and grant[2] in left_out:
+                continue
+            self._made_by.pop(grant, None)
+            self._doomed.discard(grant)
+
+    def release(self, referral: Referral) -> None:
+        """The message of ``referral`` is done with (accepted, refused or
+        abandoned); call it last, after :meth:`confirm` or :meth:`withdraw`.
+        What it created and did not withdraw stays."""
+        for grant in referral.made():
+            if self._made_by.get(grant) is referral:
+                del self._made_by[grant]
+        self._forget_needs(referral.touched)
+
+    def _forget_needs(self, touched: Sequence[Grant]) -> None:
+        for grant in touched:
+            left = self._needs[grant] - 1
+            if left > 0:
+                self._needs[grant] = left
+            else:
+                del self._needs[grant]
+                # Nobody left to decide on a doomed grant: it stays (a grant
+                # to a device a message named; the blob's expiry ends it).
+                self._doomed.discard(grant)
+
     async def withdraw(
         self, referral: Referral, *, device_ids: Sequence[str] | None = None
     ) -> None:
         """Undo what :meth:`refer` recorded for a message that was then refused
         (all of it), or that left some devices out (``device_ids``: only their
         read access). References that existed before the message are kept."""
+        # Only grants this message created (or that a refused message created
+        # and this one needed too), and only once no other pending message
+        # needs them: until then the last of those decides. A grant that a
+        # message that needs it was accepted with is nobody's to withdraw.
+        candidates = referral.touched
         if device_ids is not None:
             gone = set(device_ids)
-            readers = [r for r in referral.readers if r[1] in gone]
-            first: tuple[str, ...] = ()
-            rooms: tuple[tuple[str, int], ...] = ()
-        else:
-            readers = list(referral.readers)
-            first, rooms = referral.first, referral.rooms
+            candidates = tuple(g for g in candidates if g[0] == "device" and g[2] in gone)
+        mine: list[Grant] = []
+        for grant in candidates:
+            if self._made_by.get(grant) is referral:
+                del self._made_by[grant]
+            elif grant not in self._doomed:
+                continue
+            if self._needs[grant] <= 1:
+                self._doomed.discard(grant)
+                mine.append(grant)
+            else:
+                self._doomed.add(grant)
+        readers = [(b, d) for kind, b, d in mine if kind == "device"]
+        rooms = [(b, r) for kind, b, r in mine if kind == "room"]
+        first = [(b,) for kind, b, _ in mine if kind == "first"]
         if not (readers or first or rooms):
             return
 
@@ -291,9 +391,7 @@ class BlobService:
                 "DELETE FROM blob_devices WHERE blob_id = ? AND device_id = ?", readers
             )
             conn.executemany("DELETE FROM blob_rooms WHERE blob_id = ? AND room_id = ?", rooms)
-            conn.executemany(
-                "UPDATE blobs SET referenced_at = NULL WHERE blob_id = ?", [(b,) for b in first]
-            )
+            conn.executemany("UPDATE blobs SET referenced_at = NULL WHERE blob_id = ?", first)
 
         await self.store.write(write)
 

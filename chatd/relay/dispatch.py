@@ -198,6 +198,14 @@ class Dispatcher:
         except StoreError:
             log.warning("relay.blob_references_kept", extra=fields(grants=len(referral.readers)))
 
+    def _confirm(self, referral: Referral, skipped: list[str] | None = None) -> None:
+        if self.blobs is not None:
+            self.blobs.confirm(referral, except_devices=skipped or ())
+
+    def _release(self, referral: Referral) -> None:
+        if self.blobs is not None:
+            self.blobs.release(referral)
+
     async def _send(self, conn: Connection, frame: f.Send) -> None:
         grant = await self._sender(conn, frame.id)
         if grant is None:
@@ -207,6 +215,14 @@ class Dispatcher:
         )
         if referral is None:
             return
+        try:
+            await self._send_referred(conn, frame, grant, referral)
+        finally:
+            self._release(referral)
+
+    async def _send_referred(
+        self, conn: Connection, frame: f.Send, grant: SessionGrant, referral: Referral
+    ) -> None:
         proto = conn.proto
         try:
             result = await self.queues.send(grant.user_id, grant.device_id, frame)
@@ -217,8 +233,10 @@ class Dispatcher:
         match result:
             case Accepted(outcome) | Repeated(outcome):
                 skipped = list(result.skipped) if isinstance(result, Accepted) else None
-                if skipped:
-                    await self._withdraw(referral, [d.device_id for d in skipped])
+                left_out = [d.device_id for d in skipped or ()]
+                if left_out:
+                    await self._withdraw(referral, left_out)
+                self._confirm(referral, left_out)
                 handle = conn.reserve()
                 if handle is None:
                     return
@@ -254,11 +272,15 @@ class Dispatcher:
             return
         proto = conn.proto
         try:
-            result, skipped = self.rooms.send(grant.user_id, grant.device_id, frame)
-        except RoomError as exc:
-            await self._withdraw(referral)
-            self._perform(conn, _refused(proto, frame.id, exc))
-            return
+            try:
+                result, skipped = self.rooms.send(grant.user_id, grant.device_id, frame)
+            except RoomError as exc:
+                await self._withdraw(referral)
+                self._perform(conn, _refused(proto, frame.id, exc))
+                return
+            self._confirm(referral)
+        finally:
+            self._release(referral)
         handle = conn.reserve()
         if handle is None:
             return
