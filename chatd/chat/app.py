@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Final
 
 import trio
@@ -153,7 +154,7 @@ class ChatApp:
             idle=lambda: self.peer is None and self.rooms.current is None,
             bold=bold,
         )
-        self.files = FileCommands(client, say, self._file_target)
+        self.files = FileCommands(client, say, self._file_target, self._in_background)
 
     def _file_target(self) -> int | RoomInfo | None:
         if self.rooms.current is not None:
@@ -238,16 +239,7 @@ class ChatApp:
                 or getattr(self.waiting, f"cmd_{attr}", None)
                 or getattr(self.rooms, f"cmd_{attr}")
             )
-            try:
-                await handler(args)
-            except UsageError as exc:
-                self.say(f"! {exc}")
-            except Refused as exc:
-                self.say(f"! /{command.name} failed: {exc}")
-            except IdentityChangedError as exc:
-                self.say(f"!! WARNING: {clean(str(exc))}")
-            except (ClientError, trio.TooSlowError) as exc:
-                self.say(f"! /{command.name} failed: {_reason(exc)}")
+            await self._reporting(command.name, partial(handler, args))
             return not self.account.ended
         text = line[1:] if line.startswith("//") else line
         target: Member | RoomInfo | None = self.rooms.current or self.peer
@@ -259,6 +251,25 @@ class ChatApp:
         except trio.WouldBlock:
             self.say(f"! not sent {excerpt(text)}: {OUTBOX} messages are already waiting")
         return True
+
+    async def _reporting(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
+        """Run command ``name``; say what went wrong, in its terms."""
+        try:
+            await run()
+        except UsageError as exc:
+            self.say(f"! {exc}")
+        except Refused as exc:
+            self.say(f"! /{name} failed: {exc}")
+        except IdentityChangedError as exc:
+            self.say(f"!! WARNING: {clean(str(exc))}")
+        except (ClientError, trio.TooSlowError) as exc:
+            self.say(f"! /{name} failed: {_reason(exc)}")
+
+    def _in_background(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
+        """Finish command ``name`` in its own task (an upload), so typing goes on."""
+        if self._nursery is None:  # pragma: no cover - commands run inside run()
+            raise RuntimeError("no nursery: the app is not running")
+        self._nursery.start_soon(self._reporting, name, run)
 
     # -- commands -------------------------------------------------------------
 

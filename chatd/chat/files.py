@@ -16,7 +16,8 @@ conversation that is not the open one).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Final
 
@@ -102,10 +103,12 @@ class FileCommands:
         client: Client,
         say: Callable[[str], None],
         target: Callable[[], int | RoomInfo | None],
+        background: Callable[[str, Callable[[], Awaitable[None]]], None],
     ) -> None:
         self.client = client
         self.say = say
         self.target = target
+        self.background = background  # finishes a command in its own task
 
     def _open(self) -> int | RoomInfo:
         target = self.target()
@@ -120,6 +123,11 @@ class FileCommands:
         path = await trio.to_thread.run_sync(_expand, " ".join(args))
         if not await trio.to_thread.run_sync(path.is_file):
             raise UsageError(f"no such file: {clean(str(path))}")
+        # The upload may take a while: it goes on in its own task, and its
+        # outcome is said when it ends, while the person types on.
+        self.background("send-file", partial(self._send_file, target, path))
+
+    async def _send_file(self, target: int | RoomInfo, path: Path) -> None:
         try:
             if isinstance(target, RoomInfo):
                 _, attachment = await self.client.rooms.send_file(target.room_id, path)
