@@ -137,6 +137,7 @@ async def open_services(nursery: trio.Nursery, store: Store, config: Config) -> 
     await rooms.open()
     await nursery.start(rooms.serve)
     await nursery.start(partial(push.serve, is_live=registry.has_device))
+    push.wake_waiting(queues.state.totals)  # those of the last run were lost with it
     return Services(registry, current, auth, keys, queues, rooms, push)
 
 

@@ -370,6 +370,30 @@ async def test_wake_ups_are_coalesced_to_one_per_interval(
         assert t.push.stats.sent == 2
 
 
+async def test_after_a_restart_devices_with_queued_envelopes_are_woken_again(
+    short_tmp: Path,
+) -> None:
+    """Wake-ups are not stored: a server that starts wakes every device with
+    an endpoint and a queue, once, so a wake-up lost with a restart is made
+    good; a device with an endpoint and an empty queue is left alone."""
+    async with receiver() as rx:
+        async with team(short_tmp) as t:
+            async with alice_and_offline_bob(t, rx.url()) as (alice, bob):
+                await send_to(alice, bob, "queued across the restart")
+                await rx.wait_count(1)
+                await t.push.wait_settled()
+            async with connect(t.srv) as ac:  # alice's own endpoint, empty queue
+                await login_device(ac, "alice", PASSWORD)
+                await ac.request("push_register", url=rx.url())
+                await ac.request("logout")
+            await t.srv.queues.flush()
+        async with team(short_tmp) as t:
+            await rx.wait_count(2)  # with no new envelope: bob's queue is not empty
+            await t.push.wait_settled()
+            assert t.push.stats.woken == 1 and t.push.stats.sent == 1  # not alice
+        assert len(rx.received) == 2
+
+
 async def test_a_failing_endpoint_is_retried_with_exponential_backoff(short_tmp: Path) -> None:
     async with team(short_tmp, retry_base_seconds=0.05) as t, receiver() as rx:
         rx.statuses = [500, 503]

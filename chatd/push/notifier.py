@@ -52,9 +52,9 @@ jobs counting as failed POSTs (retried).
 
 Cancellation: cancelling :meth:`serve` closes the sender's stdin, which
 stops it (the POSTs in flight are cancelled; it is killed after
-``STOP_GRACE`` seconds if it has not exited); nothing is persisted about
-wake-ups (after a restart, only envelopes queued from
-then on wake devices).
+``STOP_GRACE`` seconds if it has not exited). Nothing is persisted about
+wake-ups; instead, at start, every device with an endpoint and something
+in its queue is woken once (:meth:`Notifier.wake_waiting`).
 """
 
 from __future__ import annotations
@@ -280,6 +280,15 @@ class Notifier:
         if device_id not in self._endpoints or envelope.kind not in WAKING_KINDS:
             return
         self.wake(device_id)
+
+    def wake_waiting(self, queued: dict[str, list[int]]) -> None:
+        """At start: wake every device with an endpoint that has entries
+        queued (``queued``: device -> [entries, bytes], the queue service's
+        totals), since the wake-ups of a server that stopped were lost with
+        it. No live connection exists yet; coalescing and the bound apply."""
+        for device_id, (entries, _size) in queued.items():
+            if entries > 0 and device_id in self._endpoints:
+                self.wake(device_id)
 
     def wake(self, device_id: str) -> None:
         """Ask for a wake-up of ``device_id`` (coalesced; see the module docstring)."""
