@@ -30,6 +30,7 @@ from chatd.admin.api import AdminContext
 from chatd.admin.service import serve_admin
 from chatd.auth.accounts import AccountAdmin
 from chatd.auth.service import AuthService
+from chatd.backup.service import serve_backups
 from chatd.blobs.files import BlobFiles
 from chatd.blobs.http import serve_blobs
 from chatd.blobs.service import BlobService
@@ -179,6 +180,9 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
             await nursery.start(_watch_signals, stopping, nursery.cancel_scope)
             notifier.notify(STATUS="opening the store")
             store: Store = await nursery.start(serve_store, config.database_path, key, config.store)
+            # Backups copy the database on a connection of their own, so they
+            # keep the database key; the backup key is read at each backup.
+            backups = await nursery.start(serve_backups, config, config.database_path, key)
             del key
             services = await open_services(nursery, store, config)
             auth, queues = services.auth, services.queues
@@ -210,6 +214,7 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
                 accounts=AccountAdmin(auth, current=services.current),
                 rooms=services.rooms,
                 online=services.registry.online_devices,
+                backups=backups,
             )
             admin_bind = await nursery.start(
                 _until_done, admin_done, serve_admin, config, ctx, stopping

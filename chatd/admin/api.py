@@ -37,6 +37,7 @@ from chatd.store import Store
 
 if TYPE_CHECKING:  # only a type here; the daemon builds it
     from chatd.auth.accounts import AccountAdmin
+    from chatd.backup.service import Backups
     from chatd.relay.registry import OnlineDevice
     from chatd.rooms.service import RoomService
 
@@ -57,6 +58,8 @@ class AdminContext:
     # The relay registry's list of connected devices (Registry.online_devices);
     # GET /v1/online answers 503 while it is None.
     online: Callable[[], Sequence[OnlineDevice]] | None = None
+    # Online backups; routes under /v1/backups answer 503 while it is None.
+    backups: Backups | None = None
 
 
 # (ctx, query, body, **path_ids) -> response; see the module docstring.
@@ -298,3 +301,4 @@ async def list_admin_audit(ctx: AdminContext, query: AuditQuery, body: None) -> 
 import chatd.admin.accounts_api  # noqa: E402, F401 - it imports the names above
 import chatd.admin.online_api  # noqa: E402, F401 - likewise
 import chatd.admin.rooms_api  # noqa: E402, F401 - likewise
+import chatd.backup.api  # noqa: E402, F401 - likewise
