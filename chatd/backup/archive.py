@@ -20,7 +20,7 @@ from chatd.backup.copy import quote
 from chatd.backup.keys import key_id, known_backup_keys, read_key_file
 from chatd.config import Config
 from chatd.errors import BackupError, KeyMismatchError, StoreError
-from chatd.store.db import Connection, DatabaseError, close_quietly, connect
+from chatd.store.db import Connection, DatabaseError, _looks_plaintext, close_quietly, connect
 
 BACKUP_GLOB: Final = "chatd-backup-*.db"
 _NAME: Final = re.compile(r"^chatd-backup-(\d{8}T\d{9}Z)-([0-9a-f]{16})\.db$")
@@ -99,8 +99,10 @@ def key_for(config: Config, path: Path, key_file: Path | None = None) -> bytes:
     for key in keys.values():
         try:
             close_quietly(connect(path, key, busy_timeout_ms=0, readonly=True))
-        except (KeyMismatchError, StoreError):
+        except KeyMismatchError:
             continue
+        except StoreError:
+            return key  # page 1 decrypts, the rest is damaged: verify says how
         return key
     raise BackupError(
         f"none of the backup keys in {config.data_dir} opens {path} (wrong key, or not a "
@@ -123,8 +125,13 @@ def open_backup(path: Path, key: bytes) -> Connection:
             f"backup key {key_id(key)} does not open {path}: wrong key, or not a chatd "
             "backup (the file was left untouched)"
         ) from None
-    except StoreError as exc:
-        raise BackupError(f"{path} is not a chatd backup: {exc}") from None
+    except StoreError:
+        if _looks_plaintext(path):
+            raise BackupError(f"{path} is an unencrypted SQLite file, not a chatd backup") from None
+        raise BackupError(
+            f"{path} is corrupt or truncated: its first page decrypts with backup key "
+            f"{key_id(key)}, but its schema cannot be read"
+        ) from None
     try:
         found = conn.execute(
             "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'users'"
