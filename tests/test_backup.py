@@ -26,13 +26,14 @@ from chatd import cli
 from chatd.backup.archive import list_backups
 from chatd.backup.copy import CopyCancelled, Progress, copy_database
 from chatd.backup.keys import key_id, load_backup_key
+from chatd.ctl_backup import bar
 from chatd.errors import KeyMismatchError
 from chatd.keyfiles import new_db_key, write_private_file
 from chatd.store.db import close_quietly, connect, open_writer
 from chatd.store.migrations import SCHEMA_VERSION
 
 from .conftest import DataDir
-from .test_daemon import daemon
+from .test_daemon import chatctl, daemon
 from .test_daemon_messaging import PASSWORDS, create_users
 from .test_keys import login_device
 from .test_relay_auth import Client
@@ -380,3 +381,36 @@ async def test_rekey_then_serve_works_with_the_new_key_only(
     # The old key no longer opens it: chatd refuses with exit 2 and changes nothing.
     os.replace(retired, data_dir.path / "db.key")
     assert chatd(data_dir, "check-config") == 2
+
+
+# -- chatctl ----------------------------------------------------------------------------
+
+
+async def test_chatctl_creates_and_lists_backups(data_dir: DataDir, short_tmp: Path) -> None:
+    config = str(data_dir.config_path)
+    async with daemon(data_dir, short_tmp) as d:
+        await d.wait_notify("READY")
+        made = await trio.to_thread.run_sync(chatctl, "--config", config, "backup", "create")
+        assert made.returncode == 0, made.stderr
+        assert "backup 1 done: chatd-backup-" in made.stdout
+        listed = await trio.to_thread.run_sync(
+            chatctl, "--config", config, "--json", "backup", "list"
+        )
+        body = json.loads(listed.stdout)
+        assert [j["state"] for j in body["jobs"]] == ["done"]
+        assert body["backups"][0]["file"] == body["jobs"][0]["file"]
+        gone = await trio.to_thread.run_sync(chatctl, "--config", config, "backup", "cancel", "9")
+        assert gone.returncode == 1 and "not_found" in gone.stderr
+        d.proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            assert await d.proc.wait() == 0
+    (backup,) = data_dir.config.backups_dir.iterdir()
+    assert chatd(data_dir, "backup", "verify", str(backup)) == 0
+
+
+def test_the_progress_bar_shows_rows_and_phase() -> None:
+    job = {
+        "state": "running",
+        "progress": {"rows_done": 50, "rows_total": 200, "phase": "copying", "table": "users"},
+    }
+    assert bar(job).startswith("[" + "#" * 7 + "." * 23 + "]  25%  50/200 rows  copying users")
