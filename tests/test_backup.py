@@ -414,3 +414,43 @@ def test_the_progress_bar_shows_rows_and_phase() -> None:
         "progress": {"rows_done": 50, "rows_total": 200, "phase": "copying", "table": "users"},
     }
     assert bar(job).startswith("[" + "#" * 7 + "." * 23 + "]  25%  50/200 rows  copying users")
+
+
+def test_rekey_with_systemd_credentials_moves_no_file(
+    data_dir: DataDir, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    add_user(data_dir, "alice")
+    creds = data_dir.path / "creds"
+    creds.mkdir()
+    old_key, new_hex = data_dir.key, new_db_key()
+    (creds / "chatd-db-key").write_text(data_dir.key_hex)
+    (creds / "chatd-db-key-new").write_text(new_hex)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    assert chatd(data_dir, "rekey") == 0
+    assert "systemd credentials, which chatd cannot move" in capsys.readouterr().out
+    assert sorted(p.name for p in creds.iterdir()) == ["chatd-db-key", "chatd-db-key-new"]
+    assert (data_dir.path / "db.key").read_text().strip() == old_key.hex()  # untouched
+    assert usernames(data_dir.db, bytes.fromhex(new_hex)) == ["alice"]
+    # Killed after the rekey, before the key files were swapped: running it again finishes.
+    assert chatd(data_dir, "rekey") == 0
+    # Without a new key anywhere: a usage error, and nothing changes.
+    (creds / "chatd-db-key-new").unlink()
+    assert chatd(data_dir, "rekey") == 64
+    assert "--new-key-file" in capsys.readouterr().err
+
+
+def test_a_backup_of_an_older_schema_is_migrated_by_the_restore(
+    data_dir: DataDir, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from chatd.store.migrations import migrate
+
+    conn = connect(data_dir.db, data_dir.key, busy_timeout_ms=1000)
+    migrate(conn, target=SCHEMA_VERSION - 1)
+    close_quietly(conn)
+    backup = make_backup(data_dir)
+    data_dir.db.unlink()  # a new machine: no database yet
+    assert chatd(data_dir, "restore", str(backup)) == 0
+    assert f"schema version {SCHEMA_VERSION - 1} -> {SCHEMA_VERSION}" in capsys.readouterr().out
+    conn = connect(data_dir.db, data_dir.key, busy_timeout_ms=1000, readonly=True)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    close_quietly(conn)

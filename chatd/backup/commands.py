@@ -18,9 +18,10 @@ from chatd.backup.archive import find_user, key_for, list_backups, verify_backup
 from chatd.backup.copy import copy_database, fsync_path
 from chatd.backup.keys import rotate_backup_key
 from chatd.config import Config
-from chatd.errors import BackupError, KeyMismatchError, SecretFileError, StoreError
+from chatd.errors import BackupError, KeyMismatchError, SecretFileError, StoreError, UsageError
 from chatd.keyfiles import (
     DB_KEY_BYTES,
+    _credential,
     _read_private,
     check_data_dir,
     db_key_path,
@@ -32,6 +33,8 @@ from chatd.store.db import close_quietly, connect, open_writer
 from chatd.store.migrations import SCHEMA_VERSION
 
 COMMANDS: Final = ("backup", "restore", "rekey")
+#: The systemd credential a new database key may come in as (``chatd rekey``).
+NEW_DB_KEY_CREDENTIAL: Final = "chatd-db-key-new"
 
 
 def add_commands(sub: Any, config_arg: Any) -> None:
@@ -55,8 +58,13 @@ def add_commands(sub: Any, config_arg: Any) -> None:
     p.add_argument("--key-file", type=Path, help="the backup key (default: found by key id)")
     p = sub.add_parser("rekey", help="re-encrypt the database under a new key (daemon stopped)")
     config_arg(p)
-    new = p.add_mutually_exclusive_group(required=True)
-    new.add_argument("--new-key-file", type=Path, help="0600 file with the new key (64 hex)")
+    new = p.add_mutually_exclusive_group()
+    new.add_argument(
+        "--new-key-file",
+        type=Path,
+        help="0600 file with the new key, 64 hex digits (default: the systemd credential "
+        f"{NEW_DB_KEY_CREDENTIAL})",
+    )
     new.add_argument(
         "--generate", action="store_true", help="write a new key to <key file>.new and use it"
     )
@@ -210,8 +218,8 @@ def restore(config: Config, path: Path, key_file: Path | None) -> int:
     return 0
 
 
-def _read_db_key_file(path: Path) -> tuple[bytes, str]:
-    text = _read_private(path, "new database key", from_credential=False)
+def _read_db_key_file(path: Path, *, from_credential: bool) -> tuple[bytes, str]:
+    text = _read_private(path, "new database key", from_credential=from_credential)
     try:
         key = bytes.fromhex(text)
     except ValueError:
@@ -260,8 +268,16 @@ def rekey(config: Config, new_key_file: Path | None, *, generate: bool) -> int:
         new_key_file = config.in_data_dir(config.store.key_file + ".new")
         if not write_private_file(new_key_file, new_db_key()):
             raise SecretFileError(f"{new_key_file} exists; move it away or pass --new-key-file")
-    assert new_key_file is not None  # noqa: S101 - argparse requires one of the two
-    new, text = _read_db_key_file(new_key_file)
+    new_from_cred = False
+    if new_key_file is None:
+        new_key_file = _credential(NEW_DB_KEY_CREDENTIAL)
+        new_from_cred = True
+        if new_key_file is None:
+            raise UsageError(
+                "chatd rekey: give the new key with --new-key-file PATH, --generate, or "
+                f"the systemd credential {NEW_DB_KEY_CREDENTIAL}"
+            )
+    new, text = _read_db_key_file(new_key_file, from_credential=new_from_cred)
     if new == old:
         raise SecretFileError(f"{new_key_file} holds the current key; make a new one")
     db = config.database_path
@@ -282,11 +298,12 @@ def rekey(config: Config, new_key_file: Path | None, *, generate: bool) -> int:
     if _opens(db, old):  # pragma: no cover - SQLCipher rekeyed every page
         raise StoreError(f"{db} still opens with the old key; the rekey did not happen")
     print(f"the database {db} is now encrypted with the key in {new_key_file}")
-    if from_cred:
+    if from_cred or new_from_cred:
         print(
-            "the old key came from the systemd credential chatd-db-key: point its "
-            f"LoadCredential= source at {new_key_file} (or copy the new key there), then "
-            "retire the old credential file (docs/OPERATIONS.md)"
+            "the keys are systemd credentials, which chatd cannot move: now keep the old "
+            "source file of chatd-db-key aside and put the new key in its place, e.g. "
+            "mv /etc/chatd/db.key /etc/chatd/db.key.retired && "
+            "mv /etc/chatd/db.key.new /etc/chatd/db.key (docs/OPERATIONS.md)"
         )
         return 0
     retired = old_path.with_name(f"{old_path.name}.retired-{_stamp()}")

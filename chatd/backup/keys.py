@@ -84,17 +84,19 @@ def retired_key_path(config: Config, kid: str) -> Path:
 
 
 def known_backup_keys(config: Config) -> dict[str, bytes]:
-    """Every backup key this server has, by key id: the current one (if it
-    can be read) and the retired ``backup-<key id>.key`` files."""
+    """Every backup key at hand, by key id: the current one, the retired
+    ``backup-<key id>.key`` files in the data dir, and systemd credentials
+    named ``chatd-backup-key-<anything>`` (old keys passed to a one-off unit).
+    Unreadable or malformed files are skipped; nothing is created."""
+    found: list[tuple[Path, bool]] = [backup_key_path(config)]
+    found += [(p, False) for p in sorted(config.data_dir.glob("backup-*.key"))]
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if directory:
+        found += [(p, True) for p in sorted(Path(directory).glob(BACKUP_KEY_CREDENTIAL + "-*"))]
     keys: dict[str, bytes] = {}
-    try:
-        current = load_backup_key(config)
-        keys[key_id(current)] = current
-    except SecretFileError:
-        pass
-    for path in sorted(config.data_dir.glob("backup-*.key")):
+    for path, from_credential in found:
         try:
-            key = read_key_file(path)
+            key = read_key_file(path, from_credential=from_credential)
         except SecretFileError:
             continue
         keys.setdefault(key_id(key), key)
