@@ -1,7 +1,8 @@
 """``chatd serve``: the one process and its one top-level nursery.
 
 Start order (each via ``await nursery.start``, so each is truly up before the
-next): store, retention, blobs (the attachment listener, so the relay can
+next): store, backups (online backup jobs, on connections of their own),
+retention, blobs (the attachment listener, so the relay can
 hand out its URLs), relay, admin. Only then does systemd hear
 ``READY=1``. While serving, ``WATCHDOG=1`` goes out at half of
 ``WatchdogSec`` as long as the store writer is alive.

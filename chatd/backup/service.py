@@ -113,6 +113,9 @@ class Backups:
             ) from None
         if not os.access(self.directory, os.W_OK | os.X_OK):
             raise BackupError(f"the backup directory {self.directory} is not writable")
+        # One backup at a time: a temporary file here now was left by a crash.
+        for stale in self.directory.glob(".chatd-backup-*.part"):
+            stale.unlink(missing_ok=True)
         return key
 
     async def _run(self, job: BackupJob, key: bytes) -> None:
