@@ -454,3 +454,24 @@ def test_a_backup_of_an_older_schema_is_migrated_by_the_restore(
     conn = connect(data_dir.db, data_dir.key, busy_timeout_ms=1000, readonly=True)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     close_quietly(conn)
+
+
+def test_a_restore_that_cannot_open_its_copy_puts_the_previous_database_back(
+    data_dir: DataDir, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from chatd.backup import commands
+    from chatd.errors import StoreError
+
+    add_user(data_dir, "alice")
+    backup = make_backup(data_dir)
+    add_user(data_dir, "bob")
+    before = digest(data_dir.db)
+
+    def fails(*args: Any, **kw: Any) -> Any:
+        raise StoreError("disk full (simulated)")
+
+    monkeypatch.setattr(commands, "open_writer", fails)
+    assert chatd(data_dir, "restore", str(backup)) == 7
+    assert "disk full" in capsys.readouterr().err
+    assert digest(data_dir.db) == before
+    assert sorted(p.name for p in data_dir.path.glob("chatd.db*")) == ["chatd.db"]

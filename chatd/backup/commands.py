@@ -191,20 +191,24 @@ def restore(config: Config, path: Path, key_file: Path | None) -> int:
     copy_database(path, key, staged, db_key, chunk_rows=config.backup.chunk_rows)
     aside = db.with_name(f"{db.name}.before-restore-{_stamp()}")
     moved: list[tuple[Path, Path]] = []
-    for current, kept in zip(_sidecars(db), _sidecars(aside), strict=True):
-        if current.exists():
-            os.rename(current, kept)
-            moved.append((current, kept))
-    os.rename(staged, db)
-    fsync_path(db.parent, directory=True)
+    placed = False
     try:
+        for current, kept in zip(_sidecars(db), _sidecars(aside), strict=True):
+            if current.exists():
+                os.rename(current, kept)
+                moved.append((current, kept))
+        os.rename(staged, db)
+        placed = True
+        fsync_path(db.parent, directory=True)
         conn = open_writer(db, db_key, busy_timeout_ms=config.store.busy_timeout_ms)
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         close_quietly(conn)
     except BaseException:
-        for restored in _sidecars(db):
-            restored.unlink(missing_ok=True)
+        staged.unlink(missing_ok=True)
+        if placed:  # every original was moved aside: what is there now is the copy's
+            for restored in _sidecars(db):
+                restored.unlink(missing_ok=True)
         for current, kept in moved:
             os.rename(kept, current)
         fsync_path(db.parent, directory=True)

@@ -134,18 +134,16 @@ def _copy_table(
     src, dst = f"main.{quote(table.name)}", f"{ATTACHED}.{quote(table.name)}"
     keyed = table.order == ("rowid",)
     cols = ", ".join(map(quote, table.columns))
-    key_cols = ", ".join("rowid" if keyed else quote(c) for c in table.order)
-    order = key_cols
-    select_cols = f"rowid, {cols}" if keyed else cols
-    insert_cols = f"rowid, {cols}" if keyed else cols
-    marks = ", ".join("?" * len(table.order))
+    key = ["rowid"] if keyed else [quote(c) for c in table.order]
+    key_cols = ", ".join(key)
+    copied_cols = f"rowid, {cols}" if keyed else cols
+    marks = ", ".join("?" * len(key))
     # Names come from sqlite_master and are quoted; values are ? parameters.
-    first = f"INSERT INTO {dst} ({insert_cols}) SELECT {select_cols} FROM {src}"  # noqa: S608
+    first = f"INSERT INTO {dst} ({copied_cols}) SELECT {copied_cols} FROM {src}"  # noqa: S608
     next_ = f"{first} WHERE ({key_cols}) > ({marks})"
-    tail = f" ORDER BY {order} LIMIT ?"
-    desc = ", ".join(f"{c} DESC" for c in ("rowid",) if keyed) or ", ".join(
-        f"{quote(c)} DESC" for c in table.order
-    )
+    tail = f" ORDER BY {key_cols} LIMIT ?"
+    # The last key copied so far: the largest in the target (a b-tree seek).
+    desc = ", ".join(f"{c} DESC" for c in key)
     last_sql = f"SELECT {key_cols} FROM {dst} ORDER BY {desc} LIMIT 1"  # noqa: S608
     copied = 0
     last: tuple[object, ...] | None = None
