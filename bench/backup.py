@@ -20,8 +20,10 @@ and the same pair measured until the backup is done (polled through
 the backup's duration, size and MB/s, and the CPU the daemon used.
 
 Usage: ``.venv/bin/python bench/backup.py [--size-mb 1024] [--seconds 20]
-[--interval-ms 20] [--dir DIR] [--keep]``. A quick run: ``--size-mb 64
---seconds 5``.
+[--interval-ms 20] [--dir DIR] [--keep] [--cpu-hogs N] [--chunk-rows N]
+[--nice N] [--pause-ms MS]``. A quick run: ``--size-mb 64 --seconds 5``.
+``--cpu-hogs 2`` adds two busy-loop processes through both windows, as on a
+2-core machine that something else keeps busy.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -177,13 +180,33 @@ def main() -> None:
     parser.add_argument("--interval-ms", type=float, default=20.0, help="between live messages")
     parser.add_argument("--dir", type=Path, help="where the data dir goes (default /var/tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the data dir")
+    parser.add_argument(
+        "--cpu-hogs",
+        type=int,
+        default=0,
+        help="busy-loop processes running through both windows (a machine with no spare CPU)",
+    )
+    parser.add_argument("--chunk-rows", type=int, help="backup.chunk_rows (default: chatd's)")
+    parser.add_argument("--nice", type=int, help="backup.nice (default: chatd's)")
+    parser.add_argument("--pause-ms", type=float, help="backup.pause_ms (default: chatd's)")
     args = parser.parse_args()
+    backup_settings = {
+        name: value
+        for name, value in (
+            ("chunk_rows", args.chunk_rows),
+            ("nice", args.nice),
+            ("pause_ms", args.pause_ms),
+        )
+        if value is not None
+    }
     base = Path(tempfile.mkdtemp(prefix="chatd-bench-backup-", dir=args.dir or "/var/tmp"))  # noqa: S108 - mkdtemp: private
     try:
         config = init_data_dir(base / "data")
         set_settings(config, "auth", RELAXED_AUTH)
         set_settings(config, "relay", {**RELAXED_RELAY, "port": 0})
         set_settings(config, "attachments", {"port": 0})
+        if backup_settings:
+            set_settings(config, "backup", backup_settings)
         seed_users(config, ["alice", "bob"], PASSWORD)
         took, size = fill(config, args.size_mb)
         print(f"database: {size / 1_048_576:.0f} MiB of rows written in {took:.1f} s")
@@ -192,12 +215,26 @@ def main() -> None:
         daemon.wait_ready()
         url, _ = daemon.relay_url()
         token = (base / "data" / "admin-token").read_text().strip()
-        cpu_before = cpu_seconds(daemon.pid)
-        started = time.monotonic()
-        result = trio.run(
-            measure, url, base / "data" / "admin.sock", token, args.seconds, args.interval_ms / 1000
-        )
-        cpu = (cpu_seconds(daemon.pid) - cpu_before) / (time.monotonic() - started)
+        hogs = [
+            subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(args.cpu_hogs)
+        ]
+        try:
+            cpu_before = cpu_seconds(daemon.pid)
+            started = time.monotonic()
+            result = trio.run(
+                measure,
+                url,
+                base / "data" / "admin.sock",
+                token,
+                args.seconds,
+                args.interval_ms / 1000,
+            )
+            cpu = (cpu_seconds(daemon.pid) - cpu_before) / (time.monotonic() - started)
+        finally:
+            for hog in hogs:
+                hog.kill()
+                hog.wait()
         code, _ = daemon.stop()
         if code != 0:
             raise SystemExit(f"chatd exited with {code}:\n{daemon.log_tail()}")
@@ -221,7 +258,9 @@ def main() -> None:
         )
     ratio = percentile(busy, 99) / percentile(quiet, 99)
     print(f"p99 during / without backup: {ratio:.2f}x (target <= 2x)")
-    print(f"daemon CPU over the run: {cpu:.2f} cores")
+    print(f"daemon CPU over the run: {cpu:.2f} cores; settings {backup_settings or 'default'}")
+    if args.cpu_hogs:
+        print(f"with {args.cpu_hogs} busy-loop process(es) through both windows")
 
 
 if __name__ == "__main__":
