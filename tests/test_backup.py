@@ -184,7 +184,7 @@ async def test_a_backup_into_an_unusable_directory_fails_clearly_and_leaves_noth
         headers = {"Authorization": f"Bearer {data_dir.token}"}
         async with httpx.AsyncClient(transport=transport, base_url="http://chatd") as admin:
             reply = await admin.post("/v1/backups", headers=headers)
-            assert reply.status_code == 500
+            assert reply.status_code == 503
             assert reply.json()["error"]["code"] == "backup_unavailable"
             assert "cannot make the backup directory" in reply.json()["error"]["message"]
             missing = await admin.get("/v1/backups/7", headers=headers)

@@ -93,8 +93,11 @@ _UNAVAILABLE = (503, "Backups are not running in this process (service_unavailab
     tag="backups",
     errors=(
         (409, "A backup is already running (backup_running)."),
-        (500, "The backup key or directory cannot be used (backup_unavailable)."),
-        _UNAVAILABLE,
+        (
+            503,
+            "The backup key or directory cannot be used (backup_unavailable); or "
+            "backups are not running in this process (service_unavailable).",
+        ),
     ),
 )
 async def create_backup(ctx: AdminContext, query: None, body: None) -> BackupJobInfo:
@@ -104,7 +107,7 @@ async def create_backup(ctx: AdminContext, query: None, body: None) -> BackupJob
     except BackupRunning as exc:
         raise ApiError(409, "backup_running", str(exc)) from None
     except (BackupError, SecretFileError) as exc:
-        raise ApiError(500, "backup_unavailable", str(exc)) from None
+        raise ApiError(503, "backup_unavailable", str(exc)) from None
     return job_info(job)
 
 
