@@ -351,6 +351,21 @@ def test_holding_lists_backups_with_the_account_across_a_key_rotation(
     assert chatd(data_dir, "backup", "holding", "alice") == 8
     assert "could not be checked" in capsys.readouterr().out
     assert [b.name for b in list_backups(data_dir.config.backups_dir)] == [old.name, new.name]
+    assert chatd(data_dir, "backup", "list") == 0
+    out = capsys.readouterr().out
+    assert "backups in" in out and f"key {old_id}" in out and f"key {new_id}" in out
+
+
+def test_rotate_key_refuses_a_backup_key_from_a_systemd_credential(
+    data_dir: DataDir, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    creds = data_dir.path / "creds"
+    creds.mkdir()
+    (creds / "chatd-backup-key").write_text(new_db_key())
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    assert chatd(data_dir, "backup", "rotate-key") == 4
+    assert "systemd credential chatd-backup-key" in capsys.readouterr().err
+    assert not (data_dir.path / "backup.key").exists()
 
 
 # -- rekey --------------------------------------------------------------------------
