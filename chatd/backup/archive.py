@@ -9,6 +9,7 @@ key that encrypts it. Nothing else is stored beside it.
 
 from __future__ import annotations
 
+import calendar
 import re
 import time
 from dataclasses import dataclass
@@ -47,8 +48,6 @@ def parse_name(path: Path) -> tuple[int, str] | None:
         return None
     stamp, kid = found.groups()
     seconds = time.strptime(stamp[:15], "%Y%m%dT%H%M%S")
-    import calendar
-
     return calendar.timegm(seconds) * 1000 + int(stamp[15:18]), kid
 
 

@@ -25,6 +25,7 @@ import secrets
 from pathlib import Path
 from typing import Final
 
+from chatd.backup.copy import fsync_path
 from chatd.config import Config
 from chatd.errors import SecretFileError
 from chatd.keyfiles import _credential, _read_private, write_private_file
@@ -133,13 +134,5 @@ def rotate_backup_key(config: Config) -> tuple[str, str]:
     if not write_private_file(temporary, fresh):  # pragma: no cover - unlinked just above
         raise SecretFileError(f"cannot create {temporary}")
     os.replace(temporary, path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent, directory=True)
     return old_id, key_id(bytes.fromhex(fresh))
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
