@@ -37,6 +37,7 @@ from typing import Any, NoReturn, get_args
 
 import httpx
 
+from chatd import ctl_backup
 from chatd.auth.models import ROLES
 from chatd.auth.usernames import USERNAME_INPUT_MAX
 from chatd.config import load_config
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("online", help="devices connected now (no message metadata)")
     _add_account_commands(sub)
     _add_room_commands(sub)
+    ctl_backup.add_commands(sub)
     return p
 
 
@@ -621,6 +623,7 @@ _ACCOUNT_COMMANDS = {
     "sessions": _sessions,
     "auth-audit": _auth_audit,
     "rooms": _rooms,
+    "backup": ctl_backup.run,
 }
 
 

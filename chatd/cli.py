@@ -1,8 +1,10 @@
-"""The ``chatd`` command: init, serve, check-config, version, openapi, config-template, demo.
+"""The ``chatd`` command: init, serve, check-config, version, openapi, config-template,
+demo; and backup, restore, rekey (:mod:`chatd.backup.commands`).
 
 Exit codes (docs/OPERATIONS.md): 0 ok, 1 unexpected error, 2 database key
 does not match, 3 bad config, 4 unsafe or missing secret file, 5 cannot
-listen, 6 bad data dir, 7 database unusable, 64 bad command line.
+listen, 6 bad data dir, 7 database unusable, 8 backup unusable or refused,
+64 bad command line.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import NoReturn
 import trio
 
 from chatd import __version__
+from chatd.backup import commands as backup_commands
+from chatd.backup.keys import new_backup_key
 from chatd.config import CONFIG_FILE_NAME, Config, load_config, render_template
 from chatd.errors import ChatdError, UsageError, exception_leaves
 from chatd.keyfiles import (
@@ -77,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the temporary directory (data dir, database, client stores) and print where",
     )
+    backup_commands.add_commands(sub, _config_arg)
     return parser
 
 
@@ -117,6 +122,7 @@ def cmd_init(data_dir: Path) -> int:
         (data_dir / "db.key", new_db_key),
         (data_dir / "admin-token", new_admin_token),
         (data_dir / "blob-url.key", new_blob_key),
+        (data_dir / "backup.key", new_backup_key),
     ):
         results.append((path, write_private_file(path, make())))
     results.append((config_path, write_private_file(config_path, render_template().rstrip("\n"))))
@@ -202,6 +208,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config)
         if args.command == "check-config":
             return cmd_check_config(config)
+        if args.command in backup_commands.COMMANDS:
+            return backup_commands.run_command(args, config)
         configure(config.log)
         from chatd.daemon import run_daemon
 

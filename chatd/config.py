@@ -639,6 +639,46 @@ class AttachmentSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class BackupSettings:
+    """[backup]: online backups (POST /v1/backups, chatctl backup create)."""
+
+    directory: str = setting(
+        "backups",
+        "Directory the backups are written to, relative to server.data_dir. It is "
+        "made (mode 0700) at the first backup. Backups are never deleted by chatd: "
+        "how many to keep is the admin's choice (docs/OPERATIONS.md).",
+    )
+    key_file: str = setting(
+        "backup.key",
+        "File holding the 256-bit key that encrypts backups (not the database key) "
+        "as 64 hex digits, relative to server.data_dir, mode 0600; made by 'chatd "
+        "init' or at first start. Ignored when systemd passes the credential "
+        "'chatd-backup-key'. Old keys are kept as backup-<key id>.key.",
+    )
+    chunk_rows: int = setting(
+        2_000,
+        "Rows copied per step of a backup. Between steps the backup reports "
+        "progress and may be cancelled; smaller steps mean finer progress.",
+        minimum=10,
+        maximum=1_000_000,
+    )
+    pause_ms: float = setting(
+        0.0,
+        "Pause after each step of a backup, to leave disk and CPU to the relay on "
+        "a very busy machine. 0: none.",
+        minimum=0,
+        maximum=10_000,
+    )
+    nice: int = setting(
+        10,
+        "Scheduling niceness of the backup thread (0-19): the relay and the store "
+        "writer get the CPU first when both want it.",
+        minimum=0,
+        maximum=19,
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class LogSettings:
     """[log]: structured logs on stderr (journald picks them up)."""
 
@@ -670,6 +710,7 @@ class Config:
     push: PushSettings = field(default_factory=PushSettings)
     attachments: AttachmentSettings = field(default_factory=AttachmentSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    backup: BackupSettings = field(default_factory=BackupSettings)
     path: Path = field(default=Path("chatd.toml"), metadata={"internal": True})
 
     # Derived paths. Relative settings resolve against the data dir, which
@@ -715,6 +756,11 @@ class Config:
         """Where attachment ciphertext is stored, content-addressed."""
         return self.in_data_dir("blobs")
 
+    @property
+    def backups_dir(self) -> Path:
+        """Where online backups are written."""
+        return self.in_data_dir(self.backup.directory)
+
 
 #: Config sections in file order: the TOML table name and its settings class.
 SECTIONS: Final[dict[str, type]] = {
@@ -730,6 +776,7 @@ SECTIONS: Final[dict[str, type]] = {
     "push": PushSettings,
     "attachments": AttachmentSettings,
     "log": LogSettings,
+    "backup": BackupSettings,
 }
 
 

@@ -1,9 +1,10 @@
 """``chatd serve``: the one process and its one top-level nursery.
 
 Start order (each via ``await nursery.start``, so each is truly up before the
-next): store, retention, blobs (the attachment listener, so the relay can
-hand out its URLs), relay, the metrics (the event-loop lag probe), admin,
-and the token-free metrics listener when configured. Under systemd socket
+next): store, backups (online backup jobs, on connections of their own),
+retention, blobs (the attachment listener, so the relay can hand out its
+URLs), relay, the metrics (the event-loop lag probe), admin, and the
+token-free metrics listener when configured. Under systemd socket
 activation the relay, admin and metrics listeners serve the sockets systemd
 passed (:mod:`chatd.sdlisten`) instead of binding their own. Only then does systemd hear
 ``READY=1``. While serving, ``WATCHDOG=1`` goes out at half of
@@ -33,6 +34,7 @@ from chatd.admin.api import AdminContext
 from chatd.admin.service import serve_admin
 from chatd.auth.accounts import AccountAdmin
 from chatd.auth.service import AuthService
+from chatd.backup.service import serve_backups
 from chatd.blobs.files import BlobFiles
 from chatd.blobs.http import serve_blobs
 from chatd.blobs.service import BlobService
@@ -188,6 +190,9 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
             await nursery.start(_watch_signals, stopping, nursery.cancel_scope)
             notifier.notify(STATUS="opening the store")
             store: Store = await nursery.start(serve_store, config.database_path, key, config.store)
+            # Backups copy the database on a connection of their own, so they
+            # keep the database key; the backup key is read at each backup.
+            backups = await nursery.start(serve_backups, config, config.database_path, key)
             del key
             services = await open_services(nursery, store, config)
             auth, queues = services.auth, services.queues
@@ -234,6 +239,7 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
                 rooms=services.rooms,
                 online=services.registry.online_devices,
                 metrics=metrics,
+                backups=backups,
             )
             admin_bind = await nursery.start(
                 _until_done,

@@ -14,6 +14,7 @@ to a documented process exit code (see ``docs/OPERATIONS.md``)::
     │   ├── KeyMismatchError        exit 2  the key does not open the database
     │   ├── SchemaTooNewError       exit 7  database written by a newer chatd
     │   └── StoreClosedError        exit 7  write after the writer stopped
+    ├── BackupError                 exit 8  a backup cannot be made, read or restored
     ├── RefusedError                (no exit) a request refused; its code and
     │   │                           message go to the client as they are
     │   ├── AuthError               chatd.auth.models: sessions, keys, accounts
@@ -113,6 +114,15 @@ class SchemaTooNewError(StoreError):
 
 class StoreClosedError(StoreError):
     """A write was submitted after the store writer stopped."""
+
+
+class BackupError(ChatdError):
+    """A backup cannot be made, verified or restored: a wrong or missing
+    backup key, a corrupt or truncated file, not a chatd backup, a backup
+    from a newer chatd, or a restore while chatd is running. Nothing was
+    changed (a failed backup leaves no partial file)."""
+
+    exit_code = 8
 
 
 class RefusedError(ChatdError):

@@ -37,6 +37,7 @@ from chatd.store import Store
 
 if TYPE_CHECKING:  # only a type here; the daemon builds it
     from chatd.auth.accounts import AccountAdmin
+    from chatd.backup.service import Backups
     from chatd.metrics import Metrics
     from chatd.relay.registry import OnlineDevice
     from chatd.rooms.service import RoomService
@@ -60,6 +61,8 @@ class AdminContext:
     online: Callable[[], Sequence[OnlineDevice]] | None = None
     # The daemon's metrics; GET /metrics answers 503 while it is None.
     metrics: Metrics | None = None
+    # Online backups; routes under /v1/backups answer 503 while it is None.
+    backups: Backups | None = None
 
 
 # (ctx, query, body, **path_ids) -> response; see the module docstring.
@@ -305,3 +308,4 @@ import chatd.admin.accounts_api  # noqa: E402, F401 - it imports the names above
 import chatd.admin.metrics_api  # noqa: E402, F401 - likewise
 import chatd.admin.online_api  # noqa: E402, F401 - likewise
 import chatd.admin.rooms_api  # noqa: E402, F401 - likewise
+import chatd.backup.api  # noqa: E402, F401 - likewise
