@@ -14,9 +14,10 @@ checks that the handler's keyword-only arguments are exactly the path's
 parameters, so the two cannot drift either.
 
 Account administration lives in :mod:`chatd.admin.accounts_api`, room
-administration in :mod:`chatd.admin.rooms_api` and who is online in
-:mod:`chatd.admin.online_api`, all imported at the bottom of this module so
-that :data:`ROUTES` always holds their routes.
+administration in :mod:`chatd.admin.rooms_api`, who is online in
+:mod:`chatd.admin.online_api` and consent in :mod:`chatd.admin.consent_api`,
+all imported at the bottom of this module so that :data:`ROUTES` always holds
+their routes.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from chatd.store import Store
 
 if TYPE_CHECKING:  # only a type here; the daemon builds it
     from chatd.auth.accounts import AccountAdmin
+    from chatd.consent import ConsentService
     from chatd.relay.registry import OnlineDevice
     from chatd.rooms.service import RoomService
 
@@ -57,6 +59,9 @@ class AdminContext:
     # The relay registry's list of connected devices (Registry.online_devices);
     # GET /v1/online answers 503 while it is None.
     online: Callable[[], Sequence[OnlineDevice]] | None = None
+    # Consent documents and records; routes under /v1/consent and
+    # /v1/users/{user_id}/consent answer 503 while it is None.
+    consent: ConsentService | None = None
 
 
 # (ctx, query, body, **path_ids) -> response; see the module docstring.
@@ -296,5 +301,6 @@ async def list_admin_audit(ctx: AdminContext, query: AuditQuery, body: None) -> 
 # -- account administration (registers its routes in ROUTES) ------------------------------
 
 import chatd.admin.accounts_api  # noqa: E402, F401 - it imports the names above
+import chatd.admin.consent_api  # noqa: E402, F401 - likewise
 import chatd.admin.online_api  # noqa: E402, F401 - likewise
 import chatd.admin.rooms_api  # noqa: E402, F401 - likewise

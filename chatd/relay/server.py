@@ -42,6 +42,7 @@ import trio
 from chatd.auth.service import AuthService
 from chatd.blobs.service import BlobService
 from chatd.config import Config, RelaySettings
+from chatd.consent import ConsentService
 from chatd.e2ee.keys import KeyService
 from chatd.e2ee.queues import QueueService
 from chatd.errors import ConfigError, ListenError
@@ -330,6 +331,7 @@ async def serve_relay(
     queues: QueueService,
     rooms: RoomService,
     push: Notifier,
+    consent: ConsentService,
     blobs: BlobService | None = None,
     task_status: trio.TaskStatus[Relay] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -345,7 +347,7 @@ async def serve_relay(
     s = config.relay
     listeners = await open_relay_listeners(config)
     dispatcher = Dispatcher(
-        registry, auth, keys, queues, rooms, RequestLimits(config.relay), push, blobs
+        registry, auth, keys, queues, rooms, RequestLimits(config.relay), push, consent, blobs
     )
     async with trio.open_nursery() as services:
         flusher = Flusher()
