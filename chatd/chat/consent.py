@@ -28,7 +28,7 @@ Ask = Callable[[str], Awaitable[str | None]]
 CONSENT_COMMANDS: Final = (
     Command(
         "consent",
-        "/consent [accept | revoke <kind>]",
+        "/consent [accept/revoke <kind>]",
         "the server's terms and privacy notice: show them, accept them, or withdraw acceptance",
     ),
 )
