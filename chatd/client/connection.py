@@ -218,6 +218,12 @@ class Connection:
                     self.url, self.ssl_context, max_message_size=MAX_FRAME_BYTES
                 ) as ws:
                     limits = await self._authenticate(ws, first=not started)
+                    if started and self.consent_required:
+                        # Gated on reconnecting (a revocation elsewhere meanwhile):
+                        # tell the application as a pushed consent_required would.
+                        frame = {"type": "consent_required", "documents": self.consent_required}
+                        with contextlib.suppress(trio.WouldBlock):
+                            self._send.send_nowait(frame)
                     self.limits = limits
                     self._ws = ws
                     self._connected.set()

@@ -15,6 +15,11 @@ arrives and carries out what it returns:
 * :meth:`ServerConnection.first_frame_timeout` and :meth:`idle_timeout` return
   the :class:`Close` to send when the I/O layer's timers fire.
 
+A session may also be *gated* on consent (``consent_pending``, set by the
+service layer: documents the user must accept first). While it is, every
+frame but those in :data:`chatd.protocol.consent.GATE_OPEN_FRAMES` (and ping,
+bye) is refused with ``consent_required``, which is not a bad frame.
+
 The core never raises on peer input. A malformed frame becomes an ``error``
 frame naming the field (and the connection stays open), until
 ``max_bad_frames`` of them close it with 1008. A binary message closes with
