@@ -41,6 +41,12 @@ from chatd import ctl_backup
 from chatd.auth.models import ROLES
 from chatd.auth.usernames import USERNAME_INPUT_MAX
 from chatd.config import load_config
+from chatd.ctl_consent import (
+    add_consent_commands,
+    add_user_consent_command,
+    consent_command,
+    user_consent,
+)
 from chatd.errors import ChatdError, ListenError, SecretFileError, UsageError
 from chatd.keyfiles import admin_token_path
 from chatd.protocol.rooms import Role as RoomRole
@@ -122,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_account_commands(sub)
     _add_room_commands(sub)
     ctl_backup.add_commands(sub)
+    add_consent_commands(sub)
     return p
 
 
@@ -165,6 +172,7 @@ def _add_account_commands(sub: Any) -> None:
         ("enable", "enable a disabled account"),
     ):
         u.add_parser(action, help=text).add_argument("user", type=_user, help=_USER_HELP)
+    add_user_consent_command(u, _user, _USER_HELP)
     role = u.add_parser("set-role", help="change an account's role")
     role.add_argument("user", type=_user, help=_USER_HELP)
     role.add_argument("role", choices=ROLES)
@@ -516,6 +524,8 @@ def _users(args: argparse.Namespace, call: Call) -> tuple[Any, str]:
         body = call("POST", "/v1/users", json=payload)
         return body, _users_table([body])
     user_id = _user_id(call, args.user)
+    if args.action == "consent":
+        return user_consent(call, user_id)
     if args.action == "show":
         body = call("GET", f"/v1/users/{user_id}")
     elif args.action in ("disable", "enable"):
@@ -624,6 +634,7 @@ _ACCOUNT_COMMANDS = {
     "auth-audit": _auth_audit,
     "rooms": _rooms,
     "backup": ctl_backup.run,
+    "consent": consent_command,
 }
 
 

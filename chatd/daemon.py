@@ -40,6 +40,7 @@ from chatd.blobs.http import serve_blobs
 from chatd.blobs.service import BlobService
 from chatd.blobs.signing import UrlSigner
 from chatd.config import Config
+from chatd.consent import ConsentService
 from chatd.e2ee.current import CurrentDevices
 from chatd.e2ee.keys import KeyService
 from chatd.e2ee.queues import QueueService
@@ -100,6 +101,7 @@ class Services:
     queues: QueueService
     rooms: RoomService
     push: PushNotifier  # wake-ups for devices without a live connection
+    consent: ConsentService  # the current terms, and who accepted them
 
     def for_relay(self) -> dict[str, Any]:
         """The keyword arguments of :func:`serve_relay`."""
@@ -110,6 +112,7 @@ class Services:
             "queues": self.queues,
             "rooms": self.rooms,
             "push": self.push,
+            "consent": self.consent,
         }
 
 
@@ -123,7 +126,8 @@ async def open_services(nursery: trio.Nursery, store: Store, config: Config) -> 
     hears which users' current devices changed through ``changes``. The
     push notifier is the registry's offline sink (envelopes queued for a
     device with no live connection) and asks it which devices are live.
-    Reads the queue totals, the rooms and the push endpoints.
+    Reads the queue totals, the rooms, the push endpoints and the current
+    consent documents (the consent service tells the registry of new ones).
     """
     push = PushNotifier(store, config.push, log_settings=config.log)
     await push.open()
@@ -140,7 +144,9 @@ async def open_services(nursery: trio.Nursery, store: Store, config: Config) -> 
     await nursery.start(rooms.serve)
     await nursery.start(partial(push.serve, is_live=registry.has_device))
     push.wake_waiting(queues.state.totals)  # those of the last run were lost with it
-    return Services(registry, current, auth, keys, queues, rooms, push)
+    consent = ConsentService(store, events=registry)
+    await consent.open()
+    return Services(registry, current, auth, keys, queues, rooms, push, consent)
 
 
 def open_blobs(store: Store, config: Config, rooms: RoomService, key: bytes) -> BlobService:
@@ -240,6 +246,7 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
                 online=services.registry.online_devices,
                 metrics=metrics,
                 backups=backups,
+                consent=services.consent,
             )
             admin_bind = await nursery.start(
                 _until_done,

@@ -48,7 +48,7 @@ def test_hello_comes_first_and_names_version_and_limits() -> None:
             "send_queue_frames": 8,
             "max_bad_frames": 3,
         },
-        "features": ["who_is_online.user_ids", "rooms", "push", "attachments"],
+        "features": ["who_is_online.user_ids", "rooms", "push", "attachments", "consent"],
     }
     assert conn.state is core.State.AWAITING_FIRST_FRAME
     with pytest.raises(RuntimeError):
@@ -176,3 +176,47 @@ def test_the_field_is_found_without_reading_the_decoders_message() -> None:
     )
     [error] = frames(conn.receive_text(text))
     assert (error["field"], error["id"]) == ("$.envelopes[1].extra", "s")
+
+
+def test_a_gated_session_may_send_only_consent_and_account_frames() -> None:
+    conn = started()
+    conn.receive_text('{"type":"ping"}')
+    conn.session_started(restricted=False)
+    conn.consent_pending = frozenset({"terms"})
+    send = {
+        "type": "send",
+        "id": "s1",
+        "message_id": "0b0b0b0b-0000-4000-8000-000000000001",
+        "envelopes": [{"user_id": 2, "device_id": "ABC", "ciphertext": "x"}],
+    }
+    for frame in (send, {"type": "directory", "id": "d1"}, {"type": "keys_upload", "id": "k"}):
+        for _ in range(LIMITS.max_bad_frames + 1):  # not bad frames: never closes
+            actions = conn.receive_text(json.dumps(frame))
+            [error] = frames(actions)
+            assert (error["code"], error["id"]) == ("consent_required", frame["id"])
+            assert "terms" in str(error["message"]) and not closes(actions)
+    for open_frame in (
+        {"type": "consent_accept", "id": "a", "kind": "terms", "version": "1"},
+        {"type": "consent_revoke", "id": "r", "kind": "terms"},
+        {"type": "consent_status", "id": "c"},
+        {"type": "logout", "id": "l"},
+        {"type": "ack", "up_to": 3},
+        {"type": "list_sessions", "id": "s"},
+    ):
+        [passed] = conn.receive_text(json.dumps(open_frame))
+        assert not isinstance(passed, core.Send | core.Close), open_frame
+    assert frames(conn.receive_text('{"type":"ping","id":"p"}')) == [{"type": "pong", "id": "p"}]
+    conn.consent_pending = frozenset()
+    [passed] = conn.receive_text(json.dumps(send))
+    assert not isinstance(passed, core.Send)
+
+
+def test_a_restricted_session_enrolls_before_the_consent_gate_applies() -> None:
+    conn = started()
+    conn.receive_text('{"type":"ping"}')
+    conn.session_started(restricted=True)
+    conn.consent_pending = frozenset({"privacy"})
+    [passed] = conn.receive_text('{"type":"mfa_confirm","id":"m","code":"123456"}')
+    assert not isinstance(passed, core.Send)
+    [error] = frames(conn.receive_text('{"type":"consent_status","id":"c"}'))
+    assert error["code"] == "mfa_enrollment_required"

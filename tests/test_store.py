@@ -355,6 +355,17 @@ def _sample_rows(conn: Any, version: int) -> dict[str, int]:
         conn.execute("INSERT INTO blob_rooms VALUES ('" + "ab" * 32 + "', 1)")
         for table in ("blobs", "blob_devices", "blob_rooms"):
             rows[table] = 1
+    if version >= 11:
+        conn.execute(
+            "INSERT INTO consent_documents (kind, version, url, title, set_at)"
+            " VALUES ('terms', '2026-12', 'https://example.org/terms', 'Terms', 1)"
+        )
+        conn.execute(
+            "INSERT INTO consent_records (user_id, kind, version, action, at, session_id,"
+            " device_id) VALUES (1, 'terms', '2026-12', 'accepted', 2, 1, 'DEV')"
+        )
+        for table in ("consent_documents", "consent_records"):
+            rows[table] = 1
     return rows
 
 

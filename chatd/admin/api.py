@@ -14,9 +14,10 @@ checks that the handler's keyword-only arguments are exactly the path's
 parameters, so the two cannot drift either.
 
 Account administration lives in :mod:`chatd.admin.accounts_api`, room
-administration in :mod:`chatd.admin.rooms_api` and who is online in
-:mod:`chatd.admin.online_api`, all imported at the bottom of this module so
-that :data:`ROUTES` always holds their routes.
+administration in :mod:`chatd.admin.rooms_api`, who is online in
+:mod:`chatd.admin.online_api` and consent in :mod:`chatd.admin.consent_api`,
+all imported at the bottom of this module so that :data:`ROUTES` always holds
+their routes.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from chatd.store import Store
 if TYPE_CHECKING:  # only a type here; the daemon builds it
     from chatd.auth.accounts import AccountAdmin
     from chatd.backup.service import Backups
+    from chatd.consent import ConsentService
     from chatd.metrics import Metrics
     from chatd.relay.registry import OnlineDevice
     from chatd.rooms.service import RoomService
@@ -63,6 +65,9 @@ class AdminContext:
     metrics: Metrics | None = None
     # Online backups; routes under /v1/backups answer 503 while it is None.
     backups: Backups | None = None
+    # Consent documents and records; routes under /v1/consent and
+    # /v1/users/{user_id}/consent answer 503 while it is None.
+    consent: ConsentService | None = None
 
 
 # (ctx, query, body, **path_ids) -> response; see the module docstring.
@@ -305,6 +310,7 @@ async def list_admin_audit(ctx: AdminContext, query: AuditQuery, body: None) -> 
 # -- account administration (registers its routes in ROUTES) ------------------------------
 
 import chatd.admin.accounts_api  # noqa: E402, F401 - it imports the names above
+import chatd.admin.consent_api  # noqa: E402, F401 - likewise
 import chatd.admin.metrics_api  # noqa: E402, F401 - likewise
 import chatd.admin.online_api  # noqa: E402, F401 - likewise
 import chatd.admin.rooms_api  # noqa: E402, F401 - likewise

@@ -2,7 +2,8 @@
 
 :class:`ActivityView` takes what the server pushes about people
 (:meth:`chatd.client.Client.activity`, never stored): presence changes of
-watched users and typing notices. For the person whose conversation is open
+watched users and typing notices (and the server asking again for consent,
+shown by :func:`chatd.chat.consent.announce`). For the person whose conversation is open
 it prints ``-- bob is online --``, ``-- bob went offline --`` and
 ``-- bob is typing… --`` (once per burst of notices: a notice lasts
 TYPING_LASTS seconds unless repeated). A user coming online is also handed to
@@ -20,8 +21,9 @@ from typing import Final
 
 import trio
 
-from chatd.client import Client, ClientError, Member, PresenceChange
+from chatd.client import Client, ClientError, ConsentRequired, Member, PresenceChange
 
+from .consent import announce
 from .display import clean
 
 TYPING_LASTS: Final = 10.0  # seconds a typing notice counts without a repeat
@@ -76,6 +78,9 @@ class ActivityView:
                     self._typing_until.pop(user_id, None)
                     if peer is not None and user_id == peer.user_id:
                         self.say(f"-- {clean(peer.username)} went offline --")
+                continue
+            if isinstance(item, ConsentRequired):
+                announce(self.say, item.documents)
                 continue
             now = trio.current_time()
             if not item.active:

@@ -48,6 +48,7 @@ from chatd.client.room_store import RoomInfo
 from .account import ACCOUNT_COMMANDS, AccountCommands
 from .activity import ActivityView
 from .commands import Command, Refused, UsageError
+from .consent import CONSENT_COMMANDS, ConsentCommands
 from .directory import Directory
 from .display import (
     clean,
@@ -102,6 +103,7 @@ COMMANDS: Final = (
     Command("yes", "/yes", "the emoji match the other screen: verify the device"),
     Command("no", "/no", "the emoji differ, or decline or cancel the verification"),
     *ACCOUNT_COMMANDS,
+    *CONSENT_COMMANDS,
     Command("quit", "/quit", "leave; you stay logged in (Ctrl-D does the same)"),
 )
 
@@ -136,6 +138,7 @@ class ChatApp:
         self._nursery: trio.Nursery | None = None
         self._sas = SasVerifier(client, say, self.directory.describe_device)
         self.account = AccountCommands(client, say)
+        self.consent = ConsentCommands(client, say)
         self.waiting = WaitingMessages(
             client,
             say,
@@ -236,6 +239,7 @@ class ChatApp:
                 or getattr(self.directory, f"cmd_{attr}", None)
                 or getattr(self.files, f"cmd_{attr}", None)
                 or getattr(self.account, f"cmd_{attr}", None)
+                or getattr(self.consent, f"cmd_{attr}", None)
                 or getattr(self.waiting, f"cmd_{attr}", None)
                 or getattr(self.rooms, f"cmd_{attr}")
             )

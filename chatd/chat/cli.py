@@ -46,6 +46,7 @@ from chatd.client import (
 from chatd.errors import ChatdError, exception_leaves
 
 from .app import ChatApp
+from .consent import ask_at_login
 from .display import clean
 from .enrol import enrol_at_login
 from .keyrings import KeyringUnavailable, keep_passphrase, stored_passphrase
@@ -99,6 +100,10 @@ LOGIN_REFUSED: Final = {
     ),
     "invalid_invite": "the invite code is unknown, used, revoked or expired; ask for a new one",
     "username_taken": "that username is taken; choose another with --user",
+    "consent_required": (
+        "you did not accept the server's terms, and it serves nobody who has not;"
+        " run chat again to accept them"
+    ),
 }
 
 
@@ -418,6 +423,7 @@ async def run_app(
             ssl_context=tls_context(opts.ca),
             invite_code=opts.invite if progress.registering else None,
             enroll_totp=enrol_at_login(say, ask_line, password),
+            accept_consent=ask_at_login(say, ask_line),
             insecure=opts.insecure,
         ) as client,
     ):

@@ -19,6 +19,7 @@ from .attachments import (
     AttachmentMismatchError,
 )
 from .client import Client, Member
+from .consent import AcceptConsent, ConsentDocument, ConsentRequired, ConsentStatus
 from .crypto import fingerprint
 from .errors import (
     CertificateError,
@@ -58,6 +59,7 @@ from .store import DeviceRecord, HistoryEntry
 from .verification import Verification
 
 __all__ = [
+    "AcceptConsent",
     "Account",
     "Activity",
     "Attachment",
@@ -68,6 +70,9 @@ __all__ = [
     "CertificateError",
     "DEFAULT_MEDIA_TYPES",
     "Client",
+    "ConsentDocument",
+    "ConsentRequired",
+    "ConsentStatus",
     "ClientError",
     "ClientStoreError",
     "ConnectionLostError",

@@ -33,9 +33,11 @@ from typing import Any, Final
 
 import trio
 
+from . import consent
 from .account import Account
 from .attachments import Attachment, Attachments
 from .connection import Connection
+from .consent import ConsentDocument, ConsentStatus
 from .crypto import (
     ONE_TIME_KEY_TARGET,
     OlmMachine,
@@ -273,6 +275,31 @@ class Client:
             for d in self._members[u].devices
             if (d.user_id, d.device_id) != (self.user_id, self.device_id)
         ]
+
+    # -- consent ---------------------------------------------------------------------
+
+    @property
+    def consent_required(self) -> list[ConsentDocument]:
+        """The documents (terms, privacy notice) the server asks this user to
+        accept before anything else; empty when there are none. While not
+        empty, requests other than consent and account ones are refused with
+        ServerRefusedError ``consent_required`` (docs/CLIENT.md, Consent)."""
+        return consent.required_documents(self._conn)
+
+    async def consent_status(self) -> ConsentStatus:
+        """Every current document on the server, and the kinds still to accept."""
+        return await consent.status(self._conn)
+
+    async def accept_consent(self, kind: str, version: str) -> None:
+        """Accept ``version`` of document ``kind`` (``terms`` or ``privacy``).
+        Raises ServerRefusedError ``consent_version_mismatch`` when it is not
+        the current version (fetch :meth:`consent_status` and show that one)."""
+        await consent.accept(self._conn, kind, version)
+
+    async def revoke_consent(self, kind: str) -> None:
+        """Withdraw the acceptance of ``kind``: the server refuses this user
+        everything but consent and account requests until it is accepted again."""
+        await consent.revoke(self._conn, kind)
 
     # -- push wake-ups ---------------------------------------------------------------
 

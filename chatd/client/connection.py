@@ -112,6 +112,9 @@ class Connection:
         self.features: frozenset[str] = frozenset()
         #: The session is restricted until TOTP is set up (mfa_enrollment_required).
         self.restricted = False
+        #: Documents the session must accept first (PROTOCOL §8.15): from the
+        #: login answer, and from pushed ``consent_required`` frames.
+        self.consent_required: list[dict[str, Any]] = []
         self._ws: Any = None
         self._ids = (f"c{n}" for n in itertools.count(1))
         self._pending: dict[str, _Pending] = {}
@@ -215,6 +218,12 @@ class Connection:
                     self.url, self.ssl_context, max_message_size=MAX_FRAME_BYTES
                 ) as ws:
                     limits = await self._authenticate(ws, first=not started)
+                    if started and self.consent_required:
+                        # Gated on reconnecting (a revocation elsewhere meanwhile):
+                        # tell the application as a pushed consent_required would.
+                        frame = {"type": "consent_required", "documents": self.consent_required}
+                        with contextlib.suppress(trio.WouldBlock):
+                            self._send.send_nowait(frame)
                     self.limits = limits
                     self._ws = ws
                     self._connected.set()
@@ -272,6 +281,8 @@ class Connection:
             frame = json.loads(await ws.get_message())
             if frame.get("id") == request_id:
                 return frame  # type: ignore[no-any-return]
+            if frame.get("type") == "consent_required":
+                self.consent_required = list(frame.get("documents", []))
 
     async def _authenticate(self, ws: Any, *, first: bool) -> dict[str, Any]:
         """hello, then resume / refresh / login (on a ``first`` connection,
@@ -296,6 +307,7 @@ class Connection:
             if c.refresh_token:
                 reply = await self._direct(ws, "refresh", refresh_token=c.refresh_token)
                 if reply["type"] == "tokens":
+                    self.consent_required = list(reply.get("consent_required", []))
                     await self.take_tokens(reply)
                     if first:
                         await self._first_key_count(ws)
@@ -348,11 +360,13 @@ class Connection:
             self._send.send_nowait(reply)
         elif reply.get("code") == "mfa_enrollment_required":
             self.restricted = True
+        # consent_required: the key count follows the acceptance.
 
     async def _session(self, reply: dict[str, Any]) -> None:
         c = self.credentials
         self.user_id = reply["user"]["id"]
         self.restricted = bool(reply.get("mfa_enrollment_required"))
+        self.consent_required = list(reply.get("consent_required", []))
         c.session_expires_at = int(reply.get("expires_at", 0))
         if reply.get("access_token"):
             c.access_token, c.refresh_token = reply["access_token"], reply["refresh_token"]
@@ -392,6 +406,8 @@ class Connection:
             request_id = frame.get("id")
             if frame.get("type") == "pong" and request_id is None:
                 continue  # keepalive answer
+            if frame.get("type") == "consent_required":
+                self.consent_required = list(frame.get("documents", []))
             if request_id is not None and request_id in self._pending:
                 pending = self._pending[request_id]
                 pending.reply = frame

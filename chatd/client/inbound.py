@@ -1,7 +1,8 @@
 """The client's inbound worker: delivered envelopes decrypted, stored, acknowledged.
 
 :class:`Inbound` handles the frames the server pushes (``deliver``, pushed
-``key_count``, ``room_invited``, ``presence`` and ``typing_notice``) one at a
+``key_count``, ``room_invited``, ``presence``, ``typing_notice`` and
+``consent_required``) one at a
 time, until cancelled. :class:`chatd.client.client.Client` opens it with the
 rooms (it needs our device id) and runs :meth:`Inbound.serve` in the nursery
 of ``open_client``. Room envelopes go to :mod:`chatd.client.room_inbound`, a
@@ -39,6 +40,7 @@ import trio
 
 from .attachments import Attachment
 from .connection import Connection
+from .consent import ConsentDocument, ConsentRequired
 from .crypto import OlmMachine, Payload, decode_payload
 from .errors import ClientError, DecryptionError
 from .keys import KeySupply
@@ -87,7 +89,7 @@ class TypingNotice:
     active: bool
 
 
-Activity = PresenceChange | TypingNotice
+Activity = PresenceChange | TypingNotice | ConsentRequired
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,10 @@ class Inbound:
                     )
                     with contextlib.suppress(trio.WouldBlock):
                         self._activity_send.send_nowait(item)
+                elif frame.get("type") == "consent_required":
+                    documents = tuple(ConsentDocument.from_wire(d) for d in frame["documents"])
+                    with contextlib.suppress(trio.WouldBlock):
+                        self._activity_send.send_nowait(ConsentRequired(documents))
             except (ClientError, trio.TooSlowError) as exc:
                 # The server re-delivers what we did not acknowledge.
                 log.warning("client.inbound_failed", extra={"error": str(exc)})

@@ -22,6 +22,7 @@ from .account import Account
 from .attachments import DEFAULT_MEDIA_TYPES, Attachments
 from .client import KEYS_READY_TIMEOUT, Client
 from .connection import Connection, Credentials
+from .consent import AcceptConsent, consent_at_login
 from .crypto import ONE_TIME_KEY_TARGET, OlmMachine, pickle_key
 from .errors import ClientError, LoginError
 from .keys import MAX_ONE_TIME_KEYS
@@ -95,6 +96,7 @@ async def open_client(
     media_types: tuple[str, ...] = DEFAULT_MEDIA_TYPES,
     invite_code: str | None = None,
     enroll_totp: EnrollTotp | None = None,
+    accept_consent: AcceptConsent | None = None,
     insecure: bool = False,
 ) -> AsyncIterator[Client]:
     """Open the store, connect, log in and publish keys; yield a :class:`Client`.
@@ -112,7 +114,11 @@ async def open_client(
     already has a device logs in as usual. ``enroll_totp`` is called when the
     server requires TOTP before this session may be used (see EnrollTotp);
     without it, or if it returns without confirming, the session is logged
-    out and LoginError ``mfa_enrollment_required`` is raised. ``ws://`` is
+    out and LoginError ``mfa_enrollment_required`` is raised.
+    ``accept_consent`` is called with the documents (terms, privacy notice)
+    the server asks the user to accept before the session may be used (see
+    AcceptConsent); if it returns False, or is not given, the session is
+    logged out and LoginError ``consent_required`` is raised. ``ws://`` is
     refused for any host but loopback unless ``insecure`` (check_transport).
 
     Raises ClientError (a ws:// URL refused), ClientStoreError (wrong key),
@@ -183,6 +189,8 @@ async def open_client(
             await nursery.start(conn.serve)
             if conn.restricted:
                 await _enroll(conn, client.account, enroll_totp)
+            if conn.consent_required:
+                await consent_at_login(conn, accept_consent)
             jobs = await client._open_rooms(key)
             await nursery.start(jobs.serve)
             nursery.start_soon(client._serve_inbound)

@@ -2,12 +2,14 @@
 
 Decoding a union makes ``type`` mandatory and picks the frame by it. The
 frames themselves live in :mod:`chatd.protocol.frames` (sessions, keys,
-messages), :mod:`chatd.protocol.rooms` and :mod:`chatd.protocol.push`.
+messages), :mod:`chatd.protocol.rooms`, :mod:`chatd.protocol.push`,
+:mod:`chatd.protocol.blobs` and :mod:`chatd.protocol.consent`.
 """
 
 from __future__ import annotations
 
 from chatd.protocol import blobs as b
+from chatd.protocol import consent as c
 from chatd.protocol import frames as f
 from chatd.protocol import push as p
 from chatd.protocol import rooms as r
@@ -51,6 +53,9 @@ ClientFrame = (
     | p.PushRemove
     | b.BlobUpload
     | b.BlobDownload
+    | c.ConsentAccept
+    | c.ConsentRevoke
+    | c.ConsentStatus
 )
 
 #: Every frame the server may send.
@@ -78,4 +83,6 @@ ServerFrame = (
     | r.RoomMembers
     | r.RoomInvited
     | b.BlobUrl
+    | c.Consent
+    | c.ConsentRequired
 )

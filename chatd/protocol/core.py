@@ -15,6 +15,11 @@ arrives and carries out what it returns:
 * :meth:`ServerConnection.first_frame_timeout` and :meth:`idle_timeout` return
   the :class:`Close` to send when the I/O layer's timers fire.
 
+A session may also be *gated* on consent (``consent_pending``, set by the
+service layer: documents the user must accept first). While it is, every
+frame but those in :data:`chatd.protocol.consent.GATE_OPEN_FRAMES` (and ping,
+bye) is refused with ``consent_required``, which is not a bad frame.
+
 The core never raises on peer input. A malformed frame becomes an ``error``
 frame naming the field (and the connection stays open), until
 ``max_bad_frames`` of them close it with 1008. A binary message closes with
@@ -33,6 +38,7 @@ from typing import Final
 import msgspec
 
 from chatd.protocol.catalog import ClientFrame, ServerFrame
+from chatd.protocol.consent import GATE_OPEN_FRAMES
 from chatd.protocol.frames import (
     AUTH_FRAMES,
     ENROLLMENT_FRAMES,
@@ -84,6 +90,7 @@ REASON_INTERNAL: Final = "internal error"
 ERR_AUTH_REQUIRED: Final = "auth_required"  # log in (or resume) first
 ERR_ALREADY_AUTHENTICATED: Final = "already_authenticated"  # one session per connection
 ERR_MFA_ENROLLMENT_REQUIRED: Final = "mfa_enrollment_required"  # enroll TOTP first
+ERR_CONSENT_REQUIRED: Final = "consent_required"  # accept the current terms first
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +147,9 @@ class ServerConnection:
         self.server_name = server_name
         self.state = State.NEW
         self.bad_frames = 0
+        #: Kinds of documents the session must accept before anything else
+        #: (set by the service layer; empty: not gated). Checked per frame in O(1).
+        self.consent_pending: frozenset[str] = frozenset()
 
     def start(self) -> list[Action]:
         """The frames to send as soon as the WebSocket is open."""
@@ -202,7 +212,11 @@ class ServerConnection:
     # -- internals -----------------------------------------------------------
 
     def _dispatch(self, frame: ClientFrame) -> list[Action]:
-        if self.state is State.AUTHENTICATED and type(frame) in _MESSAGING:
+        if (
+            self.state is State.AUTHENTICATED
+            and not self.consent_pending
+            and type(frame) in _MESSAGING
+        ):
             return [frame]  # the common case, first
         if isinstance(frame, Ping):
             return [Send(encode(Pong(id=frame.id)))]
@@ -222,6 +236,19 @@ class ServerConnection:
                 ERR_MFA_ENROLLMENT_REQUIRED,
                 "your role requires a second factor: enroll with mfa_enroll and mfa_confirm",
                 request_id,
+            )
+        if (
+            self.consent_pending
+            and self.state is State.AUTHENTICATED
+            and not isinstance(frame, GATE_OPEN_FRAMES)
+        ):
+            # Not a bad frame: the rule may have changed under the client.
+            kinds = " and ".join(sorted(self.consent_pending))
+            return self.error(
+                ERR_CONSENT_REQUIRED,
+                f"accept the current {kinds} first (consent_status lists them, consent_accept"
+                " accepts)",
+                request_id=request_id,
             )
         return [frame]  # for the service layer
 

@@ -276,7 +276,7 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True):
 
 
 #: What this server supports beyond the protocol's first release (PROTOCOL §16).
-FEATURES: Final = ("who_is_online.user_ids", "rooms", "push", "attachments")
+FEATURES: Final = ("who_is_online.user_ids", "rooms", "push", "attachments", "consent")
 
 
 class Hello(Frame, tag="hello"):
@@ -306,6 +306,15 @@ class User(msgspec.Struct):
     role: str
 
 
+class ConsentDocument(msgspec.Struct, omit_defaults=True):
+    """The current version of a document the user must accept (PROTOCOL §8.15)."""
+
+    kind: str  # terms | privacy
+    version: str
+    url: str | None = None  # where to read it
+    title: str | None = None
+
+
 class Session(Frame, tag="session"):
     """Answer to login, register and resume: the connection is now authenticated.
 
@@ -321,6 +330,8 @@ class Session(Frame, tag="session"):
     device_id: str = ""
     access_token: str | None = None
     refresh_token: str | None = None
+    # Documents to accept before anything else (PROTOCOL §8.15); omitted when none.
+    consent_required: list[ConsentDocument] = []
 
 
 class Tokens(Frame, tag="tokens"):
@@ -332,6 +343,8 @@ class Tokens(Frame, tag="tokens"):
     access_expires_at: int
     refresh_token: str
     expires_at: int
+    # As in ``session``: documents this connection must accept first; omitted when none.
+    consent_required: list[ConsentDocument] = []
 
 
 class NewTokens(msgspec.Struct):

@@ -9,6 +9,7 @@ Modules, one job each:
   presence, and the event sink the services report to;
 * :mod:`chatd.relay.delivery`: envelopes from a device's queue to its connections;
 * :mod:`chatd.relay.dispatch`: what each client frame does;
+* :mod:`chatd.relay.consent`: each session's consent gate, and the consent frames;
 * :mod:`chatd.relay.server`: :func:`serve_relay`, the service itself.
 
 The protocol rules they follow live, without I/O, in :mod:`chatd.protocol`.

@@ -95,6 +95,7 @@ class Connection:
         "delivery",
         "device",
         "watching",
+        "accepted",
         "closing",
         "read_scope",
         "_nursery",
@@ -134,6 +135,7 @@ class Connection:
         self.delivery = Delivery(window)
         self.device: DeviceState | None = None  # its device's shared state, with a session
         self.watching: set[int] | None = None  # users whose presence it is told about
+        self.accepted: dict[str, str] = {}  # consent: kind -> version its user accepts
         self.closing: core.Close | None = None  # why it is ending, once it is
         self.read_scope: trio.CancelScope | None = None  # the reader's wait, to wake it
         self._nursery = nursery

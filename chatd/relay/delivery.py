@@ -38,9 +38,15 @@ log = logging.getLogger("chatd.relay")
 
 def start(conn: Connection, queues: QueueService, registry: Registry) -> None:
     """The connection's session reply is queued: begin delivering its queue
-    (not to a session that must still enroll in a second factor)."""
+    (not to a session that must still enroll in a second factor, or accept
+    the current terms: it starts once it has)."""
     grant = conn.grant
-    if grant is None or not grant.device_id or grant.mfa_enrollment_required:
+    if (
+        grant is None
+        or not grant.device_id
+        or grant.mfa_enrollment_required
+        or conn.proto.consent_pending
+    ):
         return
     conn.delivery.start()
     pump(conn, queues, registry)

@@ -26,6 +26,7 @@ import trio
 from chatd.auth.models import AuthError, Peer, SessionGrant
 from chatd.auth.service import AuthService
 from chatd.blobs.service import BlobError, BlobService, Referral
+from chatd.consent import ConsentError, ConsentService
 from chatd.e2ee.keys import KeyService
 from chatd.e2ee.queues import Accepted, Mismatch, Outcome, QueueFull, QueueService, Repeated
 from chatd.errors import StoreError
@@ -35,7 +36,7 @@ from chatd.protocol import frames as f
 from chatd.protocol import rooms as r
 from chatd.protocol.delivery import Phase
 from chatd.push import Notifier, PushRefused
-from chatd.relay import delivery
+from chatd.relay import consent, delivery
 from chatd.relay.blobs import BLOB_REQUESTS, serve_blob_request, unavailable
 from chatd.relay.connection import Connection
 from chatd.relay.push import PUSH_REQUESTS, serve_push_request
@@ -55,7 +56,9 @@ ERR_QUEUE_FULL: Final = "queue_full"
 ERR_STORAGE_UNAVAILABLE: Final = "storage_unavailable"
 
 
-def _session_frame(request_id: str, grant: SessionGrant) -> f.Session:
+def _session_frame(
+    request_id: str, grant: SessionGrant, consent_required: list[f.ConsentDocument]
+) -> f.Session:
     return f.Session(
         id=request_id,
         session_id=grant.session_id,
@@ -66,6 +69,7 @@ def _session_frame(request_id: str, grant: SessionGrant) -> f.Session:
         device_id=grant.device_id,
         access_token=grant.access_token,
         refresh_token=grant.refresh_token,
+        consent_required=consent_required,
     )
 
 
@@ -98,6 +102,7 @@ class Dispatcher:
         rooms: RoomService,
         limits: RequestLimits,
         push: Notifier,
+        consent: ConsentService,
         blobs: BlobService | None = None,
     ) -> None:
         self.registry = registry
@@ -107,6 +112,7 @@ class Dispatcher:
         self.rooms = rooms
         self.limits = limits  # per-account rates of send, keys_claim, directory
         self.push = push
+        self.consent = consent
         self.blobs = blobs  # None: no blob listener, attachment requests are refused
 
     async def carry_out(self, conn: Connection, actions: list[core.Action]) -> None:
@@ -336,7 +342,7 @@ class Dispatcher:
                 field=exc.field,
                 retry_after=exc.retry_after,
             )
-        except (RoomError, PushRefused, BlobError) as exc:
+        except (RoomError, PushRefused, BlobError, ConsentError) as exc:
             actions = _refused(proto, request_id, exc)
         except StoreError:
             log.warning("relay.storage_unavailable", extra=fields(request=type(frame).__name__))
@@ -345,6 +351,27 @@ class Dispatcher:
         if conn.grant is not None and conn.delivery.phase is Phase.WAITING:
             # A session began (or lost its restriction): its reply is queued,
             # so deliveries may follow it.
+            delivery.start(conn, self.queues, self.registry)
+
+    async def _started(
+        self, conn: Connection, request_id: str, grant: SessionGrant
+    ) -> list[core.Action]:
+        """A login, registration or resume made ``grant``: attach it to the
+        connection, gated on the documents its user has not accepted; the
+        ``session`` answer, and the key count once nothing is left to accept."""
+        accepted = await self.consent.accepted(grant.user_id)
+        self.registry.attach(conn, grant)
+        consent.gate(conn, self.consent, accepted)
+        required = consent.documents(conn, self.consent.current)
+        reply = conn.proto.reply(_session_frame(request_id, grant, required))
+        return reply if required else reply + await self._key_count(conn)
+
+    def _lifted(self, conn: Connection) -> None:
+        """``conn``'s user accepted, on another connection, all it was gated
+        on: its deliveries start, and it hears its device's key count."""
+        if conn.grant is not None and conn.grant.device_id:
+            self.registry.keys_low((conn.grant.device_id,))
+        if conn.delivery.phase is Phase.WAITING:
             delivery.start(conn, self.queues, self.registry)
 
     async def _key_count(self, conn: Connection) -> list[core.Action]:
@@ -389,8 +416,7 @@ class Dispatcher:
                     recovery_code=frame.recovery_code,
                     device_id=frame.device_id,
                 )
-                registry.attach(conn, grant)
-                return proto.reply(_session_frame(frame.id, grant)) + await self._key_count(conn)
+                return await self._started(conn, frame.id, grant)
             case f.Register():
                 grant = await auth.register(
                     frame.invite_code,
@@ -398,19 +424,24 @@ class Dispatcher:
                     frame.password,
                     replace(peer, device_name=frame.device_name),
                 )
-                registry.attach(conn, grant)
-                return proto.reply(_session_frame(frame.id, grant)) + await self._key_count(conn)
+                return await self._started(conn, frame.id, grant)
             case f.Resume():
                 grant = await auth.resume(frame.access_token, peer)
-                registry.attach(conn, grant)
-                return proto.reply(_session_frame(frame.id, grant)) + await self._key_count(conn)
+                return await self._started(conn, frame.id, grant)
             case f.Refresh():
                 fresh = await auth.refresh(frame.refresh_token, peer)
-                if grant is None or grant.session_id == fresh.session_id:
-                    # Refreshing authenticates a new connection, and extends a live one.
+                if grant is None:  # refreshing authenticates a new connection
+                    accepted = await self.consent.accepted(fresh.user_id)
+                    registry.attach(conn, fresh)
+                    consent.gate(conn, self.consent, accepted)
+                elif grant.session_id == fresh.session_id:  # and extends a live one
                     registry.attach(conn, fresh)
                 pair = self._rotated(fresh)
-                return proto.reply(f.Tokens(id=frame.id, **msgspec.structs.asdict(pair)))
+                required = consent.documents(conn, self.consent.current)
+                tokens = f.Tokens(
+                    id=frame.id, consent_required=required, **msgspec.structs.asdict(pair)
+                )
+                return proto.reply(tokens)
         assert grant is not None  # noqa: S101 - the core admits the rest only with a session
         match frame:
             case f.Logout():
@@ -522,6 +553,14 @@ class Dispatcher:
                 if not grant.device_id:
                     raise AuthError("no_device", "this session has no device")
                 return proto.reply(await serve_blob_request(self.blobs, grant, frame))
+            case _ if isinstance(frame, consent.CONSENT_REQUESTS):
+                was_gated = bool(proto.consent_pending)
+                actions = await consent.serve_consent_request(
+                    self.consent, registry, conn, grant, frame, self._lifted
+                )
+                if was_gated and not proto.consent_pending:  # its session can start now
+                    actions += await self._key_count(conn)
+                return actions
             case f.WhoIsOnline():
                 if frame.user_ids is None:
                     online = registry.online_users()
@@ -556,7 +595,7 @@ def _sent(
 def _refused(
     proto: core.ServerConnection,
     request_id: str | None,
-    exc: RoomError | PushRefused | BlobError,
+    exc: RoomError | PushRefused | BlobError | ConsentError,
 ) -> list[core.Action]:
     return proto.error(exc.code, exc.message, request_id=request_id, field=exc.field)
 

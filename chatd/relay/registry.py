@@ -5,7 +5,8 @@ and handed to each (explicit wiring): the auth service tells it which
 sessions were revoked (:meth:`Registry.sessions_revoked`), the key service
 which devices run low on one-time keys (:meth:`Registry.keys_low`), and the
 queue service which envelopes were accepted for which device
-(:meth:`Registry.queued`) or left a queue unacknowledged (:meth:`Registry.dropped`).
+(:meth:`Registry.queued`) or left a queue unacknowledged (:meth:`Registry.dropped`),
+and the consent service that an admin set a new version (:meth:`Registry.consent_changed`).
 An envelope for a device with no live connection goes on to the registry's
 offline sink (the push notifier, given to it at construction).
 Each of these runs on the event loop and only records or hands over; work
@@ -26,21 +27,24 @@ device, with no message metadata (``GET /v1/online``, ``chatctl online``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol
 
 import trio
 
 from chatd.auth.models import SessionGrant
+from chatd.protocol import consent as c
 from chatd.protocol import core
 from chatd.protocol import frames as f
 from chatd.protocol import rooms as r
 from chatd.protocol.delivery import DeviceLedger
+from chatd.relay.consent import documents, recheck
 from chatd.store import now_ms
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only
     from chatd.auth.service import AuthService
+    from chatd.consent import Document
     from chatd.e2ee.keys import KeyService
     from chatd.relay.connection import Connection
 
@@ -300,6 +304,16 @@ class Registry:
         for conn in self.by_user.get(user_id, ()):
             if conn.grant is not None and not conn.grant.mfa_enrollment_required:
                 conn.push(data)
+
+    # -- consent (events from the consent service) ---------------------------------------
+
+    def consent_changed(self, current: Mapping[str, Document]) -> None:
+        """An admin set a document's version: gate every live session whose
+        user has not accepted it, and tell it with ``consent_required``."""
+        for conns in list(self.by_user.values()):
+            for conn in conns:
+                if recheck(conn, current):
+                    conn.push_frame(c.ConsentRequired(documents=documents(conn, current)))
 
     # -- queues (events from the queue service) -----------------------------------------
 

@@ -44,6 +44,7 @@ import trio
 from chatd.auth.service import AuthService
 from chatd.blobs.service import BlobService
 from chatd.config import Config, RelaySettings
+from chatd.consent import ConsentService
 from chatd.e2ee.keys import KeyService
 from chatd.e2ee.queues import QueueService
 from chatd.errors import ConfigError, ListenError
@@ -338,6 +339,7 @@ async def serve_relay(
     queues: QueueService,
     rooms: RoomService,
     push: Notifier,
+    consent: ConsentService,
     blobs: BlobService | None = None,
     sockets: Sequence[socket.socket] = (),
     task_status: trio.TaskStatus[Relay] = trio.TASK_STATUS_IGNORED,
@@ -357,7 +359,7 @@ async def serve_relay(
     s = config.relay
     listeners = await open_relay_listeners(config, sockets)
     dispatcher = Dispatcher(
-        registry, auth, keys, queues, rooms, RequestLimits(config.relay), push, blobs
+        registry, auth, keys, queues, rooms, RequestLimits(config.relay), push, consent, blobs
     )
     async with trio.open_nursery() as services:
         flusher = Flusher()

@@ -306,6 +306,35 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         PRIMARY KEY (blob_id, room_id)
     ) WITHOUT ROWID;
     """,
+    # consent: the documents users accept (every version an admin set, the
+    # current one per kind being the newest), and each user's acceptances and
+    # revocations, append-only (chatd.consent).
+    """
+    CREATE TABLE consent_documents (
+        id      INTEGER PRIMARY KEY,
+        kind    TEXT    NOT NULL CHECK (kind IN ('terms', 'privacy')),
+        version TEXT    NOT NULL,
+        url     TEXT,
+        title   TEXT,
+        set_at  INTEGER NOT NULL
+    );
+    CREATE INDEX consent_documents_kind ON consent_documents (kind, id);
+    CREATE TABLE consent_records (
+        id         INTEGER PRIMARY KEY,
+        user_id    INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+        kind       TEXT    NOT NULL CHECK (kind IN ('terms', 'privacy')),
+        version    TEXT    NOT NULL,
+        action     TEXT    NOT NULL CHECK (action IN ('accepted', 'revoked')),
+        at         INTEGER NOT NULL,
+        session_id INTEGER,
+        device_id  TEXT
+    );
+    CREATE INDEX consent_records_user ON consent_records (user_id, kind, id);
+    CREATE TRIGGER consent_records_append_only BEFORE UPDATE ON consent_records
+    BEGIN
+        SELECT RAISE(ABORT, 'consent records are append-only');
+    END;
+    """,
 )
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)
