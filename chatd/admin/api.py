@@ -37,6 +37,7 @@ from chatd.store import Store
 
 if TYPE_CHECKING:  # only a type here; the daemon builds it
     from chatd.auth.accounts import AccountAdmin
+    from chatd.privacy.erasure import Erasure
     from chatd.relay.registry import OnlineDevice
     from chatd.rooms.service import RoomService
 
@@ -57,6 +58,11 @@ class AdminContext:
     # The relay registry's list of connected devices (Registry.online_devices);
     # GET /v1/online answers 503 while it is None.
     online: Callable[[], Sequence[OnlineDevice]] | None = None
+    # Account erasure and receipts (chatd.privacy); those routes answer 503
+    # while it is None. The export needs only the store.
+    erasure: Erasure | None = None
+    # The name the account export's manifest gives this server.
+    server_name: str = "chatd"
 
 
 # (ctx, query, body, **path_ids) -> response; see the module docstring.
@@ -91,6 +97,9 @@ class Route:
     audit: bool = True
     # Route-specific error answers, (status, description), for the OpenAPI document.
     errors: tuple[tuple[int, str], ...] = ()
+    # Of the 200 answer; a route with another type returns a quart Response
+    # (streamed), and ``response`` is then not a schema.
+    media_type: str = "application/json"
 
     @property
     def endpoint(self) -> str:
@@ -297,4 +306,5 @@ async def list_admin_audit(ctx: AdminContext, query: AuditQuery, body: None) -> 
 
 import chatd.admin.accounts_api  # noqa: E402, F401 - it imports the names above
 import chatd.admin.online_api  # noqa: E402, F401 - likewise
+import chatd.admin.privacy_api  # noqa: E402, F401 - likewise
 import chatd.admin.rooms_api  # noqa: E402, F401 - likewise

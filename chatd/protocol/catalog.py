@@ -8,6 +8,7 @@ messages), :mod:`chatd.protocol.rooms` and :mod:`chatd.protocol.push`.
 from __future__ import annotations
 
 from chatd.protocol import blobs as b
+from chatd.protocol import export as x
 from chatd.protocol import frames as f
 from chatd.protocol import push as p
 from chatd.protocol import rooms as r
@@ -51,6 +52,7 @@ ClientFrame = (
     | p.PushRemove
     | b.BlobUpload
     | b.BlobDownload
+    | x.ExportAccount
 )
 
 #: Every frame the server may send.
@@ -78,4 +80,5 @@ ServerFrame = (
     | r.RoomMembers
     | r.RoomInvited
     | b.BlobUrl
+    | x.ExportUrl
 )

@@ -345,7 +345,15 @@ async def serve_relay(
     s = config.relay
     listeners = await open_relay_listeners(config)
     dispatcher = Dispatcher(
-        registry, auth, keys, queues, rooms, RequestLimits(config.relay), push, blobs
+        registry,
+        auth,
+        keys,
+        queues,
+        rooms,
+        RequestLimits(config.relay),
+        push,
+        blobs,
+        export_seconds=config.privacy.export_url_seconds,
     )
     async with trio.open_nursery() as services:
         flusher = Flusher()
