@@ -472,3 +472,26 @@ def test_every_table_has_an_erasure_rule() -> None:
         )
     }
     assert tables == set(PLAN)
+
+
+async def test_chat_exports_the_account_after_asking_for_the_password(
+    data_dir: DataDir, short_tmp: Path
+) -> None:
+    from .test_chat import chat, log_in, user_args
+
+    async with scene(data_dir, short_tmp) as s:
+        args = user_args(s.url, short_tmp, "alice", key=bytes([1]) * 32) + ["--insecure"]
+        target = short_tmp / "alice-data.zip"
+        async with chat(short_tmp, *args) as alice:
+            await log_in(alice, "alice", PASSWORDS["alice"])
+            await alice.type(f"/export {target}")
+            await alice.expect("Your current password (not shown):")
+            await alice.type(PASSWORDS["alice"])
+            await alice.expect(f"✓ wrote {target}")
+            await alice.type(f"/export {target}")
+            await alice.expect("exists already")
+            await alice.type("/quit")
+            assert await alice.exit_code() == 0
+        assert PASSWORDS["alice"] not in alice.output
+        manifest = read_json(zipfile.ZipFile(target), "manifest.json")
+        assert manifest["user_id"] == s.ids["alice"]
