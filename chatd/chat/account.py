@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Final, TypeVar
 
+import trio
+
 from chatd.client import AttachmentError, Client, ServerRefusedError
 
 from .commands import Command, Refused, UsageError
@@ -227,12 +229,11 @@ class AccountCommands:
             " it is logged out, and messages are no longer encrypted to it."
         )
 
-
     async def cmd_export(self, args: list[str]) -> None:
         if len(args) != 1:
             raise UsageError("usage: /export <file> (a new file, e.g. my-chatd-data.zip)")
-        target = Path(args[0]).expanduser()
-        if target.exists():
+        target = await trio.to_thread.run_sync(lambda: Path(args[0]).expanduser())
+        if await trio.to_thread.run_sync(target.exists):
             raise UsageError(f"{clean(str(target))} exists already; choose another file")
         password = await self._password()
         try:
@@ -241,7 +242,7 @@ class AccountCommands:
             )
         except AttachmentError as exc:
             raise Refused(f"the download failed: {clean(str(exc))}") from None
-        size = written.stat().st_size
+        size = (await trio.to_thread.run_sync(written.stat)).st_size
         self.say(
             f"✓ wrote {clean(str(written))} ({size} bytes): everything the server holds about"
             " you, as JSON files; manifest.json lists them."

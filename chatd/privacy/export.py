@@ -205,14 +205,6 @@ SECTIONS: Final[tuple[Section, ...]] = (
         "kind = 'room_message' AND sender_user_id = :uid",
         "id",
     ),
-    _section(
-        "erasure_receipts",
-        "erasure_receipts",
-        "Signed erasure receipts naming your account id (an earlier account with this id)",
-        "id, erased_at, receipt",
-        "user_id = :uid",
-        "id",
-    ),
 )
 
 
