@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import secrets
+import sqlite3
 import subprocess
 import sys
 import zipfile
@@ -28,13 +29,15 @@ import trio
 from chatd.client import Client, ServerRefusedError, open_client
 from chatd.client.errors import LoginError
 from chatd.config import StoreSettings
+from chatd.errors import SecretFileError
 from chatd.inspection import ScanReport, open_server_db, scan_files
+from chatd.keyfiles import load_signing_seed
 from chatd.privacy import export as export_mod
 from chatd.privacy.erasure import PLAN
-from chatd.privacy.export import SECTIONS, ExportWriter, stream_export
+from chatd.privacy.export import NOT_EXPORTED, SECTIONS, ExportWriter, stream_export
 from chatd.privacy.receipts import ReceiptError, verify
 from chatd.store import serve_store
-from chatd.store.migrations import MIGRATIONS
+from chatd.store.migrations import MIGRATIONS, _statements
 
 from .conftest import DataDir
 from .test_client_account import code_of, raises_leaf
@@ -211,6 +214,9 @@ async def test_a_large_export_is_streamed_page_by_page(short_tmp: Path) -> None:
                 "INSERT INTO devices (id, user_id, name, created_at, last_seen_at)"
                 " VALUES ('CAROLDEVICE', 1, 'phone', 0, 0)"
             )
+            # A table a later migration might add (consent records): exported as it is.
+            conn.execute("CREATE TABLE consents (user_id INTEGER, version TEXT, at INTEGER)")
+            conn.execute("INSERT INTO consents VALUES (1, 'terms-2', 5), (2, 'terms-2', 6)")
             conn.executemany(
                 "INSERT INTO envelopes (recipient_device_id, kind, message_id, sender_user_id,"
                 " sender_device_id, ciphertext, sent_at, expires_at)"
@@ -234,6 +240,7 @@ async def test_a_large_export_is_streamed_page_by_page(short_tmp: Path) -> None:
 
     zf = zipfile.ZipFile(io.BytesIO(b"".join(chunks)))
     assert len(json.loads(zf.read("queued_envelopes.json"))) == count
+    assert json.loads(zf.read("consents.json")) == [{"user_id": 1, "version": "terms-2", "at": 5}]
     # One read per page of the queue (at least), each piece far smaller than
     # the whole: the envelopes were never all in memory at once.
     assert len(pages) >= count // export_mod.PAGE_ROWS + len(SECTIONS)
@@ -455,23 +462,45 @@ async def test_the_purge_leaves_no_trace_and_issues_a_signed_receipt(
         assert offline.returncode == 1
 
 
-def test_every_table_has_an_erasure_rule() -> None:
-    """A new table must say what an erasure does to it (chatd.privacy.erasure.PLAN)."""
-    import sqlite3
-
+def schema_tables() -> set[str]:
     conn = sqlite3.connect(":memory:")
-    from chatd.store.migrations import _statements
-
     for script in MIGRATIONS:
         for statement in _statements(script):
             conn.execute(statement)
-    tables = {
+    return {
         r[0]
         for r in conn.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
         )
     }
+
+
+def test_every_table_has_an_erasure_rule_and_is_exported_or_says_why_not() -> None:
+    """A new table must say what an erasure does to it (chatd.privacy.erasure.PLAN),
+    and be read by an export section or say why not (export.NOT_EXPORTED)."""
+    tables = schema_tables()
     assert tables == set(PLAN)
+    exported = {s.table for s in SECTIONS}
+    assert tables == exported | set(NOT_EXPORTED)
+    assert not exported & set(NOT_EXPORTED)
+
+
+def test_the_signing_key_is_made_private_at_first_start_and_an_unsafe_one_refused(
+    data_dir: DataDir,
+) -> None:
+    config = data_dir.config
+    path = data_dir.path / "server-signing.key"
+    assert not path.exists()
+    seed = load_signing_seed(config)
+    assert path.stat().st_mode & 0o777 == 0o600 and len(seed) == 32
+    assert load_signing_seed(config) == seed  # kept, never replaced
+    path.chmod(0o644)
+    with pytest.raises(SecretFileError, match="chmod 600"):
+        load_signing_seed(config)
+    path.chmod(0o600)
+    path.write_text("not hex\n")
+    with pytest.raises(SecretFileError, match="64 hex digits"):
+        load_signing_seed(config)
 
 
 async def test_chat_exports_the_account_after_asking_for_the_password(
