@@ -60,22 +60,46 @@ class ExportNotFound(RefusedError):
 
 @dataclass(frozen=True, slots=True)
 class Section:
-    """One JSON file of the export: ``sql`` selects the user's rows (``:uid``)
-    with a last column ``k``, the paging key, and must have ``WHERE`` ... ``AND
-    (:after IS NULL OR k > :after) ORDER BY k LIMIT :limit``."""
+    """One JSON file of the export: the user's rows (``:uid``) of ``table``,
+    a page at a time in the order of the paging key (one or more columns
+    that an index of the table serves, so each page is a range scan, not a
+    sort of all the user's rows). ``first`` reads the first page, ``next``
+    the page after the key values ``:k0``, ``:k1``..., which both give as
+    their last ``keys`` columns. A ``by_device`` section is read for one
+    device of the user after the other (``:device``), in device id order."""
 
     name: str
     table: str  # skipped (listed as absent) when this table does not exist
     description: str
-    sql: str
+    first: str
+    next: str
+    keys: int  # how many key columns end each row
+    by_device: bool = False  # ``:device``: read once per device of the user
 
 
-def _section(name: str, table: str, description: str, select: str, where: str, key: str) -> Section:
-    sql = (
-        f"SELECT {select}, {key} AS k FROM {table} WHERE ({where})"  # noqa: S608 - constants
-        " AND (:after IS NULL OR k > :after) ORDER BY k LIMIT :limit"
+def _section(
+    name: str,
+    table: str,
+    description: str,
+    select: str,
+    where: str,
+    key: tuple[str, ...],
+    *,
+    by_device: bool = False,
+) -> Section:
+    columns = ", ".join(f"{k} AS _k{i}" for i, k in enumerate(key))
+    order = ", ".join(key)
+    after = f"({order}) > ({', '.join(f':k{i}' for i in range(len(key)))})"
+    base = f"SELECT {select}, {columns} FROM {table} WHERE ({where})"  # noqa: S608 - constants
+    return Section(
+        name,
+        table,
+        description,
+        f"{base} ORDER BY {order} LIMIT :limit",
+        f"{base} AND {after} ORDER BY {order} LIMIT :limit",
+        len(key),
+        by_device,
     )
-    return Section(name, table, description, sql)
 
 
 _MY_DEVICES: Final = "(SELECT id FROM devices WHERE user_id = :uid)"
@@ -96,7 +120,7 @@ SECTIONS: Final[tuple[Section, ...]] = (
         " device_list_version, (SELECT count(*) FROM recovery_codes r WHERE r.user_id = users.id"
         " AND r.used_at IS NULL) AS recovery_codes_left",
         "id = :uid",
-        "id",
+        ("id",),
     ),
     _section(
         "devices",
@@ -104,15 +128,16 @@ SECTIONS: Final[tuple[Section, ...]] = (
         "Your devices and their public identity keys",
         "id, name, ed25519, curve25519, signature, created_at, last_seen_at, room_cursor",
         "user_id = :uid",
-        "id",
+        ("id",),
     ),
     _section(
         "one_time_keys",
         "one_time_keys",
         "Public one-time keys your devices uploaded (claimed: handed out to a sender)",
         "device_id, key_id, curve25519, signature, uploaded_at, claimed_at",
-        f"device_id IN {_MY_DEVICES}",
-        "device_id || ' ' || key_id",
+        "device_id = :device",
+        ("key_id",),
+        by_device=True,
     ),
     _section(
         "fallback_keys",
@@ -120,7 +145,7 @@ SECTIONS: Final[tuple[Section, ...]] = (
         "Public fallback keys of your devices",
         "device_id, key_id, curve25519, signature, uploaded_at, used_at",
         f"device_id IN {_MY_DEVICES}",
-        "device_id",
+        ("device_id",),
     ),
     _section(
         "sessions",
@@ -129,7 +154,7 @@ SECTIONS: Final[tuple[Section, ...]] = (
         "id, device_id, device_name, created_at, last_seen_at, ip, expires_at,"
         " access_expires_at, revoked_at, revoked_reason",
         "user_id = :uid",
-        "id",
+        ("id",),
     ),
     _section(
         "room_memberships",
@@ -137,7 +162,7 @@ SECTIONS: Final[tuple[Section, ...]] = (
         "Rooms you are a member of, with your role",
         "room_id, (SELECT name FROM rooms WHERE rooms.id = room_id) AS room_name, role, joined_at",
         "user_id = :uid",
-        "room_id",
+        ("room_id",),
     ),
     _section(
         "room_invitations",
@@ -145,7 +170,7 @@ SECTIONS: Final[tuple[Section, ...]] = (
         "Open invitations to rooms, for you or made by you",
         "room_id, user_id, by_user_id, invited_at",
         "user_id = :uid OR by_user_id = :uid",
-        "room_id || ' ' || user_id",
+        ("room_id", "user_id"),
     ),
     _section(
         "invites",
@@ -153,7 +178,7 @@ SECTIONS: Final[tuple[Section, ...]] = (
         "The invite code you registered with (never the code itself)",
         "id, role, note, created_at, expires_at, used_at",
         "used_by = :uid",
-        "id",
+        ("id",),
     ),
     _section(
         "auth_events",
@@ -161,7 +186,7 @@ SECTIONS: Final[tuple[Section, ...]] = (
         "The authentication audit log's entries about your account",
         "id, at, event, outcome, ip, device_name, session_id",
         "user_id = :uid",
-        "id",
+        ("at", "id"),
     ),
     _section(
         "admin_audit",
@@ -169,15 +194,16 @@ SECTIONS: Final[tuple[Section, ...]] = (
         "Admin API requests about your account (method, path, status, time)",
         "id, at, method, path, status",
         _ADMIN_PATHS,
-        "id",
+        ("id",),
     ),
     _section(
         "attachment_access",
         "blob_devices",
         "Attachments your devices may download (uploaded by you, or sent to you)",
         "blob_id, device_id",
-        f"device_id IN {_MY_DEVICES}",
-        "blob_id || ' ' || device_id",
+        "device_id = :device",
+        ("blob_id",),
+        by_device=True,
     ),
     _section(
         "push_endpoints",
@@ -185,7 +211,7 @@ SECTIONS: Final[tuple[Section, ...]] = (
         "Where your devices get content-free push wake-ups",
         "device_id, url, created_at",
         f"device_id IN {_MY_DEVICES}",
-        "device_id",
+        ("device_id",),
     ),
     _section(
         "attachments",
@@ -193,7 +219,7 @@ SECTIONS: Final[tuple[Section, ...]] = (
         "Attachments you uploaded (metadata; the files are ciphertext only you can read)",
         "blob_id, size, created_at, referenced_at, expires_at",
         "owner_user_id = :uid",
-        "blob_id",
+        ("blob_id",),
     ),
     _section(
         "queued_envelopes",
@@ -201,8 +227,9 @@ SECTIONS: Final[tuple[Section, ...]] = (
         "Messages and receipts waiting for your devices: metadata only, never content",
         "id, recipient_device_id, kind, message_id, sender_user_id, sender_device_id,"
         " device_id, room_id, sent_at, expires_at, coalesce(length(ciphertext), 0) AS size",
-        f"recipient_device_id IN {_MY_DEVICES}",
-        "id",
+        "recipient_device_id = :device",
+        ("id",),
+        by_device=True,
     ),
     _section(
         "sent_room_messages",
@@ -211,7 +238,7 @@ SECTIONS: Final[tuple[Section, ...]] = (
         "id, room_id, message_id, sender_device_id, sent_at, expires_at,"
         " coalesce(length(ciphertext), 0) AS size",
         "kind = 'room_message' AND sender_user_id = :uid",
-        "id",
+        ("id",),
     ),
 )
 
@@ -247,12 +274,11 @@ def discovered_sections(conn: Any) -> list[Section]:
         columns = conn.execute(f"PRAGMA table_info({name})").fetchall()
         if "user_id" not in {c[1] for c in columns}:
             continue
-        key = "rowid"
+        key: tuple[str, ...] = ("rowid",)
         if "WITHOUT ROWID" in str(sql).upper():
-            key = " || ' ' || ".join(c[1] for c in sorted(columns, key=lambda c: c[5]) if c[5])
-        found.append(
-            _section(name, name, f"Your rows of the table {name}", "*", "user_id = :uid", key)
-        )
+            key = tuple(c[1] for c in sorted(columns, key=lambda c: c[5]) if c[5])
+        description = f"Your rows of the table {name}"
+        found.append(_section(name, name, description, "*", "user_id = :uid", key))
     return found
 
 
@@ -306,7 +332,8 @@ class ExportWriter:
     _sink: _Sink = field(default_factory=_Sink)
     _zip: zipfile.ZipFile | None = None
     _index: int = 0
-    _after: Any = None
+    _after: tuple[Any, ...] | None = None  # the key of the last row written
+    _devices: list[str] = field(default_factory=list)  # a by_device section's, to go
     _entry: IO[bytes] | None = None
     _hash: Any = None
     _done: bool = False
@@ -344,26 +371,47 @@ class ExportWriter:
             self._entry = zf.open(f"{section.name}.json", "w", force_zip64=True)
             self._hash = hashlib.sha256()
             self._after = None
+            self._devices = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT id FROM devices WHERE user_id = ? ORDER BY id", (self.user_id,)
+                )
+            ]
             self._write(b"[")
-        cur = conn.execute(
-            section.sql, {"uid": self.user_id, "after": self._after, "limit": PAGE_ROWS}
-        )
-        names = [d[0] for d in cur.description][:-1]
+        params: dict[str, Any] = {"uid": self.user_id, "limit": PAGE_ROWS}
+        if section.by_device:  # one device after the other, each a range of its index
+            if not self._devices:
+                self._close_entry()
+                return
+            params["device"] = self._devices[0]
+        if self._after is not None:
+            params |= {f"k{i}": value for i, value in enumerate(self._after)}
+        cur = conn.execute(section.first if self._after is None else section.next, params)
+        names = [d[0] for d in cur.description][: -section.keys]
         rows = cur.fetchall()
         entry = self.files[-1]
         for row in rows:
-            record = dict(zip(names, row[:-1], strict=True))
+            record = dict(zip(names, row[: -section.keys], strict=True))
             prefix = b",\n " if entry.rows else b"\n "
             self._write(prefix + json.dumps(record, ensure_ascii=False).encode("utf-8"))
             entry.rows += 1
         if rows:
-            self._after = rows[-1][-1]
+            self._after = tuple(rows[-1][-section.keys :])
         if len(rows) < PAGE_ROWS:
-            self._write(b"\n]\n" if entry.rows else b"]\n")
-            self._entry.close()
-            self._entry = None
-            entry.sha256 = self._hash.hexdigest()
-            self._index += 1
+            if section.by_device and len(self._devices) > 1:
+                del self._devices[0]  # the next device's rows, from its first
+                self._after = None
+                return
+            self._close_entry()
+
+    def _close_entry(self) -> None:
+        assert self._entry is not None  # noqa: S101 - opened by _page()
+        entry = self.files[-1]
+        self._write(b"\n]\n" if entry.rows else b"]\n")
+        self._entry.close()
+        self._entry = None
+        entry.sha256 = self._hash.hexdigest()
+        self._index += 1
 
     def _write(self, data: bytes) -> None:
         assert self._entry is not None  # noqa: S101 - opened by _page()
