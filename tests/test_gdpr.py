@@ -524,3 +524,35 @@ async def test_chat_exports_the_account_after_asking_for_the_password(
         assert PASSWORDS["alice"] not in alice.output
         manifest = read_json(zipfile.ZipFile(target), "manifest.json")
         assert manifest["user_id"] == s.ids["alice"]
+
+
+async def test_a_cancelled_erasure_is_never_purged_even_when_read_as_due(short_tmp: Path) -> None:
+    """The purge checks in each of its writes that the erasure is still due:
+    cancelled between the job's read and its writes, nothing is deleted."""
+    from chatd.config import PrivacySettings
+    from chatd.privacy.erasure import Erasure, ErasureCancelled
+    from chatd.privacy.receipts import ReceiptSigner
+    from chatd.store import now_ms
+
+    from .test_relay_auth import server
+
+    async with server(short_tmp) as srv:
+        erasure = Erasure(
+            srv.admin,
+            PrivacySettings(erasure_grace_days=0),
+            ReceiptSigner(secrets.token_bytes(32)),
+            rooms=srv.rooms,
+            queues=srv.queues,
+        )
+        alice = (await srv.admin.list_users(limit=1, after_id=None, username="alice"))[0].id
+        await erasure.request(alice)
+        await erasure.cancel(alice)
+        with pytest.raises(ErasureCancelled):
+            await erasure.erase_now(alice, batch=10, now=now_ms())
+        assert (await srv.admin.get_user(alice)).username == "alice"
+        assert await erasure.purge(now=now_ms(), limit=10) == (0, 0)
+        await erasure.request(alice)
+        rows, _ = await erasure.purge(now=now_ms(), limit=10)
+        assert rows > 0
+        (entry,) = await erasure.receipts(limit=10, before_id=None)
+        assert verify(entry.receipt, erasure.signer.public_key)["user_id"] == alice

@@ -43,6 +43,7 @@ import msgspec
 
 from chatd.auth.models import AuthError
 from chatd.config import PrivacySettings
+from chatd.errors import ChatdError
 from chatd.log import fields
 from chatd.privacy.receipts import FORMAT, ReceiptSigner
 from chatd.store import Store, now_ms
@@ -117,6 +118,11 @@ _BULK: Final = (
     ("auth_audit", "SELECT id FROM auth_audit WHERE user_id = ?"),
 )
 _ADMIN_PATH: Final = re.compile(r"(/(?:users|members)/)(\d+)(?=/|$)")
+
+
+class ErasureCancelled(ChatdError):
+    """The erasure of this account was cancelled (or the account is gone)
+    while the purge was about to run: nothing more is deleted."""
 
 
 class ErasureState(msgspec.Struct):
@@ -234,19 +240,27 @@ class Erasure:
         )
         rows = freed = 0
         for user_id in due:
-            purged = await self.erase_now(user_id, batch=limit)
+            try:
+                purged = await self.erase_now(user_id, batch=limit, now=now)
+            except ErasureCancelled:
+                continue  # cancelled since it was read: nothing more is deleted
             rows += purged.rows
             freed += purged.receipt["attachments"]["bytes"]
         return rows, freed
 
-    async def erase_now(self, user_id: int, *, batch: int = 500) -> _Purged:
-        """Purge one account (the erasure job's step for it); see the module
-        docstring. The bulk of a heavy account (its devices' queues, its auth
-        audit rows) goes first in writes of at most ``batch`` rows, so the
-        final transaction stays short; the receipt counts them too."""
+    async def erase_now(self, user_id: int, *, batch: int, now: int) -> _Purged:
+        """Purge one account whose erasure is due at ``now`` (the erasure
+        job's step for it); see the module docstring. The bulk of a heavy
+        account (its devices' queues, its auth audit rows) goes first in
+        writes of at most ``batch`` rows, so the final transaction stays
+        short; the receipt counts them too. Each write checks first, in its
+        own transaction, that the erasure is still due; raises
+        :class:`ErasureCancelled` when it is not."""
+        if not await self.store.read(partial(_due, user_id, now)):
+            raise ErasureCancelled(user_id)
         await self._leave_rooms(user_id)
-        bulk = await self.delete_bulk(user_id, batch=batch)
-        purged = await self.store.write(lambda conn: self._purge_rows(conn, user_id, bulk))
+        bulk = await self.delete_bulk(user_id, batch=batch, now=now)
+        purged = await self.store.write(lambda conn: self._purge_rows(conn, user_id, now, bulk))
         if self.queues is not None:
             for device_id, entries, size in purged.totals:
                 self.queues.state.count(device_id, -entries, -size)
@@ -270,14 +284,15 @@ class Erasure:
         )
         return purged
 
-    async def delete_bulk(self, user_id: int, *, batch: int) -> dict[str, int]:
+    async def delete_bulk(self, user_id: int, *, batch: int, now: int) -> dict[str, int]:
         """Delete the account's queued envelopes and auth audit rows, at most
-        ``batch`` rows per write; rows deleted per table."""
+        ``batch`` rows per write; rows deleted per table. Raises
+        :class:`ErasureCancelled` when the erasure is no longer due."""
         bulk: dict[str, int] = {}
         for table, where in _BULK:
             sql = f"DELETE FROM {table} WHERE rowid IN ({where} LIMIT ?)"  # noqa: S608 - constants
             while True:
-                done = await self.store.write(partial(_delete_batch, sql, (user_id, batch)))
+                done = await self.store.write(partial(_delete_batch, sql, user_id, batch, now))
                 bulk[table] = bulk.get(table, 0) + done
                 if done < batch:
                     break
@@ -296,14 +311,16 @@ class Erasure:
             except RoomError as exc:  # gone meanwhile: the row purge covers the rest
                 log.info("privacy.room_left_already", extra=fields(code=exc.code))
 
-    def _purge_rows(self, conn: Any, user_id: int, bulk: dict[str, int] | None = None) -> _Purged:
+    def _purge_rows(
+        self, conn: Any, user_id: int, now: int, bulk: dict[str, int] | None = None
+    ) -> _Purged:
         """In the writer: delete or anonymise every row about the user (see
         :data:`PLAN`), store the signed receipt, and say what changed."""
+        if not _due(user_id, now, conn):
+            raise ErasureCancelled(user_id)
         user = conn.execute(
             "SELECT created_at, erase_after FROM users WHERE id = ?", (user_id,)
         ).fetchone()
-        if user is None:
-            raise AuthError("not_found", "no such user")
         devices = [
             r[0] for r in conn.execute("SELECT id FROM devices WHERE user_id = ?", (user_id,))
         ]
@@ -410,8 +427,18 @@ class Erasure:
         )
 
 
-def _delete_batch(sql: str, args: tuple[int, int], conn: Any) -> int:
-    return int(conn.execute(sql, args).rowcount)
+def _due(user_id: int, now: int, conn: Any) -> bool:
+    """Whether the account's erasure is (still) due at ``now``."""
+    row = conn.execute(
+        "SELECT 1 FROM users WHERE id = ? AND erase_after <= ?", (user_id, now)
+    ).fetchone()
+    return row is not None
+
+
+def _delete_batch(sql: str, user_id: int, batch: int, now: int, conn: Any) -> int:
+    if not _due(user_id, now, conn):
+        raise ErasureCancelled(user_id)
+    return int(conn.execute(sql, (user_id, batch)).rowcount)
 
 
 def _anonymise_admin_audit(conn: Any, user_id: int) -> int:
