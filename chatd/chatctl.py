@@ -37,7 +37,7 @@ from typing import Any, NoReturn, get_args
 
 import httpx
 
-from chatd import ctl_backup
+from chatd import ctl_backup, ctl_privacy
 from chatd.auth.models import ROLES
 from chatd.auth.usernames import USERNAME_INPUT_MAX
 from chatd.config import load_config
@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_room_commands(sub)
     ctl_backup.add_commands(sub)
     add_consent_commands(sub)
+    ctl_privacy.add_commands(sub)
     return p
 
 
@@ -173,6 +174,7 @@ def _add_account_commands(sub: Any) -> None:
     ):
         u.add_parser(action, help=text).add_argument("user", type=_user, help=_USER_HELP)
     add_user_consent_command(u, _user, _USER_HELP)
+    ctl_privacy.add_user_actions(u, _user, _USER_HELP)
     role = u.add_parser("set-role", help="change an account's role")
     role.add_argument("user", type=_user, help=_USER_HELP)
     role.add_argument("role", choices=ROLES)
@@ -638,13 +640,19 @@ _ACCOUNT_COMMANDS = {
 }
 
 
+def _no_api(method: str, path: str, **kw: Any) -> Any:  # pragma: no cover - never called
+    raise UsageError("this command works without the admin API")
+
+
 def _command(args: argparse.Namespace, client: httpx.Client, token: str | None) -> tuple[Any, str]:
     """Run one command; return the API's JSON and its table form."""
+
+    def call(method: str, path: str, **kw: Any) -> Any:
+        return _request(client, token, method, path, **kw)
+
+    if ctl_privacy.handles(args):
+        return ctl_privacy.run(args, call, client, token, _user_id)
     if args.command in _ACCOUNT_COMMANDS:
-
-        def call(method: str, path: str, **kw: Any) -> Any:
-            return _request(client, token, method, path, **kw)
-
         return _ACCOUNT_COMMANDS[args.command](args, call)
     if args.command == "health":
         body = _request(client, None, "GET", "/v1/health")
@@ -679,6 +687,10 @@ def run(argv: Sequence[str] | None = None) -> int:
             raise UsageError(
                 "rooms delete removes the room for all its members; add --yes to do it"
             )
+        if ctl_privacy.handles(args) and not ctl_privacy.needs_api(args):
+            body, text = ctl_privacy.run(args, _no_api, None, None, _user_id)
+            print(json.dumps(body, indent=2) if args.json else text)
+            return 0
         client, token = _connection(args)
         with client:
             body, text = _command(args, client, token)

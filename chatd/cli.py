@@ -35,6 +35,7 @@ from chatd.keyfiles import (
     new_admin_token,
     new_blob_key,
     new_db_key,
+    new_signing_key,
     write_private_file,
 )
 from chatd.log import configure
@@ -123,6 +124,7 @@ def cmd_init(data_dir: Path) -> int:
         (data_dir / "admin-token", new_admin_token),
         (data_dir / "blob-url.key", new_blob_key),
         (data_dir / "backup.key", new_backup_key),
+        (data_dir / "server-signing.key", new_signing_key),
     ):
         results.append((path, write_private_file(path, make())))
     results.append((config_path, write_private_file(config_path, render_template().rstrip("\n"))))

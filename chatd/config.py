@@ -679,6 +679,33 @@ class BackupSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class PrivacySettings:
+    """[privacy]: account export and erasure (GDPR Art. 15, 17, 20)."""
+
+    erasure_grace_days: float = setting(
+        30.0,
+        "An erasure disables the account and ends its sessions at once; the purge of "
+        "everything the server holds about it waits this long, so that a mistaken "
+        "erasure can be cancelled. 0 purges at the next run of the erasure job.",
+        minimum=0,
+        maximum=365,
+    )
+    signing_key_file: str = setting(
+        "server-signing.key",
+        "File holding the server's Ed25519 signing key (erasure receipts) as 64 hex "
+        "digits, relative to server.data_dir, mode 0600; made by 'chatd init' or at "
+        "first start. Ignored when systemd passes the credential 'chatd-signing-key'.",
+    )
+    export_url_seconds: float = setting(
+        300.0,
+        "Lifetime of the signed URL a user's own account export (export_account) is "
+        "downloaded from.",
+        minimum=10,
+        maximum=3_600,
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class LogSettings:
     """[log]: structured logs on stderr (journald picks them up)."""
 
@@ -709,6 +736,7 @@ class Config:
     rooms: RoomSettings = field(default_factory=RoomSettings)
     push: PushSettings = field(default_factory=PushSettings)
     attachments: AttachmentSettings = field(default_factory=AttachmentSettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
     log: LogSettings = field(default_factory=LogSettings)
     backup: BackupSettings = field(default_factory=BackupSettings)
     path: Path = field(default=Path("chatd.toml"), metadata={"internal": True})
@@ -775,6 +803,7 @@ SECTIONS: Final[dict[str, type]] = {
     "rooms": RoomSettings,
     "push": PushSettings,
     "attachments": AttachmentSettings,
+    "privacy": PrivacySettings,
     "log": LogSettings,
     "backup": BackupSettings,
 }

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -45,13 +46,28 @@ from chatd.e2ee.current import CurrentDevices
 from chatd.e2ee.keys import KeyService
 from chatd.e2ee.queues import QueueService
 from chatd.errors import StoreError
-from chatd.keyfiles import check_data_dir, load_admin_token_hash, load_blob_key, load_db_key
+from chatd.keyfiles import (
+    check_data_dir,
+    load_admin_token_hash,
+    load_blob_key,
+    load_db_key,
+    load_signing_seed,
+)
 from chatd.log import fields
 from chatd.metrics import Metrics, Sources, serve_loop_lag
 from chatd.metrics_http import serve_metrics_http
+from chatd.privacy.erasure import Erasure
+from chatd.privacy.receipts import ReceiptSigner
 from chatd.push import Notifier as PushNotifier
 from chatd.relay import Registry, serve_relay
-from chatd.retention import auth_jobs, blob_jobs, default_jobs, queue_jobs, serve_retention
+from chatd.retention import (
+    auth_jobs,
+    blob_jobs,
+    default_jobs,
+    privacy_jobs,
+    queue_jobs,
+    serve_retention,
+)
 from chatd.rooms.members import DeviceChanges
 from chatd.rooms.service import RoomService
 from chatd.sdlisten import ADMIN, METRICS, RELAY, take_listen_fds
@@ -205,11 +221,22 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
             # Made at first start, once the store opened: a wrong database key
             # leaves the data dir as it was.
             blobs = open_blobs(store, config, services.rooms, load_blob_key(config))
+            accounts = AccountAdmin(auth, current=services.current)
+            erasure = Erasure(
+                accounts,
+                config.privacy,
+                ReceiptSigner(load_signing_seed(config)),
+                rooms=services.rooms,
+                queues=queues,
+                push=services.push,
+                blobs=blobs,
+            )
             jobs = (
                 default_jobs(config.retention)
                 + auth_jobs(config.auth)
                 + queue_jobs(config.devices, queues)
                 + blob_jobs(config.attachments, blobs)
+                + privacy_jobs(config.privacy, erasure)
             )
             retention = await nursery.start(
                 partial(serve_retention, store, config.retention, jobs=jobs)
@@ -241,12 +268,14 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
                 store=store,
                 retention=retention,
                 token_hash=token_hash,
-                accounts=AccountAdmin(auth, current=services.current),
+                accounts=accounts,
                 rooms=services.rooms,
                 online=services.registry.online_devices,
                 metrics=metrics,
                 backups=backups,
                 consent=services.consent,
+                erasure=erasure,
+                server_name=socket.gethostname(),
             )
             admin_bind = await nursery.start(
                 _until_done,

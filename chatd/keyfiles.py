@@ -199,3 +199,44 @@ def load_blob_key(config: Config) -> bytes:
             "(delete it and restart chatd to make a new one; issued URLs stop working)"
         )
     return key
+
+
+# -- the server's Ed25519 signing key ([privacy]: erasure receipts) ---------------------
+
+SIGNING_KEY_CREDENTIAL: Final = "chatd-signing-key"
+SIGNING_KEY_BYTES: Final = 32  # an Ed25519 seed: 256 bits from the CSPRNG
+
+
+def signing_key_path(config: Config) -> tuple[Path, bool]:
+    """Where the signing key comes from, and whether it is a systemd credential."""
+    cred = _credential(SIGNING_KEY_CREDENTIAL)
+    if cred is not None:
+        return cred, True
+    return config.in_data_dir(config.privacy.signing_key_file), False
+
+
+def new_signing_key() -> str:
+    return secrets.token_bytes(SIGNING_KEY_BYTES).hex()
+
+
+def load_signing_seed(config: Config) -> bytes:
+    """Return the 32-byte Ed25519 seed that signs erasure receipts, making the
+    file (mode 0600) at first start when neither it nor the credential exists.
+
+    Raises :class:`SecretFileError` when the file is unsafe or not exactly 64
+    hex digits.
+    """
+    path, from_cred = signing_key_path(config)
+    if not from_cred:
+        write_private_file(path, new_signing_key())  # no-op when it exists
+    text = _read_private(path, "signing key", from_credential=from_cred)
+    try:
+        seed = bytes.fromhex(text)
+    except ValueError:
+        seed = b""
+    if len(seed) != SIGNING_KEY_BYTES:
+        raise SecretFileError(
+            f"signing key file {path} must hold exactly {SIGNING_KEY_BYTES * 2} hex digits "
+            "(restore it from a backup: receipts signed with it verify only against it)"
+        )
+    return seed

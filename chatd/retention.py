@@ -26,11 +26,18 @@ from typing import TYPE_CHECKING, Any, Final
 import msgspec
 import trio
 
-from chatd.config import AttachmentSettings, AuthSettings, DeviceSettings, RetentionSettings
+from chatd.config import (
+    AttachmentSettings,
+    AuthSettings,
+    DeviceSettings,
+    PrivacySettings,
+    RetentionSettings,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only (import cycle)
     from chatd.blobs.service import BlobService
     from chatd.e2ee.queues import QueueService
+    from chatd.privacy.erasure import Erasure
 from chatd.log import fields
 from chatd.store import Store, now_ms
 
@@ -182,6 +189,20 @@ def blob_jobs(settings: AttachmentSettings, blobs: BlobService) -> list[Job]:
             f"({settings.unreferenced_minutes}), with their files; files left without a "
             "row by a crash",
             sweep=blobs.purge,
+        )
+    ]
+
+
+def privacy_jobs(settings: PrivacySettings, erasure: Erasure) -> list[Job]:
+    """The erasure purge: accounts past their grace period, with everything
+    about them and their attachment files; each issues a signed receipt."""
+    return [
+        Job(
+            "erasure",
+            f"accounts whose erasure was requested more than privacy.erasure_grace_days "
+            f"({settings.erasure_grace_days:g}) ago, with every row about them and the "
+            "attachments they uploaded; a signed receipt each",
+            sweep=erasure.purge,
         )
     ]
 

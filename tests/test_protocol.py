@@ -48,7 +48,14 @@ def test_hello_comes_first_and_names_version_and_limits() -> None:
             "send_queue_frames": 8,
             "max_bad_frames": 3,
         },
-        "features": ["who_is_online.user_ids", "rooms", "push", "attachments", "consent"],
+        "features": [
+            "who_is_online.user_ids",
+            "rooms",
+            "push",
+            "attachments",
+            "consent",
+            "account_export",
+        ],
     }
     assert conn.state is core.State.AWAITING_FIRST_FRAME
     with pytest.raises(RuntimeError):

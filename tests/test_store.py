@@ -366,6 +366,13 @@ def _sample_rows(conn: Any, version: int) -> dict[str, int]:
         )
         for table in ("consent_documents", "consent_records"):
             rows[table] = 1
+    # The erasure migration (by table, not number: migrations are renumbered on merge).
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'erasure_receipts'").fetchone():
+        conn.execute("UPDATE users SET erase_after = 5 WHERE id = 1")
+        conn.execute(
+            "INSERT INTO erasure_receipts (user_id, erased_at, receipt) VALUES (7, 1, '{}')"
+        )
+        rows["erasure_receipts"] = 1
     return rows
 
 

@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # only a type here; the daemon builds it
     from chatd.backup.service import Backups
     from chatd.consent import ConsentService
     from chatd.metrics import Metrics
+    from chatd.privacy.erasure import Erasure
     from chatd.relay.registry import OnlineDevice
     from chatd.rooms.service import RoomService
 
@@ -68,6 +69,11 @@ class AdminContext:
     # Consent documents and records; routes under /v1/consent and
     # /v1/users/{user_id}/consent answer 503 while it is None.
     consent: ConsentService | None = None
+    # Account erasure and receipts (chatd.privacy); those routes answer 503
+    # while it is None. The export needs only the store.
+    erasure: Erasure | None = None
+    # The name the account export's manifest gives this server.
+    server_name: str = "chatd"
 
 
 # (ctx, query, body, **path_ids) -> response; see the module docstring.
@@ -103,7 +109,8 @@ class Route:
     # Route-specific error answers, (status, description), for the OpenAPI document.
     errors: tuple[tuple[int, str], ...] = ()
     # The 200 answer's media type. JSON bodies are encoded from ``response``;
-    # for any other type the handler returns the body as text (``response=str``).
+    # for any other type the handler returns the body as text (``response=str``)
+    # or a quart Response (streamed: the account export).
     media_type: str = "application/json"
 
     @property
@@ -313,5 +320,6 @@ import chatd.admin.accounts_api  # noqa: E402, F401 - it imports the names above
 import chatd.admin.consent_api  # noqa: E402, F401 - likewise
 import chatd.admin.metrics_api  # noqa: E402, F401 - likewise
 import chatd.admin.online_api  # noqa: E402, F401 - likewise
+import chatd.admin.privacy_api  # noqa: E402, F401 - likewise
 import chatd.admin.rooms_api  # noqa: E402, F401 - likewise
 import chatd.backup.api  # noqa: E402, F401 - likewise

@@ -59,7 +59,13 @@ __all__ = ["ApiError", "auth_error_status", "create_app", "error_response"]
 MAX_ID: Final = 2**63 - 1  # path ids are SQLite integer primary keys
 
 #: HTTP status of an AuthError code; every other code is 400.
-AUTH_ERROR_STATUS: Final = {"not_found": 404, "username_taken": 409, "invite_closed": 409}
+AUTH_ERROR_STATUS: Final = {
+    "not_found": 404,
+    "username_taken": 409,
+    "invite_closed": 409,
+    "erasure_pending": 409,
+    "erasure_not_pending": 409,
+}
 
 
 def auth_error_status(code: str) -> int:
@@ -171,6 +177,8 @@ def create_app(ctx: AdminContext, *, max_body_bytes: int) -> QuartTrio:
                 return error_response(status, exc.code, exc.message, exc.field)
             except UnknownJob as exc:
                 return error_response(400, "invalid_request", str(exc), "$.jobs")
+            if isinstance(result, Response):  # a streamed body (the account export)
+                return result
             if r.media_type != "application/json":
                 return Response(result, status=200, content_type=r.media_type)
             status = 200

@@ -57,7 +57,8 @@ def openapi_document() -> dict[str, Any]:
     """Build the OpenAPI 3.1 document for the admin API."""
     types: list[Any] = [ErrorBody]
     for r in ROUTES:
-        types += [t for t in (r.response, r.body, r.query) if t is not None]
+        response = r.response if r.media_type == "application/json" else None
+        types += [t for t in (response, r.body, r.query) if t is not None]
     refs, components = msgspec.json.schema_components(types, ref_template=_REF)
     ref_of = dict(zip(types, refs, strict=True))
     error_ref = ref_of[ErrorBody]
@@ -81,11 +82,13 @@ def openapi_document() -> dict[str, Any]:
                 "content": {"application/json": {"schema": ref_of[r.body]}},
             }
         media_type = r.media_type.partition(";")[0]
+        schema = (
+            ref_of[r.response]
+            if media_type == "application/json"
+            else {"type": "string", "contentMediaType": media_type}
+        )
         responses: dict[str, Any] = {
-            "200": {
-                "description": "Success.",
-                "content": {media_type: {"schema": ref_of[r.response]}},
-            },
+            "200": {"description": "Success.", "content": {media_type: {"schema": schema}}},
         }
         errors = dict(_COMMON_ERRORS)
         if r.auth:

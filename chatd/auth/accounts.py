@@ -127,6 +127,12 @@ class AccountAdmin:
     async def set_disabled(self, user_id: int, disabled: bool) -> UserInfo:
         """Disable (and revoke every session) or enable an account."""
         now = now_ms() if disabled else None
+        if not disabled and await self._erasure_pending(user_id):
+            raise AuthError(
+                "erasure_pending",
+                "this account is to be erased; cancel the erasure first "
+                "(POST /v1/users/{id}/erasure/cancel)",
+            )
         await self._update_user(user_id, "UPDATE users SET disabled_at = ? WHERE id = ?", (now,))
         self.current.changed((user_id,))
         if disabled:
@@ -136,6 +142,14 @@ class AccountAdmin:
         event = "admin_disable_user" if disabled else "admin_enable_user"
         await self.auth.audit(event, "ok", ADMIN_PEER, user_id=user_id)
         return await self.get_user(user_id)
+
+    async def _erasure_pending(self, user_id: int) -> bool:
+        row = await self.store.read(
+            lambda conn: conn.execute(
+                "SELECT erase_after IS NOT NULL FROM users WHERE id = ?", (user_id,)
+            ).fetchone()
+        )
+        return row is not None and bool(row[0])
 
     async def set_role(self, user_id: int, role: str) -> UserInfo:
         await self._update_user(user_id, "UPDATE users SET role = ? WHERE id = ?", (_role(role),))

@@ -55,6 +55,14 @@ class CredentialFlows(AuthBase):
             )
         return user
 
+    async def confirm_identity(
+        self, grant: SessionGrant, password: str, totp: str | None, peer: Peer, event: str
+    ) -> None:
+        """Full re-authentication for a sensitive read (the account export),
+        audited under ``event``; raises AuthError reauth_failed and the like."""
+        user = await self._reauthenticate(grant, password, totp, peer, event)
+        await self.audit(event, "ok", peer, user_id=user["id"], session_id=grant.session_id)
+
     async def change_password(
         self, grant: SessionGrant, current: str, new: str, totp: str | None, peer: Peer
     ) -> SessionGrant:

@@ -14,6 +14,9 @@ exactly two things and nothing else:
   200 when it was stored already). A connection lost mid-way leaves nothing.
 * ``GET /v1/blobs/<blob_id>?<signed query>``: a download, streamed from the
   file (200), or 404 when it is gone.
+* ``GET /v1/exports/<user_id>?<signed query>``: a user's own account export
+  (ZIP, chunked), behind a URL the relay signs after re-authentication
+  (``export_account``); 404 once the account is disabled.
 
 Every refusal is a JSON body ``{"error": CODE, "message": TEXT}``; the same
 answer for a missing and a forbidden blob. Hypercorn bounds the request
@@ -28,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, MutableMapping
 from functools import partial
@@ -39,10 +43,17 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from chatd.blobs.service import BlobError, BlobService
-from chatd.blobs.signing import BLOB_ID, SignatureError, SignedGrant
+from chatd.blobs.signing import (
+    BLOB_ID,
+    EXPORT_PREFIX,
+    SignatureError,
+    SignedGrant,
+    check_export,
+)
 from chatd.config import Config
 from chatd.errors import ListenError, exception_leaves
 from chatd.log import fields
+from chatd.privacy.export import stream_export
 from chatd.store import now_ms
 
 log = logging.getLogger("chatd.blobs")
@@ -76,6 +87,8 @@ class BlobApp:
         self.blobs = blobs
         self.files = blobs.files
         self.uploads = 0  # finished uploads, for tests and logs
+        self.exports = 0  # account exports sent in full
+        self.server_name = socket.gethostname()  # named in an export's manifest
         self.refused = 0
         self.ended = 0  # uploads over, however they ended (their part file is gone)
         self._ended = trio.Event()
@@ -104,9 +117,14 @@ class BlobApp:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
+        if path.startswith(EXPORT_PREFIX):
+            await self._export(scope, send)
+            return
         blob_id = path.removeprefix(PATH_PREFIX)
         if not path.startswith(PATH_PREFIX) or not BLOB_ID.fullmatch(blob_id):
-            raise _Refused(404, "not_found", "not found: this listener serves /v1/blobs/ only")
+            raise _Refused(
+                404, "not_found", "not found: this listener serves /v1/blobs/ and /v1/exports/"
+            )
         method: str = scope["method"]
         if method not in ("PUT", "GET"):
             raise _Refused(405, "method_not_allowed", "use PUT to upload and GET to download")
@@ -126,6 +144,48 @@ class BlobApp:
                 self._upload_ended()
         else:
             await self._download(grant, send)
+
+    # -- account export (chatd.privacy) ---------------------------------------------------
+
+    async def _export(self, scope: Scope, send: Send) -> None:
+        """Stream a user's own account export, behind an export URL the relay
+        signed after re-authentication; chunked, a page at a time."""
+        if scope["method"] != "GET":
+            raise _Refused(405, "method_not_allowed", "use GET to download an export")
+        pairs = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
+        query = dict(pairs)
+        if len(query) != len(pairs):
+            raise _Refused(403, "bad_signature", "the URL repeats a parameter")
+        try:
+            grant = check_export(self.blobs.signer, scope["path"], query, now_ms())
+        except SignatureError as exc:
+            code = "url_expired" if exc.expired else "bad_signature"
+            raise _Refused(403, code, str(exc)) from None
+        store = self.blobs.store
+        enabled = await store.read(
+            lambda conn: conn.execute(
+                "SELECT 1 FROM users WHERE id = ? AND disabled_at IS NULL", (grant.user_id,)
+            ).fetchone()
+        )
+        if enabled is None:
+            raise _Refused(404, "not_found", "no such account (or it is disabled)")
+        chunks = await stream_export(store, grant.user_id, server=self.server_name)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"application/zip"),
+                    (b"content-disposition", b'attachment; filename="chatd-export.zip"'),
+                    (b"cache-control", b"no-store"),
+                    (b"x-content-type-options", b"nosniff"),
+                ],
+            }
+        )
+        async for chunk in chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        self.exports += 1
 
     # -- upload ------------------------------------------------------------------------
 

@@ -499,6 +499,16 @@ class BlobService:
             log.info("blobs.purged", extra=fields(blobs=len(gone), bytes=freed))
         return len(gone), freed
 
+    async def remove_file(self, blob_id: str) -> int:
+        """Delete the file of a blob whose row is gone (an erased account's
+        attachment); the bytes freed (0 when it was not there)."""
+        async with self._lock(blob_id):  # not while an upload of it finishes
+            freed = 0
+            if await self.store.read(partial(_owner_size, blob_id=blob_id)) is None:
+                freed = await trio.to_thread.run_sync(self.files.remove, blob_id)
+        self._locks.pop(blob_id, None)
+        return freed
+
     async def _sweep_orphans(self) -> int:
         known = set(
             await self.store.read(

@@ -113,3 +113,48 @@ class UrlSigner:
         if now >= grant.expires_at:
             raise SignatureError("the URL has expired (ask the relay for a new one)", expired=True)
         return grant
+
+
+# -- account export URLs (chatd.privacy) ------------------------------------------------
+
+EXPORT_PREFIX: Final = "/v1/exports/"
+
+
+@dataclass(frozen=True, slots=True)
+class ExportGrant:
+    """What a valid export URL vouches for: this user's export, until then."""
+
+    user_id: int
+    device_id: str
+    expires_at: int  # unix ms
+
+
+def _export_mac(key: bytes, grant: ExportGrant) -> str:
+    # "EXPORT" first: never the message of a blob URL (those start with a method).
+    message = "\n".join(
+        ("EXPORT", str(grant.user_id), str(grant.expires_at), grant.device_id)
+    ).encode("ascii")
+    return _b64(hmac.new(key, message, hashlib.sha256).digest())
+
+
+def export_path(signer: UrlSigner, grant: ExportGrant) -> str:
+    """``/v1/exports/<user_id>?exp=MS&d=DEVICE&sig=SIG``, signed with the blob URL key."""
+    query = {"exp": grant.expires_at, "d": grant.device_id, "sig": _export_mac(signer._key, grant)}
+    return f"{EXPORT_PREFIX}{grant.user_id}?{urlencode(query)}"
+
+
+def check_export(signer: UrlSigner, path: str, query: Mapping[str, str], now: int) -> ExportGrant:
+    """The grant of an export URL once its signature is right and ``now`` is
+    before its expiry. Raises :class:`SignatureError`."""
+    user = path.removeprefix(EXPORT_PREFIX)
+    device_id = query.get("d", "")
+    if not user.isdigit() or len(user) > _MAX_INT_DIGITS or not _DEVICE.fullmatch(device_id):
+        raise SignatureError("the URL is not a signed export URL")
+    grant = ExportGrant(user_id=int(user), device_id=device_id, expires_at=_int(query, "exp"))
+    given = query.get("sig", "")
+    expected = _export_mac(signer._key, grant)
+    if not hmac.compare_digest(given.encode("ascii", "replace"), expected.encode()):
+        raise SignatureError("the URL's signature is wrong (ask the relay for a new URL)")
+    if now >= grant.expires_at:
+        raise SignatureError("the URL has expired (ask the relay for a new one)", expired=True)
+    return grant

@@ -1,5 +1,6 @@
 """The commands with which people look after their own account in ``chat``:
-``/password``, ``/totp``, ``/sessions``, ``/logout`` and ``/remove-device``.
+``/password``, ``/totp``, ``/sessions``, ``/logout``, ``/remove-device`` and
+``/export``.
 
 Passwords are read from the terminal with echo off (:func:`echo_off`), one
 typed line each, while the input loop waits for the command to finish.
@@ -10,9 +11,12 @@ sentence in the terms of the command.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Final, TypeVar
 
-from chatd.client import Client, ServerRefusedError
+import trio
+
+from chatd.client import AttachmentError, Client, ServerRefusedError
 
 from .commands import Command, Refused, UsageError
 from .display import clean, device_line, stamp
@@ -40,6 +44,11 @@ ACCOUNT_COMMANDS: Final = (
         "/remove-device <device>",
         "remove a lost device of yours: it is logged out and nobody encrypts to it any more",
     ),
+    Command(
+        "export",
+        "/export <file>",
+        "download everything the server holds about you (a ZIP of JSON files) into a new file",
+    ),
 )
 
 #: What a refusal of a self-service request means, by its code.
@@ -51,11 +60,12 @@ REFUSALS: Final = {
     "mfa_not_enrolling": "the setup took too long (10 minutes); start again",
     "use_logout": "that is this session or device: use /logout",
     "rate_limited": "too many attempts; wait a minute and try again",
+    "attachments_unavailable": "this server has no download listener for exports",
 }
 
 
 class AccountCommands:
-    """``/password``, ``/totp``, ``/sessions``, ``/logout``, ``/remove-device``."""
+    """``/password``, ``/totp``, ``/sessions``, ``/logout``, ``/remove-device``, ``/export``."""
 
     def __init__(self, client: Client, say: Say) -> None:
         self.client = client
@@ -217,6 +227,25 @@ class AccountCommands:
         self.say(
             f'✓ removed your device {clean(device.device_id)} ("{clean(device.name)}"):'
             " it is logged out, and messages are no longer encrypted to it."
+        )
+
+    async def cmd_export(self, args: list[str]) -> None:
+        if len(args) != 1:
+            raise UsageError("usage: /export <file> (a new file, e.g. my-chatd-data.zip)")
+        target = await trio.to_thread.run_sync(lambda: Path(args[0]).expanduser())
+        if await trio.to_thread.run_sync(target.exists):
+            raise UsageError(f"{clean(str(target))} exists already; choose another file")
+        password = await self._password()
+        try:
+            written = await self._second_factor(
+                lambda code: self.client.export_account(target, password, code)
+            )
+        except AttachmentError as exc:
+            raise Refused(f"the download failed: {clean(str(exc))}") from None
+        size = (await trio.to_thread.run_sync(written.stat)).st_size
+        self.say(
+            f"✓ wrote {clean(str(written))} ({size} bytes): everything the server holds about"
+            " you, as JSON files; manifest.json lists them."
         )
 
 

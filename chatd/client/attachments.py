@@ -320,6 +320,19 @@ class Attachments:
             except httpx.HTTPError as exc:
                 raise AttachmentError(f"the download failed: {type(exc).__name__}") from None
 
+    async def fetch(self, url: str, target: Path) -> Path:
+        """GET a signed URL of the blob listener (an account export) into
+        ``target``, a new file; nothing is left there when it fails."""
+        if await trio.to_thread.run_sync(target.exists):
+            raise AttachmentError(f"{target} exists already; choose another path")
+        partial = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
+        try:
+            await self._get(url, partial)
+            await trio.to_thread.run_sync(os.link, partial, target)  # never replaces a file
+        finally:
+            partial.unlink(missing_ok=True)
+        return target
+
 
 def _target(target: Path, name: str) -> Path:
     if target.is_dir():

@@ -385,6 +385,22 @@ class Client:
         ServerRefusedError (blob_not_found: expired, or not sent to us)."""
         return await self._need_attachments().download(attachment, target)
 
+    async def export_account(
+        self, path: str | Path, password: str, totp: str | None = None
+    ) -> Path:
+        """Download everything the server holds about this account (a ZIP of
+        JSON files with ``manifest.json``) into ``path``, a file that must not
+        exist yet. The server asks for the password again (and ``totp``, a
+        TOTP or recovery code, when the account has TOTP). Returns the path.
+        Raises ServerRefusedError (``reauth_failed``, ``mfa_required``,
+        ``rate_limited``) or AttachmentError (the download failed; no file is
+        left)."""
+        fields: dict[str, Any] = {"password": password}
+        if totp:
+            fields["totp"] = totp
+        reply = await self._conn.request("export_account", **fields)
+        return await self._need_attachments().fetch(reply["url"], Path(path))
+
     def _need_attachments(self) -> Attachments:
         if self._attachments is None:
             raise ClientError("this client was opened without attachments")

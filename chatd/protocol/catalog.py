@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from chatd.protocol import blobs as b
 from chatd.protocol import consent as c
+from chatd.protocol import export as x
 from chatd.protocol import frames as f
 from chatd.protocol import push as p
 from chatd.protocol import rooms as r
@@ -56,6 +57,7 @@ ClientFrame = (
     | c.ConsentAccept
     | c.ConsentRevoke
     | c.ConsentStatus
+    | x.ExportAccount
 )
 
 #: Every frame the server may send.
@@ -85,4 +87,5 @@ ServerFrame = (
     | b.BlobUrl
     | c.Consent
     | c.ConsentRequired
+    | x.ExportUrl
 )

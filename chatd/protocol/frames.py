@@ -276,7 +276,14 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True):
 
 
 #: What this server supports beyond the protocol's first release (PROTOCOL §16).
-FEATURES: Final = ("who_is_online.user_ids", "rooms", "push", "attachments", "consent")
+FEATURES: Final = (
+    "who_is_online.user_ids",
+    "rooms",
+    "push",
+    "attachments",
+    "consent",
+    "account_export",
+)
 
 
 class Hello(Frame, tag="hello"):

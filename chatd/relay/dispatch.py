@@ -39,6 +39,7 @@ from chatd.push import Notifier, PushRefused
 from chatd.relay import consent, delivery
 from chatd.relay.blobs import BLOB_REQUESTS, serve_blob_request, unavailable
 from chatd.relay.connection import Connection
+from chatd.relay.export import EXPORT_REQUESTS, serve_export_request
 from chatd.relay.push import PUSH_REQUESTS, serve_push_request
 from chatd.relay.ratelimits import RequestLimits
 from chatd.relay.registry import Registry, close_with
@@ -104,6 +105,8 @@ class Dispatcher:
         push: Notifier,
         consent: ConsentService,
         blobs: BlobService | None = None,
+        *,
+        export_seconds: float = 300.0,
     ) -> None:
         self.registry = registry
         self.auth = auth
@@ -114,6 +117,7 @@ class Dispatcher:
         self.push = push
         self.consent = consent
         self.blobs = blobs  # None: no blob listener, attachment requests are refused
+        self.export_seconds = export_seconds  # lifetime of an account export URL
 
     async def carry_out(self, conn: Connection, actions: list[core.Action]) -> None:
         """Carry out the core's actions for one client message, in order."""
@@ -561,6 +565,11 @@ class Dispatcher:
                 if was_gated and not proto.consent_pending:  # its session can start now
                     actions += await self._key_count(conn)
                 return actions
+            case _ if isinstance(frame, EXPORT_REQUESTS):
+                reply = await serve_export_request(
+                    auth, self.blobs, grant, frame, peer, lifetime_seconds=self.export_seconds
+                )
+                return proto.reply(reply)
             case f.WhoIsOnline():
                 if frame.user_ids is None:
                     online = registry.online_users()

@@ -359,7 +359,16 @@ async def serve_relay(
     s = config.relay
     listeners = await open_relay_listeners(config, sockets)
     dispatcher = Dispatcher(
-        registry, auth, keys, queues, rooms, RequestLimits(config.relay), push, consent, blobs
+        registry,
+        auth,
+        keys,
+        queues,
+        rooms,
+        RequestLimits(config.relay),
+        push,
+        consent,
+        blobs,
+        export_seconds=config.privacy.export_url_seconds,
     )
     async with trio.open_nursery() as services:
         flusher = Flusher()

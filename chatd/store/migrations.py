@@ -306,7 +306,7 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         PRIMARY KEY (blob_id, room_id)
     ) WITHOUT ROWID;
     """,
-    # consent: the documents users accept (every version an admin set, the
+    # 11: consent: the documents users accept (every version an admin set, the
     # current one per kind being the newest), and each user's acceptances and
     # revocations, append-only (chatd.consent).
     """
@@ -334,6 +334,21 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     BEGIN
         SELECT RAISE(ABORT, 'consent records are append-only');
     END;
+    """,
+    # 12: account erasure (chatd.privacy). An erasure disables the account at
+    # once and sets erase_after; the erasure job purges it after that time
+    # and keeps only the signed receipt, which names the account by its
+    # (then unused) id and creation time, never by its name.
+    """
+    ALTER TABLE users ADD COLUMN erase_after INTEGER;  -- erasure requested: purged after (unix ms)
+    CREATE INDEX users_erase_after ON users (erase_after) WHERE erase_after IS NOT NULL;
+    CREATE TABLE erasure_receipts (
+        id        INTEGER PRIMARY KEY,
+        user_id   INTEGER NOT NULL,                 -- the erased account's former id
+        erased_at INTEGER NOT NULL,                 -- unix ms
+        receipt   TEXT    NOT NULL                  -- the signed receipt (JSON), as issued
+    );
+    CREATE INDEX erasure_receipts_user ON erasure_receipts (user_id);
     """,
 )
 
