@@ -32,7 +32,7 @@ and the medians are printed; the target is p99(on) <= 1.5 x p99(off).
 CPU use over the measuring window (daemon, its sender child, receiver,
 load clients) is printed per run, in cores.
 
-Usage: ``.venv/bin/python bench/push.py [--devices 2000] [--rate 1000]
+Usage: ``.venv/bin/python bench/push.py [--devices 2000] [--rate 1000] [--receiver-idle]
 [--seconds 15] [--rounds 1]``. ``--quick`` is a smoke run (400 devices,
 200 envelopes/s, 4 s).
 """
@@ -83,11 +83,13 @@ ANSWER = b"HTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n"
 # -- the slow receiver (its own process) -------------------------------------------------------
 
 
-def receiver_main(stats_path: Path, answer_after: float, nice: int) -> None:
+def receiver_main(stats_path: Path, answer_after: float, nice: int, idle: bool = False) -> None:
     # The receiver stands in for a distributor on another machine: by
     # default (--receiver-nice 19) it takes the CPU the daemon and the load
     # clients leave, not theirs.
     os.nice(nice)
+    if idle:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     count = 0
     most_open = 0
     open_now = 0
@@ -456,10 +458,16 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=1536)
     parser.add_argument("--receiver-nice", type=int, default=19)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--receiver-idle",
+        action="store_true",
+        help="run the receiver SCHED_IDLE: like a distributor on another machine, it takes "
+        "only CPU nothing else wants",
+    )
     parser.add_argument("--receiver", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.receiver is not None:
-        receiver_main(args.receiver, args.answer_after, args.receiver_nice)
+        receiver_main(args.receiver, args.answer_after, args.receiver_nice, args.receiver_idle)
         return
     if args.quick:
         args.devices, args.rate, args.seconds = 400, 200, 4.0
@@ -471,19 +479,18 @@ def main() -> None:
         data = work / "data"
         data.mkdir(mode=0o700)
         stats_path = work / "receiver.json"
-        rx = subprocess.Popen(
-            [
-                sys.executable,
-                __file__,
-                "--receiver",
-                str(stats_path),
-                "--answer-after",
-                str(args.answer_after),
-                "--receiver-nice",
-                str(args.receiver_nice),
-            ],
-            stdin=subprocess.DEVNULL,
-        )
+        command = [
+            sys.executable,
+            __file__,
+            "--receiver",
+            str(stats_path),
+            "--answer-after",
+            str(args.answer_after),
+            "--receiver-nice",
+            str(args.receiver_nice),
+            *(["--receiver-idle"] if args.receiver_idle else []),
+        ]
+        rx = subprocess.Popen(command, stdin=subprocess.DEVNULL)
         try:
             port = read_stats(stats_path)["port"]
             config = init_data_dir(data)
