@@ -138,8 +138,8 @@ async def test_selected_jobs_only(data_dir: DataDir) -> None:
         (b"{not json", "application/json", 400, "malformed_json", None),
         (b'{"jobs": "\xff\xfe"}', "application/json", 400, "invalid_utf8", None),
         (b'{"jobs": [1]}', "application/json", 400, "invalid_request", "$.jobs[0]"),
-        (b'{"jobz": []}', "application/json", 400, "invalid_request", None),
-        (b'{"jobs": ["nope"]}', "application/json", 400, "invalid_request", "$.jobs"),
+        (b'{"jobz": []}', "application/json", 400, "invalid_request", "$.jobz"),
+        (b'{"jobs": ["nope"]}', "application/json", 400, "invalid_request", "$.jobs[0]"),
         (b"[]", "application/json", 400, "invalid_request", None),
         (b"jobs=x", "application/x-www-form-urlencoded", 415, "unsupported_media_type", None),
     ],
@@ -176,7 +176,8 @@ async def test_an_oversize_body_gets_413(data_dir: DataDir) -> None:
         ("limit=0", "limit"),
         ("limit=501", "limit"),
         ("before_id=-1", "before_id"),
-        ("bogus=1", None),
+        ("bogus=1", "bogus"),
+        ("before_id=null", "before_id"),
     ],
 )
 async def test_a_bad_query_gets_400_naming_the_parameter(
