@@ -208,33 +208,28 @@ def _decode_query(r: Route) -> Any:
     return query
 
 
-def _methods_by_path(routes: list[Route]) -> dict[str, set[str]]:
-    methods: dict[str, set[str]] = {}
-    for r in routes:
-        methods.setdefault(r.path, set()).add(r.method)
-    return methods
-
-
 def _template(path: str) -> re.Pattern[str]:
     parts = ("[^/]+" if p.startswith("{") else re.escape(p) for p in path.split("/"))
     return re.compile("/".join(parts) + r"\Z")
 
 
-def allowed_methods(routes: list[Route], path: str) -> list[str]:
-    """The methods the document gives the URL ``path``, for an ``Allow`` header.
+def routes_for(routes: list[Route], path: str) -> list[Route]:
+    """The routes whose path is the URL ``path``, in the document's sense.
 
     A route path without ids owns its URL (OpenAPI matches concrete paths
-    before templated ones); any other URL gets the methods of every templated
-    path it matches. GET brings HEAD, which Quart answers for every GET route.
+    before templated ones); any other URL belongs to every templated route
+    path it matches.
     """
-    by_path = _methods_by_path(routes)
-    if path in by_path:
-        methods = set(by_path[path])
-    else:
-        methods = set()
-        for template, more in by_path.items():
-            if "{" in template and _template(template).match(path):
-                methods |= more
+    concrete = [r for r in routes if r.path == path]
+    if concrete:
+        return concrete
+    return [r for r in routes if r.path_params and _template(r.path).match(path)]
+
+
+def allowed_methods(routes: list[Route], path: str) -> list[str]:
+    """The methods for an ``Allow`` header on the URL ``path`` (see :func:`routes_for`).
+    GET brings HEAD, which Quart answers for every GET route."""
+    methods = {r.method for r in routes_for(routes, path)}
     if "GET" in methods:
         methods.add("HEAD")
     return sorted(methods)
@@ -275,7 +270,7 @@ def create_app(ctx: AdminContext, *, max_body_bytes: int) -> QuartTrio:
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     by_endpoint: dict[str, Route] = {}
-    by_path = _methods_by_path(ROUTES)
+    concrete_paths = {r.path for r in ROUTES if not r.path_params}
 
     def make_view(r: Route) -> Any:
         async def view(**raw_path: Any) -> Response:
@@ -310,7 +305,7 @@ def create_app(ctx: AdminContext, *, max_body_bytes: int) -> QuartTrio:
     async def concrete_paths_first() -> None:
         # Quart would try DELETE /v1/sessions/revoke-all as /v1/sessions/{session_id}.
         allowed = allowed_methods(ROUTES, request.path)
-        if request.path in by_path and request.method not in allowed:
+        if request.path in concrete_paths and request.method not in allowed:
             raise MethodNotAllowed(valid_methods=allowed)
 
     @app.after_request
