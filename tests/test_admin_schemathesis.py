@@ -69,6 +69,7 @@ class Run:
 
 
 async def run_schemathesis(admin_url: str, report: Path, *, token: str | None) -> Run:
+    """Run schemathesis in ``report``'s directory (where it keeps its cache)."""
     command = [
         SCHEMATHESIS,
         "run",
@@ -94,7 +95,11 @@ async def run_schemathesis(admin_url: str, report: Path, *, token: str | None) -
         command += ["--header", f"Authorization: Bearer {token}"]
     with trio.fail_after(RUN_SECONDS):
         done = await trio.run_process(
-            command, capture_stdout=True, stderr=subprocess.STDOUT, check=False
+            command,
+            capture_stdout=True,
+            stderr=subprocess.STDOUT,
+            check=False,
+            cwd=report.parent,
         )
     output = done.stdout.decode(errors="replace")
     entries = json.loads(report.read_text())["log"]["entries"] if report.exists() else []
