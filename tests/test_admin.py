@@ -366,3 +366,14 @@ def test_a_body_with_a_required_field_is_required_in_the_document() -> None:
     assert paths["/v1/retention/run"]["post"]["requestBody"]["required"] is False
     confirm = openapi_document()["components"]["schemas"]["RevokeAll"]["properties"]["confirm"]
     assert confirm["enum"] == [True]
+
+
+async def test_a_refused_value_is_told_what_is_allowed(data_dir: DataDir) -> None:
+    async with admin_running(data_dir) as admin:
+        response = await admin.client.post(
+            "/v1/retention/run", headers=admin.auth(), json={"jobs": ["admin_audit", "nope"]}
+        )
+        error = assert_error(response, 400, "invalid_request")
+        assert error["field"] == "$.jobs[1]"
+        assert "'nope'" in error["message"] and "retention_reports" in error["message"]
+        assert await admin.ctx.retention.list_reports(limit=5, before_id=None) == []

@@ -244,7 +244,9 @@ class RunRequest(msgspec.Struct, forbid_unknown_fields=True):
             list[JobName],
             msgspec.Meta(
                 max_length=len(get_args(JobName)),
-                description="The jobs to run; all of them when omitted or null.",
+                description="The jobs to run, any of "
+                + ", ".join(get_args(JobName))
+                + "; all of them when omitted or null.",
             ),
         ]
         | None

@@ -110,7 +110,8 @@ def _field_meta(struct: type, name: str) -> msgspec.Meta | None:
 def _validation_error(exc: msgspec.ValidationError, where: str, decoded: type) -> ApiError:
     """A 400 naming the field (``$.a.b`` in a body, the parameter in a query).
 
-    For a top-level field of the decoded struct with a ``msgspec.Meta``, its
+    For a top-level field of the decoded struct (or an item of one, like
+    ``$.jobs[0]``) with a ``msgspec.Meta``, its
     description is added to the message, and ``Meta.extra[ERROR_CODE]`` (if
     set) replaces the code ``invalid_request`` when the value breaks a
     constraint (not when the field is missing).
@@ -124,15 +125,17 @@ def _validation_error(exc: msgspec.ValidationError, where: str, decoded: type) -
     named = _NAMED_FIELD.match(text)
     field = f"{path}.{named.group(1)}" if named else (None if path == "$" else path)
     code = "invalid_request"
-    top = field.removeprefix("$.") if field is not None else ""
-    meta = _field_meta(decoded, top) if top and "." not in top and "[" not in top else None
+    # A top-level field, or an item of one (``$.jobs[0]``), has the Meta of that field.
+    top_level = re.fullmatch(r"\$\.([^.\[]+)(?:\[\d+\])*", field or "")
+    top = top_level.group(1) if top_level else ""
+    meta = _field_meta(decoded, top) if top else None
     if meta is not None:
         if meta.description:
             text = f"{text} ({top}: {meta.description})"
         if meta.extra and ERROR_CODE in meta.extra and named is None:  # not a missing field
             code = meta.extra[ERROR_CODE]
     if where == "query" and field is not None:
-        field = top
+        field = field.removeprefix("$.")
     return ApiError(400, code, f"invalid {where}: {text}", field)
 
 
