@@ -17,6 +17,7 @@ import trio
 import trio.testing
 from openapi_spec_validator import validate
 
+import chatd.admin.app
 from chatd.admin.api import ROUTES, AdminContext
 from chatd.admin.app import create_app
 from chatd.admin.openapi import openapi_document
@@ -377,3 +378,15 @@ async def test_a_refused_value_is_told_what_is_allowed(data_dir: DataDir) -> Non
         assert error["field"] == "$.jobs[1]"
         assert "'nope'" in error["message"] and "retention_reports" in error["message"]
         assert await admin.ctx.retention.list_reports(limit=5, before_id=None) == []
+
+
+async def test_a_body_that_never_comes_delays_the_answer_boundedly_then_closes(
+    data_dir: DataDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(chatd.admin.app, "BODY_WAIT_SECONDS", 0.05)
+    async with admin_running(data_dir) as admin:
+        raw = RawHttp(await trio.open_unix_socket(str(data_dir.config.admin_unix_socket)))
+        await raw.send(request("PATCH", "/v1/sessions/revoke-all", admin.token, 17))
+        status, answer = await raw.response()
+        assert status == 405 and b"method_not_allowed" in answer
+        assert isinstance(await raw.next_event(), h11.ConnectionClosed)

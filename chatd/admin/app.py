@@ -12,11 +12,11 @@ the client. An :class:`~chatd.auth.models.AuthError` from a handler keeps its
 code and field, with the status from :func:`auth_error_status`.
 
 Every answer waits until the request's body has arrived (up to
-``admin.max_body_bytes``), even one given before the body was needed (404,
-405, 401, a GET with a body), so that the connection can serve the next
-request. A response that leaves a body unread (413) closes the connection
-instead: see :func:`shield_response_sends` for what keeps that close from
-hanging.
+``admin.max_body_bytes``, for at most :data:`BODY_WAIT_SECONDS`), even one
+given before the body was needed (404, 405, 401, a GET with a body), so that
+the connection can serve the next request. A response that leaves a body
+unread (413, or a body slower than that) closes the connection instead: see
+:func:`shield_response_sends` for what keeps that close from hanging.
 """
 
 from __future__ import annotations
@@ -70,6 +70,10 @@ _HTTP_CODES = {
 __all__ = ["ApiError", "auth_error_status", "create_app", "error_response"]
 
 MAX_ID: Final = 2**63 - 1  # path ids are SQLite integer primary keys
+#: Seconds an answer waits for the rest of a request body it did not need
+#: (so the connection can serve the next request); after that it is sent,
+#: and the connection closes.
+BODY_WAIT_SECONDS: Final = 10.0
 
 #: HTTP status of an AuthError code; every other code is 400.
 AUTH_ERROR_STATUS: Final = {"not_found": 404, "username_taken": 409, "invite_closed": 409}
@@ -313,10 +317,11 @@ def create_app(ctx: AdminContext, *, max_body_bytes: int) -> QuartTrio:
 
     @app.after_request
     async def wait_for_the_body(response: Response) -> Response:
-        try:
-            await request.get_data(cache=False, as_text=False)
-        except HTTPException:
-            pass  # too large (413, closes the connection) or too slow (408)
+        with trio.move_on_after(BODY_WAIT_SECONDS):
+            try:
+                await request.get_data(cache=False, as_text=False)
+            except HTTPException:
+                pass  # too large (413): the connection closes after this answer
         return response
 
     @app.after_request
