@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import h11
 import httpx
 import pytest
 import trio
+import trio.testing
 from openapi_spec_validator import validate
 
+import chatd.admin.app
 from chatd.admin.api import ROUTES, AdminContext
 from chatd.admin.app import create_app
 from chatd.admin.openapi import openapi_document
@@ -138,8 +142,8 @@ async def test_selected_jobs_only(data_dir: DataDir) -> None:
         (b"{not json", "application/json", 400, "malformed_json", None),
         (b'{"jobs": "\xff\xfe"}', "application/json", 400, "invalid_utf8", None),
         (b'{"jobs": [1]}', "application/json", 400, "invalid_request", "$.jobs[0]"),
-        (b'{"jobz": []}', "application/json", 400, "invalid_request", None),
-        (b'{"jobs": ["nope"]}', "application/json", 400, "invalid_request", "$.jobs"),
+        (b'{"jobz": []}', "application/json", 400, "invalid_request", "$.jobz"),
+        (b'{"jobs": ["nope"]}', "application/json", 400, "invalid_request", "$.jobs[0]"),
         (b"[]", "application/json", 400, "invalid_request", None),
         (b"jobs=x", "application/x-www-form-urlencoded", 415, "unsupported_media_type", None),
     ],
@@ -176,7 +180,8 @@ async def test_an_oversize_body_gets_413(data_dir: DataDir) -> None:
         ("limit=0", "limit"),
         ("limit=501", "limit"),
         ("before_id=-1", "before_id"),
-        ("bogus=1", None),
+        ("bogus=1", "bogus"),
+        ("before_id=null", "before_id"),
     ],
 )
 async def test_a_bad_query_gets_400_naming_the_parameter(
@@ -263,3 +268,125 @@ def test_every_route_is_in_the_document_and_in_the_app() -> None:
             assert "401" in responses
         if r.body is not None:
             assert {"400", "413", "415"} <= set(responses)
+
+
+def concrete(path: str) -> str:
+    return re.sub(r"\{[a-z_]+\}", "1", path)
+
+
+async def test_every_405_lists_the_methods_the_document_gives_the_path(data_dir: DataDir) -> None:
+    async with admin_running(data_dir) as admin:
+        for path in sorted({r.path for r in ROUTES}):
+            methods = {r.method for r in ROUTES if r.path == path}
+            if "GET" in methods:
+                methods.add("HEAD")  # Quart answers HEAD for every GET route
+            for method in ("PATCH", "OPTIONS", "TRACE"):
+                response = await admin.client.request(method, concrete(path), headers=admin.auth())
+                assert_error(response, 405, "method_not_allowed")
+                assert set(response.headers["Allow"].split(", ")) == methods, path
+
+
+async def test_a_path_without_ids_is_not_read_as_an_id(data_dir: DataDir) -> None:
+    """/v1/sessions/revoke-all is its own path (as in OpenAPI), not {session_id}."""
+    async with admin_running(data_dir) as admin:
+        response = await admin.client.delete("/v1/sessions/revoke-all", headers=admin.auth())
+        assert_error(response, 405, "method_not_allowed")
+        assert response.headers["Allow"] == "POST"
+        other = await admin.client.delete("/v1/sessions/abc", headers=admin.auth())
+        assert assert_error(other, 400, "invalid_request")["field"] == "session_id"
+
+
+class RawHttp:
+    """An HTTP/1.1 client on the admin socket that sends exactly what it is told, when told."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.conn = h11.Connection(h11.CLIENT)
+
+    async def send(self, *events: Any) -> None:
+        await self.stream.send_all(b"".join(self.conn.send(e) or b"" for e in events))
+
+    async def next_event(self) -> Any:
+        with trio.fail_after(10):
+            while True:
+                event = self.conn.next_event()
+                if event is not h11.NEED_DATA:
+                    return event
+                self.conn.receive_data(await self.stream.receive_some(65536))
+
+    async def response(self) -> tuple[int, bytes]:
+        head = await self.next_event()
+        body = b""
+        while not isinstance(event := await self.next_event(), h11.EndOfMessage):
+            body += event.data
+        return head.status_code, body
+
+
+def request(method: str, target: str, token: str, length: int | None = None) -> h11.Request:
+    headers = [("Host", "chatd"), ("Authorization", f"Bearer {token}")]
+    if length is not None:
+        headers += [("Content-Type", "application/json"), ("Content-Length", str(length))]
+    return h11.Request(method=method, target=target, headers=headers)
+
+
+async def test_an_early_answer_waits_for_the_body_and_the_connection_serves_on(
+    data_dir: DataDir,
+) -> None:
+    """405 needs no body, but one is on its way: the connection must not hang or
+    close under the next request (schemathesis found it hanging)."""
+    async with admin_running(data_dir) as admin:
+        raw = RawHttp(await trio.open_unix_socket(str(data_dir.config.admin_unix_socket)))
+        body = b'{"confirm": true}'
+        await raw.send(request("PATCH", "/v1/sessions/revoke-all", admin.token, len(body)))
+        await trio.testing.wait_all_tasks_blocked()  # the server did all it can without the body
+        await raw.send(h11.Data(data=body), h11.EndOfMessage())
+        status, answer = await raw.response()
+        assert status == 405 and b"method_not_allowed" in answer
+        raw.conn.start_next_cycle()
+        await raw.send(request("GET", "/v1/health", admin.token), h11.EndOfMessage())
+        status, answer = await raw.response()
+        assert status == 200 and json.loads(answer)["status"] == "ok"
+
+
+async def test_an_oversize_body_gets_413_and_the_connection_closes(data_dir: DataDir) -> None:
+    """The body is never read (nor sent): the answer comes and the connection
+    closes instead of hanging."""
+    async with admin_running(data_dir, max_body_bytes=2048) as admin:
+        raw = RawHttp(await trio.open_unix_socket(str(data_dir.config.admin_unix_socket)))
+        await raw.send(request("POST", "/v1/retention/run", admin.token, 1_000_000))
+        status, answer = await raw.response()
+        assert status == 413 and b"payload_too_large" in answer
+        assert isinstance(await raw.next_event(), h11.ConnectionClosed)
+        assert await admin.ctx.retention.list_reports(limit=5, before_id=None) == []
+
+
+def test_a_body_with_a_required_field_is_required_in_the_document() -> None:
+    paths = openapi_document()["paths"]
+    assert paths["/v1/users/{user_id}/role"]["put"]["requestBody"]["required"] is True
+    assert paths["/v1/sessions/revoke-all"]["post"]["requestBody"]["required"] is True
+    assert paths["/v1/retention/run"]["post"]["requestBody"]["required"] is False
+    confirm = openapi_document()["components"]["schemas"]["RevokeAll"]["properties"]["confirm"]
+    assert confirm["enum"] == [True]
+
+
+async def test_a_refused_value_is_told_what_is_allowed(data_dir: DataDir) -> None:
+    async with admin_running(data_dir) as admin:
+        response = await admin.client.post(
+            "/v1/retention/run", headers=admin.auth(), json={"jobs": ["admin_audit", "nope"]}
+        )
+        error = assert_error(response, 400, "invalid_request")
+        assert error["field"] == "$.jobs[1]"
+        assert "'nope'" in error["message"] and "retention_reports" in error["message"]
+        assert await admin.ctx.retention.list_reports(limit=5, before_id=None) == []
+
+
+async def test_a_body_that_never_comes_delays_the_answer_boundedly_then_closes(
+    data_dir: DataDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(chatd.admin.app, "BODY_WAIT_SECONDS", 0.05)
+    async with admin_running(data_dir) as admin:
+        raw = RawHttp(await trio.open_unix_socket(str(data_dir.config.admin_unix_socket)))
+        await raw.send(request("PATCH", "/v1/sessions/revoke-all", admin.token, 17))
+        status, answer = await raw.response()
+        assert status == 405 and b"method_not_allowed" in answer
+        assert isinstance(await raw.next_event(), h11.ConnectionClosed)

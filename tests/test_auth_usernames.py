@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
+import re
+
 import pytest
 
 from chatd.auth.usernames import (
     USERNAME_INPUT_MAX,
     USERNAME_MAX,
     USERNAME_MIN,
+    USERNAME_PATTERN,
     USERNAME_RULES,
     UsernameError,
     normalize_username,
@@ -139,3 +143,24 @@ def test_every_error_says_what_is_allowed() -> None:
             normalize_username(raw)
         assert str(info.value).endswith(USERNAME_RULES)
     assert isinstance(UsernameError("x"), ValueError)
+
+
+def test_the_pattern_agrees_with_the_rules_on_every_short_ascii_name() -> None:
+    """USERNAME_PATTERN (with the length limits) is what the admin API's OpenAPI
+    document promises; it must accept exactly the ASCII names the rules do."""
+    alphabet = "aZ0._- \n"
+    for length in range(6):
+        for chars in itertools.product(alphabet, repeat=length):
+            raw = "".join(chars)
+            promised = USERNAME_MIN <= len(raw) <= USERNAME_MAX and bool(
+                re.search(USERNAME_PATTERN, raw)
+            )
+            try:
+                normalize_username(raw)
+            except UsernameError:
+                accepted = False
+            else:
+                accepted = True
+            assert promised == accepted, raw
+    assert re.search(USERNAME_PATTERN, "a" * USERNAME_MAX)
+    assert not re.search(USERNAME_PATTERN, "ａｌｉｃｅ")  # folds to alice, but is not its spelling

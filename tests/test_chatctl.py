@@ -208,5 +208,11 @@ async def test_admin_usernames_follow_the_register_rules_the_docs_give(data_dir:
             assert error["field"] == "$.username"
             assert "3 to 32 characters from a-z, 0-9" in error["message"]
         await admin.create("Alice")
-        taken = {"username": "ａｌｉｃｅ", "password": PASSWORD}  # fullwidth: the same name
+        taken = {"username": "ALICE", "password": PASSWORD}  # case does not matter
         assert_error(await admin.call("POST", "/v1/users", json=taken), 409, "username_taken")
+        # A lookalike spelling (fullwidth) folds to alice; the admin API takes plain ASCII.
+        lookalike = {"username": "ａｌｉｃｅ", "password": PASSWORD}
+        error = assert_error(
+            await admin.call("POST", "/v1/users", json=lookalike), 400, "invalid_username"
+        )
+        assert "plain ASCII" in error["message"]

@@ -281,7 +281,8 @@ async def test_chatctl_administers_the_running_daemon(data_dir: DataDir, short_t
             chatctl, "--config", config, "retention-run", "nope"
         )
         assert bad_job.returncode == 1
-        assert "invalid_request: unknown job(s) nope" in bad_job.stderr
+        assert "invalid_request: invalid body: Invalid enum value 'nope'" in bad_job.stderr
+        assert "any of retention_reports, admin_audit" in bad_job.stderr  # what is allowed
         wrong = short_tmp / "wrong-token"
         wrong.write_text("x" * 43)
         denied = await trio.to_thread.run_sync(

@@ -23,8 +23,10 @@ from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, get_args
 
 import msgspec
 
-from chatd.admin.api import AdminContext, ApiError, Cursor, Limit, route
+from chatd.admin.api import ERROR_CODE, MAX_INT, AdminContext, ApiError, Cursor, Limit, route
 from chatd.auth.models import ROLES, AuditEvent, InviteInfo, SessionInfo, UserInfo
+from chatd.auth.passwords import COMMON_PASSWORDS_CHECKED, PASSWORD_MAX, PASSWORD_MIN
+from chatd.auth.usernames import USERNAME_MAX, USERNAME_MIN, USERNAME_PATTERN, USERNAME_RULES
 
 if TYPE_CHECKING:
     from chatd.auth.accounts import AccountAdmin
@@ -33,7 +35,35 @@ Role = Literal["user", "moderator", "admin"]
 if get_args(Role) != ROLES:  # pragma: no cover - a guard for whoever edits ROLES
     raise TypeError(f"accounts_api.Role {get_args(Role)} differs from auth ROLES {ROLES}")
 
-Id = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
+#: A new account's name. The document can say the rules for the plain ASCII
+#: spelling only, so that is all the admin API takes; its check of the
+#: pattern answers invalid_username as the rules' own check does.
+Username = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=USERNAME_MIN,
+        max_length=USERNAME_MAX,
+        pattern=USERNAME_PATTERN,
+        description=f"{USERNAME_RULES}; in plain ASCII (not a fullwidth or other "
+        "lookalike spelling). A name that folds to a taken one is taken (409).",
+        extra={ERROR_CODE: "invalid_username"},
+    ),
+]
+
+#: A new password. The length is checked against the document; the rest of
+#: the policy (common passwords, the username) cannot be said in JSON Schema
+#: and is refused by the handler, with the same code.
+Password = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=PASSWORD_MIN,
+        max_length=PASSWORD_MAX,
+        description=f"{PASSWORD_MIN} to {PASSWORD_MAX} characters, not one of the "
+        f"{COMMON_PASSWORDS_CHECKED:,} most common passwords and not the username "
+        "(weak_password); never logged.",
+        extra={ERROR_CODE: "weak_password"},
+    ),
+]
 
 # Route-specific errors, for the OpenAPI document (app.py maps AuthError codes).
 _UNAVAILABLE: Final = (503, "Account administration is not running (service_unavailable).")
@@ -59,7 +89,10 @@ def _accounts(ctx: AdminContext) -> AccountAdmin:
 class UsersQuery(msgspec.Struct, forbid_unknown_fields=True):
     limit: Limit = 50
     after_id: (
-        Annotated[int, msgspec.Meta(ge=0, description="Return users with an id above this one.")]
+        Annotated[
+            int,
+            msgspec.Meta(ge=0, le=MAX_INT, description="Return users with an id above this one."),
+        ]
         | None
     ) = None
     username: (
@@ -101,8 +134,8 @@ async def list_users(ctx: AdminContext, query: UsersQuery, body: None) -> UsersP
 
 
 class NewUser(msgspec.Struct, forbid_unknown_fields=True):
-    username: Annotated[str, msgspec.Meta(description="3 to 32 of a-z 0-9 . _ -; case-free.")]
-    password: Annotated[str, msgspec.Meta(description="12 to 128 characters; never logged.")]
+    username: Username
+    password: Password
     role: Role = "user"
 
 
@@ -180,7 +213,7 @@ async def set_user_role(
 
 
 class PasswordReset(msgspec.Struct, forbid_unknown_fields=True):
-    password: Annotated[str, msgspec.Meta(description="12 to 128 characters; never logged.")]
+    password: Password
 
 
 @route(
@@ -200,7 +233,7 @@ async def reset_user_password(
 
 class MfaReset(msgspec.Struct, forbid_unknown_fields=True):
     confirm: Annotated[
-        bool, msgspec.Meta(description="Must be true: you checked the person's identity.")
+        Literal[True], msgspec.Meta(description="Must be true: you checked the person's identity.")
     ]
 
 
@@ -217,8 +250,6 @@ class MfaReset(msgspec.Struct, forbid_unknown_fields=True):
 async def reset_user_mfa(
     ctx: AdminContext, query: None, body: MfaReset, *, user_id: int
 ) -> UserInfo:
-    if not body.confirm:
-        raise ApiError(400, "invalid_request", "set confirm to true", "$.confirm")
     return await _accounts(ctx).reset_mfa(user_id)
 
 
@@ -302,7 +333,10 @@ async def revoke_invite(
 class SessionsQuery(msgspec.Struct, forbid_unknown_fields=True):
     user_id: (
         Annotated[
-            int, msgspec.Meta(ge=1, description="This user's sessions, revoked ones included.")
+            int,
+            msgspec.Meta(
+                ge=1, le=MAX_INT, description="This user's sessions, revoked ones included."
+            ),
         ]
         | None
     ) = None
@@ -374,8 +408,8 @@ async def revoke_user_sessions(
 
 class RevokeAll(msgspec.Struct, forbid_unknown_fields=True):
     confirm: Annotated[
-        bool, msgspec.Meta(description="Must be true: this logs every user out.")
-    ] = False
+        Literal[True], msgspec.Meta(description="Must be true: this logs every user out.")
+    ]
 
 
 @route(
@@ -387,18 +421,11 @@ class RevokeAll(msgspec.Struct, forbid_unknown_fields=True):
     tag="sessions",
     errors=(
         _UNAVAILABLE,
-        (400, "confirm is not true (invalid_request, error.field $.confirm)."),
+        (400, "confirm is missing or not true (invalid_request, error.field $.confirm)."),
     ),
 )
 async def revoke_all_sessions(ctx: AdminContext, query: None, body: RevokeAll) -> Revoked:
     accounts = _accounts(ctx)
-    if not body.confirm:
-        raise ApiError(
-            400,
-            "invalid_request",
-            'this logs every user out; send {"confirm": true} to do it',
-            "$.confirm",
-        )
     return Revoked(revoked=await accounts.revoke_sessions(user_id=None, session_id=None))
 
 
@@ -408,9 +435,10 @@ async def revoke_all_sessions(ctx: AdminContext, query: None, body: RevokeAll) -
 class AuthAuditQuery(msgspec.Struct, forbid_unknown_fields=True):
     limit: Limit = 50
     before_id: Cursor | None = None
-    user_id: Annotated[int, msgspec.Meta(ge=1, description="Only this user's events.")] | None = (
-        None
-    )
+    user_id: (
+        Annotated[int, msgspec.Meta(ge=1, le=MAX_INT, description="Only this user's events.")]
+        | None
+    ) = None
     event: (
         Annotated[
             str,
@@ -420,7 +448,10 @@ class AuthAuditQuery(msgspec.Struct, forbid_unknown_fields=True):
     ) = None
     since: (
         Annotated[
-            int, msgspec.Meta(ge=0, description="Only events at or after this unix millisecond.")
+            int,
+            msgspec.Meta(
+                ge=0, le=MAX_INT, description="Only events at or after this unix millisecond."
+            ),
         ]
         | None
     ) = None

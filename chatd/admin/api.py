@@ -13,6 +13,17 @@ integer, passed to the handler as the keyword-only argument ``name``
 checks that the handler's keyword-only arguments are exactly the path's
 parameters, so the two cannot drift either.
 
+The query and body types are also what the document promises, so a request
+the document allows must not be refused with 400 (schemathesis checks this):
+every rule the server checks before a handler runs belongs in the type, as a
+``msgspec.Meta`` constraint (``ge``/``le``, ``min_length``/``max_length``,
+``pattern``) or a ``Literal``. A field whose refusal has a code of its own
+names it with ``Meta(extra={ERROR_CODE: "weak_password"})``; its description
+is added to the message. Every integer in a query or body has an upper bound
+(:data:`MAX_INT` at most), every string and list a longest length, so that no
+value the document allows overflows SQLite or exceeds ``admin.max_body_bytes``
+(``tests/test_admin_schemathesis.py`` checks each route's types for this).
+
 Account administration lives in :mod:`chatd.admin.accounts_api`, room
 administration in :mod:`chatd.admin.rooms_api`, who is online in
 :mod:`chatd.admin.online_api` and consent in :mod:`chatd.admin.consent_api`,
@@ -27,13 +38,13 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any, Final
+from typing import TYPE_CHECKING, Annotated, Any, Final, get_args
 
 import msgspec
 
 from chatd import __version__
 from chatd.errors import InputError, RefusedError
-from chatd.retention import Report, Retention
+from chatd.retention import JobName, Report, Retention
 from chatd.store import Store
 
 if TYPE_CHECKING:  # only a type here; the daemon builds it
@@ -162,8 +173,15 @@ class ErrorBody(msgspec.Struct):
     error: ErrorDetail
 
 
+#: The largest integer a query or body may carry: ids and times are SQLite integers.
+MAX_INT: Final = 2**63 - 1
+#: ``Meta.extra`` key naming the error code a field is refused with (else invalid_request).
+ERROR_CODE: Final = "error_code"
+
 Limit = Annotated[int, msgspec.Meta(ge=1, le=500, description="Rows per page.")]
-Cursor = Annotated[int, msgspec.Meta(ge=1, description="Return rows with an id below this one.")]
+Cursor = Annotated[
+    int, msgspec.Meta(ge=1, le=MAX_INT, description="Return rows with an id below this one.")
+]
 
 
 # -- health -------------------------------------------------------------------------
@@ -242,7 +260,18 @@ async def list_retention_runs(ctx: AdminContext, query: RunsQuery, body: None) -
 
 
 class RunRequest(msgspec.Struct, forbid_unknown_fields=True):
-    jobs: list[str] | None = None  # job names; all jobs when omitted
+    jobs: (
+        Annotated[
+            list[JobName],
+            msgspec.Meta(
+                max_length=len(get_args(JobName)),
+                description="The jobs to run, any of "
+                + ", ".join(get_args(JobName))
+                + "; all of them when omitted or null.",
+            ),
+        ]
+        | None
+    ) = None
 
 
 class RunResult(msgspec.Struct):

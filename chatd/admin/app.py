@@ -1,6 +1,8 @@
 """The Quart application for the admin API.
 
-Request handling, in order: route match (404/405), admin token check (401),
+Request handling, in order: route match (404/405, with ``Allow``; a path
+with no ids owns its URL, as in OpenAPI, so ``DELETE /v1/sessions/revoke-all``
+is 405 rather than a bad ``{session_id}``), admin token check (401),
 path ids (400 invalid_request naming the parameter), query, body size (413),
 content type (415), UTF-8 (400 invalid_utf8), JSON (400 malformed_json),
 schema (400 invalid_request with the field), then the handler. Every failure,
@@ -8,20 +10,31 @@ including Quart's own and unexpected exceptions, answers with
 ``{"error": {"code", "message"}}``; exception details go to the log, never to
 the client. An :class:`~chatd.auth.models.AuthError` from a handler keeps its
 code and field, with the status from :func:`auth_error_status`.
+
+Every answer waits until the request's body has arrived (up to
+``admin.max_body_bytes``, for at most :data:`BODY_WAIT_SECONDS`), even one
+given before the body was needed (404, 405, 401, a GET with a body), so that
+the connection can serve the next request. A response that leaves a body
+unread (413, or a body slower than that) closes the connection instead: see
+:func:`shield_response_sends` for what keeps that close from hanging.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-from typing import Any, Final
+import re
+from types import UnionType
+from typing import Annotated, Any, Final, Union, get_args, get_origin
 
 import msgspec
+import trio
 from quart import Response, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from chatd.admin.api import (
+    ERROR_CODE,
     ROUTES,
     AdminContext,
     ApiError,
@@ -57,6 +70,10 @@ _HTTP_CODES = {
 __all__ = ["ApiError", "auth_error_status", "create_app", "error_response"]
 
 MAX_ID: Final = 2**63 - 1  # path ids are SQLite integer primary keys
+#: Seconds an answer waits for the rest of a request body it did not need
+#: (so the connection can serve the next request); after that it is sent,
+#: and the connection closes.
+BODY_WAIT_SECONDS: Final = 10.0
 
 #: HTTP status of an AuthError code; every other code is 400.
 AUTH_ERROR_STATUS: Final = {
@@ -80,16 +97,56 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
     return response
 
 
-def _validation_error(exc: msgspec.ValidationError, where: str) -> ApiError:
+# msgspec names the field itself in these messages, at the path of its object.
+_NAMED_FIELD: Final = re.compile(r"^Object (?:missing required|contains unknown) field `([^`]+)`")
+
+
+def _field_meta(struct: type, name: str) -> msgspec.Meta | None:
+    """The ``msgspec.Meta`` of a struct's field (encoded ``name``), if it has one."""
+    for info in msgspec.structs.fields(struct):
+        if info.encode_name != name:
+            continue
+        annotations = [info.type]
+        if get_origin(info.type) in (Union, UnionType):  # X | None
+            annotations = list(get_args(info.type))
+        for annotation in annotations:
+            if get_origin(annotation) is Annotated:
+                metas = [m for m in get_args(annotation)[1:] if isinstance(m, msgspec.Meta)]
+                if metas:
+                    return metas[-1]
+    return None
+
+
+def _validation_error(exc: msgspec.ValidationError, where: str, decoded: type) -> ApiError:
+    """A 400 naming the field (``$.a.b`` in a body, the parameter in a query).
+
+    For a top-level field of the decoded struct (or an item of one, like
+    ``$.jobs[0]``) with a ``msgspec.Meta``, its
+    description is added to the message, and ``Meta.extra[ERROR_CODE]`` (if
+    set) replaces the code ``invalid_request`` when the value breaks a
+    constraint (not when the field is missing).
+    """
     text = str(exc)
-    field = None
+    path = "$"
     marker = " - at `"
     if marker in text:
-        text, _, path = text.partition(marker)
-        field = path.rstrip("`")
-        if where == "query":
-            field = field.replace("$.", "", 1)
-    return ApiError(400, "invalid_request", f"invalid {where}: {text}", field)
+        text, _, at = text.partition(marker)
+        path = at.rstrip("`")
+    named = _NAMED_FIELD.match(text)
+    field = f"{path}.{named.group(1)}" if named else (None if path == "$" else path)
+    code = "invalid_request"
+    # A top-level field, or an item of one (``$.jobs[0]``), has the Meta of that field.
+    top_level = re.fullmatch(r"\$\.([^.\[]+)(?:\[\d+\])*", field or "")
+    top = top_level.group(1) if top_level else ""
+    meta = _field_meta(decoded, top) if top else None
+    if meta is not None:
+        if meta.description:
+            text = f"{text} ({top}: {meta.description})"
+        if meta.extra and ERROR_CODE in meta.extra and named is None:  # not a missing field
+            code = meta.extra[ERROR_CODE]
+    if where == "query" and field is not None:
+        field = field.removeprefix("$.")
+    return ApiError(400, code, f"invalid {where}: {text}", field)
 
 
 def _check_token(ctx: AdminContext) -> None:
@@ -123,7 +180,7 @@ async def _decode_body(r: Route) -> Any:
     try:
         return msgspec.json.decode(data, type=r.body)
     except msgspec.ValidationError as exc:
-        raise _validation_error(exc, "body") from None
+        raise _validation_error(exc, "body", r.body) from None
     except msgspec.DecodeError as exc:
         raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
 
@@ -149,17 +206,84 @@ def _decode_query(r: Route) -> Any:
         values = request.args.getlist(key)
         args[key] = values[0] if len(values) == 1 else values
     try:
-        return msgspec.convert(args, type=r.query, strict=False)
+        query: Any = msgspec.convert(args, type=r.query, strict=False)
     except msgspec.ValidationError as exc:
-        raise _validation_error(exc, "query") from None
+        raise _validation_error(exc, "query", r.query) from None
+    for info in msgspec.structs.fields(r.query):
+        # Lenient conversion reads "null" as None; the document has no null parameters.
+        if info.encode_name in args and getattr(query, info.name) is None:
+            raise ApiError(
+                400,
+                "invalid_request",
+                f"invalid query: {info.encode_name} has no null value; leave it out instead",
+                info.encode_name,
+            )
+    return query
+
+
+def _template(path: str) -> re.Pattern[str]:
+    parts = ("[^/]+" if p.startswith("{") else re.escape(p) for p in path.split("/"))
+    return re.compile("/".join(parts) + r"\Z")
+
+
+def routes_for(routes: list[Route], path: str) -> list[Route]:
+    """The routes whose path is the URL ``path``, in the document's sense.
+
+    A route path without ids owns its URL (OpenAPI matches concrete paths
+    before templated ones); any other URL belongs to every templated route
+    path it matches.
+    """
+    concrete = [r for r in routes if r.path == path]
+    if concrete:
+        return concrete
+    return [r for r in routes if r.path_params and _template(r.path).match(path)]
+
+
+def allowed_methods(routes: list[Route], path: str) -> list[str]:
+    """The methods for an ``Allow`` header on the URL ``path`` (see :func:`routes_for`).
+    GET brings HEAD, which Quart answers for every GET route."""
+    methods = {r.method for r in routes_for(routes, path)}
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
+
+
+def shield_response_sends(asgi_app: Any) -> Any:
+    """Wrap an ASGI app so that its response sends cannot be cancelled halfway.
+
+    Why: when a response is complete before its request's body has arrived,
+    hypercorn closes the connection from inside that last send, first telling
+    the app ``http.disconnect``. quart-trio answers a disconnect by cancelling
+    the task that is making the send, so the close never finishes and the
+    connection hangs, serving nothing, until the client gives up (found by
+    schemathesis: 405 to a method with a body, sent in two packets). Shielded,
+    the close completes. Hypercorn already shields its socket writes, so this
+    adds no wait that was not there.
+    """
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await asgi_app(scope, receive, send)
+            return
+
+        async def shielded_send(message: dict[str, Any]) -> None:
+            with trio.CancelScope(shield=True):
+                await send(message)
+
+        await asgi_app(scope, receive, shielded_send)
+
+    return app
 
 
 def create_app(ctx: AdminContext, *, max_body_bytes: int) -> QuartTrio:
     """Build the admin app bound to ``ctx``."""
     app = QuartTrio("chatd.admin")
+    # Quart's documented way to add ASGI middleware (see Quart.asgi_app).
+    app.asgi_app = shield_response_sends(app.asgi_app)  # type: ignore[method-assign]
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     by_endpoint: dict[str, Route] = {}
+    concrete_paths = {r.path for r in ROUTES if not r.path_params}
 
     def make_view(r: Route) -> Any:
         async def view(**raw_path: Any) -> Response:
@@ -194,6 +318,22 @@ def create_app(ctx: AdminContext, *, max_body_bytes: int) -> QuartTrio:
         quart_path = r.path.replace("{", "<").replace("}", ">")
         app.add_url_rule(quart_path, r.endpoint, make_view(r), methods=[r.method])
 
+    @app.before_request
+    async def concrete_paths_first() -> None:
+        # Quart would try DELETE /v1/sessions/revoke-all as /v1/sessions/{session_id}.
+        allowed = allowed_methods(ROUTES, request.path)
+        if request.path in concrete_paths and request.method not in allowed:
+            raise MethodNotAllowed(valid_methods=allowed)
+
+    @app.after_request
+    async def wait_for_the_body(response: Response) -> Response:
+        with trio.move_on_after(BODY_WAIT_SECONDS):
+            try:
+                await request.get_data(cache=False, as_text=False)
+            except HTTPException:
+                pass  # too large (413): the connection closes after this answer
+        return response
+
     @app.after_request
     async def audit(response: Response) -> Response:
         r = by_endpoint.get(request.endpoint or "")
@@ -217,7 +357,11 @@ def create_app(ctx: AdminContext, *, max_body_bytes: int) -> QuartTrio:
         message = exc.description or exc.name
         if status == 413:
             message = f"the body is larger than admin.max_body_bytes ({max_body_bytes} bytes)"
-        return error_response(status, code, message)
+        response = error_response(status, code, message)
+        if isinstance(exc, MethodNotAllowed):
+            # RFC 9110 section 15.5.6: a 405 lists the methods the resource has.
+            response.headers["Allow"] = ", ".join(allowed_methods(ROUTES, request.path))
+        return response
 
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception) -> Response:

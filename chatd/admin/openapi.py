@@ -40,8 +40,27 @@ def _query_parameters(query: type, schema: dict[str, Any]) -> list[dict[str, Any
     params = []
     required = set(schema.get("required", ()))
     for name, prop in schema.get("properties", {}).items():
-        params.append({"name": name, "in": "query", "required": name in required, "schema": prop})
+        params.append(
+            {
+                "name": name,
+                "in": "query",
+                "required": name in required,
+                "schema": _without_null(prop),
+            }
+        )
     return params
+
+
+def _without_null(prop: dict[str, Any]) -> dict[str, Any]:
+    """A query parameter's schema without msgspec's ``X | None`` null branch:
+    a query string cannot say null, leaving the parameter out does."""
+    branches = prop.get("anyOf", [])
+    rest = [b for b in branches if b != {"type": "null"}]
+    if len(rest) != 1 or len(branches) != 2:
+        return prop
+    schema = {k: v for k, v in prop.items() if k not in ("anyOf", "default")}
+    schema.update(rest[0])
+    return schema
 
 
 def _path_parameters(names: list[str]) -> list[dict[str, Any]]:
@@ -77,8 +96,10 @@ def openapi_document() -> dict[str, Any]:
         if parameters:
             op["parameters"] = parameters
         if r.body is not None:
+            # An empty body is read as {}: it may be left out when no field is required.
+            body_schema = components[ref_of[r.body]["$ref"].rsplit("/", 1)[1]]
             op["requestBody"] = {
-                "required": False,
+                "required": bool(body_schema.get("required")),
                 "content": {"application/json": {"schema": ref_of[r.body]}},
             }
         media_type = r.media_type.partition(";")[0]

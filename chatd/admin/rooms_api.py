@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 import msgspec
 import trio
 
-from chatd.admin.api import AdminContext, ApiError, Limit, route
+from chatd.admin.api import MAX_INT, AdminContext, ApiError, Limit, route
 from chatd.errors import StoreError
 from chatd.log import fields
 from chatd.protocol.rooms import Role, RoomKind
@@ -157,7 +157,10 @@ class RoomDetail(msgspec.Struct):
 class RoomsQuery(msgspec.Struct, forbid_unknown_fields=True):
     limit: Limit = 50
     after_id: (
-        Annotated[int, msgspec.Meta(ge=0, description="Return rooms with an id above this one.")]
+        Annotated[
+            int,
+            msgspec.Meta(ge=0, le=MAX_INT, description="Return rooms with an id above this one."),
+        ]
         | None
     ) = None
 

@@ -37,6 +37,14 @@ _ECHO_MAX: Final = 32
 _SEPARATORS: Final = frozenset("._-")
 _ALLOWED: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789") | _SEPARATORS
 
+#: The same rules for a name already in its plain ASCII spelling (any case),
+#: as a regular expression that means the same in Python and in JSON Schema
+#: (ECMA 262); with the length limits above, it is what the admin API's OpenAPI
+#: document promises for a new username. Lookalike spellings that only fold to
+#: such a name (fullwidth letters, ligatures) do not match it. The lookahead
+#: after ``$`` keeps Python's ``$`` from matching before a final newline.
+USERNAME_PATTERN: Final = r"^[A-Za-z0-9](?:[._-]?[A-Za-z0-9])*[._-]?$(?!\n)"
+
 #: What is allowed, in one sentence; every :class:`UsernameError` ends with it.
 USERNAME_RULES: Final = (
     f"a username is {USERNAME_MIN} to {USERNAME_MAX} characters from a-z, 0-9, "
