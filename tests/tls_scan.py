@@ -25,9 +25,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from sslyze import (
-    Scanner,
     ScanCommand,
     ScanCommandsExtraArguments,
+    Scanner,
     ServerNetworkLocation,
     ServerScanRequest,
     ServerScanResult,
@@ -41,13 +41,11 @@ from sslyze.mozilla_tls_profile.tls_config_checker import (
 )
 from sslyze.plugins.certificate_info.implementation import CertificateInfoExtraArgument
 
-MODERN_LIFESPAN_DAYS = 90  # the longest leaf lifespan Mozilla's modern profile accepts
-
 
 @dataclasses.dataclass(frozen=True)
 class ScanCertificate:
     ca: Path  # the CA certificate (PEM) the scan trusts
-    chain: Path  # leaf + CA, for relay.tls_certificate
+    chain: Path  # the leaf alone (the CA is the trust anchor), for relay.tls_certificate
     key: Path  # the leaf's private key, for relay.tls_private_key (0600)
 
 
@@ -89,7 +87,7 @@ def issue_certificate(
     )
     found = ScanCertificate(directory / "ca.pem", directory / "cert.pem", directory / "key.pem")
     found.ca.write_bytes(ca.cert_pem.bytes())
-    found.chain.write_bytes(leaf.public_bytes(serialization.Encoding.PEM) + ca.cert_pem.bytes())
+    found.chain.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
     found.key.touch(mode=0o600)
     found.key.write_bytes(
         key.private_bytes(
