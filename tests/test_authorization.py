@@ -8,11 +8,17 @@ user's session or device exactly as it was.
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 from pathlib import Path
 
 import pytest
 from trio_websocket import open_websocket_url
+
+from chatd import log as chatd_log
+from chatd.config import LogSettings
+from chatd.log import fields
 
 from .test_keys import BOB_PASSWORD, login_device, team
 from .test_protocol import closes, frames, started
@@ -100,3 +106,18 @@ async def test_a_wrong_password_for_another_user_says_nothing_about_them(short_t
             reply.pop("id")
         assert exists == missing
         assert exists["code"] == "login_failed"
+
+
+@pytest.mark.parametrize("style", ["logfmt", "json"])
+def test_a_logged_value_cannot_forge_a_log_line(style: str) -> None:
+    """A client-chosen value (the relay logs a refused Origin header, for
+    one) is quoted: its newline cannot start a line of its own."""
+    forged = "https://x.example\nts=2026-01-01T00:00:00Z level=error msg=forged"
+    stream = io.StringIO()
+    chatd_log.configure(LogSettings(format=style), stream)
+    try:
+        logging.getLogger("chatd.relay").info("relay.origin_refused", extra=fields(origin=forged))
+    finally:
+        chatd_log.configure(LogSettings(), io.StringIO())
+    [line] = stream.getvalue().splitlines()
+    assert "\\nts=2026-01-01T00:00:00Z level=error msg=forged" in line  # escaped, in the one line
