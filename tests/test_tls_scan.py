@@ -43,8 +43,10 @@ async def scan_daemon(
         blobs_url = status.split("blobs ", 1)[1].split(",", 1)[0].split()[0]
         assert relay_url.startswith("wss://") and blobs_url.startswith("https://")
         ports = {"relay": urlsplit(relay_url).port, "blobs": urlsplit(blobs_url).port}
-        with trio.fail_after(SCAN_BUDGET):
-            results = await trio.to_thread.run_sync(scan, list(ports.values()), cert.ca)
+        with trio.fail_after(SCAN_BUDGET):  # abandoned, not waited for, if it hangs
+            results = await trio.to_thread.run_sync(
+                scan, list(ports.values()), cert.ca, abandon_on_cancel=True
+            )
     by_port = {r.server_location.port: r for r in results}
     return {name: modern_issues(by_port[port]) for name, port in ports.items()}
 
