@@ -68,3 +68,27 @@ def test_every_room_type_chatd_client_exports_is_listed_in_client_md() -> None:
     assert names <= set(chatd.client.__all__), names - set(chatd.client.__all__)
     rooms = {n for n in chatd.client.__all__ if n.startswith("Room") or n.isupper()}
     assert rooms - {"SAS_EMOJI", "DEFAULT_MEDIA_TYPES"} <= names, rooms - names
+
+
+def test_every_test_named_in_the_security_doc_exists() -> None:
+    """docs/SECURITY.md maps ASVS requirements to tests by
+    ``tests/file.py::test_name``; a renamed or deleted test must fail here."""
+    import ast
+
+    security = (REPO / "docs" / "SECURITY.md").read_text()
+    named = set(re.findall(r"tests/([\w/]+\.py)::(test_\w+)", security))
+    assert len(named) > 50  # the regex still finds the mapping
+    defined: dict[str, set[str]] = {}
+    missing = []
+    for path, name in sorted(named):
+        if path not in defined:
+            source = REPO / "tests" / path
+            tree = ast.parse(source.read_text()) if source.exists() else ast.Module([], [])
+            defined[path] = {
+                n.name
+                for n in ast.walk(tree)
+                if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)
+            }
+        if name not in defined[path]:
+            missing.append(f"tests/{path}::{name}")
+    assert not missing, f"docs/SECURITY.md names tests that do not exist: {missing}"
