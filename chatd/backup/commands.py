@@ -2,7 +2,8 @@
 
 These run on the server machine, as the chatd user, next to the data dir:
 they read the key files themselves. ``restore`` and ``rekey`` need the daemon
-stopped and refuse to run while its admin socket answers.
+stopped: they hold the data dir lock (:mod:`chatd.datalock`) that ``chatd
+serve`` holds while it runs, and also refuse while its admin socket answers.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from chatd.backup.archive import find_user, key_for, list_backups, verify_backup
 from chatd.backup.copy import copy_database, fsync_path
 from chatd.backup.keys import rotate_backup_key
 from chatd.config import Config
+from chatd.datalock import hold_data_dir_lock
 from chatd.errors import BackupError, KeyMismatchError, SecretFileError, StoreError, UsageError
 from chatd.keyfiles import (
     DB_KEY_BYTES,
@@ -73,9 +75,11 @@ def add_commands(sub: Any, config_arg: Any) -> None:
 def run_command(args: argparse.Namespace, config: Config) -> int:
     check_data_dir(config.data_dir)
     if args.command == "restore":
-        return restore(config, args.file, args.key_file)
+        with hold_data_dir_lock(config.data_dir, "a restore"):
+            return restore(config, args.file, args.key_file)
     if args.command == "rekey":
-        return rekey(config, args.new_key_file, generate=args.generate)
+        with hold_data_dir_lock(config.data_dir, "a rekey"):
+            return rekey(config, args.new_key_file, generate=args.generate)
     if args.action == "list":
         return _list(config)
     if args.action == "verify":
