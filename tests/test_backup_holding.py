@@ -5,14 +5,19 @@ backup holding``), on a real daemon with real SQLCipher backups.
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import subprocess
 from pathlib import Path
+
+import trio
 
 from chatd.auth.user_ids import next_user_id
 from chatd.store.migrations import SCHEMA_VERSION, migrate
 
 from .conftest import DataDir
-from .test_gdpr import ERASED, scene
+from .test_chatctl import chatctl_in
+from .test_gdpr import ERASED, WAIT, scene
 
 
 async def test_an_erased_accounts_id_is_never_given_to_a_new_account(
@@ -52,3 +57,83 @@ def test_the_migration_seeds_the_high_water_mark_from_receipts_and_users() -> No
     )
     conn.execute("DELETE FROM users WHERE id = 20")
     assert next_user_id(conn) == 21
+
+
+async def test_chatctl_lists_the_backups_still_holding_an_erased_account(
+    data_dir: DataDir, short_tmp: Path
+) -> None:
+    async with scene(data_dir, short_tmp, erasure_grace_days=0) as s:
+        alice, her = s.ids["alice"], s.ids[ERASED]
+        base = ["--socket", str(data_dir.path / "a.sock")]
+        base += ["--token-file", str(data_dir.path / "admin-token")]
+
+        async def ctl(*args: str) -> subprocess.CompletedProcess[str]:
+            done = await trio.to_thread.run_sync(lambda: chatctl_in(short_tmp, *base, *args))
+            assert done.returncode == 0, done.stderr
+            return done
+
+        made = await ctl("--json", "backup", "create")
+        before = json.loads(made.stdout)["file"]
+        live = json.loads((await ctl("--json", "backup", "holding", ERASED)).stdout)
+        assert [(a["user_id"], a["receipt_id"], a["backups"]) for a in live["accounts"]] == [
+            (her, None, [before])
+        ]
+        await s.ok("DELETE", f"/v1/users/{her}")
+        await s.ok("POST", "/v1/retention/run", json={"jobs": ["erasure"]})
+        (receipt,) = (await s.ok("GET", "/v1/erasure-receipts"))["receipts"]
+        created = receipt["receipt"]["receipt"]["account_created_at"]
+        after = json.loads((await ctl("--json", "backup", "create")).stdout)["file"]
+        assert after != before
+
+        erased = await ctl("backup", "holding", "--erased")
+        assert f"user {her} (erased, receipt {receipt['id']}, created" in erased.stdout
+        assert f"in 1 backup(s)\n  {before}\n" in erased.stdout + "\n"
+        assert after not in erased.stdout  # made after the purge: holds nothing of her
+        assert ERASED not in erased.stdout  # the receipt names no one
+        by_id = await s.ok("GET", "/v1/backups/holding", params={"user_id": her})
+        assert by_id["backups_checked"] == 2 and by_id["unchecked"] == []
+        assert by_id["accounts"] == [
+            {
+                "user_id": her,
+                "account_created_at": created,
+                "receipt_id": receipt["id"],
+                "backups": [before],
+            }
+        ]
+        # A live account is in both backups.
+        alice_in = await s.ok("GET", "/v1/backups/holding", params={"user_id": alice})
+        assert alice_in["accounts"][0]["backups"] == [before, after]
+
+
+async def test_holding_refuses_unclear_questions_and_reports_unreadable_backups(
+    data_dir: DataDir, short_tmp: Path
+) -> None:
+    async with scene(data_dir, short_tmp) as s:
+        for params in ({}, {"user_id": 1, "erased": "true"}, {"user_id": 0}, {"who": "x"}):
+            answer = await s.call("GET", "/v1/backups/holding", params=params)
+            assert answer.status_code == 400, (params, answer.text)
+        missing = await s.call("GET", "/v1/backups/holding", params={"user_id": 999})
+        assert missing.status_code == 404
+        assert missing.json()["error"]["code"] == "not_found"
+        none = await s.ok("GET", "/v1/backups/holding", params={"erased": "true"})
+        assert none["accounts"] == [] and none["backups_checked"] == 0
+        # A backup whose key is gone is reported, not skipped; nothing is touched.
+        job = await s.ok("POST", "/v1/backups")
+        with trio.fail_after(WAIT):
+            while job["state"] == "running":
+                job = await s.ok("GET", f"/v1/backups/{job['id']}")
+        backup = data_dir.config.backups_dir / job["file"]
+        stray = backup.with_name(backup.name.replace(job["key_id"], "0" * 16))
+        stray.write_bytes(backup.read_bytes())
+        report = await s.ok("GET", "/v1/backups/holding", params={"user_id": s.ids["alice"]})
+        assert report["accounts"][0]["backups"] == [job["file"]]
+        assert [u["file"] for u in report["unchecked"]] == [stray.name]
+        assert "needs backup key 0000000000000000" in report["unchecked"][0]["error"]
+        base = ["--socket", str(data_dir.path / "a.sock")]
+        base += ["--token-file", str(data_dir.path / "admin-token")]
+        done = await trio.to_thread.run_sync(
+            lambda: chatctl_in(short_tmp, *base, "backup", "holding", "alice")
+        )
+        assert done.returncode == 1
+        assert "1 backup(s) could not be checked" in done.stderr
+        assert stray.read_bytes() == backup.read_bytes()
