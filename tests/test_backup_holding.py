@@ -13,9 +13,11 @@ from pathlib import Path
 import trio
 
 from chatd.auth.user_ids import next_user_id
+from chatd.store.db import close_quietly, open_writer
 from chatd.store.migrations import SCHEMA_VERSION, migrate
 
 from .conftest import DataDir
+from .test_backup import add_user, chatd, make_backup, usernames
 from .test_chatctl import chatctl_in
 from .test_gdpr import ERASED, WAIT, scene
 
@@ -137,3 +139,18 @@ async def test_holding_refuses_unclear_questions_and_reports_unreadable_backups(
         assert done.returncode == 1
         assert "1 backup(s) could not be checked" in done.stderr
         assert stray.read_bytes() == backup.read_bytes()
+
+
+def test_a_restore_never_hands_out_again_the_ids_issued_since_the_backup(
+    data_dir: DataDir,
+) -> None:
+    add_user(data_dir, "alice")
+    backup = make_backup(data_dir)
+    add_user(data_dir, "bob")  # id 2: issued after the backup, maybe erased since
+    assert chatd(data_dir, "restore", str(backup)) == 0
+    assert usernames(data_dir.db, data_dir.key) == ["alice"]
+    conn = open_writer(data_dir.db, data_dir.key, busy_timeout_ms=1000)
+    try:
+        assert next_user_id(conn) == 3
+    finally:
+        close_quietly(conn)

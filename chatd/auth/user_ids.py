@@ -36,3 +36,22 @@ def insert_user(
         (user_id, username, username_key, role, password_hash, now, now),
     )
     return user_id
+
+
+def highest_user_id_issued(conn: Any) -> int:
+    """The highest user id a database has issued, as far as it can tell: its
+    mark, its accounts and its receipts (whichever of them its schema has).
+    ``chatd restore`` carries this over from the database it replaces, so
+    the ids issued since the backup are not issued again."""
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    parts = ["coalesce((SELECT max(id) FROM users), 0)"]
+    if "erasure_receipts" in tables:
+        parts.append("coalesce((SELECT max(user_id) FROM erasure_receipts), 0)")
+    if "user_id_high_water" in tables:
+        parts.append("coalesce((SELECT max(last_id) FROM user_id_high_water), 0)")
+    return int(conn.execute(f"SELECT max({', '.join(parts)}, 0)").fetchone()[0])  # noqa: S608 - constants
+
+
+def raise_high_water(conn: Any, issued: int) -> None:
+    """Make sure no id up to ``issued`` is handed out again (after a restore)."""
+    conn.execute("UPDATE user_id_high_water SET last_id = max(last_id, ?) WHERE id = 1", (issued,))
