@@ -32,6 +32,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn, get_args
 
@@ -628,14 +629,14 @@ def _online(args: argparse.Namespace, call: Call) -> tuple[Any, str]:
     return body, f"{text}\n{len(rows)} device(s) of {users} user(s) online"
 
 
-_ACCOUNT_COMMANDS = {
+_ACCOUNT_COMMANDS: dict[str, Callable[[argparse.Namespace, Call], tuple[Any, str]]] = {
     "online": _online,
     "users": _users,
     "invites": _invites,
     "sessions": _sessions,
     "auth-audit": _auth_audit,
     "rooms": _rooms,
-    "backup": ctl_backup.run,
+    "backup": partial(ctl_backup.run, user_id=_user_id),
     "consent": consent_command,
 }
 

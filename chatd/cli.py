@@ -25,6 +25,7 @@ from chatd import __version__
 from chatd.backup import commands as backup_commands
 from chatd.backup.keys import new_backup_key
 from chatd.config import CONFIG_FILE_NAME, Config, load_config, render_template
+from chatd.datalock import hold_data_dir_lock
 from chatd.errors import ChatdError, UsageError, exception_leaves
 from chatd.keyfiles import (
     admin_token_path,
@@ -216,7 +217,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         from chatd.daemon import run_daemon
 
         limit_malloc_arenas()  # before any thread starts; see chatd.memory
-        trio.run(run_daemon, config)
+        check_data_dir(config.data_dir)  # before the lock file is made in it
+        with hold_data_dir_lock(config.data_dir, "starting chatd serve again"):
+            trio.run(run_daemon, config)
         return 0
     except BaseException as exc:  # noqa: B036 - every failure becomes a clear message and code
         found = _first_chatd_error(exc)

@@ -1,11 +1,14 @@
-"""``chatctl backup create|list|cancel``: online backups through the admin API.
+"""``chatctl backup create|list|cancel|holding``: online backups through the admin API.
 
 ``backup create`` starts a backup (``POST /v1/backups``) and follows it
 (``GET /v1/backups/{id}``) with a progress bar on standard error until it is
 done, failed or cancelled; Ctrl-C cancels it (its partial file is deleted).
-``--no-wait`` returns at once with the job. Verifying, restoring and
-finding an account in backups happen on the server machine with ``chatd
-backup verify|holding`` and ``chatd restore``, which read the key files.
+``--no-wait`` returns at once with the job. ``backup holding USER`` and
+``backup holding --erased`` list the backups that still hold an account, or
+every erased account (``GET /v1/backups/holding``: the daemon opens each
+backup with the backup keys it has). Verifying and restoring happen on the
+server machine with ``chatd backup verify`` and ``chatd restore``, which read
+the key files.
 """
 
 from __future__ import annotations
@@ -31,13 +34,19 @@ class BackupFailed(ChatdError):
 
 
 def add_commands(sub: Any) -> None:
-    backup = sub.add_parser("backup", help="online backups: create, list, cancel")
+    backup = sub.add_parser("backup", help="online backups: create, list, cancel, holding")
     b = backup.add_subparsers(dest="action", metavar="ACTION", required=True)
     create = b.add_parser("create", help="back up the running server, with a progress bar")
     create.add_argument("--no-wait", action="store_true", help="start it and return at once")
     b.add_parser("list", help="backup files and this run's backup jobs")
     cancel = b.add_parser("cancel", help="cancel a running backup")
     cancel.add_argument("backup_id", type=int)
+    holding = b.add_parser("holding", help="backups that still hold an account, live or erased")
+    which = holding.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "user", nargs="?", help="a user id (also of an erased account) or a live account's name"
+    )
+    which.add_argument("--erased", action="store_true", help="every account with a receipt")
 
 
 def bar(job: dict[str, Any]) -> str:
@@ -85,9 +94,43 @@ def follow(call: Call, job: dict[str, Any], out: TextIO = sys.stderr) -> dict[st
     return job
 
 
-def run(args: argparse.Namespace, call: Call) -> tuple[Any, str]:
+def _when(ms: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ms / 1000)) + "Z"
+
+
+def holding_text(body: dict[str, Any]) -> str:
+    """The answer of ``GET /v1/backups/holding`` as lines to read."""
+    lines = [f"{body['backups_checked']} backup(s) checked in {body['directory']}"]
+    for a in body["accounts"]:
+        what = f"erased, receipt {a['receipt_id']}" if a["receipt_id"] is not None else "live"
+        where = f"{len(a['backups'])} backup(s)" if a["backups"] else "no backup"
+        lines.append(
+            f"user {a['user_id']} ({what}, created {_when(a['account_created_at'])}): in {where}"
+        )
+        lines += [f"  {name}" for name in a["backups"]]
+    if not body["accounts"]:
+        lines.append("no erased account (no erasure receipt)")
+    if body["unchecked"]:
+        lines.append(f"{len(body['unchecked'])} backup(s) could not be checked:")
+        lines += [f"  {u['file']}: {u['error']}" for u in body["unchecked"]]
+    return "\n".join(lines)
+
+
+def run(
+    args: argparse.Namespace, call: Call, *, user_id: Callable[[Call, str], int]
+) -> tuple[Any, str]:
     """Run one ``backup`` command; return the API's JSON and its text form.
-    Raises :class:`BackupFailed` when the backup ends failed or cancelled."""
+    Raises :class:`BackupFailed` when the backup ends failed or cancelled, or
+    when some backup could not be checked for ``holding`` (its key is not at
+    hand, or it is corrupt). ``user_id`` turns USER into an id."""
+    if args.action == "holding":
+        params: dict[str, Any] = (
+            {"erased": "true"} if args.erased else {"user_id": user_id(call, args.user)}
+        )
+        body = call("GET", "/v1/backups/holding", params=params)
+        if body["unchecked"]:
+            raise BackupFailed(holding_text(body))
+        return body, holding_text(body)
     if args.action == "list":
         body = call("GET", "/v1/backups")
         lines = [f"backups in {body['directory']}: {len(body['backups'])}"]

@@ -9,6 +9,7 @@ to a documented process exit code (see ``docs/OPERATIONS.md``)::
     ├── ConfigError                 exit 3  config file unreadable or invalid
     ├── SecretFileError             exit 4  key/token file missing, malformed or unsafe
     ├── DataDirError                exit 6  data dir missing, not ours, or unsafe
+    │   └── DataDirLockedError      exit 9  another chatd (serve, restore, rekey) uses it
     ├── ListenError                 exit 5  address in use or cannot bind
     ├── StoreError                  exit 7  database unusable
     │   ├── KeyMismatchError        exit 2  the key does not open the database
@@ -80,6 +81,13 @@ class DataDirError(ChatdError):
     """The data directory is missing, owned by another user, or writable by others."""
 
     exit_code = 6
+
+
+class DataDirLockedError(DataDirError):
+    """Another chatd process holds the data dir's lock (``chatd.lock``): a
+    running ``chatd serve``, ``chatd restore`` or ``chatd rekey``."""
+
+    exit_code = 9
 
 
 class ListenError(ChatdError):

@@ -23,6 +23,7 @@ import trio
 from trio_websocket import open_websocket_url
 
 from chatd import cli
+from chatd.auth.user_ids import insert_user
 from chatd.backup.archive import list_backups
 from chatd.backup.copy import CopyCancelled, Progress, copy_database
 from chatd.backup.keys import key_id, load_backup_key
@@ -46,11 +47,7 @@ def chatd(data_dir: DataDir, *args: str) -> int:
 def add_user(data_dir: DataDir, name: str) -> None:
     conn = open_writer(data_dir.db, data_dir.key, busy_timeout_ms=1000)
     try:
-        conn.execute(
-            "INSERT INTO users (username, username_key, role, password_hash,"
-            " password_changed_at, created_at) VALUES (?, ?, 'user', 'x', 0, 0)",
-            (name, name),
-        )
+        insert_user(conn, username=name, username_key=name, role="user", password_hash="x", now=0)
     finally:
         close_quietly(conn)
 

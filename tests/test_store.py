@@ -373,6 +373,9 @@ def _sample_rows(conn: Any, version: int) -> dict[str, int]:
             "INSERT INTO erasure_receipts (user_id, erased_at, receipt) VALUES (7, 1, '{}')"
         )
         rows["erasure_receipts"] = 1
+    # User ids never reused: its one row is made by the migration itself.
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'user_id_high_water'").fetchone():
+        rows["user_id_high_water"] = 1
     return rows
 
 

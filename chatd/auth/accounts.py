@@ -16,6 +16,7 @@ from chatd.auth.passwords import PasswordPolicyError, check_password_policy
 from chatd.auth.queries import list_sessions_where
 from chatd.auth.service import AuthService
 from chatd.auth.tokens import new_invite_code, token_hash
+from chatd.auth.user_ids import insert_user
 from chatd.auth.usernames import UsernameError, normalize_username
 from chatd.e2ee.current import CurrentDevices
 from chatd.store import now_ms
@@ -71,12 +72,14 @@ class AccountAdmin:
         def insert(conn: Any) -> int | None:
             if conn.execute("SELECT 1 FROM users WHERE username_key = ?", (key,)).fetchone():
                 return None
-            cur = conn.execute(
-                "INSERT INTO users (username, username_key, role, password_hash,"
-                " password_changed_at, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (username, key, role, password_hash, now, now),
+            return insert_user(
+                conn,
+                username=username,
+                username_key=key,
+                role=role,
+                password_hash=password_hash,
+                now=now,
             )
-            return int(cur.lastrowid)
 
         user_id = await self.store.write(insert)
         if user_id is None:

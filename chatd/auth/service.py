@@ -39,6 +39,7 @@ from chatd.auth.credentials import CredentialFlows
 from chatd.auth.models import Peer, SessionGrant, SessionInfo
 from chatd.auth.queries import list_sessions_where, rotate_session_tokens, select_session
 from chatd.auth.tokens import TOKEN_MAX_CHARS, new_token, token_hash
+from chatd.auth.user_ids import insert_user
 from chatd.auth.usernames import UsernameError, normalize_username
 from chatd.e2ee.keys import bind_device
 from chatd.store import now_ms
@@ -177,12 +178,14 @@ class AuthService(CredentialFlows):
                 return "invalid_invite"
             if conn.execute("SELECT 1 FROM users WHERE username_key = ?", (key,)).fetchone():
                 return "username_taken"
-            cur = conn.execute(
-                "INSERT INTO users (username, username_key, role, password_hash,"
-                " password_changed_at, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (username, key, invite[1], password_hash, now, now),
+            user_id = insert_user(
+                conn,
+                username=username,
+                username_key=key,
+                role=invite[1],
+                password_hash=password_hash,
+                now=now,
             )
-            user_id = int(cur.lastrowid)
             conn.execute(
                 "UPDATE invites SET used_at = ?, used_by = ? WHERE id = ?",
                 (now, user_id, invite[0]),

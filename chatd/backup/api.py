@@ -5,15 +5,20 @@ job's progress is followed with ``GET /v1/backups/{backup_id}`` until its
 ``state`` is no longer ``running``. ``GET /v1/backups`` lists the backup
 files in ``backup.directory`` and the jobs since the daemon started. Backup
 ids count from 1 at each start; the files are the lasting record.
+``GET /v1/backups/holding`` says which backups still hold an account, live
+or erased (:mod:`chatd.backup.holding`).
 """
 
 from __future__ import annotations
+
+from typing import Annotated, Any
 
 import msgspec
 import trio
 
 from chatd.admin.api import AdminContext, ApiError, route
 from chatd.backup.archive import list_backups
+from chatd.backup.holding import Account, accounts_from_receipts, scan_backups
 from chatd.backup.service import BackupJob, BackupRunning, Backups
 from chatd.errors import BackupError, SecretFileError
 
@@ -163,3 +168,91 @@ async def cancel_backup(
     if job is None:
         raise ApiError(404, "not_found", f"no backup job {backup_id} since the daemon started")
     return job_info(job)
+
+
+UserId = Annotated[int, msgspec.Meta(ge=1, description="A live or an erased account's id.")]
+Erased = Annotated[bool, msgspec.Meta(description="Every account an erasure receipt names.")]
+
+
+class HoldingQuery(msgspec.Struct, forbid_unknown_fields=True):
+    user_id: UserId | None = None
+    erased: Erased = False
+
+
+class HoldingAccount(msgspec.Struct):
+    user_id: int
+    account_created_at: int  # unix ms; with user_id it names one account
+    receipt_id: int | None  # its erasure receipt; null for a live account
+    backups: list[str]  # backup files that hold it, oldest first
+
+
+class UncheckedBackup(msgspec.Struct):
+    file: str
+    error: str  # why it could not be read: key not at hand, corrupt, not a backup
+
+
+class HoldingReport(msgspec.Struct):
+    """The backups in backup.directory that still hold each account."""
+
+    directory: str
+    backups_checked: int
+    accounts: list[HoldingAccount]
+    unchecked: list[UncheckedBackup]  # not empty: the answer is incomplete
+
+
+def _accounts_to_find(conn: Any, query: HoldingQuery) -> list[Account]:
+    if query.erased:
+        rows = conn.execute("SELECT id, receipt FROM erasure_receipts ORDER BY id").fetchall()
+        return accounts_from_receipts(rows)
+    live = conn.execute(
+        "SELECT id, created_at FROM users WHERE id = ?", (query.user_id,)
+    ).fetchall()
+    rows = conn.execute(
+        "SELECT id, receipt FROM erasure_receipts WHERE user_id = ? ORDER BY id",
+        (query.user_id,),
+    ).fetchall()
+    return [Account(int(r[0]), int(r[1])) for r in live] + accounts_from_receipts(rows)
+
+
+@route(
+    "GET",
+    "/v1/backups/holding",
+    "Which backups still hold an account: a live one (user_id), an erased one "
+    "(user_id: found by its receipt), or every erased account (erased=true)",
+    response=HoldingReport,
+    query=HoldingQuery,
+    tag="backups",
+    errors=(
+        (400, "Give exactly one of user_id and erased=true (invalid_request)."),
+        (404, "No account and no erasure receipt with this user id (not_found)."),
+        _UNAVAILABLE,
+    ),
+)
+async def backups_holding(ctx: AdminContext, query: HoldingQuery, body: None) -> HoldingReport:
+    backups = _backups(ctx)
+    if (query.user_id is None) == (not query.erased):
+        raise ApiError(
+            400,
+            "invalid_request",
+            "give exactly one of user_id (an account, live or erased) and erased=true "
+            "(every erased account)",
+            field="$.user_id",
+        )
+    accounts = await ctx.store.read(lambda conn: _accounts_to_find(conn, query))
+    if not accounts and query.user_id is not None:
+        raise ApiError(
+            404, "not_found", f"no account and no erasure receipt with user id {query.user_id}"
+        )
+    # Blocking SQLCipher opens, one scan at a time, off the event loop.
+    found = await trio.to_thread.run_sync(
+        scan_backups, backups.config, accounts, limiter=backups.scan_limiter
+    )
+    return HoldingReport(
+        directory=str(backups.directory),
+        backups_checked=found.checked,
+        accounts=[
+            HoldingAccount(a.user_id, a.created_at, a.receipt_id, files)
+            for a, files in found.accounts.items()
+        ],
+        unchecked=[UncheckedBackup(name, why) for name, why in found.unchecked],
+    )

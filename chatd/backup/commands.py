@@ -2,7 +2,8 @@
 
 These run on the server machine, as the chatd user, next to the data dir:
 they read the key files themselves. ``restore`` and ``rekey`` need the daemon
-stopped and refuse to run while its admin socket answers.
+stopped: they hold the data dir lock (:mod:`chatd.datalock`) that ``chatd
+serve`` holds while it runs, and also refuse while its admin socket answers.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import time
 from pathlib import Path
 from typing import Any, Final
 
+from chatd.auth.user_ids import highest_user_id_issued, raise_high_water
 from chatd.backup.archive import find_user, key_for, list_backups, verify_backup
 from chatd.backup.copy import copy_database, fsync_path
 from chatd.backup.keys import rotate_backup_key
 from chatd.config import Config
+from chatd.datalock import hold_data_dir_lock
 from chatd.errors import BackupError, KeyMismatchError, SecretFileError, StoreError, UsageError
 from chatd.keyfiles import (
     DB_KEY_BYTES,
@@ -29,7 +32,7 @@ from chatd.keyfiles import (
     new_db_key,
     write_private_file,
 )
-from chatd.store.db import close_quietly, connect, open_writer
+from chatd.store.db import DatabaseError, close_quietly, connect, open_writer
 from chatd.store.migrations import SCHEMA_VERSION
 
 COMMANDS: Final = ("backup", "restore", "rekey")
@@ -73,9 +76,11 @@ def add_commands(sub: Any, config_arg: Any) -> None:
 def run_command(args: argparse.Namespace, config: Config) -> int:
     check_data_dir(config.data_dir)
     if args.command == "restore":
-        return restore(config, args.file, args.key_file)
+        with hold_data_dir_lock(config.data_dir, "a restore"):
+            return restore(config, args.file, args.key_file)
     if args.command == "rekey":
-        return rekey(config, args.new_key_file, generate=args.generate)
+        with hold_data_dir_lock(config.data_dir, "a rekey"):
+            return rekey(config, args.new_key_file, generate=args.generate)
     if args.action == "list":
         return _list(config)
     if args.action == "verify":
@@ -169,10 +174,12 @@ def restore(config: Config, path: Path, key_file: Path | None) -> int:
     """Replace the database with the backup at ``path``.
 
     Order: refuse while chatd runs; verify the backup with its key; refuse a
-    newer schema; copy it into ``<database>.restoring`` under the database
-    key; move the current database and its -wal/-shm aside to
-    ``<database>.before-restore-<time>``; put the copy in place; open it as
-    the daemon would (WAL, migrations). If that open fails, the restored copy
+    newer schema; note the highest user id the current database issued (so
+    the restored one never issues those ids again); copy it into
+    ``<database>.restoring`` under the database key; move the current
+    database and its -wal/-shm aside to ``<database>.before-restore-<time>``;
+    put the copy in place; open it as the daemon would (WAL, migrations) and
+    raise its user id mark. If that open fails, the restored copy
     is removed and the previous database moved back. The set-aside database
     is never deleted: the admin removes it once satisfied.
     """
@@ -186,6 +193,7 @@ def restore(config: Config, path: Path, key_file: Path | None) -> int:
         )
     db_key = load_db_key(config)
     db = config.database_path
+    issued = _user_ids_issued(db, db_key)
     staged = db.with_name(db.name + ".restoring")
     staged.unlink(missing_ok=True)  # left by a crashed restore
     copy_database(path, key, staged, db_key, chunk_rows=config.backup.chunk_rows)
@@ -202,6 +210,7 @@ def restore(config: Config, path: Path, key_file: Path | None) -> int:
         fsync_path(db.parent, directory=True)
         conn = open_writer(db, db_key, busy_timeout_ms=config.store.busy_timeout_ms)
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        raise_high_water(conn, issued)
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         close_quietly(conn)
     except BaseException:
@@ -220,6 +229,23 @@ def restore(config: Config, path: Path, key_file: Path | None) -> int:
         print(f"  the previous database is kept as {aside} (delete it when satisfied)")
     print("start chatd again: systemctl start chatd")
     return 0
+
+
+def _user_ids_issued(db: Path, key: bytes) -> int:
+    """The highest user id the database being replaced issued (0 when it is
+    missing or unreadable): ids issued after the backup are not issued again."""
+    if not db.exists():
+        return 0
+    try:
+        conn = connect(db, key, busy_timeout_ms=0, readonly=True)
+    except StoreError:
+        return 0
+    try:
+        return highest_user_id_issued(conn)
+    except DatabaseError:
+        return 0
+    finally:
+        close_quietly(conn)
 
 
 def _read_db_key_file(path: Path, *, from_credential: bool) -> tuple[bytes, str]:

@@ -67,6 +67,8 @@ class Backups:
         self._db_key = db_key
         self._nursery = nursery
         self._jobs: dict[int, BackupJob] = {}
+        # GET /v1/backups/holding: one scan of the backups at a time.
+        self.scan_limiter = trio.CapacityLimiter(1)
         self._next_id = 1
 
     @property

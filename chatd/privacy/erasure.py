@@ -93,6 +93,7 @@ PLAN: Final[dict[str, str]] = {
     "record that the account, and with it its consent, is gone)",
     "consent_documents": "keep: the server's own documents, no personal data",
     "erasure_receipts": "keep: the evidence of the erasure (former id, no name)",
+    "user_id_high_water": "keep: the highest user id issued, so the former id is never reused",
 }
 
 _ROOM_TOTALS_FROM_USER: Final = (

@@ -271,6 +271,7 @@ NOT_EXPORTED: Final[dict[str, str]] = {
     "sends": "message ids remembered for de-duplication only",
     "blob_rooms": "which rooms may download an attachment: the room's data",
     "erasure_receipts": "receipts name an earlier, erased account: another person",
+    "user_id_high_water": "one number for the whole server (the highest user id issued)",
 }
 
 

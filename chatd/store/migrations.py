@@ -350,6 +350,26 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     );
     CREATE INDEX erasure_receipts_user ON erasure_receipts (user_id);
     """,
+    # 13: user ids are never handed out twice. users.id is a plain rowid (no
+    # AUTOINCREMENT, and rebuilding the table is not worth it), so erasing the
+    # highest-id account used to free its id for the next account: receipts,
+    # room events, backups and logs would then name two people by one id.
+    # chatd.auth.user_ids picks max(last_id, max(users.id)) + 1; the trigger
+    # keeps last_id up to date for every insert, whoever makes it. Seeded with
+    # the highest id in use or named by a receipt.
+    """
+    CREATE TABLE user_id_high_water (
+        id      INTEGER PRIMARY KEY CHECK (id = 1),  -- one row
+        last_id INTEGER NOT NULL                     -- the highest user id ever issued
+    );
+    INSERT INTO user_id_high_water (id, last_id) VALUES (1, max(
+        coalesce((SELECT max(id) FROM users), 0),
+        coalesce((SELECT max(user_id) FROM erasure_receipts), 0)));
+    CREATE TRIGGER users_id_high_water AFTER INSERT ON users
+    BEGIN
+        UPDATE user_id_high_water SET last_id = NEW.id WHERE id = 1 AND last_id < NEW.id;
+    END;
+    """,
 )
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)
