@@ -187,7 +187,11 @@ async def disable_user(ctx: AdminContext, query: None, body: None, *, user_id: i
     "Enable a disabled account",
     response=UserInfo,
     tag="accounts",
-    errors=(_UNAVAILABLE, _NO_USER),
+    errors=(
+        _UNAVAILABLE,
+        _NO_USER,
+        (409, "An erasure of the account is pending: cancel it first (erasure_pending)."),
+    ),
 )
 async def enable_user(ctx: AdminContext, query: None, body: None, *, user_id: int) -> UserInfo:
     return await _accounts(ctx).set_disabled(user_id, False)

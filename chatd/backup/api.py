@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import msgspec
 import trio
 
-from chatd.admin.api import AdminContext, ApiError, route
+from chatd.admin.api import MAX_INT, AdminContext, ApiError, route
 from chatd.backup.archive import list_backups
 from chatd.backup.holding import Account, accounts_from_receipts, scan_backups
 from chatd.backup.service import BackupJob, BackupRunning, Backups
@@ -170,8 +170,15 @@ async def cancel_backup(
     return job_info(job)
 
 
-UserId = Annotated[int, msgspec.Meta(ge=1, description="A live or an erased account's id.")]
-Erased = Annotated[bool, msgspec.Meta(description="Every account an erasure receipt names.")]
+UserId = Annotated[
+    int, msgspec.Meta(ge=1, le=MAX_INT, description="A live or an erased account's id.")
+]
+Erased = Annotated[
+    bool,
+    msgspec.Meta(
+        description="Also every account an erasure receipt names (the default without user_id)."
+    ),
+]
 
 
 class HoldingQuery(msgspec.Struct, forbid_unknown_fields=True):
@@ -201,45 +208,40 @@ class HoldingReport(msgspec.Struct):
 
 
 def _accounts_to_find(conn: Any, query: HoldingQuery) -> list[Account]:
-    if query.erased:
+    accounts: list[Account] = []
+    if query.user_id is not None:
+        live = conn.execute(
+            "SELECT id, created_at FROM users WHERE id = ?", (query.user_id,)
+        ).fetchall()
+        accounts += [Account(int(r[0]), int(r[1])) for r in live]
+    if query.erased or query.user_id is None:
         rows = conn.execute("SELECT id, receipt FROM erasure_receipts ORDER BY id").fetchall()
-        return accounts_from_receipts(rows)
-    live = conn.execute(
-        "SELECT id, created_at FROM users WHERE id = ?", (query.user_id,)
-    ).fetchall()
-    rows = conn.execute(
-        "SELECT id, receipt FROM erasure_receipts WHERE user_id = ? ORDER BY id",
-        (query.user_id,),
-    ).fetchall()
-    return [Account(int(r[0]), int(r[1])) for r in live] + accounts_from_receipts(rows)
+    else:
+        rows = conn.execute(
+            "SELECT id, receipt FROM erasure_receipts WHERE user_id = ? ORDER BY id",
+            (query.user_id,),
+        ).fetchall()
+    return accounts + accounts_from_receipts(rows)
 
 
 @route(
     "GET",
     "/v1/backups/holding",
     "Which backups still hold an account: a live one (user_id), an erased one "
-    "(user_id: found by its receipt), or every erased account (erased=true)",
+    "(user_id: found by its receipt), and every erased account (erased=true, or "
+    "no user_id)",
     response=HoldingReport,
     query=HoldingQuery,
     tag="backups",
     errors=(
-        (400, "Give exactly one of user_id and erased=true (invalid_request)."),
         (404, "No account and no erasure receipt with this user id (not_found)."),
         _UNAVAILABLE,
     ),
 )
 async def backups_holding(ctx: AdminContext, query: HoldingQuery, body: None) -> HoldingReport:
     backups = _backups(ctx)
-    if (query.user_id is None) == (not query.erased):
-        raise ApiError(
-            400,
-            "invalid_request",
-            "give exactly one of user_id (an account, live or erased) and erased=true "
-            "(every erased account)",
-            field="$.user_id",
-        )
     accounts = await ctx.store.read(lambda conn: _accounts_to_find(conn, query))
-    if not accounts and query.user_id is not None:
+    if not accounts and query.user_id is not None and not query.erased:
         raise ApiError(
             404, "not_found", f"no account and no erasure receipt with user id {query.user_id}"
         )
