@@ -663,7 +663,8 @@ class QueueService:
     def _write_failed(self, batch: Batch, error: StoreError) -> None:
         """On the loop: a batch was not written. Its sends fail (their senders
         resend); its deletes are undone (the envelopes come again)."""
-        log.warning("queues.write_failed", extra=fields(error=type(error).__name__))
+        # The store logs the episode and its cause once (store.write_failed).
+        log.debug("queues.write_failed", extra=fields(error=str(error)))
         failed_sends = {ins.outcome for ins in batch.inserts() if ins.outcome is not None}
         failed_sends.update(e.outcome for e in batch.room_inserts() if e.outcome is not None)
         for outcome in failed_sends:
