@@ -340,6 +340,10 @@ def main() -> None:
         set_settings(config, "auth", RELAXED_AUTH)
         set_settings(config, "relay", {"port": 0, **RELAXED_RELAY})
         set_settings(config, "attachments", {"port": 0})
+        # The offline phone keeps every message of the run.
+        set_settings(
+            config, "devices", {"max_queued_envelopes": 10_000_000, "max_queued_bytes": 1 << 34}
+        )
         daemon = PipedDaemon(config, Path(tmp))
         daemon.start()
         try:

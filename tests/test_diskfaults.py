@@ -18,6 +18,7 @@ resent message is stored and every ``sent`` message is in the database.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 from trio_websocket import open_websocket_url
 
@@ -272,4 +274,95 @@ async def test_a_full_disk_refuses_each_write_clearly_keeps_serving_and_recovers
                 up_to = again_frame["envelopes"][-1]["envelope_id"]
                 assert (await bob_client.request("ack", up_to=up_to))["type"] == "ok"
             assert await server_message_ids(data_dir) == set()
+        assert not [line for line in log.lines if "level=error" in line]
+
+
+@asynccontextmanager
+async def small_tmpfs(short_tmp: Path, size: str) -> AsyncIterator[Path]:
+    """A tmpfs of ``size`` mounted inside ``short_tmp`` (needs CAP_SYS_ADMIN;
+    the suite runs as root in CI and here, and says so if it cannot)."""
+    mountpoint = short_tmp / "fs"
+    mountpoint.mkdir()
+    mounted = await trio.run_process(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mountpoint)],
+        check=False,
+        capture_stderr=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield mountpoint
+    finally:
+        await trio.run_process(["umount", "-l", str(mountpoint)], check=False)
+
+
+def fill_up(directory: Path) -> Path:
+    """Write a filler file until the filesystem is full; return it."""
+    filler = directory / "filler"
+    with filler.open("wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+    return filler
+
+
+async def test_a_full_filesystem_refuses_sends_and_recovers_when_space_returns(
+    short_tmp: Path,
+) -> None:
+    """The same on a real full filesystem (ENOSPC): a small tmpfs under the
+    data dir, filled with a file, then freed by deleting it. Writes that fit
+    in pages the WAL already has may still succeed on a full disk; the first
+    refusal must come, with health 503 and the cause in the log."""
+    async with small_tmpfs(short_tmp, "24m") as fs:
+        data_dir = DataDir(fs)
+        data_dir.configure(auth={"require_mfa": "none"})
+        async with piped_daemon(data_dir, short_tmp) as (d, log):
+            await d.wait_notify("READY")
+            await create_users(data_dir)
+            url = d.relay_url()
+            transport = httpx.AsyncHTTPTransport(uds=str(data_dir.path / "a.sock"))
+            async with (
+                httpx.AsyncClient(transport=transport, base_url="http://chatd") as admin,
+                open_websocket_url(url) as ws,
+            ):
+                await ws.get_message()
+                session = await Client(ws).login("bob", PASSWORDS["bob"])
+                await next_frame(Client(ws), "key_count")
+                bob = Device(Client(ws), session["user"]["id"], session["device_id"])
+                await bob.publish(5)
+                to_bob = {"user_id": bob.user_id, "device_id": bob.device_id}
+            async with (
+                httpx.AsyncClient(transport=transport, base_url="http://chatd") as admin,
+                open_websocket_url(url) as alice_ws,
+            ):
+                await alice_ws.get_message()
+                alice = Client(alice_ws)
+                await login_device(alice, "alice", PASSWORDS["alice"])
+                filler = await trio.to_thread.run_sync(fill_up, fs)
+                sent: list[str] = []
+                for n in range(2000):  # bob is offline: each message must be written
+                    message_id = str(uuid.uuid4())
+                    text = f"{n} " + "x" * 16_000
+                    reply = await alice.request("send", **send_frame(to_bob, message_id, text))
+                    if reply["type"] == "error":
+                        break
+                    assert reply["type"] == "sent", reply
+                    sent.append(message_id)
+                assert_refused(reply)
+                health = await admin.get("/v1/health")
+                assert health.status_code == 503, health.text
+                cause = await log.wait_for("msg=store.write_failed")
+                assert "SQLITE_FULL" in cause, cause
+                await assert_open(alice)
+
+                filler.unlink()
+                again = await alice.request("send", **send_frame(to_bob, message_id, text))
+                assert again["type"] == "sent", again
+                sent.append(message_id)
+                await log.wait_for("msg=store.write_recovered")
+                assert (await admin.get("/v1/health")).status_code == 200
+                assert set(sent) <= await server_message_ids(data_dir)
         assert not [line for line in log.lines if "level=error" in line]

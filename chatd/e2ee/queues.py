@@ -504,7 +504,7 @@ class QueueService:
                 rows = [r for r in rows if r.envelope_id not in deleting]
             done(rows, through, complete, state.tails.get(device_id, {}).values(), state.held)
 
-        self.store.submit_nowait(read, committed, failed)
+        self.store.submit_nowait(read, committed, failed, reads_only=True)
 
     # -- expiry (retention) --------------------------------------------------------------
 
@@ -545,7 +545,7 @@ class QueueService:
             read_error.append(exc)
             read_done.set()
 
-        self.store.submit_nowait(read, committed, failed)
+        self.store.submit_nowait(read, committed, failed, reads_only=True)
         await read_done.wait()
         if read_error:
             raise StoreError(f"reading expired envelopes failed: {read_error[0]}")

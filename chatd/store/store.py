@@ -72,7 +72,7 @@ WRITE_RECHECK_SECONDS: Final = 5.0
 
 
 class _Job(Generic[T]):
-    __slots__ = ("fn", "result", "error", "done", "on_commit", "on_error", "bounded")
+    __slots__ = ("fn", "result", "error", "done", "on_commit", "on_error", "bounded", "reads_only")
 
     def __init__(
         self,
@@ -81,6 +81,7 @@ class _Job(Generic[T]):
         on_error: Callable[[BaseException], None] | None = None,
         *,
         bounded: bool = True,
+        reads_only: bool = False,
     ) -> None:
         self.fn = fn
         self.result: T | None = None
@@ -89,6 +90,7 @@ class _Job(Generic[T]):
         self.on_commit = on_commit
         self.on_error = on_error
         self.bounded = bounded  # holds one of the max_pending_writes slots
+        self.reads_only = reads_only  # writes nothing and may run twice (see _run_batch)
 
 
 class PendingWrite(Generic[T]):
@@ -304,6 +306,8 @@ class Store:
         fn: Callable[[Connection], T],
         on_commit: Callable[[T], None],
         on_error: Callable[[BaseException], None],
+        *,
+        reads_only: bool = False,
     ) -> None:
         """Queue ``fn`` for the writer at once, without waiting for a slot.
 
@@ -316,10 +320,15 @@ class Store:
         loop once the batch holding it has committed or failed, in commit
         order with the other jobs' callbacks; neither may block or raise.
         Raises :class:`StoreClosedError` after shutdown.
+
+        ``reads_only`` declares that ``fn`` writes nothing and has no effect
+        but its result, so it may run twice: if the batch it is in fails to
+        commit (a full disk), it runs again on its own, and what is stored
+        can still be read in order with the writes.
         """
         if self._closed or self._thread is None:
             raise StoreClosedError("the store is shut down; the write was not made")
-        self._queue.put(_Job(fn, on_commit, on_error, bounded=False))
+        self._queue.put(_Job(fn, on_commit, on_error, bounded=False, reads_only=reads_only))
 
     async def read(self, fn: Callable[[Connection], T]) -> T:
         """Run ``fn(conn)`` on a read-only connection in a worker thread."""
@@ -408,13 +417,13 @@ class Store:
 
     def _run_batch(self, conn: Connection, batch: list[_Job[Any]]) -> None:
         started = time.perf_counter()
-        unchanged: list[_Job[Any]] = []  # jobs that changed no row
-        cause = self._attempt(conn, batch, unchanged)
-        if cause is not None and unchanged and len(unchanged) < len(batch):
-            # The writes failed. The jobs that only read (a device's queue,
-            # say) need no disk space: run them again on their own, so that
-            # what is stored keeps being delivered during a fault.
-            self._attempt(conn, unchanged, [])
+        cause = self._attempt(conn, batch)
+        reads = [job for job in batch if job.reads_only]
+        if cause is not None and reads and len(reads) < len(batch):
+            # The writes failed. The jobs that only read (a device's queue)
+            # need no disk space: run them again on their own, so that what
+            # is stored keeps being delivered during a fault.
+            self._attempt(conn, reads)
         stats = self.stats
         stats.commit_seconds.observe(time.perf_counter() - started)
         stats.batch_sizes.observe(len(batch))
@@ -426,18 +435,14 @@ class Store:
         except trio.RunFinishedError:  # pragma: no cover - loop gone; nobody to wake
             pass
 
-    def _attempt(
-        self, conn: Connection, jobs: list[_Job[Any]], unchanged: list[_Job[Any]]
-    ) -> str | None:
+    def _attempt(self, conn: Connection, jobs: list[_Job[Any]]) -> str | None:
         """Run ``jobs`` in one transaction and commit; the cause of a failure
-        (every job then fails with a StoreError naming it), None on success.
-        Appends to ``unchanged`` the jobs that changed no row."""
+        (every job then fails with a StoreError naming it), None on success."""
         changes = conn.total_changes
         try:
             conn.execute("BEGIN IMMEDIATE")
             for job in jobs:
                 job.error = None
-                before = conn.total_changes
                 conn.execute("SAVEPOINT job")
                 try:
                     job.result = job.fn(conn)
@@ -449,12 +454,6 @@ class Store:
                         raise StorageFault(cause) from exc
                     conn.execute("ROLLBACK TO job")
                 conn.execute("RELEASE job")
-                if (
-                    job.error is None
-                    and conn.total_changes == before
-                    and job.fn is not _rewrite_version
-                ):
-                    unchanged.append(job)
             conn.execute("COMMIT")
         except (DatabaseError, StorageFault) as exc:
             try:
