@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import re
 from types import UnionType
 from typing import Annotated, Any, Final, Union, get_args, get_origin
@@ -44,9 +45,11 @@ from chatd.admin.api import (
     UnknownJob,
 )
 from chatd.auth.models import AuthError
+from chatd.errors import StoreError
 from chatd.keyfiles import hash_admin_token
 from chatd.log import fields
 from chatd.store import now_ms
+from chatd.store.store import WRITE_RECHECK_SECONDS
 
 log = logging.getLogger("chatd.admin")
 
@@ -301,6 +304,14 @@ def create_app(ctx: AdminContext, *, max_body_bytes: int) -> QuartTrio:
                 return error_response(status, exc.code, exc.message, exc.field)
             except UnknownJob as exc:
                 return error_response(400, "invalid_request", str(exc), "$.jobs")
+            except StoreError:  # the store logs the cause, once per episode
+                refused = error_response(
+                    503,
+                    "storage_unavailable",
+                    "the database refused the write (is the disk full?); try again later",
+                )
+                refused.headers["Retry-After"] = str(math.ceil(WRITE_RECHECK_SECONDS))
+                return refused
             if isinstance(result, Response):  # a streamed body (the account export)
                 return result
             if r.media_type != "application/json":
@@ -346,6 +357,9 @@ def create_app(ctx: AdminContext, *, max_body_bytes: int) -> QuartTrio:
                         entry,
                     )
                 )
+            except StoreError:
+                # The store logs the cause once per episode; not per request.
+                log.debug("admin.audit_failed")
             except Exception:
                 log.exception("admin.audit_failed")
         return response

@@ -20,6 +20,8 @@ _COMMON_ERRORS: Final = {
     "404": "No such route (code not_found).",
     "405": "Method not allowed on this route (code method_not_allowed).",
     "500": "Server bug (code internal_error); details are in the server log only.",
+    "503": "The database refused a write, e.g. the disk is full (code storage_unavailable; "
+    "Retry-After says when to try again). A change may have been made in part: check first.",
 }
 _AUTH_ERRORS: Final = {"401": "Missing or wrong admin token (code unauthorized)."}
 _BODY_ERRORS: Final = {

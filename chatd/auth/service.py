@@ -29,6 +29,7 @@ revocation is written to ``auth_audit``, without passwords or tokens.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import replace
 from functools import partial
@@ -42,7 +43,11 @@ from chatd.auth.tokens import TOKEN_MAX_CHARS, new_token, token_hash
 from chatd.auth.user_ids import insert_user
 from chatd.auth.usernames import UsernameError, normalize_username
 from chatd.e2ee.keys import bind_device
+from chatd.errors import StoreError
+from chatd.log import fields
 from chatd.store import now_ms
+
+log = logging.getLogger("chatd.auth")
 
 LOGIN_FAILED: Final = "wrong username or password"
 
@@ -239,8 +244,25 @@ class AuthService(CredentialFlows):
                 else "unknown or revoked access token",
                 field="$.access_token",
             )
-        await self._touch(session["id"], peer)
-        await self.audit("resume", "ok", peer, user_id=session["user_id"], session_id=session["id"])
+        try:
+            await self._touch(session["id"], peer)
+            await self.audit(
+                "resume", "ok", peer, user_id=session["user_id"], session_id=session["id"]
+            )
+        except StoreError:
+            # The disk refuses writes: last-seen and the audit row are
+            # bookkeeping, and a device must still reach what is queued for
+            # it (docs/PROTOCOL.md section 8.8). The log keeps the record.
+            log.warning(
+                "auth.resume",
+                extra=fields(
+                    outcome="ok",
+                    user_id=session["user_id"],
+                    session_id=session["id"],
+                    peer=peer.ip,
+                    audit="not_written",
+                ),
+            )
         return self._grant(session)
 
     async def refresh(self, refresh_token: str, peer: Peer) -> SessionGrant:

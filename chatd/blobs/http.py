@@ -27,9 +27,11 @@ stalled connection. TLS 1.3 with the relay's certificate when it has one.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import ssl
@@ -51,10 +53,11 @@ from chatd.blobs.signing import (
     check_export,
 )
 from chatd.config import Config
-from chatd.errors import ListenError, exception_leaves
+from chatd.errors import ListenError, StoreError, exception_leaves
 from chatd.log import fields
 from chatd.privacy.export import stream_export
 from chatd.store import now_ms
+from chatd.store.store import WRITE_RECHECK_SECONDS
 
 log = logging.getLogger("chatd.blobs")
 
@@ -70,11 +73,28 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
 class _Refused(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, *, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.retry_after = retry_after  # seconds, sent as Retry-After
+
+
+#: errno values that say the disk refused a write: full, over quota or a file
+#: size limit, an I/O error, a read-only filesystem.
+DISK_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS})
+
+
+def _storage_unavailable() -> _Refused:
+    return _Refused(
+        503,
+        "storage_unavailable",
+        "the server cannot write to its storage right now; upload again later",
+        retry_after=WRITE_RECHECK_SECONDS,
+    )
 
 
 _BLOB_STATUS: Final = {"quota_exceeded": 413, "too_large": 413, "blob_exists": 409}
@@ -90,6 +110,7 @@ class BlobApp:
         self.exports = 0  # account exports sent in full
         self.server_name = socket.gethostname()  # named in an export's manifest
         self.refused = 0
+        self.disk_failing = False  # the last upload failed on a disk error (logged once)
         self.ended = 0  # uploads over, however they ended (their part file is gone)
         self._ended = trio.Event()
 
@@ -113,7 +134,7 @@ class BlobApp:
             await self._http(scope, receive, send)
         except _Refused as refused:
             self.refused += 1
-            await _answer(send, refused.status, refused.code, refused.message)
+            await _answer(send, refused.status, refused.code, refused.message, refused.retry_after)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
@@ -140,6 +161,18 @@ class BlobApp:
         if method == "PUT":
             try:
                 await self._upload(grant, scope, receive, send)
+            except StoreError:
+                raise _storage_unavailable() from None  # the store logged the cause
+            except OSError as exc:
+                if exc.errno not in DISK_ERRNOS:
+                    raise
+                if not self.disk_failing:
+                    self.disk_failing = True
+                    log.warning(
+                        "blobs.write_failed",
+                        extra=fields(cause=errno.errorcode.get(exc.errno, str(exc.errno))),
+                    )
+                raise _storage_unavailable() from None
             finally:
                 self._upload_ended()
         else:
@@ -224,6 +257,9 @@ class BlobApp:
             except BlobError as exc:
                 raise _Refused(_BLOB_STATUS.get(exc.code, 403), exc.code, exc.message) from None
             self.uploads += 1
+            if self.disk_failing:
+                self.disk_failing = False
+                log.warning("blobs.write_recovered")
             await _answer(send, 201, "created", "stored")
         finally:
             if not placed:
@@ -323,7 +359,9 @@ async def _drain(receive: Receive, limit: int) -> None:
             return
 
 
-async def _answer(send: Send, status: int, code: str, message: str) -> None:
+async def _answer(
+    send: Send, status: int, code: str, message: str, retry_after: float | None = None
+) -> None:
     key = "status" if status < 300 else "error"
     body = json.dumps({key: code, "message": message}).encode()
     headers = [
@@ -333,6 +371,8 @@ async def _answer(send: Send, status: int, code: str, message: str) -> None:
     ]
     if status >= 400:
         headers.append((b"connection", b"close"))  # an unread body must not be parsed next
+    if retry_after is not None:
+        headers.append((b"retry-after", str(math.ceil(retry_after)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 

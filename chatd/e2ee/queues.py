@@ -504,7 +504,7 @@ class QueueService:
                 rows = [r for r in rows if r.envelope_id not in deleting]
             done(rows, through, complete, state.tails.get(device_id, {}).values(), state.held)
 
-        self.store.submit_nowait(read, committed, failed)
+        self.store.submit_nowait(read, committed, failed, reads_only=True)
 
     # -- expiry (retention) --------------------------------------------------------------
 
@@ -545,7 +545,7 @@ class QueueService:
             read_error.append(exc)
             read_done.set()
 
-        self.store.submit_nowait(read, committed, failed)
+        self.store.submit_nowait(read, committed, failed, reads_only=True)
         await read_done.wait()
         if read_error:
             raise StoreError(f"reading expired envelopes failed: {read_error[0]}")
@@ -663,7 +663,8 @@ class QueueService:
     def _write_failed(self, batch: Batch, error: StoreError) -> None:
         """On the loop: a batch was not written. Its sends fail (their senders
         resend); its deletes are undone (the envelopes come again)."""
-        log.warning("queues.write_failed", extra=fields(error=type(error).__name__))
+        # The store logs the episode and its cause once (store.write_failed).
+        log.debug("queues.write_failed", extra=fields(error=str(error)))
         failed_sends = {ins.outcome for ins in batch.inserts() if ins.outcome is not None}
         failed_sends.update(e.outcome for e in batch.room_inserts() if e.outcome is not None)
         for outcome in failed_sends:

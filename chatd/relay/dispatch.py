@@ -47,11 +47,12 @@ from chatd.relay.rooms import ROOM_REQUESTS, serve_room_request
 from chatd.rooms.model import RoomError
 from chatd.rooms.service import RoomService
 from chatd.store import now_ms
+from chatd.store.store import WRITE_RECHECK_SECONDS
 
 log = logging.getLogger("chatd.relay")
 
 PIPELINE_DEPTH: Final = 64  # sends and acks per connection waiting for their outcome
-STORAGE_RETRY_SECONDS: Final = 5.0  # retry_after of a storage_unavailable error
+STORAGE_RETRY_SECONDS: Final = WRITE_RECHECK_SECONDS  # retry_after of storage_unavailable
 
 ERR_QUEUE_FULL: Final = "queue_full"
 ERR_STORAGE_UNAVAILABLE: Final = "storage_unavailable"
@@ -349,7 +350,8 @@ class Dispatcher:
         except (RoomError, PushRefused, BlobError, ConsentError) as exc:
             actions = _refused(proto, request_id, exc)
         except StoreError:
-            log.warning("relay.storage_unavailable", extra=fields(request=type(frame).__name__))
+            # Per request at debug: the store logs the episode and its cause once.
+            log.debug("relay.storage_unavailable", extra=fields(request=type(frame).__name__))
             actions = _storage_error(proto, request_id)
         self._perform(conn, actions)
         if conn.grant is not None and conn.delivery.phase is Phase.WAITING:

@@ -6,6 +6,15 @@ The key check happens before anything can write: a connection is keyed, then
 one read of ``sqlite_master`` proves the key decrypts page 1. A wrong key (or
 a file that is not an SQLCipher database) fails there, and the file and its
 directory are left exactly as they were.
+
+The check for a read-write connection runs first on an *immutable* read-only
+connection, which reads the main file alone: no lock, no ``-shm``, no WAL
+recovery. That matters after a crash. A read-write connection that finds a
+``-wal`` left behind checkpoints it into the main file and deletes the
+``-wal`` and ``-shm`` when it closes, even when its key was wrong (the frames
+are copied as they are, undecrypted). Page 1 always lives in the main file
+(switching to WAL writes it there), so the immutable check proves the key
+before any connection that could write is opened.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ def connect(path: Path, key: bytes, *, busy_timeout_ms: int, readonly: bool = Fa
         # immutable: no locks, no -wal/-shm files created; enough to prove the key.
         uri = f"file:{path}?mode=ro&immutable=1"
     else:
+        _prove_key_untouched(path, key)
         uri = f"file:{path}"
     try:
         conn = sqlcipher3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
@@ -70,6 +80,27 @@ def connect(path: Path, key: bytes, *, busy_timeout_ms: int, readonly: bool = Fa
             raise KeyMismatchError(path) from None
         raise StoreError(f"cannot read database {path}: {exc}") from None
     return conn
+
+
+def _prove_key_untouched(path: Path, key: bytes) -> None:
+    """Before a read-write open: prove ``key`` on page 1 of the main file
+    through an immutable connection, which writes nothing anywhere. Raises as
+    :func:`connect` does. A missing or empty file has nothing to prove, unless
+    a ``-wal`` is left beside it (which only a foreign tool could leave:
+    chatd's first write puts page 1 in the main file)."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        size = 0
+    if size > 0:
+        close_quietly(connect(path, key, busy_timeout_ms=0, readonly=True))
+        return
+    wal = path.with_name(path.name + "-wal")
+    if wal.exists() and wal.stat().st_size > 0:
+        raise StoreError(
+            f"{path} is empty but {wal} is not; chatd will not open it (the files were "
+            "left untouched): restore the database from a backup"
+        )
 
 
 def open_writer(path: Path, key: bytes, *, busy_timeout_ms: int) -> Connection:

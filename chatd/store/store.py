@@ -20,6 +20,16 @@ cancelled meanwhile.
 Reads run in worker threads (``store.read_threads``), each with its own keyed
 read-only connection; WAL lets them proceed while the writer commits.
 
+Storage faults: a commit that fails (a full disk: ``SQLITE_FULL``; an I/O
+error: ``SQLITE_IOERR``) rolls the whole batch back and fails each of its
+jobs with a :class:`StoreError` that names the cause, as does a job that hit
+such an error itself (the transaction is gone with it). The writer records
+the outcome of every commit (:class:`WriteHealth`): the first failure starts
+an *episode*, logged once at warning with its cause, and the next successful
+commit ends it, logged once with its length. The admin health route reads
+it, so it turns 503 on the first failed commit. Nothing is acknowledged
+unless its commit returned, so a fault loses nothing that was acknowledged.
+
 Cancellation: cancelling a caller that awaits ``write`` stops the wait, not
 the job: the job may still commit. Callers that must know (e.g. before sending
 an acknowledgement) simply do not acknowledge when cancelled. Shutdown puts a
@@ -42,6 +52,7 @@ import trio
 
 from chatd.config import StoreSettings
 from chatd.errors import StoreClosedError, StoreError
+from chatd.log import fields
 from chatd.store.db import (
     Connection,
     DatabaseError,
@@ -55,10 +66,13 @@ T = TypeVar("T")
 log = logging.getLogger("chatd.store")
 
 _STOP: Final = object()
+#: Seconds after a failed commit during which check_writable answers False
+#: without trying (the retry_after given to clients refused meanwhile is the same).
+WRITE_RECHECK_SECONDS: Final = 5.0
 
 
 class _Job(Generic[T]):
-    __slots__ = ("fn", "result", "error", "done", "on_commit", "on_error", "bounded")
+    __slots__ = ("fn", "result", "error", "done", "on_commit", "on_error", "bounded", "reads_only")
 
     def __init__(
         self,
@@ -67,6 +81,7 @@ class _Job(Generic[T]):
         on_error: Callable[[BaseException], None] | None = None,
         *,
         bounded: bool = True,
+        reads_only: bool = False,
     ) -> None:
         self.fn = fn
         self.result: T | None = None
@@ -75,6 +90,7 @@ class _Job(Generic[T]):
         self.on_commit = on_commit
         self.on_error = on_error
         self.bounded = bounded  # holds one of the max_pending_writes slots
+        self.reads_only = reads_only  # writes nothing and may run twice (see _run_batch)
 
 
 class PendingWrite(Generic[T]):
@@ -139,6 +155,69 @@ class StoreStats:
         self.commit_seconds = Buckets(COMMIT_SECONDS_BUCKETS)
 
 
+#: sqlite primary result codes that say the storage refused a write (not a bug
+#: in a job): SQLITE_READONLY, SQLITE_IOERR (and its extended codes),
+#: SQLITE_CORRUPT, SQLITE_CANTOPEN, SQLITE_FULL, SQLITE_NOLFS.
+STORAGE_ERROR_CODES: Final = frozenset({8, 10, 11, 13, 14, 22})
+
+
+def storage_cause(exc: BaseException) -> str | None:
+    """``"SQLITE_FULL: database or disk is full"`` when ``exc`` is a storage
+    fault reported by sqlite (see :data:`STORAGE_ERROR_CODES`), else None."""
+    if not isinstance(exc, DatabaseError):
+        return None
+    code = getattr(exc, "sqlite_errorcode", None)
+    if not isinstance(code, int) or code & 0xFF not in STORAGE_ERROR_CODES:
+        return None
+    return f"{getattr(exc, 'sqlite_errorname', 'SQLITE_ERROR')}: {exc}"
+
+
+class WriteHealth:
+    """The outcome of the writer's last commit, kept by the writer thread and
+    read by health checks (a bool and two floats: no lock needed).
+
+    ``failing_since`` is the monotonic time of the first failed commit of the
+    current episode, None while commits succeed; ``cause`` names the last
+    failure (an sqlite error name and message, never a value written).
+    """
+
+    __slots__ = ("failing_since", "last_failure", "cause", "refused_batches", "episodes")
+
+    def __init__(self) -> None:
+        self.failing_since: float | None = None
+        self.last_failure = 0.0
+        self.cause = ""
+        self.refused_batches = 0  # batches failed, ever
+        self.episodes = 0  # failure episodes, ever
+
+    @property
+    def failing(self) -> bool:
+        return self.failing_since is not None
+
+    def failed(self, cause: str) -> None:
+        now = time.monotonic()
+        self.last_failure = now
+        self.cause = cause
+        self.refused_batches += 1
+        if self.failing_since is None:
+            self.failing_since = now
+            self.episodes += 1
+            log.warning("store.write_failed", extra=fields(cause=cause))
+
+    def committed(self) -> None:
+        since = self.failing_since
+        if since is not None:
+            self.failing_since = None
+            log.warning(
+                "store.write_recovered",
+                extra=fields(
+                    failed_seconds=round(time.monotonic() - since, 3),
+                    refused_batches=self.refused_batches,
+                    cause=self.cause,
+                ),
+            )
+
+
 class Store:
     """Handle to an open database. Create with :func:`serve_store`."""
 
@@ -157,6 +236,7 @@ class Store:
         self._token: trio.lowlevel.TrioToken | None = None
         self._closed = False
         self.stats = StoreStats()
+        self.write_health = WriteHealth()
 
     # -- lifecycle (called by serve_store) ---------------------------------
 
@@ -226,6 +306,8 @@ class Store:
         fn: Callable[[Connection], T],
         on_commit: Callable[[T], None],
         on_error: Callable[[BaseException], None],
+        *,
+        reads_only: bool = False,
     ) -> None:
         """Queue ``fn`` for the writer at once, without waiting for a slot.
 
@@ -238,10 +320,15 @@ class Store:
         loop once the batch holding it has committed or failed, in commit
         order with the other jobs' callbacks; neither may block or raise.
         Raises :class:`StoreClosedError` after shutdown.
+
+        ``reads_only`` declares that ``fn`` writes nothing and has no effect
+        but its result, so it may run twice: if the batch it is in fails to
+        commit (a full disk), it runs again on its own, and what is stored
+        can still be read in order with the writes.
         """
         if self._closed or self._thread is None:
             raise StoreClosedError("the store is shut down; the write was not made")
-        self._queue.put(_Job(fn, on_commit, on_error, bounded=False))
+        self._queue.put(_Job(fn, on_commit, on_error, bounded=False, reads_only=reads_only))
 
     async def read(self, fn: Callable[[Connection], T]) -> T:
         """Run ``fn(conn)`` on a read-only connection in a worker thread."""
@@ -250,7 +337,17 @@ class Store:
         return await trio.to_thread.run_sync(self._read_in_thread, fn, limiter=self._read_limiter)
 
     async def check_writable(self) -> bool:
-        """True when the writer can commit a real write (one fsync)."""
+        """True when the writer can commit a real write (one fsync).
+
+        While commits fail, False at once for WRITE_RECHECK_SECONDS after the
+        last failure, without a write of its own: a probe that changes one
+        page may fit where real writes do not (a nearly full disk), and must
+        not hide their failure. After that it probes again; the first commit
+        that succeeds, the probe's or any other, ends the episode.
+        """
+        health = self.write_health
+        if health.failing and time.monotonic() - health.last_failure < WRITE_RECHECK_SECONDS:
+            return False
         try:
             await self.write(_rewrite_version)
         except (StoreError, DatabaseError):
@@ -320,26 +417,13 @@ class Store:
 
     def _run_batch(self, conn: Connection, batch: list[_Job[Any]]) -> None:
         started = time.perf_counter()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            for job in batch:
-                conn.execute("SAVEPOINT job")
-                try:
-                    job.result = job.fn(conn)
-                except BaseException as exc:  # noqa: B036 - handed back to the caller
-                    job.error = exc
-                    conn.execute("ROLLBACK TO job")
-                conn.execute("RELEASE job")
-            conn.execute("COMMIT")
-        except DatabaseError as exc:
-            try:
-                conn.execute("ROLLBACK")
-            except DatabaseError:
-                pass  # no transaction was open
-            failure = StoreError(f"the database write failed and was rolled back: {exc}")
-            for job in batch:
-                if job.error is None:
-                    job.error = failure
+        cause = self._attempt(conn, batch)
+        reads = [job for job in batch if job.reads_only]
+        if cause is not None and reads and len(reads) < len(batch):
+            # The writes failed. The jobs that only read (a device's queue)
+            # need no disk space: run them again on their own, so that what
+            # is stored keeps being delivered during a fault.
+            self._attempt(conn, reads)
         stats = self.stats
         stats.commit_seconds.observe(time.perf_counter() - started)
         stats.batch_sizes.observe(len(batch))
@@ -350,6 +434,53 @@ class Store:
             self._token.run_sync_soon(self._complete, batch)  # type: ignore[union-attr]  # set by start()
         except trio.RunFinishedError:  # pragma: no cover - loop gone; nobody to wake
             pass
+
+    def _attempt(self, conn: Connection, jobs: list[_Job[Any]]) -> str | None:
+        """Run ``jobs`` in one transaction and commit; the cause of a failure
+        (every job then fails with a StoreError naming it), None on success."""
+        changes = conn.total_changes
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job in jobs:
+                job.error = None
+                conn.execute("SAVEPOINT job")
+                try:
+                    job.result = job.fn(conn)
+                except BaseException as exc:  # noqa: B036 - handed back to the caller
+                    job.error = exc
+                    cause = storage_cause(exc)
+                    if cause is not None:
+                        # The transaction may be gone with it: fail the batch.
+                        raise StorageFault(cause) from exc
+                    conn.execute("ROLLBACK TO job")
+                conn.execute("RELEASE job")
+            conn.execute("COMMIT")
+        except (DatabaseError, StorageFault) as exc:
+            try:
+                conn.execute("ROLLBACK")
+            except DatabaseError:
+                pass  # no transaction was open (sqlite rolled it back itself)
+            cause = exc.cause if isinstance(exc, StorageFault) else storage_cause(exc)
+            cause = cause or f"{type(exc).__name__}: {exc}"
+            failure = StoreError(f"the database write failed and was rolled back ({cause})")
+            for job in jobs:
+                if job.error is None or storage_cause(job.error) is not None:
+                    job.error = failure
+            self.write_health.failed(cause)
+            return cause
+        # A batch that changed nothing (reads through the writer) proves
+        # nothing about the disk; the health probe changes page 1 only.
+        if conn.total_changes != changes or any(j.fn is _rewrite_version for j in jobs):
+            self.write_health.committed()
+        return None
+
+
+class StorageFault(Exception):
+    """Internal to the writer: a job hit a storage fault, so its batch fails."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(cause)
+        self.cause = cause
 
 
 def _rewrite_version(conn: Connection) -> None:
