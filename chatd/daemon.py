@@ -147,7 +147,7 @@ async def open_services(nursery: trio.Nursery, store: Store, config: Config) -> 
     """
     push = PushNotifier(store, config.push, log_settings=config.log)
     await push.open()
-    registry = Registry(offline=push)
+    registry = Registry(offline=push, device_connections=config.relay.max_connections_per_device)
     changes = DeviceChanges()
     current = CurrentDevices(store, events=changes)
     auth = AuthService(store, config.auth, config.devices, events=registry)

@@ -53,6 +53,7 @@ from chatd.protocol import core
 from chatd.protocol import delivery as rules
 from chatd.protocol.frames import Limits
 from chatd.push import Notifier
+from chatd.relay.addresses import RETRY_AFTER_SECONDS, AddressLimits
 from chatd.relay.connection import Connection, Flusher
 from chatd.relay.dispatch import Dispatcher
 from chatd.relay.ratelimits import RequestLimits
@@ -69,6 +70,7 @@ from chatd.rooms.service import RoomService
 log = logging.getLogger("chatd.relay")
 
 WS_PATH: Final = "/v1/ws"
+RETRY_AFTER: Final = str(RETRY_AFTER_SECONDS).encode()
 
 
 class TrustedProxies:
@@ -77,7 +79,7 @@ class TrustedProxies:
     def __init__(self, networks: tuple[str, ...]) -> None:
         self.networks = [ipaddress.ip_network(n, strict=False) for n in networks]
 
-    def _trusted(self, address: str) -> bool:
+    def trusted(self, address: str) -> bool:
         try:
             ip = ipaddress.ip_address(address)
         except ValueError:
@@ -87,7 +89,7 @@ class TrustedProxies:
     def client_address(self, peer: str, headers: list[tuple[bytes, bytes]]) -> str:
         """The TCP peer, or, behind a trusted reverse proxy, the right-most
         X-Forwarded-For entry that is not itself a trusted proxy."""
-        if not self._trusted(peer):
+        if not self.trusted(peer):
             return peer
         forwarded = ",".join(
             value.decode("latin-1") for key, value in headers if key.lower() == b"x-forwarded-for"
@@ -97,7 +99,7 @@ class TrustedProxies:
                 ipaddress.ip_address(candidate)
             except ValueError:
                 return peer  # a malformed chain: trust nothing in it
-            if not self._trusted(candidate):
+            if not self.trusted(candidate):
                 return candidate
         return peer
 
@@ -126,7 +128,14 @@ class Relay:
             max_bad_frames=settings.max_bad_frames,
         )
         self.proxies = TrustedProxies(settings.trusted_proxies)
-        self.streams = StreamCounter(settings.max_connections)  # TCP streams and slots
+        self.streams = StreamCounter(  # TCP streams and slots
+            settings.max_connections,
+            per_peer=settings.max_unauthenticated_per_address,
+            exempt=self.proxies.trusted,
+        )
+        self.addresses = AddressLimits(
+            settings.max_connections_per_address, settings.max_unauthenticated_per_address
+        )
         self.stopping = False
         self.connections_served = 0
         self.port = 0  # the bound port, set by serve_relay
@@ -139,6 +148,7 @@ class Relay:
         """Check the upgrade request, accept it and serve the connection until
         it ends. The handler of serve_websockets: it never raises."""
         conn: Connection | None = None
+        admitted: str | None = None  # the address it counts against, once admitted
         try:
             peer = self.proxies.client_address(request.remote, request.headers)
             if request.path != WS_PATH:
@@ -152,6 +162,16 @@ class Relay:
             if self.stopping:
                 await request.reject(503, b"server shutting down\n")
                 return
+            refusal = self.addresses.admit(peer)
+            if refusal is not None:
+                if self.addresses.refused % _LOG_EVERY == 1:  # not a log line per refusal
+                    log.info(
+                        "relay.address_limit",
+                        extra=fields(peer=mask_ip(peer), refused=self.addresses.refused),
+                    )
+                await request.reject(429, refusal, [(b"Retry-After", RETRY_AFTER)])
+                return
+            admitted = peer
             ws = await request.accept(max_message=self.settings.max_frame_bytes)
             del request  # its headers are not needed again
             conn = Connection(
@@ -165,6 +185,7 @@ class Relay:
                 window=rules.DELIVERY_WINDOW,
                 stats=self.registry.stats,
             )
+            self.addresses.bind(peer, conn)
             self.registry.connections.add(conn)
             self.connections_served += 1
             flush = await self._serve(conn)
@@ -178,6 +199,8 @@ class Relay:
             log.exception("relay.connection_failed", extra=fields(peer=mask_ip(conn.peer)))
             conn.close(core.Close(core.CLOSE_INTERNAL_ERROR, core.REASON_INTERNAL))
         finally:
+            if admitted is not None:
+                self.addresses.release(admitted, conn)
             if conn is not None:
                 try:
                     self.registry.connections.discard(conn)
@@ -278,6 +301,7 @@ class Relay:
                 conn.read_scope.cancel()
 
 
+_LOG_EVERY: Final = 1_000  # address-limit refusals per log line (the first of each run)
 _CLOSE_WAIT: Final = 2.0  # seconds a stopping connection waits for answers it owes
 
 
