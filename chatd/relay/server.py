@@ -49,6 +49,7 @@ from chatd.e2ee.keys import KeyService
 from chatd.e2ee.queues import QueueService
 from chatd.errors import ConfigError, ListenError
 from chatd.log import fields, mask_ip
+from chatd.memory import Trimmer
 from chatd.protocol import core
 from chatd.protocol import delivery as rules
 from chatd.protocol.frames import Limits
@@ -137,6 +138,7 @@ class Relay:
             settings.max_connections_per_address, settings.max_unauthenticated_per_address
         )
         self.stopping = False
+        self.trimmer = Trimmer()  # gives back what connections pinned, once they close
         self.connections_served = 0
         self.port = 0  # the bound port, set by serve_relay
 
@@ -202,6 +204,8 @@ class Relay:
             if admitted is not None:
                 self.addresses.release(admitted, conn)
             if conn is not None:
+                if conn.delivery.handed_bytes >= _TRIM_WORTHY:  # unread deliveries it pinned
+                    self.trimmer.request()
                 try:
                     self.registry.connections.discard(conn)
                     self.registry.detach(conn)
@@ -301,6 +305,7 @@ class Relay:
                 conn.read_scope.cancel()
 
 
+_TRIM_WORTHY: Final = 65_536  # bytes of unacknowledged deliveries that make a close trim
 _LOG_EVERY: Final = 1_000  # address-limit refusals per log line (the first of each run)
 _CLOSE_WAIT: Final = 2.0  # seconds a stopping connection waits for answers it owes
 
@@ -403,6 +408,7 @@ async def serve_relay(
         async with trio.open_nursery() as handlers:
             relay = Relay(s, registry, dispatcher, handlers, flusher)
             relay.port = listener_port(listeners[0])
+            services.start_soon(relay.trimmer.serve)
             async with trio.open_nursery() as accepting:
                 await accepting.start(
                     partial(

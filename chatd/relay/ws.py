@@ -501,8 +501,9 @@ async def serve_websockets(
         counted = counter.begin_handshake(peer)
         try:
             with trio.CancelScope(deadline=trio.current_time() + handshake_timeout) as handshake:
-                if not counted:
-                    return  # this peer has enough handshakes under way: hang up
+                if not counted:  # this peer has enough handshakes under way:
+                    await trio.aclose_forcefully(stream)  # hang up, no lingering
+                    return
                 counter.handshaking.add(handshake)
                 if isinstance(stream, trio.SSLStream):
                     # Handshake TLS up front, so a client that offers only
