@@ -51,6 +51,7 @@ from _daemon import (
     RELAXED_AUTH,
     RELAXED_RELAY,
     Daemon,
+    cpu_seconds,
     init_data_dir,
     percentile,
     raise_nofile,
@@ -172,6 +173,11 @@ class Pair:
     ping_at: dict[str, tuple[str, float]] = field(default_factory=dict)
     send_at: dict[str, tuple[str, float]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    windows: list[tuple[float, str]] = field(default_factory=list)  # (time.monotonic(), phase)
+
+    def enter(self, phase: str) -> None:
+        self.phase = phase
+        self.windows.append((time.monotonic(), phase))
 
     async def drive(self) -> None:
         n = 0
@@ -446,6 +452,7 @@ class KindResult:
     kind: str
     tally: Tally
     rss_kib: dict[str, int] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)  # the daemon's CPU seconds per window
 
 
 FLOODS: Final[dict[str, Callable[[int, Tally], Awaitable[None]]]] = {
@@ -485,6 +492,7 @@ async def run_floods(
     """Every kind in turn, ``rounds`` of (baseline, flood) windows each."""
     pair, state = await setup(port)
     results = []
+    window = seconds * rounds  # per side
     async with trio.open_nursery() as nursery:
         nursery.start_soon(pair.read_alice)
         nursery.start_soon(pair.read_bob)
@@ -493,9 +501,12 @@ async def run_floods(
         for kind in kinds:
             result = KindResult(kind, Tally())
             for _ in range(rounds):
-                pair.phase = f"{kind} baseline"
+                pair.enter(f"{kind} baseline")
+                cpu = cpu_seconds(pid)
                 await trio.sleep(seconds)
-                pair.phase = f"{kind} flood"
+                result.cpu["baseline"] = result.cpu.get("baseline", 0) + cpu_seconds(pid) - cpu
+                pair.enter(f"{kind} flood")
+                cpu = cpu_seconds(pid)
                 result.rss_kib.setdefault("before", vm_rss_kib(pid))
                 command = [
                     sys.executable,
@@ -515,12 +526,14 @@ async def run_floods(
                     await trio.sleep(max(0.1, seconds - 0.5))
                     during = vm_rss_kib(pid)
                     result.rss_kib["during"] = max(result.rss_kib.get("during", 0), during)
+                result.cpu["flood"] = result.cpu.get("flood", 0) + cpu_seconds(pid) - cpu
                 for what, n in json.loads(child.output.strip().splitlines()[-1]).items():
                     result.tally.add(what, n)
-                pair.phase = f"{kind} settling"
+                pair.enter(f"{kind} settling")
                 await trio.sleep(3.0)
                 if kind == "slow-consumers":
                     result.rss_kib["after"] = vm_rss_kib(pid)
+            result.cpu = {k: v / window for k, v in result.cpu.items()}
             results.append(result)
         nursery.cancel_scope.cancel()
     return pair, results
@@ -529,19 +542,51 @@ async def run_floods(
 def configure(config: Path, *, relaxed: bool) -> None:
     set_settings(config, "relay", {"port": 0, **(RELAXED_RELAY if relaxed else {})})
     set_settings(config, "auth", RELAXED_AUTH)
+    # Timeouts short enough for slowloris and half-sent frames to meet theirs
+    # within a window; the limits are enforced the same way at the defaults.
+    set_settings(config, "relay", {"handshake_timeout_seconds": 3.0})
 
 
 def _p(values: list[float], q: float) -> float:
     return percentile(values, q) * 1000 if values else float("nan")
 
 
-def report(pair: Pair, results: list[KindResult]) -> bool:
+def loop_figures(lag_log: Path, pair: Pair) -> dict[str, tuple[float, float, float, str]]:
+    """From the daemon's lag monitor (bench/_lagmon.py), per phase: the worst
+    event-loop lag, the longest task step, the longest GC pause (seconds),
+    and the task of that step."""
+    bounds = [*pair.windows, (float("inf"), "end")]
+    worst: dict[str, tuple[float, float, float, str]] = {}
+    for line in lag_log.read_text().splitlines():
+        parts = line.split(" ", 6)
+        if len(parts) < 7:
+            continue
+        at, lag, step, gc_pause = float(parts[0]), float(parts[1]), float(parts[2]), float(parts[5])
+        for (start, phase), (end, _next) in zip(bounds, bounds[1:], strict=False):
+            if start <= at < end:
+                old = worst.get(phase, (0.0, 0.0, 0.0, "-"))
+                task = parts[6] if step > old[1] else old[3]
+                worst[phase] = (max(old[0], lag), max(old[1], step), max(old[2], gc_pause), task)
+                break
+    return worst
+
+
+def report(
+    pair: Pair,
+    results: list[KindResult],
+    loop: dict[str, tuple[float, float, float, str]] | None = None,
+) -> bool:
     """Print the figures; whether every kind kept the pair within 2x."""
     within = True
     for result in results:
         kind = result.kind
         counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.tally.counts.items()))
         print(f"\n{kind}: the flood got {counts or 'nothing'}")
+        cpu = result.cpu
+        print(
+            f"  daemon CPU: {cpu.get('baseline', 0):.0%} of a core in the baseline,"
+            f" {cpu.get('flood', 0):.0%} in the flood"
+        )
         for label, samples in (("ping", pair.pings), ("message", pair.messages)):
             base = samples.get(f"{kind} baseline", [])
             flood = samples.get(f"{kind} flood", [])
@@ -552,6 +597,14 @@ def report(pair: Pair, results: list[KindResult]) -> bool:
                 f" ({len(base)}) | flood p50 {_p(flood, 50):6.1f} p99 {_p(flood, 99):6.1f} ms"
                 f" ({len(flood)}) | p99 ratio {ratio:.2f}"
             )
+        for side in ("baseline", "flood"):
+            if loop and f"{kind} {side}" in loop:
+                lag, step, gc_pause, task = loop[f"{kind} {side}"]
+                print(
+                    f"  event loop, {side}: worst lag {lag * 1000:.1f} ms, longest step"
+                    f" {step * 1000:.1f} ms ({task[:40]}),"
+                    f" longest GC pause {gc_pause * 1000:.1f} ms"
+                )
         if result.rss_kib:
             rss = result.rss_kib
             before, during = rss.get("before", 0) / 1024, rss.get("during", 0) / 1024
@@ -636,7 +689,7 @@ def main() -> None:
         config = init_data_dir(work / "data")
         configure(config, relaxed=args.relaxed)
         seed_users(config, USERS, PASSWORD)
-        daemon = Daemon(config, work)
+        daemon = Daemon(config, work, lag_log=work / "lag.log")
         daemon.start()
         try:
             daemon.wait_ready()
@@ -652,12 +705,13 @@ def main() -> None:
             raise
         code, _ = daemon.stop()
         log = daemon.log_path.read_text(errors="replace")
+        loop = loop_figures(work / "lag.log", pair)
     print(
         f"floods against chatd: {args.rounds} rounds of {args.seconds:.0f} s baseline + "
         f"{args.seconds:.0f} s flood per kind, {elapsed:.0f} s in all;"
         f" os.cpu_count()={os.cpu_count()}"
     )
-    ok = report(pair, results)
+    ok = report(pair, results, loop)
     errors = [line for line in log.splitlines() if "level=error" in line or "Traceback" in line]
     print(f"\nerror-level log lines: {len(errors)}; exit code after SIGTERM: {code}")
     print("PASS: every flood kept the pair's p99 within 2x" if ok else "FAIL: see above")

@@ -14,6 +14,17 @@ Guarantees, each backed by a setting:
   ``relay.idle_timeout_seconds`` without a complete message closes the
   connection (this also bounds a half-sent frame). An unauthenticated
   connection lives one idle period at most, however many pings it sends.
+* One client address (behind ``relay.trusted_proxies``) holds at most
+  ``relay.max_connections_per_address`` connections, and at most
+  ``relay.max_unauthenticated_per_address`` without a session; past either,
+  the upgrade is answered 429 with ``Retry-After`` (:mod:`chatd.relay.addresses`).
+  One TCP peer that is not a trusted proxy has at most the latter number of
+  handshakes under way; more are hung up on at accept (a slowloris).
+* One device has at most ``relay.max_connections_per_device`` connections
+  with a session; a further one closes its oldest (the registry), and each
+  connection's delivery window is bounded in bytes too, so what connections
+  that do not read can pin is bounded per device; after they close, the
+  :class:`~chatd.memory.Trimmer` gives the memory back to the kernel.
 * A message over ``relay.max_frame_bytes`` closes with 1009.
 * Answers and pushes wait in a send queue of ``relay.send_queue_frames``;
   overflow closes with 1008 "send queue full", and a write may take
