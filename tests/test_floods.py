@@ -9,16 +9,20 @@ default), the well-behaved client from 127.0.0.3.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import trio
 from wsproto.events import AcceptConnection, Request, TextMessage
 
+from chatd.protocol.delivery import Delivery
+from chatd.protocol.frames import Envelope
 from chatd.relay import Relay
 from chatd.relay.addresses import AddressLimits
 
 from .test_relay import RawClient, relay_running, upgrade_request, wait_streams_closed, ws_frame
+from .test_relay_auth import connect, server
 
 FLOODER = "127.0.0.2"
 OTHER = "127.0.0.3"
@@ -168,3 +172,46 @@ async def test_half_sent_frames_from_one_address_time_out_and_others_are_served(
             await trio.aclose_forcefully(client.stream)
         await wait_streams_closed(relay)
         assert not relay.connections
+
+
+def test_the_delivery_window_is_bounded_in_bytes_too() -> None:
+    """Defect 8: a connection that does not read is handed about the
+    window's bytes, not 1,000 envelopes of any size; an ack reopens it."""
+    delivery = Delivery(window=1_000, window_bytes=20_000)
+    delivery.start()
+    rows = [
+        Envelope(
+            envelope_id=n,
+            kind="message",
+            message_id=f"m{n}",
+            sent_at=0,
+            sender_user_id=1,
+            sender_device_id="SENDER",
+            ciphertext="c" * 8_000,
+        )
+        for n in range(1, 11)
+    ]
+    limit = delivery.read_limit()
+    handed = delivery.read_done(rows[:limit], through=10, complete=True, tail=())
+    assert [e.envelope_id for e in handed] == [1, 2, 3]  # 24,000 bytes: one past the mark
+    assert delivery.room == 0 and delivery.read_limit() == 0
+    delivery.take_ready(range(100))
+    assert delivery.room == 0  # written is not acknowledged: still held
+    delivery.ack(2)
+    assert delivery.handed_bytes == 8_000 and delivery.room > 0
+
+
+async def test_a_device_keeps_at_most_its_limit_of_connections(tmp_path: Path) -> None:
+    """The oldest connection of a device closes with 1008 when one more
+    than max_connections_per_device gets its session."""
+    async with server(tmp_path, relay={"max_connections_per_device": 2}) as srv:
+        async with connect(srv) as first:
+            session = await first.login()
+            token = session["access_token"]
+            async with connect(srv) as second, connect(srv) as third:
+                assert (await second.request("resume", access_token=token))["type"] == "session"
+                assert (await third.request("resume", access_token=token))["type"] == "session"
+                assert await first.closed() == (1008, "too many connections for this device")
+                pong = await third.request("ping")
+                assert pong["type"] == "pong"
+                assert len(srv.relay.registry.by_device[session["device_id"]].connections) == 2
