@@ -39,6 +39,7 @@ from chatd.protocol import core
 from chatd.protocol import frames as f
 from chatd.protocol import rooms as r
 from chatd.protocol.delivery import DeviceLedger
+from chatd.relay.connection import REASON_DEVICE_CONNECTIONS
 from chatd.relay.consent import documents, recheck
 from chatd.store import now_ms
 
@@ -52,7 +53,6 @@ log = logging.getLogger("chatd.relay")
 
 PRESENCE_INTERVAL: Final = 1.0  # seconds between two coalesced presence pushes
 MAX_WATCHED: Final = 1_000  # users one connection may watch the presence of
-REASON_DEVICE_CONNECTIONS: Final = "too many connections for this device"
 
 
 class OfflineSink(Protocol):
