@@ -156,6 +156,29 @@ class RelaySettings:
         minimum=1,
         maximum=1_000_000,
     )
+    max_connections_per_address: int = setting(
+        1_000,
+        "Open connections from one client address at most (the address behind "
+        "trusted_proxies); more are refused with 429 and Retry-After before the "
+        "upgrade. Raise it when many clients share one address (a large office NAT).",
+        minimum=1,
+        maximum=1_000_000,
+    )
+    max_unauthenticated_per_address: int = setting(
+        64,
+        "Connections from one client address that have not authenticated yet, at "
+        "most; more are refused with 429 and Retry-After before the upgrade.",
+        minimum=1,
+        maximum=1_000_000,
+    )
+    max_connections_per_device: int = setting(
+        4,
+        "Live connections of one device at most; when a further one gets its "
+        "session, the device's oldest connection is closed with 1008 'too many "
+        "connections for this device'.",
+        minimum=1,
+        maximum=1_000,
+    )
     handshake_timeout_seconds: float = setting(
         10.0,
         "Time allowed for the HTTP upgrade handshake, and then again for the "

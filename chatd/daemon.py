@@ -54,6 +54,7 @@ from chatd.keyfiles import (
     load_signing_seed,
 )
 from chatd.log import fields
+from chatd.memory import freeze_startup_objects
 from chatd.metrics import Metrics, Sources, serve_loop_lag
 from chatd.metrics_http import serve_metrics_http
 from chatd.privacy.erasure import Erasure
@@ -147,7 +148,7 @@ async def open_services(nursery: trio.Nursery, store: Store, config: Config) -> 
     """
     push = PushNotifier(store, config.push, log_settings=config.log)
     await push.open()
-    registry = Registry(offline=push)
+    registry = Registry(offline=push, device_connections=config.relay.max_connections_per_device)
     changes = DeviceChanges()
     current = CurrentDevices(store, events=changes)
     auth = AuthService(store, config.auth, config.devices, events=registry)
@@ -303,6 +304,7 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
             status = f"serving relay {relay_url}, admin {admin_bind}, blobs {blobs.base_url}"
             if metrics_bind:
                 status += f", metrics {metrics_bind}"
+            freeze_startup_objects()  # no GC pauses over them (see chatd.memory)
             notifier.notify(READY="1", STATUS=status, MAINPID=str(os.getpid()))
             log.info(
                 "daemon.ready", extra=fields(version=__version__, relay=relay_url, admin=admin_bind)

@@ -17,6 +17,19 @@ thread's arena, only the main one's: with two arenas, a buffer freed at the
 top of the second stayed resident (19 MiB, sometimes 38, kept by chance; see
 ``tests/test_memory.py``). Python's small objects come from its own
 allocator, so one arena costs no measurable contention (bench/relay.py).
+Connections that did not read can pin a delivery window each, in buffers
+big enough for malloc to take from the heap rather than mmap; freed when the
+connections end, they stayed resident at the peak of the flood. The relay
+therefore asks a :class:`Trimmer` to trim after connections close: at most
+once per ``TRIM_INTERVAL``, so a burst of closes costs one trim.
+
+A full garbage collection walks every tracked object, and the daemon holds
+a few hundred thousand from start-up alone (modules, functions, settings)
+that live as long as it does: a flood of short-lived connections triggered
+full collections of about 100 ms, stalling every client (bench/floods.py).
+:func:`freeze_startup_objects` moves them out of the collector's sight once
+the daemon is ready, as ``gc.freeze`` is meant for.
+
 Together they took the daemon from about 149 KiB to about 36 KiB of RSS per
 idle authenticated connection at 1,000 connections, with logins no slower
 (bench/relay.py --no-relay); the rest of the way down came from the relay.
@@ -26,9 +39,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import os
 from collections.abc import Callable
 from typing import Any, Final
+
+import trio
 
 M_ARENA_MAX: Final = -8  # glibc's mallopt parameter number
 
@@ -58,8 +74,41 @@ def limit_malloc_arenas(arenas: int = 1) -> bool:
     return bool(_MALLOPT(M_ARENA_MAX, arenas))
 
 
+def freeze_startup_objects() -> None:
+    """Collect once, then exempt every object alive now from later
+    collections (they live as long as the process); call once, when ready."""
+    gc.collect()
+    gc.freeze()
+
+
 def release_freed_memory() -> bool:
     """Return free heap memory to the kernel (glibc); False where unsupported."""
     if _TRIM is None:
         return False
     return bool(_TRIM(0))
+
+
+TRIM_INTERVAL: Final = 1.0  # seconds: at most one trim after closes per interval
+
+
+class Trimmer:
+    """Returns freed memory to the kernel some time after it is asked to, at
+    most once per ``interval`` however often it is asked (a burst of closes)."""
+
+    def __init__(self, interval: float = TRIM_INTERVAL) -> None:
+        self.interval = interval
+        self.trims = 0
+        self._due = trio.Event()
+
+    def request(self) -> None:
+        """Something big was freed: trim soon. Never blocks."""
+        self._due.set()
+
+    async def serve(self) -> None:
+        """Trim when asked, in a worker thread (it walks the heap), until cancelled."""
+        while True:
+            await self._due.wait()
+            await trio.sleep(self.interval)  # let the rest of the burst close first
+            self._due = trio.Event()
+            await trio.to_thread.run_sync(release_freed_memory)
+            self.trims += 1

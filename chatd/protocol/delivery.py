@@ -67,6 +67,9 @@ from typing import Final, NamedTuple
 from chatd.protocol.frames import Envelope
 
 DELIVERY_WINDOW: Final = 1_000  # envelopes handed to a connection and not yet acknowledged
+#: ...and about this many bytes of their ciphertext (one envelope may pass it):
+#: what a connection that does not read can make the server hold for it.
+DELIVERY_WINDOW_BYTES: Final = 1_048_576
 DELIVER_BATCH: Final = 100  # envelopes per deliver frame, at most...
 DELIVER_BYTES: Final = 256 * 1024  # ...and about this many bytes of ciphertext
 READ_BATCH: Final = DELIVER_BATCH  # rows one read of the table asks for, at most
@@ -100,21 +103,45 @@ def sent_record(envelope: Envelope) -> Sent:
 class Delivery:
     """One connection's position in its device's queue."""
 
-    __slots__ = ("window", "phase", "cursor", "ready", "unacked", "reading", "blocked")
+    __slots__ = (
+        "window",
+        "window_bytes",
+        "phase",
+        "cursor",
+        "ready",
+        "unacked",
+        "unacked_sizes",
+        "handed_bytes",
+        "reading",
+        "blocked",
+    )
 
-    def __init__(self, window: int = DELIVERY_WINDOW) -> None:
+    def __init__(
+        self, window: int = DELIVERY_WINDOW, window_bytes: int = DELIVERY_WINDOW_BYTES
+    ) -> None:
         self.window = window
+        self.window_bytes = window_bytes
         self.phase = Phase.WAITING
         self.cursor = 0  # the highest envelope id handed to this connection
         self.ready: list[Envelope] = []  # handed over, not yet written to the socket
         self.unacked: list[int] = []  # written, not yet acknowledged here (ascending)
+        self.unacked_sizes: list[int] = []  # their ciphertext bytes, in the same order
+        self.handed_bytes = 0  # ciphertext bytes of ready and unacked together
         self.reading = False  # a read of the table is in flight
         self.blocked = False  # stopped at a held envelope: waits for resume()
 
     @property
     def room(self) -> int:
-        """How many more envelopes the window admits."""
+        """How many more envelopes the window admits (none once its bytes are
+        used up)."""
+        if self.handed_bytes >= self.window_bytes:
+            return 0
         return self.window - len(self.ready) - len(self.unacked)
+
+    def _hand(self, envelope: Envelope) -> None:
+        self.ready.append(envelope)
+        self.handed_bytes += _size(envelope)
+        self.cursor = envelope.envelope_id
 
     def start(self) -> None:
         """The session's reply is queued: delivery may begin (with a read)."""
@@ -163,8 +190,7 @@ class Delivery:
                 return self.ready[before:]
             if self.room <= 0:
                 return self.ready[before:]  # the rest is read again from the cursor
-            self.ready.append(envelope)
-            self.cursor = envelope_id
+            self._hand(envelope)
         self.cursor = max(self.cursor, through)
         if complete:
             self._follow(tail, held)
@@ -192,8 +218,7 @@ class Delivery:
                 return
             if self.room <= 0:
                 return
-            self.ready.append(envelope)
-            self.cursor = envelope_id
+            self._hand(envelope)
         self.phase = Phase.LIVE
 
     def offer(self, envelope: Envelope, *, held: bool = False) -> bool:
@@ -206,8 +231,7 @@ class Delivery:
             self.phase = Phase.BEHIND
             self.blocked = held
             return False
-        self.ready.append(envelope)
-        self.cursor = envelope.envelope_id
+        self._hand(envelope)
         return True
 
     def take_ready(self, outstanding: Container[int]) -> list[Envelope]:
@@ -215,8 +239,12 @@ class Delivery:
         Those no longer ``outstanding`` (another connection of the device
         acknowledged them meanwhile) are left out."""
         taken = [e for e in self.ready if e.envelope_id in outstanding]
+        if len(taken) < len(self.ready):
+            left_out = (e for e in self.ready if e.envelope_id not in outstanding)
+            self.handed_bytes -= sum(_size(e) for e in left_out)
         self.ready = []
         self.unacked.extend(e.envelope_id for e in taken)
+        self.unacked_sizes.extend(_size(e) for e in taken)
         return taken
 
     def ack(self, up_to: int) -> list[int]:
@@ -225,6 +253,8 @@ class Delivery:
         cut = bisect.bisect_right(self.unacked, up_to)
         acked = self.unacked[:cut]
         del self.unacked[:cut]
+        self.handed_bytes -= sum(self.unacked_sizes[:cut])
+        del self.unacked_sizes[:cut]
         return acked
 
     def held(self) -> list[int]:
@@ -279,6 +309,11 @@ _SILENT: Final[list[bytes]] = []  # an unfilled silent slot (identity, never mut
 
 def _id(envelope: Envelope) -> int:
     return envelope.envelope_id
+
+
+def _size(envelope: Envelope) -> int:
+    """Ciphertext characters: its bytes for ASCII (base64), as the window counts them."""
+    return len(envelope.ciphertext or "")
 
 
 def deliver_batches(envelopes: list[Envelope]) -> list[list[Envelope]]:

@@ -58,6 +58,11 @@ log = logging.getLogger("chatd.relay")
 
 CLOSE_TIMEOUT: Final = 2.0  # seconds for a closing write to finish and for the peer's Close
 REASON_SEND_TIMEOUT: Final = "send timeout"
+REASON_DEVICE_CONNECTIONS: Final = "too many connections for this device"
+#: Closes after which a write in progress is stopped at once rather than
+#: given CLOSE_TIMEOUT: the peer takes no data, or another of the device's
+#: connections took its place (what the write holds is freed now).
+_STOP_WRITING: Final = frozenset((REASON_SEND_TIMEOUT, REASON_DEVICE_CONNECTIONS))
 _NOT_SENT: Final = frozenset((1005, 1006, 1015))  # "no status", "abnormal", "TLS": local only
 
 
@@ -341,7 +346,8 @@ class Connection:
         owed are awaited and what is queued is written, for at most
         CLOSE_TIMEOUT in all; without, what is queued is dropped, but a write
         in progress may finish in that time (so a Close frame can follow it).
-        After a send timeout the writer is stopped at once. Once this returns,
+        After a send timeout, or when another connection of the device took
+        this one's place, the writer is stopped at once. Once this returns,
         nothing but :meth:`hang_up` writes to the connection."""
         deadline = trio.current_time() + CLOSE_TIMEOUT
         if flush and self.waiting_answers and not self._out_closed:
@@ -357,7 +363,7 @@ class Connection:
         writer = self._writer
         if writer is not None:
             close = self.closing
-            if close is not None and close.reason == REASON_SEND_TIMEOUT:
+            if close is not None and close.reason in _STOP_WRITING:
                 writer.cancel()
             else:
                 writer.deadline = min(writer.deadline, deadline)

@@ -39,6 +39,7 @@ from chatd.protocol import core
 from chatd.protocol import frames as f
 from chatd.protocol import rooms as r
 from chatd.protocol.delivery import DeviceLedger
+from chatd.relay.connection import REASON_DEVICE_CONNECTIONS
 from chatd.relay.consent import documents, recheck
 from chatd.store import now_ms
 
@@ -99,8 +100,9 @@ class OnlineDevice:
 class Registry:
     """Live connections and the events that concern them."""
 
-    def __init__(self, offline: OfflineSink | None = None) -> None:
+    def __init__(self, offline: OfflineSink | None = None, *, device_connections: int = 4) -> None:
         self._offline = offline  # told of envelopes for devices with no live connection
+        self.device_connections = device_connections  # live connections per device, at most
         self.connections: set[Connection] = set()  # every open one, with or without a session
         self.by_session: dict[int, list[Connection]] = {}
         self.by_user: dict[int, list[Connection]] = {}
@@ -131,8 +133,10 @@ class Registry:
             state = self.by_device.get(grant.device_id)
             if state is None:
                 state = self.by_device[grant.device_id] = DeviceState()
-            state.connections.append(conn)
+            if conn not in state.connections:
+                state.connections.append(conn)
             conn.device = state
+            self._shed(state)
         conn.proto.session_started(restricted=grant.mfa_enrollment_required)
         if came_online:
             self._changed(grant.user_id, online=True)
@@ -158,6 +162,15 @@ class Registry:
         conn.watching = None
         if grant.user_id not in self.by_user:
             self._changed(grant.user_id, online=False)
+
+    def _shed(self, state: DeviceState) -> None:
+        """Past ``device_connections``, the device's oldest connections close
+        (each one pins up to its delivery window of memory; a reconnecting
+        client's newest connection is the one it uses)."""
+        while len(state.connections) > self.device_connections:
+            oldest = state.connections[0]
+            self.detach(oldest)
+            oldest.close(core.Close(core.CLOSE_POLICY, REASON_DEVICE_CONNECTIONS))
 
     def _unindex(self, conn: Connection) -> None:
         grant = conn.grant

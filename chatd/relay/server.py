@@ -14,6 +14,17 @@ Guarantees, each backed by a setting:
   ``relay.idle_timeout_seconds`` without a complete message closes the
   connection (this also bounds a half-sent frame). An unauthenticated
   connection lives one idle period at most, however many pings it sends.
+* One client address (behind ``relay.trusted_proxies``) holds at most
+  ``relay.max_connections_per_address`` connections, and at most
+  ``relay.max_unauthenticated_per_address`` without a session; past either,
+  the upgrade is answered 429 with ``Retry-After`` (:mod:`chatd.relay.addresses`).
+  One TCP peer that is not a trusted proxy has at most the latter number of
+  handshakes under way; more are hung up on at accept (a slowloris).
+* One device has at most ``relay.max_connections_per_device`` connections
+  with a session; a further one closes its oldest (the registry), and each
+  connection's delivery window is bounded in bytes too, so what connections
+  that do not read can pin is bounded per device; after they close, the
+  :class:`~chatd.memory.Trimmer` gives the memory back to the kernel.
 * A message over ``relay.max_frame_bytes`` closes with 1009.
 * Answers and pushes wait in a send queue of ``relay.send_queue_frames``;
   overflow closes with 1008 "send queue full", and a write may take
@@ -49,10 +60,12 @@ from chatd.e2ee.keys import KeyService
 from chatd.e2ee.queues import QueueService
 from chatd.errors import ConfigError, ListenError
 from chatd.log import fields, mask_ip
+from chatd.memory import Trimmer
 from chatd.protocol import core
 from chatd.protocol import delivery as rules
 from chatd.protocol.frames import Limits
 from chatd.push import Notifier
+from chatd.relay.addresses import RETRY_AFTER_SECONDS, AddressLimits
 from chatd.relay.connection import Connection, Flusher
 from chatd.relay.dispatch import Dispatcher
 from chatd.relay.ratelimits import RequestLimits
@@ -69,6 +82,7 @@ from chatd.rooms.service import RoomService
 log = logging.getLogger("chatd.relay")
 
 WS_PATH: Final = "/v1/ws"
+RETRY_AFTER: Final = str(RETRY_AFTER_SECONDS).encode()
 
 
 class TrustedProxies:
@@ -77,7 +91,7 @@ class TrustedProxies:
     def __init__(self, networks: tuple[str, ...]) -> None:
         self.networks = [ipaddress.ip_network(n, strict=False) for n in networks]
 
-    def _trusted(self, address: str) -> bool:
+    def trusted(self, address: str) -> bool:
         try:
             ip = ipaddress.ip_address(address)
         except ValueError:
@@ -87,7 +101,7 @@ class TrustedProxies:
     def client_address(self, peer: str, headers: list[tuple[bytes, bytes]]) -> str:
         """The TCP peer, or, behind a trusted reverse proxy, the right-most
         X-Forwarded-For entry that is not itself a trusted proxy."""
-        if not self._trusted(peer):
+        if not self.trusted(peer):
             return peer
         forwarded = ",".join(
             value.decode("latin-1") for key, value in headers if key.lower() == b"x-forwarded-for"
@@ -97,7 +111,7 @@ class TrustedProxies:
                 ipaddress.ip_address(candidate)
             except ValueError:
                 return peer  # a malformed chain: trust nothing in it
-            if not self._trusted(candidate):
+            if not self.trusted(candidate):
                 return candidate
         return peer
 
@@ -126,8 +140,16 @@ class Relay:
             max_bad_frames=settings.max_bad_frames,
         )
         self.proxies = TrustedProxies(settings.trusted_proxies)
-        self.streams = StreamCounter(settings.max_connections)  # TCP streams and slots
+        self.streams = StreamCounter(  # TCP streams and slots
+            settings.max_connections,
+            per_peer=settings.max_unauthenticated_per_address,
+            exempt=self.proxies.trusted,
+        )
+        self.addresses = AddressLimits(
+            settings.max_connections_per_address, settings.max_unauthenticated_per_address
+        )
         self.stopping = False
+        self.trimmer = Trimmer()  # gives back what connections pinned, once they close
         self.connections_served = 0
         self.port = 0  # the bound port, set by serve_relay
 
@@ -139,6 +161,7 @@ class Relay:
         """Check the upgrade request, accept it and serve the connection until
         it ends. The handler of serve_websockets: it never raises."""
         conn: Connection | None = None
+        admitted: str | None = None  # the address it counts against, once admitted
         try:
             peer = self.proxies.client_address(request.remote, request.headers)
             if request.path != WS_PATH:
@@ -152,6 +175,16 @@ class Relay:
             if self.stopping:
                 await request.reject(503, b"server shutting down\n")
                 return
+            refusal = self.addresses.admit(peer)
+            if refusal is not None:
+                if self.addresses.refused % _LOG_EVERY == 1:  # not a log line per refusal
+                    log.info(
+                        "relay.address_limit",
+                        extra=fields(peer=mask_ip(peer), refused=self.addresses.refused),
+                    )
+                await request.reject(429, refusal, [(b"Retry-After", RETRY_AFTER)])
+                return
+            admitted = peer
             ws = await request.accept(max_message=self.settings.max_frame_bytes)
             del request  # its headers are not needed again
             conn = Connection(
@@ -165,6 +198,7 @@ class Relay:
                 window=rules.DELIVERY_WINDOW,
                 stats=self.registry.stats,
             )
+            self.addresses.bind(peer, conn)
             self.registry.connections.add(conn)
             self.connections_served += 1
             flush = await self._serve(conn)
@@ -178,7 +212,11 @@ class Relay:
             log.exception("relay.connection_failed", extra=fields(peer=mask_ip(conn.peer)))
             conn.close(core.Close(core.CLOSE_INTERNAL_ERROR, core.REASON_INTERNAL))
         finally:
+            if admitted is not None:
+                self.addresses.release(admitted, conn)
             if conn is not None:
+                if conn.delivery.handed_bytes >= _TRIM_WORTHY:  # unread deliveries it pinned
+                    self.trimmer.request()
                 try:
                     self.registry.connections.discard(conn)
                     self.registry.detach(conn)
@@ -278,6 +316,8 @@ class Relay:
                 conn.read_scope.cancel()
 
 
+_TRIM_WORTHY: Final = 65_536  # bytes of unacknowledged deliveries that make a close trim
+_LOG_EVERY: Final = 1_000  # address-limit refusals per log line (the first of each run)
 _CLOSE_WAIT: Final = 2.0  # seconds a stopping connection waits for answers it owes
 
 
@@ -379,6 +419,7 @@ async def serve_relay(
         async with trio.open_nursery() as handlers:
             relay = Relay(s, registry, dispatcher, handlers, flusher)
             relay.port = listener_port(listeners[0])
+            services.start_soon(relay.trimmer.serve)
             async with trio.open_nursery() as accepting:
                 await accepting.start(
                     partial(

@@ -300,9 +300,12 @@ class UpgradeRequest:
         await self.stream.send_all(data)
         return WebSocket(self.stream, max_message=max_message, trailing=trailing)
 
-    async def reject(self, status: int, body: bytes) -> None:
-        """Answer ``status`` with a short text body; the caller then hangs up."""
-        await _try_respond(self.stream, self._h11, status, body)
+    async def reject(
+        self, status: int, body: bytes, headers: Sequence[tuple[bytes, bytes]] = ()
+    ) -> None:
+        """Answer ``status`` with a short text body (and extra ``headers``);
+        the caller then hangs up."""
+        await _try_respond(self.stream, self._h11, status, body, headers)
 
 
 async def _respond(
@@ -400,15 +403,44 @@ class StreamCounter:
 
     A stream takes a slot at accept if one is free and keeps it until it
     closes; a stream accepted while all ``limit`` slots are taken is answered
-    503 after its upgrade request and closed.
+    503 after its upgrade request and closed. One TCP peer may have at most
+    ``per_peer`` streams in their handshake at once (a slowloris sending its
+    request a byte at a time); more are hung up on at accept, unanswered.
+    ``exempt`` peers (trusted reverse proxies, which pass on whole requests
+    for many clients) have no such limit.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(
+        self,
+        limit: int,
+        per_peer: int | None = None,
+        exempt: Callable[[str], bool] = lambda peer: False,
+    ) -> None:
         self.limit = limit
+        self.per_peer = per_peer
+        self.exempt = exempt
         self.open = 0  # every stream, with or without a slot
         self.slotted = 0
         self.handshaking: set[trio.CancelScope] = set()
+        self.handshakes_of: dict[str, int] = {}  # peer -> streams in their handshake
+        self.hung_up = 0  # streams refused by the per-peer handshake limit
         self._closed = trio.Event()
+
+    def begin_handshake(self, peer: str) -> bool:
+        """Count a handshake of ``peer``; False (counting nothing) past ``per_peer``."""
+        count = self.handshakes_of.get(peer, 0)
+        if self.per_peer is not None and count >= self.per_peer and not self.exempt(peer):
+            self.hung_up += 1
+            return False
+        self.handshakes_of[peer] = count + 1
+        return True
+
+    def end_handshake(self, peer: str) -> None:
+        count = self.handshakes_of[peer] - 1
+        if count:
+            self.handshakes_of[peer] = count
+        else:
+            del self.handshakes_of[peer]
 
     def stream_closed(self, slot: bool) -> None:
         self.open -= 1
@@ -465,8 +497,13 @@ async def serve_websockets(
         counter.open += 1
         slot = counter.take_slot()
         request: UpgradeRequest | None = None
+        peer = peer_address(stream)
+        counted = counter.begin_handshake(peer)
         try:
             with trio.CancelScope(deadline=trio.current_time() + handshake_timeout) as handshake:
+                if not counted:  # this peer has enough handshakes under way:
+                    await trio.aclose_forcefully(stream)  # hang up, no lingering
+                    return
                 counter.handshaking.add(handshake)
                 if isinstance(stream, trio.SSLStream):
                     # Handshake TLS up front, so a client that offers only
@@ -475,8 +512,11 @@ async def serve_websockets(
                         await stream.do_handshake()
                     except trio.BrokenResourceError:
                         return
-                request = await read_upgrade(stream, peer_address(stream))
+                request = await read_upgrade(stream, peer)
             counter.handshaking.discard(handshake)
+            if counted:
+                counter.end_handshake(peer)
+                counted = False
             if request is not None and not slot:
                 log.warning("relay.full", extra=fields(limit=counter.limit))
                 await request.reject(503, b"too many connections\n")
@@ -484,6 +524,8 @@ async def serve_websockets(
                 await handler(request)
         finally:
             counter.handshaking.discard(handshake)
+            if counted:
+                counter.end_handshake(peer)
             try:
                 # Under cancellation this degrades to an immediate close.
                 await linger_close(stream)

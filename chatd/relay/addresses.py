@@ -1,0 +1,88 @@
+"""Connections per client address: what one address may hold of the relay.
+
+Without this, one address could take every connection slot
+(``relay.max_connections``): 10,000 connections that each got ``hello`` and
+sat there until the authentication timeout left a legitimate client a 503.
+:class:`AddressLimits` counts, per client address (the one behind
+``relay.trusted_proxies``, see :class:`chatd.relay.server.TrustedProxies`),
+the connections it holds and how many of them have not authenticated yet,
+and refuses a further upgrade past ``relay.max_connections_per_address`` or
+``relay.max_unauthenticated_per_address`` with 429 and ``Retry-After``,
+before anything of the WebSocket is set up.
+
+A connection is counted from the moment it is admitted (before the 101 is
+written, so concurrent handshakes cannot slip past the limit) until its
+handler ends. Whether it has authenticated is read from its protocol core
+when a new one from the same address asks (at most the limit of them to
+look at, and only for an address under its limit), so nothing has to tell
+this class when a login succeeds.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only
+    from chatd.relay.connection import Connection
+
+RETRY_AFTER_SECONDS: Final = 10  # what a refused client is told to wait, in seconds
+REASON_ADDRESS_FULL: Final = b"too many connections from this address\n"
+REASON_ADDRESS_UNAUTHENTICATED: Final = b"too many unauthenticated connections from this address\n"
+
+
+class _Tally:
+    __slots__ = ("admitted", "connections")
+
+    def __init__(self) -> None:
+        self.admitted = 0  # every connection of the address, accepted or being accepted
+        self.connections: set[Connection] = set()  # those past the upgrade
+
+
+class AddressLimits:
+    """Open and unauthenticated connections per client address."""
+
+    def __init__(self, per_address: int, unauthenticated: int) -> None:
+        self.per_address = per_address
+        self.unauthenticated = unauthenticated
+        self._tallies: dict[str, _Tally] = {}
+        self.refused = 0  # upgrades refused since start (for tests and metrics)
+
+    def admit(self, address: str) -> bytes | None:
+        """Count one more connection of ``address``; or, past a limit, count
+        nothing and return the refusal's body (answer 429 with it)."""
+        tally = self._tallies.get(address)
+        if tally is not None:
+            if tally.admitted >= self.per_address:
+                self.refused += 1
+                return REASON_ADDRESS_FULL
+            if self.unauthenticated_of(address) >= self.unauthenticated:
+                self.refused += 1
+                return REASON_ADDRESS_UNAUTHENTICATED
+        else:
+            tally = self._tallies[address] = _Tally()
+        tally.admitted += 1
+        return None
+
+    def bind(self, address: str, conn: Connection) -> None:
+        """The admitted connection of ``address`` is upgraded: it is ``conn``."""
+        self._tallies[address].connections.add(conn)
+
+    def release(self, address: str, conn: Connection | None) -> None:
+        """An admitted connection of ``address`` ended (``conn``, if bound)."""
+        tally = self._tallies[address]
+        tally.admitted -= 1
+        if conn is not None:
+            tally.connections.discard(conn)
+        if not tally.admitted:
+            del self._tallies[address]
+
+    def unauthenticated_of(self, address: str) -> int:
+        """Connections of ``address`` without a session yet."""
+        tally = self._tallies.get(address)
+        if tally is None:
+            return 0
+        return tally.admitted - sum(1 for c in tally.connections if c.proto.authenticated)
+
+    def connections_of(self, address: str) -> int:
+        tally = self._tallies.get(address)
+        return 0 if tally is None else tally.admitted

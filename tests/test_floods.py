@@ -1,0 +1,217 @@
+"""Floods from one address: each hits its limit, and others are still served.
+
+The bounded part of the floods suite (docs/RELIABILITY.md section 4); the
+long run with latency figures is ``bench/floods.py``. Floods come from
+127.0.0.2 (loopback has all of 127/8, and 127.0.0.1 is a trusted proxy by
+default), the well-behaved client from 127.0.0.3.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import trio
+from wsproto.events import AcceptConnection, Request, TextMessage
+
+from chatd.protocol.delivery import Delivery
+from chatd.protocol.frames import Envelope
+from chatd.relay import Relay
+from chatd.relay.addresses import AddressLimits
+
+from .test_relay import RawClient, relay_running, upgrade_request, wait_streams_closed, ws_frame
+from .test_relay_auth import connect, server
+
+FLOODER = "127.0.0.2"
+OTHER = "127.0.0.3"
+
+
+async def open_from(relay: Relay, address: str) -> trio.SocketStream:
+    return await trio.open_tcp_stream("127.0.0.1", relay.port, local_address=address)
+
+
+async def response_head(stream: trio.SocketStream) -> bytes:
+    """The HTTP response head, or b"" if the server hung up without one."""
+    data = b""
+    with trio.fail_after(10):
+        while b"\r\n\r\n" not in data:
+            chunk = await stream.receive_some(65_536)
+            if not chunk:
+                return data
+            data += chunk
+    return data.split(b"\r\n\r\n", 1)[0]
+
+
+async def served_from(relay: Relay, address: str) -> None:
+    """A client from ``address`` upgrades, gets hello and a pong."""
+    client = RawClient(await open_from(relay, address))
+    await client.stream.send_all(client.ws.send(Request(host="127.0.0.1", target="/v1/ws")))
+    assert isinstance(await client.next_event(), AcceptConnection)
+    hello = await client.next_event()
+    assert isinstance(hello, TextMessage) and json.loads(hello.data)["type"] == "hello"
+    await client.stream.send_all(ws_frame(0x1, b'{"type":"ping","id":"p"}'))
+    pong = await client.next_event()
+    assert isinstance(pong, TextMessage) and json.loads(pong.data) == {"type": "pong", "id": "p"}
+    await trio.aclose_forcefully(client.stream)
+
+
+async def test_one_address_cannot_take_every_connection_slot() -> None:
+    """Defect 3: past its unauthenticated limit an address gets 429 with
+    Retry-After before the upgrade; another address still gets in."""
+    limit, extra = 5, 4
+    async with relay_running(
+        max_connections=20, max_unauthenticated_per_address=limit, idle_timeout_seconds=30
+    ) as (relay, _):
+        flood, heads = [], []
+        for _ in range(limit + extra):
+            stream = await open_from(relay, FLOODER)
+            flood.append(stream)
+            await stream.send_all(upgrade_request())
+            heads.append(await response_head(stream))
+        statuses = [head.split(b" ", 2)[1] for head in heads]
+        assert statuses.count(b"101") == limit
+        refused = [head for head in heads if b" 429 " in head]
+        assert len(refused) == extra
+        assert all(b"\r\nretry-after: 10" in head.lower() for head in refused)
+        assert relay.addresses.connections_of(FLOODER) == limit
+        await served_from(relay, OTHER)
+        for stream in flood:
+            await trio.aclose_forcefully(stream)
+        await wait_streams_closed(relay)
+        assert relay.addresses.connections_of(FLOODER) == 0  # every count given back
+
+
+async def test_behind_a_trusted_proxy_the_forwarded_address_is_limited() -> None:
+    """From a trusted proxy (127.0.0.1), X-Forwarded-For names the address
+    that is counted: one forwarded client is refused, another is served."""
+    async with relay_running(max_unauthenticated_per_address=2, idle_timeout_seconds=30) as (
+        relay,
+        _,
+    ):
+
+        def forwarded(client: str) -> bytes:
+            head = upgrade_request()[:-2]
+            return head + f"X-Forwarded-For: {client}\r\n\r\n".encode()
+
+        streams = []
+        statuses = []
+        for client in ("203.0.113.7",) * 3 + ("203.0.113.8",):
+            stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
+            streams.append(stream)
+            await stream.send_all(forwarded(client))
+            statuses.append((await response_head(stream)).split(b" ", 2)[1])
+        assert statuses == [b"101", b"101", b"429", b"101"]
+        for stream in streams:
+            await trio.aclose_forcefully(stream)
+
+
+def test_the_per_address_limit_counts_authenticated_connections_too() -> None:
+    limits = AddressLimits(per_address=3, unauthenticated=2)
+
+    class Conn:  # what AddressLimits reads of a connection
+        def __init__(self, authenticated: bool) -> None:
+            self.proto = SimpleNamespace(authenticated=authenticated)
+
+    def conn(authenticated: bool) -> Any:
+        return Conn(authenticated)
+
+    a, b = conn(True), conn(True)
+    for c in (a, b):
+        assert limits.admit("203.0.113.9") is None
+        limits.bind("203.0.113.9", c)
+    assert limits.unauthenticated_of("203.0.113.9") == 0
+    assert limits.admit("203.0.113.9") is None  # a third, still in its upgrade
+    assert limits.admit("203.0.113.9") == b"too many connections from this address\n"
+    assert limits.admit("198.51.100.1") is None  # another address is not affected
+    limits.release("203.0.113.9", a)
+    assert limits.connections_of("203.0.113.9") == 2
+
+
+async def test_slowloris_handshakes_from_one_address_are_bounded() -> None:
+    """Upgrade requests sent a byte at a time: past the address's limit a
+    stream is hung up on at once; the others are dropped at the handshake
+    timeout; another address is served meanwhile."""
+    limit, extra = 4, 3
+    async with relay_running(
+        max_unauthenticated_per_address=limit, handshake_timeout_seconds=1.0
+    ) as (relay, _):
+        streams = [await open_from(relay, FLOODER) for _ in range(limit + extra)]
+        for stream in streams:
+            await stream.send_all(b"G")  # one byte of the request line, and then nothing
+        hung_up = 0
+        for stream in streams[limit:]:
+            assert await response_head(stream) == b""  # no answer, just EOF
+            hung_up += 1
+        assert hung_up == extra and relay.streams.hung_up == extra
+        await served_from(relay, OTHER)
+        started = trio.current_time()
+        for stream in streams[:limit]:
+            assert await response_head(stream) == b""  # dropped at the timeout
+        assert trio.current_time() - started < 5
+        await wait_streams_closed(relay)
+
+
+async def test_half_sent_frames_from_one_address_time_out_and_others_are_served() -> None:
+    """Frame headers promising 1,000 bytes, then a stall: each connection is
+    closed at the first-frame timeout, with a Close frame; others are served."""
+    async with relay_running(max_unauthenticated_per_address=8) as (relay, _):
+        clients = []
+        for _ in range(6):
+            client = RawClient(await open_from(relay, FLOODER))
+            await client.stream.send_all(client.ws.send(Request(host="127.0.0.1", target="/v1/ws")))
+            assert isinstance(await client.next_event(), AcceptConnection)
+            assert isinstance(await client.next_event(), TextMessage)  # hello
+            await client.stream.send_all(ws_frame(0x1, b'{"type":"pi', declared=1_000))
+            clients.append(client)
+        await served_from(relay, OTHER)
+        for client in clients:
+            close = await client.close_event()
+            assert close is not None and (close.code, close.reason) == (1008, "first frame timeout")
+            await trio.aclose_forcefully(client.stream)
+        await wait_streams_closed(relay)
+        assert not relay.connections
+
+
+def test_the_delivery_window_is_bounded_in_bytes_too() -> None:
+    """Defect 8: a connection that does not read is handed about the
+    window's bytes, not 1,000 envelopes of any size; an ack reopens it."""
+    delivery = Delivery(window=1_000, window_bytes=20_000)
+    delivery.start()
+    rows = [
+        Envelope(
+            envelope_id=n,
+            kind="message",
+            message_id=f"m{n}",
+            sent_at=0,
+            sender_user_id=1,
+            sender_device_id="SENDER",
+            ciphertext="c" * 8_000,
+        )
+        for n in range(1, 11)
+    ]
+    limit = delivery.read_limit()
+    handed = delivery.read_done(rows[:limit], through=10, complete=True, tail=())
+    assert [e.envelope_id for e in handed] == [1, 2, 3]  # 24,000 bytes: one past the mark
+    assert delivery.room == 0 and delivery.read_limit() == 0
+    delivery.take_ready(range(100))
+    assert delivery.room == 0  # written is not acknowledged: still held
+    delivery.ack(2)
+    assert delivery.handed_bytes == 8_000 and delivery.room > 0
+
+
+async def test_a_device_keeps_at_most_its_limit_of_connections(tmp_path: Path) -> None:
+    """The oldest connection of a device closes with 1008 when one more
+    than max_connections_per_device gets its session."""
+    async with server(tmp_path, relay={"max_connections_per_device": 2}) as srv:
+        async with connect(srv) as first:
+            session = await first.login()
+            token = session["access_token"]
+            async with connect(srv) as second, connect(srv) as third:
+                assert (await second.request("resume", access_token=token))["type"] == "session"
+                assert (await third.request("resume", access_token=token))["type"] == "session"
+                assert await first.closed() == (1008, "too many connections for this device")
+                pong = await third.request("ping")
+                assert pong["type"] == "pong"
+                assert len(srv.relay.registry.by_device[session["device_id"]].connections) == 2
