@@ -67,7 +67,7 @@ from _daemon import (  # noqa: E402 - the bench directory is not a package
     set_settings,
     vm_rss_kib,
 )
-from relay import PASSWORD, keys_upload, login, log_findings, reply_to  # noqa: E402
+from relay import PASSWORD, keys_upload, log_findings, login, reply_to  # noqa: E402
 
 SETUP_CONCURRENCY: Final = 8  # connections logging in at once
 CONNECT_TIMEOUT: Final = 120.0  # seconds for one connection's connect, login and keys
@@ -245,9 +245,7 @@ class Load:
 
 async def sample_rss(load: Load, pid: int) -> None:
     while not load.stop.is_set():
-        load.result.samples.append(
-            Sample(trio.current_time() - load.started_at, vm_rss_kib(pid))
-        )
+        load.result.samples.append(Sample(trio.current_time() - load.started_at, vm_rss_kib(pid)))
         with trio.move_on_after(SAMPLE_EVERY):
             await load.stop.wait()
 
@@ -272,9 +270,19 @@ async def drive(load: Load, pid: int) -> None:
         nursery.start_soon(sample_rss, load, pid)
         load.go.set()
         await trio.sleep_until(load.started_at + result.warmup)
-        cpu0 = (cpu_seconds(pid), cpu_seconds(os.getpid()), machine_busy_seconds(), time.monotonic())
+        cpu0 = (
+            cpu_seconds(pid),
+            cpu_seconds(os.getpid()),
+            machine_busy_seconds(),
+            time.monotonic(),
+        )
         await trio.sleep_until(load.started_at + result.seconds)
-        cpu1 = (cpu_seconds(pid), cpu_seconds(os.getpid()), machine_busy_seconds(), time.monotonic())
+        cpu1 = (
+            cpu_seconds(pid),
+            cpu_seconds(os.getpid()),
+            machine_busy_seconds(),
+            time.monotonic(),
+        )
         result.server_cpu = cpu1[0] - cpu0[0]
         result.client_cpu = cpu1[1] - cpu0[1]
         result.machine_cpu = cpu1[2] - cpu0[2]
