@@ -74,6 +74,7 @@ CONNECT_TIMEOUT: Final = 120.0  # seconds for one connection's connect, login an
 DRAIN_TIMEOUT: Final = 10.0  # seconds after the load for the last deliveries
 BODY_BYTES: Final = 96  # random bytes in each ciphertext (128 base64 characters)
 SAMPLE_EVERY: Final = 1.0  # seconds between RSS samples
+LAG_TICK: Final = 0.01  # seconds the loop-lag watcher sleeps each time
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
@@ -102,7 +103,10 @@ class Result:
     answered: int = 0
     errors: list[str] = field(default_factory=list)
     deliver_latency: list[float] = field(default_factory=list)
+    #: (seconds into the load the send was written, send -> deliver seconds)
+    deliver_by_second: list[tuple[float, float]] = field(default_factory=list)
     sent_latency: list[float] = field(default_factory=list)
+    client_lag: list[float] = field(default_factory=list)  # the load process's loop lag
     samples: list[Sample] = field(default_factory=list)
     server_cpu: float = 0.0  # seconds over the measured period
     client_cpu: float = 0.0
@@ -231,6 +235,7 @@ class Load:
                     self.delivered.add(message_id)
                     if self.measured(sent):
                         self.result.deliver_latency.append(now - sent)
+                        self.result.deliver_by_second.append((sent - self.started_at, now - sent))
                 ack = {"type": "ack", "up_to": frame["envelopes"][-1]["envelope_id"]}
                 await conn.ws.send_message(_encode(ack).decode())
             elif kind == "sent":
@@ -248,6 +253,16 @@ async def sample_rss(load: Load, pid: int) -> None:
         load.result.samples.append(Sample(trio.current_time() - load.started_at, vm_rss_kib(pid)))
         with trio.move_on_after(SAMPLE_EVERY):
             await load.stop.wait()
+
+
+async def watch_lag(load: Load) -> None:
+    """This process's own event-loop lag: how late a 10 ms sleep wakes up. A late
+    load client reads deliveries late, which would look like server latency."""
+    while not load.stop.is_set():
+        before = trio.current_time()
+        await trio.sleep(LAG_TICK)
+        if load.measured(before):
+            load.result.client_lag.append(trio.current_time() - before - LAG_TICK)
 
 
 async def drive(load: Load, pid: int) -> None:
@@ -268,6 +283,7 @@ async def drive(load: Load, pid: int) -> None:
             load.partner[conn.index] = by_index[(i + 1) % len(by_index)]
         load.started_at = trio.current_time()
         nursery.start_soon(sample_rss, load, pid)
+        nursery.start_soon(watch_lag, load)
         load.go.set()
         await trio.sleep_until(load.started_at + result.warmup)
         cpu0 = (
@@ -288,7 +304,7 @@ async def drive(load: Load, pid: int) -> None:
         result.machine_cpu = cpu1[2] - cpu0[2]
         result.measured_seconds = cpu1[3] - cpu0[3]
         with trio.move_on_after(DRAIN_TIMEOUT):
-            while load.answered - load.delivered:
+            while load.answered - load.delivered or len(load.answered) < len(load.send_at):
                 await trio.sleep(0.05)
         missing = load.answered - load.delivered
         if missing:
@@ -337,6 +353,16 @@ async def run(work: Path, *, connections: int, seconds: float, warmup: float) ->
     return result
 
 
+def windows(r: Result, width: float = 10.0) -> str:
+    by_window: dict[int, list[float]] = {}
+    for at, latency in r.deliver_by_second:
+        by_window.setdefault(int(at // width), []).append(latency)
+    return ", ".join(
+        f"{k * width:.0f}-{(k + 1) * width:.0f} s {percentile(v, 99) * 1000:.0f} ms"
+        for k, v in sorted(by_window.items())
+    )
+
+
 def report(r: Result) -> str:
     def q(values: list[float], p: float) -> str:
         return f"{percentile(values, p) * 1000:.1f} ms" if values else "n/a"
@@ -351,6 +377,9 @@ def report(r: Result) -> str:
         f"send -> deliver: p50 {q(r.deliver_latency, 50)}, p99 {q(r.deliver_latency, 99)},"
         f" max {q(r.deliver_latency, 100)} (target p99 < 100 ms)",
         f"send -> sent: p50 {q(r.sent_latency, 50)}, p99 {q(r.sent_latency, 99)}",
+        "send -> deliver p99 by 10 s of the load: " + windows(r),
+        f"load clients' own event-loop lag: p50 {q(r.client_lag, 50)}, p99 {q(r.client_lag, 99)}"
+        " (a late client reads late: part of the latency above is the clients')",
         "daemon RSS samples (MiB, one a second): "
         + " ".join(f"{s.rss_kib / 1024:.0f}" for s in r.samples),
         f"RSS after warm-up: {after[0].rss_kib / 1024:.1f} -> {after[-1].rss_kib / 1024:.1f} MiB,"
