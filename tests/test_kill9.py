@@ -18,9 +18,6 @@ KILLS = 50  # the suite's bounded run (about a minute of CI time)
 
 def load_bench(name: str) -> ModuleType:
     """Import ``bench/<name>.py`` (the bench directory is not a package)."""
-    bench = str(REPO / "bench")
-    if bench not in sys.path:
-        sys.path.insert(0, bench)
     spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
