@@ -538,7 +538,8 @@ def report(f: Figures) -> str:
         f"delivered again after a durable ack: {f.after_durable_ack}",
         f"integrity_check: {f.integrity}; cipher_integrity_check: {f.cipher_integrity}",
         f"final stop (SIGTERM): exit code {f.exit_code} in {f.stop_seconds:.2f} s",
-        f"errors: {len(f.errors)}",
+        f"errors: {len(f.errors)}; connections cut off by a kill during their handshake:"
+        f" {len(f.handshake_failures)}",
         f"daemon start to READY: median {starts[len(starts) // 2]:.2f} s, max {starts[-1]:.2f} s",
         f"time: {f.seconds:.1f} s",
     ]
