@@ -1,0 +1,419 @@
+"""Sustained load: many connections each sending one message a second, for a while.
+
+One real ``chatd serve`` (``chatd init`` into a temp dir, started with
+NOTIFY_SOCKET as systemd would; the helpers of ``bench/_daemon.py``; port 0,
+no MFA, the per-account rates of ``RELAXED_RELAY`` so that no limit meant
+for people throttles the load). --connections users (default 1,000) are
+seeded with the daemon stopped; each logs in once (one Argon2id
+verification, SETUP_CONCURRENCY at a time) as its own device and publishes
+signed keys of a vodozemac account. The load clients are raw protocol
+clients, all in this one process under Trio (a full ``chatd.client`` each
+would be far heavier than the server).
+
+Then for --seconds (default 60) every connection sends one ``send`` a second
+to the next connection's device (connection i to i + 1, the last to the
+first), at its own offset within the second so that the sends are spread
+evenly, and acknowledges each ``deliver`` (``ack up_to`` its last envelope,
+without ``id``). The first --warmup seconds (default 10) are not measured.
+
+Printed:
+
+* **errors**: ``error`` and ``device_mismatch`` answers, connections that
+  closed, and messages answered ``sent`` that had not reached their device
+  by the end (must all be 0);
+* **send → deliver** p50 / p99 / max: from writing the ``send`` to reading
+  its ``deliver`` on the recipient's connection, over the measured period
+  (target p99 < 100 ms), and send → ``sent``;
+* **the daemon's RSS**, sampled every second (VmRSS of /proc/PID/status),
+  the samples, and the least-squares slope after the warm-up in MiB per
+  minute (flat: near 0);
+* **CPU**: the daemon's CPU seconds per message and in all (utime + stime of
+  all its threads, /proc/PID/stat), this load process's, and the whole
+  machine's, since the machine is shared: the load clients in Python take
+  about as much CPU as the server, so read the server's share first.
+
+    .venv/bin/python bench/sustained.py                      # 1,000 x 60 s
+    .venv/bin/python bench/sustained.py --connections 100 --seconds 5 --warmup 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+
+_BENCH = str(Path(__file__).resolve().parent)
+if _BENCH not in sys.path:  # imported by the test suite: last, so it shadows nothing
+    sys.path.append(_BENCH)
+from _daemon import (  # noqa: E402 - the bench directory is not a package
+    RELAXED_AUTH,
+    RELAXED_RELAY,
+    Daemon,
+    cpu_seconds,
+    init_data_dir,
+    machine_busy_seconds,
+    percentile,
+    raise_nofile,
+    seed_users,
+    set_settings,
+    vm_rss_kib,
+)
+from relay import PASSWORD, keys_upload, log_findings, login, reply_to  # noqa: E402
+
+SETUP_CONCURRENCY: Final = 8  # connections logging in at once
+CONNECT_TIMEOUT: Final = 120.0  # seconds for one connection's connect, login and keys
+DRAIN_TIMEOUT: Final = 10.0  # seconds after the load for the last deliveries
+BODY_BYTES: Final = 96  # random bytes in each ciphertext (128 base64 characters)
+SAMPLE_EVERY: Final = 1.0  # seconds between RSS samples
+LAG_TICK: Final = 0.01  # seconds the loop-lag watcher sleeps each time
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
+
+
+@dataclass(eq=False)
+class Conn:
+    index: int
+    ws: WebSocketConnection
+    user_id: int
+    device_id: str
+
+
+@dataclass
+class Sample:
+    at: float  # seconds since the load started
+    rss_kib: int
+
+
+@dataclass
+class Result:
+    connections: int
+    seconds: float
+    warmup: float
+    messages: int = 0  # sends written in the measured period
+    answered: int = 0
+    errors: list[str] = field(default_factory=list)
+    deliver_latency: list[float] = field(default_factory=list)
+    #: (seconds into the load the send was written, send -> deliver seconds)
+    deliver_by_second: list[tuple[float, float]] = field(default_factory=list)
+    sent_latency: list[float] = field(default_factory=list)
+    client_lag: list[float] = field(default_factory=list)  # the load process's loop lag
+    samples: list[Sample] = field(default_factory=list)
+    server_cpu: float = 0.0  # seconds over the measured period
+    client_cpu: float = 0.0
+    machine_cpu: float = 0.0
+    measured_seconds: float = 0.0
+    setup_seconds: float = 0.0
+    exit_code: int | None = None
+    log_findings: list[str] = field(default_factory=list)
+
+    def after_warmup(self) -> list[Sample]:
+        return [s for s in self.samples if s.at >= self.warmup]
+
+    def rss_slope_mib_per_minute(self) -> float:
+        """Least-squares slope of the RSS samples after the warm-up."""
+        points = self.after_warmup()
+        if len(points) < 2:
+            return 0.0
+        n = len(points)
+        mean_t = sum(p.at for p in points) / n
+        mean_r = sum(p.rss_kib for p in points) / n
+        var = sum((p.at - mean_t) ** 2 for p in points)
+        cov = sum((p.at - mean_t) * (p.rss_kib - mean_r) for p in points)
+        return cov / var / 1024 * 60 if var else 0.0
+
+    def rss_growth_kib(self) -> int:
+        """RSS at the last sample minus RSS at the first sample after the warm-up."""
+        points = self.after_warmup()
+        return points[-1].rss_kib - points[0].rss_kib if points else 0
+
+
+@dataclass
+class Load:
+    url: str
+    result: Result
+    conns: list[Conn] = field(default_factory=list)
+    partner: dict[int, Conn] = field(default_factory=dict)  # connection index -> recipient
+    slots: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(SETUP_CONCURRENCY))
+    go: trio.Event = field(default_factory=trio.Event)
+    stop: trio.Event = field(default_factory=trio.Event)
+    started_at: float = 0.0  # trio time the load began
+    send_at: dict[str, float] = field(default_factory=dict)  # message id -> send written
+    delivered: set[str] = field(default_factory=set)
+    answered: set[str] = field(default_factory=set)
+    ready: int = 0
+    all_ready: trio.Event = field(default_factory=trio.Event)
+
+    def measured(self, at: float) -> bool:
+        return at - self.started_at >= self.result.warmup
+
+    async def connection(self, index: int) -> None:
+        try:
+            async with open_websocket_url(
+                self.url, connect_timeout=CONNECT_TIMEOUT, disconnect_timeout=5.0
+            ) as ws:
+                async with self.slots:
+                    with trio.fail_after(CONNECT_TIMEOUT):
+                        session = await login(ws, f"s{index:04d}", f"load {index}")
+                        conn = Conn(index, ws, int(session["user"]["id"]), session["device_id"])
+                        await ws.send_message(
+                            _encode(keys_upload(conn.user_id, conn.device_id)).decode()
+                        )
+                        count = await reply_to(ws, "keys")
+                        if count.get("type") != "key_count":
+                            raise RuntimeError(f"keys_upload refused: {count!r}")
+                self.conns.append(conn)
+                self.ready += 1
+                if self.ready == self.result.connections:
+                    self.all_ready.set()
+                await self.go.wait()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self.reader, conn)
+                    await self.sender(conn)
+                    await self.stop.wait()
+                    nursery.cancel_scope.cancel()
+        except Exception as exc:  # one failed connection is an error, not a crash
+            self.result.errors.append(f"connection {index}: {type(exc).__name__}: {exc}")
+            self.all_ready.set()
+
+    async def sender(self, conn: Conn) -> None:
+        partner = self.partner[conn.index]
+        n = self.result.connections
+        offset = conn.index / n  # spread the sends evenly over each second
+        end = self.started_at + self.result.seconds
+        tick = 0
+        while True:
+            at = self.started_at + tick + offset
+            if at >= end:
+                return
+            await trio.sleep_until(at)
+            tick += 1
+            message_id = str(uuid.uuid4())
+            body = base64.b64encode(os.urandom(BODY_BYTES)).decode()
+            frame: dict[str, Any] = {
+                "type": "send",
+                "id": message_id,
+                "message_id": message_id,
+                "envelopes": [
+                    {"user_id": partner.user_id, "device_id": partner.device_id, "ciphertext": body}
+                ],
+            }
+            now = trio.current_time()
+            self.send_at[message_id] = now
+            if self.measured(now):
+                self.result.messages += 1
+            await conn.ws.send_message(_encode(frame).decode())
+
+    async def reader(self, conn: Conn) -> None:
+        while True:
+            try:
+                raw = await conn.ws.get_message()
+            except ConnectionClosed as exc:
+                if not self.stop.is_set():
+                    self.result.errors.append(f"connection {conn.index} closed: {exc.reason}")
+                return
+            now = trio.current_time()
+            frame = _decode(raw)
+            kind = frame.get("type")
+            if kind == "deliver":
+                for env in frame["envelopes"]:
+                    if env["kind"] != "message":
+                        continue  # delivered receipts
+                    message_id = env["message_id"]
+                    sent = self.send_at.get(message_id)
+                    if sent is None or message_id in self.delivered:
+                        continue
+                    self.delivered.add(message_id)
+                    if self.measured(sent):
+                        self.result.deliver_latency.append(now - sent)
+                        self.result.deliver_by_second.append((sent - self.started_at, now - sent))
+                ack = {"type": "ack", "up_to": frame["envelopes"][-1]["envelope_id"]}
+                await conn.ws.send_message(_encode(ack).decode())
+            elif kind == "sent":
+                message_id = frame["message_id"]
+                self.answered.add(message_id)
+                sent = self.send_at.get(message_id)
+                if sent is not None and self.measured(sent):
+                    self.result.sent_latency.append(now - sent)
+            elif kind in ("error", "device_mismatch"):
+                self.result.errors.append(f"connection {conn.index}: {raw[:300]!r}")
+
+
+async def sample_rss(load: Load, pid: int) -> None:
+    while not load.stop.is_set():
+        load.result.samples.append(Sample(trio.current_time() - load.started_at, vm_rss_kib(pid)))
+        with trio.move_on_after(SAMPLE_EVERY):
+            await load.stop.wait()
+
+
+async def watch_lag(load: Load) -> None:
+    """This process's own event-loop lag: how late a 10 ms sleep wakes up. A late
+    load client reads deliveries late, which would look like server latency."""
+    while not load.stop.is_set():
+        before = trio.current_time()
+        await trio.sleep(LAG_TICK)
+        if load.measured(before):
+            load.result.client_lag.append(trio.current_time() - before - LAG_TICK)
+
+
+async def drive(load: Load, pid: int) -> None:
+    result = load.result
+    setup_started = time.monotonic()
+    async with trio.open_nursery() as nursery:
+        for i in range(result.connections):
+            nursery.start_soon(load.connection, i)
+        with trio.fail_after(CONNECT_TIMEOUT * result.connections / SETUP_CONCURRENCY + 60):
+            await load.all_ready.wait()
+        result.setup_seconds = time.monotonic() - setup_started
+        if result.errors:
+            load.stop.set()
+            load.go.set()
+            return
+        by_index = sorted(load.conns, key=lambda c: c.index)
+        for i, conn in enumerate(by_index):
+            load.partner[conn.index] = by_index[(i + 1) % len(by_index)]
+        load.started_at = trio.current_time()
+        nursery.start_soon(sample_rss, load, pid)
+        nursery.start_soon(watch_lag, load)
+        load.go.set()
+        await trio.sleep_until(load.started_at + result.warmup)
+        cpu0 = (
+            cpu_seconds(pid),
+            cpu_seconds(os.getpid()),
+            machine_busy_seconds(),
+            time.monotonic(),
+        )
+        await trio.sleep_until(load.started_at + result.seconds)
+        cpu1 = (
+            cpu_seconds(pid),
+            cpu_seconds(os.getpid()),
+            machine_busy_seconds(),
+            time.monotonic(),
+        )
+        result.server_cpu = cpu1[0] - cpu0[0]
+        result.client_cpu = cpu1[1] - cpu0[1]
+        result.machine_cpu = cpu1[2] - cpu0[2]
+        result.measured_seconds = cpu1[3] - cpu0[3]
+        with trio.move_on_after(DRAIN_TIMEOUT):
+            while load.answered - load.delivered or len(load.answered) < len(load.send_at):
+                await trio.sleep(0.05)
+        missing = load.answered - load.delivered
+        if missing:
+            result.errors.append(f"{len(missing)} messages answered sent and not delivered")
+        unanswered = set(load.send_at) - load.answered
+        if unanswered:
+            result.errors.append(f"{len(unanswered)} sends not answered sent")
+        result.answered = len(load.answered)
+        load.stop.set()
+
+
+def prepare(work: Path, connections: int) -> Path:
+    config = init_data_dir(work / "data")
+    set_settings(
+        config,
+        "relay",
+        {
+            "port": 0,
+            "idle_timeout_seconds": 600.0,
+            "handshake_timeout_seconds": 120.0,
+            "max_connections": max(10_000, 2 * connections),
+            **RELAXED_RELAY,
+        },
+    )
+    set_settings(config, "auth", {**RELAXED_AUTH, "access_token_minutes": 1_440.0})
+    set_settings(config, "attachments", {"port": 0})
+    seed_users(config, [f"s{i:04d}" for i in range(connections)], PASSWORD)
+    return config
+
+
+async def run(work: Path, *, connections: int, seconds: float, warmup: float) -> Result:
+    """Start the daemon, run the load, stop the daemon (SIGTERM, exit code kept)."""
+    raise_nofile(connections + 1_000)
+    config = prepare(work, connections)
+    daemon = Daemon(config, work)
+    daemon.start()
+    result = Result(connections, seconds, warmup)
+    try:
+        await trio.to_thread.run_sync(daemon.wait_ready)
+        load = Load(daemon.relay_url()[0], result)
+        await drive(load, daemon.pid)
+        result.exit_code, _ = await trio.to_thread.run_sync(daemon.stop)
+    finally:
+        daemon.kill()
+    result.log_findings = log_findings(daemon.log_path.read_text(errors="replace"))
+    return result
+
+
+def windows(r: Result, width: float = 10.0) -> str:
+    by_window: dict[int, list[float]] = {}
+    for at, latency in r.deliver_by_second:
+        by_window.setdefault(int(at // width), []).append(latency)
+    return ", ".join(
+        f"{k * width:.0f}-{(k + 1) * width:.0f} s {percentile(v, 99) * 1000:.0f} ms"
+        for k, v in sorted(by_window.items())
+    )
+
+
+def report(r: Result) -> str:
+    def q(values: list[float], p: float) -> str:
+        return f"{percentile(values, p) * 1000:.1f} ms" if values else "n/a"
+
+    after = r.after_warmup()
+    lines = [
+        f"connections: {r.connections}, one message a second each, {r.seconds:.0f} s"
+        f" ({r.warmup:.0f} s warm-up not measured); setup {r.setup_seconds:.1f} s",
+        f"messages measured: {r.messages} ({r.messages / max(r.measured_seconds, 1e-9):.0f}/s);"
+        f" answered sent (whole run): {r.answered}",
+        f"errors: {len(r.errors)}",
+        f"send -> deliver: p50 {q(r.deliver_latency, 50)}, p99 {q(r.deliver_latency, 99)},"
+        f" max {q(r.deliver_latency, 100)} (target p99 < 100 ms)",
+        f"send -> sent: p50 {q(r.sent_latency, 50)}, p99 {q(r.sent_latency, 99)}",
+        "send -> deliver p99 by 10 s of the load: " + windows(r),
+        f"load clients' own event-loop lag: p50 {q(r.client_lag, 50)}, p99 {q(r.client_lag, 99)}"
+        " (a late client reads late: part of the latency above is the clients')",
+        "daemon RSS samples (MiB, one a second): "
+        + " ".join(f"{s.rss_kib / 1024:.0f}" for s in r.samples),
+        f"RSS after warm-up: {after[0].rss_kib / 1024:.1f} -> {after[-1].rss_kib / 1024:.1f} MiB,"
+        f" slope {r.rss_slope_mib_per_minute():+.2f} MiB/min"
+        if after
+        else "RSS after warm-up: no samples",
+        f"CPU over the measured {r.measured_seconds:.1f} s: daemon {r.server_cpu:.2f} s"
+        f" ({r.server_cpu / max(r.measured_seconds, 1e-9):.2f} cores,"
+        f" {r.server_cpu / max(r.messages, 1) * 1e6:.0f} us per message),"
+        f" load clients {r.client_cpu:.2f} s, whole machine {r.machine_cpu:.2f} s",
+        f"final stop (SIGTERM): exit code {r.exit_code}",
+    ]
+    lines += [f"  error: {e}" for e in r.errors[:10]]
+    lines += [f"  log: {line}" for line in r.log_findings[:10]]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--connections", type=int, default=1_000)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--warmup", type=float, default=10.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="sustained-") as tmp:
+        result = trio.run(
+            lambda: run(
+                Path(tmp), connections=args.connections, seconds=args.seconds, warmup=args.warmup
+            )
+        )
+    print(report(result))
+    sys.exit(0 if not result.errors and result.exit_code == 0 else 1)
+
+
+if __name__ == "__main__":
+    main()
