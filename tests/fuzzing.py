@@ -514,19 +514,21 @@ class Fuzzer:
             sock.sendall(data)
         except (BrokenPipeError, ConnectionResetError):
             pass  # it closed early: what it sent before is read below
-        events = _read_events(
-            sock,
-            ws,
-            lambda e: (
-                e is None
-                or isinstance(e, CloseConnection)
-                or (isinstance(e, TextMessage) and fence in e.data)
-            ),
-        )
+        ended = True
         try:
+            events = _read_events(
+                sock,
+                ws,
+                lambda e: (
+                    e is None
+                    or isinstance(e, CloseConnection)
+                    or (isinstance(e, TextMessage) and fence in e.data)
+                ),
+            )
+            ended = events[-1] is None or isinstance(events[-1], CloseConnection)
             self._check(case, events, sock, ws)
         finally:
-            if events[-1] is None or isinstance(events[-1], CloseConnection):
+            if ended:  # or no answer came: the connection is not used again
                 sock.close()
                 del self._conns[case.logged_in]
 
