@@ -10,7 +10,9 @@ What it guarantees, each covered by ``tests/test_relay.py``:
 
 * Every stream is closed when its handler returns, whatever happened, and a
   peer that does not finish its upgrade within the handshake timeout is
-  dropped. A rejected upgrade (404, 403, 503) is answered and hung up.
+  dropped. A rejected upgrade (404, 403, 503) is answered and hung up, and
+  so is a malformed one: 400 for a Sec-WebSocket-Key that is not the base64
+  of 16 bytes (RFC 6455 4.2.1), as for a missing one.
 * A connection takes a slot at TCP accept, before its upgrade, so a burst of
   concurrent handshakes cannot exceed the connection limit.
 * A framing error (unmasked frame, reserved opcode, bad UTF-8, ...) and a
