@@ -66,6 +66,11 @@ FUZZ_AUTH = {
     "require_mfa": "none",
     "login_rate_per_account": 100_000.0,
     "refresh_rate_per_ip": 100_000.0,
+    # A case that asks for the password again (mfa_enroll, export_account, ...)
+    # with a wrong one backs the account off, as it should; the fuzzer then
+    # waits that out before it logs in again, so keep the wait short.
+    "backoff_base_seconds": 0.1,
+    "backoff_max_seconds": 1.0,
 }
 
 
@@ -165,16 +170,17 @@ def run(args: argparse.Namespace, port: int, daemon: Daemon, work: Path) -> None
                 print(f"  {fuzzer.stats.cases} cases, {len(failures)} failures", flush=True)
         try:
             fuzzer.run_case(case)
-        except FuzzFailure as exc:
-            failures.append(str(exc)[:400])
-            fuzzer.close()
-        except OSError as exc:
-            failures.append(f"{type(exc).__name__}: {exc} after {case.describe()}"[:400])
+        except (FuzzFailure, OSError) as exc:
+            failures.append(f"{type(exc).__name__}: {exc}"[:400])
+            if len(failures) <= 5:
+                print(f"  broken: {failures[-1]}", flush=True)
             fuzzer.close()
 
     started = time.monotonic()
     try:
         each()
+    except KeyboardInterrupt:  # Ctrl-C: report what ran so far
+        print(f"interrupted after {fuzzer.stats.cases} cases")
     finally:
         windows.append((window_start, time.monotonic()))
         fuzzer.close()

@@ -70,6 +70,7 @@ DOCUMENTED_CLOSES: Final = frozenset(
 #: that decodes but is not an auth frame gets auth_required instead).
 BAD_FRAME_CODES: Final = frozenset({"bad_frame", "unknown_type", "auth_required"})
 MAX_MESSAGE: Final = 65_536  # relay.max_frame_bytes of the fuzzed daemon (its default)
+MAX_LOGIN_WAIT: Final = 10.0  # seconds the fuzzer waits out a back-off before it gives up
 ANSWER_TIMEOUT: Final = 15.0  # seconds a case may take to be answered (a login hashes)
 
 _decoder: Final = msgspec.json.Decoder(ClientFrame)
@@ -432,6 +433,7 @@ class Fuzzer:
         self._access_token: str | None = None
         self._conns: dict[bool, tuple[socket.socket, WSConnection]] = {}
         self._logins = 0
+        self._waited = 0.0  # seconds waited out for the current login
         self._fences = 0
 
     def close(self) -> None:
@@ -481,8 +483,14 @@ class Fuzzer:
                     },
                 )
                 sock.close()
+                if reply.get("code") == "rate_limited" and self._waited < MAX_LOGIN_WAIT:
+                    wait = min(float(reply.get("retry_after", 1.0)), MAX_LOGIN_WAIT)
+                    self._waited += wait
+                    time.sleep(wait)  # backed off by a case's wrong password: wait it out
+                    continue
                 if reply.get("type") != "session":
                     raise FuzzFailure(f"the fuzzer cannot log in: {reply}")
+                self._waited = 0.0
                 self._access_token = reply["access_token"]
             sock, ws = self._connect()
             reply = self._request(

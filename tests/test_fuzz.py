@@ -33,6 +33,11 @@ FUZZ_AUTH = {
     "require_mfa": "none",
     "login_rate_per_account": 100_000.0,
     "refresh_rate_per_ip": 100_000.0,
+    # A case that asks for the password again (mfa_enroll, export_account, ...)
+    # with a wrong one backs the account off, as it should; the fuzzer then
+    # waits that out before it logs in again, so keep the wait short.
+    "backoff_base_seconds": 0.1,
+    "backoff_max_seconds": 1.0,
 }
 
 
