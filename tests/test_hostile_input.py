@@ -131,6 +131,7 @@ async def test_a_message_over_the_limit_after_our_close_is_dropped_quietly(
         assert close is not None, "the server hung up without a Close frame"
         assert close.code in (1000, 1008)
         await client.wait_eof()
+        await client.stream.aclose()  # the server lingers until we hang up
         await wait_streams_closed(relay)
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
 
