@@ -97,6 +97,10 @@ def pinger(port: int, out: Path, interval: float) -> None:
             time.sleep(interval)
 
 
+class _OutOfTime(BaseException):
+    """--max-seconds passed: stop generating cases."""
+
+
 def _answers(fence: str, event: object) -> bool:
     return event is None or fence in getattr(event, "data", "")
 
@@ -110,6 +114,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=14)
+    parser.add_argument("--max-seconds", type=float, default=math.inf, help="stop then, and report")
     parser.add_argument("--fuzz-window", type=float, default=4.0, help="seconds (default 4)")
     parser.add_argument("--quiet-window", type=float, default=2.0, help="seconds (default 2)")
     parser.add_argument("--interval", type=float, default=0.02, help="between pings (0.02 s)")
@@ -149,6 +154,7 @@ def run(args: argparse.Namespace, port: int, daemon: Daemon, work: Path) -> None
     window_start = time.monotonic() + args.quiet_window
     time.sleep(args.quiet_window)  # a quiet window first
     cpu_before = cpu_seconds(daemon.pid)
+    started = time.monotonic()
 
     @settings(
         max_examples=args.cases,
@@ -162,6 +168,9 @@ def run(args: argparse.Namespace, port: int, daemon: Daemon, work: Path) -> None
     def each(case: Case) -> None:
         nonlocal window_start
         now = time.monotonic()
+        if now - started > args.max_seconds:
+            raise _OutOfTime  # a BaseException: Hypothesis lets it through
+
         if now - window_start >= args.fuzz_window:
             windows.append((window_start, now))
             time.sleep(args.quiet_window)
@@ -176,11 +185,10 @@ def run(args: argparse.Namespace, port: int, daemon: Daemon, work: Path) -> None
                 print(f"  broken: {failures[-1]}", flush=True)
             fuzzer.close()
 
-    started = time.monotonic()
     try:
         each()
-    except KeyboardInterrupt:  # Ctrl-C: report what ran so far
-        print(f"interrupted after {fuzzer.stats.cases} cases")
+    except (KeyboardInterrupt, _OutOfTime):  # Ctrl-C or --max-seconds: report what ran
+        print(f"stopped after {fuzzer.stats.cases} cases")
     finally:
         windows.append((window_start, time.monotonic()))
         fuzzer.close()

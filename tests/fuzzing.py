@@ -433,6 +433,7 @@ class Fuzzer:
         self._access_token: str | None = None
         self._conns: dict[bool, tuple[socket.socket, WSConnection]] = {}
         self._logins = 0
+        self._device_id = ""
         self._waited = 0.0  # seconds waited out for the current login
         self._fences = 0
 
@@ -471,17 +472,16 @@ class Fuzzer:
                 self._logins += 1
                 source = f"127.0.{1 + self._logins // 250}.{1 + self._logins % 250}"
                 sock, ws = self._connect(source)
-                reply = self._request(
-                    sock,
-                    ws,
-                    {
-                        "type": "login",
-                        "id": "fuzzer-login",
-                        "username": self.username,
-                        "password": self.password,
-                        "device_name": "fuzzer",
-                    },
-                )
+                login = {
+                    "type": "login",
+                    "id": "fuzzer-login",
+                    "username": self.username,
+                    "password": self.password,
+                    "device_name": "fuzzer",
+                }
+                if self._device_id:  # the same device again: devices per user are limited
+                    login["device_id"] = self._device_id
+                reply = self._request(sock, ws, login)
                 sock.close()
                 if reply.get("code") == "rate_limited" and self._waited < MAX_LOGIN_WAIT:
                     wait = min(float(reply.get("retry_after", 1.0)), MAX_LOGIN_WAIT)
@@ -492,6 +492,7 @@ class Fuzzer:
                     raise FuzzFailure(f"the fuzzer cannot log in: {reply}")
                 self._waited = 0.0
                 self._access_token = reply["access_token"]
+                self._device_id = reply["device_id"]
             sock, ws = self._connect()
             reply = self._request(
                 sock,
