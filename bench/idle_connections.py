@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import trio
-from _daemon import Daemon, init_data_dir, raise_nofile, set_settings, vm_rss_kib
+from _daemon import RELAXED_ADDRESSES, Daemon, init_data_dir, raise_nofile, set_settings, vm_rss_kib
 from trio_websocket import open_websocket_url
 
 WARMUP_CONNECTIONS = 10
@@ -147,6 +147,7 @@ def main() -> None:
             config,
             "relay",
             {
+                **RELAXED_ADDRESSES,
                 "port": 0,
                 "idle_timeout_seconds": 3_600.0,
                 "handshake_timeout_seconds": 300.0,

@@ -71,7 +71,15 @@ from typing import Any, Final
 
 import httpx
 import trio
-from _daemon import RELAXED_AUTH, Daemon, init_data_dir, ms, percentile, set_settings
+from _daemon import (
+    RELAXED_ADDRESSES,
+    RELAXED_AUTH,
+    Daemon,
+    init_data_dir,
+    ms,
+    percentile,
+    set_settings,
+)
 from trio_websocket import WebSocketConnection, open_websocket_url, wrap_client_stream
 
 PASSWORD: Final = "plum orbit kettle sunrise"  # noqa: S105 - bench accounts
@@ -637,7 +645,7 @@ def main() -> None:
         work = Path(tmp)
         data = work / "data"
         config = init_data_dir(data)
-        set_settings(config, "relay", {"port": 0})
+        set_settings(config, "relay", {**RELAXED_ADDRESSES, "port": 0})
         set_settings(config, "auth", RELAXED_AUTH)
         lag_log = work / "lag.txt"
         daemon = Daemon(config, work, lag_log=None if args.no_lag_monitor else lag_log)

@@ -86,6 +86,7 @@ from typing import IO, Any, Final
 import msgspec
 import trio
 from _daemon import (
+    RELAXED_ADDRESSES,
     RELAXED_AUTH,
     Daemon,
     argon2_seconds,
@@ -470,6 +471,7 @@ def configure(config: Path, users: int) -> None:
         config,
         "relay",
         {
+            **RELAXED_ADDRESSES,
             "port": 0,
             "idle_timeout_seconds": 3_600.0,
             "handshake_timeout_seconds": 300.0,

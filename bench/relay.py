@@ -164,6 +164,7 @@ import msgspec
 import trio
 import vodozemac
 from _daemon import (
+    RELAXED_ADDRESSES,
     RELAXED_AUTH,
     RELAXED_RELAY,
     Daemon,
@@ -891,6 +892,7 @@ def configure(config: Path, *, idle: bool, clients: int) -> None:
         config,
         "relay",
         {
+            **RELAXED_ADDRESSES,
             "port": 0,
             "idle_timeout_seconds": 3_600.0 if idle else 600.0,
             "handshake_timeout_seconds": 300.0 if idle else 30.0,

@@ -96,6 +96,7 @@ import msgspec
 import trio
 import vodozemac
 from _daemon import (
+    RELAXED_ADDRESSES,
     Daemon,
     cpu_seconds,
     init_data_dir,
@@ -820,7 +821,9 @@ def run(args: argparse.Namespace) -> None:
         data = work / "data"
         config = init_data_dir(data)
         configure(config, idle=False, clients=args.members)
-        set_settings(config, "relay", {"max_frame_bytes": args.max_frame_bytes})
+        set_settings(
+            config, "relay", {**RELAXED_ADDRESSES, "max_frame_bytes": args.max_frame_bytes}
+        )
         set_settings(config, "auth", {"access_token_minutes": 120.0})
         seeded = seed_users(config, names, PASSWORD)
         daemon = Daemon(config, work, lag_log=work / "lag.log" if args.lag else None)

@@ -57,6 +57,7 @@ _BENCH = str(Path(__file__).resolve().parent)
 if _BENCH not in sys.path:  # imported by the test suite: last, so it shadows nothing
     sys.path.append(_BENCH)
 from _daemon import (  # noqa: E402 - the bench directory is not a package
+    RELAXED_ADDRESSES,
     RELAXED_AUTH,
     RELAXED_RELAY,
     Daemon,
@@ -324,6 +325,7 @@ def prepare(work: Path, connections: int) -> Path:
         config,
         "relay",
         {
+            **RELAXED_ADDRESSES,
             "port": 0,
             "idle_timeout_seconds": 600.0,
             "handshake_timeout_seconds": 120.0,

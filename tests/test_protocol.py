@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import typing
 
+import msgspec
 import pytest
 
 from chatd.protocol import core
+from chatd.protocol.catalog import ClientFrame
 from chatd.protocol.frames import Limits
+from chatd.protocol.validation import MAX_NESTING_DEPTH
 
 LIMITS = Limits(
     handshake_timeout_seconds=10,
@@ -163,15 +167,85 @@ def test_a_missing_field_is_named() -> None:
     assert error["id"] == "r7"
 
 
+def nested(kind: str, depth: int) -> str:
+    """``depth`` arrays or objects inside one another."""
+    if kind == "array":
+        return "[" * depth + "]" * depth
+    return '{"a":' * depth + "1" + "}" * depth
+
+
+#: Deep values in every shape: alone, as the frame, in a field, before the
+#: tag, in an unknown field, in a list of a known frame.
+SHAPES = [
+    "{}",
+    '{"type":"ping","id":{}}',
+    '{"x":{},"type":"ping"}',
+    '{"type":"ping","extra":{}}',
+    '{"type":"send","id":"s","message_id":"m","envelopes":[{}]}',
+    '{"type":"nope","id":{}}',
+]
+
+
 @pytest.mark.parametrize("depth", [900, 1_000, 100_000])
-def test_deeply_nested_json_is_a_bad_frame_not_a_crash(depth: int) -> None:
-    conn = started()
-    for text in (
-        "[" * depth + "]" * depth,
-        '{"type":"ping","id":' + "[" * depth + "]" * depth + "}",
-    ):
+@pytest.mark.parametrize("kind", ["array", "object"])
+def test_deeply_nested_json_is_a_bad_frame_not_a_crash(depth: int, kind: str) -> None:
+    """Defect 1 of issue 14: deep objects made msgspec raise RecursionError
+    (a 1011 on the wire); every shape now gets the same bad_frame."""
+    conn = core.ServerConnection(
+        Limits(
+            max_frame_bytes=1 << 24,
+            handshake_timeout_seconds=1.0,
+            idle_timeout_seconds=1.0,
+            send_queue_frames=8,
+            max_bad_frames=100,
+        ),
+        server_name="chatd",
+    )
+    conn.start()
+    value = nested(kind, depth)
+    for shape in SHAPES:
+        text = value if shape == "{}" else shape.replace("{}", value, 1)
         [error] = frames(conn.receive_text(text))
-        assert error["type"] == "error" and error["code"] == "bad_frame"
+        assert error == {
+            "type": "error",
+            "code": "bad_frame",
+            "message": "frame is nested deeper than 32 levels",
+        }, shape
+    assert conn.state is core.State.OPEN
+    assert conn.bad_frames == len(SHAPES)
+
+
+def test_the_nesting_limit_is_32_levels_and_strings_do_not_count() -> None:
+    conn = started()
+    [error] = frames(conn.receive_text(nested("array", 32)))
+    assert error["message"] == "expected a JSON object, got array"
+    [error] = frames(conn.receive_text(nested("array", 33)))
+    assert error["message"] == "frame is nested deeper than 32 levels"
+    [pong] = frames(conn.receive_text('{"type":"ping","id":"' + "[{" * 30 + '\\"[[["}'))
+    assert pong["type"] == "pong"
+
+
+def _declared_depth(annotation: object) -> int:
+    """How deep a value of this declared type nests (a Struct is an object)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _declared_depth(args[0])
+    if isinstance(annotation, type) and issubclass(annotation, msgspec.Struct):
+        hints = typing.get_type_hints(annotation)
+        return 1 + max((_declared_depth(h) for h in hints.values()), default=0)
+    if origin is list:
+        return 1 + _declared_depth(args[0])
+    assert origin is not dict, "a dict field: the nesting rule needs a look"
+    return max((_declared_depth(a) for a in args), default=0)
+
+
+def test_no_valid_frame_comes_near_the_nesting_limit() -> None:
+    """Only frames that failed to decode are scanned for depth: sound only
+    because every declared frame type nests far less than the limit."""
+    deepest = max(_declared_depth(t) for t in typing.get_args(ClientFrame))
+    assert deepest == 3  # docs/PROTOCOL.md section 4.2 says so
+    assert deepest < MAX_NESTING_DEPTH
 
 
 def test_the_field_is_found_without_reading_the_decoders_message() -> None:

@@ -174,7 +174,9 @@ class ServerConnection:
                 return self._close(CLOSE_INVALID_PAYLOAD, "text frame is not valid UTF-8")
         try:
             frame = _decoder.decode(data)
-        except (msgspec.ValidationError, msgspec.DecodeError):
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+            # RecursionError: nested deeper than msgspec's stack allows (explain
+            # refuses anything past MAX_NESTING_DEPTH, before decoding again).
             return self._bad_frame(explain(data, _FRAME_TYPES, max_id_chars=MAX_ID_CHARS))
         return self._dispatch(frame)
 

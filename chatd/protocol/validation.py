@@ -6,10 +6,18 @@ without reading that text, a frame that failed is decoded again as plain JSON
 and walked along the frame's declared type: unknown and missing fields are
 found here, and each value is checked on its own with msgspec, whose message
 for a lone value carries no path. Only frames that failed take this path.
+
+Nesting: msgspec decodes recursively, so JSON nested a thousand deep ends in
+a RecursionError (how deep depends on the caller's stack). A frame nested
+deeper than :data:`MAX_NESTING_DEPTH` is refused by a scan of its brackets
+before it is decoded again, whatever its shape, so the limit is the same
+everywhere. No valid frame comes near it (``tests/test_protocol.py`` checks
+the deepest declared type), so a frame that decoded needs no scan.
 """
 
 from __future__ import annotations
 
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -20,6 +28,11 @@ import msgspec
 
 ERR_BAD_FRAME: Final = "bad_frame"  # not JSON, or a field is missing/wrong
 ERR_UNKNOWN_TYPE: Final = "unknown_type"  # ``type`` names no frame
+MAX_NESTING_DEPTH: Final = 32  # arrays and objects inside one another, the frame's own included
+NESTED_TOO_DEEPLY: Final = f"frame is nested deeper than {MAX_NESTING_DEPTH} levels"
+
+_STRING: Final = re.compile(r'"(?:[^"\\]|\\.)*"?', re.DOTALL)  # a JSON string, or its start
+_NOT_BRACKETS: Final = {c: None for c in range(128) if chr(c) not in "[]{}"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,12 +50,14 @@ def explain(
     data: str, frame_types: Mapping[str, type[msgspec.Struct]], *, max_id_chars: int
 ) -> Problem:
     """Find what is wrong with ``data``, a text frame the strict decoder refused."""
+    if nested_too_deeply(data):
+        return Problem(ERR_BAD_FRAME, NESTED_TOO_DEEPLY)
     try:
         raw = msgspec.json.decode(data)
     except msgspec.DecodeError as exc:
         return Problem(ERR_BAD_FRAME, f"frame is not a JSON object: {exc}")
-    except RecursionError:
-        return Problem(ERR_BAD_FRAME, "frame is not a JSON object: nested too deeply")
+    except RecursionError:  # pragma: no cover - the scan above refuses what could recurse
+        return Problem(ERR_BAD_FRAME, NESTED_TOO_DEEPLY)
     if not isinstance(raw, dict):
         return Problem(ERR_BAD_FRAME, f"expected a JSON object, got {_json_kind(raw)}")
     request_id = raw.get("id")
@@ -62,6 +77,23 @@ def explain(
         return Problem(ERR_BAD_FRAME, "the frame does not match its type", None, request_id)
     field, message = found
     return Problem(ERR_BAD_FRAME, message, None if field == "$" else field, request_id)
+
+
+def nested_too_deeply(data: str) -> bool:
+    """Whether arrays and objects nest deeper than MAX_NESTING_DEPTH in
+    ``data``, well formed or not (brackets inside strings do not count).
+    Linear in the length, and cheap when there are few brackets."""
+    if data.count("[") + data.count("{") <= MAX_NESTING_DEPTH:
+        return False
+    depth = 0
+    for char in _STRING.sub("", data).translate(_NOT_BRACKETS):
+        if char in "[{":
+            depth += 1
+            if depth > MAX_NESTING_DEPTH:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
 
 
 def _json_kind(value: Any) -> str:

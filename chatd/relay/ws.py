@@ -10,7 +10,9 @@ What it guarantees, each covered by ``tests/test_relay.py``:
 
 * Every stream is closed when its handler returns, whatever happened, and a
   peer that does not finish its upgrade within the handshake timeout is
-  dropped. A rejected upgrade (404, 403, 503) is answered and hung up.
+  dropped. A rejected upgrade (404, 403, 503) is answered and hung up, and
+  so is a malformed one: 400 for a Sec-WebSocket-Key that is not the base64
+  of 16 bytes (RFC 6455 4.2.1), as for a missing one.
 * A connection takes a slot at TCP accept, before its upgrade, so a burst of
   concurrent handshakes cannot exceed the connection limit.
 * A framing error (unmasked frame, reserved opcode, bad UTF-8, ...) and a
@@ -27,6 +29,8 @@ What it guarantees, each covered by ``tests/test_relay.py``:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -51,6 +55,7 @@ LINGER_MAX_BYTES: Final = 1_048_576  # how much of it we read and discard, at mo
 MAX_CLOSE_REASON: Final = 120  # bytes; a Close frame's reason is limited to 123
 MAX_REQUEST_HEAD: Final = 16_384  # bytes of the upgrade request's head, at most
 WEBSOCKET_VERSION: Final = b"13"
+WEBSOCKET_KEY_BYTES: Final = 16  # what a Sec-WebSocket-Key encodes (RFC 6455 4.2.1)
 
 
 class WebSocketClosed(ChatdError):
@@ -353,7 +358,17 @@ def _upgrade_refusal(request: h11.Request) -> tuple[int, bytes, list[tuple[bytes
     key = values.get(b"sec-websocket-key", [])
     if len(key) != 1 or not key[0]:
         return 400, b"missing Sec-WebSocket-Key\n", []
+    if not _is_websocket_key(key[0]):
+        return 400, b"Sec-WebSocket-Key must be the base64 of 16 bytes\n", []
     return key[0]
+
+
+def _is_websocket_key(key: bytes) -> bool:
+    """RFC 6455 4.2.1: the key is the base64 of 16 random bytes (24 characters)."""
+    try:
+        return len(base64.b64decode(key, validate=True)) == WEBSOCKET_KEY_BYTES
+    except binascii.Error:
+        return False
 
 
 async def read_upgrade(stream: trio.abc.Stream, remote: str) -> UpgradeRequest | None:
