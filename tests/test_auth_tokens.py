@@ -38,6 +38,11 @@ def test_invite_codes_are_256_bit_urlsafe_and_unique() -> None:
     assert all(_URLSAFE.fullmatch(code) for code in codes)
 
 
+def test_no_invite_code_starts_with_a_dash() -> None:
+    """``chat --invite -abc...`` would read the code as an option (1 in 64 did)."""
+    assert not any(new_invite_code().startswith("-") for _ in range(2_000))
+
+
 def test_token_hash_is_sha256() -> None:
     token = new_token()
     digest = token_hash(token)

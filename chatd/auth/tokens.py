@@ -57,8 +57,15 @@ def new_token() -> str:
 
 
 def new_invite_code() -> str:
-    """A new invite code: 256 random bits, like a token; hash it with :func:`token_hash`."""
-    return secrets.token_urlsafe(TOKEN_BYTES)
+    """A new invite code: 256 random bits, like a token; hash it with :func:`token_hash`.
+
+    Never one that starts with ``-``: a person pastes it after ``chat
+    --invite``, where a leading dash reads as an option (about 1 code in 64
+    would; those are drawn again, so the code stays uniform over the rest)."""
+    while True:
+        code = secrets.token_urlsafe(TOKEN_BYTES)
+        if not code.startswith("-"):
+            return code
 
 
 def token_hash(token: str) -> bytes:
