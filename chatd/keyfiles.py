@@ -73,6 +73,29 @@ def db_key_path(config: Config) -> tuple[Path, bool]:
     return config.in_data_dir(config.store.key_file), False
 
 
+def read_hex_key(
+    path: Path, what: str, size: int, *, from_credential: bool, hint: str | None = None
+) -> bytes:
+    """A ``size``-byte key from a private file (or systemd credential) of
+    ``2 * size`` hex digits. Raises :class:`SecretFileError` when the file is
+    missing, unsafe or malformed; the message names ``what`` and, if given,
+    what to do (``hint``)."""
+    text = _read_private(path, what, from_credential=from_credential)
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != size:
+        advice = f" ({hint})" if hint else ""
+        raise SecretFileError(f"{what} file {path} must hold exactly {size * 2} hex digits{advice}")
+    return key
+
+
+def credential(name: str) -> Path | None:
+    """The systemd credential ``name`` (in $CREDENTIALS_DIRECTORY), if passed."""
+    return _credential(name)
+
+
 def load_db_key(config: Config) -> bytes:
     """Return the raw 32-byte database key.
 
@@ -80,17 +103,13 @@ def load_db_key(config: Config) -> bytes:
     exactly 64 hex digits.
     """
     path, from_cred = db_key_path(config)
-    text = _read_private(path, "database key", from_credential=from_cred)
-    try:
-        key = bytes.fromhex(text)
-    except ValueError:
-        key = b""
-    if len(key) != DB_KEY_BYTES:
-        raise SecretFileError(
-            f"database key file {path} must hold exactly {DB_KEY_BYTES * 2} hex digits "
-            "(generate one with: chatd init)"
-        )
-    return key
+    return read_hex_key(
+        path,
+        "database key",
+        DB_KEY_BYTES,
+        from_credential=from_cred,
+        hint="generate one with: chatd init",
+    )
 
 
 def admin_token_path(config: Config) -> tuple[Path, bool]:
@@ -188,17 +207,13 @@ def load_blob_key(config: Config) -> bytes:
     path, from_cred = blob_key_path(config)
     if not from_cred:
         write_private_file(path, new_blob_key())  # no-op when it exists
-    text = _read_private(path, "blob URL key", from_credential=from_cred)
-    try:
-        key = bytes.fromhex(text)
-    except ValueError:
-        key = b""
-    if len(key) != BLOB_KEY_BYTES:
-        raise SecretFileError(
-            f"blob URL key file {path} must hold exactly {BLOB_KEY_BYTES * 2} hex digits "
-            "(delete it and restart chatd to make a new one; issued URLs stop working)"
-        )
-    return key
+    return read_hex_key(
+        path,
+        "blob URL key",
+        BLOB_KEY_BYTES,
+        from_credential=from_cred,
+        hint="delete it and restart chatd to make a new one; issued URLs stop working",
+    )
 
 
 # -- the server's Ed25519 signing key ([privacy]: erasure receipts) ---------------------
@@ -229,14 +244,10 @@ def load_signing_seed(config: Config) -> bytes:
     path, from_cred = signing_key_path(config)
     if not from_cred:
         write_private_file(path, new_signing_key())  # no-op when it exists
-    text = _read_private(path, "signing key", from_credential=from_cred)
-    try:
-        seed = bytes.fromhex(text)
-    except ValueError:
-        seed = b""
-    if len(seed) != SIGNING_KEY_BYTES:
-        raise SecretFileError(
-            f"signing key file {path} must hold exactly {SIGNING_KEY_BYTES * 2} hex digits "
-            "(restore it from a backup: receipts signed with it verify only against it)"
-        )
-    return seed
+    return read_hex_key(
+        path,
+        "signing key",
+        SIGNING_KEY_BYTES,
+        from_credential=from_cred,
+        hint="restore it from a backup: receipts signed with it verify only against it",
+    )

@@ -24,12 +24,12 @@ from chatd.datalock import hold_data_dir_lock
 from chatd.errors import BackupError, KeyMismatchError, SecretFileError, StoreError, UsageError
 from chatd.keyfiles import (
     DB_KEY_BYTES,
-    _credential,
-    _read_private,
     check_data_dir,
+    credential,
     db_key_path,
     load_db_key,
     new_db_key,
+    read_hex_key,
     write_private_file,
 )
 from chatd.store.db import DatabaseError, close_quietly, connect, open_writer
@@ -248,17 +248,6 @@ def _user_ids_issued(db: Path, key: bytes) -> int:
         close_quietly(conn)
 
 
-def _read_db_key_file(path: Path, *, from_credential: bool) -> tuple[bytes, str]:
-    text = _read_private(path, "new database key", from_credential=from_credential)
-    try:
-        key = bytes.fromhex(text)
-    except ValueError:
-        key = b""
-    if len(key) != DB_KEY_BYTES:
-        raise SecretFileError(f"new database key file {path} must hold exactly 64 hex digits")
-    return key, text
-
-
 def _opens(db: Path, key: bytes) -> bool:
     try:
         close_quietly(connect(db, key, busy_timeout_ms=0, readonly=True))
@@ -300,14 +289,16 @@ def rekey(config: Config, new_key_file: Path | None, *, generate: bool) -> int:
             raise SecretFileError(f"{new_key_file} exists; move it away or pass --new-key-file")
     new_from_cred = False
     if new_key_file is None:
-        new_key_file = _credential(NEW_DB_KEY_CREDENTIAL)
+        new_key_file = credential(NEW_DB_KEY_CREDENTIAL)
         new_from_cred = True
         if new_key_file is None:
             raise UsageError(
                 "chatd rekey: give the new key with --new-key-file PATH, --generate, or "
                 f"the systemd credential {NEW_DB_KEY_CREDENTIAL}"
             )
-    new, text = _read_db_key_file(new_key_file, from_credential=new_from_cred)
+    new = read_hex_key(
+        new_key_file, "new database key", DB_KEY_BYTES, from_credential=new_from_cred
+    )
     if new == old:
         raise SecretFileError(f"{new_key_file} holds the current key; make a new one")
     db = config.database_path
@@ -342,7 +333,7 @@ def rekey(config: Config, new_key_file: Path | None, *, generate: bool) -> int:
         try:
             os.rename(new_key_file, old_path)
         except OSError:  # another filesystem: write a copy, keep the given file
-            write_private_file(old_path, text)
+            write_private_file(old_path, new.hex())
     fsync_path(old_path.parent, directory=True)
     print(f"  {old_path} now holds the new key; the old key is kept as {retired}")
     print("  the retired key opens only copies of the database from before this rekey")

@@ -28,7 +28,7 @@ from typing import Final
 from chatd.backup.copy import fsync_path
 from chatd.config import Config
 from chatd.errors import SecretFileError
-from chatd.keyfiles import _credential, _read_private, write_private_file
+from chatd.keyfiles import credential, read_hex_key, write_private_file
 
 BACKUP_KEY_CREDENTIAL: Final = "chatd-backup-key"
 BACKUP_KEY_BYTES: Final = 32  # raw SQLCipher key: 256 bits
@@ -47,7 +47,7 @@ def key_id(key: bytes) -> str:
 
 def backup_key_path(config: Config) -> tuple[Path, bool]:
     """Where the backup key comes from, and whether it is a systemd credential."""
-    cred = _credential(BACKUP_KEY_CREDENTIAL)
+    cred = credential(BACKUP_KEY_CREDENTIAL)
     if cred is not None:
         return cred, True
     return config.in_data_dir(config.backup.key_file), False
@@ -58,16 +58,7 @@ def read_key_file(path: Path, *, from_credential: bool = False) -> bytes:
 
     Raises :class:`SecretFileError` when it is missing, unsafe or malformed.
     """
-    text = _read_private(path, "backup key", from_credential=from_credential)
-    try:
-        key = bytes.fromhex(text)
-    except ValueError:
-        key = b""
-    if len(key) != BACKUP_KEY_BYTES:
-        raise SecretFileError(
-            f"backup key file {path} must hold exactly {BACKUP_KEY_BYTES * 2} hex digits"
-        )
-    return key
+    return read_hex_key(path, "backup key", BACKUP_KEY_BYTES, from_credential=from_credential)
 
 
 def load_backup_key(config: Config) -> bytes:
