@@ -25,8 +25,9 @@ import pytest
 import trio
 
 from chatd.auth.accounts import AccountAdmin
+from chatd.blobs.grants import Referral
 from chatd.blobs.http import BlobApp, serve_blobs
-from chatd.blobs.service import BlobService, Referral
+from chatd.blobs.service import BlobService
 from chatd.blobs.signing import SignedGrant
 from chatd.config import (
     AttachmentSettings,
@@ -346,7 +347,7 @@ async def test_a_refused_send_does_not_take_back_a_grant_another_send_needs(
             await blobs.withdraw(second)
             blobs.release(second)
             assert not await granted()
-            assert not (blobs._needs or blobs._made_by or blobs._doomed)  # nothing left over
+            assert blobs.pending.idle  # nothing left over
 
 
 async def test_a_room_message_lets_the_rooms_members_download(short_tmp: Path) -> None:

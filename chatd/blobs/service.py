@@ -37,15 +37,15 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from typing import Any, Final
 
 import trio
 
 from chatd.blobs.files import PART_PREFIX, BlobFiles
+from chatd.blobs.grants import PendingGrants, Referral, needed
 from chatd.blobs.signing import BLOB_ID, SignedGrant, UrlSigner
 from chatd.config import AttachmentSettings
 from chatd.errors import RefusedError
@@ -91,32 +91,6 @@ def _used(conn: Any, user_id: int) -> int:
     return int(row[0])
 
 
-#: A reference a message may make: ("first", blob, None) (the blob named at
-#: all), ("device", blob, device_id) or ("room", blob, room_id).
-Grant = tuple[str, str, str | int | None]
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class Referral:
-    """What one message's :meth:`BlobService.refer` added: blobs named for
-    the first time, (blob, device) read grants and (blob, room) grants that
-    did not exist before; and every grant the message needs (``touched``),
-    new or not. Compared by identity: each is one message's."""
-
-    first: tuple[str, ...] = ()
-    readers: tuple[tuple[str, str], ...] = ()
-    rooms: tuple[tuple[str, int], ...] = ()
-    touched: tuple[Grant, ...] = ()
-
-    def made(self) -> list[Grant]:
-        """The grants this message's references created."""
-        return [
-            *(("first", b, None) for b in self.first),
-            *(("device", b, d) for b, d in self.readers),
-            *(("room", b, r) for b, r in self.rooms),
-        ]
-
-
 class BlobService:
     """Attachment rules for the relay (URLs, references) and the listener
     (finishing uploads). One per daemon; ``base_url`` is set once the
@@ -137,12 +111,8 @@ class BlobService:
         self.is_member = is_member
         self.base_url = settings.public_url.rstrip("/")
         self._locks: dict[str, trio.Lock] = {}
-        # Grants created by a message not yet accepted or refused: its to
-        # withdraw if refused, unless another message that needs them was
-        # accepted meanwhile (then they are not its any more).
-        self._made_by: dict[Grant, Referral] = {}
-        self._needs: Counter[Grant] = Counter()  # pending messages needing each grant
-        self._doomed: set[Grant] = set()  # made by a refused message; see withdraw
+        # Grants of messages not yet accepted or refused (chatd.blobs.grants).
+        self.pending = PendingGrants()
 
     # -- URLs (relay) --------------------------------------------------------------
 
@@ -254,23 +224,17 @@ class BlobService:
         Raises BlobError blob_not_found (field ``$.blob_ids[i]``) when this
         device may not read one of them; then nothing is recorded."""
         unique = sorted(set(blob_ids))
-        devices = sorted(set(device_ids))
-        needs: list[Grant] = [("first", b, None) for b in unique]
-        needs += [("device", b, d) for b in unique for d in devices]
-        if room_id is not None:
-            needs += [("room", b, room_id) for b in unique]
-        touched = tuple(needs)
-        # Counted before the first await: a refused message deciding what to
-        # withdraw from now on sees that this one needs these grants.
-        self._needs.update(touched)
+        touched = needed(blob_ids, device_ids, room_id)
+        self.pending.need(touched)  # before the first await (chatd.blobs.grants)
         try:
-            referral = await self._record(user_id, device_id, blob_ids, unique, devices, room_id)
+            referral = await self._record(
+                user_id, device_id, blob_ids, unique, sorted(set(device_ids)), room_id
+            )
         except BaseException:
-            self._forget_needs(touched)
+            self.pending.forget(touched)
             raise
         referral = replace(referral, touched=touched)
-        for grant in referral.made():
-            self._made_by[grant] = referral
+        self.pending.recorded(referral)
         return referral
 
     async def _record(
@@ -326,34 +290,13 @@ class BlobService:
 
     def confirm(self, referral: Referral, *, except_devices: Sequence[str] = ()) -> None:
         """The message of ``referral`` was accepted (but for ``except_devices``,
-        whose grants were withdrawn): the grants it needs stay, even those
-        another message, still pending or refused, created."""
-        left_out = set(except_devices)
-        for grant in referral.touched:
-            if grant[0] == "device" and grant[2] in left_out:
-                continue
-            self._made_by.pop(grant, None)
-            self._doomed.discard(grant)
+        whose grants were withdrawn): the grants it needs stay."""
+        self.pending.confirm(referral, except_devices)
 
     def release(self, referral: Referral) -> None:
         """The message of ``referral`` is done with (accepted, refused or
-        abandoned); call it last, after :meth:`confirm` or :meth:`withdraw`.
-        What it created and did not withdraw stays."""
-        for grant in referral.made():
-            if self._made_by.get(grant) is referral:
-                del self._made_by[grant]
-        self._forget_needs(referral.touched)
-
-    def _forget_needs(self, touched: Sequence[Grant]) -> None:
-        for grant in touched:
-            left = self._needs[grant] - 1
-            if left > 0:
-                self._needs[grant] = left
-            else:
-                del self._needs[grant]
-                # Nobody left to decide on a doomed grant: it stays (a grant
-                # to a device a message named; the blob's expiry ends it).
-                self._doomed.discard(grant)
+        abandoned); call it last, after :meth:`confirm` or :meth:`withdraw`."""
+        self.pending.release(referral)
 
     async def withdraw(
         self, referral: Referral, *, device_ids: Sequence[str] | None = None
@@ -361,25 +304,8 @@ class BlobService:
         """Undo what :meth:`refer` recorded for a message that was then refused
         (all of it), or that left some devices out (``device_ids``: only their
         read access). References that existed before the message are kept."""
-        # Only grants this message created (or that a refused message created
-        # and this one needed too), and only once no other pending message
-        # needs them: until then the last of those decides. A grant that a
-        # message that needs it was accepted with is nobody's to withdraw.
-        candidates = referral.touched
-        if device_ids is not None:
-            gone = set(device_ids)
-            candidates = tuple(g for g in candidates if g[0] == "device" and g[2] in gone)
-        mine: list[Grant] = []
-        for grant in candidates:
-            if self._made_by.get(grant) is referral:
-                del self._made_by[grant]
-            elif grant not in self._doomed:
-                continue
-            if self._needs[grant] <= 1:
-                self._doomed.discard(grant)
-                mine.append(grant)
-            else:
-                self._doomed.add(grant)
+        # Only what is this message's to take back (chatd.blobs.grants).
+        mine = self.pending.withdrawn(referral, device_ids)
         readers = [(b, d) for kind, b, d in mine if kind == "device"]
         rooms = [(b, r) for kind, b, r in mine if kind == "room"]
         first = [(b,) for kind, b, _ in mine if kind == "first"]

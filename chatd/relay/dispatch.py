@@ -25,7 +25,8 @@ import trio
 
 from chatd.auth.models import AuthError, Peer, SessionGrant
 from chatd.auth.service import AuthService
-from chatd.blobs.service import BlobError, BlobService, Referral
+from chatd.blobs.grants import Referral
+from chatd.blobs.service import BlobError, BlobService
 from chatd.consent import ConsentError, ConsentService
 from chatd.e2ee.keys import KeyService
 from chatd.e2ee.queues import Accepted, Mismatch, Outcome, QueueFull, QueueService, Repeated
