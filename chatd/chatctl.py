@@ -34,11 +34,11 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, NoReturn, get_args
+from typing import Any, NoReturn
 
 import httpx
 
-from chatd import ctl_backup, ctl_privacy
+from chatd import ctl_backup, ctl_privacy, ctl_rooms
 from chatd.auth.models import ROLES
 from chatd.auth.usernames import USERNAME_INPUT_MAX
 from chatd.config import load_config
@@ -48,9 +48,9 @@ from chatd.ctl_consent import (
     consent_command,
     user_consent,
 )
+from chatd.ctl_text import Call, more, named, positive_id, table, when, yes_no
 from chatd.errors import ChatdError, ListenError, SecretFileError, UsageError
 from chatd.keyfiles import admin_token_path
-from chatd.protocol.rooms import Role as RoomRole
 
 DEFAULT_CONFIG = os.path.join("chatd-data", "chatd.toml")
 SYSTEM_CONFIG = Path("/etc/chatd/chatd.toml")
@@ -127,29 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--limit", type=int, default=20)
     sub.add_parser("online", help="devices connected now (no message metadata)")
     _add_account_commands(sub)
-    _add_room_commands(sub)
+    ctl_rooms.add_commands(sub)
     ctl_backup.add_commands(sub)
     add_consent_commands(sub)
     ctl_privacy.add_commands(sub)
     return p
 
 
-def _id(text: str) -> int:
-    """An argparse type: a positive integer id."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
-    return value
-
-
 def _user(text: str) -> str:
     """An argparse type: a user id, a username, or ``@username`` (resolved later)."""
     name = text.removeprefix("@")
     if text.isascii() and text.isdigit():
-        _id(text)
+        positive_id(text)
     elif not name or len(name) > USERNAME_INPUT_MAX:
         raise argparse.ArgumentTypeError(f"{text!r} is neither a user id nor a username")
     return text
@@ -162,8 +151,10 @@ def _add_account_commands(sub: Any) -> None:
     users = sub.add_parser("users", help="accounts: list, create, show, disable, enable, ...")
     u = users.add_subparsers(dest="action", metavar="ACTION", required=True)
     ls = u.add_parser("list", help="accounts in id order")
-    ls.add_argument("--limit", type=_id, default=100, help="rows (default 100, at most 500)")
-    ls.add_argument("--after", type=_id, metavar="ID", help="start after this user id")
+    ls.add_argument(
+        "--limit", type=positive_id, default=100, help="rows (default 100, at most 500)"
+    )
+    ls.add_argument("--after", type=positive_id, metavar="ID", help="start after this user id")
     create = u.add_parser("create", help="create an account; asks for its password")
     create.add_argument("username")
     create.add_argument("--role", choices=ROLES, default="user")
@@ -199,13 +190,15 @@ def _add_account_commands(sub: Any) -> None:
     new.add_argument("--role", choices=ROLES, default="user")
     new.add_argument("--days", type=float, help="lifetime in days (default: auth.invite_days)")
     new.add_argument("--note", default="", help="for admins, e.g. who it is for")
-    i.add_parser("revoke", help="revoke an unused invite").add_argument("invite_id", type=_id)
+    i.add_parser("revoke", help="revoke an unused invite").add_argument(
+        "invite_id", type=positive_id
+    )
 
     sessions = sub.add_parser("sessions", help="sessions: list, revoke, revoke-user, revoke-all")
     s = sessions.add_subparsers(dest="action", metavar="ACTION", required=True)
     sl = s.add_parser("list", help="live sessions, or all of one user's")
     sl.add_argument("--user", type=_user, metavar="USER", help="only this user's (revoked too)")
-    s.add_parser("revoke", help="revoke one session").add_argument("session_id", type=_id)
+    s.add_parser("revoke", help="revoke one session").add_argument("session_id", type=positive_id)
     s.add_parser("revoke-user", help="revoke all of a user's sessions").add_argument(
         "user", type=_user, help=_USER_HELP
     )
@@ -216,28 +209,10 @@ def _add_account_commands(sub: Any) -> None:
     log = sub.add_parser("auth-audit", help="the authentication audit log, newest first")
     log.add_argument("--user", type=_user, metavar="USER", help="only this user's events")
     log.add_argument("--event", help="only this event, e.g. login")
-    log.add_argument("--limit", type=_id, default=50, help="rows (default 50, at most 500)")
-    log.add_argument("--before", type=_id, metavar="ID", help="only events older than this id")
-
-
-def _add_room_commands(sub: Any) -> None:
-    rooms = sub.add_parser("rooms", help="rooms: list, show, remove, set-role, delete")
-    r = rooms.add_subparsers(dest="action", metavar="ACTION", required=True)
-    ls = r.add_parser("list", help="rooms in id order, channels and groups")
-    ls.add_argument("--limit", type=_id, default=100, help="rows (default 100, at most 500)")
-    ls.add_argument("--after", type=_id, metavar="ID", help="start after this room id")
-    r.add_parser("show", help="a room's members and invitations").add_argument("room_id", type=_id)
-    user_help = "a user id, or the username of a member or invitee (@NAME for digits)"
-    remove = r.add_parser("remove", help="remove a member from a room, or revoke their invitation")
-    remove.add_argument("room_id", type=_id)
-    remove.add_argument("user", help=user_help)
-    role = r.add_parser("set-role", help="give a member of a room another role")
-    role.add_argument("room_id", type=_id)
-    role.add_argument("user", help=user_help)
-    role.add_argument("role", choices=get_args(RoomRole))
-    delete = r.add_parser("delete", help="delete a room for all its members (needs --yes)")
-    delete.add_argument("room_id", type=_id)
-    delete.add_argument("--yes", action="store_true", help="yes, delete the room")
+    log.add_argument("--limit", type=positive_id, default=50, help="rows (default 50, at most 500)")
+    log.add_argument(
+        "--before", type=positive_id, metavar="ID", help="only events older than this id"
+    )
 
 
 _STDIN_HELP = "read the password from the first line of standard input instead of asking"
@@ -289,23 +264,11 @@ def _request(client: httpx.Client, token: str | None, method: str, path: str, **
     return body
 
 
-def _when(ms: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ms / 1000)) + "Z"
-
-
-def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
-    cells = [list(map(str, headers))] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def _runs_table(runs: list[dict[str, Any]]) -> str:
     rows = [
         (
             r["id"],
-            _when(r["started_at"]),
+            when(r["started_at"]),
             r["job"],
             r["rows_purged"],
             r["bytes_reclaimed"],
@@ -340,20 +303,16 @@ def _read_password(args: argparse.Namespace, prompt: str) -> str:
     return password
 
 
-def _yes_no(flag: bool) -> str:
-    return "yes" if flag else "no"
-
-
 def _users_table(users: list[dict[str, Any]]) -> str:
     rows = [
         (
             u["id"],
             u["username"],
             u["role"],
-            _yes_no(u["mfa_enabled"]),
+            yes_no(u["mfa_enabled"]),
             "disabled" if u["disabled"] else "active",
-            _when(u["created_at"]),
-            _when(u["password_changed_at"]),
+            when(u["created_at"]),
+            when(u["password_changed_at"]),
         )
         for u in users
     ]
@@ -364,7 +323,7 @@ def _invite_state(invite: dict[str, Any]) -> str:
     if invite["used_at"] is not None:
         if not invite["used_by"]:
             return "used"
-        return f"used by user {_named(invite['used_by'], invite.get('used_by_username'))}"
+        return f"used by user {named(invite['used_by'], invite.get('used_by_username'))}"
     if invite["revoked_at"] is not None:
         return "revoked"
     return "expired" if invite["expires_at"] <= time.time() * 1000 else "open"
@@ -376,8 +335,8 @@ def _invites_table(invites: list[dict[str, Any]]) -> str:
             i["id"],
             i["role"],
             _invite_state(i),
-            _when(i["created_at"]),
-            _when(i["expires_at"]),
+            when(i["created_at"]),
+            when(i["expires_at"]),
             i["note"],
         )
         for i in invites
@@ -394,9 +353,9 @@ def _sessions_table(sessions: list[dict[str, Any]]) -> str:
             s.get("username") or "",
             s["device_name"],
             s["ip"],
-            _when(s["created_at"]),
-            _when(s["last_seen_at"]),
-            _when(s["expires_at"]),
+            when(s["created_at"]),
+            when(s["last_seen_at"]),
+            when(s["expires_at"]),
             "revoked" if s["revoked"] else "expired" if s["expires_at"] <= now else "live",
         )
         for s in sessions
@@ -417,7 +376,7 @@ def _audit_table(events: list[dict[str, Any]]) -> str:
     rows = [
         (
             e["id"],
-            _when(e["at"]),
+            when(e["at"]),
             e["event"],
             e["outcome"],
             "" if e["user_id"] is None else e["user_id"],
@@ -430,77 +389,6 @@ def _audit_table(events: list[dict[str, Any]]) -> str:
     ]
     headers = ["id", "at", "event", "outcome", "user", "username", "ip", "device", "session"]
     return table(rows, headers)
-
-
-def _rooms_table(rooms: list[dict[str, Any]]) -> str:
-    rows = [
-        (
-            r["room_id"],
-            r["name"],
-            r["kind"],
-            r["member_count"],
-            r["invitation_count"],
-            _yes_no(r["invite_only"]),
-            _yes_no(r["share_history"]),
-            r["epoch"],
-            _when(r["created_at"]),
-        )
-        for r in rooms
-    ]
-    headers = ["id", "name", "kind", "members", "invited", "invite-only", "history", "epoch"]
-    return table(rows, [*headers, "created"])
-
-
-def _named(user_id: int | None, username: str | None) -> str:
-    if user_id is None:
-        return "server admin"
-    return f"{user_id} ({username})" if username else str(user_id)
-
-
-def _room_text(detail: dict[str, Any]) -> str:
-    room = detail["room"]
-    lines = [_rooms_table([room])]
-    if room["topic"]:
-        lines.append(f"topic: {room['topic']}")
-    members = [
-        (m["user_id"], m["username"], m["role"], len(m["device_ids"]), " ".join(m["device_ids"]))
-        for m in detail["members"]
-    ]
-    lines += ["", "members:", table(members, ["user", "username", "role", "devices", "ids"])]
-    if detail["invitations"]:
-        invited = [
-            (
-                i["user_id"],
-                i["username"],
-                _when(i["invited_at"]),
-                _named(i["by_user_id"], i["by_username"]),
-            )
-            for i in detail["invitations"]
-        ]
-        lines += ["", "invitations:", table(invited, ["user", "username", "invited", "by"])]
-    return "\n".join(lines)
-
-
-def _member_id(detail: dict[str, Any], user: str) -> int:
-    """USER on the command line: a user id, or a member's or invitee's username."""
-    if user.isascii() and user.isdigit() and int(user) >= 1:
-        return int(user)
-    wanted = user.removeprefix("@").casefold()
-    for person in detail["members"] + detail["invitations"]:
-        if person["username"].casefold() == wanted:
-            return int(person["user_id"])
-    room = detail["room"]
-    raise UsageError(
-        f"no member or invitee named {user!r} in room {room['room_id']} ({room['name']}); "
-        "give a user id"
-    )
-
-
-def _more(text: str, hint: str | None) -> str:
-    return f"{text}\n(more: {hint})" if hint else text
-
-
-Call = Callable[..., Any]
 
 
 def _user_id(call: Call, user: str) -> int:
@@ -520,7 +408,7 @@ def _users(args: argparse.Namespace, call: Call) -> tuple[Any, str]:
         params = {"limit": args.limit} | ({"after_id": args.after} if args.after else {})
         body = call("GET", "/v1/users", params=params)
         after = body["next_after_id"]
-        return body, _more(_users_table(body["users"]), after and f"--after {after}")
+        return body, more(_users_table(body["users"]), after and f"--after {after}")
     if args.action == "create":
         password = _read_password(args, f"Password for {args.username}: ")
         payload = {"username": args.username, "password": password, "role": args.role}
@@ -580,35 +468,7 @@ def _auth_audit(args: argparse.Namespace, call: Call) -> tuple[Any, str]:
             params[name] = value
     body = call("GET", "/v1/auth-audit", params=params)
     before = body["next_before_id"]
-    return body, _more(_audit_table(body["events"]), before and f"--before {before}")
-
-
-def _rooms(args: argparse.Namespace, call: Call) -> tuple[Any, str]:
-    if args.action == "list":
-        params = {"limit": args.limit} | ({"after_id": args.after} if args.after else {})
-        body = call("GET", "/v1/rooms", params=params)
-        after = body["next_after_id"]
-        return body, _more(_rooms_table(body["rooms"]), after and f"--after {after}")
-    detail = call("GET", f"/v1/rooms/{args.room_id}")
-    if args.action == "show":
-        return detail, _room_text(detail)
-    room = f"room {args.room_id} ({detail['room']['name']})"
-    if args.action == "delete":  # --yes was checked before connecting
-        body = call("DELETE", f"/v1/rooms/{args.room_id}")
-        return body, (
-            f"deleted {room}; its {body['member_count']} member(s) were told "
-            f"and its {body['invitation_count']} invitation(s) are gone"
-        )
-    user_id = _member_id(detail, args.user)
-    path = f"/v1/rooms/{args.room_id}/members/{user_id}"
-    if args.action == "set-role":
-        body = call("PUT", f"{path}/role", json={"role": args.role})
-        return body, f"{_named(user_id, body['username'])} is now {body['role']} of {room}"
-    body = call("DELETE", path)  # remove
-    who = _named(user_id, body["username"])
-    if body["was"] == "invitation":
-        return body, f"revoked the invitation of {who} to {room}"
-    return body, f"removed {who} from {room}"
+    return body, more(_audit_table(body["events"]), before and f"--before {before}")
 
 
 def _online(args: argparse.Namespace, call: Call) -> tuple[Any, str]:
@@ -619,7 +479,7 @@ def _online(args: argparse.Namespace, call: Call) -> tuple[Any, str]:
             d["username"],
             d["device_id"] or "",
             d["device_name"] or "",
-            _when(d["since"]),
+            when(d["since"]),
             d["connections"],
         )
         for d in body["devices"]
@@ -635,7 +495,7 @@ _ACCOUNT_COMMANDS: dict[str, Callable[[argparse.Namespace, Call], tuple[Any, str
     "invites": _invites,
     "sessions": _sessions,
     "auth-audit": _auth_audit,
-    "rooms": _rooms,
+    "rooms": ctl_rooms.run,
     "backup": partial(ctl_backup.run, user_id=_user_id),
     "consent": consent_command,
 }
@@ -669,7 +529,7 @@ def _command(args: argparse.Namespace, client: httpx.Client, token: str | None) 
         body = _request(client, token, "POST", "/v1/retention/run", json=payload)
         return body, _runs_table(body["reports"])
     body = _request(client, token, "GET", "/v1/admin-audit", params={"limit": args.limit})
-    rows = [(e["id"], _when(e["at"]), e["method"], e["path"], e["status"]) for e in body["entries"]]
+    rows = [(e["id"], when(e["at"]), e["method"], e["path"], e["status"]) for e in body["entries"]]
     return body, table(rows, ["id", "at", "method", "path", "status"])
 
 

@@ -19,12 +19,12 @@ import time
 from collections.abc import Callable
 from typing import Any, Final, TextIO
 
+from chatd.ctl_text import Call, when
 from chatd.errors import ChatdError
 
 POLL_SECONDS: Final = 0.25  # how often `backup create` asks for progress
 BAR_WIDTH: Final = 30  # characters of the progress bar
 
-Call = Callable[..., Any]
 
 
 class BackupFailed(ChatdError):
@@ -94,10 +94,6 @@ def follow(call: Call, job: dict[str, Any], out: TextIO = sys.stderr) -> dict[st
     return job
 
 
-def _when(ms: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ms / 1000)) + "Z"
-
-
 def holding_text(body: dict[str, Any]) -> str:
     """The answer of ``GET /v1/backups/holding`` as lines to read."""
     lines = [f"{body['backups_checked']} backup(s) checked in {body['directory']}"]
@@ -105,7 +101,7 @@ def holding_text(body: dict[str, Any]) -> str:
         what = f"erased, receipt {a['receipt_id']}" if a["receipt_id"] is not None else "live"
         where = f"{len(a['backups'])} backup(s)" if a["backups"] else "no backup"
         lines.append(
-            f"user {a['user_id']} ({what}, created {_when(a['account_created_at'])}): in {where}"
+            f"user {a['user_id']} ({what}, created {when(a['account_created_at'])}): in {where}"
         )
         lines += [f"  {name}" for name in a["backups"]]
     if not body["accounts"]:

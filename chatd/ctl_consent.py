@@ -15,23 +15,11 @@ Hooked into :mod:`chatd.chatctl` by :func:`add_consent_commands`,
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
+from chatd.ctl_text import Call, table, when
 from chatd.protocol.consent import KINDS
-
-Call = Callable[..., Any]
-
-
-def _when(ms: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ms / 1000)) + "Z"
-
-
-def _table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
-    from chatd.chatctl import table  # chatctl imports this module
-
-    return table(rows, headers)
 
 
 def add_consent_commands(sub: Any) -> None:
@@ -60,10 +48,10 @@ def _documents_table(documents: list[dict[str, Any]]) -> str:
     if not documents:
         return "no version set: nobody is asked to accept anything"
     rows = [
-        (d["kind"], d["version"], d["title"] or "", d["url"] or "", _when(d["set_at"]))
+        (d["kind"], d["version"], d["title"] or "", d["url"] or "", when(d["set_at"]))
         for d in documents
     ]
-    return _table(rows, ["kind", "version", "title", "url", "set at"])
+    return table(rows, ["kind", "version", "title", "url", "set at"])
 
 
 def consent_command(args: argparse.Namespace, call: Call) -> tuple[Any, str]:
@@ -85,7 +73,7 @@ def user_consent(call: Call, user_id: int) -> tuple[Any, str]:
     body = call("GET", f"/v1/users/{user_id}/consent")
     rows = [
         (
-            _when(r["at"]),
+            when(r["at"]),
             r["kind"],
             r["version"],
             r["action"],
@@ -94,6 +82,6 @@ def user_consent(call: Call, user_id: int) -> tuple[Any, str]:
         )
         for r in body["records"]
     ]
-    text = _table(rows, ["at", "kind", "version", "action", "session", "device"])
+    text = table(rows, ["at", "kind", "version", "action", "session", "device"])
     required = ", ".join(body["required"]) or "nothing"
     return body, f"{text}\nstill to accept: {required}"
