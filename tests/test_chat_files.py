@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import SimpleNamespace
 
+from chatd.chat.files import FileCommands
 from chatd.config import RetentionSettings
 from chatd.retention import Retention, blob_jobs
 
@@ -153,3 +156,34 @@ async def test_each_refusal_of_a_file_is_said_plainly(short_tmp: Path) -> None:
             for term in (alice, carol):
                 await term.type("/quit")
                 assert await term.exit_code() == 0
+
+
+async def test_send_file_returns_to_typing_and_reports_when_the_upload_ends(
+    short_tmp: Path,
+) -> None:
+    """/send-file checks its input at once, then hands the upload to a task
+    of its own (the input loop types on) and says the outcome when it ends."""
+    source = short_tmp / "plan.txt"
+    source.write_bytes(b"x" * 900)
+    uploads: list[tuple[int, Path]] = []
+
+    class Uploader:  # the client's send_file, as far as the command sees it
+        async def send_file(self, to: int, path: Path) -> tuple[None, object]:
+            uploads.append((to, path))
+            return None, SimpleNamespace(name=path.name, plain_size=900)
+
+    said: list[str] = []
+    started: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+    files = FileCommands(
+        Uploader(),  # type: ignore[arg-type]
+        said.append,
+        lambda: 7,  # the open conversation: user 7
+        lambda name, run: started.append((name, run)),
+    )
+    await files.cmd_send_file([str(source)])
+    assert uploads == [] and said == []  # not uploaded yet: the command returned
+    [(name, run)] = started
+    assert name == "send-file"
+    await run()  # what the app's nursery runs
+    assert uploads == [(7, source)]
+    assert said == ["✓ sent file plan.txt (900 bytes)"]
