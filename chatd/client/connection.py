@@ -54,6 +54,11 @@ log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT: Final = 30.0  # seconds to wait for a reply (including a reconnect)
 HELLO_TIMEOUT: Final = 10.0  # seconds from connecting to hello
+#: Seconds for the TCP connection, TLS and the WebSocket upgrade, and for the
+#: closing handshake. trio-websocket waits 60 s for either by default, and a
+#: server that hangs up before its 101 (one being killed) is only noticed
+#: when the time runs out: a reconnect would stall that long.
+CONNECT_TIMEOUT: Final = 10.0
 UNSOLICITED_FRAMES: Final = 64  # frames buffered for the inbound worker
 BACKOFF_CAP: Final = 60.0  # seconds
 STABLE_AFTER: Final = 30.0  # seconds connected before the backoff resets
@@ -103,6 +108,7 @@ class Connection:
         self.credentials = credentials
         self.ssl_context = ssl_context
         self.backoff_base = backoff_base
+        self.connect_timeout = CONNECT_TIMEOUT
         self.on_session = on_session
         self.on_tokens = on_tokens  # called after the tokens changed, to keep them
         self.user_id = 0
@@ -215,7 +221,11 @@ class Connection:
                 if not started or attempt:
                     await self._check_certificate()
                 async with open_websocket_url(
-                    self.url, self.ssl_context, max_message_size=MAX_FRAME_BYTES
+                    self.url,
+                    self.ssl_context,
+                    max_message_size=MAX_FRAME_BYTES,
+                    connect_timeout=self.connect_timeout,
+                    disconnect_timeout=self.connect_timeout,
                 ) as ws:
                     limits = await self._authenticate(ws, first=not started)
                     if started and self.consent_required:
