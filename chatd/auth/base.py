@@ -6,6 +6,7 @@ import logging
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from typing import Any, Final
@@ -118,16 +119,34 @@ class AuthBase:
         user_id: int | None = None,
         session_id: int | None = None,
     ) -> None:
+        await self.audit_with(None, event, outcome, peer, user_id=user_id, session_id=session_id)
+
+    async def audit_with(
+        self,
+        change: Callable[[Any], object] | None,
+        event: str,
+        outcome: str,
+        peer: Peer,
+        *,
+        user_id: int | None = None,
+        session_id: int | None = None,
+    ) -> None:
+        """Carry out ``change`` (a write, given the connection) and record the
+        audit row in the same write job: one commit to wait for, not two."""
         if event == "login" and outcome not in ("ok", "rate_limited"):
             self.login_failures[outcome] += 1
         row = (now_ms(), event, outcome, user_id, peer.ip, peer.device_name or None, session_id)
-        await self.store.write(
-            lambda conn: conn.execute(
+
+        def write(conn: Any) -> None:
+            if change is not None:
+                change(conn)
+            conn.execute(
                 "INSERT INTO auth_audit (at, event, outcome, user_id, ip, device_name, session_id)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 row,
             )
-        )
+
+        await self.store.write(write)
         level = logging.INFO if outcome == "ok" else logging.WARNING
         log.log(
             level,

@@ -30,7 +30,7 @@ revocation is written to ``auth_audit``, without passwords or tokens.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from functools import partial
 from typing import Any, Final
@@ -245,9 +245,14 @@ class AuthService(CredentialFlows):
                 field="$.access_token",
             )
         try:
-            await self._touch(session["id"], peer)
-            await self.audit(
-                "resume", "ok", peer, user_id=session["user_id"], session_id=session["id"]
+            # Last-seen and the audit row in one write job: one commit to wait for.
+            await self.audit_with(
+                _touch(session["id"], peer),
+                "resume",
+                "ok",
+                peer,
+                user_id=session["user_id"],
+                session_id=session["id"],
             )
         except StoreError:
             # The disk refuses writes: last-seen and the audit row are
@@ -419,15 +424,6 @@ class AuthService(CredentialFlows):
             lambda conn: select_session(conn, f"s.{column} = ?", digest, now)
         )
 
-    async def _touch(self, session_id: int, peer: Peer) -> None:
-        now = now_ms()
-        await self.store.write(
-            lambda conn: conn.execute(
-                "UPDATE sessions SET last_seen_at = ?, ip = ? WHERE id = ?",
-                (now, peer.ip, session_id),
-            )
-        )
-
     def _grant(self, session: dict[str, Any]) -> SessionGrant:
         return SessionGrant(
             session_id=session["id"],
@@ -443,3 +439,11 @@ class AuthService(CredentialFlows):
 
 def _with_tokens(grant: SessionGrant, access: str, refresh: str) -> SessionGrant:
     return replace(grant, access_token=access, refresh_token=refresh)
+
+
+def _touch(session_id: int, peer: Peer) -> Callable[[Any], object]:
+    """The write that records a session's last use (time and address)."""
+    now = now_ms()
+    return lambda conn: conn.execute(
+        "UPDATE sessions SET last_seen_at = ?, ip = ? WHERE id = ?", (now, peer.ip, session_id)
+    )
