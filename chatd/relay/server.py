@@ -90,13 +90,21 @@ class TrustedProxies:
 
     def __init__(self, networks: tuple[str, ...]) -> None:
         self.networks = [ipaddress.ip_network(n, strict=False) for n in networks]
+        self._known: dict[str, bool] = {}  # address -> trusted, asked at every accept
 
     def trusted(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in network for network in self.networks)
+        known = self._known.get(address)
+        if known is None:
+            if len(self._known) >= _KNOWN_ADDRESSES:
+                self._known.clear()
+            try:
+                ip = ipaddress.ip_address(address)
+            except ValueError:
+                known = False
+            else:
+                known = any(ip in network for network in self.networks)
+            self._known[address] = known
+        return known
 
     def client_address(self, peer: str, headers: list[tuple[bytes, bytes]]) -> str:
         """The TCP peer, or, behind a trusted reverse proxy, the right-most
@@ -140,13 +148,14 @@ class Relay:
             max_bad_frames=settings.max_bad_frames,
         )
         self.proxies = TrustedProxies(settings.trusted_proxies)
+        self.addresses = AddressLimits(
+            settings.max_connections_per_address, settings.max_unauthenticated_per_address
+        )
         self.streams = StreamCounter(  # TCP streams and slots
             settings.max_connections,
             per_peer=settings.max_unauthenticated_per_address,
             exempt=self.proxies.trusted,
-        )
-        self.addresses = AddressLimits(
-            settings.max_connections_per_address, settings.max_unauthenticated_per_address
+            hang_up_on=self._hang_up_on,
         )
         self.stopping = False
         self.trimmer = Trimmer()  # gives back what connections pinned, once they close
@@ -156,6 +165,23 @@ class Relay:
     @property
     def connections(self) -> set[Connection]:
         return self.registry.connections
+
+    def _hang_up_on(self, peer: str) -> bool:
+        """At accept: whether ``peer``, already answered 429 often this
+        second, is hung up on unread (never a trusted proxy: its clients are
+        only known from the request)."""
+        if self.proxies.trusted(peer) or not self.addresses.hang_up(peer, trio.current_time()):
+            return False
+        if self.addresses.hung_up % _LOG_EVERY == 1:  # not a log line per hang-up
+            log.info(
+                "relay.address_limit",
+                extra=fields(
+                    peer=mask_ip(peer),
+                    refused=self.addresses.refused,
+                    hung_up=self.addresses.hung_up,
+                ),
+            )
+        return True
 
     async def handle(self, request: UpgradeRequest) -> None:
         """Check the upgrade request, accept it and serve the connection until
@@ -175,7 +201,7 @@ class Relay:
             if self.stopping:
                 await request.reject(503, b"server shutting down\n")
                 return
-            refusal = self.addresses.admit(peer)
+            refusal = self.addresses.admit(peer, trio.current_time())
             if refusal is not None:
                 if self.addresses.refused % _LOG_EVERY == 1:  # not a log line per refusal
                     log.info(
@@ -316,6 +342,7 @@ class Relay:
                 conn.read_scope.cancel()
 
 
+_KNOWN_ADDRESSES: Final = 4_096  # peers whose trust is remembered (then forgotten at once)
 _TRIM_WORTHY: Final = 65_536  # bytes of unacknowledged deliveries that make a close trim
 _LOG_EVERY: Final = 1_000  # address-limit refusals per log line (the first of each run)
 _CLOSE_WAIT: Final = 2.0  # seconds a stopping connection waits for answers it owes

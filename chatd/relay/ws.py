@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -422,7 +423,10 @@ class StreamCounter:
     ``per_peer`` streams in their handshake at once (a slowloris sending its
     request a byte at a time); more are hung up on at accept, unanswered.
     ``exempt`` peers (trusted reverse proxies, which pass on whole requests
-    for many clients) have no such limit.
+    for many clients) have no such limit. ``hang_up_on`` is the owner's own
+    say at accept (the relay's: an address far over its connection limits).
+    Both refusals happen in the accept loop, before a task is started for
+    the stream or a byte of it is read (:meth:`screen`).
     """
 
     def __init__(
@@ -430,16 +434,24 @@ class StreamCounter:
         limit: int,
         per_peer: int | None = None,
         exempt: Callable[[str], bool] = lambda peer: False,
+        hang_up_on: Callable[[str], bool] = lambda peer: False,
     ) -> None:
         self.limit = limit
         self.per_peer = per_peer
         self.exempt = exempt
+        self.hang_up_on = hang_up_on
         self.open = 0  # every stream, with or without a slot
         self.slotted = 0
         self.handshaking: set[trio.CancelScope] = set()
         self.handshakes_of: dict[str, int] = {}  # peer -> streams in their handshake
         self.hung_up = 0  # streams refused by the per-peer handshake limit
         self._closed = trio.Event()
+
+    def screen(self, peer: str) -> bool:
+        """Whether a stream just accepted from ``peer`` goes on to its
+        handshake (counted, see :meth:`begin_handshake`); False: hang up on
+        it at once, unanswered."""
+        return not self.hang_up_on(peer) and self.begin_handshake(peer)
 
     def begin_handshake(self, peer: str) -> bool:
         """Count a handshake of ``peer``; False (counting nothing) past ``per_peer``."""
@@ -508,17 +520,14 @@ async def serve_websockets(
     TLS handshake and upgrade request within ``handshake_timeout`` is dropped.
     """
 
-    async def handle_stream(stream: trio.abc.Stream) -> None:
+    async def handle_stream(stream: trio.abc.Stream, peer: str) -> None:
+        """One stream past the accept-time checks, its handshake counted."""
         counter.open += 1
         slot = counter.take_slot()
         request: UpgradeRequest | None = None
-        peer = peer_address(stream)
-        counted = counter.begin_handshake(peer)
+        counted = True  # its handshake, counted by counter.screen
         try:
             with trio.CancelScope(deadline=trio.current_time() + handshake_timeout) as handshake:
-                if not counted:  # this peer has enough handshakes under way:
-                    await trio.aclose_forcefully(stream)  # hang up, no lingering
-                    return
                 counter.handshaking.add(handshake)
                 if isinstance(stream, trio.SSLStream):
                     # Handshake TLS up front, so a client that offers only
@@ -529,9 +538,8 @@ async def serve_websockets(
                         return
                 request = await read_upgrade(stream, peer)
             counter.handshaking.discard(handshake)
-            if counted:
-                counter.end_handshake(peer)
-                counted = False
+            counter.end_handshake(peer)
+            counted = False
             if request is not None and not slot:
                 log.warning("relay.full", extra=fields(limit=counter.limit))
                 await request.reject(503, b"too many connections\n")
@@ -547,6 +555,46 @@ async def serve_websockets(
             finally:
                 counter.stream_closed(slot)
 
-    await trio.serve_listeners(
-        handle_stream, list(listeners), handler_nursery=handler_nursery, task_status=task_status
-    )
+    async def accept_forever(listener: trio.abc.Listener[Any]) -> None:
+        """Accept, screen, and start a handler task for what passes. A stream
+        the counter refuses is closed here, synchronously: no task, no read."""
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    # Out of descriptors or kernel memory: wait for some to be freed.
+                    log.warning(
+                        "relay.accept_failed", extra=fields(error=errno.errorcode[exc.errno])
+                    )
+                    await trio.sleep(_ACCEPT_RETRY_SECONDS)
+                    continue
+                peer = peer_address(stream)
+                if counter.screen(peer):
+                    handler_nursery.start_soon(handle_stream, stream, peer)
+                elif not close_now(stream):
+                    handler_nursery.start_soon(trio.aclose_forcefully, stream)
+
+    async with trio.open_nursery() as accepting:
+        for listener in listeners:
+            accepting.start_soon(accept_forever, listener)
+        task_status.started(list(listeners))
+
+
+def close_now(stream: trio.abc.Stream) -> bool:
+    """Close a just-accepted TCP (or TLS over TCP) stream at once, unanswered
+    and unread (a peer that already sent its request gets a TCP reset): the
+    cheapest refusal. False if it is no socket stream (close it yourself)."""
+    inner = getattr(stream, "transport_stream", stream)
+    if not isinstance(inner, trio.SocketStream):
+        return False
+    inner.socket.close()
+    return True
+
+
+_ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
+    (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS)
+)
+_ACCEPT_RETRY_SECONDS: Final = 0.1  # after one of those
