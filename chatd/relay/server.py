@@ -44,6 +44,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import math
 import socket
 import ssl
 from collections.abc import Sequence
@@ -269,6 +270,8 @@ class Relay:
             conn.read_scope = scope
             heard = trio.current_time()  # the last complete message (control frames aside)
             while conn.closing is None and not self.stopping:
+                if conn.resume_reading_at:
+                    heard = max(heard, await _wait_out_pause(conn, scope))
                 deadline = heard + timeout
                 if not proto.authenticated:
                     deadline = min(deadline, auth_deadline)
@@ -278,6 +281,8 @@ class Relay:
                 except WebSocketClosed as closed:
                     return self._closed(conn, closed)
                 for message in messages:
+                    if conn.resume_reading_at:
+                        heard = max(heard, await _wait_out_pause(conn, scope))
                     if conn.closing is not None:
                         break
                     if isinstance(message, Control):
@@ -340,6 +345,18 @@ class Relay:
         for conn in list(self.registry.connections):
             if conn.read_scope is not None:
                 conn.read_scope.cancel()
+
+
+async def _wait_out_pause(conn: Connection, scope: trio.CancelScope) -> float:
+    """Wait until the connection's read pause (after a ``rate_limited``
+    send) ends, and return when that is. The pause is the server's choice,
+    so no timeout runs during it: the idle timer starts again at its end.
+    A cancel of ``scope`` (a close, the relay stopping) ends it early."""
+    until = conn.resume_reading_at
+    conn.resume_reading_at = 0.0
+    scope.deadline = math.inf
+    await trio.sleep_until(until)
+    return until
 
 
 _KNOWN_ADDRESSES: Final = 4_096  # peers whose trust is remembered (then forgotten at once)
