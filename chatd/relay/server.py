@@ -49,7 +49,7 @@ import socket
 import ssl
 from collections.abc import Sequence
 from functools import partial
-from typing import Any, Final
+from typing import Final
 
 import trio
 
@@ -66,18 +66,13 @@ from chatd.protocol import core
 from chatd.protocol import delivery as rules
 from chatd.protocol.frames import Limits
 from chatd.push import Notifier
+from chatd.relay.accept import StreamCounter, serve_websockets
 from chatd.relay.addresses import RETRY_AFTER_SECONDS, AddressLimits
 from chatd.relay.connection import Connection, Flusher
 from chatd.relay.dispatch import Dispatcher
 from chatd.relay.ratelimits import RequestLimits
 from chatd.relay.registry import Registry
-from chatd.relay.ws import (
-    Control,
-    StreamCounter,
-    UpgradeRequest,
-    WebSocketClosed,
-    serve_websockets,
-)
+from chatd.relay.ws import Control, UpgradeRequest, WebSocketClosed
 from chatd.rooms.service import RoomService
 
 log = logging.getLogger("chatd.relay")
@@ -385,11 +380,15 @@ def tls_context(config: Config) -> ssl.SSLContext:
     return ctx
 
 
-async def open_relay_listeners(config: Config, sockets: Sequence[socket.socket] = ()) -> list[Any]:
-    """The relay's TCP listeners (wrapped in TLS when configured): on
-    ``sockets`` when systemd passed them (socket activation), else bound here."""
+async def open_relay_listeners(
+    config: Config, sockets: Sequence[socket.socket] = ()
+) -> list[trio.SocketListener]:
+    """The relay's TCP listeners: on ``sockets`` when systemd passed them
+    (socket activation), else bound here. TLS, when configured, is
+    terminated on each accepted connection (:func:`tls_context`,
+    :func:`chatd.relay.accept.serve_websockets`)."""
     relay = config.relay
-    listeners: list[Any]
+    listeners: list[trio.SocketListener]
     try:
         if sockets:
             listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
@@ -402,15 +401,11 @@ async def open_relay_listeners(config: Config, sockets: Sequence[socket.socket] 
                 f"relay: address {where} is already in use (change relay.port in {config.path})"
             ) from None
         raise ListenError(f"relay: cannot listen on {where}: {exc.strerror}") from None
-    if config.relay_tls:
-        ctx = tls_context(config)
-        listeners = [trio.SSLListener(lst, ctx, https_compatible=True) for lst in listeners]
     return listeners
 
 
-def listener_port(listener: Any) -> int:
-    inner = getattr(listener, "transport_listener", listener)
-    return int(inner.socket.getsockname()[1])
+def listener_port(listener: trio.SocketListener) -> int:
+    return int(listener.socket.getsockname()[1])
 
 
 async def serve_relay(
@@ -441,6 +436,7 @@ async def serve_relay(
     at once.
     """
     s = config.relay
+    ssl_context = tls_context(config) if config.relay_tls else None
     listeners = await open_relay_listeners(config, sockets)
     dispatcher = Dispatcher(
         registry,
@@ -473,6 +469,7 @@ async def serve_relay(
                         handler_nursery=handlers,
                         counter=relay.streams,
                         handshake_timeout=s.handshake_timeout_seconds,
+                        ssl_context=ssl_context,
                     )
                 )
                 log.info(
