@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import trio
 from wsproto.events import AcceptConnection, Request, TextMessage
@@ -187,6 +187,30 @@ def test_the_per_address_limit_counts_authenticated_connections_too() -> None:
     assert limits.admit("198.51.100.1", 0.0) is None  # another address is not affected
     limits.release("203.0.113.9", a)
     assert limits.connections_of("203.0.113.9") == 2
+
+
+def test_an_address_is_hung_up_on_only_past_its_answered_refusals_this_second() -> None:
+    limits = AddressLimits(per_address=10, unauthenticated=1)
+
+    class Conn:  # what AddressLimits reads of a connection
+        proto = SimpleNamespace(authenticated=False)
+
+    flooder, conn = "203.0.113.9", cast(Any, Conn())
+    assert limits.admit(flooder, 5.0) is None
+    limits.bind(flooder, conn)
+    for _ in range(ANSWERED_PER_SECOND):
+        assert not limits.hang_up(flooder, 5.5)  # each of these is answered 429
+        assert limits.admit(flooder, 5.5) is not None
+    assert limits.hang_up(flooder, 5.6) and limits.hang_up(flooder, 5.7)
+    assert not limits.hang_up("198.51.100.1", 5.7)  # another address
+    assert not limits.hang_up(flooder, 6.0)  # a new second: answered again
+    for _ in range(ANSWERED_PER_SECOND):
+        assert limits.admit(flooder, 6.1) is not None
+    assert limits.hang_up(flooder, 6.2)
+    limits.release(flooder, conn)  # under its limit again
+    assert not limits.hang_up(flooder, 6.3)
+    assert limits.admit(flooder, 6.3) is None
+    assert limits.hung_up == 3 and limits.refused == 2 * ANSWERED_PER_SECOND
 
 
 async def test_slowloris_handshakes_from_one_address_are_bounded() -> None:

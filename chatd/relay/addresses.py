@@ -57,6 +57,7 @@ class AddressLimits:
         self.hung_up = 0  # connections closed at accept since start (see hang_up)
         self._second = 0  # the whole second _answered counts in
         self._answered: dict[str, int] = {}  # address -> 429s in that second
+        self._hanging: set[str] = set()  # addresses found over their limit in it
 
     def admit(self, address: str, now: float) -> bytes | None:
         """Count one more connection of ``address``; or, past a limit, count
@@ -68,7 +69,7 @@ class AddressLimits:
                 self.refused += 1
                 second = int(now)
                 if second != self._second:
-                    self._second, self._answered = second, {}
+                    self._second, self._answered, self._hanging = second, {}, set()
                 self._answered[address] = self._answered.get(address, 0) + 1
                 return refusal
         else:
@@ -84,9 +85,14 @@ class AddressLimits:
         only for other peers."""
         if self._answered.get(address, 0) < ANSWERED_PER_SECOND or int(now) != self._second:
             return False
-        tally = self._tallies.get(address)
-        if tally is None or self._over(address, tally) is None:
-            return False
+        if address not in self._hanging:
+            tally = self._tallies.get(address)
+            if tally is None or self._over(address, tally) is None:
+                return False
+            # Over its limit: so it stays for the rest of this second, unless
+            # one of its connections ends (a login in the meantime is not
+            # seen; its clients were told to wait 10 s anyway).
+            self._hanging.add(address)
         self.hung_up += 1
         return True
 
@@ -103,6 +109,7 @@ class AddressLimits:
 
     def release(self, address: str, conn: Connection | None) -> None:
         """An admitted connection of ``address`` ended (``conn``, if bound)."""
+        self._hanging.discard(address)  # perhaps under its limits again
         tally = self._tallies[address]
         tally.admitted -= 1
         if conn is not None:
