@@ -460,6 +460,18 @@ class KindResult:
     tally: Tally
     rss_kib: dict[str, int] = field(default_factory=dict)
     cpu: dict[str, float] = field(default_factory=dict)  # the daemon's CPU seconds per window
+    cpu_seconds: dict[str, float] = field(default_factory=dict)  # the same, summed, not divided
+
+
+#: Per kind, the tally entries that are one unit of the flood (what the
+#: daemon's extra CPU is divided by): a refused or hung-up connection, a
+#: slowloris stream ended, a half-sent frame closed, a refused send.
+UNITS: Final[dict[str, tuple[str, ...]]] = {
+    "connections": ("429", "hung up"),
+    "slowloris": ("hung up at once", "dropped at the timeout"),
+    "half-frames": ("closed 1008 first frame timeout", "closed 1008 idle timeout"),
+    "slow-consumers": ("error rate_limited",),
+}
 
 
 FLOODS: Final[dict[str, Callable[[int, Tally], Awaitable[None]]]] = {
@@ -540,6 +552,7 @@ async def run_floods(
                 await trio.sleep(3.0)
                 if kind == "slow-consumers":
                     result.rss_kib["after"] = vm_rss_kib(pid)
+            result.cpu_seconds = dict(result.cpu)
             result.cpu = {k: v / window for k, v in result.cpu.items()}
             results.append(result)
         nursery.cancel_scope.cancel()
@@ -593,6 +606,16 @@ def report(
         print(
             f"  daemon CPU: {cpu.get('baseline', 0):.0%} of a core in the baseline,"
             f" {cpu.get('flood', 0):.0%} in the flood"
+        )
+        units = sum(result.tally.counts.get(what, 0) for what in UNITS[kind])
+        seconds = result.cpu_seconds
+        extra = seconds.get("flood", 0) - seconds.get("baseline", 0)
+        per_unit = f"{extra / units * 1e6:.0f} µs" if units else "-"
+        sent = result.tally.counts.get("sent", 0)
+        print(
+            f"  per unit: {extra:.2f} CPU s more than the baseline over {units}"
+            f" {' / '.join(UNITS[kind])}: {per_unit} each"
+            + (f"; {extra / (units + sent) * 1e6:.0f} µs per send answered" if sent else "")
         )
         for label, samples in (("ping", pair.pings), ("message", pair.messages)):
             base = samples.get(f"{kind} baseline", [])

@@ -218,7 +218,8 @@ class RelaySettings:
         "Messages (send and room_send requests) one account may make per minute, over "
         "all its devices and connections, once its burst (send_burst) is used up. More "
         "are refused with rate_limited and retry_after; nothing of a refused one is "
-        "queued. Raise it for bots and load tests.",
+        "queued, and the relay then reads nothing more of that connection for "
+        "retry_after (2 s at most). Raise it for bots and load tests.",
         minimum=1,
         maximum=10_000_000,
     )

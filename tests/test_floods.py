@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import trio
 from wsproto.events import AcceptConnection, Request, TextMessage
@@ -19,7 +19,7 @@ from wsproto.events import AcceptConnection, Request, TextMessage
 from chatd.protocol.delivery import Delivery
 from chatd.protocol.frames import Envelope
 from chatd.relay import Relay
-from chatd.relay.addresses import AddressLimits
+from chatd.relay.addresses import ANSWERED_PER_SECOND, AddressLimits
 
 from .test_relay import RawClient, relay_running, upgrade_request, wait_streams_closed, ws_frame
 from .test_relay_auth import connect, server
@@ -107,6 +107,66 @@ async def test_behind_a_trusted_proxy_the_forwarded_address_is_limited() -> None
             await trio.aclose_forcefully(stream)
 
 
+async def status_of(stream: trio.SocketStream) -> bytes:
+    """The response's status, or b"hung up" if the server closed unanswered."""
+    try:
+        await stream.send_all(upgrade_request())
+        head = await response_head(stream)
+    except trio.BrokenResourceError:  # reset: it closed with our request unread
+        head = b""
+    return head.split(b" ", 2)[1] if head else b"hung up"
+
+
+async def test_an_address_flooding_past_its_limit_is_hung_up_on_at_accept() -> None:
+    """Past its limit an address is answered 429 ANSWERED_PER_SECOND times
+    a second; its further connections are closed at accept, unread and
+    without a task; another address is served, and the flooder again once
+    its connections are gone."""
+    limit = 2
+    async with relay_running(max_unauthenticated_per_address=limit, idle_timeout_seconds=30) as (
+        relay,
+        _,
+    ):
+        held = [await open_from(relay, FLOODER) for _ in range(limit)]
+        assert [await status_of(stream) for stream in held] == [b"101"] * limit
+        statuses = []
+        with trio.fail_after(10):
+            while b"hung up" not in statuses:
+                stream = await open_from(relay, FLOODER)
+                statuses.append(await status_of(stream))
+                await trio.aclose_forcefully(stream)
+        # The first refusals each second are answered; a second may turn
+        # while the test runs (the count starts again), hence "at least".
+        assert statuses[:ANSWERED_PER_SECOND] == [b"429"] * ANSWERED_PER_SECOND
+        assert relay.addresses.hung_up >= 1
+        assert relay.addresses.connections_of(FLOODER) == limit  # none of them counted
+        await served_from(relay, OTHER)
+        for stream in held:
+            await trio.aclose_forcefully(stream)
+        await wait_streams_closed(relay)
+        await served_from(relay, FLOODER)
+
+
+async def test_a_trusted_proxy_is_never_hung_up_on_at_accept() -> None:
+    """Its clients are only known from the request: a forwarded address over
+    its limit is answered 429 each time, however often."""
+    async with relay_running(max_unauthenticated_per_address=1, idle_timeout_seconds=30) as (
+        relay,
+        _,
+    ):
+        request = upgrade_request()[:-2] + b"X-Forwarded-For: 203.0.113.7\r\n\r\n"
+        streams = []
+        for _ in range(ANSWERED_PER_SECOND * 2 + 1):
+            stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
+            streams.append(stream)
+            await stream.send_all(request)
+        statuses = [(await response_head(stream)).split(b" ", 2)[1] for stream in streams]
+        assert statuses == [b"101"] + [b"429"] * ANSWERED_PER_SECOND * 2
+        assert relay.addresses.hung_up == 0
+        for stream in streams:
+            await trio.aclose_forcefully(stream)
+
+
 def test_the_per_address_limit_counts_authenticated_connections_too() -> None:
     limits = AddressLimits(per_address=3, unauthenticated=2)
 
@@ -119,14 +179,38 @@ def test_the_per_address_limit_counts_authenticated_connections_too() -> None:
 
     a, b = conn(True), conn(True)
     for c in (a, b):
-        assert limits.admit("203.0.113.9") is None
+        assert limits.admit("203.0.113.9", 0.0) is None
         limits.bind("203.0.113.9", c)
     assert limits.unauthenticated_of("203.0.113.9") == 0
-    assert limits.admit("203.0.113.9") is None  # a third, still in its upgrade
-    assert limits.admit("203.0.113.9") == b"too many connections from this address\n"
-    assert limits.admit("198.51.100.1") is None  # another address is not affected
+    assert limits.admit("203.0.113.9", 0.0) is None  # a third, still in its upgrade
+    assert limits.admit("203.0.113.9", 0.0) == b"too many connections from this address\n"
+    assert limits.admit("198.51.100.1", 0.0) is None  # another address is not affected
     limits.release("203.0.113.9", a)
     assert limits.connections_of("203.0.113.9") == 2
+
+
+def test_an_address_is_hung_up_on_only_past_its_answered_refusals_this_second() -> None:
+    limits = AddressLimits(per_address=10, unauthenticated=1)
+
+    class Conn:  # what AddressLimits reads of a connection
+        proto = SimpleNamespace(authenticated=False)
+
+    flooder, conn = "203.0.113.9", cast(Any, Conn())
+    assert limits.admit(flooder, 5.0) is None
+    limits.bind(flooder, conn)
+    for _ in range(ANSWERED_PER_SECOND):
+        assert not limits.hang_up(flooder, 5.5)  # each of these is answered 429
+        assert limits.admit(flooder, 5.5) is not None
+    assert limits.hang_up(flooder, 5.6) and limits.hang_up(flooder, 5.7)
+    assert not limits.hang_up("198.51.100.1", 5.7)  # another address
+    assert not limits.hang_up(flooder, 6.0)  # a new second: answered again
+    for _ in range(ANSWERED_PER_SECOND):
+        assert limits.admit(flooder, 6.1) is not None
+    assert limits.hang_up(flooder, 6.2)
+    limits.release(flooder, conn)  # under its limit again
+    assert not limits.hang_up(flooder, 6.3)
+    assert limits.admit(flooder, 6.3) is None
+    assert limits.hung_up == 3 and limits.refused == 2 * ANSWERED_PER_SECOND
 
 
 async def test_slowloris_handshakes_from_one_address_are_bounded() -> None:

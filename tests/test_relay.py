@@ -171,7 +171,7 @@ def relay_tasks(relay: Relay) -> tuple[list[int], list[str]]:
     assert relay.nursery is not None
     per_connection, others = [], []
     for task in relay.nursery.child_tasks:
-        if task.name.endswith("._run_handler"):  # trio.serve_listeners' task per stream
+        if task.name.endswith(".handle_stream"):  # chatd.relay.accept's task per stream
             per_connection.append(len(_task_tree(task)))
         else:
             others.append(task.name.rpartition(".")[2])

@@ -2,8 +2,12 @@
 
 Modules, one job each:
 
-* :mod:`chatd.relay.ws`: the WebSocket server on h11 and wsproto (accept,
-  upgrade, framing, the lingering close);
+* :mod:`chatd.relay.accept`: the accept loop, which screens each new TCP
+  connection (and closes a flood's at once) before handing it on;
+* :mod:`chatd.relay.ws`: the WebSocket server on h11 and wsproto (upgrade,
+  framing, the lingering close);
+* :mod:`chatd.relay.addresses`: connections per client address;
+* :mod:`chatd.relay.ratelimits`: per-account request rates;
 * :mod:`chatd.relay.connection`: one connection's send queue, writer and close;
 * :mod:`chatd.relay.registry`: live connections by session, user and device,
   presence, and the event sink the services report to;

@@ -56,6 +56,7 @@ if TYPE_CHECKING:  # pragma: no cover - annotations only
 
 log = logging.getLogger("chatd.relay")
 
+MAX_READ_PAUSE: Final = 2.0  # seconds a connection's reading may be paused at once
 CLOSE_TIMEOUT: Final = 2.0  # seconds for a closing write to finish and for the peer's Close
 REASON_SEND_TIMEOUT: Final = "send timeout"
 REASON_DEVICE_CONNECTIONS: Final = "too many connections for this device"
@@ -103,6 +104,7 @@ class Connection:
         "accepted",
         "closing",
         "read_scope",
+        "resume_reading_at",
         "_nursery",
         "_flusher",
         "_queue_limit",
@@ -143,6 +145,7 @@ class Connection:
         self.accepted: dict[str, str] = {}  # consent: kind -> version its user accepts
         self.closing: core.Close | None = None  # why it is ending, once it is
         self.read_scope: trio.CancelScope | None = None  # the reader's wait, to wake it
+        self.resume_reading_at = 0.0  # trio time a read pause ends (0: no pause)
         self._nursery = nursery
         self._flusher = flusher
         self._queue_limit = send_queue_frames
@@ -158,6 +161,13 @@ class Connection:
         self._cut_off = False  # a write was interrupted: the stream may end mid-frame
         self._finished = False  # finish() is done: only hang_up() writes from now on
         self._echo = core.CLOSE_NORMAL  # the code our Close answers a peer's Close with
+
+    def pause_reading(self, seconds: float) -> None:
+        """Read nothing more of this connection for ``seconds`` (at most
+        MAX_READ_PAUSE) once the message being handled is done: the task
+        reading it waits (see :meth:`chatd.relay.server.Relay._serve`)."""
+        until = trio.current_time() + min(seconds, MAX_READ_PAUSE)
+        self.resume_reading_at = max(self.resume_reading_at, until)
 
     # -- queuing -----------------------------------------------------------------
 

@@ -164,7 +164,10 @@ class Dispatcher:
             await conn.wait_answers(below=PIPELINE_DEPTH)  # backpressure, not an error
         refused = self.limits.refuse(conn.proto, "send", grant.user_id, request_id)
         if refused is not None:
-            self._perform(conn, refused)
+            self._perform(conn, refused.actions)
+            # Read nothing more of this connection until the account may send
+            # again: TCP holds back a flood of sends for free (section 6.12).
+            conn.pause_reading(refused.retry_after)
             return None
         return grant
 
@@ -515,13 +518,13 @@ class Dispatcher:
             case f.KeysClaim():
                 refused = self.limits.refuse(proto, "keys_claim", grant.user_id, frame.id)
                 if refused is not None:
-                    return refused
+                    return refused.actions
                 claimed, missing = await self.keys.claim(frame.devices)
                 return proto.reply(f.KeysClaimed(id=frame.id, keys=claimed, missing=missing))
             case f.Directory():
                 refused = self.limits.refuse(proto, "directory", grant.user_id, frame.id)
                 if refused is not None:
-                    return refused
+                    return refused.actions
                 members = await self.keys.directory()
                 return proto.reply(f.Members(id=frame.id, members=members))
             case f.RemoveDevice():
@@ -554,7 +557,7 @@ class Dispatcher:
                     raise AuthError("no_device", "this session has no device")
                 refused = self.limits.refuse(proto, "push", grant.user_id, frame.id)
                 if refused is not None:
-                    return refused
+                    return refused.actions
                 return proto.reply(await serve_push_request(self.push, grant, frame))
             case _ if isinstance(frame, BLOB_REQUESTS):
                 if not grant.device_id:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
+from dataclasses import dataclass
 from typing import Final, Literal
 
 import trio
@@ -38,6 +39,15 @@ LOG_PER_MINUTE: Final = 1.0  # relay.rate_limited lines per user and kind, a min
 Kind = Literal["send", "keys_claim", "directory", "push"]
 
 
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A request refused ``rate_limited``: the error that answers it, and
+    the seconds until the account may make one again."""
+
+    actions: list[core.Action]
+    retry_after: float
+
+
 class RequestLimits:
     """The per-account buckets of one relay (see the module docstring)."""
 
@@ -53,9 +63,9 @@ class RequestLimits:
 
     def refuse(
         self, proto: core.ServerConnection, kind: Kind, user_id: int, request_id: str | None
-    ) -> list[core.Action] | None:
+    ) -> Refusal | None:
         """Take one ``kind`` request of ``user_id``: None if allowed, else the
-        ``rate_limited`` error that answers it."""
+        ``rate_limited`` error that answers it and its ``retry_after``."""
         now = trio.current_time()
         wait = self._buckets[kind].check(str(user_id), now)
         if not wait:
@@ -67,9 +77,10 @@ class RequestLimits:
                 extra=fields(request=kind, user_id=user_id, retry_after=round(wait, 3)),
             )
         what = "messages" if kind == "send" else f"{kind} requests"
-        return proto.error(
+        error = proto.error(
             ERR_RATE_LIMITED,
             f"too many {what} from this account; retry after {math.ceil(wait)} s",
             request_id=request_id,
             retry_after=round(wait, 3),
         )
+        return Refusal(error, wait)

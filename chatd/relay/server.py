@@ -44,11 +44,12 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import math
 import socket
 import ssl
 from collections.abc import Sequence
 from functools import partial
-from typing import Any, Final
+from typing import Final
 
 import trio
 
@@ -65,18 +66,13 @@ from chatd.protocol import core
 from chatd.protocol import delivery as rules
 from chatd.protocol.frames import Limits
 from chatd.push import Notifier
+from chatd.relay.accept import StreamCounter, serve_websockets
 from chatd.relay.addresses import RETRY_AFTER_SECONDS, AddressLimits
 from chatd.relay.connection import Connection, Flusher
 from chatd.relay.dispatch import Dispatcher
 from chatd.relay.ratelimits import RequestLimits
 from chatd.relay.registry import Registry
-from chatd.relay.ws import (
-    Control,
-    StreamCounter,
-    UpgradeRequest,
-    WebSocketClosed,
-    serve_websockets,
-)
+from chatd.relay.ws import Control, UpgradeRequest, WebSocketClosed
 from chatd.rooms.service import RoomService
 
 log = logging.getLogger("chatd.relay")
@@ -90,13 +86,21 @@ class TrustedProxies:
 
     def __init__(self, networks: tuple[str, ...]) -> None:
         self.networks = [ipaddress.ip_network(n, strict=False) for n in networks]
+        self._known: dict[str, bool] = {}  # address -> trusted, asked at every accept
 
     def trusted(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in network for network in self.networks)
+        known = self._known.get(address)
+        if known is None:
+            if len(self._known) >= _KNOWN_ADDRESSES:
+                self._known.clear()
+            try:
+                ip = ipaddress.ip_address(address)
+            except ValueError:
+                known = False
+            else:
+                known = any(ip in network for network in self.networks)
+            self._known[address] = known
+        return known
 
     def client_address(self, peer: str, headers: list[tuple[bytes, bytes]]) -> str:
         """The TCP peer, or, behind a trusted reverse proxy, the right-most
@@ -140,13 +144,14 @@ class Relay:
             max_bad_frames=settings.max_bad_frames,
         )
         self.proxies = TrustedProxies(settings.trusted_proxies)
+        self.addresses = AddressLimits(
+            settings.max_connections_per_address, settings.max_unauthenticated_per_address
+        )
         self.streams = StreamCounter(  # TCP streams and slots
             settings.max_connections,
             per_peer=settings.max_unauthenticated_per_address,
             exempt=self.proxies.trusted,
-        )
-        self.addresses = AddressLimits(
-            settings.max_connections_per_address, settings.max_unauthenticated_per_address
+            hang_up_on=self._hang_up_on,
         )
         self.stopping = False
         self.trimmer = Trimmer()  # gives back what connections pinned, once they close
@@ -156,6 +161,23 @@ class Relay:
     @property
     def connections(self) -> set[Connection]:
         return self.registry.connections
+
+    def _hang_up_on(self, peer: str) -> bool:
+        """At accept: whether ``peer``, already answered 429 often this
+        second, is hung up on unread (never a trusted proxy: its clients are
+        only known from the request)."""
+        if self.proxies.trusted(peer) or not self.addresses.hang_up(peer, trio.current_time()):
+            return False
+        if self.addresses.hung_up % _LOG_EVERY == 1:  # not a log line per hang-up
+            log.info(
+                "relay.address_limit",
+                extra=fields(
+                    peer=mask_ip(peer),
+                    refused=self.addresses.refused,
+                    hung_up=self.addresses.hung_up,
+                ),
+            )
+        return True
 
     async def handle(self, request: UpgradeRequest) -> None:
         """Check the upgrade request, accept it and serve the connection until
@@ -175,7 +197,7 @@ class Relay:
             if self.stopping:
                 await request.reject(503, b"server shutting down\n")
                 return
-            refusal = self.addresses.admit(peer)
+            refusal = self.addresses.admit(peer, trio.current_time())
             if refusal is not None:
                 if self.addresses.refused % _LOG_EVERY == 1:  # not a log line per refusal
                     log.info(
@@ -243,6 +265,8 @@ class Relay:
             conn.read_scope = scope
             heard = trio.current_time()  # the last complete message (control frames aside)
             while conn.closing is None and not self.stopping:
+                if conn.resume_reading_at:
+                    heard = max(heard, await _wait_out_pause(conn, scope))
                 deadline = heard + timeout
                 if not proto.authenticated:
                     deadline = min(deadline, auth_deadline)
@@ -252,6 +276,8 @@ class Relay:
                 except WebSocketClosed as closed:
                     return self._closed(conn, closed)
                 for message in messages:
+                    if conn.resume_reading_at:
+                        heard = max(heard, await _wait_out_pause(conn, scope))
                     if conn.closing is not None:
                         break
                     if isinstance(message, Control):
@@ -316,6 +342,19 @@ class Relay:
                 conn.read_scope.cancel()
 
 
+async def _wait_out_pause(conn: Connection, scope: trio.CancelScope) -> float:
+    """Wait until the connection's read pause (after a ``rate_limited``
+    send) ends, and return when that is. The pause is the server's choice,
+    so no timeout runs during it: the idle timer starts again at its end.
+    A cancel of ``scope`` (a close, the relay stopping) ends it early."""
+    until = conn.resume_reading_at
+    conn.resume_reading_at = 0.0
+    scope.deadline = math.inf
+    await trio.sleep_until(until)
+    return until
+
+
+_KNOWN_ADDRESSES: Final = 4_096  # peers whose trust is remembered (then forgotten at once)
 _TRIM_WORTHY: Final = 65_536  # bytes of unacknowledged deliveries that make a close trim
 _LOG_EVERY: Final = 1_000  # address-limit refusals per log line (the first of each run)
 _CLOSE_WAIT: Final = 2.0  # seconds a stopping connection waits for answers it owes
@@ -341,11 +380,15 @@ def tls_context(config: Config) -> ssl.SSLContext:
     return ctx
 
 
-async def open_relay_listeners(config: Config, sockets: Sequence[socket.socket] = ()) -> list[Any]:
-    """The relay's TCP listeners (wrapped in TLS when configured): on
-    ``sockets`` when systemd passed them (socket activation), else bound here."""
+async def open_relay_listeners(
+    config: Config, sockets: Sequence[socket.socket] = ()
+) -> list[trio.SocketListener]:
+    """The relay's TCP listeners: on ``sockets`` when systemd passed them
+    (socket activation), else bound here. TLS, when configured, is
+    terminated on each accepted connection (:func:`tls_context`,
+    :func:`chatd.relay.accept.serve_websockets`)."""
     relay = config.relay
-    listeners: list[Any]
+    listeners: list[trio.SocketListener]
     try:
         if sockets:
             listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
@@ -358,15 +401,11 @@ async def open_relay_listeners(config: Config, sockets: Sequence[socket.socket] 
                 f"relay: address {where} is already in use (change relay.port in {config.path})"
             ) from None
         raise ListenError(f"relay: cannot listen on {where}: {exc.strerror}") from None
-    if config.relay_tls:
-        ctx = tls_context(config)
-        listeners = [trio.SSLListener(lst, ctx, https_compatible=True) for lst in listeners]
     return listeners
 
 
-def listener_port(listener: Any) -> int:
-    inner = getattr(listener, "transport_listener", listener)
-    return int(inner.socket.getsockname()[1])
+def listener_port(listener: trio.SocketListener) -> int:
+    return int(listener.socket.getsockname()[1])
 
 
 async def serve_relay(
@@ -397,6 +436,7 @@ async def serve_relay(
     at once.
     """
     s = config.relay
+    ssl_context = tls_context(config) if config.relay_tls else None
     listeners = await open_relay_listeners(config, sockets)
     dispatcher = Dispatcher(
         registry,
@@ -429,6 +469,7 @@ async def serve_relay(
                         handler_nursery=handlers,
                         counter=relay.streams,
                         handshake_timeout=s.handshake_timeout_seconds,
+                        ssl_context=ssl_context,
                     )
                 )
                 log.info(

@@ -8,13 +8,10 @@ frames (what a message means, send queues, timeouts) belongs to
 
 What it guarantees, each covered by ``tests/test_relay.py``:
 
-* Every stream is closed when its handler returns, whatever happened, and a
-  peer that does not finish its upgrade within the handshake timeout is
-  dropped. A rejected upgrade (404, 403, 503) is answered and hung up, and
-  so is a malformed one: 400 for a Sec-WebSocket-Key that is not the base64
-  of 16 bytes (RFC 6455 4.2.1), as for a missing one.
-* A connection takes a slot at TCP accept, before its upgrade, so a burst of
-  concurrent handshakes cannot exceed the connection limit.
+* A rejected upgrade (404, 403, 503) is answered and hung up, and so is a
+  malformed one: 400 for a Sec-WebSocket-Key that is not the base64 of 16
+  bytes (RFC 6455 4.2.1), as for a missing one. Accepting connections,
+  screening them and the handshake timeout are :mod:`chatd.relay.accept`'s.
 * A framing error (unmasked frame, reserved opcode, bad UTF-8, ...) and a
   message over the size limit, counted in UTF-8 bytes as it arrives, end the
   connection with a Close frame carrying wsproto's (or our 1009) code.
@@ -31,10 +28,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import logging
 import os
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Any, Final
+from collections.abc import Iterator, Sequence
+from typing import Final
 
 import h11
 import trio
@@ -44,10 +40,7 @@ from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import generate_accept_token, split_comma_header
 
 from chatd.errors import ChatdError
-from chatd.log import fields
 from chatd.protocol.core import CLOSE_TOO_BIG, REASON_TOO_BIG
-
-log = logging.getLogger("chatd.relay")
 
 RECEIVE_BUFFER: Final = 4_096  # bytes read from the socket at a time
 LINGER_SECONDS: Final = 2.0  # how long a closing connection may drain the peer's data
@@ -411,142 +404,3 @@ async def _try_respond(
         await _respond(stream, conn, status, body, headers)
     except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
         pass  # the peer is gone, or h11 cannot answer in its state: we hang up anyway
-
-
-class StreamCounter:
-    """TCP streams, counted from accept to close, and the slots they hold.
-
-    A stream takes a slot at accept if one is free and keeps it until it
-    closes; a stream accepted while all ``limit`` slots are taken is answered
-    503 after its upgrade request and closed. One TCP peer may have at most
-    ``per_peer`` streams in their handshake at once (a slowloris sending its
-    request a byte at a time); more are hung up on at accept, unanswered.
-    ``exempt`` peers (trusted reverse proxies, which pass on whole requests
-    for many clients) have no such limit.
-    """
-
-    def __init__(
-        self,
-        limit: int,
-        per_peer: int | None = None,
-        exempt: Callable[[str], bool] = lambda peer: False,
-    ) -> None:
-        self.limit = limit
-        self.per_peer = per_peer
-        self.exempt = exempt
-        self.open = 0  # every stream, with or without a slot
-        self.slotted = 0
-        self.handshaking: set[trio.CancelScope] = set()
-        self.handshakes_of: dict[str, int] = {}  # peer -> streams in their handshake
-        self.hung_up = 0  # streams refused by the per-peer handshake limit
-        self._closed = trio.Event()
-
-    def begin_handshake(self, peer: str) -> bool:
-        """Count a handshake of ``peer``; False (counting nothing) past ``per_peer``."""
-        count = self.handshakes_of.get(peer, 0)
-        if self.per_peer is not None and count >= self.per_peer and not self.exempt(peer):
-            self.hung_up += 1
-            return False
-        self.handshakes_of[peer] = count + 1
-        return True
-
-    def end_handshake(self, peer: str) -> None:
-        count = self.handshakes_of[peer] - 1
-        if count:
-            self.handshakes_of[peer] = count
-        else:
-            del self.handshakes_of[peer]
-
-    def stream_closed(self, slot: bool) -> None:
-        self.open -= 1
-        self.slotted -= slot
-        self._closed.set()
-        self._closed = trio.Event()
-
-    async def wait_all_closed(self) -> None:
-        """Wait until no stream is open."""
-        while self.open:
-            await self._closed.wait()
-
-    def cancel_handshakes(self) -> None:
-        """Drop every connection still in its handshake (used at shutdown)."""
-        for scope in self.handshaking:
-            scope.cancel()
-
-    def take_slot(self) -> bool:
-        if self.slotted >= self.limit:
-            return False
-        self.slotted += 1
-        return True
-
-
-def peer_address(stream: trio.abc.Stream) -> str:
-    """The remote IP address of a TCP (or TLS over TCP) stream, or ""."""
-    inner = getattr(stream, "transport_stream", stream)
-    sock = getattr(inner, "socket", None)
-    try:
-        return str(sock.getpeername()[0]) if sock is not None else ""
-    except OSError:
-        return ""
-
-
-async def serve_websockets(
-    handler: Callable[[UpgradeRequest], Awaitable[None]],
-    listeners: Sequence[trio.abc.Listener[Any]],
-    *,
-    handler_nursery: trio.Nursery,
-    counter: StreamCounter,
-    handshake_timeout: float,
-    task_status: trio.TaskStatus[list[trio.abc.Listener[Any]]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Accept on ``listeners`` until cancelled; run ``handler`` per upgrade request.
-
-    Connections run in ``handler_nursery`` and outlive the cancellation of this
-    function, so a caller can stop accepting yet let connections drain. The
-    handler must not raise; it accepts or rejects the request. Whatever it does,
-    the stream is closed when it returns, and a client that does not finish its
-    TLS handshake and upgrade request within ``handshake_timeout`` is dropped.
-    """
-
-    async def handle_stream(stream: trio.abc.Stream) -> None:
-        counter.open += 1
-        slot = counter.take_slot()
-        request: UpgradeRequest | None = None
-        peer = peer_address(stream)
-        counted = counter.begin_handshake(peer)
-        try:
-            with trio.CancelScope(deadline=trio.current_time() + handshake_timeout) as handshake:
-                if not counted:  # this peer has enough handshakes under way:
-                    await trio.aclose_forcefully(stream)  # hang up, no lingering
-                    return
-                counter.handshaking.add(handshake)
-                if isinstance(stream, trio.SSLStream):
-                    # Handshake TLS up front, so a client that offers only
-                    # refused versions or groups fails now, not at timeout.
-                    try:
-                        await stream.do_handshake()
-                    except trio.BrokenResourceError:
-                        return
-                request = await read_upgrade(stream, peer)
-            counter.handshaking.discard(handshake)
-            if counted:
-                counter.end_handshake(peer)
-                counted = False
-            if request is not None and not slot:
-                log.warning("relay.full", extra=fields(limit=counter.limit))
-                await request.reject(503, b"too many connections\n")
-            elif request is not None:
-                await handler(request)
-        finally:
-            counter.handshaking.discard(handshake)
-            if counted:
-                counter.end_handshake(peer)
-            try:
-                # Under cancellation this degrades to an immediate close.
-                await linger_close(stream)
-            finally:
-                counter.stream_closed(slot)
-
-    await trio.serve_listeners(
-        handle_stream, list(listeners), handler_nursery=handler_nursery, task_status=task_status
-    )
