@@ -516,6 +516,9 @@ def main() -> None:
             port = read_stats(stats_path)["port"]
             config = init_data_dir(data)
             set_settings(config, "auth", RELAXED_AUTH)
+            # A free port for the blob listener: the default may be taken by
+            # another daemon on the machine.
+            set_settings(config, "attachments", {"port": 0})
             # The loader sends 1,000 envelopes a second from one account: the
             # per-account send rate (relay.send_rate_per_user) out of the way.
             set_settings(config, "relay", {"idle_timeout_seconds": 600.0, **RELAXED_RELAY})
