@@ -6,7 +6,7 @@ as the notifier starts it), feeds it --rate jobs a second for --seconds to
 --devices distinct endpoints, and prints the sender's CPU time (user+sys,
 from /proc) per wake-up and the wake-ups the receiver counted.
 
-Usage: ``.venv/bin/python bench/push_sender.py [--rate 1000] [--seconds 10]``.
+Usage: ``.venv/bin/python bench/push_sender.py [--rate 1000] [--seconds 10] [--host localhost]``.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ async def run(port: int, args: argparse.Namespace) -> None:
             next_at = trio.current_time()
             for i in range(0, total, per_tick):
                 batch = b"".join(
-                    encode(Job(j, f"http://127.0.0.1:{port}/up/d{j % args.devices}")) + b"\n"
+                    encode(Job(j, f"http://{args.host}:{port}/up/d{j % args.devices}")) + b"\n"
                     for j in range(i, min(total, i + per_tick))
                 )
                 await jobs.send_all(batch)
@@ -113,6 +113,12 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=1536)
     parser.add_argument("--answer-after", type=float, default=1.0)
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="the endpoints' host: an IP literal (checked once per URL), or a name that"
+        " resolves to 127.0.0.1 only, e.g. localhost (resolved and checked for every wake-up)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="chatd-sender-bench-") as tmp:
         stats_path = Path(tmp) / "receiver.json"

@@ -6,10 +6,11 @@ push sender's CPU per wake-up is what competes with live messages when
 ``bench/push_sender.py`` (1,000 wake-ups a second to a receiver that
 answers after 1 s, CPU time of the sender process from /proc): httpx with
 httpcore took about 1.3 ms per POST, the h11 client that replaced it (pure
-Python on Trio streams) about 300 us, this one about 60 us
-(docs/RELIABILITY.md section 17 has the figures and how to reproduce them).
-Here the HTTP, TLS and the connection cache are libcurl's C; Python does
-one ``setopt`` batch per POST and one loop round per few milliseconds.
+Python on Trio streams) about 300 us, the sender with this module about
+115 us, of which libcurl itself (the kernel's TCP included) is about 60 us
+(docs/OPERATIONS.md section 17 has the figures and the commands). Here the
+HTTP, TLS and the connection cache are libcurl's C; Python does a few
+``setopt`` calls per POST and one loop round per few milliseconds.
 
 What every POST gets (``Poster.post``):
 
@@ -43,10 +44,11 @@ Driving it: libcurl tells which sockets to watch (the socket callback,
 kept in an epoll set of our own) and when to call it back (the timer
 callback). :meth:`Poster.serve`, one task, waits on that epoll set's
 descriptor (``trio.lowlevel.wait_readable``: one Trio wait for all the
-sockets) or the timer, hands what is ready to ``socket_action``, collects
-the finished transfers, and then waits ``ROUND_GAP`` before the next round,
-so that under load one round serves many sockets (at 1,000 POSTs a second,
-tens of events a round instead of one Trio wake-up each). A finished POST
+sockets; a new POST writes to an eventfd in the set to end the wait) or
+the timer, hands what is ready to ``socket_action``, collects the finished
+transfers, and then rests ``ROUND_GAP`` before the next round, so that
+under load one round serves many sockets (at 1,000 POSTs a second, tens of
+events a round instead of one Trio wake-up each). A finished POST
 is reported to its ``on_done`` callback with the answer's status code, or
 None if no answer came (no connection, TLS refused, the timeout, a broken
 answer).
@@ -219,7 +221,7 @@ class Poster:
             curl.setopt(option, value)
         return transfer
 
-    def _finish(self, curl: pycurl.Curl, failed: bool) -> None:
+    def _finish(self, curl: pycurl.Curl) -> None:
         transfer = self._running.pop(curl)
         status = int(curl.getinfo(pycurl.RESPONSE_CODE))
         self._multi.remove_handle(curl)
@@ -280,9 +282,9 @@ class Poster:
         while True:
             queued, done, failed = self._multi.info_read()
             for curl in done:
-                self._finish(curl, False)
+                self._finish(curl)
             for curl, _code, _message in failed:
-                self._finish(curl, True)
+                self._finish(curl)
             if not queued:
                 return
 
