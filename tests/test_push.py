@@ -578,7 +578,11 @@ def sender_in_task(resolve: FakeDNS) -> OpenSender:
     async def open_sender(setup: Setup) -> AsyncIterator[SenderLink]:
         jobs_in, jobs_out = trio.testing.memory_stream_one_way_pair()
         outcomes_in, outcomes_out = trio.testing.memory_stream_one_way_pair()
-        run = partial(serve_sender, setup, LineReader(jobs_out), outcomes_in, resolve=resolve)
+        # Answers not kept (dns_keep=0): the test changes them between two
+        # wake-ups (tests/test_push_resolver.py checks the keeping).
+        run = partial(
+            serve_sender, setup, LineReader(jobs_out), outcomes_in, resolve=resolve, dns_keep=0.0
+        )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run)
             yield jobs_in, outcomes_out

@@ -73,6 +73,7 @@ from chatd.push.guard import (
     resolve_host,
 )
 from chatd.push.poster import Poster
+from chatd.push.resolver import KEEP_SECONDS, SharedResolver
 from chatd.push.wakeup import Endpoint, wake_up_request
 
 log = logging.getLogger("chatd.push.sender")
@@ -214,11 +215,18 @@ class Jobs:
     the :class:`~chatd.push.poster.Poster`) and its outcome (into the
     :class:`Outbox`), at most ``setup.concurrency`` at once."""
 
-    def __init__(self, setup: Setup, poster: Poster, outbox: Outbox, resolve: Resolver) -> None:
+    def __init__(
+        self,
+        setup: Setup,
+        poster: Poster,
+        outbox: Outbox,
+        resolve: Resolver,
+        dns_keep: float = KEEP_SECONDS,
+    ) -> None:
         self.setup = setup
         self.poster = poster
         self.outbox = outbox
-        self.resolve = resolve
+        self.dns = SharedResolver(resolve, dns_keep)
         self.allowed = parse_networks(setup.allowed_networks)
         self.slots = trio.Semaphore(setup.concurrency)
         # The guard's verdict on a URL whose host is an IP literal depends on
@@ -237,9 +245,10 @@ class Jobs:
 
     async def start(self, job: Job, nursery: trio.Nursery) -> None:
         """Check and POST ``job`` (its slot taken): at once if its URL's
-        host is an IP literal (the check looks nothing up, so this returns
-        without waiting), else in a task that first resolves the name, so a
-        slow DNS answer holds up no other job."""
+        host is an IP literal or a name with a kept DNS answer (the check
+        then looks nothing up, so this returns without waiting), else in a
+        task that first resolves the name, so a slow DNS answer holds up no
+        other job."""
         known = self._literal.get(job.url)
         if known is not None:
             self._post(job, *known, self.setup.timeout_seconds)
@@ -253,10 +262,13 @@ class Jobs:
         try:
             ipaddress.ip_address(target.host)
         except ValueError:
-            nursery.start_soon(self._resolve_and_post, job, target)
+            if self.dns.knows(target.host, target.port):
+                await self._resolve_and_post(job, target)  # returns without waiting
+            else:
+                nursery.start_soon(self._resolve_and_post, job, target)
             return
         try:
-            [address] = await checked_addresses(target, self.allowed, self.resolve)
+            [address] = await checked_addresses(target, self.allowed, self.dns)
         except PushRefused:
             log.warning("push.target_refused")
             self._finish(job.id, Result.REFUSED)
@@ -271,7 +283,7 @@ class Jobs:
         deadline = trio.current_time() + timeout
         try:
             with trio.fail_after(timeout):
-                addresses = await checked_addresses(target, self.allowed, self.resolve)
+                addresses = await checked_addresses(target, self.allowed, self.dns)
         except PushRefused:
             log.warning("push.target_refused")
             self._finish(job.id, Result.REFUSED)
@@ -312,6 +324,7 @@ async def serve_sender(
     outcomes: trio.abc.SendStream,
     *,
     resolve: Resolver = resolve_host,
+    dns_keep: float = KEEP_SECONDS,
     ca_file: str | None = None,
 ) -> None:
     """Run the jobs read from ``jobs`` and write each one's :class:`Outcome`
@@ -321,11 +334,12 @@ async def serve_sender(
     Owns the :class:`~chatd.push.poster.Poster` (libcurl: keep-alive
     connections, no proxies, no redirects; TLS checked against ``ca_file``,
     certifi's bundle by default), its task, the outbox's task and one task
-    per DNS lookup."""
+    per DNS lookup. Each DNS answer is reused for ``dns_keep`` seconds
+    (:mod:`chatd.push.resolver`)."""
     decoder = msgspec.json.Decoder(ToSender)
     poster = Poster(user_agent=USER_AGENT, max_connections=setup.concurrency, ca_file=ca_file)
     outbox = Outbox(linger=OUTCOME_LINGER)
-    work = Jobs(setup, poster, outbox, resolve)
+    work = Jobs(setup, poster, outbox, resolve, dns_keep)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(outbox.serve, outcomes)
