@@ -102,12 +102,13 @@ async def test_the_post_goes_to_the_pinned_address_under_the_urls_host() -> None
 def test_a_socket_to_any_other_address_is_refused() -> None:
     """The second lock: the socket callback opens a socket to the checked
     address only, whatever address libcurl came to."""
-    transfer = _Transfer(pycurl.Curl())
+    opened: list[socket.socket] = []
+    transfer = _Transfer(pycurl.Curl(), opened)
     transfer.address = ipaddress.ip_address("127.0.0.1")
     inet, stream = int(socket.AF_INET), int(socket.SOCK_STREAM)
     assert transfer.open_socket(0, (inet, stream, 6, ("10.0.0.7", 443))) == pycurl.SOCKET_BAD
     sock = transfer.open_socket(0, (inet, stream, 6, ("127.0.0.1", 443)))
-    assert isinstance(sock, socket.socket)
+    assert isinstance(sock, socket.socket) and opened == [sock]
     sock.close()
     transfer.curl.close()
 
