@@ -7,7 +7,7 @@ push sender's CPU per wake-up is what competes with live messages when
 answers after 1 s, CPU time of the sender process from /proc): httpx with
 httpcore took about 1.3 ms per POST, the h11 client that replaced it (pure
 Python on Trio streams) about 300 us, the sender with this module about
-115 us, of which libcurl itself (the kernel's TCP included) is about 60 us
+110 us, of which libcurl itself (the kernel's TCP included) is about 60 us
 (docs/OPERATIONS.md section 17 has the figures and the commands). Here the
 HTTP, TLS and the connection cache are libcurl's C; Python does a few
 ``setopt`` calls per POST and one loop round per few milliseconds.

@@ -9,7 +9,7 @@ client is libcurl (:mod:`chatd.push.poster`, not httpx as DESIGN.md
 suggests): measured with bench/push_sender.py (1,000 wake-ups a second, a
 receiver answering after 1 s), this process took about 1.3 ms of CPU per
 wake-up with httpx, about 300 us with the pure-Python h11 client that
-followed, and about 120 us with libcurl (of which libcurl itself, the
+followed, and about 110 us with libcurl (of which libcurl itself, the
 kernel's TCP included, about 60 us). On the
 relay's event loop that CPU competed with live messages, so the notifier
 (:mod:`chatd.push.notifier`, in the daemon) keeps only the cheap part,
