@@ -232,7 +232,8 @@ class Jobs:
         # The guard's verdict on a URL whose host is an IP literal depends on
         # nothing but the URL and the allowlist, fixed for this process: kept,
         # so that a device's next wake-up skips the parse and the checks.
-        # (A host name is resolved and checked again for every wake-up.)
+        # (A host name is checked again for every wake-up, against a DNS
+        # answer at most dns_keep seconds old.)
         self._literal: dict[str, tuple[Target, str]] = {}
         self._headers: dict[tuple[tuple[str, str], ...], list[str]] = {}
 
