@@ -6,7 +6,7 @@ as the notifier starts it), feeds it --rate jobs a second for --seconds to
 --devices distinct endpoints, and prints the sender's CPU time (user+sys,
 from /proc) per wake-up and the wake-ups the receiver counted.
 
-Usage: ``.venv/bin/python bench/push_sender.py [--rate 1000] [--seconds 10]``.
+Usage: ``.venv/bin/python bench/push_sender.py [--rate 1000] [--seconds 10] [--host localhost]``.
 """
 
 from __future__ import annotations
@@ -30,9 +30,15 @@ from chatd.push.notifier import open_sender_process  # noqa: E402
 from chatd.push.sender import Job, LineReader, Setup, encode  # noqa: E402
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_split(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of a process, all its threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def cpu_seconds(pid: int) -> float:
+    return sum(cpu_split(pid))
 
 
 async def run(port: int, args: argparse.Namespace) -> None:
@@ -64,13 +70,13 @@ async def run(port: int, args: argparse.Namespace) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(read)
             await trio.sleep(1.5)  # the sender imports and starts
-            cpu0, t0 = cpu_seconds(pid), time.monotonic()
+            (user0, sys0), t0 = cpu_split(pid), time.monotonic()
             total = int(args.rate * args.seconds)
             per_tick = max(1, args.rate // 100)
             next_at = trio.current_time()
             for i in range(0, total, per_tick):
                 batch = b"".join(
-                    encode(Job(j, f"http://127.0.0.1:{port}/up/d{j % args.devices}")) + b"\n"
+                    encode(Job(j, f"http://{args.host}:{port}/up/d{j % args.devices}")) + b"\n"
                     for j in range(i, min(total, i + per_tick))
                 )
                 await jobs.send_all(batch)
@@ -79,13 +85,15 @@ async def run(port: int, args: argparse.Namespace) -> None:
             with trio.move_on_after(15):
                 while sum(outcomes.values()) < total:
                     await trio.sleep(0.1)
-            cpu1, t1 = cpu_seconds(pid), time.monotonic()
+            (user1, sys1), t1 = cpu_split(pid), time.monotonic()
             nursery.cancel_scope.cancel()
     done = sum(outcomes.values())
+    user, system = user1 - user0, sys1 - sys0
+    per = 1e6 / max(done, 1)
     print(
         f"sender: {done} wake-ups in {t1 - t0:.1f} s ({done / (t1 - t0):.0f}/s), outcomes"
-        f" {outcomes}; CPU {cpu1 - cpu0:.2f} s = {(cpu1 - cpu0) / max(done, 1) * 1e6:.0f} µs"
-        " per wake-up"
+        f" {outcomes}; CPU {user + system:.2f} s = {(user + system) * per:.0f} µs per wake-up"
+        f" (user {user * per:.0f} µs, system {system * per:.0f} µs)"
     )
 
 
@@ -105,6 +113,12 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=1536)
     parser.add_argument("--answer-after", type=float, default=1.0)
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="the endpoints' host: an IP literal (checked once per URL), or a name that"
+        " resolves to 127.0.0.1 only, e.g. localhost (resolved and checked for every wake-up)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="chatd-sender-bench-") as tmp:
         stats_path = Path(tmp) / "receiver.json"
@@ -123,8 +137,12 @@ def main() -> None:
             port = read_stats(stats_path)["port"]
             rx_cpu0 = cpu_seconds(rx.pid)
             trio.run(run, port, args)
-            print(f"receiver CPU {cpu_seconds(rx.pid) - rx_cpu0:.2f} s")
-            print(f"receiver counted {read_stats(stats_path)['requests']} POSTs")
+            rx_cpu = cpu_seconds(rx.pid) - rx_cpu0
+            posts = read_stats(stats_path)["requests"]
+            print(
+                f"receiver CPU {rx_cpu:.2f} s = {rx_cpu / max(posts, 1) * 1e6:.0f} µs per POST;"
+                f" it counted {posts} POSTs"
+            )
         finally:
             rx.send_signal(signal.SIGTERM)
             rx.wait(timeout=10)

@@ -31,7 +31,7 @@ from chatd.daemon import Services, open_services
 from chatd.push import Notifier, PushRefused
 from chatd.push.guard import checked_addresses, parse_target
 from chatd.push.notifier import OpenSender, SenderLink
-from chatd.push.sender import LineReader, Setup, serve_sender
+from chatd.push.sender import LineReader, LinkError, Setup, serve_sender
 from chatd.relay import serve_relay
 from chatd.store import serve_store
 
@@ -578,7 +578,11 @@ def sender_in_task(resolve: FakeDNS) -> OpenSender:
     async def open_sender(setup: Setup) -> AsyncIterator[SenderLink]:
         jobs_in, jobs_out = trio.testing.memory_stream_one_way_pair()
         outcomes_in, outcomes_out = trio.testing.memory_stream_one_way_pair()
-        run = partial(serve_sender, setup, LineReader(jobs_out), outcomes_in, resolve=resolve)
+        # Answers not kept (dns_keep=0): the test changes them between two
+        # wake-ups (tests/test_push_resolver.py checks the keeping).
+        run = partial(
+            serve_sender, setup, LineReader(jobs_out), outcomes_in, resolve=resolve, dns_keep=0.0
+        )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run)
             yield jobs_in, outcomes_out
@@ -716,3 +720,13 @@ async def test_wake_ups_a_dying_sender_had_taken_are_retried(short_tmp: Path) ->
             await notifier.wait_settled()
             nursery.cancel_scope.cancel()
         assert (starts, notifier.stats.retried, notifier.stats.sent) == (2, 1, 1)
+
+
+@pytest.mark.parametrize("line", [b"{not json", b'{"type":"job","id":"x","url":"u"}', b"[]"])
+async def test_a_line_that_is_not_a_job_ends_the_sender_with_a_link_error(line: bytes) -> None:
+    jobs_in, jobs_out = trio.testing.memory_stream_one_way_pair()
+    outcomes_in, _outcomes_out = trio.testing.memory_stream_one_way_pair()
+    setup = Setup(timeout_seconds=1, ttl_seconds=60, concurrency=4, allowed_networks=LOOPBACK)
+    await jobs_in.send_all(line + b"\n")
+    with pytest.RaisesGroup(LinkError):  # raised in the sender's nursery
+        await serve_sender(setup, LineReader(jobs_out), outcomes_in)

@@ -31,7 +31,7 @@ devices in order and hands each one's wake-up, as a job (job id, URL,
 keys), to the **sender**, a child process (:mod:`chatd.push.sender`) that
 does the CPU-heavy part: the SSRF guard's check with its own DNS lookup
 (:mod:`chatd.push.guard`, before every POST), the RFC 8291 encryption and
-the POST (:mod:`chatd.push.http11`), each bounded by
+the POST (:mod:`chatd.push.poster`, libcurl), each bounded by
 ``push.timeout_seconds`` (resolving, connecting, the answer). So
 handing a wake-up over costs the event loop one encoded line, and the
 relay never waits for any of it. At most ``push.concurrency`` jobs are

@@ -3,9 +3,14 @@
 Theory of operation
 -------------------
 Sending a wake-up costs CPU: the SSRF guard's checks, the RFC 8291
-encryption (a new P-256 key pair each time) and above all the HTTP client's
-own work per request (with httpx and httpcore about 1.3 ms of CPU each,
-measured with bench/push_sender.py; see :mod:`chatd.push.http11`). On the
+encryption (a new P-256 key pair and an ECDH each time, about 190 us when
+the device gave keys) and the HTTP client's own work per request. The
+client is libcurl (:mod:`chatd.push.poster`, not httpx as DESIGN.md
+suggests): measured with bench/push_sender.py (1,000 wake-ups a second, a
+receiver answering after 1 s), this process took about 1.3 ms of CPU per
+wake-up with httpx, about 300 us with the pure-Python h11 client that
+followed, and about 110 us with libcurl (of which libcurl itself, the
+kernel's TCP included, about 60 us). On the
 relay's event loop that CPU competed with live messages, so the notifier
 (:mod:`chatd.push.notifier`, in the daemon) keeps only the cheap part,
 which devices to wake and when (coalescing, retries, the bounded queue, the
@@ -25,16 +30,19 @@ structs, strict):
 * sender -> parent: one :class:`Outcome` per job, in the order they finish.
 
 For each job the sender checks the target again (resolving the host with
-its own DNS lookup, :func:`chatd.push.guard.checked_addresses`), builds the
-wake-up (:func:`chatd.push.wakeup.wake_up_request`) and POSTs it to the
-checked address (:mod:`chatd.push.http11`: h11, keep-alive connections),
-at most ``Setup.concurrency`` at once (the
-parent never sends more outstanding jobs than that either), each bounded by
-``Setup.timeout_seconds``. It never retries: the outcome goes back, and the
-parent decides (retry later, drop the endpoint, give up).
+its own DNS lookup, :func:`chatd.push.guard.checked_addresses`; the
+verdict on a URL whose host is an IP literal depends on nothing that can
+change while the process runs, so it is kept), builds the wake-up
+(:func:`chatd.push.wakeup.wake_up_request`) and POSTs it to the checked
+address (:mod:`chatd.push.poster`: libcurl, pinned to that address,
+keep-alive connections, no redirects, no proxies), at most
+``Setup.concurrency`` at once (the parent never sends more outstanding
+jobs than that either), each bounded by ``Setup.timeout_seconds``
+(resolving, connecting, the answer). It never retries: the outcome goes
+back, and the parent decides (retry later, drop the endpoint, give up).
 
 Stopping: end of file on stdin (the parent closed the pipe, or died)
-cancels the POSTs in flight and exits with status 0. SIGTERM and SIGINT
+abandons the POSTs in flight and exits with status 0. SIGTERM and SIGINT
 are ignored: a stop signal for the whole process group (systemd, Ctrl-C in
 a terminal) is the daemon's to act on, and the daemon closes the pipe when
 it stops. Its log lines go to stderr, which it shares with the daemon.
@@ -43,6 +51,7 @@ it stops. Its log lines go to stderr, which it shares with the daemon.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import logging
 import os
 import signal
@@ -55,15 +64,16 @@ import trio
 from chatd.config import LogSettings
 from chatd.log import configure, fields
 from chatd.push.guard import (
-    Network,
     PushRefused,
     Resolver,
+    Target,
     checked_addresses,
     parse_networks,
     parse_target,
     resolve_host,
 )
-from chatd.push.http11 import Client, PostError
+from chatd.push.poster import Poster
+from chatd.push.resolver import KEEP_SECONDS, SharedResolver
 from chatd.push.wakeup import Endpoint, wake_up_request
 
 log = logging.getLogger("chatd.push.sender")
@@ -75,6 +85,7 @@ READ_SIZE: Final = 65_536  # bytes read from the link at a time
 #: Seconds an outcome waits for others to go with it: the daemon then reads
 #: outcomes tens at a time under load instead of waking for each one.
 OUTCOME_LINGER: Final = 0.01
+LITERAL_URLS: Final = 65_536  # URLs whose guard verdict is kept (an IP-literal host), at most
 
 
 class Result(enum.Enum):
@@ -185,41 +196,127 @@ class Outbox:
             await stream.send_all(data)
 
 
-async def post(
-    client: Client,
-    endpoint: Endpoint,
-    setup: Setup,
-    allowed: tuple[Network, ...],
-    resolve: Resolver,
-) -> Result:
-    """POST one wake-up to ``endpoint`` through the SSRF guard; never raises
-    for anything the endpoint or the network does."""
-    with trio.move_on_after(setup.timeout_seconds):
+def result_of(status: int | None) -> Result:
+    """What an answer's status (None: no answer came) means for the wake-up."""
+    if status is None:
+        return Result.RETRY  # no connection, TLS refused, timed out, a broken answer
+    if 200 <= status < 300:
+        return Result.SENT
+    if status in (404, 410):
+        return Result.GONE
+    if status in (408, 429) or status >= 500:
+        return Result.RETRY
+    log.warning("push.refused_by_endpoint", extra=fields(status=status))
+    return Result.REFUSED  # a redirect (never followed) or another 4xx
+
+
+class Jobs:
+    """The jobs in hand: each one's check by the SSRF guard, its POST (by
+    the :class:`~chatd.push.poster.Poster`) and its outcome (into the
+    :class:`Outbox`), at most ``setup.concurrency`` at once."""
+
+    def __init__(
+        self,
+        setup: Setup,
+        poster: Poster,
+        outbox: Outbox,
+        resolve: Resolver,
+        dns_keep: float = KEEP_SECONDS,
+    ) -> None:
+        self.setup = setup
+        self.poster = poster
+        self.outbox = outbox
+        self.dns = SharedResolver(resolve, dns_keep)
+        self.allowed = parse_networks(setup.allowed_networks)
+        self.slots = trio.Semaphore(setup.concurrency)
+        # The guard's verdict on a URL whose host is an IP literal depends on
+        # nothing but the URL and the allowlist, fixed for this process: kept,
+        # so that a device's next wake-up skips the parse and the checks.
+        # (A host name is checked again for every wake-up, against a DNS
+        # answer at most dns_keep seconds old.)
+        self._literal: dict[str, tuple[Target, str]] = {}
+        self._headers: dict[tuple[tuple[str, str], ...], list[str]] = {}
+
+    async def acquire(self) -> None:
+        """Wait for a free slot (checkpoints only if there is none)."""
         try:
-            target = parse_target(endpoint.url)
-            addresses = await checked_addresses(target, allowed, resolve)
+            self.slots.acquire_nowait()
+        except trio.WouldBlock:
+            await self.slots.acquire()
+
+    async def start(self, job: Job, nursery: trio.Nursery) -> None:
+        """Check and POST ``job`` (its slot taken): at once if its URL's
+        host is an IP literal or a name with a kept DNS answer (the check
+        then looks nothing up, so this returns without waiting), else in a
+        task that first resolves the name, so a slow DNS answer holds up no
+        other job."""
+        known = self._literal.get(job.url)
+        if known is not None:
+            self._post(job, *known, self.setup.timeout_seconds)
+            return
+        try:
+            target = parse_target(job.url)
         except PushRefused:
             log.warning("push.target_refused")
-            return Result.REFUSED
-        except OSError:
-            return Result.RETRY  # no DNS answer now
-        headers, body = wake_up_request(endpoint, setup.ttl_seconds)
-        key = (target.scheme, addresses[0], target.port, target.host)
+            self._finish(job.id, Result.REFUSED)
+            return
         try:
-            status = await client.post(
-                key, target.target, [("Host", target.host_header), *headers.items()], body
-            )
-        except PostError:
-            return Result.RETRY
-        if 200 <= status < 300:
-            return Result.SENT
-        if status in (404, 410):
-            return Result.GONE
-        if status in (408, 429) or status >= 500:
-            return Result.RETRY
-        log.warning("push.refused_by_endpoint", extra=fields(status=status))
-        return Result.REFUSED  # a redirect (never followed) or another 4xx
-    return Result.RETRY  # timed out
+            ipaddress.ip_address(target.host)
+        except ValueError:
+            if self.dns.knows(target.host, target.port):
+                await self._resolve_and_post(job, target)  # returns without waiting
+            else:
+                nursery.start_soon(self._resolve_and_post, job, target)
+            return
+        try:
+            [address] = await checked_addresses(target, self.allowed, self.dns)
+        except PushRefused:
+            log.warning("push.target_refused")
+            self._finish(job.id, Result.REFUSED)
+            return
+        if len(self._literal) >= LITERAL_URLS:
+            self._literal.clear()
+        self._literal[job.url] = (target, address)
+        self._post(job, target, address, self.setup.timeout_seconds)
+
+    async def _resolve_and_post(self, job: Job, target: Target) -> None:
+        timeout = self.setup.timeout_seconds
+        deadline = trio.current_time() + timeout
+        try:
+            with trio.fail_after(timeout):
+                addresses = await checked_addresses(target, self.allowed, self.dns)
+        except PushRefused:
+            log.warning("push.target_refused")
+            self._finish(job.id, Result.REFUSED)
+            return
+        except (OSError, trio.TooSlowError):
+            self._finish(job.id, Result.RETRY)  # no DNS answer now
+            return
+        self._post(job, target, addresses[0], deadline - trio.current_time())
+
+    def _post(self, job: Job, target: Target, address: str, timeout: float) -> None:
+        headers, body = wake_up_request(
+            Endpoint(job.url, job.p256dh, job.auth), self.setup.ttl_seconds
+        )
+        key = tuple(headers.items())
+        lines = self._headers.get(key)
+        if lines is None:  # one list per kind of wake-up: the Poster then sets it once
+            lines = self._headers[key] = [*(f"{k}: {v}" for k, v in key), "Accept:"]
+        job_id = job.id
+        self.poster.post(
+            f"{target.scheme}://{target.host_header}{target.target}",
+            address,
+            target.port,
+            target.host,
+            lines,
+            body,
+            timeout,
+            lambda status: self._finish(job_id, result_of(status)),
+        )
+
+    def _finish(self, job_id: int, result: Result) -> None:
+        self.slots.release()
+        self.outbox.put(encode(Outcome(job_id, result.value)))
 
 
 async def serve_sender(
@@ -228,44 +325,39 @@ async def serve_sender(
     outcomes: trio.abc.SendStream,
     *,
     resolve: Resolver = resolve_host,
+    dns_keep: float = KEEP_SECONDS,
+    ca_file: str | None = None,
 ) -> None:
     """Run the jobs read from ``jobs`` and write each one's :class:`Outcome`
     to ``outcomes``, until end of file on ``jobs`` (then the POSTs still in
-    flight are cancelled). Raises LinkError for a line that is not a job.
+    flight are abandoned). Raises LinkError for a line that is not a job.
 
-    Owns the HTTP client (:mod:`chatd.push.http11`: keep-alive connections,
-    no proxies, no redirects) and one task per POST, at most
-    ``setup.concurrency``."""
+    Owns the :class:`~chatd.push.poster.Poster` (libcurl: keep-alive
+    connections, no proxies, no redirects; TLS checked against ``ca_file``,
+    certifi's bundle by default), its task, the outbox's task and one task
+    per DNS lookup. Each DNS answer is reused for ``dns_keep`` seconds
+    (:mod:`chatd.push.resolver`)."""
     decoder = msgspec.json.Decoder(ToSender)
-    allowed = parse_networks(setup.allowed_networks)
-    client = Client(user_agent=USER_AGENT, max_idle=setup.concurrency)
+    poster = Poster(user_agent=USER_AGENT, max_connections=setup.concurrency, ca_file=ca_file)
     outbox = Outbox(linger=OUTCOME_LINGER)
-    slots = trio.Semaphore(setup.concurrency)
-
-    async def run(job: Job) -> None:
-        endpoint = Endpoint(job.url, job.p256dh, job.auth)
-        try:
-            result = await post(client, endpoint, setup, allowed, resolve)
-        finally:
-            slots.release()
-        outbox.put(encode(Outcome(job.id, result.value)))
-
+    work = Jobs(setup, poster, outbox, resolve, dns_keep)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(outbox.serve, outcomes)
+            nursery.start_soon(poster.serve)
             while lines := await jobs.receive_lines():
                 for line in lines:
                     try:
                         job = decoder.decode(line)
-                    except msgspec.ValidationError:
+                    except msgspec.DecodeError:
                         raise LinkError("a line that is not a job") from None
                     if not isinstance(job, Job):
                         raise LinkError("a second setup line")
-                    await slots.acquire()
-                    nursery.start_soon(run, job)
+                    await work.acquire()
+                    await work.start(job, nursery)
             nursery.cancel_scope.cancel()
     finally:
-        await client.aclose()
+        poster.close()
 
 
 def lower_priority() -> None:

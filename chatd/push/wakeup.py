@@ -14,7 +14,6 @@ derivation) by ``http_ece``, under a new P-256 key pair and salt each time.
 from __future__ import annotations
 
 import base64
-import json
 import secrets
 from dataclasses import dataclass
 
@@ -68,10 +67,10 @@ def check_keys(p256dh: str | None, auth: str | None) -> None:
 
 
 def wake_up_body() -> bytes:
-    """A new wake-up's plaintext body, with a new random id."""
-    return json.dumps(
-        {"type": "wake_up", "id": secrets.token_hex(16)}, separators=(",", ":")
-    ).encode()
+    """A new wake-up's plaintext body, with a new random id: the JSON
+    ``{"type":"wake_up","id":"<32 hex digits>"}``, written out (the id is
+    hex digits only, nothing to escape)."""
+    return b'{"type":"wake_up","id":"%s"}' % secrets.token_hex(16).encode()
 
 
 def wake_up_request(endpoint: Endpoint, ttl_seconds: int) -> tuple[dict[str, str], bytes]:
