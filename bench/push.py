@@ -53,7 +53,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -423,6 +423,7 @@ async def run_once(
         "loader_errors": loader_errors,
         "cores": cores,
         "wakeups_per_s": wakeups_per_s,
+        "window": (cpu["t0"], cpu["t0"] + window),
     }
 
 
@@ -436,9 +437,13 @@ def one_run(
     stats_path: Path,
     receiver_pid: int,
     rate: int,
+    lag: bool = False,
 ) -> dict[str, Any]:
     set_settings(config, "push", {"enabled": push_on})
-    daemon = Daemon(config, work)
+    lag_log = work / "lag.log" if lag else None
+    if lag_log is not None:
+        lag_log.unlink(missing_ok=True)
+    daemon = Daemon(config, work, lag_log=lag_log)
     daemon.start()
     try:
         daemon.wait_ready()
@@ -451,7 +456,35 @@ def one_run(
         daemon.stop()
     result["elapsed"] = elapsed
     result["push"] = push_on
+    if lag_log is not None:
+        result["loop"] = loop_figures(lag_log, *result["window"])
     return result
+
+
+def loop_figures(lag_log: Path, start: float, end: float) -> str:
+    """The daemon's event loop over the measuring window, from bench/_lagmon.py:
+    how often and how long the loop was late, took a long step, or paused for
+    the garbage collector; and the tasks of the long steps."""
+    lags, steps, pauses, tasks = [], [], [], Counter[str]()
+    for line in lag_log.read_text().splitlines():
+        parts = line.split(" ", 6)
+        if len(parts) < 7 or not start <= float(parts[0]) < end:
+            continue
+        lag, step, gc_pause = float(parts[1]), float(parts[2]), float(parts[5])
+        lags.append(lag)
+        steps.append(step)
+        pauses.append(gc_pause)
+        if step > 0.002:
+            tasks[parts[6].strip()] += 1
+    if not lags:
+        return "no lag samples"
+    longest = ", ".join(f"{name} x{n}" for name, n in tasks.most_common(4))
+    return (
+        f"loop lag p99 {ms(percentile(lags, 99))} max {ms(max(lags))}; "
+        f"steps > 2 ms in {sum(s > 0.002 for s in steps)} of {len(steps)} samples, "
+        f"longest {ms(max(steps))}; GC pauses > 1 ms in {sum(p > 0.001 for p in pauses)},"
+        f" longest {ms(max(pauses))}; long steps by task: {longest or '-'}"
+    )
 
 
 def report(label: str, r: dict[str, Any], seconds: float) -> None:
@@ -467,6 +500,8 @@ def report(label: str, r: dict[str, Any], seconds: float) -> None:
     # "daemon loop" and the "t:" threads are parts of "daemon".
     total = sum(v for k, v in cores.items() if k != "daemon loop" and not k.startswith("t:"))
     print(f"  {'':<9} CPU in cores over the window: {line}; total {total:.2f}")
+    if "loop" in r:
+        print(f"  {'':<9} {r['loop']}")
 
 
 def main() -> None:
@@ -484,6 +519,12 @@ def main() -> None:
         action="store_true",
         help="run the receiver SCHED_IDLE: like a distributor on another machine, it takes "
         "only CPU nothing else wants",
+    )
+    parser.add_argument(
+        "--lag",
+        action="store_true",
+        help="run the daemon under bench/_lagmon.py and print its event loop's lag, long "
+        "steps and GC pauses per run (costs both kinds of run alike)",
     )
     parser.add_argument("--receiver", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -556,7 +597,16 @@ def main() -> None:
             results: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
             for (r, on), names in zip(rounds, live, strict=True):
                 res = one_run(
-                    config, work, on, names, sinks, args.seconds, stats_path, rx.pid, rate
+                    config,
+                    work,
+                    on,
+                    names,
+                    sinks,
+                    args.seconds,
+                    stats_path,
+                    rx.pid,
+                    rate,
+                    lag=args.lag,
                 )
                 results[on].append(res)
                 report(f"r{r} {'push on' if on else 'push off'}", res, args.seconds)
