@@ -40,11 +40,14 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import os
+import signal
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -95,6 +98,43 @@ class Conn:
 class Sample:
     at: float  # seconds since the load started
     rss_kib: int
+    anon_kib: int = 0  # RssAnon: heap, Python's arenas, thread stacks
+    file_kib: int = 0  # RssFile: mapped files (code, the database's mmap if any)
+
+
+def rss_parts(pid: int) -> dict[str, int]:
+    """VmRSS, RssAnon, RssFile and RssShmem of /proc/PID/status, in KiB."""
+    found: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                found[key] = int(value.split()[0])
+    return found
+
+
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """The KiB figures of /proc/PID/smaps_rollup (Rss, Pss_Anon, Private_Dirty, ...)."""
+    found: dict[str, int] = {}
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        for line in rollup:
+            key, _, value = line.partition(":")
+            parts = value.split()
+            if len(parts) == 2 and parts[1] == "kB":
+                found[key] = int(parts[0])
+    return found
+
+
+def slope_per_minute(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (seconds, KiB) points, in MiB per minute."""
+    n = len(points)
+    if n < 2:
+        return 0.0
+    mean_t = sum(t for t, _ in points) / n
+    mean_v = sum(v for _, v in points) / n
+    var = sum((t - mean_t) ** 2 for t, _ in points)
+    cov = sum((t - mean_t) * (v - mean_v) for t, v in points)
+    return cov / var / 1024 * 60 if var else 0.0
 
 
 @dataclass
@@ -118,21 +158,16 @@ class Result:
     setup_seconds: float = 0.0
     exit_code: int | None = None
     log_findings: list[str] = field(default_factory=list)
+    #: smaps_rollup at the end of the warm-up and at the end of the load
+    rollups: list[dict[str, int]] = field(default_factory=list)
+    memtrace: list[str] = field(default_factory=list)  # with --memtrace: its findings
 
     def after_warmup(self) -> list[Sample]:
         return [s for s in self.samples if s.at >= self.warmup]
 
     def rss_slope_mib_per_minute(self) -> float:
         """Least-squares slope of the RSS samples after the warm-up."""
-        points = self.after_warmup()
-        if len(points) < 2:
-            return 0.0
-        n = len(points)
-        mean_t = sum(p.at for p in points) / n
-        mean_r = sum(p.rss_kib for p in points) / n
-        var = sum((p.at - mean_t) ** 2 for p in points)
-        cov = sum((p.at - mean_t) * (p.rss_kib - mean_r) for p in points)
-        return cov / var / 1024 * 60 if var else 0.0
+        return slope_per_minute([(p.at, p.rss_kib) for p in self.after_warmup()])
 
     def rss_growth_kib(self) -> int:
         """RSS at the last sample minus RSS at the first sample after the warm-up."""
@@ -253,7 +288,11 @@ class Load:
 
 async def sample_rss(load: Load, pid: int) -> None:
     while not load.stop.is_set():
-        load.result.samples.append(Sample(trio.current_time() - load.started_at, vm_rss_kib(pid)))
+        parts = rss_parts(pid)
+        at = trio.current_time() - load.started_at
+        load.result.samples.append(
+            Sample(at, vm_rss_kib(pid), parts.get("RssAnon", 0), parts.get("RssFile", 0))
+        )
         with trio.move_on_after(SAMPLE_EVERY):
             await load.stop.wait()
 
@@ -268,7 +307,10 @@ async def watch_lag(load: Load) -> None:
             load.result.client_lag.append(trio.current_time() - before - LAG_TICK)
 
 
-async def drive(load: Load, pid: int) -> None:
+async def drive(load: Load, pid: int, mark: Callable[[], None] | None = None) -> None:
+    """Log every connection in, run the load, wait for the last deliveries.
+    ``mark`` (with --memtrace) is called at the start of the load, at the end
+    of the warm-up and at the end of the load."""
     result = load.result
     setup_started = time.monotonic()
     async with trio.open_nursery() as nursery:
@@ -288,7 +330,12 @@ async def drive(load: Load, pid: int) -> None:
         nursery.start_soon(sample_rss, load, pid)
         nursery.start_soon(watch_lag, load)
         load.go.set()
+        if mark is not None:
+            mark()
         await trio.sleep_until(load.started_at + result.warmup)
+        result.rollups.append(smaps_rollup(pid))
+        if mark is not None:
+            mark()
         cpu0 = (
             cpu_seconds(pid),
             cpu_seconds(os.getpid()),
@@ -302,6 +349,9 @@ async def drive(load: Load, pid: int) -> None:
             machine_busy_seconds(),
             time.monotonic(),
         )
+        result.rollups.append(smaps_rollup(pid))
+        if mark is not None:
+            mark()
         result.server_cpu = cpu1[0] - cpu0[0]
         result.client_cpu = cpu1[1] - cpu0[1]
         result.machine_cpu = cpu1[2] - cpu0[2]
@@ -339,22 +389,68 @@ def prepare(work: Path, connections: int) -> Path:
     return config
 
 
-async def run(work: Path, *, connections: int, seconds: float, warmup: float) -> Result:
-    """Start the daemon, run the load, stop the daemon (SIGTERM, exit code kept)."""
+async def run(
+    work: Path,
+    *,
+    connections: int,
+    seconds: float,
+    warmup: float,
+    memtrace: Path | None = None,
+) -> Result:
+    """Start the daemon, run the load, stop the daemon (SIGTERM, exit code kept).
+    With ``memtrace`` (a directory), the daemon runs under bench/_memtrace.py
+    and marks its memory at the start, the end of the warm-up and the end."""
     raise_nofile(connections + 1_000)
     config = prepare(work, connections)
-    daemon = Daemon(config, work)
+    command = None
+    if memtrace is not None:
+        command = [sys.executable, str(Path(_BENCH) / "_memtrace.py"), str(memtrace)]
+    daemon = Daemon(config, work, command=command)
     daemon.start()
     result = Result(connections, seconds, warmup)
     try:
         await trio.to_thread.run_sync(daemon.wait_ready)
         load = Load(daemon.relay_url()[0], result)
-        await drive(load, daemon.pid)
+        pid = daemon.pid
+
+        def mark() -> None:
+            os.kill(pid, signal.SIGUSR1)
+
+        await drive(load, pid, mark if memtrace is not None else None)
         result.exit_code, _ = await trio.to_thread.run_sync(daemon.stop)
     finally:
         daemon.kill()
     result.log_findings = log_findings(daemon.log_path.read_text(errors="replace"))
+    if memtrace is not None:
+        result.memtrace = memtrace_report(memtrace)
     return result
+
+
+def memtrace_report(out: Path) -> list[str]:
+    """What bench/_memtrace.py recorded: the marks, and the Python allocations
+    that grew most after the warm-up (and during it) by traceback."""
+    from _memtrace import top_growth
+
+    lines = ["memtrace marks (0: load start, 1: warm-up end, 2: load end):"]
+    marks = [json.loads(line) for line in (out / "marks.jsonl").read_text().splitlines()]
+    for m in marks:
+        malloc = m.get("malloc", {})
+        lines.append(
+            f"  mark {m['mark']}: traced Python {m['traced'] / 2**20:.1f} MiB,"
+            f" SQLite {m.get('sqlite_used', 0) / 2**20:.1f} MiB"
+            f" (high-water {m.get('sqlite_highwater', 0) / 2**20:.1f}),"
+            f" malloc in use {malloc.get('uordblks', 0) / 2**20:.1f} MiB"
+            f" + free kept {malloc.get('fordblks', 0) / 2**20:.1f} MiB"
+            f" (heap {malloc.get('arena', 0) / 2**20:.1f},"
+            f" mmapped {malloc.get('hblkhd', 0) / 2**20:.1f}),"
+            f" status {m['status']}, gc objects {m['gc_objects']}, snapshot took {m['took']:.1f} s"
+        )
+    for before, after, title in ((1, 2, "after the warm-up"), (0, 1, "during the warm-up")):
+        old, new = out / f"snapshot-{before}.pickle", out / f"snapshot-{after}.pickle"
+        if old.exists() and new.exists():
+            lines.append(f"Python allocations that grew most {title} (mark {before} -> {after}):")
+            lines += ["  " + line for line in top_growth(old, new, limit=10 if before else 6)]
+    return lines
 
 
 def windows(r: Result, width: float = 10.0) -> str:
@@ -388,6 +484,10 @@ def report(r: Result) -> str:
         + " ".join(f"{s.rss_kib / 1024:.0f}" for s in r.samples),
         f"RSS after warm-up: {after[0].rss_kib / 1024:.1f} -> {after[-1].rss_kib / 1024:.1f} MiB,"
         f" slope {r.rss_slope_mib_per_minute():+.2f} MiB/min"
+        f" (RssAnon {after[0].anon_kib / 1024:.1f} -> {after[-1].anon_kib / 1024:.1f} MiB,"
+        f" slope {slope_per_minute([(p.at, p.anon_kib) for p in after]):+.2f};"
+        f" RssFile {after[0].file_kib / 1024:.1f} -> {after[-1].file_kib / 1024:.1f} MiB,"
+        f" slope {slope_per_minute([(p.at, p.file_kib) for p in after]):+.2f})"
         if after
         else "RSS after warm-up: no samples",
         f"CPU over the measured {r.measured_seconds:.1f} s: daemon {r.server_cpu:.2f} s"
@@ -396,6 +496,16 @@ def report(r: Result) -> str:
         f" load clients {r.client_cpu:.2f} s, whole machine {r.machine_cpu:.2f} s",
         f"final stop (SIGTERM): exit code {r.exit_code}",
     ]
+    if len(r.rollups) == 2:
+        keys = ("Rss", "Anonymous", "Private_Dirty", "Private_Clean", "Shared_Clean", "Swap")
+        lines.append(
+            "smaps_rollup, warm-up end -> load end (MiB): "
+            + ", ".join(
+                f"{k} {r.rollups[0].get(k, 0) / 1024:.1f} -> {r.rollups[1].get(k, 0) / 1024:.1f}"
+                for k in keys
+            )
+        )
+    lines += r.memtrace
     lines += [f"  error: {e}" for e in r.errors[:10]]
     lines += [f"  log: {line}" for line in r.log_findings[:10]]
     return "\n".join(lines)
@@ -406,11 +516,21 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=1_000)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--warmup", type=float, default=10.0)
+    parser.add_argument(
+        "--memtrace",
+        type=Path,
+        help="run the daemon under bench/_memtrace.py (tracemalloc: slower, bigger),"
+        " keep its snapshots in this directory, and print where memory grew",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="sustained-") as tmp:
         result = trio.run(
             lambda: run(
-                Path(tmp), connections=args.connections, seconds=args.seconds, warmup=args.warmup
+                Path(tmp),
+                connections=args.connections,
+                seconds=args.seconds,
+                warmup=args.warmup,
+                memtrace=args.memtrace,
             )
         )
     print(report(result))
