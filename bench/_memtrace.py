@@ -1,13 +1,14 @@
 """Run ``chatd`` with tracemalloc and memory marks on SIGUSR1. A bench helper; chatd is unchanged.
 
-    python bench/_memtrace.py OUT_DIR serve --config DATA/chatd.toml
+    python bench/_memtrace.py OUT_DIR FRAMES serve --config DATA/chatd.toml
 
 This calls ``chatd.cli.run`` with the remaining arguments, exactly as the
-``chatd`` script would, after ``tracemalloc.start(FRAMES)``. Each SIGUSR1
-makes a *mark* N (0, 1, ...): the tracemalloc snapshot goes to
-``OUT_DIR/snapshot-N.pickle`` (compare two offline with :func:`top_growth`),
-and one JSON line goes to ``OUT_DIR/marks.jsonl`` with what tracemalloc
-cannot see:
+``chatd`` script would, after ``tracemalloc.start(FRAMES)`` (with FRAMES 0,
+tracemalloc stays off: the marks below cost next to nothing, and the daemon
+runs at its own speed and size). Each SIGUSR1 makes a *mark* N (0, 1, ...):
+with tracemalloc on, its snapshot goes to ``OUT_DIR/snapshot-N.pickle``
+(compare two offline with :func:`top_growth`); and one JSON line goes to
+``OUT_DIR/marks.jsonl`` with what tracemalloc cannot see:
 
 * ``traced``: bytes of Python allocations tracemalloc follows (all of
   Python's: object memory and PyMem_Malloc/PyMem_RawMalloc);
@@ -18,7 +19,10 @@ cannot see:
   ``hblkhd`` (in mmapped chunks), ``uordblks`` (in use), ``fordblks`` (free
   but kept by the allocator): free memory still resident shows here;
 * ``status``: RssAnon, RssFile, RssShmem, VmRSS of /proc/self/status (KiB);
-* ``gc_objects``: objects the garbage collector tracks.
+* ``gc_objects``: objects the garbage collector tracks (with tracemalloc
+  on; counting them stalls the loop for tens of milliseconds);
+* ``connections``: open database connections (the writer, the store's readers
+  and any backup's), each with its own page cache.
 
 The handler runs on the main thread between two bytecodes of the event loop:
 the snapshot takes a second or so with a few hundred thousand blocks, which
@@ -34,6 +38,7 @@ import ctypes
 import ctypes.util
 import gc
 import json
+import os
 import signal
 import sys
 import time
@@ -42,7 +47,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Final
 
-FRAMES: Final = 12  # frames kept per allocation traceback
+FRAMES: Final = 12  # frames kept per allocation traceback, unless told
 
 
 class MallInfo2(ctypes.Structure):
@@ -99,6 +104,18 @@ def _status() -> dict[str, int]:
     return found
 
 
+def _connections() -> int:
+    """Open database connections: file descriptors on a ``*.db`` file (one each)."""
+    count = 0
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            if os.readlink(fd).endswith(".db"):
+                count += 1
+        except OSError:
+            continue  # closed meanwhile
+    return count
+
+
 def install(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     marks = [0]
@@ -107,8 +124,9 @@ def install(out: Path) -> None:
         n = marks[0]
         marks[0] += 1
         started = time.monotonic()
-        snapshot = tracemalloc.take_snapshot()
-        snapshot.dump(str(out / f"snapshot-{n}.pickle"))
+        tracing = tracemalloc.is_tracing()
+        if tracing:
+            tracemalloc.take_snapshot().dump(str(out / f"snapshot-{n}.pickle"))
         record: dict[str, Any] = {
             "mark": n,
             "at": time.monotonic(),
@@ -116,7 +134,8 @@ def install(out: Path) -> None:
             **_sqlite(),
             "malloc": _mallinfo(),
             "status": _status(),
-            "gc_objects": len(gc.get_objects()),
+            "gc_objects": len(gc.get_objects()) if tracing else 0,
+            "connections": _connections(),
             "took": time.monotonic() - started,
         }
         with (out / "marks.jsonl").open("a") as f:
@@ -152,10 +171,11 @@ def top_growth(before: Path, after: Path, limit: int = 15) -> list[str]:
 
 
 def main() -> None:
-    if len(sys.argv) < 3:
+    if len(sys.argv) < 4:
         raise SystemExit(__doc__)
-    out, argv = Path(sys.argv[1]), sys.argv[2:]
-    tracemalloc.start(FRAMES)
+    out, frames, argv = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+    if frames > 0:
+        tracemalloc.start(frames)
     install(out)
     from chatd import cli
 

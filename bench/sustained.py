@@ -73,6 +73,7 @@ from _daemon import (  # noqa: E402 - the bench directory is not a package
     set_settings,
     vm_rss_kib,
 )
+from _memtrace import FRAMES, top_growth  # noqa: E402
 from relay import PASSWORD, keys_upload, log_findings, login, reply_to  # noqa: E402
 
 SETUP_CONCURRENCY: Final = 8  # connections logging in at once
@@ -80,6 +81,7 @@ CONNECT_TIMEOUT: Final = 120.0  # seconds for one connection's connect, login an
 DRAIN_TIMEOUT: Final = 10.0  # seconds after the load for the last deliveries
 BODY_BYTES: Final = 96  # random bytes in each ciphertext (128 base64 characters)
 SAMPLE_EVERY: Final = 1.0  # seconds between RSS samples
+MARK_EVERY: Final = 10.0  # seconds between memory marks with --memtrace-frames 0
 LAG_TICK: Final = 0.01  # seconds the loop-lag watcher sleeps each time
 
 _encode = msgspec.json.Encoder().encode
@@ -396,6 +398,7 @@ async def run(
     seconds: float,
     warmup: float,
     memtrace: Path | None = None,
+    memtrace_frames: int = FRAMES,
 ) -> Result:
     """Start the daemon, run the load, stop the daemon (SIGTERM, exit code kept).
     With ``memtrace`` (a directory), the daemon runs under bench/_memtrace.py
@@ -404,7 +407,8 @@ async def run(
     config = prepare(work, connections)
     command = None
     if memtrace is not None:
-        command = [sys.executable, str(Path(_BENCH) / "_memtrace.py"), str(memtrace)]
+        memtrace_py = str(Path(_BENCH) / "_memtrace.py")
+        command = [sys.executable, memtrace_py, str(memtrace), str(memtrace_frames)]
     daemon = Daemon(config, work, command=command)
     daemon.start()
     result = Result(connections, seconds, warmup)
@@ -416,7 +420,11 @@ async def run(
         def mark() -> None:
             os.kill(pid, signal.SIGUSR1)
 
-        await drive(load, pid, mark if memtrace is not None else None)
+        async with trio.open_nursery() as nursery:
+            if memtrace is not None and memtrace_frames == 0:
+                nursery.start_soon(mark_every, load, mark)  # cheap: a time series
+            await drive(load, pid, mark if memtrace is not None else None)
+            nursery.cancel_scope.cancel()
         result.exit_code, _ = await trio.to_thread.run_sync(daemon.stop)
     finally:
         daemon.kill()
@@ -426,24 +434,39 @@ async def run(
     return result
 
 
+async def mark_every(load: Load, mark: Callable[[], None]) -> None:
+    """Without tracemalloc: a memory mark every MARK_EVERY seconds of the load."""
+    await load.go.wait()
+    while not load.stop.is_set():
+        with trio.move_on_after(MARK_EVERY):
+            await load.stop.wait()
+        mark()
+
+
 def memtrace_report(out: Path) -> list[str]:
     """What bench/_memtrace.py recorded: the marks, and the Python allocations
     that grew most after the warm-up (and during it) by traceback."""
-    from _memtrace import top_growth
-
-    lines = ["memtrace marks (0: load start, 1: warm-up end, 2: load end):"]
     marks = [json.loads(line) for line in (out / "marks.jsonl").read_text().splitlines()]
+    lines = [
+        "memory marks (with tracemalloc: 0 load start, 1 warm-up end, 2 load end; without:"
+        " every 10 s). MiB: traced Python, SQLite (its high-water), malloc in use + free"
+        " (resident or given back: malloc_trim leaves it free) (heap, mmapped), RssAnon;"
+        " open database connections"
+    ]
+    first = marks[0]["at"] if marks else 0.0
     for m in marks:
         malloc = m.get("malloc", {})
         lines.append(
-            f"  mark {m['mark']}: traced Python {m['traced'] / 2**20:.1f} MiB,"
-            f" SQLite {m.get('sqlite_used', 0) / 2**20:.1f} MiB"
-            f" (high-water {m.get('sqlite_highwater', 0) / 2**20:.1f}),"
-            f" malloc in use {malloc.get('uordblks', 0) / 2**20:.1f} MiB"
-            f" + free kept {malloc.get('fordblks', 0) / 2**20:.1f} MiB"
-            f" (heap {malloc.get('arena', 0) / 2**20:.1f},"
-            f" mmapped {malloc.get('hblkhd', 0) / 2**20:.1f}),"
-            f" status {m['status']}, gc objects {m['gc_objects']}, snapshot took {m['took']:.1f} s"
+            f"  {m['at'] - first:5.0f} s: traced {m['traced'] / 2**20:.1f},"
+            f" SQLite {m.get('sqlite_used', 0) / 2**20:.1f}"
+            f" ({m.get('sqlite_highwater', 0) / 2**20:.1f}),"
+            f" malloc {malloc.get('uordblks', 0) / 2**20:.1f}"
+            f" + {malloc.get('fordblks', 0) / 2**20:.1f}"
+            f" ({malloc.get('arena', 0) / 2**20:.1f}, {malloc.get('hblkhd', 0) / 2**20:.1f}),"
+            f" RssAnon {m['status'].get('RssAnon', 0) / 1024:.1f},"
+            f" connections {m.get('connections')}"
+            + (f", gc objects {m['gc_objects']}" if m["gc_objects"] else "")
+            + f"; took {m['took'] * 1000:.0f} ms"
         )
     for before, after, title in ((1, 2, "after the warm-up"), (0, 1, "during the warm-up")):
         old, new = out / f"snapshot-{before}.pickle", out / f"snapshot-{after}.pickle"
@@ -522,6 +545,13 @@ def main() -> None:
         help="run the daemon under bench/_memtrace.py (tracemalloc: slower, bigger),"
         " keep its snapshots in this directory, and print where memory grew",
     )
+    parser.add_argument(
+        "--memtrace-frames",
+        type=int,
+        default=FRAMES,
+        help="frames per traceback; 0: no tracemalloc, just SQLite's and malloc's figures"
+        " every 10 s (the daemon at its own speed and size)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="sustained-") as tmp:
         result = trio.run(
@@ -531,6 +561,7 @@ def main() -> None:
                 seconds=args.seconds,
                 warmup=args.warmup,
                 memtrace=args.memtrace,
+                memtrace_frames=args.memtrace_frames,
             )
         )
     print(report(result))
