@@ -18,6 +18,9 @@ with tracemalloc on, its snapshot goes to ``OUT_DIR/snapshot-N.pickle``
 * ``malloc``: glibc's ``mallinfo2``: ``arena`` (heap obtained with brk/sbrk),
   ``hblkhd`` (in mmapped chunks), ``uordblks`` (in use), ``fordblks`` (free
   but kept by the allocator): free memory still resident shows here;
+* ``pymalloc``: Python's own allocator for objects of up to 512 bytes: its
+  ``arenas`` (1 MiB each, mmapped, so outside ``malloc``), the bytes ``used``
+  in them, and free (``free_blocks`` in pools in use, ``free_pools``);
 * ``status``: RssAnon, RssFile, RssShmem, VmRSS of /proc/self/status (KiB);
 * ``gc_objects``: objects the garbage collector tracks (with tracemalloc
   on; counting them stalls the loop for tens of milliseconds);
@@ -41,6 +44,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -104,6 +108,37 @@ def _status() -> dict[str, int]:
     return found
 
 
+def _pymalloc() -> dict[str, int]:
+    """Python's small-object allocator (``sys._debugmallocstats``, which writes
+    to the C stderr: caught in a temporary file): its arenas (1 MiB each,
+    mmapped, outside malloc's figures), and the bytes in use and free in them."""
+    wanted = {
+        "# arenas allocated current": "arenas",
+        "# arenas highwater mark": "arenas_highwater",
+        "# bytes in allocated blocks": "used",
+        "# bytes in available blocks": "free_blocks",
+    }
+    found: dict[str, int] = {}
+    with tempfile.TemporaryFile() as out:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            os.dup2(out.fileno(), 2)
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        out.seek(0)
+        for line in out.read().decode(errors="replace").splitlines():
+            key, _, value = line.partition("=")
+            name = wanted.get(key.strip())
+            if name is None and key.strip().endswith("unused pools * 16384 bytes"):
+                name = "free_pools"
+            if name is not None:
+                found[name] = int(value.strip().replace(",", ""))
+    return found
+
+
 def _connections() -> int:
     """Open database connections: file descriptors on a ``*.db`` file (one each)."""
     count = 0
@@ -133,6 +168,7 @@ def install(out: Path) -> None:
             "traced": tracemalloc.get_traced_memory()[0],
             **_sqlite(),
             "malloc": _mallinfo(),
+            "pymalloc": _pymalloc(),
             "status": _status(),
             "gc_objects": len(gc.get_objects()) if tracing else 0,
             "connections": _connections(),

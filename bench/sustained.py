@@ -450,7 +450,8 @@ def memtrace_report(out: Path) -> list[str]:
     lines = [
         "memory marks (with tracemalloc: 0 load start, 1 warm-up end, 2 load end; without:"
         " every 10 s). MiB: traced Python, SQLite (its high-water), malloc in use + free"
-        " (resident or given back: malloc_trim leaves it free) (heap, mmapped), RssAnon;"
+        " (resident or given back: malloc_trim leaves it free) (heap, mmapped), Python's"
+        " small-object arenas (1 MiB each, outside malloc) and what they hold, RssAnon;"
         " open database connections"
     ]
     first = marks[0]["at"] if marks else 0.0
@@ -463,6 +464,8 @@ def memtrace_report(out: Path) -> list[str]:
             f" malloc {malloc.get('uordblks', 0) / 2**20:.1f}"
             f" + {malloc.get('fordblks', 0) / 2**20:.1f}"
             f" ({malloc.get('arena', 0) / 2**20:.1f}, {malloc.get('hblkhd', 0) / 2**20:.1f}),"
+            f" pymalloc {m.get('pymalloc', {}).get('arenas', 0)} arenas"
+            f" ({m.get('pymalloc', {}).get('used', 0) / 2**20:.1f} used),"
             f" RssAnon {m['status'].get('RssAnon', 0) / 1024:.1f},"
             f" connections {m.get('connections')}"
             + (f", gc objects {m['gc_objects']}" if m["gc_objects"] else "")
