@@ -81,6 +81,8 @@ CONNECT_TIMEOUT: Final = 120.0  # seconds for one connection's connect, login an
 DRAIN_TIMEOUT: Final = 10.0  # seconds after the load for the last deliveries
 BODY_BYTES: Final = 96  # random bytes in each ciphertext (128 base64 characters)
 SAMPLE_EVERY: Final = 1.0  # seconds between RSS samples
+WINDOW: Final = 10.0  # seconds: p99 and RSS change are also reported per window
+KEPT_UP: Final = 0.100  # seconds: a window whose p99 is under this had no backlog
 MARK_EVERY: Final = 10.0  # seconds between memory marks with --memtrace-frames 0
 LAG_TICK: Final = 0.01  # seconds the loop-lag watcher sleeps each time
 
@@ -479,14 +481,42 @@ def memtrace_report(out: Path) -> list[str]:
     return lines
 
 
-def windows(r: Result, width: float = 10.0) -> str:
+def p99_by_window(r: Result, width: float = WINDOW) -> dict[int, float]:
+    """Send -> deliver p99 (seconds) of the sends written in each window."""
     by_window: dict[int, list[float]] = {}
     for at, latency in r.deliver_by_second:
         by_window.setdefault(int(at // width), []).append(latency)
+    return {k: percentile(v, 99) for k, v in sorted(by_window.items())}
+
+
+def windows(r: Result, width: float = WINDOW) -> str:
     return ", ".join(
-        f"{k * width:.0f}-{(k + 1) * width:.0f} s {percentile(v, 99) * 1000:.0f} ms"
-        for k, v in sorted(by_window.items())
+        f"{k * width:.0f}-{(k + 1) * width:.0f} s {p99 * 1000:.0f} ms"
+        for k, p99 in p99_by_window(r, width).items()
     )
+
+
+def rss_by_backlog(r: Result, width: float = WINDOW) -> tuple[float, int, float, int]:
+    """RSS change (KiB) over the measured windows in which the daemon kept up
+    (p99 under KEPT_UP in the window and the one before, whose backlog it
+    may still be working off) and over those with a backlog, and how many of
+    each. On a shared machine RSS rises in steps at backlogs (high-water marks
+    the allocators keep); this says whether it also rises while keeping up."""
+    p99 = p99_by_window(r, width)
+    samples = {int(s.at // width): s for s in r.samples}  # the last sample of each window
+    kept = backlog = 0.0
+    n_kept = n_backlog = 0
+    for k in sorted(p99):
+        if k * width < r.warmup or k - 1 not in samples or k not in samples:
+            continue
+        change = samples[k].rss_kib - samples[k - 1].rss_kib
+        if p99[k] < KEPT_UP and p99.get(k - 1, 0.0) < KEPT_UP:
+            kept += change
+            n_kept += 1
+        else:
+            backlog += change
+            n_backlog += 1
+    return kept, n_kept, backlog, n_backlog
 
 
 def report(r: Result) -> str:
@@ -494,6 +524,7 @@ def report(r: Result) -> str:
         return f"{percentile(values, p) * 1000:.1f} ms" if values else "n/a"
 
     after = r.after_warmup()
+    kept, n_kept, backlog, n_backlog = rss_by_backlog(r)
     lines = [
         f"connections: {r.connections}, one message a second each, {r.seconds:.0f} s"
         f" ({r.warmup:.0f} s warm-up not measured); setup {r.setup_seconds:.1f} s",
@@ -504,6 +535,9 @@ def report(r: Result) -> str:
         f" max {q(r.deliver_latency, 100)} (target p99 < 100 ms)",
         f"send -> sent: p50 {q(r.sent_latency, 50)}, p99 {q(r.sent_latency, 99)}",
         "send -> deliver p99 by 10 s of the load: " + windows(r),
+        f"RSS change after warm-up by 10 s window: {kept / 1024:+.1f} MiB over {n_kept}"
+        f" windows that kept up (p99 < 100 ms in it and the one before),"
+        f" {backlog / 1024:+.1f} MiB over {n_backlog} with a backlog",
         f"load clients' own event-loop lag: p50 {q(r.client_lag, 50)}, p99 {q(r.client_lag, 99)}"
         " (a late client reads late: part of the latency above is the clients')",
         "daemon RSS samples (MiB, one a second): "
