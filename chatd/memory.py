@@ -23,6 +23,16 @@ connections end, they stayed resident at the peak of the flood. The relay
 therefore asks a :class:`Trimmer` to trim after connections close: at most
 once per ``TRIM_INTERVAL``, so a burst of closes costs one trim.
 
+Under steady traffic nothing closes, yet freed memory still stays resident:
+SQLite's transient peaks (a checkpoint, a larger read) and Python's larger
+buffers take pages in the middle of the heap that were given back earlier
+(after the password hashes of the logins), and glibc returns by itself only
+what is free at the top. The RSS of a daemon that kept up with 1,000
+messages a second then rose in steps of about 5 MiB, some 10 MiB over three
+minutes after its caches had filled (bench/sustained.py). So the daemon
+also trims once every ``TRIM_EVERY`` (:func:`trim_periodically`): a walk of
+the heap of a few milliseconds in a worker thread, once a minute.
+
 A full garbage collection walks every tracked object, and the daemon holds
 a few hundred thousand from start-up alone (modules, functions, settings)
 that live as long as it does: a flood of short-lived connections triggered
@@ -89,6 +99,15 @@ def release_freed_memory() -> bool:
 
 
 TRIM_INTERVAL: Final = 1.0  # seconds: at most one trim after closes per interval
+TRIM_EVERY: Final = 60.0  # seconds between two trims while the daemon runs
+
+
+async def trim_periodically(every: float = TRIM_EVERY) -> None:
+    """Return free heap memory to the kernel every ``every`` seconds, in a
+    worker thread, until cancelled (see the module docstring)."""
+    while True:
+        await trio.sleep(every)
+        await trio.to_thread.run_sync(release_freed_memory)
 
 
 class Trimmer:
