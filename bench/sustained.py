@@ -40,11 +40,14 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import os
+import signal
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -70,6 +73,7 @@ from _daemon import (  # noqa: E402 - the bench directory is not a package
     set_settings,
     vm_rss_kib,
 )
+from _memtrace import FRAMES, top_growth  # noqa: E402
 from relay import PASSWORD, keys_upload, log_findings, login, reply_to  # noqa: E402
 
 SETUP_CONCURRENCY: Final = 8  # connections logging in at once
@@ -77,6 +81,9 @@ CONNECT_TIMEOUT: Final = 120.0  # seconds for one connection's connect, login an
 DRAIN_TIMEOUT: Final = 10.0  # seconds after the load for the last deliveries
 BODY_BYTES: Final = 96  # random bytes in each ciphertext (128 base64 characters)
 SAMPLE_EVERY: Final = 1.0  # seconds between RSS samples
+WINDOW: Final = 10.0  # seconds: p99 and RSS change are also reported per window
+KEPT_UP: Final = 0.100  # seconds: a window whose p99 is under this had no backlog
+MARK_EVERY: Final = 10.0  # seconds between memory marks with --memtrace-frames 0
 LAG_TICK: Final = 0.01  # seconds the loop-lag watcher sleeps each time
 
 _encode = msgspec.json.Encoder().encode
@@ -95,6 +102,43 @@ class Conn:
 class Sample:
     at: float  # seconds since the load started
     rss_kib: int
+    anon_kib: int = 0  # RssAnon: heap, Python's arenas, thread stacks
+    file_kib: int = 0  # RssFile: mapped files (code, the database's mmap if any)
+
+
+def rss_parts(pid: int) -> dict[str, int]:
+    """VmRSS, RssAnon, RssFile and RssShmem of /proc/PID/status, in KiB."""
+    found: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                found[key] = int(value.split()[0])
+    return found
+
+
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """The KiB figures of /proc/PID/smaps_rollup (Rss, Pss_Anon, Private_Dirty, ...)."""
+    found: dict[str, int] = {}
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        for line in rollup:
+            key, _, value = line.partition(":")
+            parts = value.split()
+            if len(parts) == 2 and parts[1] == "kB":
+                found[key] = int(parts[0])
+    return found
+
+
+def slope_per_minute(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (seconds, KiB) points, in MiB per minute."""
+    n = len(points)
+    if n < 2:
+        return 0.0
+    mean_t = sum(t for t, _ in points) / n
+    mean_v = sum(v for _, v in points) / n
+    var = sum((t - mean_t) ** 2 for t, _ in points)
+    cov = sum((t - mean_t) * (v - mean_v) for t, v in points)
+    return cov / var / 1024 * 60 if var else 0.0
 
 
 @dataclass
@@ -118,21 +162,16 @@ class Result:
     setup_seconds: float = 0.0
     exit_code: int | None = None
     log_findings: list[str] = field(default_factory=list)
+    #: smaps_rollup at the end of the warm-up and at the end of the load
+    rollups: list[dict[str, int]] = field(default_factory=list)
+    memtrace: list[str] = field(default_factory=list)  # with --memtrace: its findings
 
     def after_warmup(self) -> list[Sample]:
         return [s for s in self.samples if s.at >= self.warmup]
 
     def rss_slope_mib_per_minute(self) -> float:
         """Least-squares slope of the RSS samples after the warm-up."""
-        points = self.after_warmup()
-        if len(points) < 2:
-            return 0.0
-        n = len(points)
-        mean_t = sum(p.at for p in points) / n
-        mean_r = sum(p.rss_kib for p in points) / n
-        var = sum((p.at - mean_t) ** 2 for p in points)
-        cov = sum((p.at - mean_t) * (p.rss_kib - mean_r) for p in points)
-        return cov / var / 1024 * 60 if var else 0.0
+        return slope_per_minute([(p.at, p.rss_kib) for p in self.after_warmup()])
 
     def rss_growth_kib(self) -> int:
         """RSS at the last sample minus RSS at the first sample after the warm-up."""
@@ -253,7 +292,11 @@ class Load:
 
 async def sample_rss(load: Load, pid: int) -> None:
     while not load.stop.is_set():
-        load.result.samples.append(Sample(trio.current_time() - load.started_at, vm_rss_kib(pid)))
+        parts = rss_parts(pid)
+        at = trio.current_time() - load.started_at
+        load.result.samples.append(
+            Sample(at, vm_rss_kib(pid), parts.get("RssAnon", 0), parts.get("RssFile", 0))
+        )
         with trio.move_on_after(SAMPLE_EVERY):
             await load.stop.wait()
 
@@ -268,7 +311,10 @@ async def watch_lag(load: Load) -> None:
             load.result.client_lag.append(trio.current_time() - before - LAG_TICK)
 
 
-async def drive(load: Load, pid: int) -> None:
+async def drive(load: Load, pid: int, mark: Callable[[], None] | None = None) -> None:
+    """Log every connection in, run the load, wait for the last deliveries.
+    ``mark`` (with --memtrace) is called at the start of the load, at the end
+    of the warm-up and at the end of the load."""
     result = load.result
     setup_started = time.monotonic()
     async with trio.open_nursery() as nursery:
@@ -288,7 +334,12 @@ async def drive(load: Load, pid: int) -> None:
         nursery.start_soon(sample_rss, load, pid)
         nursery.start_soon(watch_lag, load)
         load.go.set()
+        if mark is not None:
+            mark()
         await trio.sleep_until(load.started_at + result.warmup)
+        result.rollups.append(smaps_rollup(pid))
+        if mark is not None:
+            mark()
         cpu0 = (
             cpu_seconds(pid),
             cpu_seconds(os.getpid()),
@@ -302,6 +353,9 @@ async def drive(load: Load, pid: int) -> None:
             machine_busy_seconds(),
             time.monotonic(),
         )
+        result.rollups.append(smaps_rollup(pid))
+        if mark is not None:
+            mark()
         result.server_cpu = cpu1[0] - cpu0[0]
         result.client_cpu = cpu1[1] - cpu0[1]
         result.machine_cpu = cpu1[2] - cpu0[2]
@@ -339,32 +393,130 @@ def prepare(work: Path, connections: int) -> Path:
     return config
 
 
-async def run(work: Path, *, connections: int, seconds: float, warmup: float) -> Result:
-    """Start the daemon, run the load, stop the daemon (SIGTERM, exit code kept)."""
+async def run(
+    work: Path,
+    *,
+    connections: int,
+    seconds: float,
+    warmup: float,
+    memtrace: Path | None = None,
+    memtrace_frames: int = FRAMES,
+) -> Result:
+    """Start the daemon, run the load, stop the daemon (SIGTERM, exit code kept).
+    With ``memtrace`` (a directory), the daemon runs under bench/_memtrace.py
+    and marks its memory at the start, the end of the warm-up and the end."""
     raise_nofile(connections + 1_000)
     config = prepare(work, connections)
-    daemon = Daemon(config, work)
+    command = None
+    if memtrace is not None:
+        memtrace_py = str(Path(_BENCH) / "_memtrace.py")
+        command = [sys.executable, memtrace_py, str(memtrace), str(memtrace_frames)]
+    daemon = Daemon(config, work, command=command)
     daemon.start()
     result = Result(connections, seconds, warmup)
     try:
         await trio.to_thread.run_sync(daemon.wait_ready)
         load = Load(daemon.relay_url()[0], result)
-        await drive(load, daemon.pid)
+        pid = daemon.pid
+
+        def mark() -> None:
+            os.kill(pid, signal.SIGUSR1)
+
+        async with trio.open_nursery() as nursery:
+            if memtrace is not None and memtrace_frames == 0:
+                nursery.start_soon(mark_every, load, mark)  # cheap: a time series
+            await drive(load, pid, mark if memtrace is not None else None)
+            nursery.cancel_scope.cancel()
         result.exit_code, _ = await trio.to_thread.run_sync(daemon.stop)
     finally:
         daemon.kill()
     result.log_findings = log_findings(daemon.log_path.read_text(errors="replace"))
+    if memtrace is not None:
+        result.memtrace = memtrace_report(memtrace)
     return result
 
 
-def windows(r: Result, width: float = 10.0) -> str:
+async def mark_every(load: Load, mark: Callable[[], None]) -> None:
+    """Without tracemalloc: a memory mark every MARK_EVERY seconds of the load."""
+    await load.go.wait()
+    while not load.stop.is_set():
+        with trio.move_on_after(MARK_EVERY):
+            await load.stop.wait()
+        mark()
+
+
+def memtrace_report(out: Path) -> list[str]:
+    """What bench/_memtrace.py recorded: the marks, and the Python allocations
+    that grew most after the warm-up (and during it) by traceback."""
+    marks = [json.loads(line) for line in (out / "marks.jsonl").read_text().splitlines()]
+    lines = [
+        "memory marks (with tracemalloc: 0 load start, 1 warm-up end, 2 load end; without:"
+        " every 10 s). MiB: traced Python, SQLite (its high-water), malloc in use + free"
+        " (resident or given back: malloc_trim leaves it free) (heap, mmapped), Python's"
+        " small-object arenas (1 MiB each, outside malloc) and what they hold, RssAnon;"
+        " open database connections"
+    ]
+    first = marks[0]["at"] if marks else 0.0
+    for m in marks:
+        malloc = m.get("malloc", {})
+        lines.append(
+            f"  {m['at'] - first:5.0f} s: traced {m['traced'] / 2**20:.1f},"
+            f" SQLite {m.get('sqlite_used', 0) / 2**20:.1f}"
+            f" ({m.get('sqlite_highwater', 0) / 2**20:.1f}),"
+            f" malloc {malloc.get('uordblks', 0) / 2**20:.1f}"
+            f" + {malloc.get('fordblks', 0) / 2**20:.1f}"
+            f" ({malloc.get('arena', 0) / 2**20:.1f}, {malloc.get('hblkhd', 0) / 2**20:.1f}),"
+            f" pymalloc {m.get('pymalloc', {}).get('arenas', 0)} arenas"
+            f" ({m.get('pymalloc', {}).get('used', 0) / 2**20:.1f} used),"
+            f" RssAnon {m['status'].get('RssAnon', 0) / 1024:.1f},"
+            f" connections {m.get('connections')}"
+            + (f", gc objects {m['gc_objects']}" if m["gc_objects"] else "")
+            + f"; took {m['took'] * 1000:.0f} ms"
+        )
+    for before, after, title in ((1, 2, "after the warm-up"), (0, 1, "during the warm-up")):
+        old, new = out / f"snapshot-{before}.pickle", out / f"snapshot-{after}.pickle"
+        if old.exists() and new.exists():
+            lines.append(f"Python allocations that grew most {title} (mark {before} -> {after}):")
+            lines += ["  " + line for line in top_growth(old, new, limit=10 if before else 6)]
+    return lines
+
+
+def p99_by_window(r: Result, width: float = WINDOW) -> dict[int, float]:
+    """Send -> deliver p99 (seconds) of the sends written in each window."""
     by_window: dict[int, list[float]] = {}
     for at, latency in r.deliver_by_second:
         by_window.setdefault(int(at // width), []).append(latency)
+    return {k: percentile(v, 99) for k, v in sorted(by_window.items())}
+
+
+def windows(r: Result, width: float = WINDOW) -> str:
     return ", ".join(
-        f"{k * width:.0f}-{(k + 1) * width:.0f} s {percentile(v, 99) * 1000:.0f} ms"
-        for k, v in sorted(by_window.items())
+        f"{k * width:.0f}-{(k + 1) * width:.0f} s {p99 * 1000:.0f} ms"
+        for k, p99 in p99_by_window(r, width).items()
     )
+
+
+def rss_by_backlog(r: Result, width: float = WINDOW) -> tuple[float, int, float, int]:
+    """RSS change (KiB) over the measured windows in which the daemon kept up
+    (p99 under KEPT_UP in the window and the one before, whose backlog it
+    may still be working off) and over those with a backlog, and how many of
+    each. On a shared machine RSS rises in steps at backlogs (high-water marks
+    the allocators keep); this says whether it also rises while keeping up."""
+    p99 = p99_by_window(r, width)
+    samples = {int(s.at // width): s for s in r.samples}  # the last sample of each window
+    kept = backlog = 0.0
+    n_kept = n_backlog = 0
+    for k in sorted(p99):
+        if k * width < r.warmup or k - 1 not in samples or k not in samples:
+            continue
+        change = samples[k].rss_kib - samples[k - 1].rss_kib
+        if p99[k] < KEPT_UP and p99.get(k - 1, 0.0) < KEPT_UP:
+            kept += change
+            n_kept += 1
+        else:
+            backlog += change
+            n_backlog += 1
+    return kept, n_kept, backlog, n_backlog
 
 
 def report(r: Result) -> str:
@@ -372,6 +524,7 @@ def report(r: Result) -> str:
         return f"{percentile(values, p) * 1000:.1f} ms" if values else "n/a"
 
     after = r.after_warmup()
+    kept, n_kept, backlog, n_backlog = rss_by_backlog(r)
     lines = [
         f"connections: {r.connections}, one message a second each, {r.seconds:.0f} s"
         f" ({r.warmup:.0f} s warm-up not measured); setup {r.setup_seconds:.1f} s",
@@ -382,12 +535,19 @@ def report(r: Result) -> str:
         f" max {q(r.deliver_latency, 100)} (target p99 < 100 ms)",
         f"send -> sent: p50 {q(r.sent_latency, 50)}, p99 {q(r.sent_latency, 99)}",
         "send -> deliver p99 by 10 s of the load: " + windows(r),
+        f"RSS change after warm-up by 10 s window: {kept / 1024:+.1f} MiB over {n_kept}"
+        f" windows that kept up (p99 < 100 ms in it and the one before),"
+        f" {backlog / 1024:+.1f} MiB over {n_backlog} with a backlog",
         f"load clients' own event-loop lag: p50 {q(r.client_lag, 50)}, p99 {q(r.client_lag, 99)}"
         " (a late client reads late: part of the latency above is the clients')",
         "daemon RSS samples (MiB, one a second): "
         + " ".join(f"{s.rss_kib / 1024:.0f}" for s in r.samples),
         f"RSS after warm-up: {after[0].rss_kib / 1024:.1f} -> {after[-1].rss_kib / 1024:.1f} MiB,"
         f" slope {r.rss_slope_mib_per_minute():+.2f} MiB/min"
+        f" (RssAnon {after[0].anon_kib / 1024:.1f} -> {after[-1].anon_kib / 1024:.1f} MiB,"
+        f" slope {slope_per_minute([(p.at, p.anon_kib) for p in after]):+.2f};"
+        f" RssFile {after[0].file_kib / 1024:.1f} -> {after[-1].file_kib / 1024:.1f} MiB,"
+        f" slope {slope_per_minute([(p.at, p.file_kib) for p in after]):+.2f})"
         if after
         else "RSS after warm-up: no samples",
         f"CPU over the measured {r.measured_seconds:.1f} s: daemon {r.server_cpu:.2f} s"
@@ -396,6 +556,16 @@ def report(r: Result) -> str:
         f" load clients {r.client_cpu:.2f} s, whole machine {r.machine_cpu:.2f} s",
         f"final stop (SIGTERM): exit code {r.exit_code}",
     ]
+    if len(r.rollups) == 2:
+        keys = ("Rss", "Anonymous", "Private_Dirty", "Private_Clean", "Shared_Clean", "Swap")
+        lines.append(
+            "smaps_rollup, warm-up end -> load end (MiB): "
+            + ", ".join(
+                f"{k} {r.rollups[0].get(k, 0) / 1024:.1f} -> {r.rollups[1].get(k, 0) / 1024:.1f}"
+                for k in keys
+            )
+        )
+    lines += r.memtrace
     lines += [f"  error: {e}" for e in r.errors[:10]]
     lines += [f"  log: {line}" for line in r.log_findings[:10]]
     return "\n".join(lines)
@@ -406,11 +576,29 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=1_000)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--warmup", type=float, default=10.0)
+    parser.add_argument(
+        "--memtrace",
+        type=Path,
+        help="run the daemon under bench/_memtrace.py (tracemalloc: slower, bigger),"
+        " keep its snapshots in this directory, and print where memory grew",
+    )
+    parser.add_argument(
+        "--memtrace-frames",
+        type=int,
+        default=FRAMES,
+        help="frames per traceback; 0: no tracemalloc, just SQLite's and malloc's figures"
+        " every 10 s (the daemon at its own speed and size)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="sustained-") as tmp:
         result = trio.run(
             lambda: run(
-                Path(tmp), connections=args.connections, seconds=args.seconds, warmup=args.warmup
+                Path(tmp),
+                connections=args.connections,
+                seconds=args.seconds,
+                warmup=args.warmup,
+                memtrace=args.memtrace,
+                memtrace_frames=args.memtrace_frames,
             )
         )
     print(report(result))

@@ -54,7 +54,7 @@ from chatd.keyfiles import (
     load_signing_seed,
 )
 from chatd.log import fields
-from chatd.memory import freeze_startup_objects
+from chatd.memory import freeze_startup_objects, trim_periodically
 from chatd.metrics import Metrics, Sources, serve_loop_lag
 from chatd.metrics_http import serve_metrics_http
 from chatd.privacy.erasure import Erasure
@@ -312,6 +312,7 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
             interval = watchdog_interval()
             if interval is not None:
                 nursery.start_soon(_watchdog, notifier, store, interval)
+            nursery.start_soon(trim_periodically)  # freed memory back (see chatd.memory)
             await stopping.wait()
             notifier.notify(STOPPING="1", STATUS="draining connections")
             with trio.move_on_after(grace) as drain:

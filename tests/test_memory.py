@@ -6,7 +6,9 @@ import subprocess
 import sys
 
 import pytest
+import trio
 
+from chatd import memory
 from chatd.memory import limit_malloc_arenas, release_freed_memory
 
 
@@ -103,3 +105,28 @@ def test_capped_arenas_and_trimming_give_argon2_buffers_back() -> None:
     # One buffer freed at the top of the arena is below glibc's trim threshold.
     assert _rss_growth_hashing("cap", "raw", "serial") > 19 * 1024
     assert _most_rss_growth_hashing(env={"MALLOC_ARENA_MAX": "2"}) > 19 * 1024
+
+
+async def test_the_daemon_trims_freed_memory_periodically_while_it_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under steady traffic no connection closes, so nothing asks for a trim:
+    freed pages in the middle of the heap would stay resident for good."""
+    assert memory.TRIM_EVERY == 60.0  # once a minute in the daemon
+    trims = 0
+    three = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+
+    def fake_trim() -> bool:  # runs in a worker thread, as the real one
+        nonlocal trims
+        trims += 1
+        if trims == 3:
+            trio.from_thread.run_sync(three.set, trio_token=token)
+        return True
+
+    monkeypatch.setattr(memory, "release_freed_memory", fake_trim)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(memory.trim_periodically, 0.001)
+        await three.wait()
+        nursery.cancel_scope.cancel()
+    assert trims >= 3

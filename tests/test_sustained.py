@@ -14,10 +14,12 @@ CONNECTIONS = 100
 SECONDS = 5.0
 WARMUP = 1.0
 #: How far the daemon's RSS may rise between the first sample after the
-#: warm-up and the last. It is flat in the long run (RELIABILITY.md, section
-#: 5); the bound leaves room for allocator noise on a shared machine, and is
-#: far below what keeping every message would take.
-RSS_GROWTH_BOUND_KIB = 8 * 1024
+#: warm-up and the last (about 400 messages). Measured: under 0.1 MiB in
+#: three runs, and flat in the long run once SQLite's page caches and the
+#: record of recent sends have filled (RELIABILITY.md, section 5). The bound
+#: leaves room for an allocator step on a shared machine and catches a leak
+#: of more than about 5 KB a message.
+RSS_GROWTH_BOUND_KIB = 2 * 1024
 
 
 async def test_a_hundred_connections_sending_every_second_get_no_error_and_rss_stays_flat(

@@ -59,7 +59,6 @@ import time
 from collections.abc import Callable, Container, Iterable, Sequence
 from typing import Any, Final, Protocol
 
-import msgspec
 import trio
 
 from chatd.config import DeviceSettings
@@ -74,6 +73,8 @@ from chatd.e2ee.outcomes import (
     SendOutcome,
     SendResult,
 )
+from chatd.e2ee.reading import ReadDone, read_queue
+from chatd.e2ee.recent import RecentSends
 from chatd.e2ee.roomlog import ExpiredRow, RoomLog
 from chatd.e2ee.state import QueueState
 from chatd.e2ee.writes import Batch, Insert, QueueWriter, Written
@@ -103,7 +104,6 @@ DAY_MS: Final = 86_400_000
 MESSAGE_KINDS: Final = frozenset(("message", "room_message"))  # acknowledged: a receipt
 ROOM_KINDS: Final = frozenset(("room_message", "room_event"))  # entries of the room log
 EXPIRED_RECEIPT_DAYS: Final = 30  # how long an expired receipt waits for its device
-MAX_RECENT_SENDS: Final = 65_536  # (device, message_id) answered from memory, at most
 
 
 _ExpiredEnvelope = tuple[int, str, str, str, "str | None", int]
@@ -125,22 +125,6 @@ class QueueEvents(Protocol):
 
     def dropped(self, device_id: str, envelope_ids: Sequence[int]) -> None:
         """These envelopes left the queue without an ack (they expired)."""
-
-
-#: A device's queue after an id: its envelopes, and the entries of the room
-#: log its ranges cover past its cursor (chatd.e2ee.roomlog), in one order.
-_READ_QUEUE: Final = (
-    "SELECT id, kind, message_id, sent_at, sender_user_id, sender_device_id, ciphertext,"
-    " device_id, room_id, NULL FROM envelopes WHERE recipient_device_id = ?1 AND id > ?2"
-    " UNION ALL"
-    " SELECT m.id, m.kind, m.message_id, m.sent_at, m.sender_user_id, m.sender_device_id,"
-    " m.ciphertext, NULL, m.room_id, m.event"
-    " FROM room_devices s JOIN devices d ON d.id = s.device_id"
-    " JOIN room_log m ON m.room_id = s.room_id AND m.id > max(s.from_id, d.room_cursor, ?2)"
-    " AND (s.until_id IS NULL OR m.id <= s.until_id)"
-    " AND m.sender_device_id IS NOT s.device_id"
-    " WHERE s.device_id = ?1 ORDER BY 1 LIMIT ?3"
-)
 
 
 class QueueService:
@@ -174,7 +158,7 @@ class QueueService:
             lifetime_ms=self._lifetime_ms,
             ack_wait=self._ack_wait,
         )
-        self._recent: dict[tuple[str, str], SendOutcome] = {}
+        self.recent = RecentSends()
 
     async def open(self) -> None:
         """Load the queues' totals and the envelope id sequence."""
@@ -201,8 +185,7 @@ class QueueService:
 
         Raises :class:`StoreError` when the store is shut down or unreadable.
         """
-        key = (device_id, frame.message_id)
-        repeat = self._recent.get(key)
+        repeat = self.recent.get(device_id, frame.message_id)
         if repeat is not None:
             return Repeated(repeat)
         targets: dict[tuple[int, str], str] = {}
@@ -213,7 +196,7 @@ class QueueService:
         current = self.current.cached(users)
         if current is None:
             current = await self.current.of(users)
-            repeat = self._recent.get(key)  # the same send may have come meanwhile
+            repeat = self.recent.get(device_id, frame.message_id)  # it may have come meanwhile
             if repeat is not None:
                 return Repeated(repeat)
         expected = {(u, d) for u in users for d in current[u]}
@@ -262,7 +245,7 @@ class QueueService:
                     ciphertext=text,
                 )
                 accepted.append(self._queue(target, envelope, sizes[target], expires, outcome))
-        self._remember(key, outcome)
+        self.recent.remember(outcome)
         outcome.when_done(self._send_done)
         self._offer(accepted)
         return Accepted(outcome, skipped)
@@ -278,7 +261,7 @@ class QueueService:
 
     def repeated(self, device_id: str, message_id: str) -> Outcome | None:
         """The outcome of this device's recent send of this ``message_id``, if any."""
-        return self._recent.get((device_id, message_id))
+        return self.recent.get(device_id, message_id)
 
     def boundary(self) -> int:
         """The last id handed out so far: what is accepted from now on gets a
@@ -303,14 +286,13 @@ class QueueService:
         """Accept a room message for these member devices (chosen by the room
         service: the sending device and full queues left out). A repeated
         ``message_id`` of this device is answered with the first answer."""
-        key = (device_id, frame.message_id)
-        repeat = self._recent.get(key)
+        repeat = self.recent.get(device_id, frame.message_id)
         if repeat is not None:
             return Repeated(repeat)
         text = frame.ciphertext
         size = len(text) if text.isascii() else len(text.encode())
         outcome = SendOutcome(device_id, frame.message_id, len(targets), now_ms())
-        self._remember(key, outcome)
+        self.recent.remember(outcome)
         outcome.when_done(self._send_done)
         self.rooms.accept(
             room_id=frame.room_id,
@@ -383,11 +365,6 @@ class QueueService:
             if writer.armed or (batch.hot and not batch.due_now() and writer.timer_at is not None):
                 return  # a write or its timer is already on its way
         writer.arm()
-
-    def _remember(self, key: tuple[str, str], outcome: SendOutcome) -> None:
-        self._recent[key] = outcome
-        if len(self._recent) > MAX_RECENT_SENDS:
-            del self._recent[next(iter(self._recent))]
 
     # -- acknowledging ---------------------------------------------------------------
 
@@ -465,7 +442,7 @@ class QueueService:
         device_id: str,
         after: int,
         limit: int,
-        done: Callable[[list[f.Envelope], int, bool, Iterable[f.Envelope], Container[int]], None],
+        done: ReadDone,
         failed: Callable[[BaseException], None],
     ) -> None:
         """Read up to ``limit`` envelopes of this device's queue after id ``after``.
@@ -478,33 +455,7 @@ class QueueService:
         the store is shut down.
         """
 
-        def read(conn: Any) -> list[f.Envelope]:
-            return [
-                f.Envelope(
-                    envelope_id=r[0],
-                    kind=r[1],
-                    message_id=r[2],
-                    sent_at=r[3],
-                    sender_user_id=r[4],
-                    sender_device_id=r[5],
-                    ciphertext=r[6].decode() if r[6] is not None else None,
-                    device_id=r[7],
-                    room_id=r[8],
-                    event=msgspec.Raw(r[9].encode()) if r[9] is not None else None,
-                )
-                for r in conn.execute(_READ_QUEUE, (device_id, after, limit))
-            ]
-
-        def committed(rows: list[f.Envelope]) -> None:
-            through = rows[-1].envelope_id if rows else after
-            complete = len(rows) < limit
-            state = self.state
-            deleting = state.deleting.get(device_id)
-            if deleting:
-                rows = [r for r in rows if r.envelope_id not in deleting]
-            done(rows, through, complete, state.tails.get(device_id, {}).values(), state.held)
-
-        self.store.submit_nowait(read, committed, failed, reads_only=True)
+        read_queue(self.store, self.state, device_id, after, limit, done, failed)
 
     # -- expiry (retention) --------------------------------------------------------------
 
@@ -669,8 +620,7 @@ class QueueService:
         failed_sends.update(e.outcome for e in batch.room_inserts() if e.outcome is not None)
         for outcome in failed_sends:
             outcome.checked = False
-            # A resend is a new send.
-            self._recent.pop((outcome.sender_device_id, outcome.message_id), None)
+            self.recent.forget(outcome)  # a resend is a new send
         self._drop_open(failed_sends)
         self._untail_batch(batch, None)
         for ins in batch.inserts():
