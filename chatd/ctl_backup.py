@@ -26,7 +26,6 @@ POLL_SECONDS: Final = 0.25  # how often `backup create` asks for progress
 BAR_WIDTH: Final = 30  # characters of the progress bar
 
 
-
 class BackupFailed(ChatdError):
     """The backup ended failed or cancelled (chatctl exit 1)."""
 
