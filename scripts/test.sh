@@ -9,6 +9,7 @@ python3 -m venv .venv
 .venv/bin/python -m pip install --quiet -e ".[test]"
 echo "== ruff"
 .venv/bin/ruff check chatd tests bench
+.venv/bin/ruff format --check chatd tests bench
 echo "== mypy --strict chatd"
 .venv/bin/mypy --strict chatd
 echo "== pytest"
