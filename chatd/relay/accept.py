@@ -42,7 +42,9 @@ from chatd.relay.ws import UpgradeRequest, linger_close, read_upgrade
 
 log = logging.getLogger("chatd.relay")
 
-ACCEPT_BATCH: Final = 64  # connections accepted in a row before other tasks run
+#: Accepted in a row before other tasks run: at ~25 µs a refusal, a step stays
+#: under 0.5 ms (64 made steps of about 1.7 ms, the quiet p99 of the relay).
+ACCEPT_BATCH: Final = 16
 ACCEPT_RETRY_SECONDS: Final = 0.1  # pause after accept ran out of descriptors or memory
 _CAPACITY_ERRNOS: Final = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS))
 #: accept errors about one connection only (trio's list): skip it, accept on
