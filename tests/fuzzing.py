@@ -385,8 +385,15 @@ def _read_events(sock: socket.socket, ws: WSConnection, until: Any) -> list[Even
     last), or the answer timeout (FuzzFailure)."""
     out: list[Any] = []
     deadline = time.monotonic() + ANSWER_TIMEOUT
+    part = ""  # of a text message wsproto hands over in pieces (a long answer)
     while True:
         for event in ws.events():
+            if isinstance(event, TextMessage):
+                if not event.message_finished:
+                    part += event.data
+                    continue
+                if part:
+                    event, part = TextMessage(data=part + event.data), ""
             out.append(event)
             if until(event):
                 return out
