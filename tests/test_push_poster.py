@@ -11,7 +11,7 @@ import datetime
 import ipaddress
 import socket
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -215,11 +215,12 @@ def certificate(tmp: Path, name: str) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-@pytest.mark.parametrize(("server_name", "ok"), [("push.test", True), ("other.test", False)])
-async def test_tls_checks_the_urls_host_not_the_address(
-    short_tmp: Path, server_name: str, ok: bool
-) -> None:
-    cert, key = certificate(short_tmp, "push.test")
+def tls_receiver(
+    tmp: Path,
+) -> tuple[Path, Receiver, Callable[[trio.SocketStream], Awaitable[None]]]:
+    """A receiver behind TLS with a certificate for push.test that no public
+    CA signed: its certificate file, the receiver, and the stream handler."""
+    cert, key = certificate(tmp, "push.test")
     server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_tls.load_cert_chain(cert, key)
     rx = Receiver()
@@ -232,6 +233,14 @@ async def test_tls_checks_the_urls_host_not_the_address(
             return  # the client refused our certificate
         await rx.handle(tls)
 
+    return cert, rx, handle
+
+
+@pytest.mark.parametrize(("server_name", "ok"), [("push.test", True), ("other.test", False)])
+async def test_tls_checks_the_urls_host_not_the_address(
+    short_tmp: Path, server_name: str, ok: bool
+) -> None:
+    cert, rx, handle = tls_receiver(short_tmp)
     async with raw_server(handle) as port, running(ca_file=str(cert)) as poster:
         status = await post(poster, f"https://{server_name}:{port}/up")
     if ok:
@@ -244,19 +253,7 @@ async def test_tls_checks_the_urls_host_not_the_address(
 
 async def test_certificates_are_checked_against_certifis_bundle(short_tmp: Path) -> None:
     """Without ca_file, a certificate no public CA signed is refused."""
-    cert, key = certificate(short_tmp, "push.test")
-    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_tls.load_cert_chain(cert, key)
-    rx = Receiver()
-
-    async def handle(stream: trio.SocketStream) -> None:
-        tls = trio.SSLStream(stream, server_tls, server_side=True, https_compatible=True)
-        try:
-            await tls.do_handshake()
-        except trio.BrokenResourceError:
-            return
-        await rx.handle(tls)
-
+    _, rx, handle = tls_receiver(short_tmp)
     async with raw_server(handle) as port, running() as poster:
         assert await post(poster, f"https://push.test:{port}/up") is None
     assert rx.received == []
