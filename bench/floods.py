@@ -17,7 +17,9 @@ machine's noise:
 
 * ``connections``: upgrades as fast as they are answered, 16 at a time,
   each kept open unauthenticated (the limit: 429 past
-  ``relay.max_unauthenticated_per_address``);
+  ``relay.max_unauthenticated_per_address``, then hang-ups and SYNs dropped
+  by the kernel for the rest of the second; a connect unanswered after
+  10 ms is abandoned and made again, so the SYNs keep coming);
 * ``slowloris``: upgrade requests sent one byte every 0.2 s, 100 at a time
   (limits: the per-peer handshake cap hangs up, the handshake timeout drops);
 * ``half-frames``: upgraded connections that send a frame header promising
@@ -181,6 +183,7 @@ class Pair:
     send_at: dict[str, tuple[str, float]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     windows: list[tuple[float, str]] = field(default_factory=list)  # (time.monotonic(), phase)
+    ping_log: list[tuple[float, float]] = field(default_factory=list)  # (sent, took), monotonic
 
     def enter(self, phase: str) -> None:
         self.phase = phase
@@ -206,7 +209,9 @@ class Pair:
             kind = frame.get("type")
             if kind == "pong":
                 phase, at = self.ping_at.pop(frame["id"])
-                self.pings.setdefault(phase, []).append(trio.current_time() - at)
+                took = trio.current_time() - at
+                self.pings.setdefault(phase, []).append(took)
+                self.ping_log.append((time.monotonic() - took, took))
             elif kind == "error":
                 self.errors.append(json.dumps(frame)[:200])
 
@@ -249,6 +254,11 @@ UPGRADE: Final = (
 )
 
 
+#: A connect not answered in this long is given up and tried again: the
+#: flood keeps sending SYNs while the relay has the kernel drop them.
+UNANSWERED_AFTER: Final = 0.01
+
+
 async def flood_connections(port: int, tally: Tally) -> None:
     """Upgrades as fast as they are answered, each kept open (never authenticated)."""
     held: list[trio.SocketStream] = []
@@ -256,10 +266,14 @@ async def flood_connections(port: int, tally: Tally) -> None:
     async def one_at_a_time() -> None:
         while True:
             try:
-                stream = await trio.open_tcp_stream("127.0.0.1", port, local_address=FLOODER)
+                with trio.move_on_after(UNANSWERED_AFTER) as waiting:
+                    stream = await trio.open_tcp_stream("127.0.0.1", port, local_address=FLOODER)
             except OSError:
                 tally.add("connect failed")
                 await trio.sleep(0.01)
+                continue
+            if waiting.cancelled_caught:  # its SYN dropped: try again at once
+                tally.add("no answer")
                 continue
             try:
                 await stream.send_all(UPGRADE)
@@ -467,7 +481,7 @@ class KindResult:
 #: daemon's extra CPU is divided by): a refused or hung-up connection, a
 #: slowloris stream ended, a half-sent frame closed, a refused send.
 UNITS: Final[dict[str, tuple[str, ...]]] = {
-    "connections": ("429", "hung up"),
+    "connections": ("429", "hung up", "no answer"),
     "slowloris": ("hung up at once", "dropped at the timeout"),
     "half-frames": ("closed 1008 first frame timeout", "closed 1008 idle timeout"),
     "slow-consumers": ("error rate_limited",),
@@ -702,6 +716,13 @@ def main() -> None:
         help="defect 8 instead: RSS with 20, then 100 non-reading connections of one device",
     )
     parser.add_argument("--messages", type=int, default=2_000, help="--memory: messages queued")
+    parser.add_argument(
+        "--keep-lag",
+        type=Path,
+        metavar="FILE",
+        help="write the phases, the pair's pings (P SENT TOOK) and the daemon's lag-monitor"
+        " samples (bench/_lagmon.py) to FILE",
+    )
     args = parser.parse_args()
     if args.memory:
         memory(args.messages)
@@ -736,6 +757,10 @@ def main() -> None:
         code, _ = daemon.stop()
         log = daemon.log_path.read_text(errors="replace")
         loop = loop_figures(work / "lag.log", pair)
+        if args.keep_lag:  # the lag monitor's samples, and when each phase began
+            windows = "".join(f"# {at} {phase}\n" for at, phase in pair.windows)
+            pings = "".join(f"P {sent} {took}\n" for sent, took in pair.ping_log)
+            args.keep_lag.write_text(windows + pings + (work / "lag.log").read_text())
     print(
         f"floods against chatd: {args.rounds} rounds of {args.seconds:.0f} s baseline + "
         f"{args.seconds:.0f} s flood per kind, {elapsed:.0f} s in all;"

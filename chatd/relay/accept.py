@@ -8,9 +8,11 @@ is spent on it. A connection refused there (a peer with too many handshakes
 under way, or one the relay wants hung up on: an address flooding past its
 limits, see :mod:`chatd.relay.addresses`) is closed in the loop itself: no
 task, no trio stream, no byte read; a peer that already sent its request
-gets a TCP reset. That is the cheapest refusal there is short of the
-firewall, and it is what a flood of connections from one address meets
-(docs/RELIABILITY.md section 4).
+gets a TCP reset. An address the relay hangs up on is then dropped in the
+kernel until the time the relay gives (:mod:`chatd.relay.syndrop`): its
+SYNs go unanswered, and the event loop spends nothing on it. That is what
+a flood of connections from one address meets (docs/RELIABILITY.md
+section 4).
 
 A connection that passes gets a task: TLS (when configured) and the upgrade
 request within the handshake timeout, then the handler
@@ -38,6 +40,7 @@ from typing import Final
 import trio
 
 from chatd.log import fields
+from chatd.relay.syndrop import SynDrops
 from chatd.relay.ws import UpgradeRequest, linger_close, read_upgrade
 
 log = logging.getLogger("chatd.relay")
@@ -76,7 +79,9 @@ class StreamCounter:
     request a byte at a time); more are hung up on at accept, unanswered.
     ``exempt`` peers (trusted reverse proxies, which pass on whole requests
     for many clients) have no such limit. ``hang_up_on`` is the owner's own
-    say at accept (the relay's: an address far over its connection limits).
+    say at accept (the relay's: an address far over its connection limits):
+    None, or the time (trio's clock) until which the peer's new connections
+    are refused, which the kernel does from then on (:attr:`drops`).
     Both refusals happen in the accept loop, before a task is started for
     the stream or a byte of it is read (:meth:`screen`).
     """
@@ -86,7 +91,7 @@ class StreamCounter:
         limit: int,
         per_peer: int | None = None,
         exempt: Callable[[str], bool] = lambda peer: False,
-        hang_up_on: Callable[[str], bool] = lambda peer: False,
+        hang_up_on: Callable[[str], float | None] = lambda peer: None,
     ) -> None:
         self.limit = limit
         self.per_peer = per_peer
@@ -97,13 +102,19 @@ class StreamCounter:
         self.handshaking: set[trio.CancelScope] = set()
         self.handshakes_of: dict[str, int] = {}  # peer -> streams in their handshake
         self.hung_up = 0  # streams refused by the per-peer handshake limit
+        self.drops = SynDrops()  # peers hung up on, dropped in the kernel for a while
         self._closed = trio.Event()
 
     def screen(self, peer: str) -> bool:
         """Whether a stream just accepted from ``peer`` goes on to its
         handshake (counted, see :meth:`begin_handshake`); False: hang up on
-        it at once, unanswered."""
-        return not self.hang_up_on(peer) and self.begin_handshake(peer)
+        it at once, unanswered (and, for the owner's hang-ups, have the
+        kernel drop the peer's further connections until the time it gave)."""
+        until = self.hang_up_on(peer)
+        if until is not None:
+            self.drops.add(peer, until)
+            return False
+        return self.begin_handshake(peer)
 
     def begin_handshake(self, peer: str) -> bool:
         """Count a handshake of ``peer``; False (counting nothing) past ``per_peer``."""
@@ -210,6 +221,7 @@ async def serve_websockets(
         # A second descriptor of the listening socket, for plain non-blocking
         # accept calls (trio's would cost a checkpoint and a stream each).
         listening = socket.socket(fileno=os.dup(listener.socket.fileno()))
+        counter.drops.watch(listening)
         try:
             listening.setblocking(False)
             while True:
@@ -231,14 +243,17 @@ async def serve_websockets(
                         break
                     peer = str(address[0])
                     if counter.screen(peer):
+                        counter.drops.accepted(sock)
                         start(sock, peer)
                     else:
                         sock.close()  # unanswered, unread
         finally:
+            counter.drops.unwatch(listening)
             trio.lowlevel.notify_closing(listening)
             listening.close()
 
     async with trio.open_nursery() as accepting:
+        accepting.start_soon(counter.drops.run)
         for listener in listeners:
             accepting.start_soon(accept_forever, listener)
         task_status.started()

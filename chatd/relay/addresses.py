@@ -18,11 +18,18 @@ look at, and only for an address under its limit), so nothing has to tell
 this class when a login succeeds.
 
 A flood of connections from an address over its limit is refused cheaper
-still: once the address has been answered 429 ANSWERED_PER_SECOND times in
-the current second, :meth:`AddressLimits.hang_up` tells the accept loop to
-close its further connections at once, before a task is started for them
-or a byte is read (the peer sees a reset or an empty reply), until the next
-second or until the address is back under its limits.
+still. Such an address gets its 429s at a steady rate, at most
+ANSWERED_PER_SECOND a second (a token bucket holding ANSWERED_BURST), and
+the budget is taken at accept, before the request is read, so a row of
+connections accepted together cannot all be answered. A connection beyond
+the budget is closed by the accept loop at once, before a task is started
+for it or a byte is read (the peer sees a reset or an empty reply), and
+:meth:`AddressLimits.hang_up` says until when the address's connections are
+refused so: until its next 429 is due, at most 1/ANSWERED_PER_SECOND s
+later. For that time the accept loop has the kernel drop its SYNs
+unanswered (:mod:`chatd.relay.syndrop`). A steady rate, not ten at the turn
+of each second, keeps the answering from coming in bursts that hold up
+everyone else's traffic.
 """
 
 from __future__ import annotations
@@ -35,7 +42,29 @@ if TYPE_CHECKING:  # pragma: no cover - annotations only
 RETRY_AFTER_SECONDS: Final = 10  # what a refused client is told to wait, in seconds
 REASON_ADDRESS_FULL: Final = b"too many connections from this address\n"
 REASON_ADDRESS_UNAUTHENTICATED: Final = b"too many unauthenticated connections from this address\n"
-ANSWERED_PER_SECOND: Final = 10  # 429s one address gets per second before it is hung up on
+ANSWERED_PER_SECOND: Final = 10.0  # 429s an address over its limits gets a second, steadily
+ANSWERED_BURST: Final = 3.0  # and at most this many in a row
+
+
+class _Budget:
+    """The 429s an address over its limits may still be answered (a token bucket)."""
+
+    __slots__ = ("at", "over", "tokens")
+
+    def __init__(self, now: float) -> None:
+        self.tokens = ANSWERED_BURST
+        self.at = now  # when tokens was last brought up to date
+        self.over = False  # found over its limits since one of its connections last ended
+
+    def take(self, now: float) -> float:
+        """Take one 429 if one is due and return 0.0; else the seconds until one is."""
+        tokens = min(ANSWERED_BURST, self.tokens + (now - self.at) * ANSWERED_PER_SECOND)
+        self.at = now
+        if tokens >= 1.0 - 1e-9:  # (float sums of the refill)
+            self.tokens = tokens - 1.0
+            return 0.0
+        self.tokens = tokens
+        return (1.0 - tokens) / ANSWERED_PER_SECOND
 
 
 class _Tally:
@@ -55,9 +84,7 @@ class AddressLimits:
         self._tallies: dict[str, _Tally] = {}
         self.refused = 0  # upgrades refused since start (for tests and metrics)
         self.hung_up = 0  # connections closed at accept since start (see hang_up)
-        self._second = 0  # the whole second _answered counts in
-        self._answered: dict[str, int] = {}  # address -> 429s in that second
-        self._hanging: set[str] = set()  # addresses found over their limit in it
+        self._budgets: dict[str, _Budget] = {}  # addresses refused while they have connections
 
     def admit(self, address: str, now: float) -> bytes | None:
         """Count one more connection of ``address``; or, past a limit, count
@@ -67,34 +94,39 @@ class AddressLimits:
             refusal = self._over(address, tally)
             if refusal is not None:
                 self.refused += 1
-                second = int(now)
-                if second != self._second:
-                    self._second, self._answered, self._hanging = second, {}, set()
-                self._answered[address] = self._answered.get(address, 0) + 1
+                if address not in self._budgets:  # its first 429: from now on, budgeted
+                    self._budgets[address] = _Budget(now)
+                    self._budgets[address].tokens -= 1.0
                 return refusal
         else:
             tally = self._tallies[address] = _Tally()
         tally.admitted += 1
         return None
 
-    def hang_up(self, address: str, now: float) -> bool:
-        """Whether to close a new connection of ``address`` at accept,
-        unanswered: it is over a limit and was answered 429
-        ANSWERED_PER_SECOND times already this second. Called before the
-        request is read, so for a trusted proxy it names the proxy: ask
-        only for other peers."""
-        if self._answered.get(address, 0) < ANSWERED_PER_SECOND or int(now) != self._second:
-            return False
-        if address not in self._hanging:
+    def hang_up(self, address: str, now: float) -> float | None:
+        """At accept, before the request is read: None to go on with a new
+        connection of ``address``; or, for an address over its limits that
+        has had its 429s for now, close it unanswered, and the time until
+        which its connections are refused so (when its next 429 is due).
+        Going on takes one 429 from its budget, since the connection will
+        most likely be answered one. For a trusted proxy this names the
+        proxy, not its clients: ask only for other peers."""
+        budget = self._budgets.get(address)
+        if budget is None:  # never refused, or not since its connections all ended
+            return None
+        wait = budget.take(now)
+        if not wait:
+            return None
+        if not budget.over:
             tally = self._tallies.get(address)
             if tally is None or self._over(address, tally) is None:
-                return False
-            # Over its limit: so it stays for the rest of this second, unless
-            # one of its connections ends (a login in the meantime is not
-            # seen; its clients were told to wait 10 s anyway).
-            self._hanging.add(address)
+                return None  # under its limits again: let it in
+            # Over its limits: so it stays until one of its connections ends
+            # (a login in the meantime is not seen; its clients were told to
+            # wait 10 s anyway).
+            budget.over = True
         self.hung_up += 1
-        return True
+        return now + wait
 
     def _over(self, address: str, tally: _Tally) -> bytes | None:
         if tally.admitted >= self.per_address:
@@ -109,13 +141,17 @@ class AddressLimits:
 
     def release(self, address: str, conn: Connection | None) -> None:
         """An admitted connection of ``address`` ended (``conn``, if bound)."""
-        self._hanging.discard(address)  # perhaps under its limits again
         tally = self._tallies[address]
         tally.admitted -= 1
         if conn is not None:
             tally.connections.discard(conn)
         if not tally.admitted:
             del self._tallies[address]
+            self._budgets.pop(address, None)
+        else:
+            budget = self._budgets.get(address)
+            if budget is not None:
+                budget.over = False  # perhaps under its limits again
 
     def unauthenticated_of(self, address: str) -> int:
         """Connections of ``address`` without a session yet."""

@@ -162,12 +162,16 @@ class Relay:
     def connections(self) -> set[Connection]:
         return self.registry.connections
 
-    def _hang_up_on(self, peer: str) -> bool:
-        """At accept: whether ``peer``, already answered 429 often this
-        second, is hung up on unread (never a trusted proxy: its clients are
-        only known from the request)."""
-        if self.proxies.trusted(peer) or not self.addresses.hang_up(peer, trio.current_time()):
-            return False
+    def _hang_up_on(self, peer: str) -> float | None:
+        """At accept: None, or ``peer`` is hung up on unread (over its limits
+        and answered its 429s for now; never a trusted proxy, whose clients
+        are only known from the request) until the time returned
+        (AddressLimits.hang_up)."""
+        if self.proxies.trusted(peer):
+            return None
+        until = self.addresses.hang_up(peer, trio.current_time())
+        if until is None:
+            return None
         if self.addresses.hung_up % _LOG_EVERY == 1:  # not a log line per hang-up
             log.info(
                 "relay.address_limit",
@@ -177,7 +181,7 @@ class Relay:
                     hung_up=self.addresses.hung_up,
                 ),
             )
-        return True
+        return until
 
     async def handle(self, request: UpgradeRequest) -> None:
         """Check the upgrade request, accept it and serve the connection until
@@ -236,6 +240,7 @@ class Relay:
         finally:
             if admitted is not None:
                 self.addresses.release(admitted, conn)
+                self.streams.drops.discard(admitted)  # perhaps under its limits again
             if conn is not None:
                 if conn.delivery.handed_bytes >= _TRIM_WORTHY:  # unread deliveries it pinned
                     self.trimmer.request()
