@@ -23,6 +23,7 @@ from chatd.protocol.delivery import Delivery
 from chatd.protocol.frames import Envelope
 from chatd.relay import Relay
 from chatd.relay.addresses import ANSWERED_BURST, ANSWERED_PER_SECOND, AddressLimits
+from chatd.relay.server import ADMITTING_AT_ONCE
 
 from .test_relay import RawClient, relay_running, upgrade_request, wait_streams_closed, ws_frame
 from .test_relay_auth import connect, server
@@ -165,6 +166,34 @@ async def test_an_address_flooding_past_its_limit_is_hung_up_on_at_accept() -> N
             await trio.aclose_forcefully(stream)
         await wait_streams_closed(relay)
         await served_from(relay, FLOODER)
+
+
+async def test_new_connections_wait_their_turn_to_be_set_up_and_others_are_served_meanwhile() -> (
+    None
+):
+    """Set-ups run ADMITTING_AT_ONCE at a time: while every turn is taken, a
+    new connection's upgrade waits (its stream is open, its request read),
+    a connection already set up still gets its pong, and the newcomer is
+    answered 101 as soon as a turn is free."""
+    async with relay_running(idle_timeout_seconds=30) as (relay, _):
+        established = await RawClient.connect(relay)
+        turns = [object() for _ in range(ADMITTING_AT_ONCE)]
+        for turn in turns:
+            relay.admitting.acquire_on_behalf_of_nowait(turn)
+        newcomer = await open_from(relay, OTHER)
+        await newcomer.send_all(upgrade_request())
+        with trio.fail_after(10):
+            while relay.admitting.statistics().tasks_waiting == 0:
+                await trio.sleep(0)  # until its request is read and it waits for a turn
+        await established.stream.send_all(ws_frame(0x1, b'{"type":"ping","id":"p"}'))
+        pong = await established.next_event()
+        assert isinstance(pong, TextMessage) and json.loads(pong.data)["type"] == "pong"
+        relay.admitting.release_on_behalf_of(turns[0])
+        assert (await response_head(newcomer)).startswith(b"HTTP/1.1 101 ")
+        for turn in turns[1:]:
+            relay.admitting.release_on_behalf_of(turn)
+        await trio.aclose_forcefully(newcomer)
+        await trio.aclose_forcefully(established.stream)
 
 
 async def test_a_trusted_proxy_is_never_hung_up_on_at_accept() -> None:
