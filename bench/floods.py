@@ -17,11 +17,14 @@ machine's noise:
 
 * ``connections``: upgrades as fast as they are answered, 16 at a time,
   each kept open unauthenticated (the limit: 429 past
-  ``relay.max_unauthenticated_per_address``, then hang-ups and SYNs dropped
-  by the kernel for the rest of the second; a connect unanswered after
+  ``relay.max_unauthenticated_per_address``, three in a row and then ten a
+  second; between them hang-ups and SYNs dropped by the kernel; a connect
+  unanswered after
   10 ms is abandoned and made again, so the SYNs keep coming);
 * ``slowloris``: upgrade requests sent one byte every 0.2 s, 100 at a time
-  (limits: the per-peer handshake cap hangs up, the handshake timeout drops);
+  (limits: the per-peer handshake cap hangs up and has the kernel drop the
+  peer's SYNs, the handshake timeout drops; connects are abandoned after
+  10 ms as above);
 * ``half-frames``: upgraded connections that send a frame header promising
   60,000 bytes, 10 of them, then stall (limit: the first-frame timeout);
 * ``slow-consumers``: the victim's device gets 20 connections that never
@@ -83,7 +86,7 @@ PAIR: Final = "127.0.0.3"
 SENDER: Final = "127.0.0.4"
 KINDS: Final = ("connections", "slowloris", "half-frames", "slow-consumers")
 PING_EVERY: Final = 0.010  # seconds between the pair's pings
-MESSAGE_EVERY: Final = 15  # pings per message: 400 a minute, under the default send rate
+MESSAGE_EVERY: Final = 10  # pings per message: under 600 a minute, the default send rate
 USERS: Final = ["alice", "bob", "mallory", "victim"]
 
 
@@ -304,10 +307,14 @@ async def flood_slowloris(port: int, tally: Tally) -> None:
     async def one() -> None:
         while True:
             try:
-                stream = await trio.open_tcp_stream("127.0.0.1", port, local_address=FLOODER)
+                with trio.move_on_after(UNANSWERED_AFTER) as waiting:
+                    stream = await trio.open_tcp_stream("127.0.0.1", port, local_address=FLOODER)
             except OSError:
                 tally.add("connect failed")
                 await trio.sleep(0.05)
+                continue
+            if waiting.cancelled_caught:  # its SYN dropped: try again at once
+                tally.add("no answer")
                 continue
             started = trio.current_time()
             try:
@@ -483,7 +490,7 @@ class KindResult:
 #: slowloris stream ended, a half-sent frame closed, a refused send.
 UNITS: Final[dict[str, tuple[str, ...]]] = {
     "connections": ("429", "hung up", "no answer"),
-    "slowloris": ("hung up at once", "dropped at the timeout"),
+    "slowloris": ("hung up at once", "dropped at the timeout", "no answer"),
     "half-frames": ("closed 1008 first frame timeout", "closed 1008 idle timeout"),
     "slow-consumers": ("error rate_limited",),
 }

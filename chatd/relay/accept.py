@@ -48,6 +48,9 @@ log = logging.getLogger("chatd.relay")
 #: Accepted in a row before other tasks run: at ~25 µs a refusal, a step stays
 #: under 0.5 ms (64 made steps of about 1.7 ms, the quiet p99 of the relay).
 ACCEPT_BATCH: Final = 16
+#: A peer hung up on for too many handshakes under way has its SYNs dropped
+#: by the kernel until one of them ends, or this long at most.
+HANDSHAKE_DROP_SECONDS: Final = 0.1
 ACCEPT_RETRY_SECONDS: Final = 0.1  # pause after accept ran out of descriptors or memory
 _CAPACITY_ERRNOS: Final = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS))
 #: accept errors about one connection only (trio's list): skip it, accept on
@@ -78,7 +81,9 @@ class StreamCounter:
     ``per_peer`` streams in their handshake at once (a slowloris sending its
     request a byte at a time); more are hung up on at accept, unanswered.
     ``exempt`` peers (trusted reverse proxies, which pass on whole requests
-    for many clients) have no such limit. ``hang_up_on`` is the owner's own
+    for many clients) have no such limit; a peer past it has its SYNs
+    dropped by the kernel (:attr:`drops`) until one of its handshakes ends,
+    HANDSHAKE_DROP_SECONDS at most. ``hang_up_on`` is the owner's own
     say at accept (the relay's: an address far over its connection limits):
     None, or the time (trio's clock) until which the peer's new connections
     are refused, which the kernel does from then on (:attr:`drops`).
@@ -103,6 +108,7 @@ class StreamCounter:
         self.handshakes_of: dict[str, int] = {}  # peer -> streams in their handshake
         self.hung_up = 0  # streams refused by the per-peer handshake limit
         self.drops = SynDrops()  # peers hung up on, dropped in the kernel for a while
+        self._capped: set[str] = set()  # peers dropped for their handshakes under way
         self._closed = trio.Event()
 
     def screen(self, peer: str) -> bool:
@@ -121,6 +127,9 @@ class StreamCounter:
         count = self.handshakes_of.get(peer, 0)
         if self.per_peer is not None and count >= self.per_peer and not self.exempt(peer):
             self.hung_up += 1
+            # Until one of its handshakes ends, or for a moment at most.
+            if self.drops.add(peer, trio.current_time() + HANDSHAKE_DROP_SECONDS):
+                self._capped.add(peer)
             return False
         self.handshakes_of[peer] = count + 1
         return True
@@ -131,6 +140,9 @@ class StreamCounter:
             self.handshakes_of[peer] = count
         else:
             del self.handshakes_of[peer]
+        if peer in self._capped:  # under its cap again
+            self._capped.discard(peer)
+            self.drops.discard(peer)
 
     def stream_closed(self, slot: bool) -> None:
         self.open -= 1
