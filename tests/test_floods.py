@@ -17,7 +17,7 @@ from typing import Any, cast
 
 import pytest
 import trio
-from wsproto.events import AcceptConnection, Request, TextMessage
+from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 
 from chatd.protocol.delivery import Delivery
 from chatd.protocol.frames import Envelope
@@ -194,6 +194,26 @@ async def test_new_connections_wait_their_turn_to_be_set_up_and_others_are_serve
             relay.admitting.release_on_behalf_of(turn)
         await trio.aclose_forcefully(newcomer)
         await trio.aclose_forcefully(established.stream)
+
+
+async def test_an_ending_connection_takes_a_turn_before_its_close() -> None:
+    """Connections that end together (timeouts due at once) are closed a
+    few at a time: with every turn taken, a client's Close is answered only
+    once a turn is free."""
+    async with relay_running(idle_timeout_seconds=30) as (relay, _):
+        client = await RawClient.connect(relay)
+        turns = [object() for _ in range(ADMITTING_AT_ONCE)]
+        for turn in turns:
+            relay.admitting.acquire_on_behalf_of_nowait(turn)
+        await client.stream.send_all(client.ws.send(CloseConnection(code=1000)))
+        with trio.fail_after(10):
+            while relay.admitting.statistics().tasks_waiting == 0:
+                await trio.sleep(0)  # until the server has read it and waits for a turn
+        for turn in turns:
+            relay.admitting.release_on_behalf_of(turn)
+        close = await client.close_event()
+        assert close is not None and close.code == 1000
+        await trio.aclose_forcefully(client.stream)
 
 
 async def test_a_trusted_proxy_is_never_hung_up_on_at_accept() -> None:

@@ -34,7 +34,9 @@ Guarantees, each backed by a setting:
 * New connections are set up (the upgrade request checked, 101 or a refusal
   written, hello sent) ADMITTING_AT_ONCE at a time, first come first served:
   a burst of them waits its turn instead of holding up every other
-  connection's answers for one long row of the event loop.
+  connection's answers for one long row of the event loop. A connection
+  that ends takes a turn the same way (without holding it) before its
+  Close, so many that time out together are closed a few per row too.
 
 Shutdown: when ``stopping`` is set, listeners close (no new connections),
 every connection finishes the frame it is handling, gets the answers still
@@ -87,6 +89,7 @@ RETRY_AFTER: Final = str(RETRY_AFTER_SECONDS).encode()
 #: once. About 0.3 ms of the event loop each: a burst of them (a reconnect
 #: storm, a flood from one address) then runs two at a time between other
 #: connections' work, not 16 or 64 in one row of the loop (RELIABILITY 4).
+#: Ending connections pass through the same turns before their Close.
 ADMITTING_AT_ONCE: Final = 2
 
 
@@ -242,6 +245,8 @@ class Relay:
                 self.connections_served += 1
                 await self.dispatcher.carry_out(conn, conn.proto.start())
             flush = await self._serve(conn)
+            async with self.admitting:  # a turn (not held): timeouts due together spread out
+                pass
             await conn.finish(flush=flush)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the peer left during the upgrade
