@@ -15,12 +15,12 @@ default), in rounds of a baseline window and a flood window of
 ``--seconds`` each, interleaved, so both sides of a ratio share the
 machine's noise:
 
-* ``connections``: upgrades as fast as they are answered, 16 at a time,
-  each kept open unauthenticated (the limit: 429 past
-  ``relay.max_unauthenticated_per_address``, three in a row and then ten a
-  second; between them hang-ups and SYNs dropped by the kernel; a connect
-  unanswered after
-  10 ms is abandoned and made again, so the SYNs keep coming);
+* ``connections``: upgrades as fast as they are answered, 16 at a time
+  (``--connect-tasks``), each kept open unauthenticated (the limit: 429
+  past ``relay.max_unauthenticated_per_address``, three in a row and then
+  ten a second; between them hang-ups and SYNs dropped by the kernel; a
+  connect unanswered after 10 ms is abandoned and made again, so the SYNs
+  keep coming);
 * ``slowloris``: upgrade requests sent one byte every 0.2 s, 100 at a time
   (limits: the per-peer handshake cap hangs up and has the kernel drop the
   peer's SYNs, the handshake timeout drops; connects are abandoned after
@@ -263,9 +263,10 @@ UPGRADE: Final = (
 #: A connect not answered in this long is given up and tried again: the
 #: flood keeps sending SYNs while the relay has the kernel drop them.
 UNANSWERED_AFTER: Final = 0.01
+CONNECT_TASKS: Final = 16  # the connection flood's connects under way at once (--connect-tasks)
 
 
-async def flood_connections(port: int, tally: Tally) -> None:
+async def flood_connections(port: int, tally: Tally, tasks: int = CONNECT_TASKS) -> None:
     """Upgrades as fast as they are answered, each kept open (never authenticated)."""
     held: list[trio.SocketStream] = []
 
@@ -296,7 +297,7 @@ async def flood_connections(port: int, tally: Tally) -> None:
 
     try:
         async with trio.open_nursery() as nursery:
-            for _ in range(16):
+            for _ in range(tasks):
                 nursery.start_soon(one_at_a_time)
     finally:
         for stream in held:
@@ -512,6 +513,8 @@ async def run_flood_child(kind: str, port: int, seconds: float, state: dict[str,
     with trio.move_on_after(seconds):
         if kind == "slow-consumers":
             await flood_slow_consumers(port, tally, state)
+        elif kind == "connections":
+            await flood_connections(port, tally, state["connect_tasks"])
         else:
             await FLOODS[kind](port, tally)
     print(json.dumps(tally.counts), flush=True)
@@ -530,11 +533,18 @@ class Child:
 
 
 async def run_floods(
-    port: int, pid: int, kinds: list[str], seconds: float, rounds: int, message_every: int
+    port: int,
+    pid: int,
+    kinds: list[str],
+    seconds: float,
+    rounds: int,
+    message_every: int,
+    connect_tasks: int,
 ) -> tuple[Pair, list[KindResult]]:
     """Every kind in turn, ``rounds`` of (baseline, flood) windows each."""
     pair, state = await setup(port)
     pair.message_every = message_every
+    state["connect_tasks"] = connect_tasks
     results = []
     window = seconds * rounds  # per side
     async with trio.open_nursery() as nursery:
@@ -727,6 +737,13 @@ def main() -> None:
         " default send rate; fewer need --relaxed): more messages, a message p99 that is"
         " not just the slowest few",
     )
+    parser.add_argument(
+        "--connect-tasks",
+        type=int,
+        default=CONNECT_TASKS,
+        metavar="N",
+        help=f"connects the connection flood has under way at once (default {CONNECT_TASKS})",
+    )
     parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)  # one flood's process
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--state", help=argparse.SUPPRESS)
@@ -777,6 +794,7 @@ def main() -> None:
                 args.seconds,
                 args.rounds,
                 args.message_every,
+                args.connect_tasks,
             )
             elapsed = time.monotonic() - started
         except BaseException:
