@@ -159,8 +159,9 @@ class RelaySettings:
     max_connections_per_address: int = setting(
         1_000,
         "Open connections from one client address at most (the address behind "
-        "trusted_proxies); more are refused with 429 and Retry-After before the "
-        "upgrade. Raise it when many clients share one address (a large office NAT).",
+        "trusted_proxies; an IPv6 address counts as its /64); more are refused with "
+        "429 and Retry-After before the upgrade. Raise it when many clients share "
+        "one address (a large office NAT).",
         minimum=1,
         maximum=1_000_000,
     )

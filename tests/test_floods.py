@@ -22,7 +22,12 @@ from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessa
 from chatd.protocol.delivery import Delivery
 from chatd.protocol.frames import Envelope
 from chatd.relay import Relay
-from chatd.relay.addresses import ANSWERED_BURST, ANSWERED_PER_SECOND, AddressLimits
+from chatd.relay.addresses import (
+    ANSWERED_BURST,
+    ANSWERED_PER_SECOND,
+    AddressLimits,
+    address_key,
+)
 from chatd.relay.server import ADMITTING_AT_ONCE
 
 from .test_relay import RawClient, relay_running, upgrade_request, wait_streams_closed, ws_frame
@@ -120,6 +125,38 @@ def syn_from(relay: Relay, address: str) -> socket.socket:
     with contextlib.suppress(BlockingIOError):
         sock.connect(("127.0.0.1", relay.port))
     return sock
+
+
+def test_an_ipv6_client_is_counted_by_its_64() -> None:
+    """One IPv6 client has a /64 to pick addresses from: the limits count
+    the /64, as the login rate limits do; IPv4 and mapped addresses count
+    as themselves."""
+    assert address_key("2001:db8:1:2:aaaa::7") == "2001:db8:1:2::/64"
+    assert address_key("2001:db8:1:2:bbbb::8") == "2001:db8:1:2::/64"
+    assert address_key("203.0.113.7") == "203.0.113.7"
+    assert address_key("::ffff:203.0.113.7") == "203.0.113.7"
+    assert address_key("not an address") == "not an address"
+
+
+async def test_addresses_of_one_ipv6_64_share_its_limits() -> None:
+    """Forwarded by a trusted proxy: two addresses of one /64 share its
+    limit of 2; an address in the next /64 is served."""
+    async with relay_running(max_unauthenticated_per_address=2, idle_timeout_seconds=30) as (
+        relay,
+        _,
+    ):
+        streams, statuses = [], []
+        for client in ("2001:db8:1:2::7", "2001:db8:1:2::8", "2001:db8:1:2::9", "2001:db8:1:3::1"):
+            stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
+            streams.append(stream)
+            await stream.send_all(
+                upgrade_request()[:-2] + f"X-Forwarded-For: {client}\r\n\r\n".encode()
+            )
+            statuses.append((await response_head(stream)).split(b" ", 2)[1])
+        assert statuses == [b"101", b"101", b"429", b"101"]
+        assert relay.addresses.connections_of("2001:db8:1:2::/64") == 2
+        for stream in streams:
+            await trio.aclose_forcefully(stream)
 
 
 async def status_of(stream: trio.SocketStream) -> bytes:

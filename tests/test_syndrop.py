@@ -72,11 +72,13 @@ def test_the_program_keeps_every_jump_in_range_and_under_the_kernel_limit() -> N
     """Classic BPF jumps are one byte and a program at most 4,096
     instructions: at CAPACITY addresses of either kind both hold."""
     for v4, v6 in ((CAPACITY, 0), (0, CAPACITY), (CAPACITY // 2, CAPACITY // 2)):
-        insns = program(list(range(1, v4 + 1)), [bytes(15) + bytes([i]) for i in range(v6)])
-        assert len(insns) < 4096
-        for insn in insns:
-            _code, jt, jf, _k = struct.unpack("=HBBI", insn)
-            assert jt < 256 and jf < 256
+        for size in (16, 8):  # whole IPv6 addresses, /64 prefixes
+            prefixes = [bytes(size - 1) + bytes([i]) for i in range(v6)]
+            insns = program(list(range(1, v4 + 1)), prefixes)
+            assert len(insns) < 4096
+            for insn in insns:
+                _code, jt, jf, _k = struct.unpack("=HBBI", insn)
+                assert jt < 256 and jf < 256
 
 
 def test_a_dropped_address_gets_no_answer_and_another_is_accepted() -> None:
@@ -109,6 +111,22 @@ def test_a_dual_stack_listener_drops_ipv6_and_ipv4_mapped_addresses() -> None:
         six.close()
         mapped.close()
         drops.discard("::1")
+        accepted_from(listener, "::1").close()
+
+
+def test_an_ipv6_64_is_dropped_whole() -> None:
+    """The relay counts an IPv6 client by its /64, and drops it so: ::1 is
+    in ::/64; an IPv4 peer is not."""
+    with listening(socket.AF_INET6) as listener:
+        drops = SynDrops()
+        drops.watch(listener)
+        assert drops.add("::/64", until=1e12)
+        assert not drops.add("2001:db8::/48", until=1e12)  # not a key the relay makes
+        six = connecting(listener, "::1")
+        accepted_from(listener, "127.0.0.3").close()
+        assert tcp_state(six) == TCP_SYN_SENT
+        six.close()
+        drops.discard("::/64")
         accepted_from(listener, "::1").close()
 
 

@@ -80,6 +80,7 @@ class StreamCounter:
     503 after its upgrade request and closed. One TCP peer may have at most
     ``per_peer`` streams in their handshake at once (a slowloris sending its
     request a byte at a time); more are hung up on at accept, unanswered.
+    Peers are counted by ``key`` (the relay's: an IPv6 peer by its /64).
     ``exempt`` peers (trusted reverse proxies, which pass on whole requests
     for many clients) have no such limit; a peer past it has its SYNs
     dropped by the kernel (:attr:`drops`) until one of its handshakes ends,
@@ -97,15 +98,17 @@ class StreamCounter:
         per_peer: int | None = None,
         exempt: Callable[[str], bool] = lambda peer: False,
         hang_up_on: Callable[[str], float | None] = lambda peer: None,
+        key: Callable[[str], str] = lambda peer: peer,
     ) -> None:
         self.limit = limit
         self.per_peer = per_peer
         self.exempt = exempt
         self.hang_up_on = hang_up_on
+        self.key = key  # what a peer is counted and dropped as (the relay's: IPv6 by /64)
         self.open = 0  # every stream, with or without a slot
         self.slotted = 0
         self.handshaking: set[trio.CancelScope] = set()
-        self.handshakes_of: dict[str, int] = {}  # peer -> streams in their handshake
+        self.handshakes_of: dict[str, int] = {}  # peer's key -> streams in their handshake
         self.hung_up = 0  # streams refused by the per-peer handshake limit
         self.drops = SynDrops()  # peers hung up on, dropped in the kernel for a while
         self._capped: set[str] = set()  # peers dropped for their handshakes under way
@@ -118,31 +121,33 @@ class StreamCounter:
         kernel drop the peer's further connections until the time it gave)."""
         until = self.hang_up_on(peer)
         if until is not None:
-            self.drops.add(peer, until)
+            self.drops.add(self.key(peer), until)
             return False
         return self.begin_handshake(peer)
 
     def begin_handshake(self, peer: str) -> bool:
         """Count a handshake of ``peer``; False (counting nothing) past ``per_peer``."""
-        count = self.handshakes_of.get(peer, 0)
+        key = self.key(peer)
+        count = self.handshakes_of.get(key, 0)
         if self.per_peer is not None and count >= self.per_peer and not self.exempt(peer):
             self.hung_up += 1
             # Until one of its handshakes ends, or for a moment at most.
-            if self.drops.add(peer, trio.current_time() + HANDSHAKE_DROP_SECONDS):
-                self._capped.add(peer)
+            if self.drops.add(key, trio.current_time() + HANDSHAKE_DROP_SECONDS):
+                self._capped.add(key)
             return False
-        self.handshakes_of[peer] = count + 1
+        self.handshakes_of[key] = count + 1
         return True
 
     def end_handshake(self, peer: str) -> None:
-        count = self.handshakes_of[peer] - 1
+        key = self.key(peer)
+        count = self.handshakes_of[key] - 1
         if count:
-            self.handshakes_of[peer] = count
+            self.handshakes_of[key] = count
         else:
-            del self.handshakes_of[peer]
-        if peer in self._capped:  # under its cap again
-            self._capped.discard(peer)
-            self.drops.discard(peer)
+            del self.handshakes_of[key]
+        if key in self._capped:  # under its cap again
+            self._capped.discard(key)
+            self.drops.discard(key)
 
     def stream_closed(self, slot: bool) -> None:
         self.open -= 1

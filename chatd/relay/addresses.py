@@ -4,7 +4,8 @@ Without this, one address could take every connection slot
 (``relay.max_connections``): 10,000 connections that each got ``hello`` and
 sat there until the authentication timeout left a legitimate client a 503.
 :class:`AddressLimits` counts, per client address (the one behind
-``relay.trusted_proxies``, see :class:`chatd.relay.server.TrustedProxies`),
+``relay.trusted_proxies``, see :class:`chatd.relay.server.TrustedProxies`;
+an IPv6 one by its /64, :func:`address_key`),
 the connections it holds and how many of them have not authenticated yet,
 and refuses a further upgrade past ``relay.max_connections_per_address`` or
 ``relay.max_unauthenticated_per_address`` with 429 and ``Retry-After``,
@@ -34,7 +35,10 @@ everyone else's traffic.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Final
+
+from chatd.log import client_network
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only
     from chatd.relay.connection import Connection
@@ -44,6 +48,16 @@ REASON_ADDRESS_FULL: Final = b"too many connections from this address\n"
 REASON_ADDRESS_UNAUTHENTICATED: Final = b"too many unauthenticated connections from this address\n"
 ANSWERED_PER_SECOND: Final = 10.0  # 429s an address over its limits gets a second, steadily
 ANSWERED_BURST: Final = 3.0  # and at most this many in a row
+
+
+@functools.lru_cache(maxsize=4_096)
+def address_key(address: str) -> str:
+    """What the limits count ``address`` as: an IPv4 address as itself, an
+    IPv6 one as its /64 (``2001:db8:1:2::/64``), as the login rate limits do
+    (:func:`chatd.log.client_network`): one IPv6 client has a whole /64 to
+    pick addresses from. Anything else (not an IP address) as itself."""
+    network = client_network(address)
+    return address if network == "-" else network
 
 
 class _Budget:

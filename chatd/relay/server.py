@@ -73,7 +73,7 @@ from chatd.protocol import delivery as rules
 from chatd.protocol.frames import Limits
 from chatd.push import Notifier
 from chatd.relay.accept import StreamCounter, serve_websockets
-from chatd.relay.addresses import RETRY_AFTER_SECONDS, AddressLimits
+from chatd.relay.addresses import RETRY_AFTER_SECONDS, AddressLimits, address_key
 from chatd.relay.connection import Connection, Flusher
 from chatd.relay.dispatch import Dispatcher
 from chatd.relay.ratelimits import RequestLimits
@@ -164,6 +164,7 @@ class Relay:
             per_peer=settings.max_unauthenticated_per_address,
             exempt=self.proxies.trusted,
             hang_up_on=self._hang_up_on,
+            key=address_key,
         )
         self.stopping = False
         self.admitting = trio.CapacityLimiter(ADMITTING_AT_ONCE)
@@ -182,7 +183,7 @@ class Relay:
         (AddressLimits.hang_up)."""
         if self.proxies.trusted(peer):
             return None
-        until = self.addresses.hang_up(peer, trio.current_time())
+        until = self.addresses.hang_up(address_key(peer), trio.current_time())
         if until is None:
             return None
         if self.addresses.hung_up % _LOG_EVERY == 1:  # not a log line per hang-up
@@ -217,7 +218,8 @@ class Relay:
                 if self.stopping:
                     await request.reject(503, b"server shutting down\n")
                     return
-                refusal = self.addresses.admit(peer, trio.current_time())
+                key = address_key(peer)  # what its limits count (an IPv6 client: its /64)
+                refusal = self.addresses.admit(key, trio.current_time())
                 if refusal is not None:
                     if self.addresses.refused % _LOG_EVERY == 1:  # not a log line per refusal
                         log.info(
@@ -226,7 +228,7 @@ class Relay:
                         )
                     await request.reject(429, refusal, [(b"Retry-After", RETRY_AFTER)])
                     return
-                admitted = peer
+                admitted = key
                 ws = await request.accept(max_message=self.settings.max_frame_bytes)
                 del request  # its headers are not needed again
                 conn = Connection(
@@ -240,7 +242,7 @@ class Relay:
                     window=rules.DELIVERY_WINDOW,
                     stats=self.registry.stats,
                 )
-                self.addresses.bind(peer, conn)
+                self.addresses.bind(key, conn)
                 self.registry.connections.add(conn)
                 self.connections_served += 1
                 await self.dispatcher.carry_out(conn, conn.proto.start())

@@ -29,7 +29,8 @@ The program matches the IPv4 source address at offset 12 of the network
 header and the IPv6 one at offsets 8 to 20 (``SKF_NET_OFF``: the filter
 sees a TCP segment from its TCP header on), so one program serves IPv4,
 IPv6 and dual-stack listeners; an IPv4-mapped peer (``::ffff:a.b.c.d``) is
-matched as IPv4. Where the kernel refuses the filter (not Linux, a sandbox,
+matched as IPv4, and an IPv6 /64 (what the relay counts IPv6 clients by)
+on its first 8 bytes. Where the kernel refuses the filter (not Linux, a sandbox,
 ``net.core.optmem_max``), it is logged once and the accept loop's hang-up
 stays the only refusal.
 """
@@ -74,17 +75,19 @@ def _insn(code: int, jt: int, jf: int, k: int) -> bytes:
 
 def program(v4: list[int], v6: list[bytes]) -> list[bytes]:
     """The filter's instructions: drop a segment whose source is one of
-    ``v4`` (addresses as integers) or ``v6`` (16 bytes each), keep the rest."""
+    ``v4`` (addresses as integers) or starts with one of ``v6`` (a whole
+    address of 16 bytes, or a /64 prefix of 8), keep the rest."""
     v4_part = [_insn(_LD_W_ABS, 0, 0, _NET + 12)]
     for number in v4:
         v4_part += [_insn(_JEQ_K, 0, 1, number), _insn(_RET_K, 0, 0, _DROP)]
     v4_part.append(_insn(_RET_K, 0, 0, _KEEP))
     v6_part = []
-    for address in v6:
-        words = struct.unpack("!4I", address)
-        for i, word in enumerate(words):  # on a mismatch skip to the next address
+    for prefix in v6:
+        words = struct.unpack(f"!{len(prefix) // 4}I", prefix)
+        last = 2 * len(words) - 1  # each word is a load and a test, then the drop
+        for i, word in enumerate(words):  # on a mismatch skip to the next entry
             v6_part.append(_insn(_LD_W_ABS, 0, 0, _NET + 8 + 4 * i))
-            v6_part.append(_insn(_JEQ_K, 0, 7 - 2 * i, word))
+            v6_part.append(_insn(_JEQ_K, 0, last - 2 * i, word))
         v6_part.append(_insn(_RET_K, 0, 0, _DROP))
     v6_part.append(_insn(_RET_K, 0, 0, _KEEP))
     version = [
@@ -97,7 +100,17 @@ def program(v4: list[int], v6: list[bytes]) -> list[bytes]:
 
 def _key(address: str) -> int | bytes | None:
     """``address`` as the filter matches it: an IPv4 address as an integer,
-    an IPv6 one as its 16 bytes; None if it is not an IP address."""
+    an IPv6 one as its 16 bytes, an IPv6 /64 network (``2001:db8::/64``,
+    what the relay's limits count IPv6 clients by) as its 8; None if it is
+    none of these."""
+    if "/" in address:
+        try:
+            network = ipaddress.ip_network(address)
+        except ValueError:
+            return None
+        if network.version != 6 or network.prefixlen != 64:
+            return None
+        return network.network_address.packed[:8]
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
