@@ -160,6 +160,30 @@ async def test_login_returns_a_session_with_tokens(short_tmp: Path) -> None:
         assert session["access_token"] not in repr(stored)  # only hashes are stored
 
 
+async def test_list_sessions_shows_the_live_ones_past_a_long_history(short_tmp: Path) -> None:
+    """A long-lived account's revoked and ended sessions (more than the
+    answer's cap of 1,000) do not push its live ones out of the list."""
+    async with server(short_tmp) as srv, connect(srv) as c:
+        await c.login()
+        copy = (
+            "INSERT INTO sessions (user_id, device_name, created_at, last_seen_at, ip,"
+            " expires_at, access_hash, access_expires_at, refresh_hash, revoked_at)"
+            " SELECT user_id, device_name, created_at, last_seen_at, ip, {expires},"
+            " randomblob(32), access_expires_at, randomblob(32), {revoked}"
+            " FROM sessions WHERE id = 1"
+        )
+
+        def history(conn: Any) -> None:
+            for _ in range(1_000):
+                conn.execute(copy.format(expires="expires_at", revoked="created_at"))
+            for _ in range(5):
+                conn.execute(copy.format(expires="1", revoked="NULL"))
+
+        await srv.store.write(history)
+        sessions = (await c.request("list_sessions"))["sessions"]
+        assert [(s["session_id"], s["current"]) for s in sessions] == [(1, True)]
+
+
 @pytest.mark.parametrize(
     ("username", "password", "outcome"),
     [

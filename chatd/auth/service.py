@@ -349,7 +349,11 @@ class AuthService(CredentialFlows):
         await self.audit("logout", "ok", peer, user_id=grant.user_id, session_id=grant.session_id)
 
     async def list_sessions(self, user_id: int) -> list[SessionInfo]:
-        return await self.store.read(partial(list_sessions_where, "user_id = ?", (user_id,)))
+        """The user's live sessions (neither revoked nor over), newest first:
+        filtered in the query, so that its cap of 1,000 rows is not spent on
+        history."""
+        where = "user_id = ? AND revoked_at IS NULL AND expires_at > ?"
+        return await self.store.read(partial(list_sessions_where, where, (user_id, now_ms())))
 
     async def revoke_own_sessions(
         self, grant: SessionGrant, peer: Peer, *, session_ids: list[int] | None, all_others: bool

@@ -47,7 +47,6 @@ from chatd.relay.registry import Registry, close_with
 from chatd.relay.rooms import ROOM_REQUESTS, serve_room_request
 from chatd.rooms.model import RoomError
 from chatd.rooms.service import RoomService
-from chatd.store import now_ms
 from chatd.store.store import WRITE_RECHECK_SECONDS
 
 log = logging.getLogger("chatd.relay")
@@ -463,7 +462,6 @@ class Dispatcher:
                     raise
                 return proto.reply(f.Ok(id=frame.id)) + proto.logged_out()
             case f.ListSessions():
-                now = now_ms()
                 entries = [
                     f.SessionEntry(
                         session_id=s.session_id,
@@ -474,8 +472,7 @@ class Dispatcher:
                         expires_at=s.expires_at,
                         current=s.session_id == grant.session_id,
                     )
-                    for s in await auth.list_sessions(grant.user_id)
-                    if not s.revoked and s.expires_at > now
+                    for s in await auth.list_sessions(grant.user_id)  # the live ones
                 ]
                 return proto.reply(f.Sessions(id=frame.id, sessions=entries))
             case f.RevokeSessions():
