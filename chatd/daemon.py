@@ -261,6 +261,7 @@ async def run_daemon(config: Config, *, notifier: Notifier | None = None) -> Non
                     queues=queues,
                     retention=retention,
                     relay_limits=relay.dispatcher.limits,
+                    relay=relay,
                     low_key_threshold=config.devices.one_time_key_threshold,
                 )
             )

@@ -59,6 +59,7 @@ if TYPE_CHECKING:  # annotations only: the daemon builds the services
     from chatd.e2ee.queues import QueueService
     from chatd.relay.ratelimits import RequestLimits
     from chatd.relay.registry import Registry
+    from chatd.relay.server import Relay
     from chatd.retention import Retention
 
 #: The content type of a scrape: the Prometheus text format 0.0.4, which
@@ -102,6 +103,7 @@ class Sources:
     queues: QueueService
     retention: Retention
     relay_limits: RequestLimits
+    relay: Relay  # its address limits and accept-time refusals
     low_key_threshold: int  # devices.one_time_key_threshold
 
 
@@ -257,6 +259,7 @@ class _ChatdCollector(Collector):
             "request",
             refused,
         )
+        yield from self._floods(s.relay)
         yield from self._retention(s.retention)
         stats = s.store.stats
         yield _histogram(
@@ -295,6 +298,27 @@ class _ChatdCollector(Collector):
         online = GaugeMetricFamily("chatd_devices_online", "Devices with a live connection.")
         online.add_metric([], len(registry.by_device))
         yield online
+
+    def _floods(self, relay: Relay) -> Iterator[Metric]:
+        yield _counter(
+            "chatd_relay_connections_refused",
+            "Connections refused since start by the per-address limits: answered 429"
+            " (address_limit), closed at accept between those (address_hang_up), or past"
+            " the handshakes one peer may have under way (handshake_cap).",
+            "reason",
+            [
+                ("address_limit", relay.addresses.refused),
+                ("address_hang_up", relay.addresses.hung_up),
+                ("handshake_cap", relay.streams.hung_up),
+            ],
+        )
+        dropped = CounterMetricFamily(
+            "chatd_relay_addresses_dropped",
+            "Times since start an address (an IPv6 one: its /64) had its SYNs dropped by"
+            " the kernel for a moment, after a refusal at accept.",
+        )
+        dropped.add_metric([], relay.streams.drops.dropped)
+        yield dropped
 
     def _relayed(self, s: Sources) -> Iterator[Metric]:
         r = s.registry.stats

@@ -25,6 +25,7 @@ from chatd.store.store import Buckets
 from .conftest import DataDir
 from .test_daemon import daemon
 from .test_daemon_messaging import PASSWORDS, create_users
+from .test_floods import FLOODER, open_from, status_of
 from .test_keys import login_device
 from .test_relay_auth import Client, Server, connect, server
 
@@ -127,6 +128,9 @@ async def test_metrics_after_real_traffic_name_no_one(data_dir: DataDir, short_t
     assert value(scraped, "chatd_queue_entries_accepted_total", queue="direct") >= SENDS - 1
     assert value(scraped, "chatd_login_failures_total", reason="bad_password") == 1
     assert value(scraped, "chatd_rate_limited_total", request="send") == 1
+    for reason in ("address_limit", "address_hang_up", "handshake_cap"):  # no flood here
+        assert value(scraped, "chatd_relay_connections_refused_total", reason=reason) == 0
+    assert value(scraped, "chatd_relay_addresses_dropped_total") == 0
     # Bob's 3 keys are too few; alice never published keys, so is not counted.
     assert value(scraped, "chatd_devices_low_on_one_time_keys") == 1
     assert value(scraped, "chatd_connections", state="open") == 0  # both left before the scrape
@@ -186,6 +190,7 @@ def metrics_of(srv: Server) -> Metrics:
             queues=srv.queues,
             retention=Retention(srv.store, RetentionSettings(), []),
             relay_limits=srv.relay.dispatcher.limits,
+            relay=srv.relay,
             low_key_threshold=20,
         )
     )
@@ -215,6 +220,27 @@ async def test_two_servers_in_one_process_keep_their_metrics_apart(short_tmp: Pa
     assert (
         REGISTRY.get_sample_value("chatd_login_failures_total", {"reason": "bad_password"}) is None
     )
+
+
+async def test_a_connection_flood_shows_in_the_metrics(short_tmp: Path) -> None:
+    """An address past its limit: its 429s, its hang-ups at accept and the
+    kernel drop are counted, by reason, with no address in a label."""
+    async with server(short_tmp, relay={"max_unauthenticated_per_address": 1}) as srv:
+        held = await open_from(srv.relay, FLOODER)
+        assert await status_of(held) == b"101"
+        with trio.fail_after(10):
+            while srv.relay.addresses.hung_up == 0:
+                stream = await open_from(srv.relay, FLOODER)
+                await status_of(stream)
+                await trio.aclose_forcefully(stream)
+        scraped = samples((await metrics_of(srv).scrape()).decode())
+        await trio.aclose_forcefully(held)
+    refused = "chatd_relay_connections_refused_total"
+    assert value(scraped, refused, reason="address_limit") >= 3
+    assert value(scraped, refused, reason="address_hang_up") >= 1
+    assert value(scraped, refused, reason="handshake_cap") == 0
+    assert value(scraped, "chatd_relay_addresses_dropped_total") >= 1
+    assert FLOODER not in {v for _, labels in scraped for _, v in labels}
 
 
 def test_buckets_count_each_value_once_by_upper_bound() -> None:
