@@ -6,7 +6,7 @@ Modules, one job each:
   connection (and closes a flood's at once) before handing it on;
 * :mod:`chatd.relay.ws`: the WebSocket server on h11 and wsproto (upgrade,
   framing, the lingering close);
-* :mod:`chatd.relay.addresses`: connections per client address;
+* :mod:`chatd.relay.addresses`: client addresses (trusted proxies) and what each may hold;
 * :mod:`chatd.relay.ratelimits`: per-account request rates;
 * :mod:`chatd.relay.connection`: one connection's send queue, writer and close;
 * :mod:`chatd.relay.registry`: live connections by session, user and device,
@@ -19,12 +19,12 @@ Modules, one job each:
 The protocol rules they follow live, without I/O, in :mod:`chatd.protocol`.
 """
 
+from chatd.relay.addresses import TrustedProxies
 from chatd.relay.connection import CLOSE_TIMEOUT, REASON_SEND_TIMEOUT, Connection
 from chatd.relay.registry import Registry
 from chatd.relay.server import (
     WS_PATH,
     Relay,
-    TrustedProxies,
     listener_port,
     open_relay_listeners,
     serve_relay,

@@ -1,11 +1,12 @@
-"""Connections per client address: what one address may hold of the relay.
+"""Client addresses: who is behind a trusted proxy, and what one address may hold.
 
-Without this, one address could take every connection slot
+:class:`TrustedProxies` finds a connection's client address: the TCP peer,
+or behind a trusted reverse proxy the right-most ``X-Forwarded-For`` entry
+that is not itself one. Without the limits below, one address could take every connection slot
 (``relay.max_connections``): 10,000 connections that each got ``hello`` and
 sat there until the authentication timeout left a legitimate client a 503.
 :class:`AddressLimits` counts, per client address (the one behind
-``relay.trusted_proxies``, see :class:`chatd.relay.server.TrustedProxies`;
-an IPv6 one by its /64, :func:`address_key`),
+``relay.trusted_proxies``; an IPv6 one by its /64, :func:`address_key`),
 the connections it holds and how many of them have not authenticated yet,
 and refuses a further upgrade past ``relay.max_connections_per_address`` or
 ``relay.max_unauthenticated_per_address`` with 429 and ``Retry-After``,
@@ -36,6 +37,7 @@ everyone else's traffic.
 from __future__ import annotations
 
 import functools
+import ipaddress
 from typing import TYPE_CHECKING, Final
 
 from chatd.log import client_network
@@ -48,6 +50,46 @@ REASON_ADDRESS_FULL: Final = b"too many connections from this address\n"
 REASON_ADDRESS_UNAUTHENTICATED: Final = b"too many unauthenticated connections from this address\n"
 ANSWERED_PER_SECOND: Final = 10.0  # 429s an address over its limits gets a second, steadily
 ANSWERED_BURST: Final = 3.0  # and at most this many in a row
+_KNOWN_ADDRESSES: Final = 4_096  # peers whose trust is remembered (then forgotten at once)
+
+
+class TrustedProxies:
+    """Finds the client's address behind the reverse proxies we believe."""
+
+    def __init__(self, networks: tuple[str, ...]) -> None:
+        self.networks = [ipaddress.ip_network(n, strict=False) for n in networks]
+        self._known: dict[str, bool] = {}  # address -> trusted, asked at every accept
+
+    def trusted(self, address: str) -> bool:
+        known = self._known.get(address)
+        if known is None:
+            if len(self._known) >= _KNOWN_ADDRESSES:
+                self._known.clear()
+            try:
+                ip = ipaddress.ip_address(address)
+            except ValueError:
+                known = False
+            else:
+                known = any(ip in network for network in self.networks)
+            self._known[address] = known
+        return known
+
+    def client_address(self, peer: str, headers: list[tuple[bytes, bytes]]) -> str:
+        """The TCP peer, or, behind a trusted reverse proxy, the right-most
+        X-Forwarded-For entry that is not itself a trusted proxy."""
+        if not self.trusted(peer):
+            return peer
+        forwarded = ",".join(
+            value.decode("latin-1") for key, value in headers if key.lower() == b"x-forwarded-for"
+        )
+        for candidate in reversed([part.strip() for part in forwarded.split(",")][-32:]):
+            try:
+                ipaddress.ip_address(candidate)
+            except ValueError:
+                return peer  # a malformed chain: trust nothing in it
+            if not self.trusted(candidate):
+                return candidate
+        return peer
 
 
 @functools.lru_cache(maxsize=4_096)
@@ -109,8 +151,8 @@ class AddressLimits:
             if refusal is not None:
                 self.refused += 1
                 if address not in self._budgets:  # its first 429: from now on, budgeted
-                    self._budgets[address] = _Budget(now)
-                    self._budgets[address].tokens -= 1.0
+                    budget = self._budgets[address] = _Budget(now)
+                    budget.take(now)  # this one
                 return refusal
         else:
             tally = self._tallies[address] = _Tally()

@@ -48,7 +48,6 @@ the grace period.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
 import math
 import socket
@@ -73,7 +72,12 @@ from chatd.protocol import delivery as rules
 from chatd.protocol.frames import Limits
 from chatd.push import Notifier
 from chatd.relay.accept import StreamCounter, serve_websockets
-from chatd.relay.addresses import RETRY_AFTER_SECONDS, AddressLimits, address_key
+from chatd.relay.addresses import (
+    RETRY_AFTER_SECONDS,
+    AddressLimits,
+    TrustedProxies,
+    address_key,
+)
 from chatd.relay.connection import Connection, Flusher
 from chatd.relay.dispatch import Dispatcher
 from chatd.relay.ratelimits import RequestLimits
@@ -91,45 +95,6 @@ RETRY_AFTER: Final = str(RETRY_AFTER_SECONDS).encode()
 #: connections' work, not 16 or 64 in one row of the loop (RELIABILITY 4).
 #: Ending connections pass through the same turns before their Close.
 ADMITTING_AT_ONCE: Final = 2
-
-
-class TrustedProxies:
-    """Finds the client's address behind the reverse proxies we believe."""
-
-    def __init__(self, networks: tuple[str, ...]) -> None:
-        self.networks = [ipaddress.ip_network(n, strict=False) for n in networks]
-        self._known: dict[str, bool] = {}  # address -> trusted, asked at every accept
-
-    def trusted(self, address: str) -> bool:
-        known = self._known.get(address)
-        if known is None:
-            if len(self._known) >= _KNOWN_ADDRESSES:
-                self._known.clear()
-            try:
-                ip = ipaddress.ip_address(address)
-            except ValueError:
-                known = False
-            else:
-                known = any(ip in network for network in self.networks)
-            self._known[address] = known
-        return known
-
-    def client_address(self, peer: str, headers: list[tuple[bytes, bytes]]) -> str:
-        """The TCP peer, or, behind a trusted reverse proxy, the right-most
-        X-Forwarded-For entry that is not itself a trusted proxy."""
-        if not self.trusted(peer):
-            return peer
-        forwarded = ",".join(
-            value.decode("latin-1") for key, value in headers if key.lower() == b"x-forwarded-for"
-        )
-        for candidate in reversed([part.strip() for part in forwarded.split(",")][-32:]):
-            try:
-                ipaddress.ip_address(candidate)
-            except ValueError:
-                return peer  # a malformed chain: trust nothing in it
-            if not self.trusted(candidate):
-                return candidate
-        return peer
 
 
 class Relay:
@@ -379,7 +344,6 @@ async def _wait_out_pause(conn: Connection, scope: trio.CancelScope) -> float:
     return until
 
 
-_KNOWN_ADDRESSES: Final = 4_096  # peers whose trust is remembered (then forgotten at once)
 _TRIM_WORTHY: Final = 65_536  # bytes of unacknowledged deliveries that make a close trim
 _LOG_EVERY: Final = 1_000  # address-limit refusals per log line (the first of each run)
 _CLOSE_WAIT: Final = 2.0  # seconds a stopping connection waits for answers it owes
