@@ -48,13 +48,15 @@ def connect(path: Path, key: bytes, *, busy_timeout_ms: int, readonly: bool = Fa
 
     Raises :class:`KeyMismatchError` when the key does not decrypt the file and
     :class:`StoreError` when the file is a plaintext SQLite database or cannot
-    be opened. Neither case writes to the file.
+    be opened. A ``readonly`` one writes nothing in either case. A read-write
+    one is for a file whose key is proven already (:func:`open_writer`
+    proves it first, untouched): after a crash with a ``-wal`` left behind,
+    a wrong key on it could modify the files.
     """
     if readonly:
         # immutable: no locks, no -wal/-shm files created; enough to prove the key.
         uri = f"file:{path}?mode=ro&immutable=1"
     else:
-        _prove_key_untouched(path, key)
         uri = f"file:{path}"
     try:
         conn = sqlcipher3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
@@ -83,11 +85,16 @@ def connect(path: Path, key: bytes, *, busy_timeout_ms: int, readonly: bool = Fa
 
 
 def _prove_key_untouched(path: Path, key: bytes) -> None:
-    """Before a read-write open: prove ``key`` on page 1 of the main file
-    through an immutable connection, which writes nothing anywhere. Raises as
-    :func:`connect` does. A missing or empty file has nothing to prove, unless
-    a ``-wal`` is left beside it (which only a foreign tool could leave:
-    chatd's first write puts page 1 in the main file)."""
+    """Before the first read-write open: prove ``key`` on page 1 of the main
+    file through an immutable connection, which writes nothing anywhere.
+    Raises as :func:`connect` does. A missing or empty file has nothing to
+    prove, unless a ``-wal`` is left beside it (which only a foreign tool
+    could leave: chatd's first write puts page 1 in the main file).
+
+    Only while nothing writes the file: an immutable read takes no lock, so
+    beside a running writer's checkpoint it can read a page mid-write and
+    fail the key's check. Connections opened while the store runs (readers,
+    an online backup) rely on the writer's proof instead."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -106,6 +113,7 @@ def _prove_key_untouched(path: Path, key: bytes) -> None:
 def open_writer(path: Path, key: bytes, *, busy_timeout_ms: int) -> Connection:
     """Open the single write connection: pragmas, then migrations to the latest schema."""
     new = not path.exists() or path.stat().st_size == 0
+    _prove_key_untouched(path, key)
     conn = connect(path, key, busy_timeout_ms=busy_timeout_ms)
     try:
         if new:
@@ -142,6 +150,7 @@ def prove_writable(conn: Connection) -> None:
 
 
 def open_reader(path: Path, key: bytes, *, busy_timeout_ms: int) -> Connection:
+    """A read-only connection of a running store (its writer proved the key)."""
     conn = connect(path, key, busy_timeout_ms=busy_timeout_ms)
     conn.execute("PRAGMA query_only = ON")
     conn.execute("PRAGMA foreign_keys = ON")
